@@ -1,0 +1,3 @@
+"""diffship: Stable Diffusion pipelines in, validated deployment artifacts out."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+"""Output layout, manifest, content hashes and atomic writes.
+
+Nothing is ever written where a finished artifact would be until it is complete: files and
+folders are built under a hidden temporary name in the same directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from diffship.errors import DiffshipError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = 1
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside `final`; move it to `final` only if the block succeeds.
+
+    Whatever is at `final` when the block succeeds (an empty folder, or an earlier output that
+    `prepare_output_dir` allowed to be replaced) is swapped out only after the new one is complete.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Check that `out` can receive a new export: absent, empty, or (with overwrite) an earlier diffship output."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise DiffshipError(f"Output path {out} exists and is a file; choose a folder path.")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise DiffshipError(
+                f"Output folder {out} already exists and is not empty. "
+                "Choose a new folder, or pass --overwrite to replace an earlier diffship output."
+            )
+        if not (out / MANIFEST_NAME).is_file():
+            raise DiffshipError(
+                f"Output folder {out} is not empty and holds no diffship {MANIFEST_NAME}; "
+                "refusing to overwrite a folder diffship did not write."
+            )
+    parent = out if out.is_dir() else _nearest_existing_parent(out)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DiffshipError(f"Output location {out} is not writable (no write permission on {parent}).")
+
+
+def _nearest_existing_parent(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DiffshipError(f"Output path {path} is under {parent}, which is a file.")
+            return parent
+    return Path("/")
+
+
+def _replace_dir(staged: Path, final: Path) -> None:
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, backup)
+        os.replace(staged, final)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Content hash of a file, streamed so multi-GB weights do not need to fit in memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(root: Path, folder: Path) -> list[dict[str, Any]]:
+    """Path (relative to root), size and hash of each file under `folder`, sorted by path."""
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        entries.append(
+            {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        )
+    return entries
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Load a diffship output folder's manifest, with a clear error when the folder is not one."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise DiffshipError(f"{folder} is not a diffship output folder (no {MANIFEST_NAME}); run `diffship export` first.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DiffshipError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        raise DiffshipError(f"{path} has manifest schema {manifest.get('schema')!r}; this diffship reads {MANIFEST_SCHEMA}.")
+    return manifest

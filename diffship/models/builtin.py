@@ -1,0 +1,315 @@
+"""Built-in models: real diffusers architectures with seeded random weights, built offline on demand.
+
+`tiny-*` models are a few MB and build in about a second (tests, demo). `*-arch` models have the
+exact shapes of SD 1.5 and SDXL base (benchmarks: export time, memory, file sizes); they take
+minutes and GBs to build, so every built-in is written once as a normal diffusers folder in the
+cache and loaded from there like any user model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from diffship.artifacts import staged_dir
+from diffship.errors import DiffshipError
+from diffship.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
+
+# Bump when a built-in's definition changes, so cached copies are rebuilt instead of reused.
+BUILTIN_REVISION = 1
+
+CLIP_IDS = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A built-in model: its diffusers pipeline class, component configs, scheduler and seed."""
+
+    name: str
+    description: str
+    pipeline_class: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoders: tuple[dict[str, Any], ...]  # CLIPTextConfig kwargs; the SDXL second one has a projection
+    pad_tokens: tuple[str, ...]
+    scheduler_class: str
+    scheduler: dict[str, Any]
+    seed: int = 0
+    approx_size: str = ""
+    extra_index: dict[str, Any] = field(default_factory=dict)
+
+
+SD_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
+TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    # Four levels, like SD's VAE, so the latent is 1/8 of the image as in the real models.
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 16, 32, 32],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+
+SD_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+CLIP_L = {**CLIP_IDS, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+          "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768}
+OPENCLIP_BIGG = {**CLIP_IDS, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                 "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280, "with_projection": True}
+
+BUILTINS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in [
+        BuiltinModel(
+            name="tiny-sd",
+            description="SD 1.x architecture (CLIP ViT-L style text encoder, epsilon), tiny random weights",
+            pipeline_class="StableDiffusionPipeline",
+            unet={
+                "sample_size": 8,
+                "in_channels": 4,
+                "out_channels": 4,
+                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                "block_out_channels": [32, 64, 64],
+                "layers_per_block": 1,
+                "attention_head_dim": 4,
+                "cross_attention_dim": 32,
+                "norm_num_groups": 8,
+            },
+            vae=TINY_VAE,
+            text_encoders=({**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "hidden_act": "quick_gelu", "projection_dim": 32},),
+            pad_tokens=("<|endoftext|>",),
+            scheduler_class="PNDMScheduler",
+            scheduler={**SD_SCHEDULER, "skip_prk_steps": True},
+            seed=1,
+            approx_size="8 MB",
+        ),
+        BuiltinModel(
+            name="tiny-sd2",
+            description="SD 2.x architecture (OpenCLIP-style text encoder, linear projections, v-prediction), tiny",
+            pipeline_class="StableDiffusionPipeline",
+            unet={
+                "sample_size": 8,
+                "in_channels": 4,
+                "out_channels": 4,
+                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                "block_out_channels": [32, 64, 64],
+                "layers_per_block": 1,
+                "attention_head_dim": [2, 4, 4],
+                "use_linear_projection": True,
+                "cross_attention_dim": 32,
+                "norm_num_groups": 8,
+            },
+            vae=TINY_VAE,
+            text_encoders=({**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "hidden_act": "gelu", "projection_dim": 32},),
+            pad_tokens=("!",),
+            scheduler_class="DDIMScheduler",
+            scheduler={**SD_SCHEDULER, "prediction_type": "v_prediction"},
+            seed=2,
+            approx_size="8 MB",
+        ),
+        BuiltinModel(
+            name="tiny-sdxl",
+            description="SDXL architecture (two text encoders, text_embeds + time_ids), tiny random weights",
+            pipeline_class="StableDiffusionXLPipeline",
+            unet={
+                "sample_size": 8,
+                "in_channels": 4,
+                "out_channels": 4,
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "block_out_channels": [32, 64, 64],
+                "layers_per_block": 1,
+                "transformer_layers_per_block": [1, 1, 2],
+                "attention_head_dim": [2, 4, 4],
+                "use_linear_projection": True,
+                "cross_attention_dim": 64,
+                "norm_num_groups": 8,
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": 8,
+                # 6 time ids x addition_time_embed_dim + the second encoder's projection (32)
+                "projection_class_embeddings_input_dim": 6 * 8 + 32,
+            },
+            vae={**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+            text_encoders=(
+                {**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "hidden_act": "quick_gelu", "projection_dim": 32},
+                {**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                 "num_attention_heads": 4, "hidden_act": "gelu", "projection_dim": 32, "with_projection": True},
+            ),
+            pad_tokens=("<|endoftext|>", "!"),
+            scheduler_class="EulerDiscreteScheduler",
+            scheduler={**SD_SCHEDULER, "interpolation_type": "linear", "timestep_spacing": "leading"},
+            seed=3,
+            approx_size="15 MB",
+            extra_index={"force_zeros_for_empty_prompt": True},
+        ),
+        BuiltinModel(
+            name="sd15-arch",
+            description="Stable Diffusion 1.5 shapes exactly (860M UNet), random weights; for benchmarks",
+            pipeline_class="StableDiffusionPipeline",
+            unet={
+                "sample_size": 64,
+                "in_channels": 4,
+                "out_channels": 4,
+                "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                "block_out_channels": [320, 640, 1280, 1280],
+                "layers_per_block": 2,
+                "attention_head_dim": 8,
+                "cross_attention_dim": 768,
+                "norm_num_groups": 32,
+            },
+            vae=SD_VAE,
+            text_encoders=(CLIP_L,),
+            pad_tokens=("<|endoftext|>",),
+            scheduler_class="PNDMScheduler",
+            scheduler={**SD_SCHEDULER, "skip_prk_steps": True},
+            seed=15,
+            approx_size="4.3 GB",
+        ),
+        BuiltinModel(
+            name="sdxl-arch",
+            description="SDXL base 1.0 shapes exactly (2.6B UNet, CLIP-L + OpenCLIP bigG), random weights; benchmarks",
+            pipeline_class="StableDiffusionXLPipeline",
+            unet={
+                "sample_size": 128,
+                "in_channels": 4,
+                "out_channels": 4,
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "block_out_channels": [320, 640, 1280],
+                "layers_per_block": 2,
+                "transformer_layers_per_block": [1, 2, 10],
+                "attention_head_dim": [5, 10, 20],
+                "use_linear_projection": True,
+                "cross_attention_dim": 2048,
+                "norm_num_groups": 32,
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": 256,
+                "projection_class_embeddings_input_dim": 2816,
+            },
+            vae={**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+            text_encoders=(CLIP_L, OPENCLIP_BIGG),
+            pad_tokens=("<|endoftext|>", "!"),
+            scheduler_class="EulerDiscreteScheduler",
+            scheduler={**SD_SCHEDULER, "interpolation_type": "linear", "timestep_spacing": "leading"},
+            seed=10,
+            approx_size="14 GB",
+            extra_index={"force_zeros_for_empty_prompt": True},
+        ),
+    ]
+}
+
+DEFAULT_MODEL = "tiny-sd"
+
+
+def cache_root() -> Path:
+    """Where built-in models are kept: $DIFFSHIP_CACHE, else $XDG_CACHE_HOME/diffship, else ~/.cache/diffship."""
+    if env := os.environ.get("DIFFSHIP_CACHE"):
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "diffship"
+
+
+def builtin_folder(name: str) -> Path:
+    """The cached diffusers folder of a built-in model, built first if absent."""
+    model = BUILTINS[name]
+    folder = cache_root() / "models" / f"{name}-r{BUILTIN_REVISION}"
+    if not (folder / "model_index.json").is_file():
+        try:
+            with staged_dir(folder) as tmp:
+                write_builtin(model, tmp)
+        except OSError as exc:
+            raise DiffshipError(f"Could not build built-in model {name} in {folder}: {exc}") from exc
+    return folder
+
+
+def write_builtin(model: BuiltinModel, folder: Path, progress: Callable[[str], None] | None = None) -> None:
+    """Write `model` as a diffusers pipeline folder, one component at a time to keep memory low."""
+    say = progress or (lambda _msg: None)
+    index: dict[str, Any] = {
+        "_class_name": model.pipeline_class,
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", model.scheduler_class],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        **model.extra_index,
+    }
+    if model.pipeline_class == "StableDiffusionPipeline":
+        index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    else:
+        index |= {"image_encoder": [None, None], "feature_extractor": [None, None]}
+
+    for i, (te_config, pad) in enumerate(zip(model.text_encoders, model.pad_tokens, strict=True)):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        config = dict(te_config)
+        with_projection = config.pop("with_projection", False)
+        cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+        say(f"text_encoder{suffix}")
+        torch.manual_seed(model.seed * 100 + i)
+        encoder = cls(CLIPTextConfig(pad_token_id=1, **config))
+        encoder.save_pretrained(folder / f"text_encoder{suffix}", safe_serialization=True)
+        del encoder
+        save_clip_tokenizer(build_clip_tokenizer(pad_token=pad), folder / f"tokenizer{suffix}")
+        index[f"text_encoder{suffix}"] = ["transformers", cls.__name__]
+        index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+
+    say("unet")
+    torch.manual_seed(model.seed * 100 + 10)
+    unet = UNet2DConditionModel(**model.unet)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    del unet
+    gc.collect()
+
+    say("vae")
+    torch.manual_seed(model.seed * 100 + 20)
+    vae = AutoencoderKL(**model.vae)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    del vae
+
+    scheduler = getattr(diffusers, model.scheduler_class).from_config(model.scheduler)
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (folder / "diffship_builtin.json").write_text(
+        json.dumps({"name": model.name, "revision": BUILTIN_REVISION, "seed": model.seed,
+                    "transformers": transformers.__version__, "diffusers": diffusers.__version__}, indent=2) + "\n",
+        encoding="utf-8",
+    )

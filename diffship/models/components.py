@@ -1,0 +1,219 @@
+"""Exportable components declared as data, their tensor-only wrappers, and valid sample inputs.
+
+A spec names each input and output with its dtype and shape, where a string in the shape is a
+named dynamic axis. The exporter, parity check, runtime and (later) the other targets all read
+these declarations, so a component is described once. Names follow optimum's ONNX configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffship.errors import DiffshipError
+from diffship.models.family import Family, component_config, detect_family
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output: dtype and shape, strings being named dynamic axes."""
+
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[Dim, ...]
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def concrete(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """An exportable component: which pipeline module it wraps, its inputs, outputs and spatial scale."""
+
+    name: str  # text_encoder, text_encoder_2, unet, vae_encoder, vae_decoder
+    module: str  # folder in the pipeline: text_encoder, text_encoder_2, unet, vae
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    vae_scale: int  # image pixels per latent pixel
+    vocab_size: int = 0
+    latent_axes: bool = False  # True for the UNet: its height/width axes count latent pixels
+
+    def axis_sizes(self, batch: int, height: int, width: int, sequence: int = 77) -> dict[str, int]:
+        """Sizes of the named axes for an image of height x width pixels."""
+        if height % (self.vae_scale * 4) or width % (self.vae_scale * 4):
+            raise DiffshipError(
+                f"Resolution {height}x{width} must be a multiple of {self.vae_scale * 4} "
+                f"(VAE factor {self.vae_scale} x the UNet's downsampling)."
+            )
+        latent_h, latent_w = height // self.vae_scale, width // self.vae_scale
+        if self.latent_axes:
+            height, width = latent_h, latent_w
+        return {"batch": batch, "sequence": sequence, "height": height, "width": width,
+                "latent_height": latent_h, "latent_width": latent_w}
+
+    def sample_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Valid inputs for this component at the given batch and image resolution, deterministic in `seed`."""
+        sizes = self.axis_sizes(batch, height, width)
+        rng = np.random.default_rng(seed)
+        return {t.name: _sample(t, t.concrete(sizes), rng, self, height, width) for t in self.inputs}
+
+
+def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, spec: ComponentSpec,
+            height: int, width: int) -> np.ndarray:
+    if t.name == "input_ids":
+        # <|startoftext|> words <|endoftext|> padding, as a tokenizer would produce
+        ids = rng.integers(0, spec.vocab_size - 2, size=shape)
+        ends = rng.integers(2, shape[1], size=shape[0])
+        for row, end in enumerate(ends):
+            ids[row, 0], ids[row, end:] = spec.vocab_size - 2, spec.vocab_size - 1
+        return ids.astype(t.dtype)
+    if t.name == "timestep":
+        return rng.uniform(0, 1000, size=shape).astype(t.dtype)
+    if t.name == "time_ids":  # original size, crop top-left, target size
+        return np.tile(np.array([height, width, 0, 0, height, width], dtype=t.dtype), (shape[0], 1))
+    if t.name == "sample" and spec.name == "vae_encoder":  # an image in [-1, 1]
+        return rng.uniform(-1, 1, size=shape).astype(t.dtype)
+    return rng.standard_normal(size=shape).astype(t.dtype)
+
+
+def component_specs(folder: Path, family: Family | None = None) -> list[ComponentSpec]:
+    """The exportable components of the pipeline in `folder`, read from its configs (no weights loaded)."""
+    family = family or detect_family(folder)
+    unet = component_config(folder, "unet")
+    vae = component_config(folder, "vae")
+    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    latent = vae.get("latent_channels", 4)
+    specs = []
+    for name in family.text_encoders:
+        te = component_config(folder, name)
+        hidden = te["hidden_size"]
+        is_xl, projected = family.name == "sdxl", name == "text_encoder_2"
+        outputs = [
+            TensorSpec("text_embeds" if projected else "pooler_output", "float32",
+                       ("batch", te.get("projection_dim", hidden) if projected else hidden)),
+            TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden)),
+        ]
+        if is_xl:
+            # SDXL conditions its UNet on the penultimate hidden state. Order: pooled, penultimate,
+            # last, so positional readers that take outputs [0] and [-2] (as optimum's SDXL does) see the right ones.
+            outputs.insert(1, TensorSpec("penultimate_hidden_state", "float32", ("batch", "sequence", hidden)))
+        else:
+            outputs.reverse()  # SD 1.x/2.x: last_hidden_state, pooler_output, as optimum exports them
+        specs.append(ComponentSpec(name, name, (TensorSpec("input_ids", "int32", ("batch", "sequence")),),
+                                   tuple(outputs), scale, vocab_size=te.get("vocab_size", 49408)))
+    unet_inputs = [
+        TensorSpec("sample", "float32", ("batch", unet.get("in_channels", 4), "height", "width")),
+        TensorSpec("timestep", "float32", ("batch",)),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", unet["cross_attention_dim"])),
+    ]
+    if family.name == "sdxl":
+        n_time_ids = 6
+        text_embeds = unet["projection_class_embeddings_input_dim"] - n_time_ids * unet["addition_time_embed_dim"]
+        unet_inputs += [TensorSpec("text_embeds", "float32", ("batch", text_embeds)),
+                        TensorSpec("time_ids", "float32", ("batch", n_time_ids))]
+    # The UNet works on latents: its height/width axes are latent pixels.
+    unet_out = TensorSpec("out_sample", "float32", ("batch", unet.get("out_channels", 4), "height", "width"))
+    specs.append(ComponentSpec("unet", "unet", tuple(unet_inputs), (unet_out,), scale, latent_axes=True))
+    specs.append(ComponentSpec(
+        "vae_encoder", "vae",
+        (TensorSpec("sample", "float32", ("batch", vae.get("in_channels", 3), "height", "width")),),
+        (TensorSpec("latent_parameters", "float32", ("batch", 2 * latent, "latent_height", "latent_width")),),
+        scale,
+    ))
+    specs.append(ComponentSpec(
+        "vae_decoder", "vae",
+        (TensorSpec("latent_sample", "float32", ("batch", latent, "latent_height", "latent_width")),),
+        (TensorSpec("sample", "float32", ("batch", vae.get("out_channels", 3), "height", "width")),),
+        scale,
+    ))
+    return specs
+
+
+# --- wrappers: tensor-only forward functions over the diffusers / transformers modules ---------------
+
+
+class TextEncoder(nn.Module):
+    """CLIP text encoder: input_ids -> the outputs named in its spec."""
+
+    def __init__(self, encoder: nn.Module, outputs: tuple[str, ...]):
+        super().__init__()
+        self.encoder, self.outputs = encoder, outputs
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.encoder(input_ids=input_ids, output_hidden_states="penultimate_hidden_state" in self.outputs)
+        values = {
+            "last_hidden_state": lambda: out.last_hidden_state,
+            "pooler_output": lambda: out.pooler_output,
+            "text_embeds": lambda: out.text_embeds,
+            "penultimate_hidden_state": lambda: out.hidden_states[-2],
+        }
+        return tuple(values[name]() for name in self.outputs)
+
+
+class UNet(nn.Module):
+    """UNet2DConditionModel: (sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> out_sample."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class VaeEncoder(nn.Module):
+    """AutoencoderKL encoder: image -> latent distribution parameters (mean and log-variance)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(sample, return_dict=False)[0].parameters
+
+
+class VaeDecoder(nn.Module):
+    """AutoencoderKL decoder: (unscaled) latent -> image in about [-1, 1]."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+def wrap(spec: ComponentSpec, module: nn.Module) -> nn.Module:
+    """The tensor-only wrapper for `spec` around its loaded pipeline module, in eval mode."""
+    if spec.module.startswith("text_encoder"):
+        wrapper: nn.Module = TextEncoder(module, tuple(o.name for o in spec.outputs))
+    elif spec.name == "unet":
+        wrapper = UNet(module)
+    elif spec.name == "vae_encoder":
+        wrapper = VaeEncoder(module)
+    elif spec.name == "vae_decoder":
+        wrapper = VaeDecoder(module)
+    else:
+        raise DiffshipError(f"No wrapper for component {spec.name!r}.")
+    return wrapper.eval()
+
+
+def run_torch(wrapper: nn.Module, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a wrapper on named numpy inputs and return named numpy outputs, as a Runner would."""
+    args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])) for t in spec.inputs]
+    with torch.inference_mode():
+        out = wrapper(*args)
+    out = out if isinstance(out, tuple) else (out,)
+    return {t.name: o.float().numpy() for t, o in zip(spec.outputs, out, strict=True)}

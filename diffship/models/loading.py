@@ -1,0 +1,100 @@
+"""Load one pipeline component from a diffusers folder, refusing weights that do not match the architecture.
+
+transformers and diffusers only *log* missing or unexpected keys and go on with randomly initialised
+layers (a text encoder saved by one transformers release can load as random weights in another),
+so every load here asks for the loading info and fails on any mismatch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffship.errors import DiffshipError
+from diffship.models.family import read_model_index
+
+SAFE_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own progress bars and load reports: diffship checks and reports loads itself."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def check_weight_files(folder: Path, component: str, allow_pickle: bool) -> None:
+    """Require safetensors weights; pickle files (arbitrary code on load) only when the user allows them."""
+    sub = folder / component
+    files = [p for p in sub.iterdir() if p.is_file()] if sub.is_dir() else []
+    if any(p.name.endswith(SAFE_SUFFIX) for p in files):
+        return
+    pickles = [p.name for p in files if p.name.endswith(PICKLE_SUFFIXES)]
+    if pickles and not allow_pickle:
+        raise DiffshipError(
+            f"{sub} has weights only in pickle files ({', '.join(sorted(pickles))}), which can run arbitrary code "
+            "when loaded. Convert them to safetensors, or pass --allow-pickle if you trust the source."
+        )
+    if not pickles:
+        raise DiffshipError(f"{sub} holds no weights (no *.safetensors file).")
+
+
+def check_loading_info(info: dict[str, Any], where: str) -> None:
+    """Fail if any weight was missing, unexpected or of the wrong shape."""
+    problems = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        values = sorted(str(v) for v in (info.get(key) or []))
+        if values:
+            shown = ", ".join(values[:5]) + (f" (+{len(values) - 5} more)" if len(values) > 5 else "")
+            problems.append(f"{len(values)} {key.replace('_', ' ')}: {shown}")
+    problems += [str(e) for e in info.get("error_msgs") or []]
+    if problems:
+        raise DiffshipError(
+            f"The weights in {where} do not match the architecture in its config.json: " + "; ".join(problems) + ". "
+            "The libraries would silently fill these with random values; diffship refuses. The checkpoint may "
+            "come from a different model or library release: re-save it with the matching library version."
+        )
+
+
+def load_component(folder: Path, component: str, allow_pickle: bool = False) -> torch.nn.Module:
+    """Load `component` (unet, vae, text_encoder, text_encoder_2) in FP32 eval mode, strictly."""
+    quiet_libraries()
+    check_weight_files(folder, component, allow_pickle)
+    use_safetensors = None if allow_pickle else True
+    library, class_name = (read_model_index(folder).get(component) or [None, None])[:2]
+    try:
+        if component in ("unet", "vae"):
+            import diffusers
+
+            cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+            model, info = cls.from_pretrained(
+                folder, subfolder=component, output_loading_info=True, use_safetensors=use_safetensors,
+                torch_dtype=torch.float32, low_cpu_mem_usage=True,
+            )
+        else:
+            import transformers
+
+            if class_name not in TEXT_ENCODER_CLASSES:
+                raise DiffshipError(
+                    f"{folder / component} is a {library}.{class_name}; diffship exports CLIP text encoders "
+                    f"({', '.join(TEXT_ENCODER_CLASSES)})."
+                )
+            cls = getattr(transformers, class_name)
+            model, info = cls.from_pretrained(
+                folder / component, output_loading_info=True, use_safetensors=use_safetensors, dtype=torch.float32,
+            )
+    except DiffshipError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DiffshipError(f"Could not load {folder / component}: {exc}") from exc
+    check_loading_info(info, str(folder / component))
+    model.eval().requires_grad_(False)
+    return model

@@ -1,0 +1,78 @@
+"""Resolve what the user named (built-in, local folder, hub id) to a local diffusers folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffship.errors import DiffshipError
+from diffship.models.builtin import BUILTINS, builtin_folder
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_HOST = "huggingface.co"
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+PICKLE_PATTERNS = ["*.bin", "*.ckpt", "*.pt", "*.pth"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from and the local folder that holds it."""
+
+    spec: str  # what the user typed
+    kind: str  # "builtin", "local" or "hub"
+    folder: Path
+
+
+def resolve(spec: str, allow_pickle: bool = False) -> ModelSource:
+    """Map a built-in name, a local folder or a hub id to a local diffusers folder."""
+    if spec in BUILTINS:
+        return ModelSource(spec, "builtin", builtin_folder(spec))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            raise DiffshipError(
+                f"{path} is a single file; diffship reads a diffusers pipeline folder. Convert single-file "
+                "checkpoints with diffusers (`StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)`)."
+            )
+        return ModelSource(spec, "local", path.resolve())
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return ModelSource(spec, "hub", _from_hub(spec, allow_pickle))
+    raise DiffshipError(
+        f"Unknown model {spec!r}: not a built-in ({', '.join(BUILTINS)}), not an existing folder, "
+        "and not a hub id of the form owner/name."
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub(repo_id: str, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    try:  # a snapshot already in the local hub cache works offline
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if offline or not _hub_reachable():
+        raise DiffshipError(
+            f"{repo_id!r} looks like a hub id, but the hub cannot be reached from here "
+            f"({'HF_HUB_OFFLINE is set' if offline else f'no connection to {HUB_HOST}'}) and it is not in the "
+            "local hub cache. Download the pipeline on a machine with network access "
+            "(`DiffusionPipeline.from_pretrained(...).save_pretrained(DIR)`) and pass --model DIR, "
+            "or use a built-in model (`diffship models`)."
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except HfHubHTTPError as exc:
+        raise DiffshipError(f"Could not download {repo_id!r} from the hub: {exc}") from exc
