@@ -1,0 +1,171 @@
+"""The command line: parses, calls one stage function, prints. Exit codes: 0 ok, 1 validation failed, 2 bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diffship import __version__
+from diffship.errors import DiffshipError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Stable Diffusion pipelines in, validated deployment artifacts out.")
+console = Console(stderr=True)
+# Tables are wide: in logs and pipes (no terminal) use 150 columns instead of rich's 80.
+out = Console(width=None if sys.stdout.isatty() else 150)
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _fail(exc: DiffshipError) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _step_printer(verb: str):
+    def on_step(name: str, event: str, detail: dict[str, Any]) -> None:
+        if event == "start":
+            console.print(f"[cyan][{detail['index']}/{detail['total']}][/] {verb} [bold]{name}[/] ...")
+        elif "bytes" in detail:
+            console.print(f"      [green]done[/] {name}: {_human_bytes(detail['bytes'])} in {detail['seconds']:.1f} s")
+        else:
+            status = "[green]pass[/]" if detail["passed"] else "[bold red]FAIL[/]"
+            console.print(f"      {status} {name}")
+    return on_step
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    """diffship: export, compile and validate Stable Diffusion components."""
+    if version:
+        out.print(__version__)
+        raise typer.Exit()
+
+
+@app.command()
+def models(
+    folder: Annotated[str | None, typer.Argument(help="A model (built-in name, folder or hub id) to describe.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
+) -> None:
+    """List the built-in models, or describe what a given model folder contains."""
+    from diffship.models.builtin import BUILTINS, DEFAULT_MODEL
+
+    if folder is None:
+        table = Table(title="Built-in models (offline, seeded random weights)")
+        for col in ("name", "family", "size", "description"):
+            table.add_column(col)
+        for m in BUILTINS.values():
+            family = "sdxl" if m.pipeline_class.endswith("XLPipeline") else ("sd2" if m.name == "tiny-sd2" else "sd1")
+            name = f"{m.name} (default)" if m.name == DEFAULT_MODEL else m.name
+            table.add_row(name, family, m.approx_size, m.description)
+        out.print(table)
+        return
+    from diffship.models.components import component_specs
+    from diffship.models.family import detect_family, prediction_type
+    from diffship.models.loading import check_weight_files
+    from diffship.models.source import resolve
+
+    try:
+        source = resolve(folder, allow_pickle=allow_pickle)
+        family = detect_family(source.folder)
+        specs = component_specs(source.folder, family)
+        for module in sorted({s.module for s in specs}):
+            check_weight_files(source.folder, module, allow_pickle)
+    except DiffshipError as exc:
+        raise _fail(exc) from None
+    out.print(f"[bold]{source.spec}[/] ({source.kind}) at {source.folder}")
+    out.print(f"family: {family.title} ({family.name}), prediction: {prediction_type(source.folder)}")
+    table = Table(title="Exportable components")
+    for col in ("component", "inputs", "outputs"):
+        table.add_column(col)
+    for s in specs:
+        fmt = lambda ts: "\n".join(f"{t.name} {t.dtype} {list(t.shape)}" for t in ts)  # noqa: E731
+        table.add_row(s.name, fmt(s.inputs), fmt(s.outputs))
+    out.print(table)
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Option("--model", "-m", help="Built-in name, local diffusers folder or hub id.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must be new or empty).")],
+    components: Annotated[list[str] | None, typer.Option("--components", "-c",
+                                                         help="Export only these (repeat or comma-separate).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier diffship output in --out.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
+) -> None:
+    """Export each component of a pipeline to ONNX (checked, shape-inferred) in OUT."""
+    from diffship.exporters.pipeline import export_pipeline
+    from diffship.models.source import resolve
+
+    wanted = [c.strip() for item in components or [] for c in item.split(",") if c.strip()] or None
+    try:
+        source = resolve(model, allow_pickle=allow_pickle)
+        console.print(f"Exporting [bold]{model}[/] to {out_dir} (ONNX opset {opset})")
+        manifest = export_pipeline(source, out_dir, wanted, opset, overwrite, allow_pickle, _step_printer("export"))
+    except DiffshipError as exc:
+        raise _fail(exc) from None
+    total = sum(f["bytes"] for c in manifest["components"].values() for f in c["files"])
+    out.print(f"Exported {len(manifest['components'])} component(s), {_human_bytes(total)}, to {out_dir}")
+
+
+@app.command()
+def validate(
+    folder: Annotated[Path, typer.Argument(help="An output folder written by `diffship export`.")],
+    target: Annotated[str, typer.Option(help="Backend to run the artifacts with.")] = "onnxruntime",
+    components: Annotated[list[str] | None, typer.Option("--components", "-c", help="Only these components.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Also print the parity report as JSON.")] = False,
+) -> None:
+    """Compare each exported component with PyTorch at two batch sizes and resolutions; write parity.json."""
+    from diffship.validation.parity import PARITY_FILE, validate_folder
+
+    wanted = [c.strip() for item in components or [] for c in item.split(",") if c.strip()] or None
+    try:
+        report = validate_folder(folder, target, wanted, allow_pickle=allow_pickle, on_step=_step_printer("check"))
+    except DiffshipError as exc:
+        raise _fail(exc) from None
+    tol = report["tolerance"]
+    table = Table(title=f"Parity vs PyTorch FP32 ({report['target']['target']}, {', '.join(report['target']['providers'])}); "
+                        f"pass: cosine >= {tol['min_cosine']}, rel L2 <= {tol['max_rel_l2']}")
+    for col in ("component", "batch", "resolution", "output", "max abs", "mean abs", "rel L2", "cosine", ""):
+        table.add_column(col, justify="right" if col not in ("component", "output") else "left")
+    for name, result in report["components"].items():
+        for case in result["cases"]:
+            for output, m in case["outputs"].items():
+                ok = m["finite"] and m["cosine"] >= tol["min_cosine"] and m["rel_l2"] <= tol["max_rel_l2"]
+                table.add_row(name, str(case["batch"]), f"{case['height']}x{case['width']}", output,
+                              f"{m['max_abs']:.2e}", f"{m['mean_abs']:.2e}", f"{m['rel_l2']:.2e}", f"{m['cosine']:.7f}",
+                              "[green]ok[/]" if ok else "[bold red]FAIL[/]")
+    out.print(table)
+    if json_out:
+        out.print_json(json.dumps(report))
+    verdict = "[green]parity passed[/]" if report["passed"] else "[bold red]parity FAILED[/]"
+    out.print(f"{verdict}; report written to {Path(folder) / PARITY_FILE}")
+    if not report["passed"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def run() -> None:
+    """Entry point that keeps library chatter (tokenizers' fork warning) out of the CLI's output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    run()

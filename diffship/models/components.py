@@ -50,11 +50,9 @@ class ComponentSpec:
 
     def axis_sizes(self, batch: int, height: int, width: int, sequence: int = 77) -> dict[str, int]:
         """Sizes of the named axes for an image of height x width pixels."""
-        if height % (self.vae_scale * 4) or width % (self.vae_scale * 4):
-            raise DiffshipError(
-                f"Resolution {height}x{width} must be a multiple of {self.vae_scale * 4} "
-                f"(VAE factor {self.vae_scale} x the UNet's downsampling)."
-            )
+        multiple = self.vae_scale * 8  # the VAE factor x SD 1.x's three UNet downsamplings
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise DiffshipError(f"Resolution {height}x{width} must be positive multiples of {multiple} pixels.")
         latent_h, latent_w = height // self.vae_scale, width // self.vae_scale
         if self.latent_axes:
             height, width = latent_h, latent_w

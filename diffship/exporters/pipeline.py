@@ -1,0 +1,122 @@
+"""Export a whole pipeline: one ONNX per component plus tokenizers, scheduler and model_index.json.
+
+The folder is built under a temporary name and renamed into place only when every requested
+component has exported and passed the checker, so a failed or interrupted export leaves nothing
+where a finished one would be. Its layout is diffusers' ONNX pipeline layout (`unet/model.onnx`, ...),
+which diffusers' `OnnxStableDiffusionPipeline` (SD 1.x / 2.x) loads unchanged.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import onnx
+import torch
+import transformers
+
+from diffship import __version__
+from diffship.artifacts import MANIFEST_NAME, MANIFEST_SCHEMA, atomic_write_json, file_entries, prepare_output_dir, staged_dir
+from diffship.errors import DiffshipError
+from diffship.exporters.onnx import DEFAULT_OPSET, export_component, onnx_io
+from diffship.models.components import ComponentSpec, component_specs, wrap
+from diffship.models.family import detect_family, prediction_type, read_model_index
+from diffship.models.loading import load_component
+from diffship.models.source import ModelSource
+
+# Called with (component, event, detail): event is "start" or "done".
+StepCallback = Callable[[str, str, dict[str, Any]], None]
+
+ONNX_PIPELINE_CLASS = {"sd1": "OnnxStableDiffusionPipeline", "sd2": "OnnxStableDiffusionPipeline",
+                       "sdxl": "ORTStableDiffusionXLPipeline"}
+
+
+def select_specs(folder: Path, components: list[str] | None) -> list[ComponentSpec]:
+    """The specs to export: all of the pipeline's, or the named ones (unknown names are an error)."""
+    specs = component_specs(folder)
+    if not components:
+        return specs
+    known = {s.name for s in specs}
+    unknown = [c for c in components if c not in known]
+    if unknown:
+        raise DiffshipError(f"Unknown component(s) {', '.join(unknown)}; this pipeline has {', '.join(known)}.")
+    return [s for s in specs if s.name in components]
+
+
+def export_pipeline(source: ModelSource, out: Path, components: list[str] | None = None, opset: int = DEFAULT_OPSET,
+                    overwrite: bool = False, allow_pickle: bool = False,
+                    on_step: StepCallback | None = None) -> dict[str, Any]:
+    """Export `source` into `out` and return the manifest written there."""
+    step = on_step or (lambda *_: None)
+    out = out.resolve()
+    prepare_output_dir(out, overwrite)
+    family = detect_family(source.folder)
+    specs = select_specs(source.folder, components)
+    entries: dict[str, Any] = {}
+    with staged_dir(out) as tmp:
+        loaded: dict[str, torch.nn.Module] = {}
+        for i, spec in enumerate(specs):
+            step(spec.name, "start", {"index": i + 1, "total": len(specs)})
+            started = time.perf_counter()
+            if spec.module not in loaded:
+                loaded = {spec.module: load_component(source.folder, spec.module, allow_pickle)}
+                gc.collect()
+            export_component(spec, wrap(spec, loaded[spec.module]), tmp / spec.name, opset,
+                             metadata={"diffship.version": __version__, "diffship.source": source.spec})
+            shutil.copy2(source.folder / spec.module / "config.json", tmp / spec.name / "config.json")
+            seconds = time.perf_counter() - started
+            files = file_entries(tmp, tmp / spec.name)
+            entries[spec.name] = {"seconds": round(seconds, 2), "files": files, **onnx_io(tmp / spec.name / "model.onnx")}
+            step(spec.name, "done", {"seconds": seconds, "bytes": sum(f["bytes"] for f in files)})
+        loaded.clear()
+        _copy_pipeline_files(source.folder, tmp, family.tokenizers)
+        _write_model_index(source.folder, tmp, family.name, [s.name for s in specs], family.tokenizers)
+        manifest = _manifest(source, family.name, prediction_type(source.folder), opset, entries, tmp)
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _copy_pipeline_files(src: Path, dst: Path, tokenizers: tuple[str, ...]) -> None:
+    for name in (*tokenizers, "scheduler"):
+        if not (src / name).is_dir():
+            raise DiffshipError(f"{src} is missing the `{name}` folder a deployed pipeline needs.")
+        shutil.copytree(src / name, dst / name)
+
+
+def _write_model_index(src: Path, dst: Path, family: str, exported: list[str], tokenizers: tuple[str, ...]) -> None:
+    index = read_model_index(src)
+    new: dict[str, Any] = {"_class_name": ONNX_PIPELINE_CLASS[family], "_diffusers_version": diffusers.__version__}
+    for name in exported:
+        new[name] = ["diffusers", "OnnxRuntimeModel"]
+    for name in (*tokenizers, "scheduler"):
+        new[name] = index.get(name)
+    new |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    if "force_zeros_for_empty_prompt" in index:
+        new["force_zeros_for_empty_prompt"] = index["force_zeros_for_empty_prompt"]
+    (dst / "model_index.json").write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
+
+
+def _manifest(source: ModelSource, family: str, prediction: str, opset: int, components: dict[str, Any],
+              root: Path) -> dict[str, Any]:
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "tool": {"name": "diffship", "version": __version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"model": source.spec, "kind": source.kind, "folder": str(source.folder), "family": family,
+                   "prediction_type": prediction},
+        "export": {"format": "onnx", "opset": opset, "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+                   "precision": "fp32"},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+                     "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+        "components": components,
+        "pipeline_files": file_entries(root, root / "scheduler")
+        + [e for name in sorted(p.name for p in root.glob("tokenizer*")) for e in file_entries(root, root / name)],
+    }

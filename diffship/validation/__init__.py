@@ -1,0 +1,1 @@
+"""Validation: parity against the PyTorch baseline (now), latency, memory and reports (later issues)."""
