@@ -43,8 +43,9 @@ def build(model: str) -> float:
 
 def export(model: str, components: str, workdir: Path) -> dict:
     out = workdir / f"{model}-{components or 'all'}"
-    proc = subprocess.run([sys.executable, "-c", CHILD, model, str(out), components], check=True,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, model, str(out), components], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"export of {model} ({components or 'all'}) failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

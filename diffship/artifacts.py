@@ -81,16 +81,19 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
                 f"Output folder {out} is not empty and holds no diffship {MANIFEST_NAME}; "
                 "refusing to overwrite a folder diffship did not write."
             )
-    parent = out if out.is_dir() else _nearest_existing_parent(out)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DiffshipError(f"Output location {out} is not writable (no write permission on {parent}).")
+    parent = _nearest_existing_parent(out)
+    # Try it rather than trust os.access, which says yes to root even on read-only filesystems.
+    try:
+        tempfile.TemporaryDirectory(prefix=".diffship-probe-", dir=parent).cleanup()
+    except OSError as exc:
+        raise DiffshipError(f"Output location {out} is not writable ({parent}: {exc.strerror or exc}).") from exc
 
 
 def _nearest_existing_parent(path: Path) -> Path:
-    for parent in path.parents:
+    for parent in (path, *path.parents):
         if parent.exists():
             if not parent.is_dir():
-                raise DiffshipError(f"Output path {path} is under {parent}, which is a file.")
+                raise DiffshipError(f"Output path {path} is under {parent}, which is not a folder.")
             return parent
     return Path("/")
 

@@ -17,7 +17,7 @@ from diffship.errors import DiffshipError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stable Diffusion pipelines in, validated deployment artifacts out.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 # Tables are wide: in logs and pipes (no terminal) use 150 columns instead of rich's 80.
 out = Console(width=None if sys.stdout.isatty() else 150)
 

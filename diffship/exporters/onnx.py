@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, set_external_data, uses_external_data
+from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 from torch import nn
 
 from diffship import __version__
@@ -86,7 +86,16 @@ def _gather_external_data(model: onnx.ModelProto, raw_dir: Path, data_path: Path
             with (raw_dir / info.location).open("rb") as src:
                 src.seek(info.offset or 0)
                 out.write(src.read(length))
-            set_external_data(tensor, location=DATA_FILE, offset=offset, length=length)
+            _point_to(tensor, offset, length)
+
+
+def _point_to(tensor: onnx.TensorProto, offset: int, length: int) -> None:
+    # onnx's set_external_data insists on the tensor's bytes being loaded; here they never are.
+    del tensor.external_data[:]
+    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def _save_proto(model: onnx.ModelProto, path: Path) -> None:
@@ -116,4 +125,4 @@ def opset_of(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-__all__ = ["export_component", "onnx_io", "opset_of", "MODEL_FILE", "DATA_FILE", "DEFAULT_OPSET"]
+__all__ = ["DATA_FILE", "DEFAULT_OPSET", "MODEL_FILE", "export_component", "onnx_io", "opset_of"]

@@ -24,7 +24,14 @@ import torch
 import transformers
 
 from diffship import __version__
-from diffship.artifacts import MANIFEST_NAME, MANIFEST_SCHEMA, atomic_write_json, file_entries, prepare_output_dir, staged_dir
+from diffship.artifacts import (
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA,
+    atomic_write_json,
+    file_entries,
+    prepare_output_dir,
+    staged_dir,
+)
 from diffship.errors import DiffshipError
 from diffship.exporters.onnx import DEFAULT_OPSET, export_component, onnx_io
 from diffship.models.components import ComponentSpec, component_specs, wrap

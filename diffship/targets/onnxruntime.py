@@ -40,7 +40,7 @@ def default_providers() -> tuple[str, ...]:
     return tuple(p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available)
 
 
-def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = None) -> Path:  # noqa: A001
+def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = None) -> Path:
     """The ONNX Runtime artifact for `source`. FP32 runs the exported file as it is."""
     if precision not in PRECISIONS:
         raise DiffshipError(f"ONNX Runtime precision {precision!r} is not available yet; choose {', '.join(PRECISIONS)}.")
@@ -54,7 +54,9 @@ class OrtRunner:
 
     def __init__(self, path: Path, options: OrtOptions):
         if options.graph_optimization not in GRAPH_LEVELS:
-            raise DiffshipError(f"Unknown graph optimization level {options.graph_optimization!r}; choose {', '.join(GRAPH_LEVELS)}.")
+            raise DiffshipError(
+                f"Unknown graph optimization level {options.graph_optimization!r}; choose {', '.join(GRAPH_LEVELS)}."
+            )
         requested = options.providers or default_providers()
         missing = [p for p in requested if p not in ort.get_available_providers()]
         if missing:

@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` (set up, run the main job on the default model) and
+# `make test` (set up, run the tests). Both create .venv on first use.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+MODEL   ?= tiny-sd
+OUT     ?= out/$(MODEL)
+# The CPU build of torch is installed before the package so no dependency can pull a multi-GB
+# CUDA build. On this project's machines `torch==2.13.0` is a CPU wheel on local disk; elsewhere
+# pass the torch you want, e.g. `make TORCH_SPEC="torch==2.13.0+cpu" ...` with your index configured.
+TORCH_SPEC ?= torch==2.13.0
+
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench-export clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	# Only CLIP's BPE vocabulary file is used from open-clip-torch; its dependencies would pull torchvision.
+	$(BIN)/pip install --quiet --no-deps "open-clip-torch==3.3.0"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/diffship export --model $(MODEL) --out $(OUT) --overwrite
+	$(BIN)/diffship validate $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check diffship tests benchmarks
+
+bench-export: setup
+	$(BIN)/python benchmarks/export_unet.py
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

@@ -1,0 +1,55 @@
+"""Shared fixtures: a private model cache for the session, and tiny pipelines exported once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build built-in models into a fresh cache, so tests never depend on what a machine had."""
+    cache = tmp_path_factory.mktemp("diffship-cache")
+    previous = os.environ.get("DIFFSHIP_CACHE")
+    os.environ["DIFFSHIP_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("DIFFSHIP_CACHE", None)
+    else:
+        os.environ["DIFFSHIP_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+    """exported(name) -> folder with every component of built-in `name` exported (once per session)."""
+    from diffship.exporters.pipeline import export_pipeline
+    from diffship.models.source import resolve
+
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            out = tmp_path_factory.mktemp("export") / name
+            export_pipeline(resolve(name), out)
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path, model_cache: Path):
+    """model_copy(name) -> a private, editable copy of built-in `name`'s diffusers folder."""
+    from diffship.models.builtin import builtin_folder
+
+    def get(name: str) -> Path:
+        dst = tmp_path / f"{name}-copy"
+        shutil.copytree(builtin_folder(name), dst)
+        return dst
+
+    return get

@@ -1,0 +1,176 @@
+"""ONNX export of every component: opset 17, checker, dynamic axes, ONNX Runtime parity, external data."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx.external_data_helper import convert_model_to_external_data
+
+from diffship.errors import DiffshipError
+from diffship.exporters.onnx import DATA_FILE, _gather_external_data, export_component, opset_of
+from diffship.exporters.pipeline import export_pipeline
+from diffship.models.builtin import builtin_folder
+from diffship.models.components import component_specs, run_torch, wrap
+from diffship.models.loading import load_component
+from diffship.models.source import resolve
+from diffship.targets.onnxruntime import load
+from diffship.validation.parity import DEFAULT_CASES, TOLERANCES, validate_folder
+
+EXPECTED = {
+    "tiny-sd": ["text_encoder", "unet", "vae_encoder", "vae_decoder"],
+    "tiny-sd2": ["text_encoder", "unet", "vae_encoder", "vae_decoder"],
+    "tiny-sdxl": ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"],
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_every_component_exports_at_opset_17_and_loads_in_onnx_runtime(exported, name: str):
+    folder = exported(name)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert list(manifest["components"]) == EXPECTED[name]
+    for component in EXPECTED[name]:
+        path = folder / component / "model.onnx"
+        assert opset_of(path) == 17
+        onnx.checker.check_model(str(path), full_check=True)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == [i["name"] for i in manifest["components"][component]["inputs"]]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_every_component_matches_pytorch_at_two_batch_sizes_and_two_resolutions(exported, name: str):
+    report = validate_folder(exported(name))
+    assert {(c.batch, c.height, c.width) for c in DEFAULT_CASES} == {(1, 64, 64), (2, 128, 192)}
+    assert report["passed"], json.dumps(report["components"], indent=1)[:3000]
+    tol = TOLERANCES["fp32"]
+    for component, result in report["components"].items():
+        assert len(result["cases"]) == 2, component
+        for case in result["cases"]:
+            for metrics in case["outputs"].values():
+                assert metrics["cosine"] >= tol.min_cosine and metrics["rel_l2"] <= tol.max_rel_l2
+    assert json.loads((exported(name) / "parity.json").read_text())["passed"] is True
+
+
+def test_dynamic_axes_are_named_batch_height_width_sequence(exported):
+    manifest = json.loads((exported("tiny-sdxl") / "manifest.json").read_text())["components"]
+    assert manifest["unet"]["inputs"][0]["shape"] == ["batch", 4, "height", "width"]
+    assert manifest["unet"]["inputs"][2]["shape"][:2] == ["batch", "sequence"]
+    assert [i["name"] for i in manifest["unet"]["inputs"]] == [
+        "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert manifest["vae_decoder"]["outputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    assert manifest["text_encoder_2"]["outputs"][0]["name"] == "text_embeds"
+
+
+def test_sdxl_encoders_export_the_penultimate_hidden_state_the_unet_is_fed(exported):
+    folder = exported("tiny-sdxl")
+    spec = next(s for s in component_specs(builtin_folder("tiny-sdxl")) if s.name == "text_encoder_2")
+    encoder = load_component(builtin_folder("tiny-sdxl"), "text_encoder_2")
+    ids = spec.sample_inputs(2, 64, 64)["input_ids"]
+    import torch
+
+    with torch.no_grad():
+        expected = encoder(torch.from_numpy(ids), output_hidden_states=True).hidden_states[-2].numpy()
+    got = load(folder / "text_encoder_2" / "model.onnx").run({"input_ids": ids})["penultimate_hidden_state"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_another_opset_can_be_requested_and_an_unsupported_one_is_refused(tmp_path: Path):
+    folder = builtin_folder("tiny-sd")
+    spec = next(s for s in component_specs(folder) if s.name == "vae_decoder")
+    vae = load_component(folder, "vae")
+    path = export_component(spec, wrap(spec, vae), tmp_path / "v18", opset=18)
+    assert opset_of(path) == 18
+    with pytest.raises(DiffshipError, match="Opset 9"):
+        export_component(spec, wrap(spec, vae), tmp_path / "v9", opset=9)
+
+
+def test_external_weights_are_gathered_into_one_data_file_that_onnx_runtime_reads(exported, tmp_path: Path):
+    # The >2 GB path, exercised on a small model: scatter the weights as the exporter does for
+    # large models (a file per tensor), gather them, and check the outputs do not change.
+    source = exported("tiny-sd") / "unet" / "model.onnx"
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    model = onnx.load(str(source))
+    convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=1024)
+    onnx.save(model, str(raw / "model.onnx"))
+    scattered = len(list(raw.iterdir()))
+    final = tmp_path / "final"
+    final.mkdir()
+    model = onnx.load(str(raw / "model.onnx"), load_external_data=False)
+    _gather_external_data(model, raw, final / DATA_FILE)
+    onnx.save(model, str(final / "model.onnx"))
+    shutil.rmtree(raw)
+    assert scattered > 10 and sorted(p.name for p in final.iterdir()) == sorted([DATA_FILE, "model.onnx"])
+    onnx.checker.check_model(str(final / "model.onnx"))
+    spec = next(s for s in component_specs(builtin_folder("tiny-sd")) if s.name == "unet")
+    inputs = spec.sample_inputs(1, 64, 64)
+    np.testing.assert_array_equal(load(final / "model.onnx").run(inputs)["out_sample"],
+                                  load(source).run(inputs)["out_sample"])
+
+
+def test_failed_export_leaves_nothing_where_the_output_would_be(model_copy, tmp_path: Path):
+    folder = model_copy("tiny-sd")
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"corrupt")  # fails after unet exported
+    out = tmp_path / "out"
+    with pytest.raises(DiffshipError):
+        export_pipeline(resolve(str(folder)), out)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-sd-copy"]
+
+
+def test_export_folder_is_a_pipeline_diffusers_onnx_loads_and_matches_pytorch(exported):
+    import diffusers
+
+    folder = exported("tiny-sd")
+    onnx_pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(folder, provider="CPUExecutionProvider")
+    torch_pipe = diffusers.StableDiffusionPipeline.from_pretrained(builtin_folder("tiny-sd"))
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    import torch
+
+    kwargs = {"num_inference_steps": 3, "height": 64, "width": 64, "output_type": "np", "guidance_scale": 7.5}
+    got = onnx_pipe("a photo of a cat", latents=latents, **kwargs).images
+    expected = torch_pipe("a photo of a cat", latents=torch.from_numpy(latents), **kwargs).images
+    assert got.shape == (1, 64, 64, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
+def test_optimum_onnx_runtime_pipeline_loads_the_export(exported):
+    pytest.importorskip(
+        "optimum.onnxruntime",
+        reason="optimum-onnx is not installed: its releases pin transformers<4.58, which conflicts with transformers 5",
+    )
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    pipe = ORTStableDiffusionPipeline.from_pretrained(exported("tiny-sd"))
+    assert pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def test_parity_metrics_catch_a_changed_weight(exported, tmp_path: Path):
+    folder = tmp_path / "tampered"
+    shutil.copytree(exported("tiny-sd"), folder)
+    path = folder / "unet" / "model.onnx"
+    model = onnx.load(str(path))
+    conv_out = next(t for t in model.graph.initializer if "conv_out.weight" in t.name)
+    values = onnx.numpy_helper.to_array(conv_out) * 1.01
+    conv_out.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), conv_out.name))
+    onnx.save(model, str(path))
+    report = validate_folder(folder, components=["unet"])
+    assert report["passed"] is False
+    assert report["components"]["unet"]["cases"][0]["outputs"]["out_sample"]["rel_l2"] > 1e-4
+
+
+def test_sample_inputs_reject_resolutions_the_unet_cannot_take():
+    spec = component_specs(builtin_folder("tiny-sd"))[1]
+    with pytest.raises(DiffshipError, match="multiples of 64"):
+        spec.sample_inputs(1, 100, 64)
+
+
+def test_torch_and_runner_share_the_same_named_io(exported):
+    spec = next(s for s in component_specs(builtin_folder("tiny-sd")) if s.name == "vae_encoder")
+    runner = load(exported("tiny-sd") / "vae_encoder" / "model.onnx")
+    inputs = spec.sample_inputs(1, 64, 64)
+    expected = run_torch(wrap(spec, load_component(builtin_folder("tiny-sd"), "vae")), spec, inputs)
+    assert runner.input_names == ("sample",) and set(runner.run(inputs)) == set(expected) == {"latent_parameters"}
