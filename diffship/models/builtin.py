@@ -60,6 +60,19 @@ SD_SCHEDULER = {
     "set_alpha_to_one": False,
 }
 
+TINY_SD_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": 4,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+}
+
 TINY_VAE = {
     "in_channels": 3,
     "out_channels": 3,
@@ -98,18 +111,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             name="tiny-sd",
             description="SD 1.x architecture (CLIP ViT-L style text encoder, epsilon), tiny random weights",
             pipeline_class="StableDiffusionPipeline",
-            unet={
-                "sample_size": 8,
-                "in_channels": 4,
-                "out_channels": 4,
-                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-                "block_out_channels": [32, 64, 64],
-                "layers_per_block": 1,
-                "attention_head_dim": 4,
-                "cross_attention_dim": 32,
-                "norm_num_groups": 8,
-            },
+            unet=TINY_SD_UNET,
             vae=TINY_VAE,
             text_encoders=({**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                             "num_attention_heads": 4, "hidden_act": "quick_gelu", "projection_dim": 32},),
@@ -123,19 +125,8 @@ BUILTINS: dict[str, BuiltinModel] = {
             name="tiny-sd2",
             description="SD 2.x architecture (OpenCLIP-style text encoder, linear projections, v-prediction), tiny",
             pipeline_class="StableDiffusionPipeline",
-            unet={
-                "sample_size": 8,
-                "in_channels": 4,
-                "out_channels": 4,
-                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-                "block_out_channels": [32, 64, 64],
-                "layers_per_block": 1,
-                "attention_head_dim": [2, 4, 4],
-                "use_linear_projection": True,
-                "cross_attention_dim": 32,
-                "norm_num_groups": 8,
-            },
+            # SD 2.x differs from 1.x by per-level head counts and linear projections in the transformers
+            unet={**TINY_SD_UNET, "attention_head_dim": [2, 4, 4], "use_linear_projection": True},
             vae=TINY_VAE,
             text_encoders=({**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                             "num_attention_heads": 4, "hidden_act": "gelu", "projection_dim": 32},),
