@@ -70,9 +70,8 @@ def models(
         for col in ("name", "family", "size", "description"):
             table.add_column(col)
         for m in BUILTINS.values():
-            family = "sdxl" if m.pipeline_class.endswith("XLPipeline") else ("sd2" if m.name == "tiny-sd2" else "sd1")
             name = f"{m.name} (default)" if m.name == DEFAULT_MODEL else m.name
-            table.add_row(name, family, m.approx_size, m.description)
+            table.add_row(name, m.family, m.approx_size, m.description)
         out.print(table)
         return
     from diffship.models.components import component_specs

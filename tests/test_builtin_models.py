@@ -49,3 +49,8 @@ def test_diffusers_loads_builtin_as_a_pipeline_and_generates(name: str):
     pipe = cls.from_pretrained(builtin_folder(name))
     image = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd2", "tiny-sdxl"])
+def test_declared_family_of_each_builtin_is_what_detection_finds(name: str):
+    assert BUILTINS[name].family == detect_family(builtin_folder(name)).name

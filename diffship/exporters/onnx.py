@@ -124,5 +124,3 @@ def opset_of(path: Path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
-
-__all__ = ["DATA_FILE", "DEFAULT_OPSET", "MODEL_FILE", "export_component", "onnx_io", "opset_of"]

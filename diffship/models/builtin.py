@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ class BuiltinModel:
 
     name: str
     description: str
+    family: str  # sd1, sd2, sdxl
     pipeline_class: str
     unet: dict[str, Any]
     vae: dict[str, Any]
@@ -110,6 +110,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             name="tiny-sd",
             description="SD 1.x architecture (CLIP ViT-L style text encoder, epsilon), tiny random weights",
+            family="sd1",
             pipeline_class="StableDiffusionPipeline",
             unet=TINY_SD_UNET,
             vae=TINY_VAE,
@@ -124,6 +125,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             name="tiny-sd2",
             description="SD 2.x architecture (OpenCLIP-style text encoder, linear projections, v-prediction), tiny",
+            family="sd2",
             pipeline_class="StableDiffusionPipeline",
             # SD 2.x differs from 1.x by per-level head counts and linear projections in the transformers
             unet={**TINY_SD_UNET, "attention_head_dim": [2, 4, 4], "use_linear_projection": True},
@@ -139,6 +141,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             name="tiny-sdxl",
             description="SDXL architecture (two text encoders, text_embeds + time_ids), tiny random weights",
+            family="sdxl",
             pipeline_class="StableDiffusionXLPipeline",
             unet={
                 "sample_size": 8,
@@ -175,6 +178,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             name="sd15-arch",
             description="Stable Diffusion 1.5 shapes exactly (860M UNet), random weights; for benchmarks",
+            family="sd1",
             pipeline_class="StableDiffusionPipeline",
             unet={
                 "sample_size": 64,
@@ -199,6 +203,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             name="sdxl-arch",
             description="SDXL base 1.0 shapes exactly (2.6B UNet, CLIP-L + OpenCLIP bigG), random weights; benchmarks",
+            family="sdxl",
             pipeline_class="StableDiffusionXLPipeline",
             unet={
                 "sample_size": 128,
@@ -253,9 +258,8 @@ def builtin_folder(name: str) -> Path:
     return folder
 
 
-def write_builtin(model: BuiltinModel, folder: Path, progress: Callable[[str], None] | None = None) -> None:
+def write_builtin(model: BuiltinModel, folder: Path) -> None:
     """Write `model` as a diffusers pipeline folder, one component at a time to keep memory low."""
-    say = progress or (lambda _msg: None)
     index: dict[str, Any] = {
         "_class_name": model.pipeline_class,
         "_diffusers_version": diffusers.__version__,
@@ -274,7 +278,6 @@ def write_builtin(model: BuiltinModel, folder: Path, progress: Callable[[str], N
         config = dict(te_config)
         with_projection = config.pop("with_projection", False)
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        say(f"text_encoder{suffix}")
         torch.manual_seed(model.seed * 100 + i)
         encoder = cls(CLIPTextConfig(pad_token_id=1, **config))
         encoder.save_pretrained(folder / f"text_encoder{suffix}", safe_serialization=True)
@@ -282,15 +285,11 @@ def write_builtin(model: BuiltinModel, folder: Path, progress: Callable[[str], N
         save_clip_tokenizer(build_clip_tokenizer(pad_token=pad), folder / f"tokenizer{suffix}")
         index[f"text_encoder{suffix}"] = ["transformers", cls.__name__]
         index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
-
-    say("unet")
     torch.manual_seed(model.seed * 100 + 10)
     unet = UNet2DConditionModel(**model.unet)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     del unet
     gc.collect()
-
-    say("vae")
     torch.manual_seed(model.seed * 100 + 20)
     vae = AutoencoderKL(**model.vae)
     vae.save_pretrained(folder / "vae", safe_serialization=True)

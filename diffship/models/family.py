@@ -72,7 +72,6 @@ def detect_family(folder: Path) -> Family:
             f"{folder} holds a `{class_name}`; diffship supports Stable Diffusion 1.x, 2.x and XL pipelines "
             f"({', '.join(sorted(SD_PIPELINES | SDXL_PIPELINES))})."
         )
-    family = SDXL if is_xl else None
     for name in ("unet", "vae", *(SDXL.text_encoders if is_xl else SD1.text_encoders)):
         component_config(folder, name)
     unet = component_config(folder, "unet")
@@ -85,8 +84,7 @@ def detect_family(folder: Path) -> Family:
         return SDXL
     # SD 2.x replaced CLIP ViT-L (quick_gelu) with OpenCLIP ViT-H (gelu) and linear projections in the UNet.
     text = component_config(folder, "text_encoder")
-    family = SD2 if text.get("hidden_act") == "gelu" or unet.get("use_linear_projection") else SD1
-    return family
+    return SD2 if text.get("hidden_act") == "gelu" or unet.get("use_linear_projection") else SD1
 
 
 def prediction_type(folder: Path) -> str:

@@ -20,7 +20,7 @@ import torch
 from diffship import __version__
 from diffship.artifacts import atomic_write_json, read_manifest
 from diffship.errors import DiffshipError
-from diffship.models.components import ComponentSpec, run_torch, wrap
+from diffship.models.components import ComponentSpec, component_specs, run_torch, wrap
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
 from diffship.targets import get_target
@@ -99,8 +99,6 @@ def validate_folder(folder: Path, target: str = "onnxruntime", components: list[
                     cases: tuple[Case, ...] = DEFAULT_CASES, allow_pickle: bool = False,
                     on_step: Callable[[str, str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Check every exported component in `folder` against its PyTorch source; write and return parity.json."""
-    from diffship.models.components import component_specs
-
     step = on_step or (lambda *_: None)
     folder = folder.resolve()
     manifest = read_manifest(folder)
