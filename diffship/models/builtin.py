@@ -120,7 +120,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             scheduler_class="PNDMScheduler",
             scheduler={**SD_SCHEDULER, "skip_prk_steps": True},
             seed=1,
-            approx_size="8 MB",
+            approx_size="18 MB",
         ),
         BuiltinModel(
             name="tiny-sd2",
@@ -136,7 +136,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             scheduler_class="DDIMScheduler",
             scheduler={**SD_SCHEDULER, "prediction_type": "v_prediction"},
             seed=2,
-            approx_size="8 MB",
+            approx_size="18 MB",
         ),
         BuiltinModel(
             name="tiny-sdxl",
@@ -172,7 +172,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             scheduler_class="EulerDiscreteScheduler",
             scheduler={**SD_SCHEDULER, "interpolation_type": "linear", "timestep_spacing": "leading"},
             seed=3,
-            approx_size="15 MB",
+            approx_size="31 MB",
             extra_index={"force_zeros_for_empty_prompt": True},
         ),
         BuiltinModel(
