@@ -37,6 +37,11 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def _names(values: list[str] | None) -> list[str] | None:
+    """Repeated and comma-separated option values as one list (None when empty)."""
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()] or None
+
+
 def _step_printer(verb: str):
     def on_step(name: str, event: str, detail: dict[str, Any]) -> None:
         if event == "start":
@@ -112,7 +117,7 @@ def export(
     from diffship.exporters.pipeline import export_pipeline
     from diffship.models.source import resolve
 
-    wanted = [c.strip() for item in components or [] for c in item.split(",") if c.strip()] or None
+    wanted = _names(components)
     try:
         source = resolve(model, allow_pickle=allow_pickle)
         console.print(f"Exporting [bold]{model}[/] to {out_dir} (ONNX opset {opset})")
@@ -132,9 +137,9 @@ def validate(
     json_out: Annotated[bool, typer.Option("--json", help="Also print the parity report as JSON.")] = False,
 ) -> None:
     """Compare each exported component with PyTorch at two batch sizes and resolutions; write parity.json."""
-    from diffship.validation.parity import PARITY_FILE, validate_folder
+    from diffship.validation.parity import PARITY_FILE, Tolerance, validate_folder, within
 
-    wanted = [c.strip() for item in components or [] for c in item.split(",") if c.strip()] or None
+    wanted = _names(components)
     try:
         report = validate_folder(folder, target, wanted, allow_pickle=allow_pickle, on_step=_step_printer("check"))
     except DiffshipError as exc:
@@ -147,7 +152,7 @@ def validate(
     for name, result in report["components"].items():
         for case in result["cases"]:
             for output, m in case["outputs"].items():
-                ok = m["finite"] and m["cosine"] >= tol["min_cosine"] and m["rel_l2"] <= tol["max_rel_l2"]
+                ok = within(m, Tolerance(**tol))
                 table.add_row(name, str(case["batch"]), f"{case['height']}x{case['width']}", output,
                               f"{m['max_abs']:.2e}", f"{m['mean_abs']:.2e}", f"{m['rel_l2']:.2e}", f"{m['cosine']:.7f}",
                               "[green]ok[/]" if ok else "[bold red]FAIL[/]")
