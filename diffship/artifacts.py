@@ -7,12 +7,14 @@ folders are built under a hidden temporary name in the same directory and rename
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +30,23 @@ def _umask_mode(mode: int) -> int:
     return mode & ~umask
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes 0600; finished files get the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -55,6 +62,11 @@ def staged_dir(final: Path) -> Iterator[Path]:
     `prepare_output_dir` allowed to be replaced) is swapped out only after the new one is complete.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A killed run (SIGKILL, power loss) leaves its staging folder behind; it never counts as output, and the
+    # next run for the same path clears it. Two runs writing the same path at once are not supported.
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700
@@ -141,3 +153,61 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if manifest.get("schema") != MANIFEST_SCHEMA:
         raise DiffshipError(f"{path} has manifest schema {manifest.get('schema')!r}; this diffship reads {MANIFEST_SCHEMA}.")
     return manifest
+
+
+def verify_files(root: Path, entries: list[dict[str, Any]]) -> None:
+    """Refuse a folder whose files differ from what its manifest recorded (size, then sha256)."""
+    for entry in entries:
+        path = root / entry["path"]
+        if not path.is_file():
+            raise DiffshipError(f"{path} is listed in {root / MANIFEST_NAME} but missing; the artifact folder is incomplete.")
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise DiffshipError(
+                f"{path} does not match the sha256 recorded in {root / MANIFEST_NAME}: it was modified or "
+                "corrupted after the build. Refusing to run it; rebuild the artifacts."
+            )
+
+
+@dataclass(frozen=True)
+class ArtifactSet:
+    """One deployable set: the pipeline folder (tokenizers, scheduler, configs) and one artifact per component."""
+
+    root: Path
+    pipeline: Path
+    target: str
+    precision: str
+    components: dict[str, Path]
+    shapes: dict[str, list[int]] | None  # {"batch": [min, max], "height": [...], "width": [...]}; None: any
+    status: str  # "passed", "failed", or "unvalidated"
+
+
+def artifact_sets(folder: Path) -> dict[str, dict[str, Any]]:
+    """The artifact sets a build folder's manifest lists, by key (`onnxruntime-fp32`); an export folder has one."""
+    manifest = read_manifest(folder)
+    if manifest.get("kind") == "build":
+        return manifest["artifacts"]
+    return {"onnxruntime-fp32": {"target": "onnxruntime", "precision": "fp32", "pipeline": ".", "status": "unvalidated",
+                                 "components": {c: {"path": f"{c}/model.onnx", "files": e["files"]}
+                                                for c, e in manifest["components"].items()},
+                                 "pipeline_files": manifest.get("pipeline_files", [])}}
+
+
+def open_artifacts(folder: Path, target: str | None = None, precision: str | None = None,
+                   verify: bool = True) -> ArtifactSet:
+    """Pick one artifact set from a build or export folder, checking its files against the manifest's hashes."""
+    folder = folder.resolve()
+    sets = artifact_sets(folder)
+    matching = {k: s for k, s in sets.items()
+                if (target is None or s["target"] == target) and (precision is None or s["precision"] == precision)}
+    if not matching:
+        have = ", ".join(f"{s['target']} {s['precision']}" for s in sets.values())
+        raise DiffshipError(f"{folder} has no {target or ''} {precision or ''} artifacts; it has: {have}.")
+    key = next(iter(matching))
+    chosen = matching[key]
+    if verify:
+        verify_files(folder, [f for c in chosen["components"].values() for f in c["files"]]
+                     + chosen.get("pipeline_files", []))
+    pipeline = folder / chosen["pipeline"]
+    return ArtifactSet(folder, pipeline, chosen["target"], chosen["precision"],
+                       {c: folder / e["path"] for c, e in chosen["components"].items()},
+                       read_manifest(folder).get("shapes"), chosen.get("status", "unvalidated"))

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from diffship import __version__
@@ -25,7 +26,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _fail(exc: DiffshipError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")
     return typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -163,6 +164,89 @@ def validate(
     out.print(f"{verdict}; report written to {Path(folder) / PARITY_FILE}")
     if not report["passed"]:
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def build(
+    recipe_file: Annotated[Path | None, typer.Argument(metavar="[RECIPE.toml]", help="Build recipe (TOML).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Override the recipe's model.")] = None,
+    targets: Annotated[list[str] | None, typer.Option(
+        "--targets", "-t", help="Override the recipe's targets: name[:precision+precision], comma-separated.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: out/<model>).")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild every stage, ignoring the cache.")] = False,
+) -> None:
+    """Export, compile and validate a pipeline for every target; write artifacts, manifest.json and a report."""
+    from diffship.build import build as run_build
+    from diffship.recipe import load_recipe, targets_from_cli
+
+    try:
+        wanted = _names(targets)
+        recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None})
+        out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
+        console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
+        result = run_build(recipe, out_path, force=force, say=lambda line: console.print(line, markup=False, highlight=False))
+    except DiffshipError as exc:
+        raise _fail(exc) from None
+    _print_summary(result.report)
+    if result.all_cached:
+        out.print("Nothing was rebuilt: every stage's inputs were unchanged, so its cached result was reused (--force rebuilds).")
+    report_html = result.out / result.manifest["report"]["html"]
+    verdict = "[green]build passed[/]" if result.passed else "[bold red]build FAILED validation[/]"
+    out.print(f"{verdict}; artifacts and manifest.json in {result.out}; report: {report_html}")
+    if not result.passed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    from diffship.validation.report import summary_table
+
+    title, columns, rows = summary_table(report)
+    table = Table(title=f"{title}: {report['model']['spec']} vs {report['baseline']['note']}")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("artifacts", "verdict", "results") else "right")
+    for row in rows:
+        table.add_row(*[("[bold red]FAIL[/]" if c == "FAIL" else "[green]pass[/]" if c == "pass" else c) for c in row])
+    out.print(table)
+
+
+@app.command()
+def generate(
+    folder: Annotated[Path, typer.Argument(help="A build or export folder.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw.")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="PNG to write (several images: name-<i>.png).")] = Path(
+        "image.png"),
+    backend: Annotated[str | None, typer.Option(help="Which artifacts to run (target name); default: the first.")] = None,
+    precision: Annotated[str | None, typer.Option(help="Which precision of that target.")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", "-n")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 7.5,
+    seed: Annotated[int, typer.Option(help="Seed of the initial latents (same as diffusers' CPU generator).")] = 0,
+    batch: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
+    height: Annotated[int | None, typer.Option(help="Pixels (default: the model's native size).")] = None,
+    width: Annotated[int | None, typer.Option(help="Pixels (default: the model's native size).")] = None,
+) -> None:
+    """Generate images with a folder of deployed artifacts (hashes checked against its manifest first)."""
+    from rich.progress import Progress
+
+    from diffship.runtime.pipeline import DeployedPipeline, save_images
+
+    try:
+        if out_file.suffix.lower() != ".png":
+            raise DiffshipError(f"--out {out_file} must be a .png file.")
+        pipe = DeployedPipeline.load(folder, backend, precision)
+        h, w = height or pipe.native_resolution[0], width or pipe.native_resolution[1]
+        pipe.check_request(batch, h, w)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"{pipe.artifacts.target} {pipe.artifacts.precision}", total=steps)
+            result = pipe(prompt, negative_prompt, h, w, steps, guidance_scale, seed, batch,
+                          on_step=lambda i, n: progress.update(task, completed=i, total=n))
+        paths = save_images(result.images, out_file)
+    except DiffshipError as exc:
+        raise _fail(exc) from None
+    t = result.timings
+    steps_ms = 1000 * sum(t["steps"]) / max(len(t["steps"]), 1)
+    out.print(f"Wrote {', '.join(map(str, paths))} ({pipe.artifacts.target} {pipe.artifacts.precision}, {h}x{w}): "
+              f"{t['total']:.2f} s total, {steps_ms:.1f} ms per step")
 
 
 def run() -> None:

@@ -53,3 +53,25 @@ def model_copy(tmp_path: Path, model_cache: Path):
         return dst
 
     return get
+
+
+FAST_VALIDATION = {"prompts": ["a red bicycle"], "seeds": [0], "steps": 2, "latency": {"enabled": False}}
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+    """built(name) -> a `diffship build` output folder of built-in `name` (fast validation, once per session)."""
+    from diffship.build import build
+    from diffship.recipe import parse_recipe
+
+    done: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in done:
+            out = tmp_path_factory.mktemp("build") / name
+            recipe = parse_recipe({"model": name, "shapes": {"batch": [1, 2], "height": [64, 128], "width": [64, 128]},
+                                   "validation": FAST_VALIDATION})
+            done[name] = build(recipe, out)
+        return done[name]
+
+    return get

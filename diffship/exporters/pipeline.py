@@ -14,7 +14,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,33 @@ def select_specs(folder: Path, components: list[str] | None) -> list[ComponentSp
     return [s for s in specs if s.name in components]
 
 
+class ModuleLoader:
+    """Loads pipeline modules on demand, keeping only the latest one in memory (full-size UNets are GBs)."""
+
+    def __init__(self, folder: Path, allow_pickle: bool):
+        self.folder, self.allow_pickle = folder, allow_pickle
+        self.loaded: dict[str, torch.nn.Module] = {}
+
+    def __call__(self, module: str) -> torch.nn.Module:
+        if module not in self.loaded:
+            self.loaded.clear()
+            gc.collect()
+            self.loaded[module] = load_component(self.folder, module, self.allow_pickle)
+        return self.loaded[module]
+
+
+def export_one(source: ModelSource, spec: ComponentSpec, dest: Path, opset: int, modules: ModuleLoader) -> None:
+    """Export one component into `dest` (model.onnx, external data if any, and its config.json)."""
+    export_component(spec, wrap(spec, modules(spec.module)), dest, opset,
+                     metadata={"diffship.version": __version__, "diffship.source": source.spec})
+    shutil.copy2(source.folder / spec.module / "config.json", dest / "config.json")
+
+
+def component_entry(root: Path, folder: Path, seconds: float) -> dict[str, Any]:
+    """The manifest entry of an exported component folder: files with hashes, inputs and outputs."""
+    return {"seconds": round(seconds, 2), "files": file_entries(root, folder), **onnx_io(folder / "model.onnx")}
+
+
 def export_pipeline(source: ModelSource, out: Path, components: list[str] | None = None, opset: int = DEFAULT_OPSET,
                     overwrite: bool = False, allow_pickle: bool = False,
                     on_step: StepCallback | None = None) -> dict[str, Any]:
@@ -65,29 +92,30 @@ def export_pipeline(source: ModelSource, out: Path, components: list[str] | None
     step = on_step or (lambda *_: None)
     out = out.resolve()
     prepare_output_dir(out, overwrite)
-    family = detect_family(source.folder)
     specs = select_specs(source.folder, components)
     entries: dict[str, Any] = {}
     with staged_dir(out) as tmp:
-        loaded: dict[str, torch.nn.Module] = {}
+        modules = ModuleLoader(source.folder, allow_pickle)
         for i, spec in enumerate(specs):
             step(spec.name, "start", {"index": i + 1, "total": len(specs)})
             started = time.perf_counter()
-            if spec.module not in loaded:
-                loaded = {spec.module: load_component(source.folder, spec.module, allow_pickle)}
-                gc.collect()
-            export_component(spec, wrap(spec, loaded[spec.module]), tmp / spec.name, opset,
-                             metadata={"diffship.version": __version__, "diffship.source": source.spec})
-            shutil.copy2(source.folder / spec.module / "config.json", tmp / spec.name / "config.json")
-            seconds = time.perf_counter() - started
-            files = file_entries(tmp, tmp / spec.name)
-            entries[spec.name] = {"seconds": round(seconds, 2), "files": files, **onnx_io(tmp / spec.name / "model.onnx")}
-            step(spec.name, "done", {"seconds": seconds, "bytes": sum(f["bytes"] for f in files)})
-        loaded.clear()
-        _copy_pipeline_files(source.folder, tmp, family.tokenizers)
-        _write_model_index(source.folder, tmp, family.name, [s.name for s in specs], family.tokenizers)
-        manifest = _manifest(source, family.name, prediction_type(source.folder), opset, entries, tmp)
-        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+            export_one(source, spec, tmp / spec.name, opset, modules)
+            entries[spec.name] = component_entry(tmp, tmp / spec.name, time.perf_counter() - started)
+            step(spec.name, "done", {"seconds": entries[spec.name]["seconds"],
+                                     "bytes": sum(f["bytes"] for f in entries[spec.name]["files"])})
+        modules.loaded.clear()
+        manifest = finish_pipeline_folder(source, tmp, specs, opset, entries)
+    return manifest
+
+
+def finish_pipeline_folder(source: ModelSource, root: Path, specs: list[ComponentSpec], opset: int,
+                           entries: dict[str, Any]) -> dict[str, Any]:
+    """Add tokenizers, scheduler, model_index.json and manifest.json beside the exported components."""
+    family = detect_family(source.folder)
+    _copy_pipeline_files(source.folder, root, family.tokenizers)
+    _write_model_index(source.folder, root, family.name, [s.name for s in specs], family.tokenizers)
+    manifest = _manifest(source, family.name, prediction_type(source.folder), opset, entries, root)
+    atomic_write_json(root / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -116,7 +144,7 @@ def _manifest(source: ModelSource, family: str, prediction: str, opset: int, com
     return {
         "schema": MANIFEST_SCHEMA,
         "tool": {"name": "diffship", "version": __version__},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": {"model": source.spec, "kind": source.kind, "folder": str(source.folder), "family": family,
                    "prediction_type": prediction},
         "export": {"format": "onnx", "opset": opset, "exporter": "torch.onnx.export (TorchScript, dynamo=False)",

@@ -3,18 +3,46 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from dataclasses import dataclass
 from types import ModuleType
 
 from diffship.errors import DiffshipError
 
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """Where a target lives, the package it needs, and the extra that installs that package."""
+
+    module: str
+    requires: str
+    extra: str | None
+
+
 # A new target is one module plus one line here.
 TARGETS = {
-    "onnxruntime": "diffship.targets.onnxruntime",
+    "onnxruntime": TargetInfo("diffship.targets.onnxruntime", "onnxruntime", None),
+    "openvino": TargetInfo("diffship.targets.openvino", "openvino", "openvino"),
+    "tensorrt": TargetInfo("diffship.targets.tensorrt", "tensorrt", "tensorrt"),
+    "coreml": TargetInfo("diffship.targets.coreml", "coremltools", "coreml"),
 }
+
+
+def check_available(name: str) -> TargetInfo:
+    """Fail with what to install when target `name` is unknown, its package is missing, or it is not built yet."""
+    if name not in TARGETS:
+        raise DiffshipError(f"Unknown target {name!r}; available: {', '.join(TARGETS)}.")
+    info = TARGETS[name]
+    if importlib.util.find_spec(info.requires) is None:
+        raise DiffshipError(
+            f"Target {name!r} needs the {info.requires!r} package, which is not installed: "
+            f"pip install 'diffship[{info.extra}]'."
+        )
+    if importlib.util.find_spec(info.module) is None:
+        raise DiffshipError(f"Target {name!r} is planned but not implemented in this version of diffship.")
+    return info
 
 
 def get_target(name: str) -> ModuleType:
     """The module implementing target `name`, imported on first use (backends are optional extras)."""
-    if name not in TARGETS:
-        raise DiffshipError(f"Unknown target {name!r}; available: {', '.join(TARGETS)}.")
-    return importlib.import_module(TARGETS[name])
+    return importlib.import_module(check_available(name).module)

@@ -6,8 +6,9 @@ the Runner reports the providers the session actually uses, so a silent CPU fall
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -32,6 +33,18 @@ class OrtOptions:
     graph_optimization: str = "all"
     intra_op_threads: int = 0
     extra: dict[str, str] = field(default_factory=dict)
+
+
+def parse_options(options: dict[str, Any]) -> OrtOptions:
+    """The recipe's `[targets.options]` for ONNX Runtime, with unknown keys named."""
+    known = {f.name for f in fields(OrtOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise DiffshipError(f"Unknown ONNX Runtime option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+    values = dict(options)
+    if values.get("providers") is not None:
+        values["providers"] = tuple(values["providers"])
+    return OrtOptions(**values)
 
 
 def default_providers() -> tuple[str, ...]:

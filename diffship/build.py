@@ -1,0 +1,337 @@
+"""Run the stages for a recipe: export -> compile -> validate -> report -> manifest, each stage cached.
+
+The output folder is assembled under a hidden temporary name and renamed into place at the end, so
+an interrupted build leaves the previous output (or nothing) where a finished one would be. A
+build whose artifacts fail validation still writes its folder, report and manifest (marked failed).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffship import __version__, cache
+from diffship.artifacts import (
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA,
+    ArtifactSet,
+    atomic_write_json,
+    file_entries,
+    prepare_output_dir,
+    staged_dir,
+)
+from diffship.errors import DiffshipError
+from diffship.exporters.pipeline import ModuleLoader, component_entry, export_one, finish_pipeline_folder, select_specs
+from diffship.models.components import ComponentSpec
+from diffship.models.family import component_config, detect_family, prediction_type
+from diffship.models.source import ModelSource, resolve
+from diffship.recipe import Recipe
+from diffship.targets import check_available, get_target
+from diffship.validation.parity import Case
+from diffship.validation.report import write_report
+from diffship.validation.suite import Plan
+
+Say = Callable[[str], None]
+EXPORT_FOLDER = "onnx"
+REPORT_FOLDER = "report"
+REPORT_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """Where the build went, what it recorded, and whether every artifact passed."""
+
+    out: Path
+    manifest: dict[str, Any]
+    report: dict[str, Any]
+    passed: bool
+    all_cached: bool
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of everything an artifact's bytes or numbers depend on."""
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "diffship": __version__, "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def check_targets(recipe: Recipe) -> None:
+    """Every target installed and every precision offered, before any work starts."""
+    for target in recipe.targets:
+        check_available(target.name)
+        offered = get_target(target.name).PRECISIONS
+        unknown = [p for p in target.precisions if p not in offered]
+        if unknown:
+            raise DiffshipError(f"Target {target.name!r} cannot build {', '.join(unknown)} yet; it offers {', '.join(offered)}.")
+
+
+def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict[str, list[int]], Plan]:
+    """The shape ranges to record, and the resolution and parity cases validation uses (model defaults filled in)."""
+    multiple = spec.vae_scale * 8
+    native = component_config(folder, "unet").get("sample_size", 64) * spec.vae_scale
+    shapes: dict[str, list[int]] = {"batch": list(recipe.shapes.batch)}
+    for side in ("height", "width"):
+        low, high = getattr(recipe.shapes, side) or (multiple, 2 * native)
+        for value in (low, high):
+            if value % multiple:
+                raise DiffshipError(f"shapes.{side} {value} is not a multiple of {multiple} pixels, which this model needs.")
+        shapes[side] = [low, high]
+    if shapes["batch"][0] > 1:
+        raise DiffshipError("Validation generates one image per prompt and seed: shapes.batch must include 1.")
+    v = recipe.validation
+    height, width = v.height or native, v.width or native
+    for side, value in (("height", height), ("width", width)):
+        low, high = shapes[side]
+        if value % multiple or not low <= value <= high:
+            raise DiffshipError(
+                f"Validation {side} {value} must be a multiple of {multiple} within shapes.{side} [{low}, {high}].")
+    if v.parity_cases:
+        cases = tuple(Case(c.batch, c.height, c.width) for c in v.parity_cases)
+        for c in cases:
+            spec.axis_sizes(c.batch, c.height, c.width)  # raises on a resolution the model cannot take
+    else:
+        first = Case(shapes["batch"][0], height, width)
+        second = Case(min(2, shapes["batch"][1]), shapes["height"][0], shapes["width"][0])
+        cases = (first,) if second == first else (first, second)
+    return shapes, Plan(height, width, cases, v, recipe.threshold("fp32"))
+
+
+def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None) -> BuildResult:
+    """Build, validate and report every target of `recipe` into `out`."""
+    say = say or (lambda _: None)
+    started = time.perf_counter()
+    check_targets(recipe)
+    out = out.resolve()
+    prepare_output_dir(out, overwrite=True)
+    source = resolve(recipe.model, allow_pickle=recipe.allow_pickle)
+    family = detect_family(source.folder)
+    specs = select_specs(source.folder, recipe.components)
+    shapes, plan = plan_shapes(recipe, specs[0], source.folder)
+    versions = library_versions()
+    say(f"Hashing {source.spec} ({family.title}) ...")
+    module_hashes = {m: cache.folder_hash(source.folder / m)
+                     for m in sorted({s.module for s in specs} | set(family.tokenizers) | {"scheduler"})}
+    hits: dict[str, bool] = {}
+
+    with staged_dir(out) as tmp:
+        export_dir = tmp / EXPORT_FOLDER
+        entries = _export_stage(source, family.name, specs, recipe.export.opset, recipe.allow_pickle, module_hashes,
+                                versions, export_dir, force, hits, say)
+        finish_pipeline_folder(source, export_dir, specs, recipe.export.opset, entries)
+        pipeline_files = _pipeline_files(tmp, export_dir, entries)
+        sets = _compile_stage(recipe, tmp, export_dir, entries, shapes, say)
+        results, pairs = _validate_stage(recipe, source, specs, sets, plan, module_hashes, versions, pipeline_files,
+                                         force, hits, say)
+        passed = all(r["passed"] for r in results.values())
+        all_cached = all(hits.values())
+        report = _report_data(recipe, source, family.title, module_hashes, plan, shapes, entries, results, hits,
+                              versions, passed, time.perf_counter() - started)
+        say("Writing the report ...")
+        written = write_report(report, pairs, tmp / REPORT_FOLDER)
+        manifest = _manifest(recipe, source, family.name, module_hashes, versions, shapes, sets, results, pipeline_files,
+                             hits, {k: p.relative_to(tmp).as_posix() for k, p in written.items()}, passed)
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    return BuildResult(out, manifest, report, passed, all_cached)
+
+
+def _export_stage(source: ModelSource, family: str, specs: list[ComponentSpec], opset: int, allow_pickle: bool,
+                  module_hashes: dict[str, str], versions: dict[str, str], export_dir: Path, force: bool,
+                  hits: dict[str, bool], say: Say) -> dict[str, Any]:
+    modules = ModuleLoader(source.folder, allow_pickle)
+    entries: dict[str, Any] = {}
+    for i, spec in enumerate(specs):
+        entry_key = cache.key(stage="export", component=spec.name, family=family, weights=module_hashes[spec.module],
+                              opset=opset, **{k: versions[k] for k in ("diffship", "torch", "onnx", "diffusers",
+                                                                        "transformers")})
+        prefix = f"[export {i + 1}/{len(specs)}] {spec.name}"
+        entry = None if force else cache.lookup("export", entry_key)
+        if entry is not None:
+            cache.link_tree(entry, export_dir / spec.name)
+            recorded = cache.read_entry(entry)
+            entries[spec.name] = component_entry(export_dir.parent, export_dir / spec.name, recorded["seconds"])
+            if [f["sha256"] for f in entries[spec.name]["files"]] == recorded["sha256"]:
+                hits[f"export:{spec.name}"] = True
+                say(f"{prefix}: cached (no work)")
+                continue
+            say(f"{prefix}: cache entry does not match its record; exporting again")
+            cache.evict("export", entry_key)
+            for path in (export_dir / spec.name).iterdir():
+                path.unlink()
+        say(f"{prefix}: exporting ...")
+        began = time.perf_counter()
+        with cache.store("export", entry_key) as (staging, info):
+            export_one(source, spec, staging, opset, modules)
+            seconds = time.perf_counter() - began
+            info |= {"component": spec.name, "seconds": round(seconds, 2),
+                     "sha256": [f["sha256"] for f in file_entries(staging, staging)]}
+        cache.link_tree(cache.lookup("export", entry_key), export_dir / spec.name)
+        entries[spec.name] = component_entry(export_dir.parent, export_dir / spec.name, seconds)
+        hits[f"export:{spec.name}"] = False
+        size = sum(f["bytes"] for f in entries[spec.name]["files"])
+        say(f"{prefix}: done, {size / 2**20:.1f} MiB in {seconds:.1f} s")
+    modules.loaded.clear()
+    return entries
+
+
+def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, entries: dict[str, Any], shapes: dict[str, list[int]],
+                   say: Say) -> dict[str, tuple[ArtifactSet, Any, dict[str, Any]]]:
+    """One artifact set per target and precision: (the set, the target's options, its manifest entry)."""
+    sets = {}
+    for target in recipe.targets:
+        backend = get_target(target.name)
+        options = backend.parse_options(target.options)
+        for precision in target.precisions:
+            set_key = f"{target.name}-{precision}"
+            components: dict[str, Path] = {}
+            recorded: dict[str, Any] = {}
+            say(f"[compile {set_key}] {', '.join(entries)}")
+            for name in entries:
+                artifact = backend.compile(export_dir / name / "model.onnx", precision, options)
+                components[name] = artifact
+                files = file_entries(root, artifact.parent)
+                recorded[name] = {"path": artifact.relative_to(root).as_posix(), "precision": precision, "files": files,
+                                  "inputs": entries[name]["inputs"], "outputs": entries[name]["outputs"]}
+            artifact_set = ArtifactSet(root, export_dir, target.name, precision, components, shapes, "unvalidated")
+            sets[set_key] = (artifact_set, options, {"target": target.name, "precision": precision,
+                                                      "pipeline": export_dir.relative_to(root).as_posix(),
+                                                      "components": recorded})
+    return sets
+
+
+def _pipeline_files(root: Path, export_dir: Path, components: dict[str, Any]) -> list[dict[str, Any]]:
+    files = [e for name in sorted(p.name for p in export_dir.iterdir() if p.is_dir() and p.name not in components)
+             for e in file_entries(root, export_dir / name)]
+    index = export_dir / "model_index.json"
+    return [*files, {"path": index.relative_to(root).as_posix(), "bytes": index.stat().st_size,
+                     "sha256": cache.sha256_file(index)}]
+
+
+def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpec],
+                    sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]], plan: Plan, module_hashes: dict[str, str],
+                    versions: dict[str, str], pipeline_files: list[dict[str, Any]], force: bool, hits: dict[str, bool],
+                    say: Say) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    from diffship.validation.baseline import baseline_device
+    from diffship.validation.suite import validate_set
+
+    pipe = None
+    results: dict[str, Any] = {}
+    pairs: dict[str, list[dict[str, Any]]] = {}
+    device, dtype = baseline_device()
+    for set_key, (artifact_set, options, recorded) in sets.items():
+        set_plan = replace(plan, threshold=recipe.threshold(artifact_set.precision))
+        entry_key = cache.key(
+            stage="validate", artifacts={c: [f["sha256"] for f in e["files"]] for c, e in recorded["components"].items()},
+            pipeline=[f["sha256"] for f in pipeline_files], options=repr(options),
+            validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(),
+            resolution=[plan.height, plan.width], cases=[asdict(c) for c in plan.cases], weights=module_hashes,
+            baseline=[device, str(dtype)], versions=versions)
+        entry = None if force else cache.lookup("validate", entry_key)
+        if entry is not None:
+            result = json.loads((entry / "result.json").read_text(encoding="utf-8"))
+            images = np.load(entry / "images.npz")
+            set_pairs = [{"baseline": images["baseline"][i], "target": images["target"][i], **sample}
+                         for i, sample in enumerate(result["e2e"]["samples"])]
+            hits[f"validate:{set_key}"] = True
+            say(f"[validate {set_key}] cached (no work): results of {cache.read_entry(entry)['created']}")
+        else:
+            if pipe is None:
+                from diffship.validation.baseline import load_baseline
+
+                say(f"Loading the PyTorch baseline ({device}, {str(dtype).removeprefix('torch.')}) ...")
+                pipe = load_baseline(source.folder, recipe.allow_pickle, device, dtype)
+            result, set_pairs = validate_set(artifact_set, specs, pipe, source.folder, set_plan, options,
+                                             recipe.allow_pickle, say)
+            with cache.store("validate", entry_key) as (staging, info):
+                (staging / "result.json").write_text(json.dumps(result), encoding="utf-8")
+                np.savez_compressed(staging / "images.npz", baseline=np.stack([p["baseline"] for p in set_pairs]),
+                                    target=np.stack([p["target"] for p in set_pairs]))
+                info |= {"set": set_key, "created": datetime.now(UTC).isoformat(timespec="seconds")}
+            hits[f"validate:{set_key}"] = False
+        results[set_key] = {**result, "cached": hits[f"validate:{set_key}"]}
+        pairs[set_key] = set_pairs
+        verdict = "passed" if result["passed"] else "FAILED"
+        say(f"[validate {set_key}] {verdict}")
+    return results, pairs
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import psutil
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": psutil.cpu_count(logical=True), "memory_bytes": psutil.virtual_memory().total}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _report_data(recipe: Recipe, source: ModelSource, family: str, module_hashes: dict[str, str], plan: Plan,
+                 shapes: dict[str, list[int]], entries: dict[str, Any], results: dict[str, Any], hits: dict[str, bool],
+                 versions: dict[str, str], passed: bool, seconds: float) -> dict[str, Any]:
+    from diffship.validation.baseline import baseline_device, describe
+
+    return {
+        "schema": REPORT_SCHEMA,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {"spec": source.spec, "kind": source.kind, "family": family, "sha256": cache.key(**module_hashes)},
+        "baseline": describe(*baseline_device()),
+        "machine": machine(),
+        "versions": versions,
+        "recipe": recipe.model_dump(mode="json"),
+        "validation": {"height": plan.height, "width": plan.width, "steps": plan.validation.steps,
+                       "guidance_scale": plan.validation.guidance_scale,
+                       "parity_cases": [asdict(c) for c in plan.cases]},
+        "shapes": shapes,
+        "export": {c: {"seconds": e["seconds"], "bytes": sum(f["bytes"] for f in e["files"]),
+                       "cached": hits[f"export:{c}"]} for c, e in entries.items()},
+        "sets": results,
+        "cache": {"hits": sum(hits.values()), "misses": len(hits) - sum(hits.values())},
+        "build_seconds": round(seconds, 2),
+        "passed": passed,
+    }
+
+
+def _manifest(recipe: Recipe, source: ModelSource, family: str, module_hashes: dict[str, str], versions: dict[str, str],
+              shapes: dict[str, list[int]], sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]],
+              results: dict[str, Any], pipeline_files: list[dict[str, Any]], hits: dict[str, bool],
+              report_files: dict[str, str], passed: bool) -> dict[str, Any]:
+    artifacts = {}
+    for set_key, (_, _, recorded) in sets.items():
+        r = results[set_key]
+        artifacts[set_key] = {
+            **recorded, "pipeline_files": pipeline_files, "status": "passed" if r["passed"] else "failed",
+            "validation": {"parity_passed": r["parity"]["passed"], "e2e_passed": r["e2e"]["passed"],
+                           "min_psnr_db": r["e2e"]["min_psnr_db"], "min_ssim": r["e2e"]["min_ssim"],
+                           "identical_images": r["e2e"]["identical"], "images": r["e2e"]["images"]},
+        }
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "kind": "build",
+        "tool": {"name": "diffship", "version": __version__},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": {"model": source.spec, "kind": source.kind, "folder": str(source.folder), "family": family,
+                   "prediction_type": prediction_type(source.folder), "sha256": cache.key(**module_hashes),
+                   "modules": module_hashes},
+        "recipe": recipe.model_dump(mode="json"),
+        "versions": versions,
+        "shapes": shapes,
+        "artifacts": artifacts,
+        "cache": {k: "hit" if v else "miss" for k, v in hits.items()},
+        "report": report_files,
+        "passed": passed,
+    }

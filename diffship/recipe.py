@@ -1,0 +1,212 @@
+"""The build recipe: which model, which targets and precisions, which shapes, how to validate.
+
+A recipe is a TOML file validated by pydantic (unknown keys and wrong types are errors, not
+warnings), or the defaults plus command-line overrides. Everything the build does is decided here,
+so the recipe (dumped into the manifest) is the record of how an artifact was made.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from diffship.errors import DiffshipError
+
+DEFAULT_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a watercolor painting of a lighthouse at dusk",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetRecipe(_Strict):
+    """One backend and the precisions to build for it; `options` go to the target's own options type."""
+
+    name: str
+    precisions: list[str] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExportRecipe(_Strict):
+    """How components become ONNX."""
+
+    opset: int = Field(17, ge=14, le=20)
+
+
+def _check_range(value: tuple[int, int], what: str) -> tuple[int, int]:
+    low, high = value
+    if low < 1:
+        raise ValueError(f"{what} must be at least 1, got {low}")
+    if low > high:
+        raise ValueError(f"{what} range [{low}, {high}] has min > max")
+    return value
+
+
+class ShapesRecipe(_Strict):
+    """The batch sizes and resolutions (pixels, [min, max]) the artifacts must serve; None: derived from the model."""
+
+    batch: tuple[int, int] = (1, 4)
+    height: tuple[int, int] | None = None
+    width: tuple[int, int] | None = None
+
+    @field_validator("batch")
+    @classmethod
+    def _batch(cls, value: tuple[int, int]) -> tuple[int, int]:
+        return _check_range(value, "batch")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _pixels(cls, value: tuple[int, int] | None, info: Any) -> tuple[int, int] | None:
+        if value is None:
+            return None
+        _check_range(value, info.field_name)
+        for side in value:
+            if side % 8:
+                raise ValueError(f"{info.field_name} {side} is not a multiple of 8 pixels")
+        return value
+
+
+class ParityCase(_Strict):
+    """One component-parity input: batch size and image resolution in pixels."""
+
+    batch: int = Field(ge=1)
+    height: int = Field(ge=8, multiple_of=8)
+    width: int = Field(ge=8, multiple_of=8)
+
+
+class LatencyRecipe(_Strict):
+    """The latency harness: warm-up runs, then timed runs, baseline and target interleaved."""
+
+    enabled: bool = True
+    warmup: int = Field(1, ge=0)
+    runs: int = Field(3, ge=1)
+    pipeline_runs: int = Field(2, ge=1)
+
+
+class ValidationRecipe(_Strict):
+    """End-to-end images (prompts x seeds at one resolution), component parity cases, and latency."""
+
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
+    negative_prompt: str | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    steps: int = Field(4, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0)
+    height: int | None = Field(None, ge=8, multiple_of=8)
+    width: int | None = Field(None, ge=8, multiple_of=8)
+    parity_cases: list[ParityCase] | None = None
+    latency: LatencyRecipe = Field(default_factory=LatencyRecipe)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, value: list[str]) -> list[str]:
+        if any(not p.strip() for p in value):
+            raise ValueError("prompts must not be empty strings")
+        return value
+
+
+class Threshold(_Strict):
+    """What an artifact of one precision must reach: per-output parity and per-image similarity to the baseline."""
+
+    min_cosine: float = Field(ge=-1, le=1)
+    max_rel_l2: float = Field(ge=0)
+    min_psnr: float
+    min_ssim: float = Field(ge=-1, le=1)
+
+
+DEFAULT_THRESHOLDS = {
+    "fp32": Threshold(min_cosine=0.99999, max_rel_l2=1e-4, min_psnr=40.0, min_ssim=0.98),
+    "fp16": Threshold(min_cosine=0.999, max_rel_l2=5e-2, min_psnr=30.0, min_ssim=0.9),
+    "bf16": Threshold(min_cosine=0.995, max_rel_l2=0.1, min_psnr=25.0, min_ssim=0.85),
+    "int8": Threshold(min_cosine=0.99, max_rel_l2=0.15, min_psnr=20.0, min_ssim=0.7),
+}
+
+
+class CalibrationRecipe(_Strict):
+    """Calibration for the INT8 paths: prompts run through the PyTorch pipeline, capturing the UNet's inputs."""
+
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
+    samples: int = Field(16, ge=1)
+    steps: int = Field(8, ge=1)
+
+
+class Recipe(_Strict):
+    """A whole build."""
+
+    model: str = "tiny-sd"
+    components: list[str] | None = None
+    targets: list[TargetRecipe] = Field(default_factory=lambda: [TargetRecipe(name="onnxruntime")], min_length=1)
+    export: ExportRecipe = Field(default_factory=ExportRecipe)
+    shapes: ShapesRecipe = Field(default_factory=ShapesRecipe)
+    validation: ValidationRecipe = Field(default_factory=ValidationRecipe)
+    thresholds: dict[str, Threshold] = Field(default_factory=dict)
+    calibration: CalibrationRecipe = Field(default_factory=CalibrationRecipe)
+    allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        batch_low, batch_high = self.shapes.batch
+        v = self.validation
+        for case in v.parity_cases or []:
+            if not batch_low <= case.batch <= batch_high:
+                raise ValueError(f"parity case batch {case.batch} is outside shapes.batch [{batch_low}, {batch_high}]")
+        for side in ("height", "width"):
+            allowed, wanted = getattr(self.shapes, side), getattr(v, side)
+            if allowed and wanted and not allowed[0] <= wanted <= allowed[1]:
+                raise ValueError(f"validation.{side} {wanted} is outside shapes.{side} {list(allowed)}")
+        return self
+
+    def threshold(self, precision: str) -> Threshold:
+        """The recipe's threshold for `precision`, else the default one."""
+        if precision in self.thresholds:
+            return self.thresholds[precision]
+        if precision not in DEFAULT_THRESHOLDS:
+            raise DiffshipError(f"No threshold for precision {precision!r}: add [thresholds.{precision}] to the recipe.")
+        return DEFAULT_THRESHOLDS[precision]
+
+
+def _explain(exc: ValidationError, where: str) -> DiffshipError:
+    problems = []
+    for err in exc.errors():
+        location = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        problems.append(f"{location}: {message}")
+    return DiffshipError(f"Invalid recipe {where}:\n  " + "\n  ".join(problems))
+
+
+def parse_recipe(data: dict[str, Any], where: str = "(built from options)") -> Recipe:
+    """A validated Recipe from plain data, with every problem listed in one error."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, where) from None
+
+
+def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a TOML recipe (or start from the defaults) and apply command-line overrides on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise DiffshipError(f"Recipe {path} does not exist.")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise DiffshipError(f"Recipe {path} is not valid TOML: {exc}") from exc
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    return parse_recipe(data, str(path) if path else "(built from options)")
+
+
+def targets_from_cli(values: list[str]) -> list[dict[str, Any]]:
+    """`onnxruntime:fp32,fp16` / `onnxruntime` strings as target recipes (precisions grouped per name)."""
+    grouped: dict[str, list[str]] = {}
+    for value in values:
+        name, _, precisions = value.partition(":")
+        grouped.setdefault(name.strip(), []).extend(p.strip() for p in precisions.split("+") if p.strip())
+    return [{"name": n, **({"precisions": p} if p else {})} for n, p in grouped.items()]

@@ -1,0 +1,237 @@
+"""A deployed Stable Diffusion pipeline: prompt -> image through Runners only.
+
+It mirrors diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline step for step (prompt
+encoding, classifier-free guidance, scheduler, VAE decode and post-processing), with the neural
+components replaced by whatever target the artifacts were built for. The scheduler is diffusers'
+own, loaded from the artifact folder, so epsilon and v-prediction behave exactly as in diffusers.
+Given the same initial latents (or the same seed) it reproduces the diffusers PyTorch pipeline.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffship.artifacts import ArtifactSet, atomic_write_bytes, open_artifacts
+from diffship.errors import DiffshipError
+from diffship.models.family import read_json
+from diffship.targets import get_target
+from diffship.targets.runner import Runner
+
+NEEDED = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass
+class Generation:
+    """The images (uint8, NHWC), the final latents, and where the time went."""
+
+    images: np.ndarray
+    latents: np.ndarray
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+def initial_latents(seed: int, batch: int, channels: int, latent_height: int, latent_width: int) -> torch.Tensor:
+    """The latents diffusers draws for `torch.Generator().manual_seed(seed)` on the CPU (before init_noise_sigma)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((batch, channels, latent_height, latent_width), generator=generator, dtype=torch.float32)
+
+
+def to_uint8(decoded: np.ndarray) -> np.ndarray:
+    """VAE output in [-1, 1], NCHW -> uint8 NHWC, exactly as diffusers' image processor and numpy_to_pil do."""
+    images = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    return (images * 255).round().astype(np.uint8)
+
+
+class DeployedPipeline:
+    """Text-to-image over loaded Runners, with the tokenizers, scheduler and configs from the artifact folder."""
+
+    def __init__(self, artifacts: ArtifactSet, runners: dict[str, Runner], load_seconds: dict[str, float]):
+        import diffusers
+        from transformers import CLIPTokenizer
+
+        self.artifacts, self.runners, self.load_seconds = artifacts, runners, load_seconds
+        folder = artifacts.pipeline
+        self.xl = "text_encoder_2" in runners
+        self.tokenizers = [CLIPTokenizer.from_pretrained(folder / name)
+                           for name in (("tokenizer", "tokenizer_2") if self.xl else ("tokenizer",))]
+        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+        scheduler_class = getattr(diffusers, scheduler_config["_class_name"], None)
+        if scheduler_class is None:
+            raise DiffshipError(f"Unknown scheduler {scheduler_config['_class_name']!r} in {folder / 'scheduler'}.")
+        self.scheduler = scheduler_class.from_config(scheduler_config)
+        self.unet_config = read_json(folder / "unet" / "config.json")
+        self.vae_config = read_json(folder / "vae_decoder" / "config.json")
+        self.force_zeros = bool(read_json(folder / "model_index.json").get("force_zeros_for_empty_prompt", False))
+        self.vae_scale = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
+        step = inspect.signature(self.scheduler.step).parameters
+        self.step_takes = {name for name in ("eta", "generator") if name in step}
+
+    @classmethod
+    def load(cls, folder: Path, target: str | None = None, precision: str | None = None, verify: bool = True,
+             options: Any = None) -> DeployedPipeline:
+        """Open a build or export folder, check its files against the manifest's hashes, and load it."""
+        return cls.from_artifacts(open_artifacts(folder, target, precision, verify), options)
+
+    @classmethod
+    def from_artifacts(cls, artifacts: ArtifactSet, options: Any = None) -> DeployedPipeline:
+        """Load one Runner per component the pipeline needs, timing each load."""
+        missing = [c for c in NEEDED if c not in artifacts.components]
+        if missing:
+            raise DiffshipError(f"{artifacts.root} cannot generate images: it has no {', '.join(missing)} artifact.")
+        backend = get_target(artifacts.target)
+        runners, seconds = {}, {}
+        for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+            if name in artifacts.components:
+                started = time.perf_counter()
+                runners[name] = backend.load(artifacts.components[name], options)
+                seconds[name] = time.perf_counter() - started
+        return cls(artifacts, runners, seconds)
+
+    @property
+    def native_resolution(self) -> tuple[int, int]:
+        side = self.unet_config.get("sample_size", 64) * self.vae_scale
+        return side, side
+
+    def check_request(self, batch: int, height: int, width: int) -> None:
+        """Refuse a batch or resolution the artifacts were not built for, before any work."""
+        multiple = self.vae_scale * 8
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise DiffshipError(f"Resolution {height}x{width} must be positive multiples of {multiple} pixels for this model.")
+        shapes = self.artifacts.shapes
+        if not shapes:
+            return
+        for what, value in (("batch", batch), ("height", height), ("width", width)):
+            low, high = shapes[what]
+            if not low <= value <= high:
+                raise DiffshipError(
+                    f"{what} {value} is outside the range these artifacts were built for ({low} to {high}); "
+                    "rebuild with wider [shapes] in the recipe."
+                )
+
+    # --- text ------------------------------------------------------------------------------------------
+
+    def _ids(self, tokenizer: Any, texts: list[str]) -> np.ndarray:
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="np").input_ids
+        return ids.astype(np.int32)
+
+    def encode(self, prompts: list[str], negative: list[str] | None, guidance: bool) -> dict[str, np.ndarray]:
+        """UNet conditioning for the prompts (and the negatives first, under guidance), as diffusers builds it."""
+        if not self.xl:
+            embeds = self.runners["text_encoder"].run({"input_ids": self._ids(self.tokenizers[0], prompts)})
+            cond = embeds["last_hidden_state"]
+            if guidance:
+                uncond_ids = self._ids(self.tokenizers[0], negative or [""] * len(prompts))
+                uncond = self.runners["text_encoder"].run({"input_ids": uncond_ids})["last_hidden_state"]
+                cond = np.concatenate([uncond, cond])
+            return {"encoder_hidden_states": cond}
+        cond, pooled = self._encode_xl(prompts)
+        if guidance:
+            if negative is None and self.force_zeros:
+                uncond, uncond_pooled = np.zeros_like(cond), np.zeros_like(pooled)
+            else:
+                uncond, uncond_pooled = self._encode_xl(negative or [""] * len(prompts))
+            cond, pooled = np.concatenate([uncond, cond]), np.concatenate([uncond_pooled, pooled])
+        return {"encoder_hidden_states": cond, "text_embeds": pooled}
+
+    def _encode_xl(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        # SDXL: penultimate hidden states of both encoders side by side; pooled embedding of the second.
+        first = self.runners["text_encoder"].run({"input_ids": self._ids(self.tokenizers[0], texts)})
+        second = self.runners["text_encoder_2"].run({"input_ids": self._ids(self.tokenizers[1], texts)})
+        hidden = np.concatenate([first["penultimate_hidden_state"], second["penultimate_hidden_state"]], axis=-1)
+        return hidden, second["text_embeds"]
+
+    # --- generation ------------------------------------------------------------------------------------
+
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, height: int | None = None,
+                 width: int | None = None, steps: int = 20, guidance_scale: float = 7.5, seed: int = 0, batch: int = 1,
+                 latents: torch.Tensor | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> Generation:
+        """Generate `batch` images per prompt. `latents` (before init_noise_sigma) replace the seeded draw."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise DiffshipError("No prompt given.")
+        negatives = None if negative_prompt is None else (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
+        if negatives is not None and len(negatives) != len(prompts):
+            raise DiffshipError(f"{len(negatives)} negative prompts for {len(prompts)} prompts.")
+        native_h, native_w = self.native_resolution
+        height, width = height or native_h, width or native_w
+        n = len(prompts) * batch
+        self.check_request(n, height, width)
+        if steps < 1:
+            raise DiffshipError(f"Number of steps must be at least 1, got {steps}.")
+        guidance = guidance_scale > 1.0
+        timings: dict[str, Any] = {"steps": []}
+        started = time.perf_counter()
+
+        # One prompt's embeddings repeated `batch` times consecutively, as num_images_per_prompt does.
+        repeated = [p for p in prompts for _ in range(batch)]
+        repeated_neg = None if negatives is None else [p for p in negatives for _ in range(batch)]
+        conditioning = self.encode(repeated, repeated_neg, guidance)
+        timings["text_encode"] = time.perf_counter() - started
+        if self.xl:
+            time_ids = np.array([height, width, 0, 0, height, width], dtype=np.float32)
+            conditioning["time_ids"] = np.tile(time_ids, (2 * n if guidance else n, 1))
+
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shape = (n, self.unet_config.get("in_channels", 4), height // self.vae_scale, width // self.vae_scale)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise DiffshipError(f"Latents of shape {tuple(latents.shape)} given; this request needs {shape}.")
+        self.scheduler.set_timesteps(steps)
+        latents = latents.to(torch.float32) * self.scheduler.init_noise_sigma
+        extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in self.step_takes}
+        unet = self.runners["unet"]
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            step_started = time.perf_counter()
+            model_input = torch.cat([latents] * 2) if guidance else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            feed = {"sample": model_input.numpy(), "timestep": np.full(model_input.shape[0], float(t), np.float32),
+                    **conditioning}
+            noise = torch.from_numpy(unet.run(feed)["out_sample"])
+            if guidance:
+                uncond, text = noise.chunk(2)
+                noise = uncond + guidance_scale * (text - uncond)
+            latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            timings["steps"].append(time.perf_counter() - step_started)
+            if on_step:
+                on_step(i + 1, len(timesteps))
+
+        decode_started = time.perf_counter()
+        decoded = self.runners["vae_decoder"].run({"latent_sample": self._unscale(latents).numpy()})["sample"]
+        images = to_uint8(decoded)
+        timings["decode"] = time.perf_counter() - decode_started
+        timings["total"] = time.perf_counter() - started
+        return Generation(images, latents.numpy(), timings)
+
+    def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae_config
+        scaling = config.get("scaling_factor", 0.18215)
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            mean = torch.tensor(config["latents_mean"]).view(1, -1, 1, 1)
+            std = torch.tensor(config["latents_std"]).view(1, -1, 1, 1)
+            return latents * std / scaling + mean
+        return latents / scaling
+
+
+def save_images(images: np.ndarray, out: Path) -> list[Path]:
+    """Write uint8 NHWC images as PNG: `out` itself for one image, `out-<i>.png` beside it for several."""
+    from PIL import Image
+
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))]
+    for image, path in zip(images, paths, strict=True):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        atomic_write_bytes(path, buffer.getvalue())
+    return paths

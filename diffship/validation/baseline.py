@@ -1,0 +1,109 @@
+"""The PyTorch baseline: diffusers' own pipeline over the source model, loaded strictly.
+
+PyTorch FP16 on a GPU when one is present, PyTorch FP32 on the CPU otherwise; `describe` says which,
+so the report never leaves the reader guessing what the artifacts were compared with.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffship.models.components import ComponentSpec, wrap
+from diffship.models.family import detect_family, read_json
+from diffship.models.loading import load_component
+from diffship.runtime.pipeline import Generation
+
+
+def baseline_device() -> tuple[str, torch.dtype]:
+    """CUDA in FP16 when available (the deployment baseline), else the CPU in FP32."""
+    if torch.cuda.is_available():
+        return "cuda", torch.float16
+    return "cpu", torch.float32
+
+
+def describe(device: str, dtype: torch.dtype) -> dict[str, str]:
+    """The baseline as the report names it."""
+    precision = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    return {"framework": "pytorch", "torch": torch.__version__, "device": device, "precision": precision,
+            "note": f"diffusers PyTorch pipeline, {precision.upper()} on {where}"
+                    + ("" if device == "cuda" else " (no GPU here, so the baseline is FP32 on the CPU)")}
+
+
+def load_baseline(folder: Path, allow_pickle: bool = False, device: str | None = None,
+                  dtype: torch.dtype | None = None) -> Any:
+    """diffusers' StableDiffusion(XL)Pipeline for the model in `folder`, every module loaded strictly."""
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    default_device, default_dtype = baseline_device()
+    device, dtype = device or default_device, dtype or default_dtype
+    family = detect_family(folder)
+    modules: dict[str, Any] = {name: load_component(folder, name, allow_pickle)
+                               for name in ("unet", "vae", *family.text_encoders)}
+    for name in family.tokenizers:
+        modules[name] = CLIPTokenizer.from_pretrained(folder / name)
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+    modules["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    if family.name == "sdxl":
+        index = read_json(folder / "model_index.json")
+        pipe = diffusers.StableDiffusionXLPipeline(
+            **modules, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), add_watermarker=False)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(**modules, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def run_baseline(pipe: Any, prompt: str, negative_prompt: str | None, height: int, width: int, steps: int,
+                 guidance_scale: float, seed: int, latents: torch.Tensor, batch: int = 1) -> Generation:
+    """One diffusers generation with the given initial latents, timed per step (same fields as the runtime's)."""
+    marks: list[float] = []
+
+    def on_step_end(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+        return kwargs
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, num_images_per_prompt=batch, generator=generator,
+                   latents=latents.to(pipe.device, pipe.dtype), output_type="np", callback_on_step_end=on_step_end)
+    total = time.perf_counter() - started
+    images = (np.asarray(out.images, dtype=np.float32) * 255).round().astype(np.uint8)  # as numpy_to_pil does
+    steps_s = [float(s) for s in np.diff(marks)]  # the first step's start is not observable from a callback
+    return Generation(images, np.empty(0), {"steps": steps_s, "total": total})
+
+
+def component_call(pipe: Any, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
+    """A zero-argument call of one baseline component on fixed inputs, on the baseline's device and dtype."""
+    wrapper = wrap(spec, getattr(pipe, spec.module))
+    device, dtype = pipe.device, pipe.dtype
+    args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])).to(device) for t in spec.inputs]
+    args = [a.to(dtype) if a.is_floating_point() else a for a in args]
+
+    def call() -> Any:
+        with torch.inference_mode():
+            result = wrapper(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return result
+
+    return call
+
+
+def reference_module(pipe: Any, spec: ComponentSpec, folder: Path, allow_pickle: bool) -> torch.nn.Module:
+    """The FP32 CPU wrapper component parity is measured against (the baseline's own when it is FP32 on the CPU)."""
+    if pipe.device.type == "cpu" and pipe.dtype == torch.float32:
+        return wrap(spec, getattr(pipe, spec.module))
+    return wrap(spec, load_component(folder, spec.module, allow_pickle))

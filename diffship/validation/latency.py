@@ -1,0 +1,60 @@
+"""Latency and memory: warm-up, then timed runs with baseline and target interleaved, summarized as p50 / p90 / mean.
+
+Interleaving (baseline, target, baseline, target, ...) means a slow spell of the machine hits both
+sides alike, so the speedup ratio is fairer than two back-to-back loops would give.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import psutil
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """p50, p90, mean and min of a list of durations (seconds)."""
+    values = np.asarray(times, dtype=np.float64)
+    return {"runs": len(times), "p50_s": float(np.percentile(values, 50)), "p90_s": float(np.percentile(values, 90)),
+            "mean_s": float(values.mean()), "min_s": float(values.min())}
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], warmup: int, runs: int) -> dict[str, list[float]]:
+    """Time each call `runs` times after `warmup` untimed runs, taking turns between the calls."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def speedup(baseline: dict[str, float], target: dict[str, float]) -> float:
+    """How many times faster the target's median is than the baseline's (>1: faster)."""
+    return baseline["p50_s"] / target["p50_s"] if target["p50_s"] > 0 else float("nan")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def rss_bytes() -> int:
+    """Current resident memory of this process."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_gpu_bytes() -> int | None:
+    """Peak CUDA memory allocated by torch in this process, None without a GPU."""
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None

@@ -1,0 +1,246 @@
+"""The build report: report.json (every number), report.md (tables for a pull request), report.html (tables,
+the image grid and the latency chart, embedded so the one file can be attached anywhere).
+
+The tables are built once as plain rows and rendered to both Markdown and HTML, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffship.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+DIFF_GAIN = 10  # the difference image shows |baseline - target| x this, so one-level differences are visible
+
+Table = tuple[str, list[str], list[list[str]]]
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def _psnr(value: float | None) -> str:
+    return "identical" if value is None else f"{value:.1f} dB"
+
+
+def _verdict(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    """One row per artifact set: the verdict and the numbers that decided it."""
+    rows = []
+    for key, r in report["sets"].items():
+        outputs = [m for c in r["parity"]["components"].values() for case in c["cases"] for m in case["outputs"].values()]
+        lat = r.get("latency")
+        unet = lat["components"].get("unet") if lat else None
+        rows.append([key, _verdict(r["passed"]), f"{min(m['cosine'] for m in outputs):.7f}",
+                     f"{max(m['rel_l2'] for m in outputs):.2e}", _psnr(r["e2e"]["min_psnr_db"]), f"{r['e2e']['min_ssim']:.4f}",
+                     str(r["e2e"]["max_abs_diff"]), f"{unet['speedup']:.2f}x" if unet else "-",
+                     f"{lat['pipeline']['speedup']:.2f}x" if lat else "-", "cached" if r.get("cached") else "measured"])
+    return ("Summary", ["artifacts", "verdict", "worst cosine", "worst rel L2", "min PSNR", "min SSIM", "max pixel diff",
+                        "UNet speedup", "pipeline speedup", "results"], rows)
+
+
+def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
+    """Parity, end-to-end, latency and memory tables of one artifact set."""
+    tol = r["parity"]["tolerance"]
+    parity = [[c, f"{case['batch']}", f"{case['height']}x{case['width']}", out, f"{m['cosine']:.7f}", f"{m['rel_l2']:.2e}",
+               f"{m['max_abs']:.2e}", _verdict(case["passed"])]
+              for c, result in r["parity"]["components"].items() for case in result["cases"]
+              for out, m in case["outputs"].items()]
+    tables: list[Table] = [(f"{key}: component parity (pass: cosine >= {tol['min_cosine']}, rel L2 <= {tol['max_rel_l2']})",
+                            ["component", "batch", "resolution", "output", "cosine", "rel L2", "max abs", ""], parity)]
+    th = r["e2e"]["threshold"]
+    e2e = [[s["prompt"], str(s["seed"]), _psnr(s["psnr_db"]), f"{s['ssim']:.4f}", str(s["max_abs_diff"]),
+            _verdict(s["passed"])] for s in r["e2e"]["samples"]]
+    tables.append((f"{key}: end-to-end images (pass: PSNR >= {th['min_psnr_db']} dB and SSIM >= {th['min_ssim']})",
+                   ["prompt", "seed", "PSNR", "SSIM", "max pixel diff", ""], e2e))
+    if lat := r.get("latency"):
+        rows = [[c, str(v["batch"]), _ms(v["baseline"]["p50_s"]), _ms(v["target"]["p50_s"]), _ms(v["baseline"]["p90_s"]),
+                 _ms(v["target"]["p90_s"]), f"{v['speedup']:.2f}x"] for c, v in lat["components"].items()]
+        p = lat["pipeline"]
+        if p["baseline"]["step"] and p["target"]["step"]:
+            rows.append(["denoising step (pipeline)", "2" if p["guidance"] else "1", _ms(p["baseline"]["step"]["p50_s"]),
+                         _ms(p["target"]["step"]["p50_s"]), _ms(p["baseline"]["step"]["p90_s"]),
+                         _ms(p["target"]["step"]["p90_s"]), f"{p['step_speedup']:.2f}x"])
+        rows.append([f"whole pipeline ({p['steps']} steps, {p['height']}x{p['width']})", "1",
+                     _ms(p["baseline"]["total"]["p50_s"]), _ms(p["target"]["total"]["p50_s"]),
+                     _ms(p["baseline"]["total"]["p90_s"]), _ms(p["target"]["total"]["p90_s"]), f"{p['speedup']:.2f}x"])
+        runs = next(iter(lat["components"].values()))["target"]["runs"] if lat["components"] else 0
+        tables.append((f"{key}: latency, p50 / p90 over {runs} interleaved runs (speedup = baseline p50 / target p50)",
+                       ["", "batch", "baseline p50", "target p50", "baseline p90", "target p90", "speedup"], rows))
+    mem = r["memory"]
+    rows = [[c, _mib(b), f"{mem['load_seconds'][c]:.2f} s" if c in mem["load_seconds"] else "-"]
+            for c, b in mem["artifact_bytes"].items()]
+    rows.append(["process peak resident memory", _mib(mem["peak_rss_bytes"]), ""])
+    rows.append(["resident memory added by loading the artifacts", _mib(mem["load_rss_delta_bytes"]), ""])
+    if mem.get("peak_gpu_bytes") is not None:
+        rows.append(["peak GPU memory (torch)", _mib(mem["peak_gpu_bytes"]), ""])
+    tables.append((f"{key}: memory", ["", "size", "session load"], rows))
+    return tables
+
+
+def all_tables(report: dict[str, Any]) -> list[Table]:
+    """Every table of the report, in reading order."""
+    export = [[c, _mib(e["bytes"]), "cached" if e["cached"] else f"{e['seconds']:.1f} s"] for c, e in report["export"].items()]
+    tables = [summary_table(report), ("ONNX export (opset " + str(report["recipe"]["export"]["opset"]) + ")",
+                                      ["component", "size", "export"], export)]
+    for key, r in report["sets"].items():
+        tables += set_tables(key, r)
+    return tables
+
+
+def header_lines(report: dict[str, Any]) -> list[str]:
+    """The facts a reader needs before the tables: model, baseline, machine, what was generated."""
+    m, v = report["model"], report["validation"]
+    return [
+        f"Model: {m['spec']} ({m['family']}), weights sha256 {m['sha256'][:16]}",
+        f"Baseline: {report['baseline']['note']}",
+        f"Machine: {report['machine']['processor']}, {report['machine']['cpus']} CPUs, "
+        f"{report['machine']['memory_bytes'] / 2**30:.0f} GiB"
+        + (f", {report['machine']['gpu']}" if "gpu" in report["machine"] else ""),
+        f"Images: {v['height']}x{v['width']}, {v['steps']} steps, guidance {v['guidance_scale']}",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in report["versions"].items()),
+        f"Cache: {report['cache']['hits']} stage(s) reused, {report['cache']['misses']} run; "
+        f"build took {report['build_seconds']:.1f} s",
+    ]
+
+
+def to_markdown(report: dict[str, Any], images: dict[str, str]) -> str:
+    """The report as Markdown: verdict, facts, tables, and links to the pictures."""
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    lines = [f"# diffship build report: {verdict}", ""] + [f"- {line}" for line in header_lines(report)] + [""]
+    for title, columns, rows in all_tables(report):
+        lines += [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows] + [""]
+    lines += ["## Pictures", ""] + [f"![{name}]({path})" for name, path in images.items()] + [""]
+    return "\n".join(lines)
+
+
+def to_html(report: dict[str, Any], pictures: dict[str, bytes]) -> str:
+    """The report as one self-contained HTML page (pictures embedded as data URIs)."""
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>diffship report: {verdict}</title>",
+             "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+             "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}.FAIL{color:#b00;font-weight:bold}"
+             ".pass{color:#070}img{max-width:100%;border:1px solid #ddd}h1 .v{color:"
+             + ("#070" if report["passed"] else "#b00") + "}</style></head><body>",
+             f"<h1>diffship build report: <span class='v'>{verdict}</span></h1><ul>"]
+    parts += [f"<li>{html.escape(line)}</li>" for line in header_lines(report)] + ["</ul>"]
+    for name, png in pictures.items():
+        data = base64.b64encode(png).decode()
+        parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
+    for title, columns, rows in all_tables(report):
+        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+                     + "</tr>")
+        for row in rows:
+            parts.append("<tr>" + "".join(f"<td class='{html.escape(c)}'>{html.escape(c)}</td>" if c in ("pass", "FAIL")
+                                          else f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def image_grid(key: str, pairs: list[dict[str, Any]], baseline_name: str) -> bytes:
+    """PNG: one row per sample, columns baseline | target | amplified difference, captioned with the metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(pairs)
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3.2 * rows + 0.4), squeeze=False)
+    for row, pair in zip(axes, pairs, strict=True):
+        diff = np.abs(pair["baseline"].astype(np.int16) - pair["target"].astype(np.int16))
+        amplified = np.clip(diff * DIFF_GAIN, 0, 255).astype(np.uint8)
+        metrics = "identical" if pair["identical"] else f"PSNR {pair['psnr_db']:.1f} dB, SSIM {pair['ssim']:.4f}"
+        for ax, image, title in ((row[0], pair["baseline"], baseline_name), (row[1], pair["target"], key),
+                                 (row[2], amplified, f"|difference| x{DIFF_GAIN} (max {int(diff.max())})")):
+            ax.imshow(image, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        prompt = pair["prompt"] if len(pair["prompt"]) <= 60 else pair["prompt"][:57] + "..."
+        row[0].set_ylabel(f"{prompt}\nseed {pair['seed']}: {metrics}", fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def latency_chart(report: dict[str, Any]) -> bytes | None:
+    """PNG: p50 latency of baseline and target per component, step and pipeline, one panel per artifact set."""
+    measured = {k: r["latency"] for k, r in report["sets"].items() if r.get("latency")}
+    if not measured:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(measured), figsize=(8 * len(measured), 4.2), squeeze=False)
+    for ax, (key, lat) in zip(axes[0], measured.items(), strict=True):
+        labels, base, target = [], [], []
+        for name, v in lat["components"].items():
+            labels.append(f"{name} (batch {v['batch']})")
+            base.append(v["baseline"]["p50_s"])
+            target.append(v["target"]["p50_s"])
+        p = lat["pipeline"]
+        if p["baseline"]["step"] and p["target"]["step"]:
+            labels.append("denoising step")
+            base.append(p["baseline"]["step"]["p50_s"])
+            target.append(p["target"]["step"]["p50_s"])
+        labels.append(f"pipeline ({p['steps']} steps)")
+        base.append(p["baseline"]["total"]["p50_s"])
+        target.append(p["target"]["total"]["p50_s"])
+        y = np.arange(len(labels))
+        baseline = f"baseline ({report['baseline']['precision']} {report['baseline']['device']})"
+        ax.barh(y - 0.2, np.array(base) * 1000, 0.4, label=baseline, color="#999")
+        ax.barh(y + 0.2, np.array(target) * 1000, 0.4, label=key, color="#2a7")
+        for yi, b, t in zip(y, base, target, strict=True):
+            ax.text(t * 1000, yi + 0.2, f"  {b / t:.2f}x", va="center", fontsize=8)
+        ax.set_yticks(y, labels)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("p50 latency (ms, log scale)")
+        ax.set_title(f"{key} vs baseline (label: speedup)")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(report: dict[str, Any], pairs: dict[str, list[dict[str, Any]]], folder: Path) -> dict[str, Path]:
+    """Write report.json, the PNGs, report.md and report.html into `folder`; return their paths by kind."""
+    baseline = f"baseline ({report['baseline']['precision']} {report['baseline']['device']})"
+    pictures: dict[str, bytes] = {f"images: {k}": image_grid(k, p, baseline) for k, p in pairs.items() if p}
+    if chart := latency_chart(report):
+        pictures["latency"] = chart
+    files = {}
+    for name, png in pictures.items():
+        path = folder / "images" / (name.replace("images: ", "grid-").replace(" ", "_") + ".png")
+        atomic_write_bytes(path, png)
+        files[name] = path
+    atomic_write_json(folder / "report.json", report)
+    atomic_write_text(folder / "report.md", to_markdown(report, {n: p.relative_to(folder).as_posix() for n, p in files.items()}))
+    atomic_write_text(folder / "report.html", to_html(report, pictures))
+    return {"json": folder / "report.json", "markdown": folder / "report.md", "html": folder / "report.html",
+            **{f"image:{n}": p for n, p in files.items()}}

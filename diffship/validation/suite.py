@@ -1,0 +1,140 @@
+"""Everything that decides whether one artifact set ships: component parity, end-to-end images, latency, memory.
+
+The baseline pipeline is loaded once by the caller and shared by every artifact set it validates.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffship.artifacts import ArtifactSet
+from diffship.models.components import ComponentSpec
+from diffship.recipe import Threshold, ValidationRecipe
+from diffship.runtime.pipeline import DeployedPipeline, initial_latents
+from diffship.targets import get_target
+from diffship.validation import latency
+from diffship.validation.baseline import component_call, reference_module, run_baseline
+from diffship.validation.e2e import Sample, run_e2e
+from diffship.validation.parity import Case, Tolerance, check_component
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to validate with: the resolution for images and latency, the parity cases, the recipe's settings."""
+
+    height: int
+    width: int
+    cases: tuple[Case, ...]
+    validation: ValidationRecipe
+    threshold: Threshold
+
+
+def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, source_folder: Path, plan: Plan,
+                 options: Any = None, allow_pickle: bool = False,
+                 say: Say | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Validate one artifact set against the baseline pipeline; return its results and the image pairs."""
+    say = say or (lambda _: None)
+    label = f"{artifacts.target} {artifacts.precision}"
+    rss_before = latency.rss_bytes()
+    deployed = DeployedPipeline.from_artifacts(artifacts, options)
+    backend = get_target(artifacts.target)
+    result: dict[str, Any] = {"target": artifacts.target, "precision": artifacts.precision,
+                              "runtime": {n: r.describe() for n, r in deployed.runners.items()}}
+    t = plan.threshold
+    tolerance = Tolerance(t.min_cosine, t.max_rel_l2)
+
+    parity: dict[str, Any] = {}
+    for spec in specs:
+        if spec.name not in artifacts.components:
+            continue
+        say(f"[{label}] parity {spec.name}")
+        runner = deployed.runners.get(spec.name) or backend.load(artifacts.components[spec.name], options)
+        parity[spec.name] = check_component(spec, reference_module(pipe, spec, source_folder, allow_pickle), runner,
+                                            tolerance, plan.cases)
+        say(f"      {'pass' if parity[spec.name]['passed'] else 'FAIL'} {spec.name}")
+    result["parity"] = {"tolerance": {"min_cosine": t.min_cosine, "max_rel_l2": t.max_rel_l2},
+                        "passed": all(p["passed"] for p in parity.values()), "components": parity}
+
+    v = plan.validation
+    samples = [Sample(p, seed, v.negative_prompt, plan.height, plan.width, v.steps, v.guidance_scale)
+               for p in v.prompts for seed in v.seeds]
+
+    def baseline(s: Sample, latents: Any) -> Any:
+        return run_baseline(pipe, s.prompt, s.negative_prompt, s.height, s.width, s.steps, s.guidance_scale, s.seed,
+                            latents)
+
+    say(f"[{label}] end to end: {len(samples)} image(s) at {plan.height}x{plan.width}, {v.steps} steps")
+    e2e, pairs = run_e2e(samples, baseline, deployed, t.min_psnr, t.min_ssim,
+                         lambda i, n, r: say(f"      image {i}/{n}: " + (
+                             "identical" if r["identical"] else f"PSNR {r['psnr_db']:.1f} dB, SSIM {r['ssim']:.4f}")))
+    result["e2e"] = e2e
+
+    if v.latency.enabled:
+        say(f"[{label}] latency: {v.latency.warmup} warm-up + {v.latency.runs} timed runs per component, interleaved")
+        result["latency"] = measure_latency(deployed, specs, pipe, plan, samples[0])
+    result["memory"] = {
+        "artifact_bytes": {c: sum(f.stat().st_size for f in _files_of(p)) for c, p in artifacts.components.items()},
+        "load_seconds": deployed.load_seconds,
+        "load_rss_delta_bytes": latency.rss_bytes() - rss_before,
+        "peak_rss_bytes": latency.peak_rss_bytes(),
+        "peak_gpu_bytes": latency.peak_gpu_bytes(),
+    }
+    result["passed"] = result["parity"]["passed"] and e2e["passed"]
+    del deployed
+    gc.collect()
+    return result, pairs
+
+
+def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe: Any, plan: Plan,
+                    sample: Sample) -> dict[str, Any]:
+    """Per component (text encoders, one UNet call under guidance, VAE decode) and per pipeline run, both sides."""
+    lat = plan.validation.latency
+    guided = plan.validation.guidance_scale > 1.0
+    components: dict[str, Any] = {}
+    for spec in specs:
+        if spec.name not in deployed.runners:
+            continue
+        batch = 2 if guided and spec.name == "unet" else 1
+        inputs = spec.sample_inputs(batch, plan.height, plan.width)
+        runner = deployed.runners[spec.name]
+        times = latency.interleaved({"baseline": component_call(pipe, spec, inputs),
+                                     "target": lambda r=runner, x=inputs: r.run(x)}, lat.warmup, lat.runs)
+        base, target = latency.summarize(times["baseline"]), latency.summarize(times["target"])
+        components[spec.name] = {"batch": batch, "baseline": base, "target": target,
+                                 "speedup": latency.speedup(base, target)}
+
+    channels = deployed.unet_config.get("in_channels", 4)
+    latents = initial_latents(sample.seed, 1, channels, plan.height // deployed.vae_scale, plan.width // deployed.vae_scale)
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "target": []}
+    calls = {
+        "baseline": lambda: runs["baseline"].append(run_baseline(
+            pipe, sample.prompt, sample.negative_prompt, plan.height, plan.width, sample.steps, sample.guidance_scale,
+            sample.seed, latents).timings),
+        "target": lambda: runs["target"].append(deployed(
+            sample.prompt, sample.negative_prompt, plan.height, plan.width, sample.steps, sample.guidance_scale,
+            sample.seed, latents=latents).timings),
+    }
+    totals = latency.interleaved(calls, min(lat.warmup, 1), lat.pipeline_runs)
+    pipeline: dict[str, Any] = {"steps": sample.steps, "height": plan.height, "width": plan.width,
+                                "guidance": guided}
+    for side in ("baseline", "target"):
+        timed = runs[side][-lat.pipeline_runs:]
+        step_times = [s for t in timed for s in t["steps"]]
+        pipeline[side] = {"total": latency.summarize(totals[side]),
+                          "step": latency.summarize(step_times) if step_times else None}
+    pipeline["speedup"] = latency.speedup(pipeline["baseline"]["total"], pipeline["target"]["total"])
+    if pipeline["baseline"]["step"] and pipeline["target"]["step"]:
+        pipeline["step_speedup"] = latency.speedup(pipeline["baseline"]["step"], pipeline["target"]["step"])
+    return {"components": components, "pipeline": pipeline}
+
+
+def _files_of(artifact: Path) -> list[Path]:
+    # An ONNX artifact may keep its weights in a side file (model.onnx_data) in the same folder.
+    folder = artifact.parent
+    return [p for p in folder.iterdir() if p.is_file() and p.name.startswith(artifact.stem)]

@@ -1,0 +1,191 @@
+"""`diffship build`: export -> compile -> validate -> report -> manifest, cached, with exit codes 0 / 1 / 2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from diffship.artifacts import open_artifacts
+from diffship.cli import app
+
+runner = CliRunner()
+
+RECIPE = """
+model = "tiny-sd"
+[shapes]
+batch = [1, 2]
+height = [64, 128]
+width = [64, 128]
+[validation]
+prompts = ["a red bicycle", "a bowl of fruit"]
+seeds = [0]
+steps = 3
+[validation.latency]
+warmup = 0
+runs = 2
+pipeline_runs = 1
+"""
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache of its own, so hits and misses are this test's alone."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DIFFSHIP_CACHE", str(cache))
+    return cache
+
+
+def recipe_file(tmp_path: Path, text: str = RECIPE, name: str = "recipe.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def build(*args: str):
+    return runner.invoke(app, ["build", *args])
+
+
+def test_tiny_sd_builds_validates_and_reports_on_onnxruntime(tmp_path: Path, fresh_cache: Path):
+    out = tmp_path / "out"
+    result = build(str(recipe_file(tmp_path)), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    for i, name in enumerate(["text_encoder", "unet", "vae_encoder", "vae_decoder"], start=1):
+        assert f"[export {i}/4] {name}: exporting" in result.output
+    assert "build passed" in result.stdout and "onnxruntime-fp32" in result.stdout
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "build" and manifest["passed"] is True
+    assert manifest["source"]["sha256"] and set(manifest["source"]["modules"]) >= {"unet", "vae", "text_encoder"}
+    assert {"torch", "onnx", "onnxruntime", "diffusers"} <= set(manifest["versions"])
+    artifacts = manifest["artifacts"]["onnxruntime-fp32"]
+    assert artifacts["status"] == "passed"
+    assert artifacts["components"]["unet"]["path"] == "onnx/unet/model.onnx"
+    assert all(f["sha256"] for c in artifacts["components"].values() for f in c["files"])
+    assert open_artifacts(out).status == "passed"  # every recorded hash verifies
+
+    report = json.loads((out / "report" / "report.json").read_text())
+    e2e = report["sets"]["onnxruntime-fp32"]["e2e"]
+    assert e2e["images"] == 2 and e2e["passed"]
+    assert all(s["identical"] or s["psnr_db"] >= 40 for s in e2e["samples"])
+    assert report["baseline"]["device"] == "cpu" and report["baseline"]["precision"] == "fp32"
+    latency = report["sets"]["onnxruntime-fp32"]["latency"]
+    assert set(latency["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert latency["components"]["unet"]["batch"] == 2  # classifier-free guidance doubles the UNet batch
+    assert latency["components"]["unet"]["target"]["runs"] == 2 and latency["pipeline"]["target"]["total"]["p50_s"] > 0
+    assert report["sets"]["onnxruntime-fp32"]["memory"]["peak_rss_bytes"] > 0
+
+    html = (out / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "PASSED" in html
+    markdown = (out / "report" / "report.md").read_text()
+    assert "| component | batch | resolution | output |" in markdown and "images/latency.png" in markdown
+    assert (out / "report" / "images" / "grid-onnxruntime-fp32.png").stat().st_size > 1000
+
+
+def test_a_second_identical_build_does_no_work_and_says_so(tmp_path: Path, fresh_cache: Path):
+    out, recipe = tmp_path / "out", recipe_file(tmp_path)
+    assert build(str(recipe), "--out", str(out)).exit_code == 0
+    first = json.loads((out / "manifest.json").read_text())
+    result = build(str(recipe), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "Nothing was rebuilt" in result.stdout
+    assert "exporting" not in result.output and "Loading the PyTorch baseline" not in result.output
+    second = json.loads((out / "manifest.json").read_text())
+    assert set(second["cache"].values()) == {"hit"}
+    assert second["artifacts"] == first["artifacts"]
+
+
+def test_changing_one_input_reruns_only_what_depends_on_it(tmp_path: Path, fresh_cache: Path):
+    out = tmp_path / "out"
+    assert build(str(recipe_file(tmp_path)), "--out", str(out)).exit_code == 0
+    new_prompts = RECIPE.replace('"a bowl of fruit"', '"a green door"')
+    result = build(str(recipe_file(tmp_path, new_prompts, "other.toml")), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    cache = json.loads((out / "manifest.json").read_text())["cache"]
+    assert all(v == "hit" for k, v in cache.items() if k.startswith("export:"))
+    assert cache["validate:onnxruntime-fp32"] == "miss"
+    assert "Nothing was rebuilt" not in result.stdout
+
+    result = build(str(recipe_file(tmp_path, new_prompts, "other.toml")), "--out", str(out), "--force")
+    assert result.exit_code == 0
+    assert set(json.loads((out / "manifest.json").read_text())["cache"].values()) == {"miss"}
+
+
+def test_tiny_sdxl_builds_end_to_end(built):
+    result = built("tiny-sdxl")
+    assert result.passed
+    artifacts = result.manifest["artifacts"]["onnxruntime-fp32"]
+    assert {"text_encoder", "text_encoder_2", "unet", "vae_decoder"} <= set(artifacts["components"])
+    e2e = result.report["sets"]["onnxruntime-fp32"]["e2e"]
+    assert e2e["passed"] and (e2e["min_psnr_db"] is None or e2e["min_psnr_db"] >= 40)
+
+
+def test_a_build_that_fails_validation_exits_1_and_still_writes_report_and_manifest(tmp_path: Path):
+    strict = RECIPE + "[thresholds.fp32]\nmin_cosine = 0.99999\nmax_rel_l2 = 0.0\nmin_psnr = 40\nmin_ssim = 0.98\n"
+    out = tmp_path / "out"
+    result = build(str(recipe_file(tmp_path, strict)), "--out", str(out))
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.stdout and "build FAILED validation" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["passed"] is False and manifest["artifacts"]["onnxruntime-fp32"]["status"] == "failed"
+    assert "FAILED" in (out / "report" / "report.html").read_text()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--targets", "tensorrt"], "pip install 'diffship[tensorrt]'"),
+    (["--targets", "onnxruntime:int4"], "cannot build int4"),
+    (["--targets", "tflite"], "Unknown target 'tflite'"),
+    (["--model", "no/such-model-anywhere"], ""),
+])
+def test_bad_targets_and_models_exit_2_before_any_work(tmp_path: Path, args: list[str], message: str,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    result = build("--out", str(out), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[validation]\nsetps = 2\n", "validation.setps: unknown key"),
+    ("[shapes]\nheight = [72, 128]\n", "shapes.height 72 is not a multiple of 64"),
+    ("[validation]\nprompts = []\n", "validation.prompts"),
+    ("[[targets]]\nname = 'onnxruntime'\noptions = { threads = 2 }\n", "Unknown ONNX Runtime option(s) threads"),
+])
+def test_bad_recipes_exit_2_with_the_reason(tmp_path: Path, text: str, message: str):
+    out = tmp_path / "out"
+    result = build(str(recipe_file(tmp_path, text)), "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_a_build_killed_midway_leaves_nothing_half_done_and_the_next_one_finishes(tmp_path: Path, fresh_cache: Path):
+    out, recipe = tmp_path / "out", recipe_file(tmp_path)
+    env = {**os.environ, "DIFFSHIP_CACHE": str(fresh_cache)}
+    child = subprocess.Popen([sys.executable, "-m", "diffship.cli", "build", str(recipe), "--out", str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    exports = fresh_cache / "artifacts" / "export"
+    deadline = time.monotonic() + 120
+    # Kill it once the first component is in the cache and the next is being written.
+    while time.monotonic() < deadline and child.poll() is None:
+        if len(list(exports.glob("*/entry.json"))) >= 1 and list(exports.glob(".*.partial")):
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, "the build finished before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not out.exists()  # the output is renamed into place only when complete
+    assert list(tmp_path.glob(".out.*.partial"))  # what the killed build left is hidden and unfinished
+
+    result = build(str(recipe), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "cached (no work)" in result.output and "exporting" in result.output
+    assert not list(tmp_path.glob(".out.*.partial")) and not list(exports.glob(".*.partial"))
+    assert open_artifacts(out).status == "passed"
