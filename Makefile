@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench-export clean
+.PHONY: setup demo test lint bench-export bench-build clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/diffship export --model $(MODEL) --out $(OUT) --overwrite
-	$(BIN)/diffship validate $(OUT)
+	$(BIN)/diffship build --model $(MODEL) --out $(OUT)
 
 test: setup
 	$(BIN)/python -m pytest
@@ -37,6 +36,9 @@ lint: setup
 
 bench-export: setup
 	$(BIN)/python benchmarks/export_unet.py
+
+bench-build: setup
+	$(BIN)/python benchmarks/build_pipeline.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -120,6 +120,11 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
     source = resolve(recipe.model, allow_pickle=recipe.allow_pickle)
     family = detect_family(source.folder)
     specs = select_specs(source.folder, recipe.components)
+    needed = [*family.text_encoders, "unet", "vae_decoder"]
+    if missing := [c for c in needed if c not in {s.name for s in specs}]:
+        raise DiffshipError(
+            f"A build validates images end to end, so it needs {', '.join(needed)}; the recipe leaves out "
+            f"{', '.join(missing)}. To export and check single components use `diffship export -c` and `diffship validate`.")
     shapes, plan = plan_shapes(recipe, specs[0], source.folder)
     versions = library_versions()
     say(f"Hashing {source.spec} ({family.title}) ...")

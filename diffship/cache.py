@@ -34,10 +34,27 @@ def key(**parts: Any) -> str:
 
 
 def folder_hash(folder: Path) -> str:
-    """Content hash of every file under `folder` (relative paths and bytes), e.g. one module of a model."""
-    digest = hashlib.sha256()
+    """Content hash of every file under `folder` (relative paths and bytes), e.g. one module of a model.
+
+    Full-size weights are GBs, so each file's hash is remembered against its path, size and mtime and
+    only recomputed when one of them changes.
+    """
+    memo_path = cache_root() / "file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    digest, changed = hashlib.sha256(), False
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+        stat = path.stat()
+        stamp = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        known = memo.get(str(path.resolve()))
+        if not known or {k: known.get(k) for k in stamp} != stamp:
+            known = memo[str(path.resolve())] = {**stamp, "sha256": sha256_file(path)}
+            changed = True
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{known['sha256']}\n".encode())
+    if changed:
+        atomic_write_json(memo_path, memo)
     return digest.hexdigest()
 
 

@@ -174,6 +174,7 @@ def build(
         "--targets", "-t", help="Override the recipe's targets: name[:precision+precision], comma-separated.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: out/<model>).")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild every stage, ignoring the cache.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
 ) -> None:
     """Export, compile and validate a pipeline for every target; write artifacts, manifest.json and a report."""
     from diffship.build import build as run_build
@@ -181,7 +182,8 @@ def build(
 
     try:
         wanted = _names(targets)
-        recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None})
+        recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None,
+                                           "allow_pickle": True if allow_pickle else None})
         out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
         console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
         result = run_build(recipe, out_path, force=force, say=lambda line: console.print(line, markup=False, highlight=False))
@@ -234,6 +236,9 @@ def generate(
         if out_file.suffix.lower() != ".png":
             raise DiffshipError(f"--out {out_file} must be a .png file.")
         pipe = DeployedPipeline.load(folder, backend, precision)
+        if pipe.artifacts.status == "failed":
+            console.print(f"[yellow]warning:[/] these {pipe.artifacts.target} {pipe.artifacts.precision} artifacts "
+                          "FAILED validation in their build; see the report before shipping them.")
         h, w = height or pipe.native_resolution[0], width or pipe.native_resolution[1]
         pipe.check_request(batch, h, w)
         with Progress(console=console, transient=True) as progress:

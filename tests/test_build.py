@@ -157,6 +157,7 @@ def test_bad_targets_and_models_exit_2_before_any_work(tmp_path: Path, args: lis
     ("[shapes]\nheight = [72, 128]\n", "shapes.height 72 is not a multiple of 64"),
     ("[validation]\nprompts = []\n", "validation.prompts"),
     ("[[targets]]\nname = 'onnxruntime'\noptions = { threads = 2 }\n", "Unknown ONNX Runtime option(s) threads"),
+    ("components = ['unet']\n", "the recipe leaves out text_encoder, vae_decoder"),
 ])
 def test_bad_recipes_exit_2_with_the_reason(tmp_path: Path, text: str, message: str):
     out = tmp_path / "out"

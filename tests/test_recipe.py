@@ -88,3 +88,11 @@ def test_a_precision_without_a_threshold_is_refused():
 def test_cli_targets_group_precisions_by_target():
     assert targets_from_cli(["onnxruntime:fp32+fp16", "openvino", "onnxruntime:int8"]) == [
         {"name": "onnxruntime", "precisions": ["fp32", "fp16", "int8"]}, {"name": "openvino"}]
+
+
+def test_the_documented_example_recipe_is_valid_and_matches_the_defaults():
+    example = load_recipe(Path(__file__).parents[1] / "examples" / "recipe.toml")
+    defaults = parse_recipe({})
+    assert example.threshold("fp32") == defaults.threshold("fp32")
+    assert example.validation.model_dump() == defaults.validation.model_dump()
+    assert example.shapes.height == (64, 128)

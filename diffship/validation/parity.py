@@ -102,6 +102,9 @@ def validate_folder(folder: Path, target: str = "onnxruntime", components: list[
     step = on_step or (lambda *_: None)
     folder = folder.resolve()
     manifest = read_manifest(folder)
+    if manifest.get("kind") == "build":  # a build folder keeps its ONNX export in onnx/
+        folder = folder / next(iter(manifest["artifacts"].values()))["pipeline"]
+        manifest = read_manifest(folder)
     precision = manifest["export"].get("precision", "fp32")
     tolerance = TOLERANCES[precision]
     source = resolve(manifest["source"]["model"], allow_pickle=allow_pickle)
