@@ -167,7 +167,7 @@ def _export_stage(source: ModelSource, family: str, specs: list[ComponentSpec], 
         if entry is not None:
             cache.link_tree(entry, export_dir / spec.name)
             recorded = cache.read_entry(entry)
-            entries[spec.name] = component_entry(export_dir.parent, export_dir / spec.name, recorded["seconds"])
+            entries[spec.name] = component_entry(export_dir, export_dir / spec.name, recorded["seconds"])
             if [f["sha256"] for f in entries[spec.name]["files"]] == recorded["sha256"]:
                 hits[f"export:{spec.name}"] = True
                 say(f"{prefix}: cached (no work)")
@@ -184,7 +184,7 @@ def _export_stage(source: ModelSource, family: str, specs: list[ComponentSpec], 
             info |= {"component": spec.name, "seconds": round(seconds, 2),
                      "sha256": [f["sha256"] for f in file_entries(staging, staging)]}
         cache.link_tree(cache.lookup("export", entry_key), export_dir / spec.name)
-        entries[spec.name] = component_entry(export_dir.parent, export_dir / spec.name, seconds)
+        entries[spec.name] = component_entry(export_dir, export_dir / spec.name, seconds)
         hits[f"export:{spec.name}"] = False
         size = sum(f["bytes"] for f in entries[spec.name]["files"])
         say(f"{prefix}: done, {size / 2**20:.1f} MiB in {seconds:.1f} s")

@@ -68,6 +68,7 @@ def test_tiny_sd_builds_validates_and_reports_on_onnxruntime(tmp_path: Path, fre
     assert artifacts["components"]["unet"]["path"] == "onnx/unet/model.onnx"
     assert all(f["sha256"] for c in artifacts["components"].values() for f in c["files"])
     assert open_artifacts(out).status == "passed"  # every recorded hash verifies
+    assert open_artifacts(out / "onnx").components["unet"] == out / "onnx" / "unet" / "model.onnx"  # so does the export's
 
     report = json.loads((out / "report" / "report.json").read_text())
     e2e = report["sets"]["onnxruntime-fp32"]["e2e"]

@@ -43,6 +43,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
     label = f"{artifacts.target} {artifacts.precision}"
     rss_before = latency.rss_bytes()
     deployed = DeployedPipeline.from_artifacts(artifacts, options)
+    load_rss = latency.rss_bytes() - rss_before  # weights as the runtime holds them, before any activation memory
     backend = get_target(artifacts.target)
     result: dict[str, Any] = {"target": artifacts.target, "precision": artifacts.precision,
                               "runtime": {n: r.describe() for n, r in deployed.runners.items()}}
@@ -81,7 +82,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
     result["memory"] = {
         "artifact_bytes": {c: sum(f.stat().st_size for f in _files_of(p)) for c, p in artifacts.components.items()},
         "load_seconds": deployed.load_seconds,
-        "load_rss_delta_bytes": latency.rss_bytes() - rss_before,
+        "load_rss_delta_bytes": load_rss,
         "peak_rss_bytes": latency.peak_rss_bytes(),
         "peak_gpu_bytes": latency.peak_gpu_bytes(),
     }
