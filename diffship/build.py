@@ -7,6 +7,7 @@ build whose artifacts fail validation still writes its folder, report and manife
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -64,9 +65,19 @@ def library_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "diffship": __version__, "torch": torch.__version__,
+    return {"python": platform.python_version(), "diffship": __version__, "diffship_source": source_fingerprint(),
+            "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def source_fingerprint() -> str:
+    """Hash of diffship's own code, so a changed exporter or validator never reuses results cached by the old one."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def check_targets(recipe: Recipe) -> None:
@@ -160,8 +171,8 @@ def _export_stage(source: ModelSource, family: str, specs: list[ComponentSpec], 
     entries: dict[str, Any] = {}
     for i, spec in enumerate(specs):
         entry_key = cache.key(stage="export", component=spec.name, family=family, weights=module_hashes[spec.module],
-                              opset=opset, **{k: versions[k] for k in ("diffship", "torch", "onnx", "diffusers",
-                                                                        "transformers")})
+                              opset=opset, **{k: versions[k] for k in ("diffship", "diffship_source", "torch", "onnx",
+                                                                        "diffusers", "transformers")})
         prefix = f"[export {i + 1}/{len(specs)}] {spec.name}"
         entry = None if force else cache.lookup("export", entry_key)
         if entry is not None:

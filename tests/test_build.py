@@ -135,6 +135,9 @@ def test_a_build_that_fails_validation_exits_1_and_still_writes_report_and_manif
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["passed"] is False and manifest["artifacts"]["onnxruntime-fp32"]["status"] == "failed"
     assert "FAILED" in (out / "report" / "report.html").read_text()
+    image = tmp_path / "x.png"
+    result = runner.invoke(app, ["generate", str(out), "-p", "a cat", "--steps", "1", "--out", str(image)])
+    assert result.exit_code == 0 and "FAILED validation in their build" in result.output and image.is_file()
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -105,3 +105,9 @@ def test_an_export_folder_runs_too_and_its_manifest_is_checked(exported):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert DeployedPipeline.load(folder).artifacts.shapes is None
     assert manifest["components"]["unet"]["files"]
+
+
+def test_validate_accepts_a_build_folder(built):
+    result = runner.invoke(app, ["validate", str(built("tiny-sd").out), "-c", "unet"])
+    assert result.exit_code == 0, result.output
+    assert "parity passed" in result.stdout

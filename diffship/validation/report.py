@@ -16,8 +16,6 @@ import numpy as np
 
 from diffship.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-DIFF_GAIN = 10  # the difference image shows |baseline - target| x this, so one-level differences are visible
-
 Table = tuple[str, list[str], list[list[str]]]
 
 
@@ -118,13 +116,14 @@ def header_lines(report: dict[str, Any]) -> list[str]:
 
 
 def to_markdown(report: dict[str, Any], images: dict[str, str]) -> str:
-    """The report as Markdown: verdict, facts, tables, and links to the pictures."""
+    """The report as Markdown: verdict, facts, the summary, links to the pictures, then the detailed tables."""
     verdict = "PASSED" if report["passed"] else "FAILED"
     lines = [f"# diffship build report: {verdict}", ""] + [f"- {line}" for line in header_lines(report)] + [""]
-    for title, columns, rows in all_tables(report):
+    for i, (title, columns, rows) in enumerate(all_tables(report)):
+        if i == 1:
+            lines += [f"![{name}]({path})" for name, path in images.items()] + [""]
         lines += [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows] + [""]
-    lines += ["## Pictures", ""] + [f"![{name}]({path})" for name, path in images.items()] + [""]
     return "\n".join(lines)
 
 
@@ -139,10 +138,12 @@ def to_html(report: dict[str, Any], pictures: dict[str, bytes]) -> str:
              + ("#070" if report["passed"] else "#b00") + "}</style></head><body>",
              f"<h1>diffship build report: <span class='v'>{verdict}</span></h1><ul>"]
     parts += [f"<li>{html.escape(line)}</li>" for line in header_lines(report)] + ["</ul>"]
-    for name, png in pictures.items():
-        data = base64.b64encode(png).decode()
-        parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
-    for title, columns, rows in all_tables(report):
+    tables = all_tables(report)
+    for i, (title, columns, rows) in enumerate(tables):
+        if i == 1:  # the pictures right after the summary
+            for name, png in pictures.items():
+                data = base64.b64encode(png).decode()
+                parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
         parts.append(f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
                      + "</tr>")
         for row in rows:
@@ -154,20 +155,22 @@ def to_html(report: dict[str, Any], pictures: dict[str, bytes]) -> str:
 
 
 def image_grid(key: str, pairs: list[dict[str, Any]], baseline_name: str) -> bytes:
-    """PNG: one row per sample, columns baseline | target | amplified difference, captioned with the metrics."""
+    """PNG: one row per sample, columns baseline | target | stretched difference, captioned with the metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = len(pairs)
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 3.2 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, 3, figsize=(10, 2.7 * rows + 0.2), squeeze=False)
     for row, pair in zip(axes, pairs, strict=True):
         diff = np.abs(pair["baseline"].astype(np.int16) - pair["target"].astype(np.int16))
-        amplified = np.clip(diff * DIFF_GAIN, 0, 255).astype(np.uint8)
+        # Stretched so the largest difference is white: shows where they are, even one-level ones.
+        gain = 255 // max(int(diff.max()), 1)
+        amplified = (diff * gain).astype(np.uint8)
         metrics = "identical" if pair["identical"] else f"PSNR {pair['psnr_db']:.1f} dB, SSIM {pair['ssim']:.4f}"
         for ax, image, title in ((row[0], pair["baseline"], baseline_name), (row[1], pair["target"], key),
-                                 (row[2], amplified, f"|difference| x{DIFF_GAIN} (max {int(diff.max())})")):
+                                 (row[2], amplified, f"|difference| x{gain} (max {int(diff.max())} of 255)")):
             ax.imshow(image, interpolation="nearest")
             ax.set_title(title, fontsize=9)
             ax.set_xticks([])
