@@ -34,7 +34,8 @@ def compare_images(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
     diff = np.abs(reference.astype(np.int16) - candidate.astype(np.int16))
     identical = not diff.any()
     # SSIM's default 7-pixel window needs images at least that large; tiny test models can be smaller.
-    window = min(7, *reference.shape[:2]) | 1
+    side = min(7, *reference.shape[:2])
+    window = side if side % 2 else side - 1
     return {
         "psnr_db": None if identical else float(peak_signal_noise_ratio(reference, candidate, data_range=255)),
         "ssim": float(structural_similarity(reference, candidate, channel_axis=-1, data_range=255, win_size=window)),
