@@ -78,7 +78,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
 
     if v.latency.enabled:
         say(f"[{label}] latency: {v.latency.warmup} warm-up + {v.latency.runs} timed runs per component, interleaved")
-        result["latency"] = measure_latency(deployed, specs, pipe, plan, samples[0])
+        result["latency"] = measure_latency(deployed, specs, pipe, plan, samples[0], say)
     result["memory"] = {
         "artifact_bytes": {c: sum(f.stat().st_size for f in _files_of(p)) for c, p in artifacts.components.items()},
         "load_seconds": deployed.load_seconds,
@@ -93,8 +93,9 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
 
 
 def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe: Any, plan: Plan,
-                    sample: Sample) -> dict[str, Any]:
+                    sample: Sample, say: Say | None = None) -> dict[str, Any]:
     """Per component (text encoders, one UNet call under guidance, VAE decode) and per pipeline run, both sides."""
+    say = say or (lambda _: None)
     lat = plan.validation.latency
     guided = plan.validation.guidance_scale > 1.0
     components: dict[str, Any] = {}
@@ -109,6 +110,8 @@ def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe
         base, target = latency.summarize(times["baseline"]), latency.summarize(times["target"])
         components[spec.name] = {"batch": batch, "baseline": base, "target": target,
                                  "speedup": latency.speedup(base, target)}
+        say(f"      {spec.name} (batch {batch}): baseline {base['p50_s'] * 1000:.1f} ms, target "
+            f"{target['p50_s'] * 1000:.1f} ms, {components[spec.name]['speedup']:.2f}x")
 
     channels = deployed.unet_config.get("in_channels", 4)
     latents = initial_latents(sample.seed, 1, channels, plan.height // deployed.vae_scale, plan.width // deployed.vae_scale)
@@ -130,6 +133,8 @@ def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe
         pipeline[side] = {"total": latency.summarize(totals[side]),
                           "step": latency.summarize(step_times) if step_times else None}
     pipeline["speedup"] = latency.speedup(pipeline["baseline"]["total"], pipeline["target"]["total"])
+    say(f"      whole pipeline ({sample.steps} steps): baseline {pipeline['baseline']['total']['p50_s']:.2f} s, "
+        f"target {pipeline['target']['total']['p50_s']:.2f} s, {pipeline['speedup']:.2f}x")
     if pipeline["baseline"]["step"] and pipeline["target"]["step"]:
         pipeline["step_speedup"] = latency.speedup(pipeline["baseline"]["step"], pipeline["target"]["step"])
     return {"components": components, "pipeline": pipeline}
