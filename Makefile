@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	# Only CLIP's BPE vocabulary file is used from open-clip-torch; its dependencies would pull torchvision.
 	$(BIN)/pip install --quiet --no-deps "open-clip-torch==3.3.0"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,openvino]"
 	touch $@
 
 setup: $(BIN)/.installed

@@ -7,9 +7,11 @@ build whose artifacts fail validation still writes its folder, report and manife
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +38,7 @@ from diffship.models.family import component_config, detect_family, prediction_t
 from diffship.models.source import ModelSource, resolve
 from diffship.recipe import Recipe
 from diffship.targets import check_available, get_target
+from diffship.targets.calibration import CalibrationData, capture, check_calibration
 from diffship.validation.parity import Case
 from diffship.validation.report import write_report
 from diffship.validation.suite import Plan
@@ -118,7 +121,10 @@ def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict
         first = Case(shapes["batch"][0], height, width)
         second = Case(min(2, shapes["batch"][1]), shapes["height"][0], shapes["width"][0])
         cases = (first,) if second == first else (first, second)
-    return shapes, Plan(height, width, cases, v, recipe.threshold("fp32"))
+    unet_cases = None
+    if all(low == high for low, high in shapes.values()) and v.guidance_scale > 1.0:
+        unet_cases = tuple(Case(2 * c.batch, c.height, c.width) for c in cases)
+    return shapes, Plan(height, width, cases, v, recipe.threshold("fp32"), unet_cases)
 
 
 def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None) -> BuildResult:
@@ -137,29 +143,34 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
             f"A build validates images end to end, so it needs {', '.join(needed)}; the recipe leaves out "
             f"{', '.join(missing)}. To export and check single components use `diffship export -c` and `diffship validate`.")
     shapes, plan = plan_shapes(recipe, specs[0], source.folder)
+    if any(get_target(t.name).needs_calibration(p) for t in recipe.targets for p in t.precisions):
+        check_calibration(recipe.calibration.prompts, recipe.calibration.samples)
     versions = library_versions()
     say(f"Hashing {source.spec} ({family.title}) ...")
     module_hashes = {m: cache.folder_hash(source.folder / m)
                      for m in sorted({s.module for s in specs} | set(family.tokenizers) | {"scheduler"})}
     hits: dict[str, bool] = {}
 
+    baseline = Baseline(source, recipe.allow_pickle, say)
+    calibration = Calibration(recipe, plan, baseline, module_hashes, versions, force, hits)
     with staged_dir(out) as tmp:
         export_dir = tmp / EXPORT_FOLDER
         entries = _export_stage(source, family.name, specs, recipe.export.opset, recipe.allow_pickle, module_hashes,
                                 versions, export_dir, force, hits, say)
         finish_pipeline_folder(source, export_dir, specs, recipe.export.opset, entries)
-        pipeline_files = _pipeline_files(tmp, export_dir, entries)
-        sets = _compile_stage(recipe, tmp, export_dir, entries, shapes, say)
-        results, pairs = _validate_stage(recipe, source, specs, sets, plan, module_hashes, versions, pipeline_files,
-                                         force, hits, say)
+        sets = _compile_stage(recipe, tmp, export_dir, specs, entries, shapes, family.name, calibration, versions, force,
+                              hits, say)
+        results, pairs = _validate_stage(recipe, source, specs, sets, plan, module_hashes, versions, baseline, force,
+                                         hits, say)
+        baseline.release()
         passed = all(r["passed"] for r in results.values())
         all_cached = all(hits.values())
         report = _report_data(recipe, source, family.title, module_hashes, plan, shapes, entries, results, hits,
                               versions, passed, time.perf_counter() - started)
         say("Writing the report ...")
         written = write_report(report, pairs, tmp / REPORT_FOLDER)
-        manifest = _manifest(recipe, source, family.name, module_hashes, versions, shapes, sets, results, pipeline_files,
-                             hits, {k: p.relative_to(tmp).as_posix() for k, p in written.items()}, passed)
+        manifest = _manifest(recipe, source, family.name, module_hashes, versions, shapes, sets, results, hits,
+                             {k: p.relative_to(tmp).as_posix() for k, p in written.items()}, passed)
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
     return BuildResult(out, manifest, report, passed, all_cached)
 
@@ -203,47 +214,152 @@ def _export_stage(source: ModelSource, family: str, specs: list[ComponentSpec], 
     return entries
 
 
-def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, entries: dict[str, Any], shapes: dict[str, list[int]],
-                   say: Say) -> dict[str, tuple[ArtifactSet, Any, dict[str, Any]]]:
+class Baseline:
+    """The PyTorch pipeline, loaded on first use and dropped when a memory-hungry stage needs the room."""
+
+    def __init__(self, source: ModelSource, allow_pickle: bool, say: Say):
+        self.source, self.allow_pickle, self.say, self.pipe = source, allow_pickle, say, None
+
+    def get(self) -> Any:
+        if self.pipe is None:
+            from diffship.validation.baseline import baseline_device, load_baseline
+
+            device, dtype = baseline_device()
+            self.say(f"Loading the PyTorch baseline ({device}, {str(dtype).removeprefix('torch.')}) ...")
+            self.pipe = load_baseline(self.source.folder, self.allow_pickle, device, dtype)
+        return self.pipe
+
+    def release(self) -> None:
+        self.pipe = None
+        gc.collect()
+
+
+class Calibration:
+    """The calibration inputs, captured from the baseline once per distinct recipe and kept in the cache."""
+
+    def __init__(self, recipe: Recipe, plan: Plan, baseline: Baseline, module_hashes: dict[str, str],
+                 versions: dict[str, str], force: bool, hits: dict[str, bool]):
+        c = recipe.calibration
+        self.settings = {"prompts": c.prompts, "samples": c.samples, "steps": c.steps, "height": plan.height,
+                         "width": plan.width, "guidance_scale": plan.validation.guidance_scale}
+        self.key = cache.key(stage="calibration", weights=module_hashes, **self.settings, versions=versions)
+        self.baseline, self.force, self.hits, self.data = baseline, force, hits, None
+
+    def __call__(self) -> CalibrationData:
+        if self.data is not None:
+            return self.data
+        entry = None if self.force else cache.lookup("calibration", self.key)
+        if entry is None:
+            s = self.settings
+            self.baseline.say(f"[calibration] capturing {s['samples']} UNet calls from {s['steps']}-step generations "
+                              f"of {len(s['prompts'])} prompt(s) at {s['height']}x{s['width']} ...")
+            began = time.perf_counter()
+            data = capture(self.baseline.get(), s["prompts"], s["samples"], s["steps"], s["height"], s["width"],
+                           s["guidance_scale"])
+            with cache.store("calibration", self.key) as (staging, info):
+                data.save(staging / "inputs.npz")
+                info |= {**data.info, "seconds": round(time.perf_counter() - began, 1)}
+            self.baseline.release()  # quantization that follows needs the memory more than the baseline does
+            entry = cache.lookup("calibration", self.key)
+            self.hits["calibration"] = False
+        else:
+            self.baseline.say("[calibration] cached (no work)")
+            self.hits["calibration"] = True
+        self.data = CalibrationData.load(entry / "inputs.npz", cache.read_entry(entry))
+        return self.data
+
+
+def static_shapes(spec: ComponentSpec, shapes: dict[str, list[int]], guidance: bool) -> dict[str, tuple[int, ...]] | None:
+    """Input shapes when the recipe fixes batch and resolution (the UNet sees twice the batch under guidance)."""
+    if any(low != high for low, high in shapes.values()):
+        return None
+    batch = shapes["batch"][0] * (2 if guidance and spec.name == "unet" else 1)
+    sizes = spec.axis_sizes(batch, shapes["height"][0], shapes["width"][0])
+    return {t.name: t.concrete(sizes) for t in spec.inputs}
+
+
+def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[ComponentSpec], entries: dict[str, Any],
+                   shapes: dict[str, list[int]], family: str, calibration: Calibration, versions: dict[str, str],
+                   force: bool, hits: dict[str, bool], say: Say) -> dict[str, tuple[ArtifactSet, Any, dict[str, Any]]]:
     """One artifact set per target and precision: (the set, the target's options, its manifest entry)."""
     sets = {}
+    by_name = {s.name: s for s in specs}
+    guided = recipe.validation.guidance_scale > 1.0
     for target in recipe.targets:
         backend = get_target(target.name)
         options = backend.parse_options(target.options)
         for precision in target.precisions:
             set_key = f"{target.name}-{precision}"
+            set_dir = root / set_key if backend.writes_artifacts(precision) else export_dir
             components: dict[str, Path] = {}
-            recorded: dict[str, Any] = {}
-            say(f"[compile {set_key}] {', '.join(entries)}")
-            for name in entries:
-                artifact = backend.compile(export_dir / name / "model.onnx", precision, options)
-                components[name] = artifact
-                files = file_entries(root, artifact.parent)
-                recorded[name] = {"path": artifact.relative_to(root).as_posix(), "precision": precision, "files": files,
-                                  "inputs": entries[name]["inputs"], "outputs": entries[name]["outputs"]}
-            artifact_set = ArtifactSet(root, export_dir, target.name, precision, components, shapes, "unvalidated")
+            for i, name in enumerate(entries):
+                prefix = f"[compile {set_key} {i + 1}/{len(entries)}] {name}"
+                source = export_dir / name / "model.onnx"
+                if not backend.writes_artifacts(precision):
+                    components[name] = backend.compile(source, precision, options)
+                    continue
+                context = backend.CompileContext(by_name[name], static_shapes(by_name[name], shapes, guided),
+                                                 calibration if backend.needs_calibration(precision) else None)
+                entry_key = cache.key(stage="compile", target=target.name, precision=precision, options=repr(options),
+                                      source=[f["sha256"] for f in entries[name]["files"]], static=context.static_shapes,
+                                      calibration=calibration.key if context.calibration else None, versions=versions)
+                entry = None if force else cache.lookup("compile", entry_key)
+                if entry is None:
+                    say(f"{prefix}: compiling ...")
+                    began = time.perf_counter()
+                    with cache.store("compile", entry_key) as (staging, info):
+                        artifact = backend.compile(source, precision, options, staging, context)
+                        info |= {"artifact": artifact.name, "seconds": round(time.perf_counter() - began, 2)}
+                    entry = cache.lookup("compile", entry_key)
+                    hits[f"compile:{set_key}:{name}"] = False
+                    say(f"{prefix}: done in {time.perf_counter() - began:.1f} s")
+                else:
+                    hits[f"compile:{set_key}:{name}"] = True
+                    say(f"{prefix}: cached (no work)")
+                cache.link_tree(entry, set_dir / name)
+                shutil.copy2(export_dir / name / "config.json", set_dir / name / "config.json")
+                components[name] = set_dir / name / cache.read_entry(entry)["artifact"]
+            if set_dir != export_dir:
+                _copy_pipeline_folder(export_dir, set_dir, list(entries), backend.model_index(family, list(entries)))
+            recorded = {name: {"path": path.relative_to(root).as_posix(), "precision": precision,
+                               "files": file_entries(root, path.parent),
+                               "inputs": entries[name]["inputs"], "outputs": entries[name]["outputs"]}
+                        for name, path in components.items()}
+            artifact_set = ArtifactSet(root, set_dir, target.name, precision, components, shapes, "unvalidated")
             sets[set_key] = (artifact_set, options, {"target": target.name, "precision": precision,
-                                                      "pipeline": export_dir.relative_to(root).as_posix(),
-                                                      "components": recorded})
+                                                      "pipeline": set_dir.relative_to(root).as_posix(),
+                                                      "components": recorded,
+                                                      "pipeline_files": _pipeline_files(root, set_dir, components)})
     return sets
 
 
-def _pipeline_files(root: Path, export_dir: Path, components: dict[str, Any]) -> list[dict[str, Any]]:
-    files = [e for name in sorted(p.name for p in export_dir.iterdir() if p.is_dir() and p.name not in components)
-             for e in file_entries(root, export_dir / name)]
-    index = export_dir / "model_index.json"
+def _pipeline_files(root: Path, folder: Path, components: dict[str, Any]) -> list[dict[str, Any]]:
+    """Hashes of what a set's folder holds besides its components: tokenizers, scheduler, model_index.json."""
+    files = [e for name in sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in components)
+             for e in file_entries(root, folder / name)]
+    index = folder / "model_index.json"
     return [*files, {"path": index.relative_to(root).as_posix(), "bytes": index.stat().st_size,
                      "sha256": cache.sha256_file(index)}]
 
 
+def _copy_pipeline_folder(export_dir: Path, set_dir: Path, components: list[str], index: dict[str, Any]) -> None:
+    """Tokenizers, scheduler and a model_index.json beside a target's own artifacts, so the folder loads alone."""
+    for folder in export_dir.iterdir():
+        if folder.is_dir() and folder.name not in components:
+            shutil.copytree(folder, set_dir / folder.name)
+    exported = json.loads((export_dir / "model_index.json").read_text(encoding="utf-8"))
+    merged = {k: v for k, v in exported.items() if k not in components and k != "_class_name"} | index
+    atomic_write_json(set_dir / "model_index.json", merged)
+
+
 def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpec],
                     sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]], plan: Plan, module_hashes: dict[str, str],
-                    versions: dict[str, str], pipeline_files: list[dict[str, Any]], force: bool, hits: dict[str, bool],
+                    versions: dict[str, str], baseline: Baseline, force: bool, hits: dict[str, bool],
                     say: Say) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     from diffship.validation.baseline import baseline_device
-    from diffship.validation.suite import validate_set
+    from diffship.validation.suite import unet_trajectory, validate_set
 
-    pipe = None
+    trajectory: dict[str, Any] | None = None
     results: dict[str, Any] = {}
     pairs: dict[str, list[dict[str, Any]]] = {}
     device, dtype = baseline_device()
@@ -251,7 +367,7 @@ def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSp
         set_plan = replace(plan, threshold=recipe.threshold(artifact_set.precision))
         entry_key = cache.key(
             stage="validate", artifacts={c: [f["sha256"] for f in e["files"]] for c, e in recorded["components"].items()},
-            pipeline=[f["sha256"] for f in pipeline_files], options=repr(options),
+            pipeline=[f["sha256"] for f in recorded["pipeline_files"]], options=repr(options),
             validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(),
             resolution=[plan.height, plan.width], cases=[asdict(c) for c in plan.cases], weights=module_hashes,
             baseline=[device, str(dtype)], versions=versions)
@@ -264,13 +380,12 @@ def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSp
             hits[f"validate:{set_key}"] = True
             say(f"[validate {set_key}] cached (no work): results of {cache.read_entry(entry)['created']}")
         else:
-            if pipe is None:
-                from diffship.validation.baseline import load_baseline
-
-                say(f"Loading the PyTorch baseline ({device}, {str(dtype).removeprefix('torch.')}) ...")
-                pipe = load_baseline(source.folder, recipe.allow_pickle, device, dtype)
-            result, set_pairs = validate_set(artifact_set, specs, pipe, source.folder, set_plan, options,
-                                             recipe.allow_pickle, say)
+            if trajectory is None:
+                say(f"[validate] capturing the UNet's inputs over {plan.validation.steps} denoising steps of the baseline")
+                unet = next(s for s in specs if s.name == "unet")
+                trajectory = unet_trajectory(baseline.get(), unet, plan, source.folder, recipe.allow_pickle)
+            result, set_pairs = validate_set(artifact_set, specs, baseline.get(), source.folder, set_plan, options,
+                                             recipe.allow_pickle, say, trajectory)
             with cache.store("validate", entry_key) as (staging, info):
                 (staging / "result.json").write_text(json.dumps(result), encoding="utf-8")
                 np.savez_compressed(staging / "images.npz", baseline=np.stack([p["baseline"] for p in set_pairs]),
@@ -279,8 +394,7 @@ def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSp
             hits[f"validate:{set_key}"] = False
         results[set_key] = {**result, "cached": hits[f"validate:{set_key}"]}
         pairs[set_key] = set_pairs
-        verdict = "passed" if result["passed"] else "FAILED"
-        say(f"[validate {set_key}] {verdict}")
+        say(f"[validate {set_key}] {'passed' if result['passed'] else 'FAILED'}")
     return results, pairs
 
 
@@ -324,13 +438,13 @@ def _report_data(recipe: Recipe, source: ModelSource, family: str, module_hashes
 
 def _manifest(recipe: Recipe, source: ModelSource, family: str, module_hashes: dict[str, str], versions: dict[str, str],
               shapes: dict[str, list[int]], sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]],
-              results: dict[str, Any], pipeline_files: list[dict[str, Any]], hits: dict[str, bool],
+              results: dict[str, Any], hits: dict[str, bool],
               report_files: dict[str, str], passed: bool) -> dict[str, Any]:
     artifacts = {}
     for set_key, (_, _, recorded) in sets.items():
         r = results[set_key]
         artifacts[set_key] = {
-            **recorded, "pipeline_files": pipeline_files, "status": "passed" if r["passed"] else "failed",
+            **recorded, "status": "passed" if r["passed"] else "failed",
             "validation": {"parity_passed": r["parity"]["passed"], "e2e_passed": r["e2e"]["passed"],
                            "min_psnr_db": r["e2e"]["min_psnr_db"], "min_ssim": r["e2e"]["min_ssim"],
                            "identical_images": r["e2e"]["identical"], "images": r["e2e"]["images"]},

@@ -19,8 +19,8 @@ from diffship.errors import DiffshipError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stable Diffusion pipelines in, validated deployment artifacts out.")
 console = Console(stderr=True, soft_wrap=True)
-# Tables are wide: in logs and pipes (no terminal) use 150 columns instead of rich's 80.
-out = Console(width=None if sys.stdout.isatty() else 150)
+# Tables are wide: in logs and pipes (no terminal) use 180 columns instead of rich's 80.
+out = Console(width=None if sys.stdout.isatty() else 180)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -205,7 +205,7 @@ def _print_summary(report: dict[str, Any]) -> None:
     title, columns, rows = summary_table(report)
     table = Table(title=f"{title}: {report['model']['spec']} vs {report['baseline']['note']}")
     for col in columns:
-        table.add_column(col, justify="left" if col in ("artifacts", "verdict", "results") else "right")
+        table.add_column(col, justify="left" if col in ("artifacts", "verdict", "results") or col.startswith("runs") else "right")
     for row in rows:
         table.add_row(*[("[bold red]FAIL[/]" if c == "FAIL" else "[green]pass[/]" if c == "pass" else c) for c in row])
     out.print(table)

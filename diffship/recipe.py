@@ -124,6 +124,7 @@ DEFAULT_THRESHOLDS = {
     "fp16": Threshold(min_cosine=0.999, max_rel_l2=5e-2, min_psnr=30.0, min_ssim=0.9),
     "bf16": Threshold(min_cosine=0.995, max_rel_l2=0.1, min_psnr=25.0, min_ssim=0.85),
     "int8": Threshold(min_cosine=0.99, max_rel_l2=0.15, min_psnr=20.0, min_ssim=0.7),
+    "int4": Threshold(min_cosine=0.98, max_rel_l2=0.2, min_psnr=18.0, min_ssim=0.6),
 }
 
 
@@ -162,12 +163,13 @@ class Recipe(_Strict):
         return self
 
     def threshold(self, precision: str) -> Threshold:
-        """The recipe's threshold for `precision`, else the default one."""
-        if precision in self.thresholds:
-            return self.thresholds[precision]
-        if precision not in DEFAULT_THRESHOLDS:
-            raise DiffshipError(f"No threshold for precision {precision!r}: add [thresholds.{precision}] to the recipe.")
-        return DEFAULT_THRESHOLDS[precision]
+        """The recipe's threshold for `precision` (e.g. `int8-hybrid`), else for its family (`int8`), else the default."""
+        family = precision.split("-")[0]
+        for table in (self.thresholds, DEFAULT_THRESHOLDS):
+            for key in (precision, family):
+                if key in table:
+                    return table[key]
+        raise DiffshipError(f"No threshold for precision {precision!r}: add [thresholds.{precision}] to the recipe.")
 
 
 def _explain(exc: ValidationError, where: str) -> DiffshipError:

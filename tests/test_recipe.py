@@ -80,9 +80,12 @@ def test_a_recipe_that_is_not_toml_or_not_there_is_refused(tmp_path: Path):
         load_recipe(tmp_path / "missing.toml")
 
 
-def test_a_precision_without_a_threshold_is_refused():
-    with pytest.raises(DiffshipError, match=r"\[thresholds.int4\]"):
-        parse_recipe({}).threshold("int4")
+def test_a_precision_without_a_threshold_is_refused_and_modes_fall_back_to_their_family():
+    with pytest.raises(DiffshipError, match=r"\[thresholds.int2\]"):
+        parse_recipe({}).threshold("int2")
+    assert parse_recipe({}).threshold("int8-hybrid") == DEFAULT_THRESHOLDS["int8"]
+    recipe = parse_recipe({"thresholds": {"int8": {"min_cosine": 0.9, "max_rel_l2": 0.3, "min_psnr": 15, "min_ssim": 0.5}}})
+    assert recipe.threshold("int8-full").min_psnr == 15
 
 
 def test_cli_targets_group_precisions_by_target():

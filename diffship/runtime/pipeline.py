@@ -91,7 +91,7 @@ class DeployedPipeline:
         for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
             if name in artifacts.components:
                 started = time.perf_counter()
-                runners[name] = backend.load(artifacts.components[name], options)
+                runners[name] = backend.load(artifacts.components[name], options, artifacts.precision)
                 seconds[name] = time.perf_counter() - started
         return cls(artifacts, runners, seconds)
 

@@ -53,7 +53,18 @@ def default_providers() -> tuple[str, ...]:
     return tuple(p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available)
 
 
-def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = None) -> Path:
+def writes_artifacts(precision: str) -> bool:
+    """Whether `compile` makes new files for `precision` (FP32 runs the exported ONNX as it is)."""
+    return False
+
+
+def needs_calibration(precision: str) -> bool:
+    """Whether `precision` is calibrated on captured inputs."""
+    return False
+
+
+def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = None, dest: Path | None = None,
+            context: Any = None) -> Path:
     """The ONNX Runtime artifact for `source`. FP32 runs the exported file as it is."""
     if precision not in PRECISIONS:
         raise DiffshipError(f"ONNX Runtime precision {precision!r} is not available yet; choose {', '.join(PRECISIONS)}.")
@@ -97,10 +108,12 @@ class OrtRunner:
         return dict(zip(self.output_names, outputs, strict=True))
 
     def describe(self) -> dict[str, object]:
-        return {"target": NAME, "onnxruntime": ort.__version__, "providers": self.session.get_providers(),
-                "graph_optimization": self.options.graph_optimization}
+        providers = self.session.get_providers()
+        return {"target": NAME, "onnxruntime": ort.__version__, "providers": providers,
+                "graph_optimization": self.options.graph_optimization,
+                "summary": f"ONNX Runtime {providers[0].removesuffix('ExecutionProvider')} fp32"}
 
 
-def load(artifact: Path, options: OrtOptions | None = None) -> OrtRunner:
+def load(artifact: Path, options: OrtOptions | None = None, precision: str | None = None) -> OrtRunner:
     """A Runner for an ONNX file."""
     return OrtRunner(artifact, options or OrtOptions())

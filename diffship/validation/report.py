@@ -42,12 +42,15 @@ def summary_table(report: dict[str, Any]) -> Table:
         outputs = [m for c in r["parity"]["components"].values() for case in c["cases"] for m in case["outputs"].values()]
         lat = r.get("latency")
         unet = lat["components"].get("unet") if lat else None
-        rows.append([key, _verdict(r["passed"]), f"{min(m['cosine'] for m in outputs):.7f}",
+        runs_in = (r["runtime"].get("unet") or next(iter(r["runtime"].values()))).get("summary", "")
+        steps = r["parity"].get("unet_steps")
+        rows.append([key, runs_in, _verdict(r["passed"]), f"{min(m['cosine'] for m in outputs):.7f}",
+                     f"{steps['min_cosine']:.6f}" if steps else "-",
                      f"{max(m['rel_l2'] for m in outputs):.2e}", _psnr(r["e2e"]["min_psnr_db"]), f"{r['e2e']['min_ssim']:.4f}",
                      str(r["e2e"]["max_abs_diff"]), f"{unet['speedup']:.2f}x" if unet else "-",
                      f"{lat['pipeline']['speedup']:.2f}x" if lat else "-", "cached" if r.get("cached") else "measured"])
-    return ("Summary", ["artifacts", "verdict", "worst cosine", "worst rel L2", "min PSNR", "min SSIM", "max pixel diff",
-                        "UNet speedup", "pipeline speedup", "results"], rows)
+    return ("Summary", ["artifacts", "runs as", "verdict", "worst cosine", "UNet cos, real steps", "worst rel L2",
+                        "min PSNR", "min SSIM", "max pixel diff", "UNet speedup", "pipeline speedup", "results"], rows)
 
 
 def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
@@ -59,6 +62,11 @@ def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
               for out, m in case["outputs"].items()]
     tables: list[Table] = [(f"{key}: component parity (pass: cosine >= {tol['min_cosine']}, rel L2 <= {tol['max_rel_l2']})",
                             ["component", "batch", "resolution", "output", "cosine", "rel L2", "max abs", ""], parity)]
+    if steps := r["parity"].get("unet_steps"):
+        rows = [[str(s["step"]), f"{s['timestep']:.0f}", f"{s['cosine']:.7f}", f"{s['rel_l2']:.2e}", f"{s['max_abs']:.2e}",
+                 _verdict(s["passed"])] for s in steps["steps"]]
+        tables.append((f"{key}: UNet on the baseline's real inputs at each denoising step ({steps['prompt']!r}, "
+                       f"seed {steps['seed']})", ["step", "timestep", "cosine", "rel L2", "max abs", ""], rows))
     th = r["e2e"]["threshold"]
     e2e = [[s["prompt"], str(s["seed"]), _psnr(s["psnr_db"]), f"{s['ssim']:.4f}", str(s["max_abs_diff"]),
             _verdict(s["passed"])] for s in r["e2e"]["samples"]]

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from diffship.artifacts import ArtifactSet
-from diffship.models.components import ComponentSpec
+from diffship.models.components import ComponentSpec, run_torch
 from diffship.recipe import Threshold, ValidationRecipe
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents
 from diffship.targets import get_target
+from diffship.targets.calibration import capture
 from diffship.validation import latency
 from diffship.validation.baseline import component_call, reference_module, run_baseline
 from diffship.validation.e2e import Sample, run_e2e
-from diffship.validation.parity import Case, Tolerance, check_component
+from diffship.validation.parity import Case, Tolerance, check_component, compare, within
 
 Say = Callable[[str], None]
 
@@ -33,11 +34,34 @@ class Plan:
     cases: tuple[Case, ...]
     validation: ValidationRecipe
     threshold: Threshold
+    unet_cases: tuple[Case, ...] | None = None  # when shapes are fixed, the UNet's batch is doubled under guidance
+
+
+def unet_trajectory(pipe: Any, spec: ComponentSpec, plan: Plan, source_folder: Path,
+                    allow_pickle: bool = False) -> dict[str, Any]:
+    """The UNet's real inputs at every denoising step of one baseline generation, with the FP32 UNet's output on each."""
+    v = plan.validation
+    data = capture(pipe, [v.prompts[0]], None, v.steps, plan.height, plan.width, v.guidance_scale, v.seeds[0],
+                   with_vae=False)
+    reference = reference_module(pipe, spec, source_folder, allow_pickle)
+    calls = data.inputs["unet"]
+    return {"prompt": v.prompts[0], "seed": v.seeds[0], "timesteps": data.info["timesteps"], "inputs": calls,
+            "outputs": [run_torch(reference, spec, call)["out_sample"] for call in calls]}
+
+
+def unet_step_parity(runner: Any, trajectory: dict[str, Any], tolerance: Tolerance) -> dict[str, Any]:
+    """The artifact's UNet against the FP32 UNet on each denoising step's real inputs (where INT8 error shows)."""
+    steps = []
+    for i, (call, expected) in enumerate(zip(trajectory["inputs"], trajectory["outputs"], strict=True)):
+        metrics = compare(expected, runner.run(call)["out_sample"])
+        steps.append({"step": i, "timestep": trajectory["timesteps"][i], **metrics, "passed": within(metrics, tolerance)})
+    return {"prompt": trajectory["prompt"], "seed": trajectory["seed"], "steps": steps,
+            "min_cosine": min(s["cosine"] for s in steps), "passed": all(s["passed"] for s in steps)}
 
 
 def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, source_folder: Path, plan: Plan,
-                 options: Any = None, allow_pickle: bool = False,
-                 say: Say | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 options: Any = None, allow_pickle: bool = False, say: Say | None = None,
+                 trajectory: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Validate one artifact set against the baseline pipeline; return its results and the image pairs."""
     say = say or (lambda _: None)
     label = f"{artifacts.target} {artifacts.precision}"
@@ -55,12 +79,19 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
         if spec.name not in artifacts.components:
             continue
         say(f"[{label}] parity {spec.name}")
-        runner = deployed.runners.get(spec.name) or backend.load(artifacts.components[spec.name], options)
+        runner = deployed.runners.get(spec.name) or backend.load(artifacts.components[spec.name], options, artifacts.precision)
+        cases = plan.unet_cases if spec.name == "unet" and plan.unet_cases else plan.cases
         parity[spec.name] = check_component(spec, reference_module(pipe, spec, source_folder, allow_pickle), runner,
-                                            tolerance, plan.cases)
+                                            tolerance, cases)
         say(f"      {'pass' if parity[spec.name]['passed'] else 'FAIL'} {spec.name}")
     result["parity"] = {"tolerance": {"min_cosine": t.min_cosine, "max_rel_l2": t.max_rel_l2},
                         "passed": all(p["passed"] for p in parity.values()), "components": parity}
+    if trajectory is not None and "unet" in deployed.runners:
+        steps = unet_step_parity(deployed.runners["unet"], trajectory, tolerance)
+        result["parity"]["unet_steps"] = steps
+        result["parity"]["passed"] = result["parity"]["passed"] and steps["passed"]
+        say(f"      {'pass' if steps['passed'] else 'FAIL'} unet on {len(steps['steps'])} real denoising steps: "
+            f"min cosine {steps['min_cosine']:.6f}")
 
     v = plan.validation
     samples = [Sample(p, seed, v.negative_prompt, plan.height, plan.width, v.steps, v.guidance_scale)

@@ -1,0 +1,168 @@
+"""OpenVINO UNet step on a full-size model: FP32 (f32), BF16 and INT8-hybrid against PyTorch FP32 eager, one run.
+
+1. A child process captures calibration inputs (the recipe's prompts, samples and steps, not 50-step
+   generations) and one validation trajectory: the UNet's real inputs at every denoising step of a
+   different prompt and seed, with PyTorch FP32's output on each. Its time and peak memory are its own.
+2. One child per mode converts the ONNX UNet to IR (and quantizes it): time, peak memory, size on disk.
+3. This process loads PyTorch's UNet and every IR (cold, then warm from the model cache) and times one
+   UNet call (batch 2: one image under guidance) with all of them taking turns, then reports cosine
+   against PyTorch FP32 on every real denoising step.
+
+    python benchmarks/openvino_unet.py [--model sd15-arch] [--modes fp32 bf16 int8-hybrid] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+CAPTURE = r"""
+import json, resource, sys, time
+from pathlib import Path
+import numpy as np
+from diffship.models.components import component_specs, run_torch, wrap
+from diffship.models.source import resolve
+from diffship.targets.calibration import capture
+from diffship.validation.baseline import load_baseline
+model, work, samples, steps, size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+folder = resolve(model).folder
+pipe = load_baseline(folder)
+began = time.perf_counter()
+data = capture(pipe, ["a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"],
+               samples, steps, size, size)
+seconds = time.perf_counter() - began
+data.save(work / "calibration.npz")
+trajectory = capture(pipe, ["a red bicycle leaning on a brick wall"], None, 4, size, size, seed=123, with_vae=False)
+spec = next(s for s in component_specs(folder) if s.name == "unet")
+unet = wrap(spec, pipe.unet)
+outputs = [run_torch(unet, spec, call)["out_sample"] for call in trajectory.inputs["unet"]]
+np.savez(work / "trajectory.npz", **{f"{i}/{k}": v for i, c in enumerate(trajectory.inputs["unet"]) for k, v in c.items()},
+         **{f"out/{i}": o for i, o in enumerate(outputs)})
+print(json.dumps({"seconds": seconds, "generations": data.info["generations"], "timesteps": trajectory.info["timesteps"],
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+COMPILE = r"""
+import json, resource, sys, time
+from pathlib import Path
+from diffship.build import static_shapes
+from diffship.models.components import component_specs
+from diffship.models.source import resolve
+from diffship.targets import openvino
+from diffship.targets.calibration import CalibrationData
+model, work, mode, size = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+spec = next(s for s in component_specs(resolve(model).folder) if s.name == "unet")
+# One image under guidance at a fixed resolution, as a recipe with fixed [shapes] builds it: a static IR.
+static = static_shapes(spec, {"batch": [1, 1], "height": [size, size], "width": [size, size]}, True)
+calibration = lambda: CalibrationData.load(work / "calibration.npz", {})
+began = time.perf_counter()
+xml = openvino.compile(work / "onnx" / "unet" / "model.onnx", mode, openvino.OvOptions(), work / mode,
+                       openvino.CompileContext(spec, static, calibration))
+print(json.dumps({"seconds": time.perf_counter() - began, "bytes": sum(p.stat().st_size for p in xml.parent.iterdir()),
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def child(code: str, *args: object) -> dict:
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd15-arch")
+    parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "int8-hybrid"])
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("out/bench-openvino"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    import torch
+
+    from diffship.exporters.pipeline import export_pipeline
+    from diffship.models.components import component_specs, wrap
+    from diffship.models.loading import load_component
+    from diffship.models.source import resolve
+    from diffship.targets import openvino
+    from diffship.validation.latency import interleaved, summarize
+    from diffship.validation.parity import compare
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    folder = resolve(args.model).folder
+    if not (work / "onnx" / "unet" / "model.onnx").is_file():
+        print("exporting the UNet to ONNX ...", flush=True)
+        export_pipeline(resolve(args.model), work / "onnx", ["unet"], overwrite=True)
+    print(f"capturing calibration ({args.samples} UNet calls, {args.steps}-step generations) and a trajectory ...", flush=True)
+    figures: dict = {"model": args.model, "date": str(date.today()), "machine": platform.processor() or platform.machine(),
+                     "calibration": child(CAPTURE, args.model, work, args.samples, args.steps, args.size), "modes": {}}
+    for mode in args.modes:
+        shutil.rmtree(work / mode, ignore_errors=True)
+        print(f"compiling {mode} ...", flush=True)
+        figures["modes"][mode] = {"compile": child(COMPILE, args.model, work, mode, args.size)}
+
+    trajectory = np.load(work / "trajectory.npz")
+    steps = len([k for k in trajectory.files if k.startswith("out/")])
+    calls = [{k.split("/")[1]: trajectory[k] for k in trajectory.files if k.startswith(f"{i}/")} for i in range(steps)]
+    spec = next(s for s in component_specs(folder) if s.name == "unet")
+    unet = wrap(spec, load_component(folder, "unet"))
+    torch_inputs = [torch.from_numpy(calls[0][t.name]) for t in spec.inputs]
+    runners = {}
+    blobs = work / "model-cache"
+    shutil.rmtree(blobs, ignore_errors=True)
+    for mode in args.modes:
+        options = openvino.OvOptions(cache_dir=str(blobs))
+        began = time.perf_counter()
+        openvino.load(work / mode / openvino.XML, options, mode)
+        cold = time.perf_counter() - began
+        began = time.perf_counter()
+        runners[mode] = openvino.load(work / mode / openvino.XML, options, mode)
+        figures["modes"][mode] |= {"load_cold_s": cold, "load_warm_s": time.perf_counter() - began,
+                                   "runtime": runners[mode].describe()}
+
+    def torch_call() -> None:
+        with torch.inference_mode():
+            unet(*torch_inputs)
+
+    calls_by_name = {"pytorch-fp32": torch_call, **{m: (lambda r=r: r.run(calls[0])) for m, r in runners.items()}}
+    print(f"timing one UNet call, {args.runs} runs each, taking turns ...", flush=True)
+    times = interleaved(calls_by_name, warmup=1, runs=args.runs)
+    base = summarize(times["pytorch-fp32"])
+    figures["pytorch_fp32"] = base
+    print(f"\n{args.model} UNet, batch 2, {args.size}x{args.size}, {figures['machine']}, {figures['date']}")
+    print(f"{'':16} {'computes in':>11} {'p50':>8} {'speedup':>8} {'min cosine':>11} {'cosine per step':>40} {'size':>9}")
+    print(f"{'pytorch-fp32':16} {'f32':>11} {base['p50_s']:7.3f}s {1.0:7.2f}x")
+    for mode, runner in runners.items():
+        stats = summarize(times[mode])
+        cosines = [compare(trajectory[f"out/{i}"], runner.run(calls[i])["out_sample"])["cosine"] for i in range(steps)]
+        entry = figures["modes"][mode]
+        entry |= {"latency": stats, "speedup": base["p50_s"] / stats["p50_s"], "cosine_per_step": cosines}
+        per_step = " ".join(f"{c:.5f}" for c in cosines)
+        print(f"{mode:16} {entry['runtime']['inference_precision']:>11} {stats['p50_s']:7.3f}s {entry['speedup']:7.2f}x "
+              f"{min(cosines):11.5f} {per_step:>40} {entry['compile']['bytes'] / 2**30:7.2f}GiB")
+    print()
+    c = figures["calibration"]
+    print(f"calibration capture: {c['seconds']:.0f} s for {c['generations']} generations, "
+          f"peak {c['peak_rss_bytes'] / 2**30:.2f} GiB")
+    for mode in args.modes:
+        e = figures["modes"][mode]
+        print(f"{mode}: IR in {e['compile']['seconds']:.0f} s, peak {e['compile']['peak_rss_bytes'] / 2**30:.2f} GiB; "
+              f"load cold {e['load_cold_s']:.1f} s, warm {e['load_warm_s']:.1f} s")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

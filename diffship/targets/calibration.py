@@ -1,0 +1,106 @@
+"""Calibration data for the INT8 paths: the components' real inputs, captured from the PyTorch pipeline.
+
+The UNet is calibrated on what it actually sees: its inputs at every denoising step of real
+generations for the recipe's calibration prompts (under classifier-free guidance, so batch 2), not on
+random tensors. The same runs give the text encoders' token ids, the VAE decoder's latents and the
+VAE encoder's images, for the modes that quantize those too. Shared by every INT8 target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffship.errors import DiffshipError
+
+MIN_SAMPLES = 4  # fewer UNet calls than this cover too few denoising steps to set ranges for every layer
+
+
+@dataclass
+class CalibrationData:
+    """Named input arrays per component, one dict per captured call, plus how they were made."""
+
+    inputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        """Store as one .npz (keys `component/index/input`)."""
+        arrays = {f"{c}/{i}/{name}": a for c, calls in self.inputs.items() for i, call in enumerate(calls)
+                  for name, a in call.items()}
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path, info: dict[str, Any]) -> CalibrationData:
+        data = cls(info=info)
+        with np.load(path) as arrays:
+            for key in sorted(arrays.files, key=lambda k: (k.split("/")[0], int(k.split("/")[1]))):
+                component, index, name = key.split("/")
+                calls = data.inputs.setdefault(component, [])
+                while len(calls) <= int(index):
+                    calls.append({})
+                calls[int(index)][name] = arrays[key]
+        return data
+
+
+def check_calibration(prompts: list[str], samples: int) -> None:
+    """Refuse calibration settings too small to calibrate with."""
+    if not prompts:
+        raise DiffshipError("INT8 needs calibration prompts: set [calibration] prompts in the recipe.")
+    if samples < MIN_SAMPLES:
+        raise DiffshipError(f"calibration.samples is {samples}; INT8 calibration needs at least {MIN_SAMPLES} UNet calls.")
+
+
+def capture(pipe: Any, prompts: list[str], samples: int | None, steps: int, height: int, width: int,
+            guidance_scale: float = 7.5, seed: int = 0, with_vae: bool = True) -> CalibrationData:
+    """Run enough generations (`steps` each, prompts in turn) to capture `samples` UNet calls, spread evenly.
+
+    `samples=None` keeps every UNet call of one generation per prompt (a denoising trajectory).
+    """
+    if samples is not None:
+        check_calibration(prompts, samples)
+    generations = len(prompts) if samples is None else math.ceil(samples / steps)
+    unet_calls: list[dict[str, np.ndarray]] = []
+
+    def record(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        call = {"sample": sample, "timestep": torch.as_tensor(timestep).float().reshape(-1).expand(sample.shape[0]),
+                "encoder_hidden_states": kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)}
+        added = kwargs.get("added_cond_kwargs") or {}
+        call |= {k: added[k] for k in ("text_embeds", "time_ids") if k in added}
+        unet_calls.append({k: v.detach().float().cpu().numpy().copy() for k, v in call.items()})
+
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    decoder, encoder, ids = [], [], {}
+    scaling = pipe.vae.config.scaling_factor
+    try:
+        for g in range(generations):
+            prompt = prompts[g % len(prompts)]
+            with torch.inference_mode():
+                latents = pipe(prompt, height=height, width=width, num_inference_steps=steps,
+                               guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(seed + g),
+                               output_type="latent").images
+                unscaled = latents / scaling
+                decoder.append({"latent_sample": unscaled.float().cpu().numpy()})
+                if with_vae:
+                    image = pipe.vae.decode(unscaled, return_dict=False)[0]
+                    encoder.append({"sample": image.float().clamp(-1, 1).cpu().numpy()})
+            for name in ("tokenizer", "tokenizer_2"):
+                tokenizer = getattr(pipe, name, None)
+                if tokenizer is not None:
+                    encoded = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                                        truncation=True, return_tensors="np").input_ids.astype(np.int32)
+                    ids.setdefault(name.replace("tokenizer", "text_encoder"), []).append({"input_ids": encoded})
+    finally:
+        handle.remove()
+    keep = np.arange(len(unet_calls)) if samples is None else np.linspace(0, len(unet_calls) - 1, samples).round().astype(int)
+    data = CalibrationData({"unet": [unet_calls[i] for i in keep], "vae_decoder": decoder, "vae_encoder": encoder, **ids},
+                           {"prompts": prompts, "samples": samples, "steps": steps, "generations": generations,
+                            "height": height, "width": width, "guidance_scale": guidance_scale, "seed": seed,
+                            "timesteps": [float(unet_calls[i]["timestep"][0]) for i in keep]})
+    return data

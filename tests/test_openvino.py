@@ -1,0 +1,158 @@
+"""The OpenVINO target: IR per component at every precision, calibrated INT8, optimum-intel's layout, the Runner."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+from typer.testing import CliRunner
+
+from diffship.build import build
+from diffship.cli import app
+from diffship.errors import DiffshipError
+from diffship.recipe import parse_recipe
+from diffship.targets import openvino as target
+
+runner = CliRunner()
+FAST = {"prompts": ["a red bicycle"], "seeds": [0], "steps": 3, "latency": {"enabled": False}}
+SHAPES = {"batch": [1, 2], "height": [64, 128], "width": [64, 128]}
+CALIBRATION = {"prompts": ["a cat on a sofa", "a mountain lake"], "samples": 6, "steps": 3}
+
+
+@pytest.fixture(scope="module")
+def ov_build(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+    """tiny-sd built for OpenVINO at every precision but int8-full (tested on its own), once for the module."""
+    recipe = parse_recipe({"model": "tiny-sd", "shapes": SHAPES, "validation": FAST, "calibration": CALIBRATION,
+                           "targets": [{"name": "openvino", "precisions": ["fp32", "fp16", "bf16", "int8-weights",
+                                                                          "int4-weights", "int8-hybrid"]}]})
+    return build(recipe, tmp_path_factory.mktemp("ov") / "out")
+
+
+def test_every_precision_builds_runs_end_to_end_and_passes_its_tolerance(ov_build):
+    assert ov_build.passed, {k: v["passed"] for k, v in ov_build.report["sets"].items()}
+    for key, result in ov_build.report["sets"].items():
+        precision = key.removeprefix("openvino-")
+        threshold = parse_recipe({}).threshold(precision)
+        assert result["e2e"]["images"] == 1 and result["e2e"]["threshold"]["min_psnr_db"] == threshold.min_psnr
+        assert result["parity"]["tolerance"]["min_cosine"] == threshold.min_cosine
+        assert set(result["parity"]["components"]) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+        assert len(result["parity"]["unet_steps"]["steps"]) >= 3  # every real denoising step checked
+
+
+def test_the_report_states_what_each_set_really_computes_in(ov_build):
+    computes = {k: v["runtime"]["unet"]["inference_precision"] for k, v in ov_build.report["sets"].items()}
+    assert computes["openvino-fp32"] == "f32" and computes["openvino-fp16"] == "f32"
+    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert computes["openvino-int8-hybrid"] == ("bf16" if bf16 else "f32")
+    html = (ov_build.out / "report" / "report.html").read_text()
+    assert "OpenVINO CPU f32" in html
+
+
+def test_sets_follow_optimum_intels_layout_and_shrink_with_precision(ov_build):
+    sizes = {}
+    for key in ov_build.manifest["artifacts"]:
+        folder = ov_build.out / key
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["_class_name"] == "OVStableDiffusionPipeline" and index["unet"] == ["optimum", "OVModelUnet"]
+        for component in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+            assert (folder / component / "openvino_model.xml").is_file() and (folder / component / "config.json").is_file()
+        assert (folder / "tokenizer" / "vocab.json").is_file() and (folder / "scheduler" / "scheduler_config.json").is_file()
+        sizes[key] = (folder / "unet" / "openvino_model.bin").stat().st_size
+    assert sizes["openvino-fp16"] < 0.6 * sizes["openvino-fp32"]
+    assert sizes["openvino-int8-weights"] < 0.8 * sizes["openvino-fp16"]
+
+
+def test_int8_hybrid_quantizes_the_unet_activations_but_keeps_the_sensitive_layers_in_float(ov_build):
+    model = ov.Core().read_model(ov_build.out / "openvino-int8-hybrid" / "unet" / "openvino_model.xml")
+    quantized = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "FakeQuantize"]
+    assert quantized, "no activation quantizers in the UNet"
+    assert not [n for n in quantized if "conv_in" in n or "time_embedding" in n]
+    encoder = ov.Core().read_model(ov_build.out / "openvino-int8-hybrid" / "text_encoder" / "openvino_model.xml")
+    assert not [op for op in encoder.get_ops() if op.get_type_name() == "FakeQuantize"]  # weight-only
+
+
+def test_generate_runs_a_chosen_openvino_precision(ov_build, tmp_path: Path):
+    out = tmp_path / "x.png"
+    result = runner.invoke(app, ["generate", str(ov_build.out), "-p", "a cat", "--steps", "2", "--backend", "openvino",
+                                 "--precision", "int8-hybrid", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and "openvino int8-hybrid" in result.stdout
+
+
+def test_int8_full_quantizes_everything_and_is_judged_like_the_rest(tmp_path: Path):
+    recipe = parse_recipe({"model": "tiny-sd", "shapes": SHAPES, "validation": FAST, "calibration": CALIBRATION,
+                           "targets": [{"name": "openvino", "precisions": ["int8-full"]}]})
+    result = build(recipe, tmp_path / "out")
+    full = result.report["sets"]["openvino-int8-full"]
+    for component in ("text_encoder", "vae_decoder"):
+        model = ov.Core().read_model(result.out / "openvino-int8-full" / component / "openvino_model.xml")
+        assert [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"], component
+    assert full["passed"] == (full["parity"]["passed"] and full["e2e"]["passed"]) == result.passed
+    assert result.manifest["artifacts"]["openvino-int8-full"]["status"] == ("passed" if result.passed else "failed")
+    assert full["e2e"]["samples"][0]["psnr_db"] is None or full["e2e"]["samples"][0]["psnr_db"] > 20
+
+
+def test_fixed_shapes_give_static_irs(tmp_path: Path):
+    recipe = parse_recipe({"model": "tiny-sd", "validation": {**FAST, "guidance_scale": 5.0},
+                           "shapes": {"batch": [1, 1], "height": [64, 64], "width": [64, 64]},
+                           "targets": [{"name": "openvino", "precisions": ["fp16"]}]})
+    result = build(recipe, tmp_path / "out")
+    assert result.passed
+    unet = ov.Core().read_model(result.out / "openvino-fp16" / "unet" / "openvino_model.xml")
+    shapes = {i.any_name: i.get_partial_shape() for i in unet.inputs}
+    assert all(s.is_static for s in shapes.values())
+    assert list(shapes["sample"].to_shape()) == [2, 4, 8, 8]  # batch 1 under guidance: the UNet sees 2
+
+
+def test_the_model_cache_makes_a_second_load_reuse_the_compiled_blob(ov_build, tmp_path: Path):
+    xml = ov_build.out / "openvino-fp16" / "unet" / "openvino_model.xml"
+    options = target.OvOptions(cache_dir=str(tmp_path / "blobs"))
+    first = target.load(xml, options, "fp16")
+    blobs = list((tmp_path / "blobs").iterdir())
+    assert blobs, "no compiled blob was cached"
+    second = target.load(xml, options, "fp16")
+    assert first.input_names == second.input_names
+    assert sorted((tmp_path / "blobs").iterdir()) == sorted(blobs)  # found, not compiled and written again
+    inputs = {"sample": np.zeros((2, 4, 8, 8), np.float32), "timestep": np.full(2, 500, np.float32),
+              "encoder_hidden_states": np.zeros((2, 77, 32), np.float32)}
+    assert np.array_equal(first.run(inputs)["out_sample"], second.run(inputs)["out_sample"])
+
+
+def test_a_second_build_reuses_every_compiled_ir(ov_build):
+    recipe = parse_recipe(ov_build.manifest["recipe"])
+    again = build(recipe, ov_build.out)
+    assert again.all_cached
+    assert again.manifest["artifacts"] == ov_build.manifest["artifacts"]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"device": "TPU"}, "Unknown OpenVINO device 'TPU'"),
+    ({"device": "NPU"}, "is not present on this machine; available: CPU"),
+    ({"performance_hint": "FAST"}, "Unknown OpenVINO performance_hint"),
+    ({"inference_precision": "int8"}, "Unknown inference_precision"),
+    ({"threads": 2}, "Unknown OpenVINO option(s) threads"),
+])
+def test_bad_openvino_options_are_refused(options: dict, message: str):
+    with pytest.raises(DiffshipError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        target.parse_options(options)
+
+
+@pytest.mark.parametrize(("calibration", "message"), [
+    ({"samples": 2}, "needs at least 4 UNet calls"),
+    ({"prompts": []}, "calibration.prompts"),
+])
+def test_int8_with_too_little_calibration_exits_2_before_any_work(tmp_path: Path, calibration: dict, message: str):
+    text = "[[targets]]\nname = 'openvino'\nprecisions = ['int8-hybrid']\n[calibration]\n" + "\n".join(
+        f"{k} = {json.dumps(v)}" for k, v in calibration.items())
+    (tmp_path / "r.toml").write_text(text)
+    result = runner.invoke(app, ["build", str(tmp_path / "r.toml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and not (tmp_path / "out").exists()
+
+
+def test_an_ir_without_its_weights_is_refused(ov_build, tmp_path: Path):
+    xml = tmp_path / "openvino_model.xml"
+    xml.write_bytes((ov_build.out / "openvino-fp32" / "unet" / "openvino_model.xml").read_bytes())
+    with pytest.raises(DiffshipError, match="no weights file openvino_model.bin"):
+        target.load(xml)
