@@ -1,4 +1,4 @@
-"""OpenVINO UNet step on a full-size model: FP32 (f32), BF16 and INT8-hybrid against PyTorch FP32 eager, one run.
+"""OpenVINO UNet step on a full-size model: every IR mode (FP32 in f32, BF16, INT8-hybrid...) against PyTorch FP32 eager.
 
 1. A child process captures calibration inputs (the recipe's prompts, samples and steps, not 50-step
    generations) and one validation trajectory: the UNet's real inputs at every denoising step of a
@@ -80,7 +80,7 @@ def child(code: str, *args: object) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15-arch")
-    parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "int8-hybrid"])
+    parser.add_argument("--modes", nargs="+", default=["fp32", "fp16", "bf16", "int8-weights", "int4-weights", "int8-hybrid"])
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--size", type=int, default=512)

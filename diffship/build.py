@@ -8,9 +8,7 @@ build whose artifacts fail validation still writes its folder, report and manife
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -21,10 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from diffship import __version__, cache
+from diffship import cache
 from diffship.artifacts import (
     MANIFEST_NAME,
-    MANIFEST_SCHEMA,
     ArtifactSet,
     atomic_write_json,
     file_entries,
@@ -34,8 +31,9 @@ from diffship.artifacts import (
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import ModuleLoader, component_entry, export_one, finish_pipeline_folder, select_specs
 from diffship.models.components import ComponentSpec
-from diffship.models.family import component_config, detect_family, prediction_type
+from diffship.models.family import component_config, detect_family
 from diffship.models.source import ModelSource, resolve
+from diffship.provenance import build_manifest, library_versions, report_data
 from diffship.recipe import Recipe
 from diffship.targets import check_available, get_target
 from diffship.targets.calibration import CalibrationData, capture, check_calibration
@@ -46,7 +44,6 @@ from diffship.validation.suite import Plan
 Say = Callable[[str], None]
 EXPORT_FOLDER = "onnx"
 REPORT_FOLDER = "report"
-REPORT_SCHEMA = 1
 
 
 @dataclass(frozen=True)
@@ -58,29 +55,6 @@ class BuildResult:
     report: dict[str, Any]
     passed: bool
     all_cached: bool
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of everything an artifact's bytes or numbers depend on."""
-    import diffusers
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "diffship": __version__, "diffship_source": source_fingerprint(),
-            "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__}
-
-
-def source_fingerprint() -> str:
-    """Hash of diffship's own code, so a changed exporter or validator never reuses results cached by the old one."""
-    package = Path(__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def check_targets(recipe: Recipe) -> None:
@@ -165,11 +139,11 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
         baseline.release()
         passed = all(r["passed"] for r in results.values())
         all_cached = all(hits.values())
-        report = _report_data(recipe, source, family.title, module_hashes, plan, shapes, entries, results, hits,
+        report = report_data(recipe, source, family.title, module_hashes, plan, shapes, entries, results, hits,
                               versions, passed, time.perf_counter() - started)
         say("Writing the report ...")
         written = write_report(report, pairs, tmp / REPORT_FOLDER)
-        manifest = _manifest(recipe, source, family.name, module_hashes, versions, shapes, sets, results, hits,
+        manifest = build_manifest(recipe, source, family.name, module_hashes, versions, shapes, sets, results, hits,
                              {k: p.relative_to(tmp).as_posix() for k, p in written.items()}, passed)
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
     return BuildResult(out, manifest, report, passed, all_cached)
@@ -396,72 +370,3 @@ def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSp
         pairs[set_key] = set_pairs
         say(f"[validate {set_key}] {'passed' if result['passed'] else 'FAILED'}")
     return results, pairs
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import psutil
-    import torch
-
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": psutil.cpu_count(logical=True), "memory_bytes": psutil.virtual_memory().total}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _report_data(recipe: Recipe, source: ModelSource, family: str, module_hashes: dict[str, str], plan: Plan,
-                 shapes: dict[str, list[int]], entries: dict[str, Any], results: dict[str, Any], hits: dict[str, bool],
-                 versions: dict[str, str], passed: bool, seconds: float) -> dict[str, Any]:
-    from diffship.validation.baseline import baseline_device, describe
-
-    return {
-        "schema": REPORT_SCHEMA,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {"spec": source.spec, "kind": source.kind, "family": family, "sha256": cache.key(**module_hashes)},
-        "baseline": describe(*baseline_device()),
-        "machine": machine(),
-        "versions": versions,
-        "recipe": recipe.model_dump(mode="json"),
-        "validation": {"height": plan.height, "width": plan.width, "steps": plan.validation.steps,
-                       "guidance_scale": plan.validation.guidance_scale,
-                       "parity_cases": [asdict(c) for c in plan.cases]},
-        "shapes": shapes,
-        "export": {c: {"seconds": e["seconds"], "bytes": sum(f["bytes"] for f in e["files"]),
-                       "cached": hits[f"export:{c}"]} for c, e in entries.items()},
-        "sets": results,
-        "cache": {"hits": sum(hits.values()), "misses": len(hits) - sum(hits.values())},
-        "build_seconds": round(seconds, 2),
-        "passed": passed,
-    }
-
-
-def _manifest(recipe: Recipe, source: ModelSource, family: str, module_hashes: dict[str, str], versions: dict[str, str],
-              shapes: dict[str, list[int]], sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]],
-              results: dict[str, Any], hits: dict[str, bool],
-              report_files: dict[str, str], passed: bool) -> dict[str, Any]:
-    artifacts = {}
-    for set_key, (_, _, recorded) in sets.items():
-        r = results[set_key]
-        artifacts[set_key] = {
-            **recorded, "status": "passed" if r["passed"] else "failed",
-            "validation": {"parity_passed": r["parity"]["passed"], "e2e_passed": r["e2e"]["passed"],
-                           "min_psnr_db": r["e2e"]["min_psnr_db"], "min_ssim": r["e2e"]["min_ssim"],
-                           "identical_images": r["e2e"]["identical"], "images": r["e2e"]["images"]},
-        }
-    return {
-        "schema": MANIFEST_SCHEMA,
-        "kind": "build",
-        "tool": {"name": "diffship", "version": __version__},
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": {"model": source.spec, "kind": source.kind, "folder": str(source.folder), "family": family,
-                   "prediction_type": prediction_type(source.folder), "sha256": cache.key(**module_hashes),
-                   "modules": module_hashes},
-        "recipe": recipe.model_dump(mode="json"),
-        "versions": versions,
-        "shapes": shapes,
-        "artifacts": artifacts,
-        "cache": {k: "hit" if v else "miss" for k, v in hits.items()},
-        "report": report_files,
-        "passed": passed,
-    }

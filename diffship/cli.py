@@ -131,8 +131,9 @@ def export(
 
 @app.command()
 def validate(
-    folder: Annotated[Path, typer.Argument(help="An output folder written by `diffship export`.")],
-    target: Annotated[str, typer.Option(help="Backend to run the artifacts with.")] = "onnxruntime",
+    folder: Annotated[Path, typer.Argument(help="A folder written by `diffship export` or `diffship build`.")],
+    target: Annotated[str | None, typer.Option(help="Which artifacts of a build (target name); default: the first.")] = None,
+    precision: Annotated[str | None, typer.Option(help="Which precision of that target.")] = None,
     components: Annotated[list[str] | None, typer.Option("--components", "-c", help="Only these components.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Also print the parity report as JSON.")] = False,
@@ -142,11 +143,12 @@ def validate(
 
     wanted = _names(components)
     try:
-        report = validate_folder(folder, target, wanted, allow_pickle=allow_pickle, on_step=_step_printer("check"))
+        report = validate_folder(folder, target, wanted, allow_pickle=allow_pickle, on_step=_step_printer("check"),
+                                 precision=precision)
     except DiffshipError as exc:
         raise _fail(exc) from None
     tol = report["tolerance"]
-    table = Table(title=f"Parity vs PyTorch FP32 ({report['target']['target']}, {', '.join(report['target']['providers'])}); "
+    table = Table(title=f"Parity vs PyTorch FP32 ({report['target'].get('summary', report['target']['target'])}); "
                         f"pass: cosine >= {tol['min_cosine']}, rel L2 <= {tol['max_rel_l2']}")
     for col in ("component", "batch", "resolution", "output", "max abs", "mean abs", "rel L2", "cosine", ""):
         table.add_column(col, justify="right" if col not in ("component", "output") else "left")

@@ -18,7 +18,7 @@ from diffship.models.components import component_specs, run_torch, wrap
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
 from diffship.targets.onnxruntime import load
-from diffship.validation.parity import DEFAULT_CASES, TOLERANCES, validate_folder
+from diffship.validation.parity import DEFAULT_CASES, default_threshold, validate_folder
 
 EXPECTED = {
     "tiny-sd": ["text_encoder", "unet", "vae_encoder", "vae_decoder"],
@@ -45,7 +45,7 @@ def test_every_component_matches_pytorch_at_two_batch_sizes_and_two_resolutions(
     report = validate_folder(exported(name))
     assert {(c.batch, c.height, c.width) for c in DEFAULT_CASES} == {(1, 64, 64), (2, 128, 192)}
     assert report["passed"], json.dumps(report["components"], indent=1)[:3000]
-    tol = TOLERANCES["fp32"]
+    tol = default_threshold("fp32")
     for component, result in report["components"].items():
         assert len(result["cases"]) == 2, component
         for case in result["cases"]:

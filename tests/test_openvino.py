@@ -156,3 +156,12 @@ def test_an_ir_without_its_weights_is_refused(ov_build, tmp_path: Path):
     xml.write_bytes((ov_build.out / "openvino-fp32" / "unet" / "openvino_model.xml").read_bytes())
     with pytest.raises(DiffshipError, match="no weights file openvino_model.bin"):
         target.load(xml)
+
+
+def test_validate_checks_a_chosen_set_against_its_precisions_tolerance(ov_build):
+    result = runner.invoke(app, ["validate", str(ov_build.out), "--target", "openvino", "--precision", "int8-hybrid",
+                                 "-c", "unet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((ov_build.out / "parity.json").read_text())
+    assert report["precision"] == "int8-hybrid" and report["tolerance"]["min_cosine"] == 0.99
+    assert report["target"]["inference_precision"] in ("bf16", "f32")

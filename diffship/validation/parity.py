@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from diffship import __version__
-from diffship.artifacts import atomic_write_json, read_manifest
+from diffship.artifacts import atomic_write_json, open_artifacts, read_manifest
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec, component_specs, run_torch, wrap
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
+from diffship.recipe import DEFAULT_THRESHOLDS, Threshold
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
 
@@ -38,11 +39,6 @@ class Tolerance:
     max_rel_l2: float
 
 
-TOLERANCES = {
-    "fp32": Tolerance(min_cosine=0.99999, max_rel_l2=1e-4),
-    "fp16": Tolerance(min_cosine=0.999, max_rel_l2=5e-2),
-    "int8": Tolerance(min_cosine=0.99, max_rel_l2=0.15),
-}
 
 
 @dataclass(frozen=True)
@@ -55,6 +51,11 @@ class Case:
 
 
 DEFAULT_CASES = (Case(1, 64, 64), Case(2, 128, 192))
+
+
+def default_threshold(precision: str) -> Threshold:
+    """The default bar for `precision` (a mode such as `int8-hybrid` uses its family's, `int8`)."""
+    return DEFAULT_THRESHOLDS.get(precision) or DEFAULT_THRESHOLDS[precision.split("-")[0]]
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -95,33 +96,32 @@ def check_component(spec: ComponentSpec, wrapper: torch.nn.Module, runner: Runne
     return {"passed": all(r["passed"] for r in results), "cases": results}
 
 
-def validate_folder(folder: Path, target: str = "onnxruntime", components: list[str] | None = None,
+def validate_folder(folder: Path, target: str | None = None, components: list[str] | None = None,
                     cases: tuple[Case, ...] = DEFAULT_CASES, allow_pickle: bool = False,
-                    on_step: Callable[[str, str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Check every exported component in `folder` against its PyTorch source; write and return parity.json."""
+                    on_step: Callable[[str, str, dict[str, Any]], None] | None = None,
+                    precision: str | None = None) -> dict[str, Any]:
+    """Check one artifact set of an export or build folder against its PyTorch source; write and return parity.json."""
     step = on_step or (lambda *_: None)
     folder = folder.resolve()
-    manifest = read_manifest(folder)
-    if manifest.get("kind") == "build":  # a build folder keeps its ONNX export in onnx/
-        folder = folder / next(iter(manifest["artifacts"].values()))["pipeline"]
-        manifest = read_manifest(folder)
-    precision = manifest["export"].get("precision", "fp32")
-    tolerance = TOLERANCES[precision]
-    source = resolve(manifest["source"]["model"], allow_pickle=allow_pickle)
-    exported = list(manifest["components"])
+    # Hashes are not enforced here: measuring what a changed file does is exactly this command's job.
+    artifacts = open_artifacts(folder, target, precision, verify=False)
+    threshold = default_threshold(artifacts.precision)
+    tolerance = Tolerance(threshold.min_cosine, threshold.max_rel_l2)
+    source = resolve(read_manifest(folder)["source"]["model"], allow_pickle=allow_pickle)
+    exported = list(artifacts.components)
     wanted = components or exported
     missing = [c for c in wanted if c not in exported]
     if missing:
-        raise DiffshipError(f"{folder} has no exported {', '.join(missing)} (it has {', '.join(exported)}).")
+        raise DiffshipError(f"{folder} has no {', '.join(missing)} artifact (it has {', '.join(exported)}).")
     specs = [s for s in component_specs(source.folder) if s.name in wanted]
-    backend = get_target(target)
+    backend = get_target(artifacts.target)
     report: dict[str, Any] = {
         "schema": PARITY_SCHEMA,
         "diffship": __version__,
         "baseline": {"framework": "pytorch", "precision": "fp32", "device": "cpu",
-                     "note": "PyTorch FP32 on the CPU (parity reference for FP32 artifacts)"},
+                     "note": "PyTorch FP32 on the CPU (parity reference)"},
         "target": None,
-        "precision": precision,
+        "precision": artifacts.precision,
         "tolerance": asdict(tolerance),
         "components": {},
     }
@@ -131,8 +131,7 @@ def validate_folder(folder: Path, target: str = "onnxruntime", components: list[
         if spec.module not in loaded:
             loaded = {spec.module: load_component(source.folder, spec.module, allow_pickle)}
             gc.collect()
-        artifact = backend.compile(folder / spec.name / "model.onnx", precision)
-        runner = backend.load(artifact)
+        runner = backend.load(artifacts.components[spec.name], None, artifacts.precision)
         report["target"] = runner.describe()
         result = check_component(spec, wrap(spec, loaded[spec.module]), runner, tolerance, cases)
         report["components"][spec.name] = result

@@ -199,8 +199,9 @@ def latency_chart(report: dict[str, Any]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(measured), figsize=(8 * len(measured), 4.2), squeeze=False)
-    for ax, (key, lat) in zip(axes[0], measured.items(), strict=True):
+    # One panel per artifact set, stacked, so a build with many precisions stays readable.
+    fig, axes = plt.subplots(len(measured), 1, figsize=(9, 4.2 * len(measured)), squeeze=False)
+    for ax, (key, lat) in zip(axes[:, 0], measured.items(), strict=True):
         labels, base, target = [], [], []
         for name, v in lat["components"].items():
             labels.append(f"{name} (batch {v['batch']})")

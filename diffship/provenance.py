@@ -1,0 +1,117 @@
+"""What a build records about itself: library versions, the machine, the report's data and the manifest.
+
+Kept apart from the stages so the record of a build is read in one place: everything that ends up in
+report.json and manifest.json, and nothing that does work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffship import __version__, cache
+from diffship.artifacts import MANIFEST_SCHEMA, ArtifactSet
+from diffship.models.family import prediction_type
+from diffship.models.source import ModelSource
+from diffship.recipe import Recipe
+from diffship.validation.suite import Plan
+
+REPORT_SCHEMA = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of everything an artifact's bytes or numbers depend on."""
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "diffship": __version__, "diffship_source": source_fingerprint(),
+            "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def source_fingerprint() -> str:
+    """Hash of diffship's own code, so a changed exporter or validator never reuses results cached by the old one."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import psutil
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": psutil.cpu_count(logical=True), "memory_bytes": psutil.virtual_memory().total}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def report_data(recipe: Recipe, source: ModelSource, family: str, module_hashes: dict[str, str], plan: Plan,
+                 shapes: dict[str, list[int]], entries: dict[str, Any], results: dict[str, Any], hits: dict[str, bool],
+                 versions: dict[str, str], passed: bool, seconds: float) -> dict[str, Any]:
+    from diffship.validation.baseline import baseline_device, describe
+
+    return {
+        "schema": REPORT_SCHEMA,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {"spec": source.spec, "kind": source.kind, "family": family, "sha256": cache.key(**module_hashes)},
+        "baseline": describe(*baseline_device()),
+        "machine": machine(),
+        "versions": versions,
+        "recipe": recipe.model_dump(mode="json"),
+        "validation": {"height": plan.height, "width": plan.width, "steps": plan.validation.steps,
+                       "guidance_scale": plan.validation.guidance_scale,
+                       "parity_cases": [asdict(c) for c in plan.cases]},
+        "shapes": shapes,
+        "export": {c: {"seconds": e["seconds"], "bytes": sum(f["bytes"] for f in e["files"]),
+                       "cached": hits[f"export:{c}"]} for c, e in entries.items()},
+        "sets": results,
+        "cache": {"hits": sum(hits.values()), "misses": len(hits) - sum(hits.values())},
+        "build_seconds": round(seconds, 2),
+        "passed": passed,
+    }
+
+
+def build_manifest(recipe: Recipe, source: ModelSource, family: str, module_hashes: dict[str, str], versions: dict[str, str],
+              shapes: dict[str, list[int]], sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]],
+              results: dict[str, Any], hits: dict[str, bool],
+              report_files: dict[str, str], passed: bool) -> dict[str, Any]:
+    artifacts = {}
+    for set_key, (_, _, recorded) in sets.items():
+        r = results[set_key]
+        artifacts[set_key] = {
+            **recorded, "status": "passed" if r["passed"] else "failed",
+            "validation": {"parity_passed": r["parity"]["passed"], "e2e_passed": r["e2e"]["passed"],
+                           "min_psnr_db": r["e2e"]["min_psnr_db"], "min_ssim": r["e2e"]["min_ssim"],
+                           "identical_images": r["e2e"]["identical"], "images": r["e2e"]["images"]},
+        }
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "kind": "build",
+        "tool": {"name": "diffship", "version": __version__},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": {"model": source.spec, "kind": source.kind, "folder": str(source.folder), "family": family,
+                   "prediction_type": prediction_type(source.folder), "sha256": cache.key(**module_hashes),
+                   "modules": module_hashes},
+        "recipe": recipe.model_dump(mode="json"),
+        "versions": versions,
+        "shapes": shapes,
+        "artifacts": artifacts,
+        "cache": {k: "hit" if v else "miss" for k, v in hits.items()},
+        "report": report_files,
+        "passed": passed,
+    }
