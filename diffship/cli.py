@@ -207,7 +207,8 @@ def _print_summary(report: dict[str, Any]) -> None:
     title, columns, rows = summary_table(report)
     table = Table(title=f"{title}: {report['model']['spec']} vs {report['baseline']['note']}")
     for col in columns:
-        table.add_column(col, justify="left" if col in ("artifacts", "verdict", "results") or col.startswith("runs") else "right")
+        table.add_column(col, justify="left" if col in ("artifacts", "verdict", "results") or col.startswith("runs") else "right",
+                         no_wrap=col == "artifacts")
     for row in rows:
         table.add_row(*[("[bold red]FAIL[/]" if c == "FAIL" else "[green]pass[/]" if c == "pass" else c) for c in row])
     out.print(table)
