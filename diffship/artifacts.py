@@ -179,6 +179,7 @@ class ArtifactSet:
     components: dict[str, Path]
     shapes: dict[str, list[int]] | None  # {"batch": [min, max], "height": [...], "width": [...]}; None: any
     status: str  # "passed", "failed", or "unvalidated"
+    options: dict[str, Any] | None = None  # the target options the build used (device, hints...), to run it the same way
 
 
 def artifact_sets(folder: Path) -> dict[str, dict[str, Any]]:
@@ -208,6 +209,9 @@ def open_artifacts(folder: Path, target: str | None = None, precision: str | Non
         verify_files(folder, [f for c in chosen["components"].values() for f in c["files"]]
                      + chosen.get("pipeline_files", []))
     pipeline = folder / chosen["pipeline"]
+    manifest = read_manifest(folder)
+    recorded = [t.get("options", {}) for t in (manifest.get("recipe") or {}).get("targets", [])
+                if t["name"] == chosen["target"]]
     return ArtifactSet(folder, pipeline, chosen["target"], chosen["precision"],
                        {c: folder / e["path"] for c, e in chosen["components"].items()},
-                       read_manifest(folder).get("shapes"), chosen.get("status", "unvalidated"))
+                       manifest.get("shapes"), chosen.get("status", "unvalidated"), recorded[0] if recorded else None)

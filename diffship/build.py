@@ -96,7 +96,7 @@ def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict
         second = Case(min(2, shapes["batch"][1]), shapes["height"][0], shapes["width"][0])
         cases = (first,) if second == first else (first, second)
     unet_cases = None
-    if all(low == high for low, high in shapes.values()) and v.guidance_scale > 1.0:
+    if shapes_fixed(shapes) and v.guidance_scale > 1.0:
         unet_cases = tuple(Case(2 * c.batch, c.height, c.width) for c in cases)
     return shapes, Plan(height, width, cases, v, recipe.threshold("fp32"), unet_cases)
 
@@ -243,9 +243,14 @@ class Calibration:
         return self.data
 
 
+def shapes_fixed(shapes: dict[str, list[int]]) -> bool:
+    """Whether the recipe pins batch, height and width to one value each (static artifacts are then possible)."""
+    return all(low == high for low, high in shapes.values())
+
+
 def static_shapes(spec: ComponentSpec, shapes: dict[str, list[int]], guidance: bool) -> dict[str, tuple[int, ...]] | None:
     """Input shapes when the recipe fixes batch and resolution (the UNet sees twice the batch under guidance)."""
-    if any(low != high for low, high in shapes.values()):
+    if not shapes_fixed(shapes):
         return None
     batch = shapes["batch"][0] * (2 if guidance and spec.name == "unet" else 1)
     sizes = spec.axis_sizes(batch, shapes["height"][0], shapes["width"][0])

@@ -165,3 +165,17 @@ def test_validate_checks_a_chosen_set_against_its_precisions_tolerance(ov_build)
     report = json.loads((ov_build.out / "parity.json").read_text())
     assert report["precision"] == "int8-hybrid" and report["tolerance"]["min_cosine"] == 0.99
     assert report["target"]["inference_precision"] in ("bf16", "f32")
+
+
+def test_generate_runs_artifacts_with_the_options_they_were_built_with(ov_build):
+    from diffship.runtime.pipeline import DeployedPipeline
+
+    original = (ov_build.out / "manifest.json").read_text()
+    manifest = json.loads(original)
+    manifest["recipe"]["targets"][0]["options"] = {"inference_precision": "f32"}
+    (ov_build.out / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        pipe = DeployedPipeline.load(ov_build.out, "openvino", "int8-hybrid")
+        assert pipe.runners["unet"].describe()["inference_precision"] == "f32"  # the recorded option, not the default
+    finally:
+        (ov_build.out / "manifest.json").write_text(original)

@@ -82,11 +82,13 @@ class DeployedPipeline:
 
     @classmethod
     def from_artifacts(cls, artifacts: ArtifactSet, options: Any = None) -> DeployedPipeline:
-        """Load one Runner per component the pipeline needs, timing each load."""
+        """Load one Runner per component the pipeline needs, timing each load (with the build's options by default)."""
         missing = [c for c in NEEDED if c not in artifacts.components]
         if missing:
             raise DiffshipError(f"{artifacts.root} cannot generate images: it has no {', '.join(missing)} artifact.")
         backend = get_target(artifacts.target)
+        if options is None and artifacts.options:
+            options = backend.parse_options(artifacts.options)
         runners, seconds = {}, {}
         for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
             if name in artifacts.components:

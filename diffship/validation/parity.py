@@ -23,7 +23,7 @@ from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec, component_specs, run_torch, wrap
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
-from diffship.recipe import DEFAULT_THRESHOLDS, Threshold
+from diffship.recipe import Recipe, Threshold
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
 
@@ -55,7 +55,7 @@ DEFAULT_CASES = (Case(1, 64, 64), Case(2, 128, 192))
 
 def default_threshold(precision: str) -> Threshold:
     """The default bar for `precision` (a mode such as `int8-hybrid` uses its family's, `int8`)."""
-    return DEFAULT_THRESHOLDS.get(precision) or DEFAULT_THRESHOLDS[precision.split("-")[0]]
+    return Recipe().threshold(precision)
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
