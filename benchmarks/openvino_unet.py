@@ -57,7 +57,7 @@ from pathlib import Path
 from diffship.build import static_shapes
 from diffship.models.components import component_specs
 from diffship.models.source import resolve
-from diffship.targets import openvino
+from diffship.targets import CompileContext, openvino
 from diffship.targets.calibration import CalibrationData
 model, work, mode, size = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 spec = next(s for s in component_specs(resolve(model).folder) if s.name == "unet")
@@ -66,7 +66,7 @@ static = static_shapes(spec, {"batch": [1, 1], "height": [size, size], "width": 
 calibration = lambda: CalibrationData.load(work / "calibration.npz", {})
 began = time.perf_counter()
 xml = openvino.compile(work / "onnx" / "unet" / "model.onnx", mode, openvino.OvOptions(), work / mode,
-                       openvino.CompileContext(spec, static, calibration))
+                       CompileContext(spec, static, calibration))
 print(json.dumps({"seconds": time.perf_counter() - began, "bytes": sum(p.stat().st_size for p in xml.parent.iterdir()),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """

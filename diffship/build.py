@@ -35,7 +35,7 @@ from diffship.models.family import component_config, detect_family
 from diffship.models.source import ModelSource, resolve
 from diffship.provenance import build_manifest, library_versions, report_data
 from diffship.recipe import Recipe
-from diffship.targets import check_available, get_target
+from diffship.targets import CompileContext, check_available, get_target
 from diffship.targets.calibration import CalibrationData, capture, check_calibration
 from diffship.validation.parity import Case
 from diffship.validation.report import write_report
@@ -277,7 +277,7 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                 if not backend.writes_artifacts(precision):
                     components[name] = backend.compile(source, precision, options)
                     continue
-                context = backend.CompileContext(by_name[name], static_shapes(by_name[name], shapes, guided),
+                context = CompileContext(by_name[name], static_shapes(by_name[name], shapes, guided),
                                                  calibration if backend.needs_calibration(precision) else None)
                 entry_key = cache.key(stage="compile", target=target.name, precision=precision, options=repr(options),
                                       source=[f["sha256"] for f in entries[name]["files"]], static=context.static_shapes,

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from diffship.errors import DiffshipError
+
+if TYPE_CHECKING:
+    from diffship.models.components import ComponentSpec
+    from diffship.targets.calibration import CalibrationData
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,15 @@ TARGETS = {
     "tensorrt": TargetInfo("diffship.targets.tensorrt", "tensorrt", "tensorrt"),
     "coreml": TargetInfo("diffship.targets.coreml", "coremltools", "coreml"),
 }
+
+
+@dataclass(frozen=True)
+class CompileContext:
+    """What a compile may need beyond the ONNX file: the component, fixed shapes, and calibration data (lazily)."""
+
+    spec: ComponentSpec
+    static_shapes: dict[str, tuple[int, ...]] | None = None
+    calibration: Callable[[], CalibrationData] | None = None
 
 
 def check_available(name: str) -> TargetInfo:

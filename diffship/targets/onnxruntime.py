@@ -6,6 +6,8 @@ the Runner reports the providers the session actually uses, so a silent CPU fall
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,14 @@ import numpy as np
 import onnxruntime as ort
 
 from diffship.errors import DiffshipError
+from diffship.targets import CompileContext
 
 NAME = "onnxruntime"
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int8")
+QUANTIZED_OPS = ("Conv", "MatMul")
+# UNet layers INT8 hurts most and speeds up least: timestep embedding, first and last convolutions.
+UNET_SENSITIVE = ("time_embedding", "time_proj", "conv_in", "conv_out")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 GRAPH_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -32,6 +39,10 @@ class OrtOptions:
     providers: tuple[str, ...] | None = None
     graph_optimization: str = "all"
     intra_op_threads: int = 0
+    calibration_method: str = "minmax"
+    # Collect calibration statistics for at most this many tensors per pass (0: all at once). Full-size UNets
+    # need it: ORT makes every quantized tensor a graph output and runs out of memory otherwise.
+    calib_max_intermediate_outputs: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -44,7 +55,11 @@ def parse_options(options: dict[str, Any]) -> OrtOptions:
     values = dict(options)
     if values.get("providers") is not None:
         values["providers"] = tuple(values["providers"])
-    return OrtOptions(**values)
+    parsed = OrtOptions(**values)
+    if parsed.calibration_method not in CALIBRATION_METHODS:
+        raise DiffshipError(
+            f"Unknown calibration_method {parsed.calibration_method!r}; choose {', '.join(CALIBRATION_METHODS)}.")
+    return parsed
 
 
 def default_providers() -> tuple[str, ...]:
@@ -55,28 +70,92 @@ def default_providers() -> tuple[str, ...]:
 
 def writes_artifacts(precision: str) -> bool:
     """Whether `compile` makes new files for `precision` (FP32 runs the exported ONNX as it is)."""
-    return False
+    return precision != "fp32"
 
 
 def needs_calibration(precision: str) -> bool:
-    """Whether `precision` is calibrated on captured inputs."""
-    return False
+    """Whether `precision` is calibrated on captured inputs (the UNet's static INT8)."""
+    return precision == "int8"
+
+
+def model_index(family: str, components: list[str]) -> dict[str, Any]:
+    """model_index.json entries of diffusers' / optimum's ONNX pipelines for this folder."""
+    from diffship.exporters.pipeline import ONNX_PIPELINE_CLASS
+
+    return {"_class_name": ONNX_PIPELINE_CLASS[family], **{c: ["diffusers", "OnnxRuntimeModel"] for c in components}}
 
 
 def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = None, dest: Path | None = None,
-            context: Any = None) -> Path:
-    """The ONNX Runtime artifact for `source`. FP32 runs the exported file as it is."""
+            context: CompileContext | None = None) -> Path:
+    """The ONNX Runtime artifact for `source`: the export itself for FP32; for INT8 a quantized model in `dest`.
+
+    INT8: the UNet as static QDQ (per-channel INT8 weights, UINT8 activations calibrated on its captured
+    real inputs, Conv and MatMul, sensitive layers left in float); text encoders with dynamic INT8 MatMuls;
+    the VAE stays FP32 (its activations do not survive INT8; see the OpenVINO int8-full results).
+    """
+    options = options or OrtOptions()
     if precision not in PRECISIONS:
-        raise DiffshipError(f"ONNX Runtime precision {precision!r} is not available yet; choose {', '.join(PRECISIONS)}.")
+        raise DiffshipError(f"ONNX Runtime precision {precision!r} is not available; choose {', '.join(PRECISIONS)}.")
     if not source.is_file():
         raise DiffshipError(f"No ONNX model at {source}.")
-    return source
+    if precision == "fp32":
+        return source
+    if dest is None or context is None:
+        raise DiffshipError("ONNX Runtime INT8 needs an output folder and the component it quantizes.")
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / source.name
+    large = (source.parent / f"{source.name}_data").is_file()
+    name = context.spec.name
+    if name == "unet":
+        _quantize_unet(source, out, context, options, large)
+    elif name.startswith("text_encoder"):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(source, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         use_external_data_format=large)
+    else:
+        for path in source.parent.iterdir():
+            if path.name.startswith(source.name):
+                try:
+                    os.link(path, dest / path.name)
+                except OSError:
+                    shutil.copy2(path, dest / path.name)
+    return out
+
+
+def _quantize_unet(source: Path, out: Path, context: CompileContext, options: OrtOptions, large: bool) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if context.calibration is None:
+        raise DiffshipError("ONNX Runtime INT8 needs calibration data for the UNet.")
+    calls = context.calibration().inputs["unet"]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.calls = iter(calls)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.calls, None)
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    excluded = [n.name for n in graph.node if any(part in n.name for part in UNET_SENSITIVE)]
+    extra: dict[str, Any] = {}
+    if k := options.calib_max_intermediate_outputs:
+        # onnxruntime raises "No data is collected" when the sample count is a multiple of this.
+        extra["CalibMaxIntermediateOutputs"] = k - 1 if len(calls) % k == 0 else k
+    quantize_static(source, out, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded, use_external_data_format=large,
+                    calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                      "percentile": CalibrationMethod.Percentile}[options.calibration_method],
+                    extra_options=extra)
 
 
 class OrtRunner:
     """A Runner over an onnxruntime.InferenceSession."""
 
-    def __init__(self, path: Path, options: OrtOptions):
+    def __init__(self, path: Path, options: OrtOptions, precision: str = "fp32"):
         if options.graph_optimization not in GRAPH_LEVELS:
             raise DiffshipError(
                 f"Unknown graph optimization level {options.graph_optimization!r}; choose {', '.join(GRAPH_LEVELS)}."
@@ -96,7 +175,7 @@ class OrtRunner:
             self.session = ort.InferenceSession(str(path), session_options, providers=list(requested))
         except Exception as exc:  # onnxruntime raises its own untyped errors for a bad file
             raise DiffshipError(f"ONNX Runtime could not load {path}: {exc}") from exc
-        self.path, self.options = path, options
+        self.path, self.options, self.precision = path, options, precision
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
 
@@ -111,9 +190,10 @@ class OrtRunner:
         providers = self.session.get_providers()
         return {"target": NAME, "onnxruntime": ort.__version__, "providers": providers,
                 "graph_optimization": self.options.graph_optimization,
-                "summary": f"ONNX Runtime {providers[0].removesuffix('ExecutionProvider')} fp32"}
+                "precision": self.precision,
+                "summary": f"ONNX Runtime {providers[0].removesuffix('ExecutionProvider')} {self.precision}"}
 
 
 def load(artifact: Path, options: OrtOptions | None = None, precision: str | None = None) -> OrtRunner:
     """A Runner for an ONNX file."""
-    return OrtRunner(artifact, options or OrtOptions())
+    return OrtRunner(artifact, options or OrtOptions(), precision or "fp32")

@@ -11,7 +11,6 @@ precision sets `INFERENCE_PRECISION_HINT` explicitly and the Runner reports the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,7 @@ import numpy as np
 import openvino as ov
 
 from diffship.errors import DiffshipError
-from diffship.models.components import ComponentSpec
-from diffship.targets.calibration import CalibrationData
+from diffship.targets import CompileContext
 
 NAME = "openvino"
 XML = "openvino_model.xml"
@@ -51,15 +49,6 @@ class OvOptions:
     preset: str = "mixed"  # NNCF preset: "mixed" (asymmetric activations) or "performance" (symmetric)
     bias_correction: bool = False  # NNCF's fast bias correction: +1.4 GiB peak on the SD 1.5 UNet for no gain seen
     static_shapes: bool = True  # reshape to static shapes when the recipe fixes batch and resolution
-
-
-@dataclass(frozen=True)
-class CompileContext:
-    """What a compile may need beyond the ONNX file: the component, fixed shapes, and calibration data (lazily)."""
-
-    spec: ComponentSpec
-    static_shapes: dict[str, tuple[int, ...]] | None = None
-    calibration: Callable[[], CalibrationData] | None = None
 
 
 def writes_artifacts(precision: str) -> bool:

@@ -1,0 +1,64 @@
+"""ONNX Runtime INT8: a static QDQ UNet calibrated on captured inputs, dynamic INT8 text encoders, FP32 VAE."""
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from diffship.artifacts import sha256_file
+from diffship.build import build
+from diffship.cli import app
+from diffship.recipe import parse_recipe
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def int8_build(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+    recipe = parse_recipe({
+        "model": "tiny-sd", "shapes": {"batch": [1, 2], "height": [64, 128], "width": [64, 128]},
+        "validation": {"prompts": ["a red bicycle"], "seeds": [0], "steps": 3, "latency": {"enabled": False}},
+        "calibration": {"prompts": ["a cat on a sofa", "a mountain lake"], "samples": 6, "steps": 3},
+        "targets": [{"name": "onnxruntime", "precisions": ["int8"]}]})
+    return build(recipe, tmp_path_factory.mktemp("ort-int8") / "out")
+
+
+def ops(path: Path) -> list[onnx.NodeProto]:
+    return list(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def test_the_unet_is_static_qdq_except_its_sensitive_layers(int8_build):
+    nodes = ops(int8_build.out / "onnxruntime-int8" / "unet" / "model.onnx")
+    assert sum(n.op_type == "QuantizeLinear" for n in nodes) > 10
+    produced_by = {o: n for n in nodes for o in n.output}
+    for conv in (n for n in nodes if n.op_type == "Conv" and ("conv_in" in n.name or "conv_out" in n.name)):
+        weight_source = produced_by.get(conv.input[1])
+        assert weight_source is None or weight_source.op_type != "DequantizeLinear", conv.name  # kept in float
+
+
+def test_text_encoders_are_dynamic_int8_and_the_vae_is_the_fp32_export(int8_build):
+    encoder = ops(int8_build.out / "onnxruntime-int8" / "text_encoder" / "model.onnx")
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in encoder)
+    for vae in ("vae_encoder", "vae_decoder"):
+        assert sha256_file(int8_build.out / "onnxruntime-int8" / vae / "model.onnx") == sha256_file(
+            int8_build.out / "onnx" / vae / "model.onnx")
+    index = json.loads((int8_build.out / "onnxruntime-int8" / "model_index.json").read_text())
+    assert index["_class_name"] == "OnnxStableDiffusionPipeline"
+
+
+def test_int8_is_judged_against_the_int8_bar_and_draws_a_close_image(int8_build):
+    result = int8_build.report["sets"]["onnxruntime-int8"]
+    assert result["parity"]["tolerance"] == {"min_cosine": 0.99, "max_rel_l2": 0.15}
+    assert result["passed"] == (result["parity"]["passed"] and result["e2e"]["passed"])
+    assert result["runtime"]["unet"]["summary"] == "ONNX Runtime CPU int8"
+    assert result["e2e"]["min_psnr_db"] > 25
+    assert result["parity"]["unet_steps"]["min_cosine"] > 0.98
+
+
+def test_an_unknown_calibration_method_exits_2(tmp_path: Path):
+    (tmp_path / "r.toml").write_text("[[targets]]\nname = 'onnxruntime'\nprecisions = ['int8']\n"
+                                     "options = { calibration_method = 'kl' }\n")
+    result = runner.invoke(app, ["build", str(tmp_path / "r.toml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Unknown calibration_method 'kl'" in result.output
