@@ -182,9 +182,8 @@ class ArtifactSet:
     options: dict[str, Any] | None = None  # the target options the build used (device, hints...), to run it the same way
 
 
-def artifact_sets(folder: Path) -> dict[str, dict[str, Any]]:
-    """The artifact sets a build folder's manifest lists, by key (`onnxruntime-fp32`); an export folder has one."""
-    manifest = read_manifest(folder)
+def artifact_sets(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The artifact sets a build manifest lists, by key (`onnxruntime-fp32`); an export manifest has one."""
     if manifest.get("kind") == "build":
         return manifest["artifacts"]
     return {"onnxruntime-fp32": {"target": "onnxruntime", "precision": "fp32", "pipeline": ".", "status": "unvalidated",
@@ -197,7 +196,8 @@ def open_artifacts(folder: Path, target: str | None = None, precision: str | Non
                    verify: bool = True) -> ArtifactSet:
     """Pick one artifact set from a build or export folder, checking its files against the manifest's hashes."""
     folder = folder.resolve()
-    sets = artifact_sets(folder)
+    manifest = read_manifest(folder)
+    sets = artifact_sets(manifest)
     matching = {k: s for k, s in sets.items()
                 if (target is None or s["target"] == target) and (precision is None or s["precision"] == precision)}
     if not matching:
@@ -209,7 +209,6 @@ def open_artifacts(folder: Path, target: str | None = None, precision: str | Non
         verify_files(folder, [f for c in chosen["components"].values() for f in c["files"]]
                      + chosen.get("pipeline_files", []))
     pipeline = folder / chosen["pipeline"]
-    manifest = read_manifest(folder)
     recorded = [t.get("options", {}) for t in (manifest.get("recipe") or {}).get("targets", [])
                 if t["name"] == chosen["target"]]
     return ArtifactSet(folder, pipeline, chosen["target"], chosen["precision"],

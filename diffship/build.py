@@ -30,7 +30,7 @@ from diffship.artifacts import (
 )
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import ModuleLoader, component_entry, export_one, finish_pipeline_folder, select_specs
-from diffship.models.components import ComponentSpec
+from diffship.models.components import ComponentSpec, native_size
 from diffship.models.family import component_config, detect_family
 from diffship.models.source import ModelSource, resolve
 from diffship.provenance import build_manifest, library_versions, report_data
@@ -70,7 +70,7 @@ def check_targets(recipe: Recipe) -> None:
 def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict[str, list[int]], Plan]:
     """The shape ranges to record, and the resolution and parity cases validation uses (model defaults filled in)."""
     multiple = spec.vae_scale * 8
-    native = component_config(folder, "unet").get("sample_size", 64) * spec.vae_scale
+    native = native_size(component_config(folder, "unet"), spec.vae_scale)
     shapes: dict[str, list[int]] = {"batch": list(recipe.shapes.batch)}
     for side in ("height", "width"):
         low, high = getattr(recipe.shapes, side) or (multiple, 2 * native)
@@ -301,7 +301,7 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
             if set_dir != export_dir:
                 _copy_pipeline_folder(export_dir, set_dir, list(entries), backend.model_index(family, list(entries)))
             recorded = {name: {"path": path.relative_to(root).as_posix(), "precision": precision,
-                               "files": file_entries(root, path.parent),
+                               "files": _artifact_files(root, export_dir, path, entries[name]["files"]),
                                "inputs": entries[name]["inputs"], "outputs": entries[name]["outputs"]}
                         for name, path in components.items()}
             artifact_set = ArtifactSet(root, set_dir, target.name, precision, components, shapes, "unvalidated")
@@ -310,6 +310,15 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                                                       "components": recorded,
                                                       "pipeline_files": _pipeline_files(root, set_dir, components)})
     return sets
+
+
+def _artifact_files(root: Path, export_dir: Path, artifact: Path, exported: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Hashes of an artifact's folder; when it is the export itself (ONNX Runtime FP32), the export stage's, re-rooted,
+    so multi-GB weights are not hashed a second time."""
+    if artifact.parent.parent == export_dir:
+        prefix = export_dir.relative_to(root).as_posix()
+        return [{**f, "path": f"{prefix}/{f['path']}"} for f in exported]
+    return file_entries(root, artifact.parent)
 
 
 def _pipeline_files(root: Path, folder: Path, components: dict[str, Any]) -> list[dict[str, Any]]:

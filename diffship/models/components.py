@@ -84,6 +84,11 @@ def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, spe
     return rng.standard_normal(size=shape).astype(t.dtype)
 
 
+def native_size(unet_config: dict, vae_scale: int) -> int:
+    """The image side (pixels) a pipeline was trained at: the UNet's latent sample size times the VAE's scale."""
+    return unet_config.get("sample_size", 64) * vae_scale
+
+
 def component_specs(folder: Path, family: Family | None = None) -> list[ComponentSpec]:
     """The exportable components of the pipeline in `folder`, read from its configs (no weights loaded)."""
     family = family or detect_family(folder)

@@ -22,6 +22,7 @@ import torch
 
 from diffship.artifacts import ArtifactSet, atomic_write_bytes, open_artifacts
 from diffship.errors import DiffshipError
+from diffship.models.components import native_size
 from diffship.models.family import read_json
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
@@ -99,7 +100,7 @@ class DeployedPipeline:
 
     @property
     def native_resolution(self) -> tuple[int, int]:
-        side = self.unet_config.get("sample_size", 64) * self.vae_scale
+        side = native_size(self.unet_config, self.vae_scale)
         return side, side
 
     def check_request(self, batch: int, height: int, width: int) -> None:
