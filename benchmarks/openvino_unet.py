@@ -17,39 +17,12 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
-
-CAPTURE = r"""
-import json, resource, sys, time
-from pathlib import Path
-import numpy as np
-from diffship.models.components import component_specs, run_torch, wrap
-from diffship.models.source import resolve
-from diffship.targets.calibration import capture
-from diffship.validation.baseline import load_baseline
-model, work, samples, steps, size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-folder = resolve(model).folder
-pipe = load_baseline(folder)
-began = time.perf_counter()
-data = capture(pipe, ["a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"],
-               samples, steps, size, size)
-seconds = time.perf_counter() - began
-data.save(work / "calibration.npz")
-trajectory = capture(pipe, ["a red bicycle leaning on a brick wall"], None, 4, size, size, seed=123, with_vae=False)
-spec = next(s for s in component_specs(folder) if s.name == "unet")
-unet = wrap(spec, pipe.unet)
-outputs = [run_torch(unet, spec, call)["out_sample"] for call in trajectory.inputs["unet"]]
-np.savez(work / "trajectory.npz", **{f"{i}/{k}": v for i, c in enumerate(trajectory.inputs["unet"]) for k, v in c.items()},
-         **{f"out/{i}": o for i, o in enumerate(outputs)})
-print(json.dumps({"seconds": seconds, "generations": data.info["generations"], "timesteps": trajectory.info["timesteps"],
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-"""
+from unet_capture import capture, child
 
 COMPILE = r"""
 import json, resource, sys, time
@@ -72,11 +45,6 @@ print(json.dumps({"seconds": time.perf_counter() - began, "bytes": sum(p.stat().
 """
 
 
-def child(code: str, *args: object) -> dict:
-    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15-arch")
@@ -85,7 +53,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=Path("out/bench-openvino"))
+    parser.add_argument("--work", type=Path, default=Path("out/bench-unet"))
+    parser.add_argument("--recapture", action="store_true", help="capture again even when the work folder has one")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -107,7 +76,8 @@ def main() -> None:
         export_pipeline(resolve(args.model), work / "onnx", ["unet"], overwrite=True)
     print(f"capturing calibration ({args.samples} UNet calls, {args.steps}-step generations) and a trajectory ...", flush=True)
     figures: dict = {"model": args.model, "date": str(date.today()), "machine": platform.processor() or platform.machine(),
-                     "calibration": child(CAPTURE, args.model, work, args.samples, args.steps, args.size), "modes": {}}
+                     "calibration": capture(args.model, work, args.samples, args.steps, args.size, args.recapture),
+                     "modes": {}}
     for mode in args.modes:
         shutil.rmtree(work / mode, ignore_errors=True)
         print(f"compiling {mode} ...", flush=True)

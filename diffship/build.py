@@ -269,19 +269,22 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
         options = backend.parse_options(target.options)
         for precision in target.precisions:
             set_key = f"{target.name}-{precision}"
-            set_dir = root / set_key if backend.writes_artifacts(precision) else export_dir
+            writes = backend.writes_artifacts(precision, options)
+            set_dir = root / set_key if writes else export_dir
             components: dict[str, Path] = {}
             for i, name in enumerate(entries):
                 prefix = f"[compile {set_key} {i + 1}/{len(entries)}] {name}"
                 source = export_dir / name / "model.onnx"
-                if not backend.writes_artifacts(precision):
+                if not writes:
                     components[name] = backend.compile(source, precision, options)
                     continue
                 context = CompileContext(by_name[name], static_shapes(by_name[name], shapes, guided),
-                                                 calibration if backend.needs_calibration(precision) else None)
+                                         calibration if backend.needs_calibration(precision) else None, family,
+                                         (shapes["height"][0], shapes["width"][0]))
                 entry_key = cache.key(stage="compile", target=target.name, precision=precision, options=repr(options),
                                       source=[f["sha256"] for f in entries[name]["files"]], static=context.static_shapes,
-                                      calibration=calibration.key if context.calibration else None, versions=versions)
+                                      calibration=calibration.key if context.calibration else None,
+                                      probe=context.probe_size, versions=versions)
                 entry = None if force else cache.lookup("compile", entry_key)
                 if entry is None:
                     say(f"{prefix}: compiling ...")

@@ -36,11 +36,14 @@ TARGETS = {
 
 @dataclass(frozen=True)
 class CompileContext:
-    """What a compile may need beyond the ONNX file: the component, fixed shapes, and calibration data (lazily)."""
+    """What a compile may need beyond the ONNX file: the component, fixed shapes, calibration data (lazily), the
+    model family, and the smallest built resolution (height, width) for a quick probe run."""
 
     spec: ComponentSpec
     static_shapes: dict[str, tuple[int, ...]] | None = None
     calibration: Callable[[], CalibrationData] | None = None
+    family: str | None = None
+    probe_size: tuple[int, int] = (64, 64)
 
 
 def check_available(name: str) -> TargetInfo:

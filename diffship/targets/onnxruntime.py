@@ -6,23 +6,34 @@ the Runner reports the providers the session actually uses, so a silent CPU fall
 
 from __future__ import annotations
 
+import gc
+import json
+import logging
 import os
 import shutil
-from dataclasses import dataclass, field, fields
+import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
+from diffship.artifacts import atomic_write_json
 from diffship.errors import DiffshipError
-from diffship.targets import CompileContext
+from diffship.targets import CompileContext, onnx_graph
 
 NAME = "onnxruntime"
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")
 QUANTIZED_OPS = ("Conv", "MatMul")
-# UNet layers INT8 hurts most and speeds up least: timestep embedding, first and last convolutions.
-UNET_SENSITIVE = ("time_embedding", "time_proj", "conv_in", "conv_out")
+# UNet layers INT8 hurts most and speeds up least: timestep embedding, first and last convolutions, and the
+# 1x1 shortcut convolutions whose inputs are the unnormalized skip concatenations (on SD 1.5 they alone took the
+# UNet's cosine from 0.9988 to 0.9918).
+UNET_SENSITIVE = ("time_embedding", "time_proj", "conv_in", "conv_out", "conv_shortcut")
+# Optimizers that undo what INT8 needs: common-subexpression elimination merges the dedicated Q/DQ pairs again,
+# leaving q/k/v projections in float (SD 1.5 UNet: 2.61 s with it, 2.25 s without).
+INT8_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 GRAPH_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -30,47 +41,91 @@ GRAPH_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+EXECUTION_MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": ort.ExecutionMode.ORT_PARALLEL}
+# Providers that run FP16 kernels natively; on the others an FP16 model is checked for parity, not timed.
+FP16_NATIVE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider")
+GPU_PROVIDERS = FP16_NATIVE
+VAE_MODES = ("auto", "fp16", "fp32")
+GRAPH_FILE = "diffship-graph.json"
 
 
 @dataclass(frozen=True)
 class OrtOptions:
-    """Session settings: providers (None: best installed), graph optimization level, intra-op threads (0: ORT's default)."""
+    """ONNX Runtime settings from the recipe's `[targets.options]`.
+
+    providers: execution providers in order (None: TensorRT, CUDA, DirectML, CPU, as installed).
+    graph_optimization / intra_op_threads / inter_op_threads / execution_mode: the session's own settings.
+    optimize: prepare the graph (transformer fusions, then constant folding) instead of using the export as is:
+    true, false, or "auto": on for GPU providers, whose fused kernels it targets, and for INT8 on the CPU (the
+    quantized SD 1.5 UNet runs 1.10x faster from the prepared graph); off for FP32/FP16 on the CPU, where it
+    measured no faster (docs/performance.md).
+    fp16_keep_io_types: FP16 models keep FP32 inputs and outputs. fp16_vae: "auto" keeps SDXL's VAE in FP32 (it
+    overflows in FP16), "fp16"/"fp32" force it; any FP16 component whose probe output is not finite falls back to FP32.
+    fp16_op_block_list: op types kept in FP32 besides ONNX Runtime's defaults.
+    calibration_method / calib_max_intermediate_outputs: the UNet's INT8 calibration.
+    """
 
     providers: tuple[str, ...] | None = None
     graph_optimization: str = "all"
     intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    execution_mode: str = "sequential"
+    optimize: bool | str = "auto"
+    fp16_keep_io_types: bool = True
+    fp16_vae: str = "auto"
+    fp16_op_block_list: tuple[str, ...] = ()
     calibration_method: str = "minmax"
-    # Collect calibration statistics for at most this many tensors per pass (0: all at once). Full-size UNets
-    # need it: ORT makes every quantized tensor a graph output and runs out of memory otherwise.
+    # Reduce calibration statistics every this many samples (0: at the end), bounding what is held in memory.
     calib_max_intermediate_outputs: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def parse_options(options: dict[str, Any]) -> OrtOptions:
-    """The recipe's `[targets.options]` for ONNX Runtime, with unknown keys named."""
+    """The recipe's `[targets.options]` for ONNX Runtime, with unknown keys and values named."""
     known = {f.name for f in fields(OrtOptions)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise DiffshipError(f"Unknown ONNX Runtime option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
     values = dict(options)
-    if values.get("providers") is not None:
-        values["providers"] = tuple(values["providers"])
+    for name in ("providers", "fp16_op_block_list"):
+        if values.get(name) is not None:
+            values[name] = tuple(values[name])
     parsed = OrtOptions(**values)
-    if parsed.calibration_method not in CALIBRATION_METHODS:
-        raise DiffshipError(
-            f"Unknown calibration_method {parsed.calibration_method!r}; choose {', '.join(CALIBRATION_METHODS)}.")
+    if parsed.optimize not in (True, False, "auto"):
+        raise DiffshipError(f"optimize must be true, false or 'auto', not {parsed.optimize!r}.")
+    for name, allowed in (("graph_optimization", GRAPH_LEVELS), ("execution_mode", EXECUTION_MODES),
+                          ("calibration_method", CALIBRATION_METHODS), ("fp16_vae", VAE_MODES)):
+        if getattr(parsed, name) not in allowed:
+            raise DiffshipError(f"Unknown {name} {getattr(parsed, name)!r}; choose {', '.join(allowed)}.")
     return parsed
 
 
 def default_providers() -> tuple[str, ...]:
-    """CUDA first when the installed onnxruntime has it, then CPU."""
+    """The best providers the installed onnxruntime has: TensorRT, CUDA, DirectML, then CPU."""
     available = ort.get_available_providers()
-    return tuple(p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available)
+    return tuple(p for p in (*FP16_NATIVE, "CPUExecutionProvider") if p in available)
 
 
-def writes_artifacts(precision: str) -> bool:
-    """Whether `compile` makes new files for `precision` (FP32 runs the exported ONNX as it is)."""
-    return precision != "fp32"
+def _providers(options: OrtOptions) -> tuple[str, ...]:
+    requested = options.providers or default_providers()
+    missing = [p for p in requested if p not in ort.get_available_providers()]
+    if missing:
+        raise DiffshipError(
+            f"Execution provider(s) {', '.join(missing)} are not available in this onnxruntime "
+            f"(available: {', '.join(ort.get_available_providers())})."
+        )
+    return requested
+
+
+def prepares_graph(options: OrtOptions, precision: str = "fp32") -> bool:
+    """Whether compile prepares (fuses, folds) the graph for these options and precision."""
+    if options.optimize == "auto":
+        return _providers(options)[0] in GPU_PROVIDERS or precision == "int8"
+    return bool(options.optimize)
+
+
+def writes_artifacts(precision: str, options: OrtOptions | None = None) -> bool:
+    """Whether `compile` makes new files (FP32 without graph preparation runs the exported ONNX as it is)."""
+    return precision != "fp32" or prepares_graph(options or OrtOptions())
 
 
 def needs_calibration(precision: str) -> bool:
@@ -87,112 +142,253 @@ def model_index(family: str, components: list[str]) -> dict[str, Any]:
 
 def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = None, dest: Path | None = None,
             context: CompileContext | None = None) -> Path:
-    """The ONNX Runtime artifact for `source`: the export itself for FP32; for INT8 a quantized model in `dest`.
+    """The ONNX Runtime artifact for `source` in `dest`, with what preparation did in `diffship-graph.json`.
 
-    INT8: the UNet as static QDQ (Conv and MatMul; per-channel INT8 weights; INT8 activations, S8S8 being
-    ONNX Runtime's recommended QDQ format on x86; calibrated on its captured real inputs; sensitive layers
-    left in float); text encoders with dynamic INT8 MatMuls; the VAE stays FP32 (its activations do not
-    survive INT8; see the OpenVINO int8-full results).
+    fp32: the prepared graph (fusions for the session's providers, then constant folding), or the export
+    itself without `optimize`. fp16: the prepared graph in FP16. int8: the UNet as static QDQ (Conv and
+    MatMul; per-channel INT8 weights; INT8 activations, S8S8 being ONNX Runtime's recommended QDQ format on
+    x86; calibrated on its captured real inputs; sensitive layers left in float); text encoders with dynamic
+    INT8 MatMuls; the VAE as FP32 (its activations do not survive INT8; see the OpenVINO int8-full results).
     """
     options = options or OrtOptions()
     if precision not in PRECISIONS:
         raise DiffshipError(f"ONNX Runtime precision {precision!r} is not available; choose {', '.join(PRECISIONS)}.")
     if not source.is_file():
         raise DiffshipError(f"No ONNX model at {source}.")
-    if precision == "fp32":
+    if not writes_artifacts(precision, options):
         return source
     if dest is None or context is None:
-        raise DiffshipError("ONNX Runtime INT8 needs an output folder and the component it quantizes.")
+        raise DiffshipError(f"ONNX Runtime {precision} needs an output folder and the component it prepares.")
     dest.mkdir(parents=True, exist_ok=True)
     out = dest / source.name
-    large = (source.parent / f"{source.name}_data").is_file()
     name = context.spec.name
-    if name == "unet":
-        _quantize_unet(source, out, context, options, large)
-    elif name.startswith("text_encoder"):
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    if precision == "int8":
+        large = (source.parent / f"{source.name}_data").is_file()
+        if name == "unet":
+            with tempfile.TemporaryDirectory(prefix=".prepared-", dir=dest) as tmp:
+                record = {}
+                if prepares_graph(options, precision):
+                    prepared = Path(tmp) / source.name
+                    record = _prepare(source, prepared, name, "int8", options, context)
+                    source, large = prepared, (Path(tmp) / f"{source.name}_data").is_file()
+                record |= _quantize_unet(source, out, context, options, large)
+        elif name.startswith("text_encoder"):
+            from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(source, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                         use_external_data_format=large)
+            quantize_dynamic(source, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                             use_external_data_format=large)
+            record = {"quantization": "dynamic INT8 MatMul weights, activations quantized per call"}
+        else:
+            _link_export(source, dest)
+            record = {"kept": "fp32", "reason": "VAE activations lose too much in INT8"}
     else:
-        for path in source.parent.iterdir():
-            if path.name.startswith(source.name):
-                try:
-                    os.link(path, dest / path.name)
-                except OSError:
-                    shutil.copy2(path, dest / path.name)
+        record = _prepare(source, out, name, precision, options, context)
+    atomic_write_json(dest / GRAPH_FILE, {"precision": precision, **record})
     return out
 
 
-def _quantize_unet(source: Path, out: Path, context: CompileContext, options: OrtOptions, large: bool) -> None:
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+def _link_export(source: Path, dest: Path) -> None:
+    for path in source.parent.iterdir():
+        if path.name.startswith(source.name):
+            try:
+                os.link(path, dest / path.name)
+            except OSError:
+                shutil.copy2(path, dest / path.name)
+
+
+def _prepare(source: Path, out: Path, name: str, precision: str, options: OrtOptions,
+             context: CompileContext) -> dict[str, Any]:
+    """The FP32 / FP16 artifact, or the graph INT8 quantizes: fused for the session's providers and folded when
+    preparation is on; FP16 converted and probed for overflow."""
+    model = onnx_graph.load(source)
+    before = onnx_graph.op_counts(model)
+    record: dict[str, Any] = {}
+    fused: dict[str, int] = {}
+    if prepares_graph(options, precision):
+        gpu = _providers(options)[0] in GPU_PROVIDERS
+        model, fused = onnx_graph.fuse(model, name, gpu)
+        model = onnx_graph.fold_constants(model)
+        record["prepared_for"] = "gpu" if gpu else "cpu"
+    if precision == "fp16":
+        keep_fp32 = _keeps_fp32(name, options, context)
+        if keep_fp32:
+            record |= {"kept": "fp32", "reason": keep_fp32}
+        else:
+            fp32_model = model
+            model = onnx_graph.to_fp16(model, options.fp16_keep_io_types, list(options.fp16_op_block_list))
+            overflow = _fp16_overflow(fp32_model, model, context)
+            if overflow:
+                model = fp32_model
+                record |= {"kept": "fp32", "reason": overflow}
+            del fp32_model
+    onnx_graph.save(model, out)
+    return record | onnx_graph.summary(before, onnx_graph.op_counts(model), fused,
+                                       {"folded_by": "polygraphy" if prepares_graph(options, precision) else None})
+
+
+def _keeps_fp32(name: str, options: OrtOptions, context: CompileContext) -> str | None:
+    """Why component `name` stays FP32 in an FP16 set, or None."""
+    if not name.startswith("vae") or options.fp16_vae == "fp16":
+        return None
+    if options.fp16_vae == "fp32":
+        return "the recipe keeps the VAE in FP32 (fp16_vae = 'fp32')"
+    if context.family == "sdxl":
+        return "SDXL's VAE overflows in FP16 (fp16_vae = 'auto'; set 'fp16' to convert it anyway)"
+    return None
+
+
+def _fp16_overflow(fp32: onnx.ModelProto, fp16: onnx.ModelProto, context: CompileContext) -> str | None:
+    """Run the FP16 model on a probe input; a reason to fall back when an output is NaN or Inf."""
+    batch, (height, width) = 1, context.probe_size
+    inputs = context.spec.sample_inputs(batch, height, width)
+    with tempfile.TemporaryDirectory(prefix="diffship-fp16-probe-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx_graph.save(fp16, path)
+        outputs = OrtRunner(path, OrtOptions(providers=("CPUExecutionProvider",)), "fp16").run(inputs)
+    bad = [n for n, v in outputs.items() if not np.isfinite(v).all()]
+    if bad:
+        return (f"FP16 {', '.join(bad)} not finite (NaN/Inf) on a probe input at {batch}x{height}x{width}: "
+                f"fell back to FP32")
+    return None
+
+
+def _quantize_unet(source: Path, out: Path, context: CompileContext, options: OrtOptions,
+                   large: bool) -> dict[str, Any]:
+    """Static QDQ INT8 UNet: tensor ranges from the captured inputs first, then quantization from those ranges.
+
+    Two phases, so that the calibration session can run with settings that fit a full-size UNet at 512x512
+    in memory (`quantize_static` builds its own); the ranges pass between them through onnxruntime's own
+    calibration cache file, which is kept beside the model.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     if context.calibration is None:
         raise DiffshipError("ONNX Runtime INT8 needs calibration data for the UNet.")
-    calls = context.calibration().inputs["unet"]
+    # One batch item per sample: the ranges are the same, the calibration session needs half the memory.
+    samples = [{k: v[i:i + 1] for k, v in call.items()}
+               for call in context.calibration().inputs["unet"] for i in range(len(call["sample"]))]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.calls = iter(calls)
+            self.samples = iter(samples)
 
         def get_next(self) -> dict[str, Any] | None:
-            return next(self.calls, None)
+            return next(self.samples, None)
 
-    graph = onnx.load(str(source), load_external_data=False).graph
-    excluded = [n.name for n in graph.node if any(part in n.name for part in UNET_SENSITIVE)]
-    extra: dict[str, Any] = {}
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[options.calibration_method]
+    ranges = out.parent / "calibration-ranges.json"
+    extra = {}
     if k := options.calib_max_intermediate_outputs:
         # onnxruntime raises "No data is collected" when the sample count is a multiple of this.
-        extra["CalibMaxIntermediateOutputs"] = k - 1 if len(calls) % k == 0 else k
-    quantize_static(source, out, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
+        extra["max_intermediate_outputs"] = k - 1 if len(samples) % k == 0 else k
+    with tempfile.TemporaryDirectory(prefix="diffship-calibrate-") as tmp:
+        calibrator = create_calibrator(source, list(QUANTIZED_OPS), augmented_model_path=str(Path(tmp) / "model.onnx"),
+                                       calibrate_method=method, use_external_data_format=large,
+                                       providers=["CPUExecutionProvider"], extra_options=extra)
+        # The calibrator's session runs in ONNX Runtime's default node order, which schedules the statistics
+        # nodes after the whole graph and so keeps every calibrated tensor alive (13 GiB for SD 1.5's UNet at
+        # 512x512, batch 1). Priority order runs each as soon as its input exists (4.5 GiB).
+        calibrator.infer_session = None
+        gc.collect()
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session_options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        session_options.log_severity_level = 3
+        calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, session_options,
+                                                        providers=["CPUExecutionProvider"])
+        calibrator.collect_data(Reader())
+        save_tensors_data(calibrator.compute_data(), ranges)
+        del calibrator
+        gc.collect()
+    graph = onnx.load(str(source), load_external_data=False).graph
+    excluded = [n.name for n in graph.node
+                if n.op_type in QUANTIZED_OPS and any(part in n.name for part in UNET_SENSITIVE)]
+    del graph
+    # onnxruntime.quantization logs advice on the root logger ("consider pre-processing") on every call.
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR
+    try:
+        _quantize_static(source, out, excluded, large, method, ranges)
+    finally:
+        root.setLevel(level)
+    return {"quantization": f"static QDQ S8S8, per-channel weights, {options.calibration_method} calibration on "
+                            f"{len(samples)} captured UNet inputs; {len(excluded)} sensitive Conv/MatMul kept float",
+            "excluded_nodes": len(excluded), "calibration_samples": len(samples)}
+
+
+def _quantize_static(source: Path, out: Path, excluded: list[str], large: bool, method: Any, ranges: Path) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(source, out, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=excluded, use_external_data_format=large,
-                    calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                      "percentile": CalibrationMethod.Percentile}[options.calibration_method],
-                    extra_options=extra)
+                    nodes_to_exclude=excluded, use_external_data_format=large, calibrate_method=method,
+                    calibration_cache_path=ranges, extra_options={
+                        # MatMul outputs stay float (MatMulIntegerToFloat): the residual stream keeps its precision.
+                        "OpTypesToExcludeOutputQuantization": ["MatMul"],
+                        # One Q/DQ pair per consumer, so q/k/v projections sharing an input each fuse.
+                        "DedicatedQDQPair": True})
+
+
+def _session_options(options: OrtOptions) -> ort.SessionOptions:
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = GRAPH_LEVELS[options.graph_optimization]
+    session_options.intra_op_num_threads = options.intra_op_threads
+    session_options.inter_op_num_threads = options.inter_op_threads
+    session_options.execution_mode = EXECUTION_MODES[options.execution_mode]
+    session_options.log_severity_level = 3
+    return session_options
 
 
 class OrtRunner:
-    """A Runner over an onnxruntime.InferenceSession."""
+    """A Runner over an onnxruntime.InferenceSession, FP32 arrays in and out whatever the model's I/O types."""
 
     def __init__(self, path: Path, options: OrtOptions, precision: str = "fp32"):
-        if options.graph_optimization not in GRAPH_LEVELS:
-            raise DiffshipError(
-                f"Unknown graph optimization level {options.graph_optimization!r}; choose {', '.join(GRAPH_LEVELS)}."
-            )
-        requested = options.providers or default_providers()
-        missing = [p for p in requested if p not in ort.get_available_providers()]
-        if missing:
-            raise DiffshipError(
-                f"Execution provider(s) {', '.join(missing)} are not available in this onnxruntime "
-                f"(available: {', '.join(ort.get_available_providers())})."
-            )
-        session_options = ort.SessionOptions()
-        session_options.graph_optimization_level = GRAPH_LEVELS[options.graph_optimization]
-        session_options.intra_op_num_threads = options.intra_op_threads
-        session_options.log_severity_level = 3
+        requested = _providers(options)
         try:
-            self.session = ort.InferenceSession(str(path), session_options, providers=list(requested))
+            disabled = list(INT8_DISABLED_OPTIMIZERS) if precision == "int8" else []
+            self.session = ort.InferenceSession(str(path), _session_options(options), providers=list(requested),
+                                                disabled_optimizers=disabled)
         except Exception as exc:  # onnxruntime raises its own untyped errors for a bad file
             raise DiffshipError(f"ONNX Runtime could not load {path}: {exc}") from exc
+        used = self.session.get_providers()
+        if used[0] != requested[0]:
+            # onnxruntime drops a provider whose libraries fail to load and carries on with the next one.
+            raise DiffshipError(f"ONNX Runtime was asked for {requested[0]} but the session runs on {used[0]} "
+                                f"(its libraries did not load); set providers explicitly to run on {used[0]}.")
         self.path, self.options, self.precision = path, options, precision
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
+        self._input_types = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in self.session.get_inputs()}
+        sidecar = path.parent / GRAPH_FILE
+        self.graph = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else None
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the session on named arrays; missing or unexpected names are an error, not a guess."""
         if set(inputs) != set(self.input_names):
             raise DiffshipError(f"{self.path} takes inputs {list(self.input_names)}, got {sorted(inputs)}.")
-        outputs = self.session.run(list(self.output_names), inputs)
-        return dict(zip(self.output_names, outputs, strict=True))
+        feed = {n: v.astype(self._input_types[n]) if self._input_types[n] else v for n, v in inputs.items()}
+        outputs = self.session.run(list(self.output_names), feed)
+        return {n: v.astype(np.float32) if v.dtype == np.float16 else v
+                for n, v in zip(self.output_names, outputs, strict=True)}
 
     def describe(self) -> dict[str, object]:
         providers = self.session.get_providers()
-        return {"target": NAME, "onnxruntime": ort.__version__, "providers": providers,
-                "graph_optimization": self.options.graph_optimization,
-                "precision": self.precision,
-                "summary": f"ONNX Runtime {providers[0].removesuffix('ExecutionProvider')} {self.precision}"}
+        precision = self.precision
+        if self.graph and self.graph.get("kept"):
+            precision = f"{self.graph['kept']} (kept)"
+        described: dict[str, object] = {
+            "target": NAME, "onnxruntime": ort.__version__, "providers": providers,
+            "graph_optimization": self.options.graph_optimization, "precision": precision,
+            "threads": {"intra_op": self.options.intra_op_threads, "inter_op": self.options.inter_op_threads},
+            "summary": f"ONNX Runtime {providers[0].removesuffix('ExecutionProvider')} {self.precision}"}
+        if self.graph:
+            described["graph"] = self.graph
+        if self.precision == "fp16" and providers[0] not in FP16_NATIVE:
+            described["latency_skipped"] = (f"{providers[0]} has no native FP16 kernels for most ops, so FP16 "
+                                            "latency here says nothing about a GPU; parity only")
+        return described
 
 
 def load(artifact: Path, options: OrtOptions | None = None, precision: str | None = None) -> OrtRunner:

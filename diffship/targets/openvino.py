@@ -51,7 +51,7 @@ class OvOptions:
     static_shapes: bool = True  # reshape to static shapes when the recipe fixes batch and resolution
 
 
-def writes_artifacts(precision: str) -> bool:
+def writes_artifacts(precision: str, options: Any = None) -> bool:
     """Every OpenVINO precision is a new IR."""
     return True
 

@@ -53,6 +53,22 @@ def summary_table(report: dict[str, Any]) -> Table:
                         "min PSNR", "min SSIM", "max pixel diff", "UNet speedup", "pipeline speedup", "results"], rows)
 
 
+def runtime_rows(runtime: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Per component: what runs it, what graph preparation did (fusions that applied, nodes), and why a component
+    kept a higher precision. Empty when no target recorded graph preparation."""
+    rows = []
+    for component, d in runtime.items():
+        graph = d.get("graph")
+        if not graph:
+            continue
+        fused = ", ".join(f"{op} {n}" for op, n in sorted(graph.get("fused", {}).items()))
+        nodes = f"{graph['nodes_before']} -> {graph['nodes_after']} nodes" if "nodes_before" in graph else ""
+        prep = "; ".join(part for part in (fused and f"fused {fused}", nodes, graph.get("quantization", "")) if part)
+        rows.append([component, f"{d.get('summary', '')} ({d.get('precision', '')})", prep or "-",
+                     graph.get("reason", "")])
+    return rows
+
+
 def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
     """Parity, end-to-end, latency and memory tables of one artifact set."""
     tol = r["parity"]["tolerance"]
@@ -67,6 +83,8 @@ def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
                  _verdict(s["passed"])] for s in steps["steps"]]
         tables.append((f"{key}: UNet on the baseline's real inputs at each denoising step ({steps['prompt']!r}, "
                        f"seed {steps['seed']})", ["step", "timestep", "cosine", "rel L2", "max abs", ""], rows))
+    if rows := runtime_rows(r["runtime"]):
+        tables.append((f"{key}: how each component runs", ["component", "runs as", "graph preparation", "note"], rows))
     th = r["e2e"]["threshold"]
     e2e = [[s["prompt"], str(s["seed"]), _psnr(s["psnr_db"]), f"{s['ssim']:.4f}", str(s["max_abs_diff"]),
             _verdict(s["passed"])] for s in r["e2e"]["samples"]]
@@ -86,6 +104,8 @@ def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
         runs = next(iter(lat["components"].values()))["target"]["runs"] if lat["components"] else 0
         tables.append((f"{key}: latency, p50 / p90 over {runs} interleaved runs (speedup = baseline p50 / target p50)",
                        ["", "batch", "baseline p50", "target p50", "baseline p90", "target p90", "speedup"], rows))
+    if r.get("latency_skipped"):
+        tables.append((f"{key}: latency not measured", ["reason"], [[r["latency_skipped"]]]))
     mem = r["memory"]
     rows = [[c, _mib(b), f"{mem['load_seconds'][c]:.2f} s" if c in mem["load_seconds"] else "-"]
             for c, b in mem["artifact_bytes"].items()]

@@ -107,7 +107,11 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
                              "identical" if r["identical"] else f"PSNR {r['psnr_db']:.1f} dB, SSIM {r['ssim']:.4f}")))
     result["e2e"] = e2e
 
-    if v.latency.enabled:
+    skipped = sorted({str(d["latency_skipped"]) for d in result["runtime"].values() if d.get("latency_skipped")})
+    if v.latency.enabled and skipped:
+        result["latency_skipped"] = "; ".join(skipped)
+        say(f"[{label}] latency not measured: {result['latency_skipped']}")
+    elif v.latency.enabled:
         say(f"[{label}] latency: {v.latency.warmup} warm-up + {v.latency.runs} timed runs per component, interleaved")
         result["latency"] = measure_latency(deployed, specs, pipe, plan, samples[0], say)
     result["memory"] = {

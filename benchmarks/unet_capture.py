@@ -1,0 +1,55 @@
+"""Shared by the UNet benchmarks: calibration inputs and one real denoising trajectory, captured in a child process.
+
+The capture writes `calibration.npz` (the recipe-style calibration set) and `trajectory.npz` (the UNet's real inputs
+at every step of a different prompt and seed, with PyTorch FP32's outputs) into the work folder; a later benchmark
+on the same model and size reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CAPTURE = r"""
+import json, resource, sys, time
+from pathlib import Path
+import numpy as np
+from diffship.models.components import component_specs, run_torch, wrap
+from diffship.models.source import resolve
+from diffship.targets.calibration import capture
+from diffship.validation.baseline import load_baseline
+model, work, samples, steps, size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+folder = resolve(model).folder
+pipe = load_baseline(folder)
+began = time.perf_counter()
+data = capture(pipe, ["a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"],
+               samples, steps, size, size)
+seconds = time.perf_counter() - began
+data.save(work / "calibration.npz")
+trajectory = capture(pipe, ["a red bicycle leaning on a brick wall"], None, 4, size, size, seed=123, with_vae=False)
+spec = next(s for s in component_specs(folder) if s.name == "unet")
+unet = wrap(spec, pipe.unet)
+outputs = [run_torch(unet, spec, call)["out_sample"] for call in trajectory.inputs["unet"]]
+np.savez(work / "trajectory.npz", **{f"{i}/{k}": v for i, c in enumerate(trajectory.inputs["unet"]) for k, v in c.items()},
+         **{f"out/{i}": o for i, o in enumerate(outputs)})
+print(json.dumps({"seconds": seconds, "generations": data.info["generations"], "timesteps": trajectory.info["timesteps"],
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def child(code: str, *args: object) -> dict:
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def capture(model: str, work: Path, samples: int, steps: int, size: int, again: bool = False) -> dict:
+    """Capture into `work` unless a capture with the same settings is there; the capture's time and memory."""
+    stamp = work / "capture.json"
+    settings = {"model": model, "samples": samples, "steps": steps, "size": size}
+    if not again and stamp.is_file() and json.loads(stamp.read_text()).get("settings") == settings:
+        return json.loads(stamp.read_text())["figures"] | {"reused": True}
+    figures = child(CAPTURE, model, work, samples, steps, size)
+    stamp.write_text(json.dumps({"settings": settings, "figures": figures}))
+    return figures

@@ -1,0 +1,164 @@
+"""ONNX Runtime FP32 (prepared graph) and FP16: fusions, folding, FP16 conversion and its FP32 fallback, providers."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from diffship.build import build
+from diffship.cli import app
+from diffship.errors import DiffshipError
+from diffship.models.components import component_specs
+from diffship.models.source import resolve
+from diffship.recipe import parse_recipe
+from diffship.targets import CompileContext, onnxruntime
+from diffship.targets.onnxruntime import GRAPH_FILE, OrtOptions
+from diffship.validation.parity import compare
+
+runner = CliRunner()
+SHAPES = {"batch": [1, 2], "height": [64, 128], "width": [64, 128]}
+ONE_RUN = {"enabled": True, "warmup": 0, "runs": 1, "pipeline_runs": 1}
+
+
+@pytest.fixture(scope="module")
+def sd_build(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+    recipe = parse_recipe({
+        "model": "tiny-sd", "shapes": SHAPES,
+        "validation": {"prompts": ["a red bicycle"], "seeds": [0], "steps": 2, "latency": ONE_RUN},
+        "targets": [{"name": "onnxruntime", "precisions": ["fp32", "fp16"], "options": {"optimize": True}}]})
+    return build(recipe, tmp_path_factory.mktemp("ort") / "out")
+
+
+@pytest.fixture(scope="module")
+def sdxl_build(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+    recipe = parse_recipe({
+        "model": "tiny-sdxl", "shapes": SHAPES,
+        "validation": {"prompts": ["a red bicycle"], "seeds": [0], "steps": 2, "latency": {"enabled": False}},
+        "calibration": {"prompts": ["a cat on a sofa", "a mountain lake"], "samples": 4, "steps": 2},
+        "targets": [{"name": "onnxruntime", "precisions": ["fp32", "fp16", "int8"]}]})
+    return build(recipe, tmp_path_factory.mktemp("ort-sdxl") / "out")
+
+
+def graph(folder: Path) -> dict:
+    return json.loads((folder / GRAPH_FILE).read_text())
+
+
+def initializer_types(path: Path) -> set[int]:
+    return {t.data_type for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+
+def test_the_prepared_fp32_graph_is_fused_folded_and_still_exact(sd_build):
+    unet = graph(sd_build.out / "onnxruntime-fp32" / "unet")
+    assert unet["prepared_for"] == "cpu" and unet["folded_by"] == "polygraphy"
+    assert unet["fused"].get("MultiHeadAttention", 0) > 0 and unet["fused"].get("SkipLayerNormalization", 0) > 0
+    assert unet["nodes_after"] < unet["nodes_before"]
+    ops = {n.op_type for n in onnx.load(str(sd_build.out / "onnxruntime-fp32" / "unet" / "model.onnx")).graph.node}
+    assert {"MultiHeadAttention", "SkipLayerNormalization"} <= ops and "NhwcConv" not in ops  # CPU-safe fusions only
+    assert graph(sd_build.out / "onnxruntime-fp32" / "text_encoder")["fused"]
+    result = sd_build.report["sets"]["onnxruntime-fp32"]
+    assert result["passed"] and result["parity"]["tolerance"]["min_cosine"] == 0.99999
+    assert result["runtime"]["unet"]["graph"]["fused"] == unet["fused"]
+    assert result["latency"]["components"]["unet"]["speedup"] > 0  # the CPU provider runs FP32 natively: timed
+
+
+def test_fp16_halves_the_weights_keeps_fp32_io_and_passes_the_fp16_bar(sd_build):
+    unet = sd_build.out / "onnxruntime-fp16" / "unet" / "model.onnx"
+    assert onnx.TensorProto.FLOAT16 in initializer_types(unet)
+    model = onnx.load(str(unet), load_external_data=False)
+    assert {i.type.tensor_type.elem_type for i in model.graph.input} == {onnx.TensorProto.FLOAT}
+    fp32_bytes = (sd_build.out / "onnxruntime-fp32" / "unet" / "model.onnx").stat().st_size
+    assert unet.stat().st_size < 0.6 * fp32_bytes
+    result = sd_build.report["sets"]["onnxruntime-fp16"]
+    assert result["parity"]["tolerance"] == {"min_cosine": 0.999, "max_rel_l2": 0.05}
+    assert result["passed"], result["parity"]
+    assert result["parity"]["unet_steps"]["min_cosine"] > 0.999
+
+
+def test_fp16_on_the_cpu_is_checked_for_parity_but_not_timed_and_the_report_says_why(sd_build):
+    result = sd_build.report["sets"]["onnxruntime-fp16"]
+    assert "latency" not in result and "no native FP16 kernels" in result["latency_skipped"]
+    markdown = (sd_build.out / "report" / "report.md").read_text()
+    assert "onnxruntime-fp16: latency not measured" in markdown
+    assert "onnxruntime-fp32: how each component runs" in markdown and "MultiHeadAttention" in markdown
+
+
+def test_every_precision_of_tiny_sdxl_is_built_and_judged(sdxl_build):
+    sets = sdxl_build.report["sets"]
+    assert set(sets) == {"onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"}
+    for key in ("onnxruntime-fp32", "onnxruntime-fp16"):
+        assert sets[key]["passed"], (key, sets[key]["parity"])
+    int8 = sets["onnxruntime-int8"]
+    assert int8["parity"]["unet_steps"]["min_cosine"] > 0.98 and int8["e2e"]["min_psnr_db"] > 25
+    assert int8["passed"] == (int8["parity"]["passed"] and int8["e2e"]["passed"])
+    encoder_2 = onnx.load(str(sdxl_build.out / "onnxruntime-int8" / "text_encoder_2" / "model.onnx"))
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in encoder_2.graph.node)
+
+
+def test_sdxl_fp16_keeps_its_vae_in_fp32_and_says_why(sdxl_build):
+    folder = sdxl_build.out / "onnxruntime-fp16"
+    for vae in ("vae_decoder", "vae_encoder"):
+        record = graph(folder / vae)
+        assert record["kept"] == "fp32" and "SDXL's VAE overflows in FP16" in record["reason"]
+        assert onnx.TensorProto.FLOAT16 not in initializer_types(folder / vae / "model.onnx")
+    assert onnx.TensorProto.FLOAT16 in initializer_types(folder / "unet" / "model.onnx")
+    runtime = sdxl_build.report["sets"]["onnxruntime-fp16"]["runtime"]
+    assert runtime["vae_decoder"]["precision"] == "fp32 (kept)" and runtime["unet"]["precision"] == "fp16"
+
+
+def test_an_fp16_overflow_falls_back_to_fp32_and_says_so(exported, tmp_path: Path):
+    source = exported("tiny-sd") / "vae_decoder" / "model.onnx"
+    model = onnx.load(str(source))
+    weight = next(t for t in model.graph.initializer if "conv_in.weight" in t.name)
+    scaled = onnx.numpy_helper.to_array(weight) * 1e5  # activations far past FP16's 65504
+    weight.CopyFrom(onnx.numpy_helper.from_array(scaled.astype(np.float32), weight.name))
+    (tmp_path / "big").mkdir()
+    onnx.save(model, str(tmp_path / "big" / "model.onnx"))
+    spec = next(s for s in component_specs(resolve("tiny-sd").folder) if s.name == "vae_decoder")
+    artifact = onnxruntime.compile(tmp_path / "big" / "model.onnx", "fp16", OrtOptions(), tmp_path / "fp16",
+                                   CompileContext(spec, family="sd1"))
+    record = graph(artifact.parent)
+    assert record["kept"] == "fp32" and "not finite (NaN/Inf)" in record["reason"]
+    assert onnx.TensorProto.FLOAT16 not in initializer_types(artifact)
+    inputs = spec.sample_inputs(1, 64, 64)
+    assert np.isfinite(onnxruntime.load(artifact).run(inputs)["sample"]).all()
+
+
+def test_fp16_inputs_and_outputs_when_asked_and_the_runner_still_speaks_fp32(exported, tmp_path: Path):
+    source = exported("tiny-sd") / "unet" / "model.onnx"
+    spec = next(s for s in component_specs(resolve("tiny-sd").folder) if s.name == "unet")
+    options = OrtOptions(fp16_keep_io_types=False)
+    artifact = onnxruntime.compile(source, "fp16", options, tmp_path / "fp16", CompileContext(spec, family="sd1"))
+    model = onnx.load(str(artifact), load_external_data=False)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    inputs = spec.sample_inputs(2, 64, 64)
+    out = onnxruntime.load(artifact, options, "fp16").run(inputs)["out_sample"]
+    assert out.dtype == np.float32
+    assert compare(onnxruntime.load(source).run(inputs)["out_sample"], out)["cosine"] > 0.999
+
+
+def test_a_provider_that_is_not_installed_is_refused_not_silently_replaced(exported):
+    with pytest.raises(DiffshipError, match="CUDAExecutionProvider are not available in this onnxruntime"):
+        onnxruntime.load(exported("tiny-sd") / "unet" / "model.onnx", OrtOptions(providers=("CUDAExecutionProvider",)))
+
+
+def test_cpu_sessions_record_the_provider_and_settings_they_ran_with(exported):
+    options = OrtOptions(intra_op_threads=1, graph_optimization="basic", execution_mode="sequential")
+    described = onnxruntime.load(exported("tiny-sd") / "unet" / "model.onnx", options).describe()
+    assert described["providers"] == ["CPUExecutionProvider"] and described["graph_optimization"] == "basic"
+    assert described["threads"] == {"intra_op": 1, "inter_op": 0}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ("{ fp16_vae = 'bf16' }", "Unknown fp16_vae 'bf16'"),
+    ("{ optimize = 'yes' }", "optimize must be true, false or 'auto'"),
+    ("{ execution_mode = 'async' }", "Unknown execution_mode 'async'"),
+    ("{ graph_optimization = 'max' }", "Unknown graph_optimization 'max'"),
+])
+def test_bad_onnxruntime_options_exit_2_before_any_work(tmp_path: Path, options: str, message: str):
+    (tmp_path / "r.toml").write_text(f"[[targets]]\nname = 'onnxruntime'\nprecisions = ['fp16']\noptions = {options}\n")
+    result = runner.invoke(app, ["build", str(tmp_path / "r.toml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "out").exists()
