@@ -382,6 +382,7 @@ class OrtRunner:
             "target": NAME, "onnxruntime": ort.__version__, "providers": providers,
             "graph_optimization": self.options.graph_optimization, "precision": precision,
             "threads": {"intra_op": self.options.intra_op_threads, "inter_op": self.options.inter_op_threads},
+            "disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS) if self.precision == "int8" else [],
             "summary": f"ONNX Runtime {providers[0].removesuffix('ExecutionProvider')} {self.precision}"}
         if self.graph:
             described["graph"] = self.graph
