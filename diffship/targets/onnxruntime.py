@@ -216,9 +216,12 @@ def _prepare(source: Path, out: Path, name: str, precision: str, options: OrtOpt
         else:
             fp32_model = model
             model = onnx_graph.to_fp16(model, options.fp16_keep_io_types, list(options.fp16_op_block_list))
+            record["conversion"] = ("FP16 weights and compute" + (", FP32 inputs/outputs" if options.fp16_keep_io_types
+                                                                  else ", FP16 inputs/outputs"))
             overflow = _fp16_overflow(fp32_model, model, context)
             if overflow:
                 model = fp32_model
+                del record["conversion"]
                 record |= {"kept": "fp32", "reason": overflow}
             del fp32_model
     onnx_graph.save(model, out)

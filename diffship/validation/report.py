@@ -63,9 +63,11 @@ def runtime_rows(runtime: dict[str, dict[str, Any]]) -> list[list[str]]:
             continue
         fused = ", ".join(f"{op} {n}" for op, n in sorted(graph.get("fused", {}).items()))
         nodes = f"{graph['nodes_before']} -> {graph['nodes_after']} nodes" if "nodes_before" in graph else ""
-        prep = "; ".join(part for part in (fused and f"fused {fused}", nodes, graph.get("quantization", "")) if part)
-        rows.append([component, f"{d.get('summary', '')} ({d.get('precision', '')})", prep or "-",
-                     graph.get("reason", "")])
+        prep = "; ".join(part for part in (fused and f"fused {fused}", nodes, graph.get("conversion", ""),
+                                           graph.get("quantization", "")) if part)
+        precision = str(d.get("precision", ""))
+        runs_as = str(d.get("summary", "")) + (f"; this component {precision}" if "kept" in precision else "")
+        rows.append([component, runs_as, prep or "-", graph.get("reason", "")])
     return rows
 
 
