@@ -3,7 +3,7 @@
 
 VENV    ?= .venv
 PYTHON  ?= python3
-MODEL   ?= tiny-sd
+MODEL   ?= digits-sd
 OUT     ?= out/$(MODEL)
 # The CPU build of torch is installed before the package so no dependency can pull a multi-GB
 # CUDA build. On this project's machines `torch==2.13.0` is a CPU wheel on local disk; elsewhere

@@ -348,9 +348,12 @@ def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSp
                     versions: dict[str, str], baseline: Baseline, force: bool, hits: dict[str, bool],
                     say: Say) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     from diffship.validation.baseline import baseline_device
-    from diffship.validation.suite import unet_trajectory, validate_set
+    from diffship.validation.quality import quality_task
+    from diffship.validation.suite import baseline_quality, unet_trajectory, validate_set
 
     trajectory: dict[str, Any] | None = None
+    checks_quality = plan.validation.quality.enabled and quality_task(source.folder) == "digits"
+    quality_base: dict[str, Any] | None = None
     results: dict[str, Any] = {}
     pairs: dict[str, list[dict[str, Any]]] = {}
     device, dtype = baseline_device()
@@ -375,8 +378,10 @@ def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSp
                 say(f"[validate] capturing the UNet's inputs over {plan.validation.steps} denoising steps of the baseline")
                 unet = next(s for s in specs if s.name == "unet")
                 trajectory = unet_trajectory(baseline.get(), unet, plan, source.folder, recipe.allow_pickle)
+            if checks_quality and quality_base is None:
+                quality_base = baseline_quality(baseline.get(), plan, say)
             result, set_pairs = validate_set(artifact_set, specs, baseline.get(), source.folder, set_plan, options,
-                                             recipe.allow_pickle, say, trajectory)
+                                             recipe.allow_pickle, say, trajectory, quality_base)
             with cache.store("validate", entry_key) as (staging, info):
                 (staging / "result.json").write_text(json.dumps(result), encoding="utf-8")
                 np.savez_compressed(staging / "images.npz", baseline=np.stack([p["baseline"] for p in set_pairs]),

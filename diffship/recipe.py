@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from diffship.errors import DiffshipError
 
+# Prompts the default model (digits-sd) draws; for random-weight models any prompt does.
 DEFAULT_PROMPTS = (
-    "a photograph of an astronaut riding a horse",
-    "a watercolor painting of a lighthouse at dusk",
+    "a handwritten digit seven",
+    "the number three",
 )
 
 
@@ -89,18 +90,32 @@ class LatencyRecipe(_Strict):
     pipeline_runs: int = Field(2, ge=1)
 
 
+class QualityRecipe(_Strict):
+    """Image quality for models that declare a quality check (digits-sd): prompt accuracy over every digit x seed,
+    generated at `steps`. An artifact fails when its accuracy is more than `max_drop_points` below PyTorch's, or
+    below `min_prompt_accuracy` (so a model that no longer draws digits fails even when PyTorch agrees)."""
+
+    enabled: bool = True
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    steps: int = Field(20, ge=1, le=1000)
+    guidance_scale: float = Field(5.0, ge=0)
+    max_drop_points: float = Field(5.0, ge=0, le=100)
+    min_prompt_accuracy: float = Field(0.8, ge=0, le=1)
+
+
 class ValidationRecipe(_Strict):
     """End-to-end images (prompts x seeds at one resolution), component parity cases, and latency."""
 
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
     negative_prompt: str | None = None
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    steps: int = Field(4, ge=1, le=1000)
+    steps: int = Field(20, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0)
     height: int | None = Field(None, ge=8, multiple_of=8)
     width: int | None = Field(None, ge=8, multiple_of=8)
     parity_cases: list[ParityCase] | None = None
     latency: LatencyRecipe = Field(default_factory=LatencyRecipe)
+    quality: QualityRecipe = Field(default_factory=QualityRecipe)
 
     @field_validator("prompts")
     @classmethod
@@ -139,7 +154,7 @@ class CalibrationRecipe(_Strict):
 class Recipe(_Strict):
     """A whole build."""
 
-    model: str = "tiny-sd"
+    model: str = "digits-sd"
     components: list[str] | None = None
     targets: list[TargetRecipe] = Field(default_factory=lambda: [TargetRecipe(name="onnxruntime")], min_length=1)
     export: ExportRecipe = Field(default_factory=ExportRecipe)

@@ -158,7 +158,7 @@ def test_bad_targets_and_models_exit_2_before_any_work(tmp_path: Path, args: lis
 
 @pytest.mark.parametrize(("text", "message"), [
     ("[validation]\nsetps = 2\n", "validation.setps: unknown key"),
-    ("[shapes]\nheight = [72, 128]\n", "shapes.height 72 is not a multiple of 64"),
+    ("[shapes]\nheight = [72, 128]\n", "shapes.height 72 is not a multiple of 32"),  # digits-sd: VAE factor 4
     ("[validation]\nprompts = []\n", "validation.prompts"),
     ("[[targets]]\nname = 'onnxruntime'\noptions = { threads = 2 }\n", "Unknown ONNX Runtime option(s) threads"),
     ("components = ['unet']\n", "the recipe leaves out text_encoder, vae_decoder"),

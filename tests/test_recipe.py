@@ -14,9 +14,9 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults_build_tiny_sd_on_onnxruntime_fp32():
+def test_defaults_build_digits_sd_on_onnxruntime_fp32():
     recipe = parse_recipe({})
-    assert recipe.model == "tiny-sd"
+    assert recipe.model == "digits-sd"
     assert [(t.name, t.precisions) for t in recipe.targets] == [("onnxruntime", ["fp32"])]
     assert recipe.threshold("fp32") == DEFAULT_THRESHOLDS["fp32"]
     assert recipe.validation.prompts and recipe.calibration.prompts
@@ -98,4 +98,4 @@ def test_the_documented_example_recipe_is_valid_and_matches_the_defaults():
     defaults = parse_recipe({})
     assert example.threshold("fp32") == defaults.threshold("fp32")
     assert example.validation.model_dump() == defaults.validation.model_dump()
-    assert example.shapes.height == (64, 128)
+    assert example.shapes.height == (32, 64)

@@ -23,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from diffship.artifacts import staged_dir
 from diffship.errors import DiffshipError
+from diffship.models.digits import DIGITS_TEXT_ENCODER, DIGITS_UNET, DIGITS_VAE, TRAIN_SCHEDULER
 from diffship.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
 
 # Bump when a built-in's definition changes, so cached copies are rebuilt instead of reused.
@@ -48,6 +49,8 @@ class BuiltinModel:
     seed: int = 0
     approx_size: str = ""
     extra_index: dict[str, Any] = field(default_factory=dict)
+    # Package folder with trained `<component>.safetensors` (FP16, loaded as FP32) instead of seeded random weights.
+    weights: str | None = None
 
 
 SD_SCHEDULER = {
@@ -107,6 +110,21 @@ OPENCLIP_BIGG = {**CLIP_IDS, "hidden_size": 1280, "intermediate_size": 5120, "nu
 BUILTINS: dict[str, BuiltinModel] = {
     m.name: m
     for m in [
+        BuiltinModel(
+            name="digits-sd",
+            description="SD 1.x architecture trained on scikit-learn's handwritten digits: real, recognisable images",
+            family="sd1",
+            pipeline_class="StableDiffusionPipeline",
+            unet=DIGITS_UNET,
+            vae=DIGITS_VAE,
+            text_encoders=(DIGITS_TEXT_ENCODER,),
+            pad_tokens=("<|endoftext|>",),
+            scheduler_class="DDIMScheduler",
+            scheduler={**SD_SCHEDULER, **TRAIN_SCHEDULER},
+            seed=0,
+            approx_size="7 MB",
+            weights="digits_sd",
+        ),
         BuiltinModel(
             name="tiny-sd",
             description="SD 1.x architecture (CLIP ViT-L style text encoder, epsilon), tiny random weights",
@@ -234,7 +252,7 @@ BUILTINS: dict[str, BuiltinModel] = {
     ]
 }
 
-DEFAULT_MODEL = "tiny-sd"
+DEFAULT_MODEL = "digits-sd"
 
 
 def cache_root() -> Path:
@@ -248,7 +266,7 @@ def cache_root() -> Path:
 def builtin_folder(name: str) -> Path:
     """The cached diffusers folder of a built-in model, built first if absent."""
     model = BUILTINS[name]
-    folder = cache_root() / "models" / f"{name}-r{BUILTIN_REVISION}"
+    folder = cache_root() / "models" / f"{name}-r{BUILTIN_REVISION}{_weights_tag(model)}"
     if not (folder / "model_index.json").is_file():
         try:
             with staged_dir(folder) as tmp:
@@ -280,6 +298,7 @@ def write_builtin(model: BuiltinModel, folder: Path) -> None:
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
         torch.manual_seed(model.seed * 100 + i)
         encoder = cls(CLIPTextConfig(pad_token_id=1, **config))
+        _load_trained(model, f"text_encoder{suffix}", encoder)
         encoder.save_pretrained(folder / f"text_encoder{suffix}", safe_serialization=True)
         del encoder
         save_clip_tokenizer(build_clip_tokenizer(pad_token=pad), folder / f"tokenizer{suffix}")
@@ -287,11 +306,13 @@ def write_builtin(model: BuiltinModel, folder: Path) -> None:
         index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
     torch.manual_seed(model.seed * 100 + 10)
     unet = UNet2DConditionModel(**model.unet)
+    _load_trained(model, "unet", unet)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     del unet
     gc.collect()
     torch.manual_seed(model.seed * 100 + 20)
-    vae = AutoencoderKL(**model.vae)
+    vae = AutoencoderKL(**model.vae, **_trained_config(model, "vae"))
+    _load_trained(model, "vae", vae)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     del vae
 
@@ -300,6 +321,39 @@ def write_builtin(model: BuiltinModel, folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     (folder / "diffship_builtin.json").write_text(
         json.dumps({"name": model.name, "revision": BUILTIN_REVISION, "seed": model.seed,
+                    **({"quality": "digits", "weights": "trained (scripts/train_digits_sd.py)"} if model.weights else {}),
                     "transformers": transformers.__version__, "diffusers": diffusers.__version__}, indent=2) + "\n",
         encoding="utf-8",
     )
+
+
+def _trained_config(model: BuiltinModel, component: str) -> dict[str, Any]:
+    """Config values the training decided (the VAE's latent scaling factor)."""
+    path = Path(__file__).parent / model.weights / f"{component}_config.json" if model.weights else None
+    return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
+
+
+def _load_trained(model: BuiltinModel, component: str, module: torch.nn.Module) -> None:
+    """Load the committed trained weights of `component` into `module`, every key accounted for."""
+    if not model.weights:
+        return
+    from safetensors.torch import load_file
+
+    path = Path(__file__).parent / model.weights / f"{component}.safetensors"
+    if not path.is_file():
+        raise DiffshipError(f"Built-in model {model.name} is missing its trained weights {path}; "
+                            "reinstall diffship or run scripts/train_digits_sd.py.")
+    state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
+    module.load_state_dict(state, strict=True)
+
+
+def _weights_tag(model: BuiltinModel) -> str:
+    """A short fingerprint of committed trained weights, so retrained weights never reuse a stale cached folder."""
+    if not model.weights:
+        return ""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).parent / model.weights).glob("*")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return "-" + digest.hexdigest()[:8]

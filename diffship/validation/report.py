@@ -48,9 +48,15 @@ def summary_table(report: dict[str, Any]) -> Table:
                      f"{steps['min_cosine']:.6f}" if steps else "-",
                      f"{max(m['rel_l2'] for m in outputs):.2e}", _psnr(r["e2e"]["min_psnr_db"]), f"{r['e2e']['min_ssim']:.4f}",
                      str(r["e2e"]["max_abs_diff"]), f"{unet['speedup']:.2f}x" if unet else "-",
-                     f"{lat['pipeline']['speedup']:.2f}x" if lat else "-", "cached" if r.get("cached") else "measured"])
+                     f"{lat['pipeline']['speedup']:.2f}x" if lat else "-", _accuracy(r.get("quality")),
+                     "cached" if r.get("cached") else "measured"])
     return ("Summary", ["artifacts", "runs as", "verdict", "worst cosine", "UNet cos, real steps", "worst rel L2",
-                        "min PSNR", "min SSIM", "max pixel diff", "UNet speedup", "pipeline speedup", "results"], rows)
+                        "min PSNR", "min SSIM", "max pixel diff", "UNet speedup", "pipeline speedup",
+                        "prompt accuracy (PyTorch)", "results"], rows)
+
+
+def _accuracy(q: dict[str, Any] | None) -> str:
+    return f"{q['prompt_accuracy']:.3f} ({q['baseline_prompt_accuracy']:.3f})" if q else "-"
 
 
 def runtime_rows(runtime: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -92,6 +98,15 @@ def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
             _verdict(s["passed"])] for s in r["e2e"]["samples"]]
     tables.append((f"{key}: end-to-end images (pass: PSNR >= {th['min_psnr_db']} dB and SSIM >= {th['min_ssim']})",
                    ["prompt", "seed", "PSNR", "SSIM", "max pixel diff", ""], e2e))
+    if q := r.get("quality"):
+        rows = [["PyTorch baseline", f"{q['baseline_prompt_accuracy']:.3f}", f"{q['baseline_fd_digits']:.1f}", "", ""],
+                [key, f"{q['prompt_accuracy']:.3f}", f"{q['fd_digits']:.1f}", f"{q['drop_points']:+.1f}",
+                 _verdict(q["passed"])]]
+        tables.append((f"{key}: image quality, {q['images']} digits (seeds {q['seeds']}; pass: prompt accuracy at "
+                       f"most {q['max_drop_points']} points below PyTorch and at least {q['min_prompt_accuracy']}; "
+                       "FD-digits: Fréchet distance on a digit classifier's features, held-out accuracy "
+                       f"{q['classifier_held_out_accuracy']:.3f})", ["", "prompt accuracy", "FD-digits", "points down", ""],
+                       rows))
     if lat := r.get("latency"):
         rows = [[c, str(v["batch"]), _ms(v["baseline"]["p50_s"]), _ms(v["target"]["p50_s"]), _ms(v["baseline"]["p90_s"]),
                  _ms(v["target"]["p90_s"]), f"{v['speedup']:.2f}x"] for c, v in lat["components"].items()]

@@ -17,7 +17,7 @@ from diffship.recipe import Threshold, ValidationRecipe
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents
 from diffship.targets import get_target
 from diffship.targets.calibration import capture
-from diffship.validation import latency
+from diffship.validation import latency, quality
 from diffship.validation.baseline import component_call, reference_module, run_baseline
 from diffship.validation.e2e import Sample, run_e2e
 from diffship.validation.parity import Case, Tolerance, check_component, compare, within
@@ -61,7 +61,8 @@ def unet_step_parity(runner: Any, trajectory: dict[str, Any], tolerance: Toleran
 
 def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, source_folder: Path, plan: Plan,
                  options: Any = None, allow_pickle: bool = False, say: Say | None = None,
-                 trajectory: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 trajectory: dict[str, Any] | None = None,
+                 quality_baseline: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Validate one artifact set against the baseline pipeline; return its results and the image pairs."""
     say = say or (lambda _: None)
     label = f"{artifacts.target} {artifacts.precision}"
@@ -106,6 +107,16 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
                          lambda i, n, r: say(f"      image {i}/{n}: " + (
                              "identical" if r["identical"] else f"PSNR {r['psnr_db']:.1f} dB, SSIM {r['ssim']:.4f}")))
     result["e2e"] = e2e
+    if quality_baseline is not None:
+        q = v.quality
+        say(f"[{label}] quality: prompt accuracy over {10 * len(q.seeds)} digits at {q.steps} steps")
+        result["quality"] = quality.judge(quality.measure(
+            lambda prompt, seed, d=deployed: quality_image(d, prompt, seed, plan, q), q.seeds, say),
+            quality_baseline, q.max_drop_points, q.min_prompt_accuracy)
+        say(f"      {'pass' if result['quality']['passed'] else 'FAIL'} prompt accuracy "
+            f"{result['quality']['prompt_accuracy']:.3f} (PyTorch {quality_baseline['prompt_accuracy']:.3f}, "
+            f"{result['quality']['drop_points']:+.1f} points down, limit {q.max_drop_points}; floor "
+            f"{q.min_prompt_accuracy})")
 
     skipped = sorted({str(d["latency_skipped"]) for d in result["runtime"].values() if d.get("latency_skipped")})
     if v.latency.enabled and skipped:
@@ -121,7 +132,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
         "peak_rss_bytes": latency.peak_rss_bytes(),
         "peak_gpu_bytes": latency.peak_gpu_bytes(),
     }
-    result["passed"] = result["parity"]["passed"] and e2e["passed"]
+    result["passed"] = result["parity"]["passed"] and e2e["passed"] and result.get("quality", {}).get("passed", True)
     del deployed
     gc.collect()
     return result, pairs
@@ -179,3 +190,25 @@ def _files_of(artifact: Path) -> list[Path]:
     # An ONNX artifact may keep its weights in a side file (model.onnx_data) in the same folder.
     folder = artifact.parent
     return [p for p in folder.iterdir() if p.is_file() and p.name.startswith(artifact.stem)]
+
+
+def quality_image(deployed: DeployedPipeline, prompt: str, seed: int, plan: Plan, q: Any) -> Any:
+    """One quality-check image from the deployed artifacts, from the same initial latents as the baseline's."""
+    latents = initial_latents(seed, 1, deployed.unet_config.get("in_channels", 4), plan.height // deployed.vae_scale,
+                              plan.width // deployed.vae_scale)
+    return deployed(prompt, None, plan.height, plan.width, q.steps, q.guidance_scale, seed, latents=latents).images[0]
+
+
+def baseline_quality(pipe: Any, plan: Plan, say: Say) -> dict[str, Any]:
+    """The PyTorch pipeline's prompt accuracy, which every artifact set is judged against."""
+    q = plan.validation.quality
+    channels = pipe.unet.config.in_channels
+    scale = pipe.vae_scale_factor
+
+    def generate(prompt: str, seed: int) -> Any:
+        latents = initial_latents(seed, 1, channels, plan.height // scale, plan.width // scale)
+        return run_baseline(pipe, prompt, None, plan.height, plan.width, q.steps, q.guidance_scale, seed,
+                            latents).images[0]
+
+    say(f"[validate] quality: PyTorch baseline over {10 * len(q.seeds)} digits at {q.steps} steps")
+    return quality.measure(generate, q.seeds, say)
