@@ -50,7 +50,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "diffship" / "models" / "digits_sd")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     began = time.perf_counter()
     log = {"seed": args.seed}
 
