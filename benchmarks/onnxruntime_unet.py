@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
-from datetime import date
-from pathlib import Path
 
-import numpy as np
-from unet_capture import capture, child
+from unet_capture import add_arguments, child, prepare, trajectory_and_pytorch
 
 COMPILE = r"""
 import json, resource, sys, time
@@ -65,39 +61,18 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sd15-arch")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=Path("out/bench-unet"))
-    parser.add_argument("--recapture", action="store_true", help="capture again even when the work folder has one")
     parser.add_argument("--reuse", action="store_true", help="reuse artifacts already in the work folder")
-    parser.add_argument("--json", type=Path)
+    add_arguments(parser)
     args = parser.parse_args()
 
-    import torch
-
-    from diffship.exporters.pipeline import export_pipeline
-    from diffship.models.components import component_specs, wrap
-    from diffship.models.loading import load_component
-    from diffship.models.source import resolve
     from diffship.targets import onnxruntime
     from diffship.validation.latency import interleaved, rss_bytes, summarize
     from diffship.validation.parity import compare
 
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    folder = resolve(args.model).folder
-    if not (work / "onnx" / "unet" / "model.onnx").is_file():
-        print("exporting the UNet to ONNX ...", flush=True)
-        export_pipeline(resolve(args.model), work / "onnx", ["unet"], overwrite=True)
-    print(f"capturing calibration ({args.samples} UNet calls, {args.steps}-step generations) and a trajectory ...",
-          flush=True)
-    figures: dict = {"model": args.model, "date": str(date.today()), "machine": platform.processor() or platform.machine(),
-                     "calibration": capture(args.model, work, args.samples, args.steps, args.size, args.recapture),
-                     "variants": {}}
+    folder, figures = prepare(args)
+    figures["variants"] = {}
     paths = {}
     for variant in args.variants:
         precision, optimize, _, _ = VARIANTS[variant]
@@ -114,12 +89,8 @@ def main() -> None:
         figures["variants"][variant] = {"compile": json.loads((work / f"{variant}.json").read_text())}
         paths[variant] = work / variant / "model.onnx"
 
-    trajectory = np.load(work / "trajectory.npz")
-    steps = len([k for k in trajectory.files if k.startswith("out/")])
-    calls = [{k.split("/")[1]: trajectory[k] for k in trajectory.files if k.startswith(f"{i}/")} for i in range(steps)]
-    spec = next(s for s in component_specs(folder) if s.name == "unet")
-    unet = wrap(spec, load_component(folder, "unet"))
-    torch_inputs = [torch.from_numpy(calls[0][t.name]) for t in spec.inputs]
+    trajectory, calls, torch_call = trajectory_and_pytorch(work, folder)
+    steps = len(calls)
 
     def load(variant: str) -> onnxruntime.OrtRunner:
         precision, _, level, _ = VARIANTS[variant]
@@ -134,10 +105,6 @@ def main() -> None:
         return [compare(trajectory[f"out/{i}"], runner.run(calls[i])["out_sample"])["cosine"] for i in range(steps)]
 
     runners = {v: load(v) for v in args.variants if VARIANTS[v][3]}
-
-    def torch_call() -> None:
-        with torch.inference_mode():
-            unet(*torch_inputs)
 
     print(f"timing one UNet call, {args.runs} runs each, taking turns ...", flush=True)
     times = interleaved({"pytorch-fp32": torch_call, **{v: (lambda r=r: r.run(calls[0])) for v, r in runners.items()}},

@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
-from datetime import date
-from pathlib import Path
 
-import numpy as np
-from unet_capture import capture, child
+from unet_capture import add_arguments, child, prepare, trajectory_and_pytorch
 
 COMPILE = r"""
 import json, resource, sys, time
@@ -47,48 +43,24 @@ print(json.dumps({"seconds": time.perf_counter() - began, "bytes": sum(p.stat().
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sd15-arch")
     parser.add_argument("--modes", nargs="+", default=["fp32", "fp16", "bf16", "int8-weights", "int4-weights", "int8-hybrid"])
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=Path("out/bench-unet"))
-    parser.add_argument("--recapture", action="store_true", help="capture again even when the work folder has one")
-    parser.add_argument("--json", type=Path)
+    add_arguments(parser)
     args = parser.parse_args()
 
-    import torch
-
-    from diffship.exporters.pipeline import export_pipeline
-    from diffship.models.components import component_specs, wrap
-    from diffship.models.loading import load_component
-    from diffship.models.source import resolve
     from diffship.targets import openvino
     from diffship.validation.latency import interleaved, summarize
     from diffship.validation.parity import compare
 
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    folder = resolve(args.model).folder
-    if not (work / "onnx" / "unet" / "model.onnx").is_file():
-        print("exporting the UNet to ONNX ...", flush=True)
-        export_pipeline(resolve(args.model), work / "onnx", ["unet"], overwrite=True)
-    print(f"capturing calibration ({args.samples} UNet calls, {args.steps}-step generations) and a trajectory ...", flush=True)
-    figures: dict = {"model": args.model, "date": str(date.today()), "machine": platform.processor() or platform.machine(),
-                     "calibration": capture(args.model, work, args.samples, args.steps, args.size, args.recapture),
-                     "modes": {}}
+    folder, figures = prepare(args)
+    figures["modes"] = {}
     for mode in args.modes:
         shutil.rmtree(work / mode, ignore_errors=True)
         print(f"compiling {mode} ...", flush=True)
         figures["modes"][mode] = {"compile": child(COMPILE, args.model, work, mode, args.size)}
 
-    trajectory = np.load(work / "trajectory.npz")
-    steps = len([k for k in trajectory.files if k.startswith("out/")])
-    calls = [{k.split("/")[1]: trajectory[k] for k in trajectory.files if k.startswith(f"{i}/")} for i in range(steps)]
-    spec = next(s for s in component_specs(folder) if s.name == "unet")
-    unet = wrap(spec, load_component(folder, "unet"))
-    torch_inputs = [torch.from_numpy(calls[0][t.name]) for t in spec.inputs]
+    trajectory, calls, torch_call = trajectory_and_pytorch(work, folder)
+    steps = len(calls)
     runners = {}
     blobs = work / "model-cache"
     shutil.rmtree(blobs, ignore_errors=True)
@@ -101,10 +73,6 @@ def main() -> None:
         runners[mode] = openvino.load(work / mode / openvino.XML, options, mode)
         figures["modes"][mode] |= {"load_cold_s": cold, "load_warm_s": time.perf_counter() - began,
                                    "runtime": runners[mode].describe()}
-
-    def torch_call() -> None:
-        with torch.inference_mode():
-            unet(*torch_inputs)
 
     calls_by_name = {"pytorch-fp32": torch_call, **{m: (lambda r=r: r.run(calls[0])) for m, r in runners.items()}}
     print(f"timing one UNet call, {args.runs} runs each, taking turns ...", flush=True)
