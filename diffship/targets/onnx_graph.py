@@ -29,9 +29,14 @@ def load(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
 
-def save(model: onnx.ModelProto, path: Path) -> None:
-    """Save `model`, with its weights in one `<name>_data` file when it is over protobuf's 2 GB limit."""
+def save(model: onnx.ModelProto, path: Path, replace: bool = False) -> None:
+    """Save `model`, with its weights in one `<name>_data` file when it is over protobuf's 2 GB limit.
+
+    replace: remove a model already at `path` first (onnx appends to an existing external data file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if replace:
+        path.unlink(missing_ok=True)
+        path.with_name(f"{path.name}_data").unlink(missing_ok=True)
     large = model.ByteSize() >= TWO_GB if _small_enough_to_measure(model) else True
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=f"{path.name}_data", size_threshold=1024)

@@ -204,29 +204,30 @@ def _prepare(source: Path, out: Path, name: str, precision: str, options: OrtOpt
     before = onnx_graph.op_counts(model)
     record: dict[str, Any] = {}
     fused: dict[str, int] = {}
-    if prepares_graph(options, precision):
+    prepared = prepares_graph(options, precision)
+    if prepared:
         gpu = _providers(options)[0] in GPU_PROVIDERS
         model, fused = onnx_graph.fuse(model, name, gpu)
         model = onnx_graph.fold_constants(model)
         record["prepared_for"] = "gpu" if gpu else "cpu"
-    if precision == "fp16":
-        keep_fp32 = _keeps_fp32(name, options, context)
-        if keep_fp32:
-            record |= {"kept": "fp32", "reason": keep_fp32}
+    keep_fp32 = _keeps_fp32(name, options, context) if precision == "fp16" else None
+    if keep_fp32:
+        record |= {"kept": "fp32", "reason": keep_fp32}
+    elif precision == "fp16":
+        fp32_model = model
+        model = onnx_graph.to_fp16(model, options.fp16_keep_io_types, list(options.fp16_op_block_list))
+        onnx_graph.save(model, out)
+        if overflow := _fp16_overflow(out, context):
+            model = fp32_model
+            record |= {"kept": "fp32", "reason": overflow}
         else:
-            fp32_model = model
-            model = onnx_graph.to_fp16(model, options.fp16_keep_io_types, list(options.fp16_op_block_list))
-            record["conversion"] = ("FP16 weights and compute" + (", FP32 inputs/outputs" if options.fp16_keep_io_types
-                                                                  else ", FP16 inputs/outputs"))
-            overflow = _fp16_overflow(fp32_model, model, context)
-            if overflow:
-                model = fp32_model
-                del record["conversion"]
-                record |= {"kept": "fp32", "reason": overflow}
-            del fp32_model
-    onnx_graph.save(model, out)
+            record["conversion"] = "FP16 weights and compute" + (
+                ", FP32 inputs/outputs" if options.fp16_keep_io_types else ", FP16 inputs/outputs")
+        del fp32_model
+    if "conversion" not in record:
+        onnx_graph.save(model, out, replace=True)
     return record | onnx_graph.summary(before, onnx_graph.op_counts(model), fused,
-                                       {"folded_by": "polygraphy" if prepares_graph(options, precision) else None})
+                                       {"folded_by": "polygraphy" if prepared else None})
 
 
 def _keeps_fp32(name: str, options: OrtOptions, context: CompileContext) -> str | None:
@@ -240,14 +241,11 @@ def _keeps_fp32(name: str, options: OrtOptions, context: CompileContext) -> str 
     return None
 
 
-def _fp16_overflow(fp32: onnx.ModelProto, fp16: onnx.ModelProto, context: CompileContext) -> str | None:
-    """Run the FP16 model on a probe input; a reason to fall back when an output is NaN or Inf."""
+def _fp16_overflow(path: Path, context: CompileContext) -> str | None:
+    """Run the saved FP16 model on a probe input; a reason to fall back when an output is NaN or Inf."""
     batch, (height, width) = 1, context.probe_size
     inputs = context.spec.sample_inputs(batch, height, width)
-    with tempfile.TemporaryDirectory(prefix="diffship-fp16-probe-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx_graph.save(fp16, path)
-        outputs = OrtRunner(path, OrtOptions(providers=("CPUExecutionProvider",)), "fp16").run(inputs)
+    outputs = OrtRunner(path, OrtOptions(providers=("CPUExecutionProvider",)), "fp16").run(inputs)
     bad = [n for n, v in outputs.items() if not np.isfinite(v).all()]
     if bad:
         return (f"FP16 {', '.join(bad)} not finite (NaN/Inf) on a probe input at {batch}x{height}x{width}: "
