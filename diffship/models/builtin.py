@@ -8,7 +8,9 @@ cache and loaded from there like any user model.
 
 from __future__ import annotations
 
+import functools
 import gc
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -327,19 +329,25 @@ def write_builtin(model: BuiltinModel, folder: Path) -> None:
     )
 
 
+def _weights_dir(model: BuiltinModel) -> Path | None:
+    return Path(__file__).parent / model.weights if model.weights else None
+
+
 def _trained_config(model: BuiltinModel, component: str) -> dict[str, Any]:
     """Config values the training decided (the VAE's latent scaling factor)."""
-    path = Path(__file__).parent / model.weights / f"{component}_config.json" if model.weights else None
+    folder = _weights_dir(model)
+    path = folder / f"{component}_config.json" if folder else None
     return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
 
 
 def _load_trained(model: BuiltinModel, component: str, module: torch.nn.Module) -> None:
     """Load the committed trained weights of `component` into `module`, every key accounted for."""
-    if not model.weights:
+    folder = _weights_dir(model)
+    if folder is None:
         return
     from safetensors.torch import load_file
 
-    path = Path(__file__).parent / model.weights / f"{component}.safetensors"
+    path = folder / f"{component}.safetensors"
     if not path.is_file():
         raise DiffshipError(f"Built-in model {model.name} is missing its trained weights {path}; "
                             "reinstall diffship or run scripts/train_digits_sd.py.")
@@ -349,11 +357,14 @@ def _load_trained(model: BuiltinModel, component: str, module: torch.nn.Module) 
 
 def _weights_tag(model: BuiltinModel) -> str:
     """A short fingerprint of committed trained weights, so retrained weights never reuse a stale cached folder."""
-    if not model.weights:
-        return ""
-    import hashlib
+    folder = _weights_dir(model)
+    return f"-{_folder_digest(folder)}" if folder else ""
 
+
+@functools.cache
+def _folder_digest(folder: Path) -> str:
+    # Read once per process: `builtin_folder` runs on every resolve of the model.
     digest = hashlib.sha256()
-    for path in sorted((Path(__file__).parent / model.weights).glob("*")):
+    for path in sorted(folder.glob("*")):
         digest.update(path.name.encode() + path.read_bytes())
-    return "-" + digest.hexdigest()[:8]
+    return digest.hexdigest()[:8]

@@ -32,8 +32,11 @@ class DigitClassifier:
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         """The hidden layer's activations (ReLU) for (N, 64) digit pixels."""
-        hidden = pixels @ self.model.coefs_[0] + self.model.intercepts_[0]
-        return np.maximum(hidden, 0.0)
+        return _hidden(self.model, pixels)
+
+
+def _hidden(model: Any, pixels: np.ndarray) -> np.ndarray:
+    return np.maximum(pixels @ model.coefs_[0] + model.intercepts_[0], 0.0)
 
 
 @lru_cache(maxsize=1)
@@ -47,9 +50,8 @@ def digit_classifier() -> DigitClassifier:
     x_train, x_test, y_train, y_test = train_test_split(data.data, data.target, test_size=0.2, random_state=0,
                                                         stratify=data.target)
     model = MLPClassifier(hidden_layer_sizes=(64,), max_iter=1000, random_state=0).fit(x_train, y_train)
-    classifier = DigitClassifier(model, float(model.score(x_test, y_test)), np.zeros(64), np.eye(64))
-    real = classifier.features(data.data.astype(np.float64))
-    return DigitClassifier(model, classifier.held_out_accuracy, real.mean(axis=0), np.cov(real, rowvar=False))
+    real = _hidden(model, data.data.astype(np.float64))
+    return DigitClassifier(model, float(model.score(x_test, y_test)), real.mean(axis=0), np.cov(real, rowvar=False))
 
 
 def frechet_distance(mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarray, cov_b: np.ndarray) -> float:
