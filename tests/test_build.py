@@ -160,6 +160,8 @@ def test_bad_targets_and_models_exit_2_before_any_work(tmp_path: Path, args: lis
     ("[validation]\nsetps = 2\n", "validation.setps: unknown key"),
     ("[shapes]\nheight = [72, 128]\n", "shapes.height 72 is not a multiple of 32"),  # digits-sd: VAE factor 4
     ("[validation]\nprompts = []\n", "validation.prompts"),
+    ("[validation.quality]\nmin_prompt_accuracy = 1.5\n", "validation.quality.min_prompt_accuracy"),
+    ("[validation.quality]\nseeds = []\n", "validation.quality.seeds"),
     ("[[targets]]\nname = 'onnxruntime'\noptions = { threads = 2 }\n", "Unknown ONNX Runtime option(s) threads"),
     ("components = ['unet']\n", "the recipe leaves out text_encoder, vae_decoder"),
 ])

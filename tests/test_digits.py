@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -74,3 +75,15 @@ def test_a_degraded_unet_fails_the_quality_check_and_the_build(model_copy, tmp_p
     assert not q["passed"] and q["prompt_accuracy"] < q["min_prompt_accuracy"]
     assert result.report["sets"]["onnxruntime-fp32"]["parity"]["passed"]  # the export is faithful; the model is not
     assert result.manifest["passed"] is False
+
+
+def test_a_built_in_model_without_its_trained_weights_is_refused_by_name(tmp_path: Path):
+    from dataclasses import replace
+
+    from diffship.errors import DiffshipError
+    from diffship.models.builtin import BUILTINS, write_builtin
+
+    (tmp_path / "weights").mkdir()
+    model = replace(BUILTINS["digits-sd"], weights=str(tmp_path / "weights"))  # an empty weights folder
+    with pytest.raises(DiffshipError, match="digits-sd is missing its trained weights .*text_encoder.safetensors"):
+        write_builtin(model, tmp_path / "out")
