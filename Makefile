@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench-export bench-build bench-onnxruntime clean
+.PHONY: setup demo test lint bench-export bench-build bench-onnxruntime bench-compress clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	# Only CLIP's BPE vocabulary file is used from open-clip-torch; its dependencies would pull torchvision.
 	$(BIN)/pip install --quiet --no-deps "open-clip-torch==3.3.0"
-	$(BIN)/pip install --quiet -e ".[dev,openvino]"
+	$(BIN)/pip install --quiet -e ".[dev,openvino,compress]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -42,6 +42,9 @@ bench-build: setup
 
 bench-onnxruntime: setup
 	$(BIN)/python benchmarks/onnxruntime_unet.py
+
+bench-compress: setup
+	$(BIN)/python benchmarks/compress_digits.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

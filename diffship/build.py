@@ -117,13 +117,16 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
             f"A build validates images end to end, so it needs {', '.join(needed)}; the recipe leaves out "
             f"{', '.join(missing)}. To export and check single components use `diffship export -c` and `diffship validate`.")
     shapes, plan = plan_shapes(recipe, specs[0], source.folder)
+    hits: dict[str, bool] = {}
+    compressed = None
+    if recipe.compress:
+        source, compressed = _compress_stage(recipe, source, family.name, plan, force, hits, say)
     if any(get_target(t.name).needs_calibration(p) for t in recipe.targets for p in t.precisions):
         check_calibration(recipe.calibration.prompts, recipe.calibration.samples)
     versions = library_versions()
     say(f"Hashing {source.spec} ({family.title}) ...")
     module_hashes = {m: cache.folder_hash(source.folder / m)
                      for m in sorted({s.module for s in specs} | set(family.tokenizers) | {"scheduler"})}
-    hits: dict[str, bool] = {}
 
     baseline = Baseline(source, recipe.allow_pickle, say)
     calibration = Calibration(recipe, plan, baseline, module_hashes, versions, force, hits)
@@ -134,19 +137,59 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
         finish_pipeline_folder(source, export_dir, specs, recipe.export.opset, entries)
         sets = _compile_stage(recipe, tmp, export_dir, specs, entries, shapes, family.name, calibration, versions, force,
                               hits, say)
+        int8_bar = compressed is not None and compressed["quantizer"] == "modelopt"
         results, pairs = _validate_stage(recipe, source, specs, sets, plan, module_hashes, versions, baseline, force,
-                                         hits, say)
+                                         hits, say, int8_bar)
         baseline.release()
         passed = all(r["passed"] for r in results.values())
         all_cached = all(hits.values())
         report = report_data(recipe, source, family.title, module_hashes, plan, shapes, entries, results, hits,
                               versions, passed, time.perf_counter() - started)
+        if compressed is not None:
+            report["compress"] = compressed
         say("Writing the report ...")
         written = write_report(report, pairs, tmp / REPORT_FOLDER)
         manifest = build_manifest(recipe, source, family.name, module_hashes, versions, shapes, sets, results, hits,
                              {k: p.relative_to(tmp).as_posix() for k, p in written.items()}, passed)
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
     return BuildResult(out, manifest, report, passed, all_cached)
+
+
+def _compress_stage(recipe: Recipe, source: ModelSource, family: str, plan: Plan, force: bool, hits: dict[str, bool],
+                    say: Say) -> tuple[ModelSource, dict[str, Any]]:
+    """Run the recipe's compression steps (cached), and hand the compressed pipeline to the stages after."""
+    from diffship.compress.run import RECORD_FILE, Settings, check_exportable, compress
+    from diffship.validation.quality import quality_task
+
+    check_exportable(recipe.compress)
+    quantized = [f"{t.name}:{p}" for t in recipe.targets for p in t.precisions if p.startswith("int8")]
+    if quantized and any(s.step == "qat" for s in recipe.compress):
+        raise DiffshipError(
+            f"A qat step already makes the UNet INT8 (QDQ); {', '.join(quantized)} would quantize it again. "
+            "Build the targets' fp32 precision: it runs the QDQ graph with INT8 kernels.")
+    q = recipe.validation.quality
+    settings = Settings(list(recipe.calibration.prompts), recipe.calibration.steps, plan.height, plan.width,
+                        plan.validation.guidance_scale, list(q.seeds), q.steps, q.guidance_scale)
+    measure_quality = q.enabled and quality_task(source.folder) == "digits"
+    entry_key = cache.key(stage="compress", weights=cache.folder_hash(source.folder),
+                          steps=[s.model_dump() for s in recipe.compress], settings=settings.__dict__,
+                          quality=measure_quality, versions=library_versions())
+    entry = None if force else cache.lookup("compress", entry_key)
+    if entry is None:
+        checkpoints = cache.store_root().parent / "checkpoints" / entry_key
+        with cache.store("compress", entry_key) as (staging, info):
+            record = compress(source.folder, family, recipe.compress, settings, staging / "model", checkpoints,
+                              recipe.allow_pickle, measure_quality, say)
+            atomic_write_json(staging / RECORD_FILE, record)
+            info |= {"steps": [s.step for s in recipe.compress]}
+        shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the entry now holds the result
+        entry = cache.lookup("compress", entry_key)
+        hits["compress"] = False
+    else:
+        say("[compress] cached (no work)")
+        hits["compress"] = True
+    record = json.loads((entry / RECORD_FILE).read_text(encoding="utf-8"))
+    return ModelSource(source.spec, "compressed", entry / "model"), record
 
 
 def _export_stage(source: ModelSource, family: str, specs: list[ComponentSpec], opset: int, allow_pickle: bool,
@@ -346,7 +389,8 @@ def _copy_pipeline_folder(export_dir: Path, set_dir: Path, components: list[str]
 def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpec],
                     sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]], plan: Plan, module_hashes: dict[str, str],
                     versions: dict[str, str], baseline: Baseline, force: bool, hits: dict[str, bool],
-                    say: Say) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+                    say: Say, int8_bar: bool = False) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Validate every set; a UNet that QAT made INT8 QDQ is judged by the int8 bar whatever the set's name."""
     from diffship.validation.baseline import baseline_device
     from diffship.validation.quality import quality_task
     from diffship.validation.suite import baseline_quality, unet_trajectory, validate_set
@@ -358,7 +402,7 @@ def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSp
     pairs: dict[str, list[dict[str, Any]]] = {}
     device, dtype = baseline_device()
     for set_key, (artifact_set, options, recorded) in sets.items():
-        set_plan = replace(plan, threshold=recipe.threshold(artifact_set.precision))
+        set_plan = replace(plan, threshold=recipe.threshold("int8" if int8_bar else artifact_set.precision))
         entry_key = cache.key(
             stage="validate", artifacts={c: [f["sha256"] for f in e["files"]] for c, e in recorded["components"].items()},
             pipeline=[f["sha256"] for f in recorded["pipeline_files"]], options=repr(options),

@@ -201,6 +201,94 @@ def build(
         raise typer.Exit(EXIT_FAILED)
 
 
+def _parse_step(text: str) -> dict[str, Any]:
+    """`prune-channels:ratio=0.3,round_to=8` as a step dict; values read as TOML scalars (numbers, strings)."""
+    import tomllib
+
+    name, _, rest = text.partition(":")
+    step: dict[str, Any] = {"step": name.strip()}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DiffshipError(f"--step {text!r}: expected key=value after the step name, got {item!r}.")
+        try:
+            step[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            step[key.strip()] = value.strip()
+    return step
+
+
+@app.command()
+def compress(
+    recipe_file: Annotated[Path | None, typer.Argument(metavar="[RECIPE.toml]", help="Recipe with compress steps.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Override the recipe's model.")] = None,
+    steps: Annotated[list[str] | None, typer.Option(
+        "--step", "-s", help="A step, in order: name[:key=value,...], e.g. prune-channels:ratio=0.3 (replaces the "
+                             "recipe's steps).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: out/<model>-compressed).")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
+) -> None:
+    """Prune, distill or quantize a pipeline's UNet in PyTorch; write the compressed pipeline and a stage table."""
+    from diffship.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
+    from diffship.compress.run import RECORD_FILE, Settings
+    from diffship.compress.run import compress as run_compress
+    from diffship.compress.table import stage_chart, stage_table
+    from diffship.models.components import native_size
+    from diffship.models.family import component_config, detect_family
+    from diffship.models.source import resolve
+    from diffship.recipe import load_recipe
+    from diffship.validation.quality import quality_task
+
+    try:
+        overrides = {"model": model, "allow_pickle": True if allow_pickle else None,
+                     "compress": [_parse_step(s) for s in steps] if steps else None}
+        recipe = load_recipe(recipe_file, overrides)
+        if not recipe.compress:
+            raise DiffshipError("No compress steps: give --step (e.g. --step prune-channels:ratio=0.3) or a recipe "
+                                "with compress = [...].")
+        out_path = (out_dir or Path("out") / f"{Path(recipe.model.rstrip('/')).name}-compressed").resolve()
+        prepare_output_dir(out_path, overwrite=True)
+        source = resolve(recipe.model, allow_pickle=recipe.allow_pickle)
+        family = detect_family(source.folder)
+        from diffship.exporters.pipeline import select_specs
+
+        spec = select_specs(source.folder, ["unet"])[0]
+        native = native_size(component_config(source.folder, "unet"), spec.vae_scale)
+        v, q = recipe.validation, recipe.validation.quality
+        settings = Settings(list(recipe.calibration.prompts), recipe.calibration.steps, v.height or native,
+                            v.width or native, v.guidance_scale, list(q.seeds), q.steps, q.guidance_scale)
+        say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
+        from diffship import cache
+
+        checkpoints = out_path.parent / f".{out_path.name}-checkpoints"
+        keyed = checkpoints / cache.key(weights=cache.folder_hash(source.folder), settings=settings.__dict__,
+                                        steps=[s.model_dump() for s in recipe.compress])
+        with staged_dir(out_path) as tmp:
+            record = run_compress(source.folder, family.name, recipe.compress, settings, tmp / "model", keyed,
+                                  recipe.allow_pickle,
+                                  q.enabled and quality_task(source.folder) == "digits", say)
+            atomic_write_json(tmp / RECORD_FILE, record)
+            title, columns, rows = stage_table(record)
+            markdown = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            markdown += ["| " + " | ".join(r) + " |" for r in rows] + ["", "![compression](compression.png)", ""]
+            atomic_write_text(tmp / "compress.md", "\n".join(markdown))
+            (tmp / "compression.png").write_bytes(stage_chart(record))
+    except DiffshipError as exc:
+        raise _fail(exc) from None
+    import shutil
+
+    shutil.rmtree(checkpoints, ignore_errors=True)  # finished: a rerun has nothing to resume
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for row in rows:
+        table.add_row(*[escape(c) for c in row])
+    out.print(table)
+    where = "the compressed pipeline in model/" if (out_path / "model" / "model_index.json").exists() else \
+        "no pipeline folder (these steps run in PyTorch only)"
+    out.print(f"compress.json, compress.md, compression.png and {where}: {out_path}")
+
+
 def _print_summary(report: dict[str, Any]) -> None:
     from diffship.validation.report import summary_table
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffship.compress.steps import Step
 from diffship.errors import DiffshipError
 
 # Prompts the default model (digits-sd) draws; for random-weight models any prompt does.
@@ -162,6 +163,7 @@ class Recipe(_Strict):
     validation: ValidationRecipe = Field(default_factory=ValidationRecipe)
     thresholds: dict[str, Threshold] = Field(default_factory=dict)
     calibration: CalibrationRecipe = Field(default_factory=CalibrationRecipe)
+    compress: list[Step] = Field(default_factory=list)
     allow_pickle: bool = False
 
     @model_validator(mode="after")

@@ -139,6 +139,10 @@ def all_tables(report: dict[str, Any]) -> list[Table]:
     export = [[c, _mib(e["bytes"]), "cached" if e["cached"] else f"{e['seconds']:.1f} s"] for c, e in report["export"].items()]
     tables = [summary_table(report), ("ONNX export (opset " + str(report["recipe"]["export"]["opset"]) + ")",
                                       ["component", "size", "export"], export)]
+    if "compress" in report:
+        from diffship.compress.table import stage_table
+
+        tables.insert(1, stage_table(report["compress"]))
     for key, r in report["sets"].items():
         tables += set_tables(key, r)
     return tables
@@ -283,6 +287,10 @@ def write_report(report: dict[str, Any], pairs: dict[str, list[dict[str, Any]]],
     pictures: dict[str, bytes] = {f"images: {k}": image_grid(k, p, baseline) for k, p in pairs.items() if p}
     if chart := latency_chart(report):
         pictures["latency"] = chart
+    if "compress" in report:
+        from diffship.compress.table import stage_chart
+
+        pictures["compression"] = stage_chart(report["compress"])
     files = {}
     for name, png in pictures.items():
         path = folder / "images" / (name.replace("images: ", "grid-").replace(" ", "_") + ".png")

@@ -1,0 +1,68 @@
+"""INT8 fake quantization of the UNet with NVIDIA Model Optimizer, for QAT and QDQ export.
+
+Model Optimizer inserts per-channel weight and per-tensor input quantizers on every conv and linear layer,
+calibrates their ranges on the UNet's captured inputs, trains through them (straight-through estimator),
+and exports them as ONNX QuantizeLinear / DequantizeLinear pairs with torch's TorchScript exporter, which
+is the QDQ form ONNX Runtime, OpenVINO and TensorRT all turn into INT8 kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffship.compress import import_extra
+
+# Kept in float, as the ONNX Runtime INT8 path does: the time embedding, the first and last convs, and the
+# shortcut convs on the up blocks' unnormalised skip concatenations (they carried the whole INT8 loss there).
+SENSITIVE = ("*time_embedding*", "*conv_in*", "*conv_out*", "*conv_shortcut*", "*time_emb_proj*")
+STATE_FILE = "modelopt_state.pth"
+
+
+def _mtq() -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its import warns about untested transformers releases
+        return import_extra("modelopt.torch.quantization")
+
+
+def int8_config() -> dict[str, Any]:
+    """Model Optimizer's INT8 configuration with diffship's sensitive UNet layers left in float."""
+    config = copy.deepcopy(_mtq().INT8_DEFAULT_CFG)
+    config["quant_cfg"] = [*config["quant_cfg"], *({"quantizer_name": p, "enable": False} for p in SENSITIVE)]
+    return config
+
+
+def quantize_int8(unet: nn.Module, calls: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Insert INT8 quantizers into `unet` in place and calibrate them (max) on the captured calls."""
+    from diffship.compress.distill import predict
+
+    def forward_loop(model: nn.Module) -> None:
+        with torch.no_grad():
+            for call in calls:
+                predict(model, {k: torch.from_numpy(v) for k, v in call.items()})
+
+    _mtq().quantize(unet, int8_config(), forward_loop)
+    quantizers = [m for name, m in unet.named_modules() if name.endswith(("weight_quantizer", "input_quantizer"))]
+    enabled = sum(1 for q in quantizers if getattr(q, "is_enabled", False))
+    return {"library": "nvidia-modelopt", "quantizers": len(quantizers), "enabled": enabled,
+            "calibration_calls": len(calls), "kept_float": list(SENSITIVE)}
+
+
+def save_state(unet: nn.Module, path: Any) -> None:
+    """Model Optimizer's own checkpoint: its quantizer placement and ranges plus the weights."""
+    import modelopt.torch.opt as mto
+
+    mto.save(unet, path)
+
+
+def restore_state(unet: nn.Module, path: Any) -> nn.Module:
+    """Re-insert the saved quantizers into a float UNet of the same structure and load the weights."""
+    _mtq()
+    import modelopt.torch.opt as mto
+
+    return mto.restore(unet, path)

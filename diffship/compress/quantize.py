@@ -1,0 +1,79 @@
+"""Post-training quantization in PyTorch: optimum-quanto on any device, bitsandbytes on CUDA.
+
+optimum-quanto, not torchao: quanto calibrates static INT8 activation ranges on real inputs
+(`Calibration()`), which torchao offers only as a prototype, and both quantize weights to INT8 / INT4.
+Neither result is an ONNX graph: these steps are measured in PyTorch (the torch backend runs them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffship.compress import import_extra
+from diffship.errors import DiffshipError
+
+# Same layers kept in float as the INT8 ONNX path (see qat.SENSITIVE); quanto takes module-name globs.
+QUANTO_EXCLUDE = ["time_embedding*", "conv_in", "conv_out", "*conv_shortcut", "*time_emb_proj"]
+
+
+def quanto(unet: nn.Module, weights: str, activations: str, calls: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Quantize conv and linear layers in place; INT8 activations are calibrated on the captured UNet calls."""
+    from diffship.compress.distill import predict
+
+    q = import_extra("optimum.quanto")
+
+    kinds = {"int8": q.qint8, "int4": q.qint4}
+    if weights not in kinds:
+        raise DiffshipError(f"quantize: optimum-quanto quantizes weights to int8 or int4, not {weights!r} "
+                            "(nf4 is bitsandbytes').")
+    acts = q.qint8 if activations == "int8" else None
+    q.quantize(unet, weights=kinds[weights], activations=acts, exclude=QUANTO_EXCLUDE)
+    if acts is not None:
+        with torch.no_grad(), q.Calibration():
+            for call in calls:
+                predict(unet, {k: torch.from_numpy(v) for k, v in call.items()})
+    q.freeze(unet)
+    return {"library": "optimum-quanto", "weights": weights, "activations": activations,
+            "layers": len(q.quantization_map(unet)), "calibration_calls": len(calls) if acts else 0}
+
+
+def quanto_map(unet: nn.Module) -> dict[str, Any]:
+    """quanto's record of which layer was quantized how, saved beside the weights to re-quantize on load."""
+    from optimum.quanto import quantization_map
+
+    return quantization_map(unet)
+
+
+def requanto(unet: nn.Module, state: dict[str, torch.Tensor], qmap: dict[str, Any]) -> nn.Module:
+    """Rebuild a quanto-quantized UNet from its float structure, saved state and quantization map."""
+    from optimum.quanto import requantize
+
+    requantize(unet, state, qmap, device=torch.device("cpu"))
+    return unet
+
+
+def bitsandbytes_unet(folder: Path, weights: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Load the UNet with bitsandbytes 8-bit or NF4 linear layers through diffusers (CUDA only)."""
+    if not torch.cuda.is_available():
+        raise DiffshipError("quantize with library = 'bitsandbytes' needs a CUDA GPU (bitsandbytes' 8-bit and NF4 "
+                            "kernels); on a CPU use library = 'quanto'.")
+    try:
+        import bitsandbytes  # noqa: F401
+        from diffusers import BitsAndBytesConfig, UNet2DConditionModel
+    except ImportError as exc:
+        raise DiffshipError("quantize with library = 'bitsandbytes' needs the bitsandbytes package: "
+                            "pip install 'diffship[cuda]'.") from exc
+    if weights == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    elif weights == "nf4":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
+    else:
+        raise DiffshipError(f"quantize: bitsandbytes loads weights as int8 or nf4, not {weights!r}.")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", quantization_config=config,
+                                                torch_dtype=torch.float16)
+    return unet.eval().requires_grad_(False), {"library": "bitsandbytes", "weights": weights}

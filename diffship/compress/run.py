@@ -1,0 +1,176 @@
+"""Run a list of compression steps over a pipeline and measure every stage against the original.
+
+The original UNet is the teacher and the reference: each stage row gives parameters, non-zero parameters,
+bytes, the UNet call's latency in PyTorch (same process, same captured input) and, for models that declare
+a quality task, prompt accuracy. The result is written as a pipeline folder the exporters read like any other.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffship.compress import measure, prune
+from diffship.compress.steps import TORCH_ONLY, Step
+from diffship.errors import DiffshipError
+
+Say = Callable[[str], None]
+RECORD_FILE = "compress.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the teacher's UNet inputs are captured, and how quality is measured, for every stage."""
+
+    prompts: list[str]
+    denoise_steps: int
+    height: int
+    width: int
+    guidance_scale: float
+    quality_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    quality_steps: int = 20
+    quality_guidance: float = 5.0
+    latency_repeats: int = 20
+
+
+def needs_data(steps: Sequence[Step]) -> bool:
+    """Whether any step calibrates on the captured UNet inputs of every calibration prompt."""
+    return any(s.step == "qat" or (s.step == "quantize" and s.activations != "none") for s in steps)
+
+
+def check_exportable(steps: Sequence[Step]) -> None:
+    """Refuse steps whose result ONNX export cannot carry, before a build spends time on them."""
+    if torch_only := [s.step for s in steps if s.step in TORCH_ONLY]:
+        raise DiffshipError(
+            f"compress step(s) {', '.join(torch_only)} produce PyTorch-only components (cast modules, quanto or "
+            "bitsandbytes tensors) that ONNX export cannot carry. Measure them with `diffship compress`; for "
+            "INT8 artifacts use a qat step or a target's int8 precision, for FP16 a target's fp16.")
+
+
+def compress(folder: Path, family: str, steps: Sequence[Step], settings: Settings, dest: Path, checkpoints: Path,
+             allow_pickle: bool = False, quality: bool = False, say: Say | None = None) -> dict[str, Any]:
+    """Apply `steps` in order to the pipeline in `folder`, write the result to `dest`, return the stage table."""
+    from diffship.compress.store import write_pipeline
+    from diffship.targets.calibration import capture
+    from diffship.validation.baseline import load_baseline
+
+    say = say or (lambda _: None)
+    if not steps:
+        raise DiffshipError("compress needs at least one step.")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    say(f"[compress] loading {folder.name} (PyTorch FP32, {device}) ...")
+    pipe = load_baseline(folder, allow_pickle, device, torch.float32)
+    teacher = copy.deepcopy(pipe.unet) if any(s.step in ("distill", "qat") for s in steps) else None
+    full = needs_data(steps)
+    say(f"[compress] capturing the UNet's inputs over {settings.denoise_steps}-step generations of "
+        f"{len(settings.prompts) if full else 1} prompt(s) at {settings.height}x{settings.width} ...")
+    calls = capture(pipe, settings.prompts if full else settings.prompts[:1], None, settings.denoise_steps,
+                    settings.height, settings.width, settings.guidance_scale, with_vae=False).inputs["unet"]
+    samples = None
+    if trains := [s for s in steps if s.step in ("distill", "qat") and s.steps]:
+        from diffship.compress.distill import sample_set
+
+        images = max(s.images for s in trains)
+        say(f"[compress] generating {images} images with the original as distillation data ...")
+        captured = capture(pipe, settings.prompts, images * settings.denoise_steps, settings.denoise_steps,
+                           settings.height, settings.width, settings.guidance_scale, seed=10_000, with_vae=False)
+        samples = sample_set(captured, settings.denoise_steps, pipe.vae.config.scaling_factor,
+                             pipe.scheduler.alphas_cumprod, settings.guidance_scale)
+        del captured
+
+    baseline: dict[str, Any] = {}
+
+    def stage(label: str, step: dict[str, Any] | None, info: dict[str, Any]) -> dict[str, Any]:
+        row: dict[str, Any] = {"stage": label, "step": step, **measure.weight_stats(pipe.unet),
+                               "unet_seconds": measure.unet_latency(pipe.unet, calls[0], settings.latency_repeats),
+                               "info": info}
+        if quality:
+            row["quality"] = measure.digits_quality(pipe, settings.quality_seeds, settings.quality_steps,
+                                                    settings.quality_guidance, settings.height, settings.width)
+        if not baseline:
+            baseline.update(row)
+        row["speedup"] = baseline["unet_seconds"] / row["unet_seconds"]
+        row["params_ratio"] = row["params"] / baseline["params"]
+        accuracy = row.get("quality", {}).get("prompt_accuracy")
+        shown = f", prompt accuracy {accuracy:.3f}" if accuracy is not None else ""
+        say(f"      {label}: {row['params']:,} params ({row['nonzero']:,} non-zero), {row['bytes'] / 2**20:.2f} MiB, "
+            f"UNet call {row['unet_seconds'] * 1000:.2f} ms ({row['speedup']:.2f}x){shown}")
+        return row
+
+    stages = [stage("original", None, {})]
+    structure, quantizer, reshaped, changed = None, None, False, False
+    for i, step in enumerate(steps):
+        dump = step.model_dump()
+        say(f"[compress {i + 1}/{len(steps)}] {step.step} ...")
+        if quantizer is not None:
+            raise DiffshipError(f"compress step {i + 1} ({step.step}) comes after quantization; quantize last.")
+        if step.step == "precision":
+            from diffship.compress.precision import cast_pipeline
+
+            info = cast_pipeline(pipe, step.dtype, step.vae, family)
+        elif step.step == "prune-magnitude":
+            info = prune.prune_magnitude(pipe.unet, step.sparsity, step.scope)
+        elif step.step == "prune-channels":
+            info = prune.prune_channels(pipe.unet, step.ratio, calls[0], step.round_to)
+            reshaped = True
+        elif step.step == "prune-heads":
+            info = prune.prune_heads(pipe.unet, step.heads)
+            reshaped = True
+        elif step.step == "distill":
+            from diffship.compress.distill import distill
+
+            info = distill(pipe.unet, teacher, samples, step.steps, step.batch, step.lr, checkpoints / f"step{i + 1}",
+                           step.checkpoint_every, say=say)
+        elif step.step == "quantize":
+            info = _quantize(pipe, step, folder, changed, calls)
+            quantizer = "quanto" if step.library == "quanto" else "bitsandbytes"
+        elif step.step == "qat":
+            from diffship.compress.distill import distill
+            from diffship.compress.qat import quantize_int8
+
+            structure = copy.deepcopy(pipe.unet) if reshaped else None
+            info = quantize_int8(pipe.unet, calls)
+            quantizer = "modelopt"
+            if step.steps:
+                stages.append(stage("qat: calibrated only (PTQ)", dump, info))
+                info = {**info, "training": distill(pipe.unet, teacher, samples, step.steps, step.batch, step.lr,
+                                                    checkpoints / f"step{i + 1}", step.checkpoint_every, say=say)}
+        else:  # pragma: no cover - the recipe's discriminated union admits no other step
+            raise DiffshipError(f"Unknown compress step {step.step!r}.")
+        changed = True
+        stages.append(stage(_label(step), dump, info))
+    record = {"steps": [s.model_dump() for s in steps], "stages": stages, "reshaped": reshaped,
+              "quantizer": quantizer, "torch_only": any(s.step in TORCH_ONLY for s in steps),
+              "device": device, "captured_calls": len(calls), "settings": settings.__dict__}
+    if quantizer != "bitsandbytes" and not record["torch_only"]:
+        say(f"[compress] writing the compressed pipeline to {dest} ...")
+        write_pipeline(folder, dest, pipe.unet.cpu(), structure, quantizer, record)
+    return record
+
+
+def _label(step: Step) -> str:
+    details = {k: v for k, v in step.model_dump().items() if k not in ("step", "checkpoint_every")}
+    return f"{step.step} (" + ", ".join(f"{k} {v}" for k, v in details.items()) + ")"
+
+
+def _quantize(pipe: Any, step: Any, folder: Path, changed: bool, calls: list[Any]) -> dict[str, Any]:
+    from diffship.compress import quantize
+
+    if step.library == "quanto":
+        if step.weights == "nf4":
+            raise DiffshipError("quantize: nf4 is a bitsandbytes format; optimum-quanto offers int8 and int4.")
+        return quantize.quanto(pipe.unet, step.weights, step.activations, calls)
+    if changed:
+        raise DiffshipError("quantize with bitsandbytes loads the original UNet's weights, so it must be the only "
+                            "UNet step (bitsandbytes quantizes while loading).")
+    if step.activations != "none":
+        raise DiffshipError("bitsandbytes quantizes weights only: set activations = 'none'.")
+    unet, info = quantize.bitsandbytes_unet(folder, step.weights)
+    pipe.to(torch.float16)
+    pipe.unet = unet
+    return info
