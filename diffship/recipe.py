@@ -23,6 +23,11 @@ DEFAULT_PROMPTS = (
 )
 
 
+# Every digit, so that what learns from these prompts (distillation, QAT) sees all ten.
+DEFAULT_CALIBRATION_PROMPTS = tuple(f"a handwritten digit {w}" for w in (
+    "seven", "three", "zero", "one", "two", "four", "five", "six", "eight", "nine"))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -145,9 +150,10 @@ DEFAULT_THRESHOLDS = {
 
 
 class CalibrationRecipe(_Strict):
-    """Calibration for the INT8 paths: prompts run through the PyTorch pipeline, capturing the UNet's inputs."""
+    """Inputs for INT8 calibration, distillation and QAT: prompts run through the PyTorch pipeline, capturing the
+    UNet's inputs (in turn: INT8 calibration takes as many generations as `samples` needs, distillation many)."""
 
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_CALIBRATION_PROMPTS), min_length=1)
     samples: int = Field(16, ge=1)
     steps: int = Field(8, ge=1)
 

@@ -152,6 +152,26 @@ def test_qat_int8_exports_qdq_that_onnx_runtime_and_openvino_run(tiny, tmp_path:
     assert _cosine(got, expected) > 0.999
 
 
+def test_qat_trains_through_the_fake_quantizers(tiny, tmp_path: Path):
+    import copy
+
+    from diffship.compress.distill import SampleSet
+    from diffship.compress.qat import quantize_int8
+
+    _, unet, calls = tiny
+    teacher = copy.deepcopy(unet)
+    quantize_int8(unet, calls)
+    generator = torch.Generator().manual_seed(0)
+    data = SampleSet(torch.randn(4, 4, 8, 8, generator=generator),
+                     {"encoder_hidden_states": torch.randn(4, 2, 77, 32, generator=generator)},
+                     torch.linspace(0.999, 0.01, 1000), 7.5)
+    before = {n: p.clone() for n, p in unet.named_parameters()}
+    info = distill(unet, teacher, data, steps=3, batch=2, lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=3)
+    assert info["loss"] == "MSE + guided-direction MSE"
+    moved = [n for n, p in unet.named_parameters() if not torch.equal(p, before[n])]
+    assert any("attn1.to_q" in n for n in moved) and any("conv1" in n for n in moved)
+
+
 def test_quanto_int8_weights_and_calibrated_activations_shrink_the_unet(tiny):
     from diffship.compress.quantize import quanto
 

@@ -86,9 +86,9 @@ class _Forward(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, **kwargs).sample
 
 
-def example_inputs(call: dict[str, Any]) -> tuple[Any, ...]:
-    """One captured UNet call as the positional inputs of `_Forward`."""
-    tensors = {k: torch.as_tensor(v) for k, v in call.items()}
+def example_inputs(call: dict[str, Any], device: torch.device | str = "cpu") -> tuple[Any, ...]:
+    """One captured UNet call as the positional inputs of `_Forward`, on `device`."""
+    tensors = {k: torch.as_tensor(v).to(device) for k, v in call.items()}
     added = {k: tensors[k] for k in ("text_embeds", "time_ids") if k in tensors}
     return tensors["sample"], tensors["timestep"], tensors["encoder_hidden_states"], added
 
@@ -113,8 +113,8 @@ def prune_channels(unet: nn.Module, ratio: float, call: dict[str, Any], round_to
     unet.requires_grad_(True)  # torch-pruning traces the graph through autograd
     try:
         pruner = tp.pruner.MetaPruner(
-            _Forward(unet), example_inputs(call), importance=tp.importance.MagnitudeImportance(p=2),
-            pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to,
+            _Forward(unet), example_inputs(call, next(unet.parameters()).device),
+            importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to,
             customized_pruners={nn.GroupNorm: _group_norm_pruner()})
         pruner.step()
     finally:

@@ -27,7 +27,17 @@ STATE_FILE = "modelopt_state.pth"
 def _mtq() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its import warns about untested transformers releases
-        return import_extra("modelopt.torch.quantization")
+        mtq = import_extra("modelopt.torch.quantization")
+    from diffusers.models.attention_processor import Attention
+
+    registry = import_extra("modelopt.torch.quantization.nn").QuantModuleRegistry
+    # Model Optimizer wraps diffusers' Attention to quantize the attention matmuls, routing every attention
+    # call through an export-only FP8 function that has no backward, so QAT cannot train through it. The INT8
+    # recipe leaves those matmuls in float anyway; the projections inside stay quantized as plain Linear layers.
+    # Process-wide, so that quantize and restore convert the same modules.
+    if Attention in registry:
+        registry.unregister(Attention)
+    return mtq
 
 
 def int8_config() -> dict[str, Any]:

@@ -53,7 +53,7 @@ class DistillStep(_Step):
     steps: int = Field(400, ge=1)
     images: int = Field(256, ge=1)  # the original's generations (calibration prompts in turn) noised as inputs
     batch: int = Field(32, ge=1)
-    lr: float = Field(3e-4, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0)
     checkpoint_every: int = Field(100, ge=1)
 
 
