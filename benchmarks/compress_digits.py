@@ -94,7 +94,11 @@ def run_compress(steps: list[Any], work: Path, name: str, settings: Settings) ->
     dest = work / name
     if (dest / "compress.json").is_file():  # reuse a finished run (delete the folder to redo it)
         return json.loads((dest / "compress.json").read_text()), dest / "model"
-    record = compress(resolve("digits-sd").folder, "sd1", steps, settings, dest / "model", work / f"{name}-checkpoints",
+    from diffship import cache
+
+    # Checkpoints keyed by the steps and settings: an interrupted run resumes, a changed one starts over.
+    checkpoints = work / f"{name}-checkpoints" / cache.key(steps=[s.model_dump() for s in steps], settings=settings.__dict__)
+    record = compress(resolve("digits-sd").folder, "sd1", steps, settings, dest / "model", checkpoints,
                       quality=True, say=print)
     (dest / "compress.json").write_text(json.dumps(record, indent=1))
     return record, dest / "model"

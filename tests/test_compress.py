@@ -167,7 +167,7 @@ def test_qat_trains_through_the_fake_quantizers(tiny, tmp_path: Path):
                      torch.linspace(0.999, 0.01, 1000), 7.5)
     before = {n: p.clone() for n, p in unet.named_parameters()}
     info = distill(unet, teacher, data, steps=3, batch=2, lr=1e-3, checkpoint_dir=tmp_path, checkpoint_every=3)
-    assert info["loss"] == "MSE + guided-direction MSE"
+    assert info["loss"] == "MSE + guidance-direction MSE"
     moved = [n for n, p in unet.named_parameters() if not torch.equal(p, before[n])]
     assert any("attn1.to_q" in n for n in moved) and any("conv1" in n for n in moved)
 
@@ -214,6 +214,21 @@ def test_a_qat_unet_round_trips_through_model_optimizer_state(tiny, tmp_path: Pa
     feed = spec.sample_inputs(2, 64, 64, seed=3)
     np.testing.assert_allclose(run_torch(wrap(spec, loaded), spec, feed)["out_sample"],
                                run_torch(wrap(spec, unet), spec, feed)["out_sample"], atol=1e-5)
+
+
+def test_a_quanto_unet_round_trips_through_its_quantization_map(tiny, tmp_path: Path):
+    from diffship.compress.quantize import quanto
+    from diffship.compress.store import write_pipeline
+
+    spec, unet, calls = tiny
+    quanto(unet, "int4", "none", calls)
+    folder = tmp_path / "quanto"
+    write_pipeline(resolve("tiny-sd").folder, folder, unet, None, "quanto", {"steps": []})
+    loaded = load_component(folder, "unet")
+    assert any("QLinear" in type(m).__name__ for m in loaded.modules())
+    args = prune.example_inputs(spec.sample_inputs(2, 64, 64, seed=3))[:3]
+    with torch.no_grad():  # quanto's int4 kernels refuse inference-mode tensors
+        torch.testing.assert_close(loaded(*args).sample, unet(*args).sample)
 
 
 def test_precision_casts_components_and_keeps_the_sdxl_vae_in_fp32_under_fp16(model_cache: Path):

@@ -48,7 +48,7 @@ def unet_latency(unet: nn.Module, call: dict[str, np.ndarray], repeats: int = 20
     added = {k: args.pop(k) for k in ("text_embeds", "time_ids") if k in args}
     kwargs = {"added_cond_kwargs": added} if added else {}
     times = []
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: optimum-quanto's int4 kernels fail on inference tensors
         for i in range(warmup + repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()

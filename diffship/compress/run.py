@@ -147,7 +147,9 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
     record = {"steps": [s.model_dump() for s in steps], "stages": stages, "reshaped": reshaped,
               "quantizer": quantizer, "torch_only": any(s.step in TORCH_ONLY for s in steps),
               "device": device, "captured_calls": len(calls), "settings": settings.__dict__}
-    if quantizer != "bitsandbytes" and not record["torch_only"]:
+    # bitsandbytes layers and whole-pipeline casts have no diffship save format; quanto UNets are saved (for
+    # PyTorch use) although ONNX export cannot take them.
+    if quantizer != "bitsandbytes" and not any(s.step == "precision" for s in steps):
         say(f"[compress] writing the compressed pipeline to {dest} ...")
         write_pipeline(folder, dest, pipe.unet.cpu(), structure, quantizer, record)
     return record
