@@ -282,6 +282,28 @@ def test_compress_cli_refuses_too_many_heads_without_writing_output(tmp_path: Pa
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize(("steps", "message"), [
+    (["quantize:weights='int8'", "prune-magnitude:sparsity=0.5"], "comes after quantization; quantize last"),
+    (["prune-magnitude:sparsity=0.5", "quantize:library='bitsandbytes'"], "must be the only UNet step"),
+])
+def test_compress_cli_refuses_steps_in_an_order_it_cannot_honour(steps: list[str], message: str, tmp_path: Path,
+                                                                  model_cache: Path):
+    args = [a for step in steps for a in ("--step", step)]
+    result = runner.invoke(app, ["compress", "-m", "tiny-sd", *args, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_pruned_then_quanto_quantized_unet_round_trips(tmp_path: Path, model_cache: Path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["compress", "-m", "tiny-sd", "--step", "prune-channels:ratio=0.25",
+                                 "--step", "quantize:weights='int8'", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    unet = load_component(out / "model", "unet", allow_pickle=True)
+    assert any("QLinear" in type(m).__name__ for m in unet.modules())
+    assert unet.down_blocks[0].resnets[0].conv1.out_channels < 32
+
+
 def test_compress_cli_writes_the_pipeline_and_a_stage_table(tmp_path: Path, model_cache: Path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["compress", "-m", "tiny-sd", "--step", "prune-magnitude:sparsity=0.5",
@@ -312,6 +334,16 @@ def test_a_build_exports_and_validates_the_compressed_unet(tmp_path: Path, model
     assert params < 0.8 * stages[0]["params"]
     assert "compression stages" in (tmp_path / "out" / "report" / "report.md").read_text()
     assert (tmp_path / "out" / "report" / "images" / "compression.png").is_file()
+
+
+def test_a_build_refuses_to_quantize_a_qat_unet_again(tmp_path: Path, model_cache: Path):
+    from diffship.build import build
+    from diffship.recipe import parse_recipe
+
+    recipe = parse_recipe({"model": "tiny-sd", "compress": [{"step": "qat", "steps": 0}],
+                           "targets": [{"name": "onnxruntime", "precisions": ["fp32", "int8"]}]})
+    with pytest.raises(DiffshipError, match="onnxruntime:int8 would quantize it again"):
+        build(recipe, tmp_path / "out")
 
 
 def test_a_build_refuses_torch_only_steps_before_any_work(tmp_path: Path, model_cache: Path):

@@ -109,6 +109,8 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
         say(f"[compress {i + 1}/{len(steps)}] {step.step} ...")
         if quantizer is not None:
             raise DiffshipError(f"compress step {i + 1} ({step.step}) comes after quantization; quantize last.")
+        if step.step in ("quantize", "qat") and reshaped:
+            structure = copy.deepcopy(pipe.unet)  # the pruned float shape the saved quantizer state is rebuilt on
         if step.step == "precision":
             from diffship.compress.precision import cast_pipeline
 
@@ -133,7 +135,6 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
             from diffship.compress.distill import distill
             from diffship.compress.qat import quantize_int8
 
-            structure = copy.deepcopy(pipe.unet) if reshaped else None
             info = quantize_int8(pipe.unet, calls)
             quantizer = "modelopt"
             if step.steps:
