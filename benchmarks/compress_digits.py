@@ -30,6 +30,7 @@ from diffship.compress.run import Settings, compress  # noqa: E402
 from diffship.compress.steps import ChannelStep, DistillStep, HeadStep, MagnitudeStep  # noqa: E402
 from diffship.compress.table import stage_table  # noqa: E402
 from diffship.models.digits import prompt_for  # noqa: E402
+from diffship.validation.report import markdown_table  # noqa: E402
 
 
 def prompts() -> list[str]:
@@ -83,9 +84,7 @@ def print_latency(rows: list[dict[str, Any]], base: str, other: str) -> None:
 
 def print_stages(record: dict[str, Any]) -> None:
     title, columns, rows = stage_table(record)
-    print(f"\n{title}\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(f"\n{title}\n" + "\n".join(markdown_table(columns, rows)))
 
 
 def run_compress(steps: list[Any], work: Path, name: str, settings: Settings) -> tuple[dict[str, Any], Path]:

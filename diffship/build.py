@@ -158,8 +158,7 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
 def _compress_stage(recipe: Recipe, source: ModelSource, family: str, plan: Plan, force: bool, hits: dict[str, bool],
                     say: Say) -> tuple[ModelSource, dict[str, Any]]:
     """Run the recipe's compression steps (cached), and hand the compressed pipeline to the stages after."""
-    from diffship.compress.run import RECORD_FILE, Settings, check_exportable, compress
-    from diffship.validation.quality import quality_task
+    from diffship.compress.run import RECORD_FILE, check_exportable, compress, settings_for
 
     check_exportable(recipe.compress)
     quantized = [f"{t.name}:{p}" for t in recipe.targets for p in t.precisions if p.startswith("int8")]
@@ -167,10 +166,7 @@ def _compress_stage(recipe: Recipe, source: ModelSource, family: str, plan: Plan
         raise DiffshipError(
             f"A qat step already makes the UNet INT8 (QDQ); {', '.join(quantized)} would quantize it again. "
             "Build the targets' fp32 precision: it runs the QDQ graph with INT8 kernels.")
-    q = recipe.validation.quality
-    settings = Settings(list(recipe.calibration.prompts), recipe.calibration.steps, plan.height, plan.width,
-                        plan.validation.guidance_scale, list(q.seeds), q.steps, q.guidance_scale)
-    measure_quality = q.enabled and quality_task(source.folder) == "digits"
+    settings, measure_quality = settings_for(recipe, source.folder, plan.height, plan.width)
     entry_key = cache.key(stage="compress", weights=cache.folder_hash(source.folder),
                           steps=[s.model_dump() for s in recipe.compress], settings=settings.__dict__,
                           quality=measure_quality, versions=library_versions())

@@ -230,14 +230,14 @@ def compress(
 ) -> None:
     """Prune, distill or quantize a pipeline's UNet in PyTorch; write the compressed pipeline and a stage table."""
     from diffship.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
-    from diffship.compress.run import RECORD_FILE, Settings
+    from diffship.compress.run import RECORD_FILE, settings_for
     from diffship.compress.run import compress as run_compress
     from diffship.compress.table import stage_chart, stage_table
     from diffship.models.components import native_size
     from diffship.models.family import component_config, detect_family
     from diffship.models.source import resolve
     from diffship.recipe import load_recipe
-    from diffship.validation.quality import quality_task
+    from diffship.validation.report import markdown_table
 
     try:
         overrides = {"model": model, "allow_pickle": True if allow_pickle else None,
@@ -254,9 +254,8 @@ def compress(
 
         spec = select_specs(source.folder, ["unet"])[0]
         native = native_size(component_config(source.folder, "unet"), spec.vae_scale)
-        v, q = recipe.validation, recipe.validation.quality
-        settings = Settings(list(recipe.calibration.prompts), recipe.calibration.steps, v.height or native,
-                            v.width or native, v.guidance_scale, list(q.seeds), q.steps, q.guidance_scale)
+        settings, measure_quality = settings_for(recipe, source.folder, recipe.validation.height or native,
+                                                 recipe.validation.width or native)
         say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
         from diffship import cache
 
@@ -266,11 +265,10 @@ def compress(
         with staged_dir(out_path) as tmp:
             record = run_compress(source.folder, family.name, recipe.compress, settings, tmp / "model", keyed,
                                   recipe.allow_pickle,
-                                  q.enabled and quality_task(source.folder) == "digits", say)
+                                  measure_quality, say)
             atomic_write_json(tmp / RECORD_FILE, record)
             title, columns, rows = stage_table(record)
-            markdown = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            markdown += ["| " + " | ".join(r) + " |" for r in rows] + ["", "![compression](compression.png)", ""]
+            markdown = [f"# {title}", "", *markdown_table(columns, rows), "", "![compression](compression.png)", ""]
             atomic_write_text(tmp / "compress.md", "\n".join(markdown))
             (tmp / "compression.png").write_bytes(stage_chart(record))
     except DiffshipError as exc:

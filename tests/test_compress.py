@@ -201,6 +201,21 @@ def test_a_pruned_pipeline_folder_round_trips_and_guards_its_pickle(tiny, tmp_pa
                                run_torch(wrap(spec, unet), spec, feed)["out_sample"], atol=1e-6)
 
 
+def test_a_magnitude_pruned_unet_is_saved_as_plain_diffusers_weights(tiny, tmp_path: Path):
+    from diffship.compress.store import write_pipeline
+
+    spec, unet, _ = tiny
+    prune.prune_magnitude(unet, 0.5)
+    folder = tmp_path / "sparse"
+    write_pipeline(resolve("tiny-sd").folder, folder, unet, None, None, {"steps": []})
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = load_component(folder, "unet")  # no pickle: shapes are diffusers' own
+    assert measure.weight_stats(loaded)["nonzero"] == measure.weight_stats(unet)["nonzero"]
+    feed = spec.sample_inputs(2, 64, 64, seed=3)
+    np.testing.assert_allclose(run_torch(wrap(spec, loaded), spec, feed)["out_sample"],
+                               run_torch(wrap(spec, unet), spec, feed)["out_sample"], atol=1e-6)
+
+
 def test_a_qat_unet_round_trips_through_model_optimizer_state(tiny, tmp_path: Path):
     from diffship.compress.qat import quantize_int8
     from diffship.compress.store import write_pipeline

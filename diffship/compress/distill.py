@@ -26,11 +26,6 @@ from torch import nn
 CHECKPOINT = "distill-checkpoint.pt"
 
 
-def stack_calls(calls: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Captured UNet calls (each a batch, e.g. 2 under guidance) as one tensor per input, one row per sample."""
-    return {k: torch.from_numpy(np.concatenate([c[k] for c in calls])) for k in calls[0]}
-
-
 def predict(unet: nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
     """The UNet's noise prediction for one minibatch of captured inputs, on the UNet's device."""
     device = next(unet.parameters()).device
@@ -38,6 +33,13 @@ def predict(unet: nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
     added = {k: rows[k] for k in ("text_embeds", "time_ids") if k in rows}
     kwargs = {"added_cond_kwargs": added} if added else {}
     return unet(rows["sample"], rows["timestep"], rows["encoder_hidden_states"], **kwargs).sample
+
+
+def run_calls(unet: nn.Module, calls: list[dict[str, np.ndarray]]) -> None:
+    """Run the UNet on every captured call without gradients: what calibration observes."""
+    with torch.no_grad():
+        for call in calls:
+            predict(unet, {k: torch.from_numpy(v) for k, v in call.items()})
 
 
 @dataclass

@@ -13,7 +13,6 @@ import warnings
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from diffship.compress import import_extra
@@ -49,14 +48,9 @@ def int8_config() -> dict[str, Any]:
 
 def quantize_int8(unet: nn.Module, calls: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Insert INT8 quantizers into `unet` in place and calibrate them (max) on the captured calls."""
-    from diffship.compress.distill import predict
+    from diffship.compress.distill import run_calls
 
-    def forward_loop(model: nn.Module) -> None:
-        with torch.no_grad():
-            for call in calls:
-                predict(model, {k: torch.from_numpy(v) for k, v in call.items()})
-
-    _mtq().quantize(unet, int8_config(), forward_loop)
+    _mtq().quantize(unet, int8_config(), lambda model: run_calls(model, calls))
     quantizers = [m for name, m in unet.named_modules() if name.endswith(("weight_quantizer", "input_quantizer"))]
     enabled = sum(1 for q in quantizers if getattr(q, "is_enabled", False))
     return {"library": "nvidia-modelopt", "quantizers": len(quantizers), "enabled": enabled,

@@ -23,7 +23,7 @@ QUANTO_EXCLUDE = ["time_embedding*", "conv_in", "conv_out", "*conv_shortcut", "*
 
 def quanto(unet: nn.Module, weights: str, activations: str, calls: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Quantize conv and linear layers in place; INT8 activations are calibrated on the captured UNet calls."""
-    from diffship.compress.distill import predict
+    from diffship.compress.distill import run_calls
 
     q = import_extra("optimum.quanto")
 
@@ -34,9 +34,8 @@ def quanto(unet: nn.Module, weights: str, activations: str, calls: list[dict[str
     acts = q.qint8 if activations == "int8" else None
     q.quantize(unet, weights=kinds[weights], activations=acts, exclude=QUANTO_EXCLUDE)
     if acts is not None:
-        with torch.no_grad(), q.Calibration():
-            for call in calls:
-                predict(unet, {k: torch.from_numpy(v) for k, v in call.items()})
+        with q.Calibration():
+            run_calls(unet, calls)
     q.freeze(unet)
     return {"library": "optimum-quanto", "weights": weights, "activations": activations,
             "layers": len(q.quantization_map(unet)), "calibration_calls": len(calls) if acts else 0}

@@ -38,6 +38,16 @@ class Settings:
     latency_repeats: int = 20
 
 
+def settings_for(recipe: Any, folder: Path, height: int, width: int) -> tuple[Settings, bool]:
+    """The compress settings a recipe gives at this resolution, and whether the model's quality is measured."""
+    from diffship.validation.quality import quality_task
+
+    q = recipe.validation.quality
+    settings = Settings(list(recipe.calibration.prompts), recipe.calibration.steps, height, width,
+                        recipe.validation.guidance_scale, list(q.seeds), q.steps, q.guidance_scale)
+    return settings, q.enabled and quality_task(folder) == "digits"
+
+
 def needs_data(steps: Sequence[Step]) -> bool:
     """Whether any step calibrates on the captured UNet inputs of every calibration prompt."""
     return any(s.step == "qat" or (s.step == "quantize" and s.activations != "none") for s in steps)

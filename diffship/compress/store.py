@@ -49,15 +49,11 @@ def write_pipeline(source: Path, dest: Path, unet: nn.Module, structure: nn.Modu
     folder = dest / "unet"
     folder.mkdir(parents=True)
     shutil.copy2(source / "unet" / "config.json", folder / "config.json")
-    base = structure if structure is not None else unet
     reshaped = record.get("reshaped", False)
     if reshaped:
-        torch.save(base if quantizer else unet, folder / MODULE_FILE)
+        torch.save(structure if structure is not None else unet, folder / MODULE_FILE)
     elif quantizer is None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
-                  str(folder / "diffusion_pytorch_model.safetensors"))
+        unet.save_pretrained(folder)
     if quantizer == "modelopt":
         from diffship.compress.qat import STATE_FILE, save_state
 

@@ -67,10 +67,11 @@ def check_loading_info(info: dict[str, Any], where: str) -> None:
 def load_component(folder: Path, component: str, allow_pickle: bool = False) -> torch.nn.Module:
     """Load `component` (unet, vae, text_encoder, text_encoder_2) in FP32 eval mode, strictly."""
     quiet_libraries()
-    if component == "unet" and (folder / component / "diffship_compressed.json").is_file():
-        from diffship.compress.store import load_unet
+    if component == "unet":
+        from diffship.compress.store import is_compressed, load_unet
 
-        return load_unet(folder / component, allow_pickle)
+        if is_compressed(folder / component):
+            return load_unet(folder / component, allow_pickle)
     check_weight_files(folder, component, allow_pickle)
     use_safetensors = None if allow_pickle else True
     library, class_name = (read_model_index(folder).get(component) or [None, None])[:2]

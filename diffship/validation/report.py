@@ -164,6 +164,12 @@ def header_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines (pipes inside cells escaped)."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows)]
+
+
 def to_markdown(report: dict[str, Any], images: dict[str, str]) -> str:
     """The report as Markdown: verdict, facts, the summary, links to the pictures, then the detailed tables."""
     verdict = "PASSED" if report["passed"] else "FAILED"
@@ -171,8 +177,7 @@ def to_markdown(report: dict[str, Any], images: dict[str, str]) -> str:
     for i, (title, columns, rows) in enumerate(all_tables(report)):
         if i == 1:
             lines += [f"![{name}]({path})" for name, path in images.items()] + [""]
-        lines += [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows] + [""]
+        lines += [f"## {title}", "", *markdown_table(columns, rows), ""]
     return "\n".join(lines)
 
 
