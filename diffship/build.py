@@ -61,10 +61,13 @@ def check_targets(recipe: Recipe) -> None:
     """Every target installed and every precision offered, before any work starts."""
     for target in recipe.targets:
         check_available(target.name)
-        offered = get_target(target.name).PRECISIONS
-        unknown = [p for p in target.precisions if p not in offered]
+        backend = get_target(target.name)
+        unknown = [p for p in target.precisions if p not in backend.PRECISIONS]
         if unknown:
-            raise DiffshipError(f"Target {target.name!r} cannot build {', '.join(unknown)} yet; it offers {', '.join(offered)}.")
+            raise DiffshipError(f"Target {target.name!r} cannot build {', '.join(unknown)} yet; it offers "
+                                f"{', '.join(backend.PRECISIONS)}.")
+        if hasattr(backend, "preflight"):  # hardware the target needs (a GPU, FP8 kernels), checked before any work
+            backend.preflight(target.precisions, backend.parse_options(target.options))
 
 
 def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict[str, list[int]], Plan]:
@@ -136,7 +139,7 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
                                 versions, export_dir, force, hits, say)
         finish_pipeline_folder(source, export_dir, specs, recipe.export.opset, entries)
         sets = _compile_stage(recipe, tmp, export_dir, specs, entries, shapes, family.name, calibration, versions, force,
-                              hits, say)
+                              hits, say, source.folder, (plan.height, plan.width))
         int8_bar = compressed is not None and compressed["quantizer"] == "modelopt"
         results, pairs = _validate_stage(recipe, source, specs, sets, plan, module_hashes, versions, baseline, force,
                                          hits, say, int8_bar)
@@ -161,7 +164,7 @@ def _compress_stage(recipe: Recipe, source: ModelSource, family: str, plan: Plan
     from diffship.compress.run import RECORD_FILE, check_exportable, compress, settings_for
 
     check_exportable(recipe.compress)
-    quantized = [f"{t.name}:{p}" for t in recipe.targets for p in t.precisions if p.startswith("int8")]
+    quantized = [f"{t.name}:{p}" for t in recipe.targets for p in t.precisions if p.startswith(("int8", "fp8"))]
     if quantized and any(s.step == "qat" for s in recipe.compress):
         raise DiffshipError(
             f"A qat step already makes the UNet INT8 (QDQ); {', '.join(quantized)} would quantize it again. "
@@ -298,7 +301,8 @@ def static_shapes(spec: ComponentSpec, shapes: dict[str, list[int]], guidance: b
 
 def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[ComponentSpec], entries: dict[str, Any],
                    shapes: dict[str, list[int]], family: str, calibration: Calibration, versions: dict[str, str],
-                   force: bool, hits: dict[str, bool], say: Say) -> dict[str, tuple[ArtifactSet, Any, dict[str, Any]]]:
+                   force: bool, hits: dict[str, bool], say: Say, model_folder: Path | None = None,
+                   opt_size: tuple[int, int] | None = None) -> dict[str, tuple[ArtifactSet, Any, dict[str, Any]]]:
     """One artifact set per target and precision: (the set, the target's options, its manifest entry)."""
     sets = {}
     by_name = {s.name: s for s in specs}
@@ -306,6 +310,8 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
     for target in recipe.targets:
         backend = get_target(target.name)
         options = backend.parse_options(target.options)
+        # Engines are tied to the GPU and library versions that built them: a different one is a different key.
+        environment = backend.environment(options) if hasattr(backend, "environment") else None
         for precision in target.precisions:
             set_key = f"{target.name}-{precision}"
             writes = backend.writes_artifacts(precision, options)
@@ -319,11 +325,13 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                     continue
                 context = CompileContext(by_name[name], static_shapes(by_name[name], shapes, guided),
                                          calibration if backend.needs_calibration(precision) else None, family,
-                                         (shapes["height"][0], shapes["width"][0]))
+                                         (shapes["height"][0], shapes["width"][0]), shapes, opt_size, guided,
+                                         model_folder, recipe.allow_pickle, recipe.export.opset)
                 entry_key = cache.key(stage="compile", target=target.name, precision=precision, options=repr(options),
                                       source=[f["sha256"] for f in entries[name]["files"]], static=context.static_shapes,
                                       calibration=calibration.key if context.calibration else None,
-                                      probe=context.probe_size, versions=versions)
+                                      probe=context.probe_size, ranges=shapes, opt=opt_size, guided=guided,
+                                      environment=environment, versions=versions)
                 entry = None if force else cache.lookup("compile", entry_key)
                 if entry is None:
                     say(f"{prefix}: compiling ...")
@@ -348,6 +356,7 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                         for name, path in components.items()}
             artifact_set = ArtifactSet(root, set_dir, target.name, precision, components, shapes, "unvalidated")
             sets[set_key] = (artifact_set, options, {"target": target.name, "precision": precision,
+                                                      **({"environment": environment} if environment else {}),
                                                       "pipeline": set_dir.relative_to(root).as_posix(),
                                                       "components": recorded,
                                                       "pipeline_files": _pipeline_files(root, set_dir, components)})

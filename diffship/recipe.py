@@ -142,9 +142,11 @@ class Threshold(_Strict):
 
 DEFAULT_THRESHOLDS = {
     "fp32": Threshold(min_cosine=0.99999, max_rel_l2=1e-4, min_psnr=40.0, min_ssim=0.98),
+    "tf32": Threshold(min_cosine=0.9999, max_rel_l2=1e-2, min_psnr=35.0, min_ssim=0.95),
     "fp16": Threshold(min_cosine=0.999, max_rel_l2=5e-2, min_psnr=30.0, min_ssim=0.9),
     "bf16": Threshold(min_cosine=0.995, max_rel_l2=0.1, min_psnr=25.0, min_ssim=0.85),
     "int8": Threshold(min_cosine=0.99, max_rel_l2=0.15, min_psnr=20.0, min_ssim=0.7),
+    "fp8": Threshold(min_cosine=0.99, max_rel_l2=0.15, min_psnr=20.0, min_ssim=0.7),
     "int4": Threshold(min_cosine=0.98, max_rel_l2=0.2, min_psnr=18.0, min_ssim=0.6),
 }
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -26,17 +28,31 @@ STATE_FILE = "modelopt_state.pth"
 def _mtq() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its import warns about untested transformers releases
-        mtq = import_extra("modelopt.torch.quantization")
+        return import_extra("modelopt.torch.quantization")
+
+
+@contextmanager
+def plain_attention() -> Iterator[None]:
+    """Within this block Model Optimizer quantizes diffusers' Attention as its plain Linear projections.
+
+    Model Optimizer wraps diffusers' Attention to quantize the attention matmuls, routing every attention call
+    through an export-only FP8 function that has no backward (QAT cannot train through it) and that the INT8
+    recipes leave in float anyway. Quantize and restore must run inside the same block, so that they convert the
+    same modules; the wrapper is registered again on exit, for anyone else in the process.
+    """
     from diffusers.models.attention_processor import Attention
 
     registry = import_extra("modelopt.torch.quantization.nn").QuantModuleRegistry
-    # Model Optimizer wraps diffusers' Attention to quantize the attention matmuls, routing every attention
-    # call through an export-only FP8 function that has no backward, so QAT cannot train through it. The INT8
-    # recipe leaves those matmuls in float anyway; the projections inside stay quantized as plain Linear layers.
-    # Process-wide, so that quantize and restore convert the same modules.
-    if Attention in registry:
-        registry.unregister(Attention)
-    return mtq
+    if Attention not in registry:
+        yield
+        return
+    # The registry has no public "get" for a class and its key; these two dicts are what register() fills.
+    wrapper, key = registry._registry[Attention], registry._key_registry[Attention]
+    registry.unregister(Attention)
+    try:
+        yield
+    finally:
+        registry.register({Attention: key})(wrapper)
 
 
 def int8_config() -> dict[str, Any]:
@@ -50,7 +66,9 @@ def quantize_int8(unet: nn.Module, calls: list[dict[str, np.ndarray]]) -> dict[s
     """Insert INT8 quantizers into `unet` in place and calibrate them (max) on the captured calls."""
     from diffship.compress.distill import run_calls
 
-    _mtq().quantize(unet, int8_config(), lambda model: run_calls(model, calls))
+    config = int8_config()
+    with plain_attention():
+        _mtq().quantize(unet, config, lambda model: run_calls(model, calls))
     quantizers = [m for name, m in unet.named_modules() if name.endswith(("weight_quantizer", "input_quantizer"))]
     enabled = sum(1 for q in quantizers if getattr(q, "is_enabled", False))
     return {"library": "nvidia-modelopt", "quantizers": len(quantizers), "enabled": enabled,
@@ -69,4 +87,5 @@ def restore_state(unet: nn.Module, path: Any) -> nn.Module:
     _mtq()
     import modelopt.torch.opt as mto
 
-    return mto.restore(unet, path)
+    with plain_attention():
+        return mto.restore(unet, path)

@@ -1,0 +1,502 @@
+"""TensorRT target: ONNX -> a serialized engine per component, built with TensorRT's Python API.
+
+Every precision is built as a strongly typed network from an ONNX file already in that precision (FP16 by
+ONNX Runtime's converter, INT8 / FP8 as Model Optimizer's QDQ UNet with the rest in FP16): TensorRT 10
+recommends strong typing for explicit quantization and TensorRT 11 removed the FP16 / INT8 builder flags.
+BF16 is the exception: diffship has no BF16 ONNX converter, so it uses TensorRT 10's BF16 builder flag.
+
+Engines are not portable: each `model.plan` has an `engine.json` beside it with the GPU, compute capability,
+TensorRT and CUDA versions it was built with, and loading it anywhere else fails with that message before
+TensorRT sees the bytes. The Runner moves named tensors through torch CUDA tensors (no other CUDA binding
+package), checks shapes against the engine's profile, and replays a CUDA graph when the profile is static.
+
+TensorRT is imported only where an engine is built or run, so profiles, ONNX preparation, the compatibility
+check and option parsing work (and are tested) on machines without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffship.artifacts import atomic_write_json
+from diffship.errors import DiffshipError
+from diffship.models.components import ComponentSpec
+from diffship.targets import CompileContext, onnx_graph
+
+NAME = "tensorrt"
+PRECISIONS = ("fp16", "bf16", "tf32", "fp32", "int8", "fp8")
+CALIBRATED = ("int8", "fp8")
+ENGINE = "model.plan"
+ENGINE_INFO = "engine.json"
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper onwards
+VAE_MODES = ("auto", "fp16", "fp32")
+# Kept in FP32 when the rest of a graph is converted to FP16: the quantize / dequantize pairs carry FP32 scales
+# at opset 17, and Model Optimizer's FP8 pairs are TensorRT plugin ops the converter must not retype.
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear")
+INSTALL = ("pip install 'diffship[tensorrt]' on a machine with an NVIDIA GPU and driver "
+           "(or build docker/Dockerfile.tensorrt)")
+
+
+@dataclass(frozen=True)
+class TrtOptions:
+    """The recipe's `[targets.options]` for TensorRT.
+
+    device: CUDA device index. optimization_level: the builder's 0-5 (higher searches longer for faster
+    kernels). workspace_gib: the builder's scratch memory limit (None: TensorRT's default, the device's memory).
+    timing_cache: file of measured kernel timings reused across builds (None: one per GPU and TensorRT
+    version in diffship's cache; "" off). static_shapes: build a static profile when the recipe fixes batch
+    and resolution. opt_batch: the batch the dynamic profile is tuned for (None: the smallest).
+    cuda_graph: replay a captured CUDA graph for static engines. vae_precision: "auto" keeps SDXL's VAE in
+    FP32 (it overflows in FP16) and converts others; "fp16" / "fp32" force it. smoothquant_alpha and
+    conv_percentile: the INT8 UNet's SmoothQuant migration strength and convolution-input percentile.
+    """
+
+    device: int = 0
+    optimization_level: int = 3
+    workspace_gib: float | None = None
+    timing_cache: str | None = None
+    static_shapes: bool = True
+    opt_batch: int | None = None
+    cuda_graph: bool = True
+    vae_precision: str = "auto"
+    smoothquant_alpha: float = 0.8
+    conv_percentile: float = 99.99
+
+
+def parse_options(options: dict[str, Any]) -> TrtOptions:
+    """The recipe's TensorRT options, with unknown keys and bad values named."""
+    known = {f.name for f in fields(TrtOptions)}
+    if unknown := sorted(set(options) - known):
+        raise DiffshipError(f"Unknown TensorRT option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+    parsed = TrtOptions(**options)
+    if not 0 <= parsed.optimization_level <= 5:
+        raise DiffshipError(f"TensorRT optimization_level must be 0 to 5, got {parsed.optimization_level}.")
+    if parsed.workspace_gib is not None and parsed.workspace_gib <= 0:
+        raise DiffshipError(f"TensorRT workspace_gib must be positive, got {parsed.workspace_gib}.")
+    if parsed.vae_precision not in VAE_MODES:
+        raise DiffshipError(f"Unknown TensorRT vae_precision {parsed.vae_precision!r}; choose {', '.join(VAE_MODES)}.")
+    if parsed.opt_batch is not None and parsed.opt_batch < 1:
+        raise DiffshipError(f"TensorRT opt_batch must be at least 1, got {parsed.opt_batch}.")
+    if not 0.0 <= parsed.smoothquant_alpha <= 1.0:
+        raise DiffshipError(f"TensorRT smoothquant_alpha must be within [0, 1], got {parsed.smoothquant_alpha}.")
+    if not 0.0 < parsed.conv_percentile <= 100.0:
+        raise DiffshipError(f"TensorRT conv_percentile must be within (0, 100], got {parsed.conv_percentile}.")
+    return parsed
+
+
+def writes_artifacts(precision: str, options: Any = None) -> bool:
+    """Every TensorRT precision is a new engine."""
+    return True
+
+
+def needs_calibration(precision: str) -> bool:
+    """INT8 and FP8 quantize the UNet on its captured inputs."""
+    return precision in CALIBRATED
+
+
+def model_index(family: str, components: list[str]) -> dict[str, Any]:
+    """model_index.json entries for an engine folder (no hub pipeline loads TensorRT engines; diffship's does)."""
+    return {"_class_name": "DiffshipTensorRTPipeline", **{c: ["diffship", "TensorRTEngine"] for c in components}}
+
+
+# --- what TensorRT is and where it runs ---------------------------------------------------------------------
+
+
+def _trt() -> Any:
+    """The tensorrt module, or a DiffshipError that says what to install."""
+    try:
+        import tensorrt
+    except ModuleNotFoundError as exc:
+        raise DiffshipError(f"The TensorRT target needs the 'tensorrt' package ({exc}): {INSTALL}.") from None
+    except ImportError as exc:  # the bindings wheel alone imports without its libraries and fails here
+        raise DiffshipError(f"TensorRT is installed but cannot load its libraries ({exc}): {INSTALL}.") from None
+    return tensorrt
+
+
+def _cuda_device(device: int) -> Any:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DiffshipError("TensorRT engines build and run on an NVIDIA GPU, and PyTorch sees no CUDA device here "
+                            "(torch.cuda.is_available() is False).")
+    if not 0 <= device < torch.cuda.device_count():
+        raise DiffshipError(f"CUDA device {device} does not exist; this machine has {torch.cuda.device_count()}.")
+    return torch.device("cuda", device)
+
+
+def environment(options: TrtOptions | None = None) -> dict[str, str]:
+    """What an engine built here is tied to: GPU model, compute capability, TensorRT and CUDA versions."""
+    import torch
+
+    options = options or TrtOptions()
+    trt = _trt()
+    device = _cuda_device(options.device)
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"gpu": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}",
+            "tensorrt": trt.__version__, "cuda": str(torch.version.cuda)}
+
+
+def check_compatible(built: dict[str, str], here: dict[str, str], path: Path | str = "engine") -> None:
+    """Refuse an engine built for another GPU model, compute capability, or TensorRT / CUDA version."""
+    differs = [f"{key} {built.get(key)!r} (here {here.get(key)!r})" for key in ("gpu", "compute_capability",
+                                                                                 "tensorrt", "cuda")
+               if built.get(key) != here.get(key)]
+    if differs:
+        raise DiffshipError(f"{path} was built for another machine or TensorRT: {'; '.join(differs)}. TensorRT "
+                            "engines only run where they were built: rebuild it here with `diffship build`.")
+
+
+def check_fp8(compute_capability: str, gpu: str = "this GPU") -> None:
+    """Refuse FP8 below compute capability 8.9 (Ada, Hopper and later run FP8 kernels)."""
+    major, minor = (int(p) for p in compute_capability.split("."))
+    if (major, minor) < FP8_MIN_CAPABILITY:
+        need = ".".join(map(str, FP8_MIN_CAPABILITY))
+        raise DiffshipError(f"FP8 needs an Ada or Hopper (or newer) GPU, compute capability {need} or more; {gpu} "
+                            f"has {compute_capability}. Use int8 or fp16 there.")
+
+
+def preflight(precisions: list[str], options: TrtOptions) -> None:
+    """Before any work: TensorRT loads, a GPU is present, and it can run every precision asked for."""
+    trt = _trt()
+    env = environment(options)
+    if "fp8" in precisions:
+        check_fp8(env["compute_capability"], env["gpu"])
+    if "bf16" in precisions and not hasattr(trt.BuilderFlag, "BF16"):
+        raise DiffshipError(f"TensorRT {trt.__version__} has no BF16 builder flag (TensorRT 11 types networks from "
+                            "the ONNX), and diffship does not write BF16 ONNX yet: build fp16 instead.")
+
+
+# --- optimization profiles ----------------------------------------------------------------------------------
+
+
+Shape = tuple[int, ...]
+
+
+def profile_shapes(spec: ComponentSpec, ranges: dict[str, list[int]], opt_size: tuple[int, int],
+                   guided: bool, opt_batch: int | None = None,
+                   static: dict[str, Shape] | None = None) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """(min, opt, max) per input from the recipe's batch and pixel ranges; min = opt = max when `static`.
+
+    The UNet takes twice the batch under classifier-free guidance, so its batch range runs from the smallest
+    unguided batch to twice the largest, and it is tuned for the guided batch when the recipe guides."""
+    if static is not None:
+        return {name: (shape, shape, shape) for name, shape in static.items()}
+    (b_low, b_high), (h_low, h_high), (w_low, w_high) = ranges["batch"], ranges["height"], ranges["width"]
+    opt_b = opt_batch or b_low
+    if not b_low <= opt_b <= b_high:
+        raise DiffshipError(f"TensorRT opt_batch {opt_b} is outside shapes.batch [{b_low}, {b_high}].")
+    doubled = spec.name == "unet"
+    low = spec.axis_sizes(b_low, h_low, w_low)
+    high = spec.axis_sizes(b_high * (2 if doubled else 1), h_high, w_high)
+    opt = spec.axis_sizes(opt_b * (2 if doubled and guided else 1), *opt_size)
+    return {t.name: (t.concrete(low), t.concrete(opt), t.concrete(high)) for t in spec.inputs}
+
+
+def check_shape(name: str, shape: Shape, profile: tuple[Shape, Shape, Shape], path: Path | str = "engine") -> None:
+    """Refuse an input shape outside the engine's profile, naming the range it was built for."""
+    low, _, high = profile
+    if len(shape) != len(low) or any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high, strict=True)):
+        raise DiffshipError(f"Input {name!r} has shape {tuple(shape)}, outside the profile {path} was built for: "
+                            f"min {tuple(low)}, max {tuple(high)}. Rebuild with wider [shapes] in the recipe.")
+
+
+# --- preparing the ONNX -------------------------------------------------------------------------------------
+
+
+def computes_in(name: str, precision: str, options: TrtOptions, family: str | None) -> tuple[str, str | None]:
+    """What component `name` of a `precision` set computes in, and why when that differs from the set's."""
+    if precision in CALIBRATED and name != "unet":
+        lowered = "fp16"
+        reason = f"{precision.upper()} quantizes the UNet; the other components run in FP16"
+    else:
+        lowered, reason = precision, None
+    if name.startswith("vae") and lowered in ("fp16", "bf16", "int8", "fp8"):
+        if options.vae_precision == "fp32":
+            return "fp32", "the recipe keeps the VAE in FP32 (vae_precision = 'fp32')"
+        if options.vae_precision == "auto" and family == "sdxl":
+            return "fp32", "SDXL's VAE overflows in FP16 (vae_precision = 'auto'; set 'fp16' to convert it anyway)"
+    return lowered, reason
+
+
+def prepare_onnx(source: Path, out: Path, compute: str) -> dict[str, Any]:
+    """The ONNX TensorRT parses: constants folded (polygraphy), dead nodes removed and sorted (onnx-graphsurgeon),
+    and converted to FP16 when the component computes in FP16 or around INT8 / FP8 quantizers."""
+    import onnx_graphsurgeon as gs
+
+    model = onnx_graph.load(source)
+    before = onnx_graph.op_counts(model)
+    quantized = any(op in before for op in QDQ_OPS)
+    record: dict[str, Any] = {}
+    if quantized:
+        # Folding would evaluate each weight's quantize/dequantize pair into a float constant, and TensorRT
+        # quantizes a weight only where it sees that pair.
+        record["folded"] = "no: QDQ weights must stay as quantize/dequantize pairs"
+    else:
+        model = onnx_graph.fold_constants(model)
+        record["folded"] = "polygraphy"
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    if compute in ("fp16", "int8", "fp8"):
+        model = onnx_graph.to_fp16(model, keep_io_types=True, op_block_list=list(QDQ_OPS))
+        record["conversion"] = "FP16 weights and compute, FP32 inputs/outputs" + (
+            ", quantizers in FP32" if quantized else "")
+    onnx_graph.save(model, out, replace=True)
+    return record | onnx_graph.summary(before, onnx_graph.op_counts(model), {}, {})
+
+
+# --- building -----------------------------------------------------------------------------------------------
+
+
+def default_timing_cache(env: dict[str, str]) -> Path:
+    """One timing cache per GPU model and TensorRT version in diffship's cache (timings are only valid there)."""
+    from diffship.models.builtin import cache_root
+
+    slug = "-".join(env[k] for k in ("gpu", "compute_capability", "tensorrt", "cuda"))
+    return cache_root() / "tensorrt-timing" / ("".join(c if c.isalnum() or c in ".-" else "_" for c in slug) + ".cache")
+
+
+def timing_cache_path(options: TrtOptions, env: dict[str, str]) -> Path | None:
+    """Where the timing cache lives for these options, or None when it is off."""
+    if options.timing_cache == "":
+        return None
+    return Path(options.timing_cache) if options.timing_cache else default_timing_cache(env)
+
+
+def build_engine(onnx_path: Path, compute: str, profile: dict[str, tuple[Shape, Shape, Shape]],
+                 options: TrtOptions, cache_file: Path | None) -> bytes:
+    """Parse `onnx_path` and build a serialized engine with one optimization profile (TensorRT's Python API)."""
+    trt = _trt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    weakly_typed = compute == "bf16"
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if weakly_typed or strongly is None else 1 << int(strongly))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise DiffshipError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.builder_optimization_level = options.optimization_level
+    if options.workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
+    if (tf32 := getattr(trt.BuilderFlag, "TF32", None)) is not None:
+        (config.clear_flag if compute == "fp32" else config.set_flag)(tf32)
+    if weakly_typed:
+        config.set_flag(trt.BuilderFlag.BF16)
+    shapes = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile.items():
+        shapes.set_shape(name, low, opt, high)
+    config.add_optimization_profile(shapes)
+    if cache_file is not None:
+        timing = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+        config.set_timing_cache(timing, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise DiffshipError(f"TensorRT could not build an engine from {onnx_path} (its log above says why).")
+    if cache_file is not None:
+        _atomic_write_bytes(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
+    return bytes(memoryview(serialized))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def compile(source: Path, precision: str, options: TrtOptions | None = None, dest: Path | None = None,
+            context: CompileContext | None = None) -> Path:
+    """Build the engine for one ONNX component into `dest` (model.plan + engine.json); return the plan's path."""
+    options = options or TrtOptions()
+    if precision not in PRECISIONS:
+        raise DiffshipError(f"TensorRT precision {precision!r} is unknown; choose {', '.join(PRECISIONS)}.")
+    if dest is None or context is None or context.shape_ranges is None:
+        raise DiffshipError("TensorRT compile needs an output folder, the component, and the recipe's shape ranges.")
+    if not source.is_file():
+        raise DiffshipError(f"No ONNX model at {source}.")
+    env = environment(options)
+    spec = context.spec
+    compute, reason = computes_in(spec.name, precision, options, context.family)
+    static = context.static_shapes if options.static_shapes else None
+    profile = profile_shapes(spec, context.shape_ranges, context.opt_size or context.probe_size, context.guided,
+                             options.opt_batch, static)
+    dest.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"set_precision": precision, "computes_in": compute, **({"reason": reason} if reason else {})}
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".trt-", dir=dest) as tmp:
+        if compute in CALIBRATED:
+            if compute == "fp8":
+                check_fp8(env["compute_capability"], env["gpu"])
+            source, record["quantization"] = _quantized_unet(Path(tmp) / "qdq", compute, options, context)
+        prepared = Path(tmp) / "prepared.onnx"
+        record["prepare"] = prepare_onnx(source, prepared, compute)
+        cache_file = timing_cache_path(options, env)
+        engine = build_engine(prepared, compute, profile, options, cache_file)
+    plan = dest / ENGINE
+    _atomic_write_bytes(plan, engine)
+    atomic_write_json(dest / ENGINE_INFO, {
+        "environment": env, **record, "build_seconds": round(time.perf_counter() - began, 2),
+        "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
+        "static": static is not None, "timing_cache": str(cache_file) if cache_file else None,
+        "options": asdict(options)})
+    return plan
+
+
+def _quantized_unet(folder: Path, mode: str, options: TrtOptions, context: CompileContext) -> tuple[Path, dict[str, Any]]:
+    """Model Optimizer's QDQ UNet, calibrated on the captured calls (on the GPU), exported from the CPU."""
+    from diffship.models.loading import load_component
+    from diffship.targets import qdq_unet
+
+    if context.calibration is None or context.model_folder is None:
+        raise DiffshipError(f"TensorRT {mode} needs the UNet's calibration inputs and its PyTorch weights.")
+    calls = context.calibration().inputs.get("unet")
+    if not calls:
+        raise DiffshipError("No calibration inputs were captured for the UNet: set [calibration] prompts.")
+    unet = load_component(context.model_folder, "unet", context.allow_pickle).to(_cuda_device(options.device))
+    info = qdq_unet.quantize_unet(unet, calls, mode, options.smoothquant_alpha, options.conv_percentile)
+    return qdq_unet.export_qdq(unet.cpu(), context.spec, folder, context.opset), info
+
+
+# --- running ------------------------------------------------------------------------------------------------
+
+
+def read_engine_info(plan: Path) -> dict[str, Any]:
+    """The engine.json beside a plan, or a clear error when the plan or its record is missing."""
+    if not plan.is_file():
+        raise DiffshipError(f"No TensorRT engine at {plan}.")
+    info_path = plan.parent / ENGINE_INFO
+    if not info_path.is_file():
+        raise DiffshipError(f"{plan} has no {ENGINE_INFO} beside it, so where it was built is unknown; rebuild it.")
+    return json.loads(info_path.read_text(encoding="utf-8"))
+
+
+class TrtRunner:
+    """A Runner over one TensorRT engine: numpy in and out, torch CUDA tensors in between."""
+
+    def __init__(self, plan: Path, options: TrtOptions, precision: str | None = None):
+        import torch
+
+        self.info = read_engine_info(plan)
+        check_compatible(self.info["environment"], environment(options), plan)
+        trt = _trt()
+        self.device = _cuda_device(options.device)
+        torch.cuda.set_device(self.device)
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise DiffshipError(f"TensorRT could not load {plan} (its log above says why); rebuild it.")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.input_names = tuple(n for n in names if is_input[n])
+        self.output_names = tuple(n for n in names if not is_input[n])
+        self.dtypes = {n: _torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
+        self.profile = {n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0))
+                        for n in self.input_names}
+        self.static = all(low == high for low, _, high in self.profile.values())
+        self.stream = torch.cuda.Stream(self.device)
+        self.plan, self.options, self.precision = plan, options, precision
+        self.graph: Any = None
+        self.graph_note = "on" if options.cuda_graph and self.static else (
+            "off (dynamic profile)" if options.cuda_graph else "off (cuda_graph = false)")
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Infer on named arrays; float outputs come back as float32 numpy."""
+        import torch
+
+        outputs = self.run_torch({n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in inputs.items()})
+        return {n: (t.float() if t.is_floating_point() else t).cpu().numpy() for n, t in outputs.items()}
+
+    def run_torch(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Infer on named torch tensors (any device); outputs are CUDA tensors the caller owns."""
+        import torch
+
+        if set(inputs) != set(self.input_names):
+            raise DiffshipError(f"{self.plan} takes inputs {list(self.input_names)}, got {sorted(inputs)}.")
+        for name, tensor in inputs.items():
+            check_shape(name, tuple(tensor.shape), self.profile[name], self.plan)
+        feed = {n: t.to(self.device, self.dtypes[n]).contiguous() for n, t in inputs.items()}
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        if self.graph_note == "on":
+            return self._replay(feed)
+        outputs = self._bind(feed)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise DiffshipError(f"TensorRT failed to run {self.plan} (its log above says why).")
+        self.stream.synchronize()
+        return outputs
+
+    def _bind(self, feed: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        for name, tensor in feed.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {n: torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self.dtypes[n], device=self.device)
+                   for n in self.output_names}
+        for name, tensor in outputs.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        return outputs
+
+    def _replay(self, feed: dict[str, Any]) -> dict[str, Any]:
+        """Static engines: copy into fixed buffers and replay the captured graph (captured on the first call)."""
+        import torch
+
+        if self.graph is None:
+            self.buffers = {n: t.clone() for n, t in feed.items()}
+            self.outputs = self._bind(self.buffers)
+            # One plain run first: TensorRT applies deferred shape and address updates outside capture.
+            self.context.execute_async_v3(self.stream.cuda_stream)
+            self.stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self.context.execute_async_v3(self.stream.cuda_stream)
+            except RuntimeError as exc:
+                self.graph_note = f"off (capture failed: {exc})"
+                outputs = self._bind(feed)
+                self.context.execute_async_v3(self.stream.cuda_stream)
+                self.stream.synchronize()
+                return outputs
+            self.graph = graph
+        with torch.cuda.stream(self.stream):
+            for name, tensor in feed.items():
+                self.buffers[name].copy_(tensor)
+            self.graph.replay()
+            result = {n: t.clone() for n, t in self.outputs.items()}
+        self.stream.synchronize()
+        return result
+
+    def describe(self) -> dict[str, object]:
+        """What runs: TensorRT version, GPU, what the component computes in, its profile and CUDA graph use."""
+        env = self.info["environment"]
+        return {"target": NAME, "tensorrt": env["tensorrt"], "gpu": env["gpu"],
+                "compute_capability": env["compute_capability"], "cuda": env["cuda"],
+                "precision": self.precision, "computes_in": self.info.get("computes_in"),
+                "reason": self.info.get("reason"), "static_profile": self.static, "cuda_graph": self.graph_note,
+                "summary": f"TensorRT {env['tensorrt']} {env['gpu']} {self.info.get('computes_in', '')}".strip()}
+
+
+def _torch_dtype(trt_dtype: Any) -> Any:
+    import torch
+
+    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+             "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
+    name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
+    if name not in table:
+        raise DiffshipError(f"An engine input or output has TensorRT type {name}, which diffship cannot feed.")
+    return table[name]
+
+
+def load(artifact: Path, options: TrtOptions | None = None, precision: str | None = None) -> TrtRunner:
+    """A Runner for an engine (checked against this machine before TensorRT reads it)."""
+    return TrtRunner(artifact, options or TrtOptions(), precision)
