@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench-export bench-build bench-onnxruntime bench-compress clean
+.PHONY: setup demo test lint bench-export bench-build bench-onnxruntime bench-compress bench-tensorrt clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,6 @@ bench-compress: setup
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache
+
+bench-tensorrt: setup
+	$(BIN)/python benchmarks/gpu_tensorrt_unet.py

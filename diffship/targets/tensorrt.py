@@ -392,7 +392,10 @@ class TrtRunner:
         trt = _trt()
         self.device = _cuda_device(options.device)
         torch.cuda.set_device(self.device)
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+        # The logger and runtime must outlive the engine they deserialized.
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise DiffshipError(f"TensorRT could not load {plan} (its log above says why); rebuild it.")
         self.context = self.engine.create_execution_context()
@@ -425,13 +428,15 @@ class TrtRunner:
             raise DiffshipError(f"{self.plan} takes inputs {list(self.input_names)}, got {sorted(inputs)}.")
         for name, tensor in inputs.items():
             check_shape(name, tuple(tensor.shape), self.profile[name], self.plan)
-        feed = {n: t.to(self.device, self.dtypes[n]).contiguous() for n, t in inputs.items()}
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        if self.graph_note == "on":
-            return self._replay(feed)
-        outputs = self._bind(feed)
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise DiffshipError(f"TensorRT failed to run {self.plan} (its log above says why).")
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # inputs made on the caller's stream
+        with torch.cuda.stream(self.stream):  # copies, engine and graph all on the Runner's own stream
+            feed = {n: t.to(self.device, self.dtypes[n]).contiguous() for n, t in inputs.items()}
+            if self.graph_note == "on":
+                outputs = self._replay(feed)
+            else:
+                outputs = self._bind(feed)
+                if not self.context.execute_async_v3(self.stream.cuda_stream):
+                    raise DiffshipError(f"TensorRT failed to run {self.plan} (its log above says why).")
         self.stream.synchronize()
         return outputs
 
@@ -448,7 +453,8 @@ class TrtRunner:
         return outputs
 
     def _replay(self, feed: dict[str, Any]) -> dict[str, Any]:
-        """Static engines: copy into fixed buffers and replay the captured graph (captured on the first call)."""
+        """Static engines: copy into fixed buffers and replay the captured graph (captured on the first call).
+        Runs on the Runner's stream; the caller synchronizes."""
         import torch
 
         if self.graph is None:
@@ -463,27 +469,26 @@ class TrtRunner:
                     self.context.execute_async_v3(self.stream.cuda_stream)
             except RuntimeError as exc:
                 self.graph_note = f"off (capture failed: {exc})"
-                outputs = self._bind(feed)
-                self.context.execute_async_v3(self.stream.cuda_stream)
-                self.stream.synchronize()
-                return outputs
+                return {n: t.clone() for n, t in self.outputs.items()}  # the plain run above computed them
             self.graph = graph
-        with torch.cuda.stream(self.stream):
-            for name, tensor in feed.items():
-                self.buffers[name].copy_(tensor)
-            self.graph.replay()
-            result = {n: t.clone() for n, t in self.outputs.items()}
-        self.stream.synchronize()
-        return result
+        for name, tensor in feed.items():
+            self.buffers[name].copy_(tensor)
+        self.graph.replay()
+        return {n: t.clone() for n, t in self.outputs.items()}
 
     def describe(self) -> dict[str, object]:
         """What runs: TensorRT version, GPU, what the component computes in, its profile and CUDA graph use."""
         env = self.info["environment"]
-        return {"target": NAME, "tensorrt": env["tensorrt"], "gpu": env["gpu"],
+        q = self.info.get("quantization")
+        graph = {**self.info.get("prepare", {}), "reason": self.info.get("reason", ""),
+                 "quantization": f"Model Optimizer {q['mode'].upper()}: linear {q['linear']}, conv inputs "
+                                 f"{q['conv_inputs']}, {len(q['kept_float'])} layer patterns in float" if q else ""}
+        return {"target": NAME, "graph": graph, "tensorrt": env["tensorrt"], "gpu": env["gpu"],
                 "compute_capability": env["compute_capability"], "cuda": env["cuda"],
                 "precision": self.precision, "computes_in": self.info.get("computes_in"),
                 "reason": self.info.get("reason"), "static_profile": self.static, "cuda_graph": self.graph_note,
-                "summary": f"TensorRT {env['tensorrt']} {env['gpu']} {self.info.get('computes_in', '')}".strip()}
+                "summary": f"TensorRT {env['tensorrt']} {env['gpu']} {self.info.get('computes_in', '')}, "
+                           f"{'static' if self.static else 'dynamic'} profile, CUDA graph {self.graph_note}"}
 
 
 def _torch_dtype(trt_dtype: Any) -> Any:
