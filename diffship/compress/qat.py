@@ -25,7 +25,8 @@ SENSITIVE = ("*time_embedding*", "*conv_in*", "*conv_out*", "*conv_shortcut*", "
 STATE_FILE = "modelopt_state.pth"
 
 
-def _mtq() -> Any:
+def modelopt_quantization() -> Any:
+    """modelopt.torch.quantization, or a DiffshipError naming the extra that installs it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its import warns about untested transformers releases
         return import_extra("modelopt.torch.quantization")
@@ -57,7 +58,7 @@ def plain_attention() -> Iterator[None]:
 
 def int8_config() -> dict[str, Any]:
     """Model Optimizer's INT8 configuration with diffship's sensitive UNet layers left in float."""
-    config = copy.deepcopy(_mtq().INT8_DEFAULT_CFG)
+    config = copy.deepcopy(modelopt_quantization().INT8_DEFAULT_CFG)
     config["quant_cfg"] = [*config["quant_cfg"], *({"quantizer_name": p, "enable": False} for p in SENSITIVE)]
     return config
 
@@ -68,7 +69,7 @@ def quantize_int8(unet: nn.Module, calls: list[dict[str, np.ndarray]]) -> dict[s
 
     config = int8_config()
     with plain_attention():
-        _mtq().quantize(unet, config, lambda model: run_calls(model, calls))
+        modelopt_quantization().quantize(unet, config, lambda model: run_calls(model, calls))
     quantizers = [m for name, m in unet.named_modules() if name.endswith(("weight_quantizer", "input_quantizer"))]
     enabled = sum(1 for q in quantizers if getattr(q, "is_enabled", False))
     return {"library": "nvidia-modelopt", "quantizers": len(quantizers), "enabled": enabled,
@@ -84,7 +85,7 @@ def save_state(unet: nn.Module, path: Any) -> None:
 
 def restore_state(unet: nn.Module, path: Any) -> nn.Module:
     """Re-insert the saved quantizers into a float UNet of the same structure and load the weights."""
-    _mtq()
+    modelopt_quantization()
     import modelopt.torch.opt as mto
 
     with plain_attention():

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from diffship.compress.qat import SENSITIVE, _mtq, plain_attention
+from diffship.compress.qat import SENSITIVE, modelopt_quantization, plain_attention
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec, wrap
 
@@ -27,7 +27,7 @@ MODES = ("int8", "fp8")
 
 def quant_config(mode: str, alpha: float) -> dict[str, Any]:
     """Model Optimizer's INT8 SmoothQuant (with `alpha`) or FP8 configuration, diffship's sensitive layers in float."""
-    mtq = _mtq()
+    mtq = modelopt_quantization()
     if mode not in MODES:
         raise DiffshipError(f"Unknown QDQ mode {mode!r}; choose {', '.join(MODES)}.")
     if not 0.0 <= alpha <= 1.0:
@@ -75,7 +75,7 @@ def quantize_unet(unet: nn.Module, calls: list[dict[str, np.ndarray]], mode: str
     with plain_attention(), warnings.catch_warnings():
         # SmoothQuant warns once per layer kept in float ("not calibrated, skip smoothing"): that is the intent.
         warnings.filterwarnings("ignore", message=".*is not calibrated, skip smoothing")
-        _mtq().quantize(unet, config, lambda model: run_calls(model, calls))
+        modelopt_quantization().quantize(unet, config, lambda model: run_calls(model, calls))
     convs = _percentile_conv_inputs(unet, calls, percentile) if mode == "int8" and percentile < 100.0 else 0
     quantizers = [m for name, m in unet.named_modules() if name.endswith(("weight_quantizer", "input_quantizer"))]
     enabled = sum(1 for q in quantizers if getattr(q, "is_enabled", False))
