@@ -17,7 +17,6 @@ check and option parsing work (and are tested) on machines without it.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from diffship.artifacts import atomic_write_json
+from diffship.artifacts import atomic_write_bytes, atomic_write_json
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec
 from diffship.targets import CompileContext, onnx_graph
@@ -303,16 +302,8 @@ def build_engine(onnx_path: Path, compute: str, profile: dict[str, tuple[Shape, 
     if serialized is None:
         raise DiffshipError(f"TensorRT could not build an engine from {onnx_path} (its log above says why).")
     if cache_file is not None:
-        _atomic_write_bytes(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
+        atomic_write_bytes(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def compile(source: Path, precision: str, options: TrtOptions | None = None, dest: Path | None = None,
@@ -344,7 +335,7 @@ def compile(source: Path, precision: str, options: TrtOptions | None = None, des
         cache_file = timing_cache_path(options, env)
         engine = build_engine(prepared, compute, profile, options, cache_file)
     plan = dest / ENGINE
-    _atomic_write_bytes(plan, engine)
+    atomic_write_bytes(plan, engine)
     atomic_write_json(dest / ENGINE_INFO, {
         "environment": env, **record, "build_seconds": round(time.perf_counter() - began, 2),
         "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
