@@ -152,6 +152,18 @@ def to_fp16(model: onnx.ModelProto, keep_io_types: bool, op_block_list: list[str
                                     disable_shape_infer=not _small_enough_to_measure(model))
 
 
+def vae_fp32_reason(name: str, mode: str, family: str | None, option: str) -> str | None:
+    """Why component `name` stays FP32 where a set converts to FP16, or None. `mode` is the recipe's VAE setting
+    ("auto": SDXL's VAE, which overflows in FP16, stays FP32; "fp16" / "fp32" force it), named `option` there."""
+    if not name.startswith("vae") or mode == "fp16":
+        return None
+    if mode == "fp32":
+        return f"the recipe keeps the VAE in FP32 ({option} = 'fp32')"
+    if family == "sdxl":
+        return f"SDXL's VAE overflows in FP16 ({option} = 'auto'; set 'fp16' to convert it anyway)"
+    return None
+
+
 def summary(before: dict[str, int], after: dict[str, int], fused: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:
     """What preparation did to a graph, for the report: node counts before/after and the fusions that applied."""
     return {"nodes_before": sum(before.values()), "nodes_after": sum(after.values()), "fused": fused, **extra}

@@ -210,7 +210,8 @@ def _prepare(source: Path, out: Path, name: str, precision: str, options: OrtOpt
         model, fused = onnx_graph.fuse(model, name, gpu)
         model = onnx_graph.fold_constants(model)
         record["prepared_for"] = "gpu" if gpu else "cpu"
-    keep_fp32 = _keeps_fp32(name, options, context) if precision == "fp16" else None
+    keep_fp32 = (onnx_graph.vae_fp32_reason(name, options.fp16_vae, context.family, "fp16_vae")
+                 if precision == "fp16" else None)
     if keep_fp32:
         record |= {"kept": "fp32", "reason": keep_fp32}
     elif precision == "fp16":
@@ -228,17 +229,6 @@ def _prepare(source: Path, out: Path, name: str, precision: str, options: OrtOpt
         onnx_graph.save(model, out, replace=True)
     return record | onnx_graph.summary(before, onnx_graph.op_counts(model), fused,
                                        {"folded_by": "polygraphy" if prepared else None})
-
-
-def _keeps_fp32(name: str, options: OrtOptions, context: CompileContext) -> str | None:
-    """Why component `name` stays FP32 in an FP16 set, or None."""
-    if not name.startswith("vae") or options.fp16_vae == "fp16":
-        return None
-    if options.fp16_vae == "fp32":
-        return "the recipe keeps the VAE in FP32 (fp16_vae = 'fp32')"
-    if context.family == "sdxl":
-        return "SDXL's VAE overflows in FP16 (fp16_vae = 'auto'; set 'fp16' to convert it anyway)"
-    return None
 
 
 def _fp16_overflow(path: Path, context: CompileContext) -> str | None:

@@ -217,11 +217,9 @@ def computes_in(name: str, precision: str, options: TrtOptions, family: str | No
         reason = f"{precision.upper()} quantizes the UNet; the other components run in FP16"
     else:
         lowered, reason = precision, None
-    if name.startswith("vae") and lowered in ("fp16", "bf16", "int8", "fp8"):
-        if options.vae_precision == "fp32":
-            return "fp32", "the recipe keeps the VAE in FP32 (vae_precision = 'fp32')"
-        if options.vae_precision == "auto" and family == "sdxl":
-            return "fp32", "SDXL's VAE overflows in FP16 (vae_precision = 'auto'; set 'fp16' to convert it anyway)"
+    if lowered in ("fp16", "bf16") and (kept := onnx_graph.vae_fp32_reason(name, options.vae_precision, family,
+                                                                          "vae_precision")):
+        return "fp32", kept
     return lowered, reason
 
 
