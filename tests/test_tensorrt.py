@@ -131,7 +131,39 @@ def test_bad_options_are_named():
         tensorrt.parse_options({"optimization_level": 7})
     with pytest.raises(DiffshipError, match="vae_precision"):
         tensorrt.parse_options({"vae_precision": "int8"})
+    for bad, message in (({"workspace_gib": 0}, "workspace_gib must be positive"),
+                         ({"opt_batch": 0}, "opt_batch must be at least 1"),
+                         ({"smoothquant_alpha": 1.2}, r"smoothquant_alpha must be within \[0, 1\]"),
+                         ({"conv_percentile": 0}, r"conv_percentile must be within \(0, 100\]")):
+        with pytest.raises(DiffshipError, match=message):
+            tensorrt.parse_options(bad)
     assert tensorrt.parse_options({"workspace_gib": 8, "cuda_graph": False}).workspace_gib == 8
+
+
+def test_compile_refuses_bad_requests_before_touching_tensorrt(sd, exported, tmp_path: Path):
+    _, specs = sd
+    source = exported("tiny-sd") / "unet" / "model.onnx"
+    context = CompileContext(specs["unet"], None, None, "sd", (64, 64), RANGES, (64, 64), True)
+    with pytest.raises(DiffshipError, match="TensorRT precision 'int4' is unknown"):
+        tensorrt.compile(source, "int4", TrtOptions(), tmp_path, context)
+    with pytest.raises(DiffshipError, match="needs an output folder, the component, and the recipe's shape ranges"):
+        tensorrt.compile(source, "fp16", TrtOptions(), tmp_path, CompileContext(specs["unet"]))
+    with pytest.raises(DiffshipError, match="No ONNX model at"):
+        tensorrt.compile(tmp_path / "missing.onnx", "fp16", TrtOptions(), tmp_path, context)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_no_cuda_device_is_named():
+    with pytest.raises(DiffshipError, match="PyTorch sees no CUDA device"):
+        tensorrt._cuda_device(0)
+
+
+def test_an_engine_tensor_type_diffship_cannot_feed_is_named():
+    from types import SimpleNamespace
+
+    assert tensorrt._torch_dtype(SimpleNamespace(name="HALF")) is torch.float16
+    with pytest.raises(DiffshipError, match="TensorRT type FP4"):
+        tensorrt._torch_dtype(SimpleNamespace(name="FP4"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
