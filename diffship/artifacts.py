@@ -77,6 +77,31 @@ def staged_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def staged_path(final: Path) -> Iterator[Path]:
+    """Yield a hidden path beside `final`, not yet created and with the same suffix, for writers that create the file
+    or folder themselves and insist on its extension (coremltools' .mlpackage); move it to `final` if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.stem}.{os.getpid()}.partial{final.suffix}")
+    _remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir():
+            _replace_dir(tmp, final)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
     """Check that `out` can receive a new export: absent, empty, or (with overwrite) an earlier diffship output."""
     out = out.resolve()
@@ -178,7 +203,7 @@ class ArtifactSet:
     precision: str
     components: dict[str, Path]
     shapes: dict[str, list[int]] | None  # {"batch": [min, max], "height": [...], "width": [...]}; None: any
-    status: str  # "passed", "failed", or "unvalidated"
+    status: str  # "passed", "failed", "spec-checked" (converted and checked, could not run here), or "unvalidated"
     options: dict[str, Any] | None = None  # the target options the build used (device, hints...), to run it the same way
 
 

@@ -192,6 +192,10 @@ def build(
     except DiffshipError as exc:
         raise _fail(exc) from None
     _print_summary(result.report)
+    for key, r in result.report["sets"].items():
+        if "not_run" in r:
+            out.print(f"[yellow]{escape(key)}: converted and spec-checked only; parity, images and latency were not run "
+                      f"({escape(r['not_run'])}).[/]")
     if result.all_cached:
         out.print("Nothing was rebuilt: every stage's inputs were unchanged, so its cached result was reused (--force rebuilds).")
     report_html = result.out / result.manifest["report"]["html"]

@@ -36,7 +36,20 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), "diffship": __version__, "diffship_source": source_fingerprint(),
             "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__}
+            "transformers": transformers.__version__, "numpy": np.__version__, **target_library_versions()}
+
+
+def target_library_versions() -> dict[str, str]:
+    """Versions of the optional target libraries that are installed (read from their metadata, not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("openvino", "nncf", "coremltools", "tensorrt", "nvidia-modelopt"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 def source_fingerprint() -> str:
@@ -93,11 +106,17 @@ def build_manifest(recipe: Recipe, source: ModelSource, family: str, module_hash
     artifacts = {}
     for set_key, (_, _, recorded) in sets.items():
         r = results[set_key]
+        if "not_run" in r:  # converted and spec-checked; parity could not run on this machine, so none is claimed
+            artifacts[set_key] = {**recorded, "status": "spec-checked" if r["passed"] else "failed",
+                                  "validation": {"spec_passed": bool(r["spec"] and r["spec"]["passed"]),
+                                                 "parity_passed": None, "not_run": r["not_run"]}}
+            continue
         artifacts[set_key] = {
             **recorded, "status": "passed" if r["passed"] else "failed",
             "validation": {"parity_passed": r["parity"]["passed"], "e2e_passed": r["e2e"]["passed"],
                            "min_psnr_db": r["e2e"]["min_psnr_db"], "min_ssim": r["e2e"]["min_ssim"],
-                           "identical_images": r["e2e"]["identical"], "images": r["e2e"]["images"]},
+                           "identical_images": r["e2e"]["identical"], "images": r["e2e"]["images"],
+                           **({"spec_passed": r["spec"]["passed"]} if r.get("spec") else {})},
         }
     return {
         "schema": MANIFEST_SCHEMA,

@@ -147,6 +147,8 @@ DEFAULT_THRESHOLDS = {
     "bf16": Threshold(min_cosine=0.995, max_rel_l2=0.1, min_psnr=25.0, min_ssim=0.85),
     "int8": Threshold(min_cosine=0.99, max_rel_l2=0.15, min_psnr=20.0, min_ssim=0.7),
     "fp8": Threshold(min_cosine=0.99, max_rel_l2=0.15, min_psnr=20.0, min_ssim=0.7),
+    "palette6": Threshold(min_cosine=0.99, max_rel_l2=0.15, min_psnr=20.0, min_ssim=0.7),
+    "palette4": Threshold(min_cosine=0.98, max_rel_l2=0.2, min_psnr=18.0, min_ssim=0.6),
     "int4": Threshold(min_cosine=0.98, max_rel_l2=0.2, min_psnr=18.0, min_ssim=0.6),
 }
 

@@ -39,6 +39,11 @@ def summary_table(report: dict[str, Any]) -> Table:
     """One row per artifact set: the verdict and the numbers that decided it."""
     rows = []
     for key, r in report["sets"].items():
+        if "not_run" in r:
+            runs_in = (r["runtime"].get("unet") or next(iter(r["runtime"].values()))).get("summary", "")
+            rows.append([key, f"{runs_in} (not run here)", "spec ok" if r["passed"] else "FAIL", "not run",
+                         *["-"] * 8, "cached" if r.get("cached") else "measured"])
+            continue
         outputs = [m for c in r["parity"]["components"].values() for case in c["cases"] for m in case["outputs"].values()]
         lat = r.get("latency")
         unet = lat["components"].get("unet") if lat else None
@@ -77,8 +82,36 @@ def runtime_rows(runtime: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def spec_tables(key: str, r: dict[str, Any]) -> list[Table]:
+    """The checks a target could make of its artifacts without running them (Core ML package specs), and what each
+    package holds: ops, how its weights are stored, size."""
+    spec = r.get("spec")
+    if not spec:
+        return []
+    checks = [[c, check["check"], check["detail"], _verdict(check["passed"])]
+              for c, result in spec["components"].items() for check in result["checks"]]
+    held = [[c, str(result["op_count"]), ", ".join(f"{n} {k}" for k, n in result["weights"].items()), _mib(result["bytes"])]
+            for c, result in spec["components"].items()]
+    return [(f"{key}: package checks against the ONNX export (read from each package's spec; no prediction)",
+             ["component", "check", "detail", ""], checks),
+            (f"{key}: what each package holds", ["component", "ops", "weights (count, op.input storage)", "size"], held)]
+
+
+def not_run_tables(key: str, r: dict[str, Any]) -> list[Table]:
+    """Tables of a set that could not run on this machine: why, its spec checks, how it is built, sizes."""
+    why = r["not_run"] + (". The recipe sets require_parity, so the set fails here." if r.get("require_parity") else
+                          ". Parity, end-to-end images and latency were not measured, and none is claimed; run "
+                          "the build on a machine that runs these artifacts to measure them.")
+    tables: list[Table] = [(f"{key}: not run here", ["reason"], [[why]]), *spec_tables(key, r)]
+    if rows := runtime_rows(r["runtime"]):
+        tables.append((f"{key}: how each component is built", ["component", "built as", "conversion", "note"], rows))
+    return tables
+
+
 def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
     """Parity, end-to-end, latency and memory tables of one artifact set."""
+    if "not_run" in r:
+        return not_run_tables(key, r)
     tol = r["parity"]["tolerance"]
     parity = [[c, f"{case['batch']}", f"{case['height']}x{case['width']}", out, f"{m['cosine']:.7f}", f"{m['rel_l2']:.2e}",
                f"{m['max_abs']:.2e}", _verdict(case["passed"])]
@@ -93,6 +126,7 @@ def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
                        f"seed {steps['seed']})", ["step", "timestep", "cosine", "rel L2", "max abs", ""], rows))
     if rows := runtime_rows(r["runtime"]):
         tables.append((f"{key}: how each component runs", ["component", "runs as", "graph preparation", "note"], rows))
+    tables += spec_tables(key, r)
     th = r["e2e"]["threshold"]
     e2e = [[s["prompt"], str(s["seed"]), _psnr(s["psnr_db"]), f"{s['ssim']:.4f}", str(s["max_abs_diff"]),
             _verdict(s["passed"])] for s in r["e2e"]["samples"]]
@@ -161,6 +195,8 @@ def header_lines(report: dict[str, Any]) -> list[str]:
         "Versions: " + ", ".join(f"{k} {val}" for k, val in report["versions"].items()),
         f"Cache: {report['cache']['hits']} stage(s) reused, {report['cache']['misses']} run; "
         f"build took {report['build_seconds']:.1f} s",
+        *(f"Not run here: {key} was converted and spec-checked only ({r['not_run']}); no parity is claimed for it"
+          for key, r in report["sets"].items() if "not_run" in r),
     ]
 
 

@@ -66,12 +66,24 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
     """Validate one artifact set against the baseline pipeline; return its results and the image pairs."""
     say = say or (lambda _: None)
     label = f"{artifacts.target} {artifacts.precision}"
+    backend = get_target(artifacts.target)
+    # Targets whose artifacts can be checked without running them (Core ML's package specs) are, everywhere.
+    structure = backend.verify(artifacts.components) if hasattr(backend, "verify") else None
+    if structure is not None:
+        say(f"[{label}] spec checks: {'pass' if structure['passed'] else 'FAIL'} "
+            f"({sum(len(c['checks']) for c in structure['components'].values())} checks on "
+            f"{len(structure['components'])} packages)")
+    not_run = backend.prediction_unavailable() if hasattr(backend, "prediction_unavailable") else None
+    if not_run is not None:
+        say(f"[{label}] parity, images and latency not run: {not_run}")
+        return spec_only_result(artifacts, backend, structure, not_run, options), []
     rss_before = latency.rss_bytes()
     deployed = DeployedPipeline.from_artifacts(artifacts, options)
     load_rss = latency.rss_bytes() - rss_before  # weights as the runtime holds them, before any activation memory
-    backend = get_target(artifacts.target)
     result: dict[str, Any] = {"target": artifacts.target, "precision": artifacts.precision,
                               "runtime": {n: r.describe() for n, r in deployed.runners.items()}}
+    if structure is not None:
+        result["spec"] = structure
     t = plan.threshold
     tolerance = Tolerance(t.min_cosine, t.max_rel_l2)
 
@@ -82,6 +94,8 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
         say(f"[{label}] parity {spec.name}")
         runner = deployed.runners.get(spec.name) or backend.load(artifacts.components[spec.name], options, artifacts.precision)
         cases = plan.unet_cases if spec.name == "unet" and plan.unet_cases else plan.cases
+        if hasattr(backend, "parity_cases"):  # artifacts built for a few exact shapes are checked at those
+            cases = backend.parity_cases(spec, artifacts.components[spec.name], cases)
         parity[spec.name] = check_component(spec, reference_module(pipe, spec, source_folder, allow_pickle), runner,
                                             tolerance, cases)
         say(f"      {'pass' if parity[spec.name]['passed'] else 'FAIL'} {spec.name}")
@@ -132,10 +146,25 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
         "peak_rss_bytes": latency.peak_rss_bytes(),
         "peak_gpu_bytes": latency.peak_gpu_bytes(),
     }
-    result["passed"] = result["parity"]["passed"] and e2e["passed"] and result.get("quality", {}).get("passed", True)
+    result["passed"] = (result["parity"]["passed"] and e2e["passed"] and result.get("quality", {}).get("passed", True)
+                        and result.get("spec", {}).get("passed", True))
     del deployed
     gc.collect()
     return result, pairs
+
+
+def spec_only_result(artifacts: ArtifactSet, backend: Any, structure: dict[str, Any] | None, not_run: str,
+                     options: Any) -> dict[str, Any]:
+    """The result of a set that cannot run here: its spec checks, and why parity, images and latency were not run.
+    It passes on its checks alone unless the target's options require parity (`require_parity`)."""
+    required = bool(getattr(options, "require_parity", False))
+    checks_passed = structure is not None and structure["passed"]
+    return {"target": artifacts.target, "precision": artifacts.precision,
+            "runtime": {c: backend.describe_artifact(p) for c, p in artifacts.components.items()},
+            "spec": structure, "not_run": not_run, "require_parity": required,
+            "memory": {"artifact_bytes": {c: sum(f.stat().st_size for f in _files_of(p))
+                                          for c, p in artifacts.components.items()}},
+            "passed": checks_passed and not required}
 
 
 def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe: Any, plan: Plan,
@@ -187,7 +216,10 @@ def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe
 
 
 def _files_of(artifact: Path) -> list[Path]:
-    # An ONNX artifact may keep its weights in a side file (model.onnx_data) in the same folder.
+    # An ONNX artifact may keep its weights in a side file (model.onnx_data) in the same folder; a Core ML package
+    # is a folder.
+    if artifact.is_dir():
+        return [p for p in artifact.rglob("*") if p.is_file()]
     folder = artifact.parent
     return [p for p in folder.iterdir() if p.is_file() and p.name.startswith(artifact.stem)]
 
