@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench-export bench-build bench-onnxruntime bench-compress bench-tensorrt clean
+.PHONY: setup demo test lint bench-export bench-build bench-onnxruntime bench-compress bench-tensorrt bench-coreml clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	# Only CLIP's BPE vocabulary file is used from open-clip-torch; its dependencies would pull torchvision.
 	$(BIN)/pip install --quiet --no-deps "open-clip-torch==3.3.0"
-	$(BIN)/pip install --quiet -e ".[dev,openvino,compress]"
+	$(BIN)/pip install --quiet -e ".[dev,openvino,compress,coreml]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -51,3 +51,6 @@ clean:
 
 bench-tensorrt: setup
 	$(BIN)/python benchmarks/gpu_tensorrt_unet.py
+
+bench-coreml: setup
+	cd benchmarks && ../$(BIN)/python coreml_unet.py --work ../out/bench-unet

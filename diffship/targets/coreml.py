@@ -428,11 +428,11 @@ def inspect_package(package: Path) -> dict[str, Any]:
     program = spec.mlProgram
     ops: Counter[str] = Counter()
     storage: Counter[str] = Counter()
-    largest_float = 0
+    float_consts: dict[str, int] = {}  # const output name -> elements, for consts stored in float
+    roles: dict[str, set[str]] = {}  # value name -> the op inputs it feeds ("linear.weight", "linear.bias"...)
     dtype_name = MIL_pb2.DataType.Name
 
     def walk(block: Any) -> None:
-        nonlocal largest_float
         for op in block.operations:
             ops[op.type] += 1
             for role, value in [*((k, a.value) for k, v in op.inputs.items() for a in v.arguments
@@ -442,7 +442,11 @@ def inspect_package(package: Path) -> dict[str, Any]:
                     storage[f"{op.type}.{role} {dtype}"] += 1
                     if op.type == "const" and dtype.startswith("FLOAT"):
                         size = int(np.prod([d.constant.size for d in value.type.tensorType.dimensions]))
-                        largest_float = max(largest_float, size)
+                        float_consts[op.outputs[0].name] = size
+            for role, value in op.inputs.items():
+                for argument in value.arguments:
+                    if argument.WhichOneof("binding") == "name":
+                        roles.setdefault(argument.name, set()).add(f"{op.type}.{role}")
             for inner in op.blocks:
                 walk(inner)
 
@@ -455,7 +459,10 @@ def inspect_package(package: Path) -> dict[str, Any]:
         "functions": functions, "inputs": [_feature(f) for f in spec.description.input],
         "outputs": [_feature(f) for f in spec.description.output], "metadata": dict(spec.description.metadata.userDefined),
         "ops": dict(ops.most_common()), "op_count": sum(ops.values()), "weights": dict(storage.most_common()),
-        "largest_float_weight": largest_float, "bytes": sum(p.stat().st_size for p in package.rglob("*") if p.is_file()),
+        # Biases and normalization scales are never compressed; what compression must reach are the layers' weights.
+        "largest_float_weight": max((n for name, n in float_consts.items()
+                                     if any(r.endswith(".weight") for r in roles.get(name, ()))), default=0),
+        "bytes": sum(p.stat().st_size for p in package.rglob("*") if p.is_file()),
     }
 
 
