@@ -47,6 +47,9 @@ OLDEST_TARGETS = {"iOS": 16, "macOS": 13, "tvOS": 16, "watchOS": 9}  # compresse
 GROUPED_PALETTE_SPEC = 9  # per-grouped-channel look-up tables: iOS 18 / macOS 15
 TORCH_MIN = "2.1.0"  # coremltools' own floor for its torch integration (_CT_OPTIMIZE_TORCH_MIN_VERSION)
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+# The consumers whose constant inputs are compressed: layer weights and embedding tables. Other constants (the
+# text encoder's causal mask, which holds -inf in FP16) must stay exact.
+WEIGHT_CONSUMERS = ("linear", "conv", "conv_transpose", "matmul", "gather")
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,9 @@ def compress_weights(mlmodel: Any, precision: str, options: CoremlOptions, spec_
     mode = COMPRESSION[precision]
     if mode is None:
         raise DiffshipError(f"Core ML precision {precision!r} does not compress weights.")
+    def only_weights(config: Any) -> Any:
+        return cto.OptimizationConfig(op_type_configs=dict.fromkeys(WEIGHT_CONSUMERS, config))
+
     if mode["kind"] == "linear":
         config: Any = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                                   weight_threshold=options.weight_threshold)
@@ -276,14 +282,15 @@ def compress_weights(mlmodel: Any, precision: str, options: CoremlOptions, spec_
                   "granularity": f"per_grouped_channel ({options.palette_group_size} channels)" if grouped else
                   "per_tensor (per grouped channel needs iOS18 / macOS15)"}
     began = time.perf_counter()
+    # One process: coremltools' k-means worker pool forks, which hangs in a process whose PyTorch threads are up.
     optimize = cto.linear_quantize_weights if mode["kind"] == "linear" else cto.palettize_weights
     with contextlib.redirect_stderr(io.StringIO()):
-        compressed = optimize(mlmodel, cto.OptimizationConfig(global_config=config))
+        compressed = optimize(mlmodel, only_weights(config))
         if mode["kind"] == "palette" and grouped:
             # coremltools skips weights whose output channels are not a multiple of the group size; they get one
             # table per tensor in a second pass, so every weight above the threshold is compressed.
             before = _op_counts(compressed.get_spec())["constexpr_lut_to_dense"]
-            compressed = optimize(compressed, cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(
+            compressed = optimize(compressed, only_weights(cto.OpPalettizerConfig(
                 mode="kmeans", nbits=mode["nbits"], granularity="per_tensor", weight_threshold=options.weight_threshold)))
             record["per_tensor_fallback"] = _op_counts(compressed.get_spec())["constexpr_lut_to_dense"] - before
     return compressed, {**record, "weight_threshold": options.weight_threshold,
@@ -430,6 +437,8 @@ def inspect_package(package: Path) -> dict[str, Any]:
     storage: Counter[str] = Counter()
     float_consts: dict[str, int] = {}  # const output name -> elements, for consts stored in float
     roles: dict[str, set[str]] = {}  # value name -> the op inputs it feeds ("linear.weight", "linear.bias"...)
+    compressed: list[str] = []  # outputs of constexpr (decompressing) ops
+    lut_entries: Counter[int] = Counter()  # look-up table sizes: 2 ** bits
     dtype_name = MIL_pb2.DataType.Name
 
     def walk(block: Any) -> None:
@@ -440,6 +449,9 @@ def inspect_package(package: Path) -> dict[str, Any]:
                 if value.HasField("blobFileValue"):
                     dtype = dtype_name(value.type.tensorType.dataType)
                     storage[f"{op.type}.{role} {dtype}"] += 1
+                    if op.type == "constexpr_lut_to_dense" and role == "lut":  # (..., entries, 1) from iOS 18, (entries,)
+                        dims = [d.constant.size for d in value.type.tensorType.dimensions]
+                        lut_entries[dims[-2] if len(dims) > 1 else dims[0]] += 1
                     if op.type == "const" and dtype.startswith("FLOAT"):
                         size = int(np.prod([d.constant.size for d in value.type.tensorType.dimensions]))
                         float_consts[op.outputs[0].name] = size
@@ -447,6 +459,8 @@ def inspect_package(package: Path) -> dict[str, Any]:
                 for argument in value.arguments:
                     if argument.WhichOneof("binding") == "name":
                         roles.setdefault(argument.name, set()).add(f"{op.type}.{role}")
+            if op.type.startswith("constexpr_"):
+                compressed.append(op.outputs[0].name)
             for inner in op.blocks:
                 walk(inner)
 
@@ -462,6 +476,8 @@ def inspect_package(package: Path) -> dict[str, Any]:
         # Biases and normalization scales are never compressed; what compression must reach are the layers' weights.
         "largest_float_weight": max((n for name, n in float_consts.items()
                                      if any(r.endswith(".weight") for r in roles.get(name, ()))), default=0),
+        "lut_entries": {str(k): n for k, n in sorted(lut_entries.items())},
+        "compressed_feeds": sorted({r for name in compressed for r in roles.get(name, ())}),
         "bytes": sum(p.stat().st_size for p in package.rglob("*") if p.is_file()),
     }
 
@@ -537,15 +553,22 @@ def _storage_verdict(info: dict[str, Any], held: dict[str, Any]) -> tuple[bool, 
         want = "FLOAT16" if info["compute_precision"] == "fp16" else "FLOAT32"
         ok = bool(floats) and all(k.endswith(want) for k in floats) and all(k.startswith("const.") for k in weights)
         return ok, f"{summary} (expected every weight {want}, none compressed)"
-    precision = info["precision"]
-    want = {"int8-weights": "constexpr_blockwise_shift_scale.data INT8", "palette6": "constexpr_lut_to_dense.indices UINT6",
-            "palette4": "constexpr_lut_to_dense.indices UINT4"}[precision]
-    if info["specification_version"] < GROUPED_PALETTE_SPEC and precision == "int8-weights":
-        want = "constexpr_affine_dequantize.quantized_data INT8"
+    precision, ios18 = info["precision"], info["specification_version"] >= GROUPED_PALETTE_SPEC
+    bits = (COMPRESSION.get(precision) or {}).get("nbits", 0)
+    if precision == "int8-weights":
+        want = "constexpr_blockwise_shift_scale.data INT8" if ios18 else "constexpr_affine_dequantize.quantized_data INT8"
+    else:  # n-bit indices from iOS 18 on; packed into bytes before, where the table size tells the bits
+        want = f"constexpr_lut_to_dense.indices UINT{bits if ios18 else 8}"
+    tables = held.get("lut_entries", {})
+    wrong_tables = precision != "int8-weights" and set(tables) != {str(2**bits)}
     threshold = compression["weight_threshold"]
-    ok = weights.get(want, 0) > 0 and held["largest_float_weight"] <= threshold
+    stray = [r for r in held["compressed_feeds"] if r.split(".")[0] not in WEIGHT_CONSUMERS]
+    ok = weights.get(want, 0) > 0 and held["largest_float_weight"] <= threshold and not stray and not wrong_tables
+    if precision != "int8-weights":
+        want += f", look-up tables of {2**bits} entries (found {', '.join(tables) or 'none'})"
     return ok, (f"{summary}; largest weight left in float: {held['largest_float_weight']} elements "
-                f"(threshold {threshold}; expected {want})")
+                f"(threshold {threshold}; expected {want}); compressed values feed "
+                f"{', '.join(held['compressed_feeds'])}" + (f" (not layer weights: {', '.join(stray)})" if stray else ""))
 
 
 def read_info(package: Path) -> dict[str, Any]:
