@@ -50,6 +50,7 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_deco
 # The consumers whose constant inputs are compressed: layer weights and embedding tables. Other constants (the
 # text encoder's causal mask, which holds -inf in FP16) must stay exact.
 WEIGHT_CONSUMERS = ("linear", "conv", "conv_transpose", "matmul", "gather")
+WEIGHT_ROLES = {"linear.weight", "conv.weight", "conv_transpose.weight", "matmul.x", "matmul.y", "gather.x"}
 
 
 @dataclass(frozen=True)
@@ -266,8 +267,12 @@ def compress_weights(mlmodel: Any, precision: str, options: CoremlOptions, spec_
     mode = COMPRESSION[precision]
     if mode is None:
         raise DiffshipError(f"Core ML precision {precision!r} does not compress weights.")
+    # Constants that feed no layer weight stay exact. Keyed by name: MIL merges identical constants, so one
+    # zero vector can be a layer norm's beta and a linear's bias at once, and a per-op-type rule would conflict.
+    keep = dict.fromkeys(_non_weight_constants(mlmodel.get_spec()))
+
     def only_weights(config: Any) -> Any:
-        return cto.OptimizationConfig(op_type_configs=dict.fromkeys(WEIGHT_CONSUMERS, config))
+        return cto.OptimizationConfig(global_config=config, op_name_configs=keep)
 
     if mode["kind"] == "linear":
         config: Any = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
@@ -295,6 +300,27 @@ def compress_weights(mlmodel: Any, precision: str, options: CoremlOptions, spec_
             record["per_tensor_fallback"] = _op_counts(compressed.get_spec())["constexpr_lut_to_dense"] - before
     return compressed, {**record, "weight_threshold": options.weight_threshold,
                         "seconds": round(time.perf_counter() - began, 2)}
+
+
+def _non_weight_constants(spec: Any) -> list[str]:
+    """Names of the const ops whose values feed no layer weight or embedding table (masks, biases, norm scales)."""
+    feeds: dict[str, set[str]] = {}
+    consts: dict[str, str] = {}  # output name -> op name
+
+    def walk(block: Any) -> None:
+        for op in block.operations:
+            if op.type == "const":
+                consts[op.outputs[0].name] = op.attributes["name"].immediateValue.tensor.strings.values[0]
+            for role, value in op.inputs.items():
+                for argument in value.arguments:
+                    if argument.WhichOneof("binding") == "name":
+                        feeds.setdefault(argument.name, set()).add(f"{op.type}.{role}")
+            for inner in op.blocks:
+                walk(inner)
+
+    for function in spec.mlProgram.functions.values():
+        walk(function.block_specializations[function.opset])
+    return [name for output, name in consts.items() if not feeds.get(output, set()) & WEIGHT_ROLES]
 
 
 def _op_counts(spec: Any) -> Counter[str]:
