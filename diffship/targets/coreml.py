@@ -17,6 +17,7 @@ import logging
 import platform
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -302,39 +303,38 @@ def compress_weights(mlmodel: Any, precision: str, options: CoremlOptions, spec_
                         "seconds": round(time.perf_counter() - began, 2)}
 
 
-def _non_weight_constants(spec: Any) -> list[str]:
-    """Names of the const ops whose values feed no layer weight or embedding table (masks, biases, norm scales)."""
-    feeds: dict[str, set[str]] = {}
-    consts: dict[str, str] = {}  # output name -> op name
-
-    def walk(block: Any) -> None:
+def _operations(spec: Any) -> Iterator[Any]:
+    """Every operation of an ML program spec, nested blocks included."""
+    def walk(block: Any) -> Iterator[Any]:
         for op in block.operations:
-            if op.type == "const":
-                consts[op.outputs[0].name] = op.attributes["name"].immediateValue.tensor.strings.values[0]
-            for role, value in op.inputs.items():
-                for argument in value.arguments:
-                    if argument.WhichOneof("binding") == "name":
-                        feeds.setdefault(argument.name, set()).add(f"{op.type}.{role}")
+            yield op
             for inner in op.blocks:
-                walk(inner)
+                yield from walk(inner)
 
     for function in spec.mlProgram.functions.values():
-        walk(function.block_specializations[function.opset])
-    return [name for output, name in consts.items() if not feeds.get(output, set()) & WEIGHT_ROLES]
+        yield from walk(function.block_specializations[function.opset])
+
+
+def _feeds(spec: Any) -> dict[str, set[str]]:
+    """For each value name, the op inputs it feeds, as "linear.weight", "layer_norm.beta"..."""
+    feeds: dict[str, set[str]] = {}
+    for op in _operations(spec):
+        for role, value in op.inputs.items():
+            for argument in value.arguments:
+                if argument.WhichOneof("binding") == "name":
+                    feeds.setdefault(argument.name, set()).add(f"{op.type}.{role}")
+    return feeds
+
+
+def _non_weight_constants(spec: Any) -> list[str]:
+    """Names of the const ops whose values feed no layer weight or embedding table (masks, biases, norm scales)."""
+    feeds = _feeds(spec)
+    return [op.attributes["name"].immediateValue.tensor.strings.values[0] for op in _operations(spec)
+            if op.type == "const" and not feeds.get(op.outputs[0].name, set()) & WEIGHT_ROLES]
 
 
 def _op_counts(spec: Any) -> Counter[str]:
-    counts: Counter[str] = Counter()
-
-    def walk(block: Any) -> None:
-        for op in block.operations:
-            counts[op.type] += 1
-            for inner in op.blocks:
-                walk(inner)
-
-    for function in spec.mlProgram.functions.values():
-        walk(function.block_specializations[function.opset])
-    return counts
+    return Counter(op.type for op in _operations(spec))
 
 
 def compile(source: Path, precision: str, options: CoremlOptions | None = None, dest: Path | None = None,
@@ -458,45 +458,30 @@ def inspect_package(package: Path) -> dict[str, Any]:
     from coremltools.proto import MIL_pb2
 
     spec = ct.utils.load_spec(str(package))
-    program = spec.mlProgram
-    ops: Counter[str] = Counter()
     storage: Counter[str] = Counter()
     float_consts: dict[str, int] = {}  # const output name -> elements, for consts stored in float
-    roles: dict[str, set[str]] = {}  # value name -> the op inputs it feeds ("linear.weight", "linear.bias"...)
     compressed: list[str] = []  # outputs of constexpr (decompressing) ops
     lut_entries: Counter[int] = Counter()  # look-up table sizes: 2 ** bits
     dtype_name = MIL_pb2.DataType.Name
-
-    def walk(block: Any) -> None:
-        for op in block.operations:
-            ops[op.type] += 1
-            for role, value in [*((k, a.value) for k, v in op.inputs.items() for a in v.arguments
-                                  if a.WhichOneof("binding") == "value"), *op.attributes.items()]:
-                if value.HasField("blobFileValue"):
-                    dtype = dtype_name(value.type.tensorType.dataType)
-                    storage[f"{op.type}.{role} {dtype}"] += 1
-                    if op.type == "constexpr_lut_to_dense" and role == "lut":  # (..., entries, 1) from iOS 18, (entries,)
-                        dims = [d.constant.size for d in value.type.tensorType.dimensions]
-                        lut_entries[dims[-2] if len(dims) > 1 else dims[0]] += 1
-                    if op.type == "const" and dtype.startswith("FLOAT"):
-                        size = int(np.prod([d.constant.size for d in value.type.tensorType.dimensions]))
-                        float_consts[op.outputs[0].name] = size
-            for role, value in op.inputs.items():
-                for argument in value.arguments:
-                    if argument.WhichOneof("binding") == "name":
-                        roles.setdefault(argument.name, set()).add(f"{op.type}.{role}")
-            if op.type.startswith("constexpr_"):
-                compressed.append(op.outputs[0].name)
-            for inner in op.blocks:
-                walk(inner)
-
-    functions = {}
-    for name, function in program.functions.items():
-        walk(function.block_specializations[function.opset])
-        functions[name] = function.opset
+    for op in _operations(spec):
+        for role, value in [*((k, a.value) for k, v in op.inputs.items() for a in v.arguments
+                              if a.WhichOneof("binding") == "value"), *op.attributes.items()]:
+            if value.HasField("blobFileValue"):
+                dtype = dtype_name(value.type.tensorType.dataType)
+                storage[f"{op.type}.{role} {dtype}"] += 1
+                dims = [d.constant.size for d in value.type.tensorType.dimensions]
+                if op.type == "constexpr_lut_to_dense" and role == "lut":  # (..., entries, 1) from iOS 18, (entries,)
+                    lut_entries[dims[-2] if len(dims) > 1 else dims[0]] += 1
+                if op.type == "const" and dtype.startswith("FLOAT"):
+                    float_consts[op.outputs[0].name] = int(np.prod(dims))
+        if op.type.startswith("constexpr_"):
+            compressed.append(op.outputs[0].name)
+    roles = _feeds(spec)
+    ops = _op_counts(spec)
     return {
         "specification_version": spec.specificationVersion, "ml_program": spec.WhichOneof("Type") == "mlProgram",
-        "functions": functions, "inputs": [_feature(f) for f in spec.description.input],
+        "functions": {name: f.opset for name, f in spec.mlProgram.functions.items()},
+        "inputs": [_feature(f) for f in spec.description.input],
         "outputs": [_feature(f) for f in spec.description.output], "metadata": dict(spec.description.metadata.userDefined),
         "ops": dict(ops.most_common()), "op_count": sum(ops.values()), "weights": dict(storage.most_common()),
         # Biases and normalization scales are never compressed; what compression must reach are the layers' weights.
