@@ -598,7 +598,8 @@ def describe_artifact(package: Path) -> dict[str, Any]:
     c = info["compression"]
     graph = {"conversion": f"coremltools {info['versions']['coremltools']} from torch {info['versions']['torch']}"
                            + ("" if info["versions"]["tested"] else " (untested pair)")
-                           + f", {info['package']['op_count']} ops, attention {info['attention']}",
+                           + f", {info['package']['op_count']} ops, attention "
+                           + (info["attention"] if info["attention_layers"] else "as the model defines it"),
              "quantization": f"{c['method']}, {c['granularity']}" if c else "",
              "reason": info["kept_fp32_reason"] or ""}
     shapes = "fixed" if len(info["shapes"]) == 1 else f"{len(info['shapes'])} enumerated shapes"
