@@ -33,17 +33,13 @@ STORAGE = {"int8-weights": "constexpr_blockwise_shift_scale.data INT8", "palette
 NOT_RUN = target.prediction_unavailable()
 
 
-def _recipe(model: str, precisions: list[str], options: dict, **extra) -> dict:
-    return {"model": model, "validation": FAST, "targets": [{"name": "coreml", "precisions": precisions, "options": options}],
-            **extra}
-
-
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict:
     """tiny-sd and tiny-sdxl built for Core ML in FP16 and every compression mode, every component compressed."""
     done = {}
     for model in ("tiny-sd", "tiny-sdxl"):
-        recipe = parse_recipe(_recipe(model, MODES, {"compress": EVERY_COMPONENT}))
+        recipe = parse_recipe({"model": model, "validation": FAST, "targets": [
+            {"name": "coreml", "precisions": MODES, "options": {"compress": EVERY_COMPONENT}}]})
         done[model] = build(recipe, tmp_path_factory.mktemp("coreml") / model)
     return done
 

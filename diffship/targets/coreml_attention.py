@@ -35,6 +35,12 @@ def _head_slices(t: torch.Tensor, heads: int) -> list[torch.Tensor]:
     return [t[:, h * dim:(h + 1) * dim] for h in range(heads)]  # heads x (B, D, 1, S)
 
 
+def _head_keys(k: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    k = k.transpose(1, 3)  # (B, Sk, 1, C), transposed once for all heads
+    dim = k.shape[-1] // heads
+    return [k[..., h * dim:(h + 1) * dim] for h in range(heads)]  # heads x (B, Sk, 1, D)
+
+
 def _one_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # q: (B, D, 1, Sq); k: (B, Sk, 1, D), transposed once for all heads; v: (B, D, 1, Sk)
     weights = torch.einsum("bdiq,bkid->bkiq", q, k) * q.shape[1] ** -0.5  # (B, Sk, 1, Sq)
@@ -44,9 +50,8 @@ def _one_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 def split_einsum(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """One einsum per head, no multi-head reshape or transpose of the activations: Apple's SPLIT_EINSUM, for the
     Neural Engine."""
-    k = k.transpose(1, 3)  # (B, Sk, 1, C)
-    keys = [k[..., h * (k.shape[-1] // heads):(h + 1) * (k.shape[-1] // heads)] for h in range(heads)]
-    outs = [_one_head(qh, kh, vh) for qh, kh, vh in zip(_head_slices(q, heads), keys, _head_slices(v, heads), strict=True)]
+    outs = [_one_head(qh, kh, vh) for qh, kh, vh in zip(_head_slices(q, heads), _head_keys(k, heads),
+                                                        _head_slices(v, heads), strict=True)]
     return torch.cat(outs, dim=1)  # (B, C, 1, Sq)
 
 
@@ -55,10 +60,8 @@ def split_einsum_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     tensors small at large latent sizes: Apple's SPLIT_EINSUM_V2."""
     if q.shape[-1] <= QUERY_CHUNK:
         return split_einsum(q, k, v, heads)
-    k = k.transpose(1, 3)  # (B, Sk, 1, C)
-    keys = [k[..., h * (k.shape[-1] // heads):(h + 1) * (k.shape[-1] // heads)] for h in range(heads)]
     outs = []
-    for qh, kh, vh in zip(_head_slices(q, heads), keys, _head_slices(v, heads), strict=True):
+    for qh, kh, vh in zip(_head_slices(q, heads), _head_keys(k, heads), _head_slices(v, heads), strict=True):
         chunks = torch.split(qh, QUERY_CHUNK, dim=-1)  # the last chunk may be shorter
         outs.append(torch.cat([_one_head(c, kh, vh) for c in chunks], dim=-1))
     return torch.cat(outs, dim=1)  # (B, C, 1, Sq)

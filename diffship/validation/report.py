@@ -39,15 +39,14 @@ def summary_table(report: dict[str, Any]) -> Table:
     """One row per artifact set: the verdict and the numbers that decided it."""
     rows = []
     for key, r in report["sets"].items():
+        runs_in = (r["runtime"].get("unet") or next(iter(r["runtime"].values()))).get("summary", "")
         if "not_run" in r:
-            runs_in = (r["runtime"].get("unet") or next(iter(r["runtime"].values()))).get("summary", "")
             rows.append([key, f"{runs_in} (not run here)", "spec ok" if r["passed"] else "FAIL", "not run",
                          *["-"] * 8, "cached" if r.get("cached") else "measured"])
             continue
         outputs = [m for c in r["parity"]["components"].values() for case in c["cases"] for m in case["outputs"].values()]
         lat = r.get("latency")
         unet = lat["components"].get("unet") if lat else None
-        runs_in = (r["runtime"].get("unet") or next(iter(r["runtime"].values()))).get("summary", "")
         steps = r["parity"].get("unet_steps")
         rows.append([key, runs_in, _verdict(r["passed"]), f"{min(m['cosine'] for m in outputs):.7f}",
                      f"{steps['min_cosine']:.6f}" if steps else "-",
