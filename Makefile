@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench-export bench-build bench-onnxruntime bench-compress bench-tensorrt bench-coreml clean
+.PHONY: setup demo test lint bench-export bench-build bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,6 @@ bench-tensorrt: setup
 
 bench-coreml: setup
 	cd benchmarks && ../$(BIN)/python coreml_unet.py --work ../out/bench-unet
+
+bench-torch: setup
+	cd benchmarks && ../$(BIN)/python torch_unet.py --work ../out/bench-torch

@@ -58,7 +58,11 @@ class BuildResult:
 
 
 def check_targets(recipe: Recipe) -> None:
-    """Every target installed and every precision offered, before any work starts."""
+    """Every target installed and every precision offered, each once, before any work starts."""
+    keys = [f"{t.name}-{p}" for t in recipe.targets for p in t.precisions]
+    if repeated := sorted({k for k in keys if keys.count(k) > 1}):
+        raise DiffshipError(f"The recipe builds {', '.join(repeated)} more than once (one artifact set per target and "
+                            "precision); list each precision once, in one [[targets]] entry per target.")
     for target in recipe.targets:
         check_available(target.name)
         backend = get_target(target.name)

@@ -73,33 +73,41 @@ def load_component(folder: Path, component: str, allow_pickle: bool = False) -> 
         if is_compressed(folder / component):
             return load_unet(folder / component, allow_pickle)
     check_weight_files(folder, component, allow_pickle)
-    use_safetensors = None if allow_pickle else True
     library, class_name = (read_model_index(folder).get(component) or [None, None])[:2]
+    if not component.startswith(("unet", "vae")) and class_name not in TEXT_ENCODER_CLASSES:
+        raise DiffshipError(
+            f"{folder / component} is a {library}.{class_name}; diffship exports CLIP text encoders "
+            f"({', '.join(TEXT_ENCODER_CLASSES)})."
+        )
+    return load_folder(folder / component, component, class_name, allow_pickle)
+
+
+def load_folder(path: Path, component: str, class_name: str | None = None, allow_pickle: bool = False,
+                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load one module saved by `save_pretrained` at `path` (a UNet, a VAE, or the CLIP text encoder `class_name`) in
+    `dtype`, eval mode, failing on any missing, unexpected or mismatched weight."""
+    quiet_libraries()
+    use_safetensors = None if allow_pickle else True
     try:
-        if component in ("unet", "vae"):
+        if component.startswith(("unet", "vae")):
             import diffusers
 
-            cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
-            model, info = cls.from_pretrained(
-                folder, subfolder=component, output_loading_info=True, use_safetensors=use_safetensors,
-                torch_dtype=torch.float32, low_cpu_mem_usage=True,
-            )
+            cls = diffusers.UNet2DConditionModel if component.startswith("unet") else diffusers.AutoencoderKL
+            model, info = cls.from_pretrained(path, output_loading_info=True, use_safetensors=use_safetensors,
+                                              torch_dtype=dtype, low_cpu_mem_usage=True)
         else:
             import transformers
 
             if class_name not in TEXT_ENCODER_CLASSES:
-                raise DiffshipError(
-                    f"{folder / component} is a {library}.{class_name}; diffship exports CLIP text encoders "
-                    f"({', '.join(TEXT_ENCODER_CLASSES)})."
-                )
+                raise DiffshipError(f"{path} holds a {class_name}; diffship loads CLIP text encoders "
+                                    f"({', '.join(TEXT_ENCODER_CLASSES)}).")
             cls = getattr(transformers, class_name)
-            model, info = cls.from_pretrained(
-                folder / component, output_loading_info=True, use_safetensors=use_safetensors, dtype=torch.float32,
-            )
+            model, info = cls.from_pretrained(path, output_loading_info=True, use_safetensors=use_safetensors,
+                                              dtype=dtype)
     except DiffshipError:
         raise
     except (OSError, ValueError, RuntimeError) as exc:
-        raise DiffshipError(f"Could not load {folder / component}: {exc}") from exc
-    check_loading_info(info, str(folder / component))
+        raise DiffshipError(f"Could not load {path}: {exc}") from exc
+    check_loading_info(info, str(path))
     model.eval().requires_grad_(False)
     return model

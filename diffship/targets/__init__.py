@@ -32,6 +32,7 @@ TARGETS = {
     "openvino": TargetInfo("diffship.targets.openvino", "openvino", "openvino"),
     "tensorrt": TargetInfo("diffship.targets.tensorrt", "tensorrt", "tensorrt"),
     "coreml": TargetInfo("diffship.targets.coreml", "coremltools", "coreml"),
+    "torch": TargetInfo("diffship.targets.pytorch", "torch", None),
 }
 
 

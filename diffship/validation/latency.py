@@ -10,6 +10,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,35 @@ def peak_rss_bytes() -> int:
 def rss_bytes() -> int:
     """Current resident memory of this process."""
     return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss_during(call: Callable[[], Any]) -> int | None:
+    """Resident memory `call` adds at its peak above what the process held before it; None where the kernel's
+    high-water mark cannot be reset (Linux only: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = rss_bytes()
+    call()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return max(0, int(line.split()[1]) * 1024 - before)
+    return None
+
+
+def peak_gpu_during(call: Callable[[], Any]) -> int | None:
+    """CUDA memory `call` allocates at its peak above what was allocated before it; None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - before)
 
 
 def peak_gpu_bytes() -> int | None:

@@ -23,6 +23,10 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _peak(n: int | None) -> str:
+    return "not measurable here" if n is None else _mib(n)
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
 
@@ -154,6 +158,13 @@ def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
         runs = next(iter(lat["components"].values()))["target"]["runs"] if lat["components"] else 0
         tables.append((f"{key}: latency, p50 / p90 over {runs} interleaved runs (speedup = baseline p50 / target p50)",
                        ["", "batch", "baseline p50", "target p50", "baseline p90", "target p90", "speedup"], rows))
+    if effects := r.get("option_effects"):
+        rows = [[e["option"], e["call"], _peak(e["peak_on_bytes"]), _peak(e["peak_off_bytes"]), _ms(e["on"]["p50_s"]),
+                 _ms(e["off"]["p50_s"]), f"{e['off']['p50_s'] / e['on']['p50_s']:.2f}x", f"{e['cosine_on_vs_off']:.6f}"]
+                for e in effects]
+        tables.append((f"{key}: memory options, each measured on and off (peak: memory the call adds above what was "
+                       "held before it)", ["option", "measured on", "peak on", "peak off", "p50 on", "p50 off",
+                                           "speed on vs off", "cosine on vs off"], rows))
     if r.get("latency_skipped"):
         tables.append((f"{key}: latency not measured", ["reason"], [[r["latency_skipped"]]]))
     mem = r["memory"]

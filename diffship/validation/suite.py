@@ -139,6 +139,11 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
     elif v.latency.enabled:
         say(f"[{label}] latency: {v.latency.warmup} warm-up + {v.latency.runs} timed runs per component, interleaved")
         result["latency"] = measure_latency(deployed, specs, pipe, plan, samples[0], say)
+    # What the target's memory options (VAE slicing, offload) change, each measured on and off.
+    if hasattr(backend, "option_effects") and (effects := backend.option_effects(deployed, plan, say)):
+        result["option_effects"] = effects
+    # Described again after running: what was learned by running (torch.compile's time per shape) is in it now.
+    result["runtime"] = {n: r.describe() for n, r in deployed.runners.items()}
     result["memory"] = {
         "artifact_bytes": {c: sum(f.stat().st_size for f in _files_of(p)) for c, p in artifacts.components.items()},
         "load_seconds": deployed.load_seconds,

@@ -1,0 +1,643 @@
+"""PyTorch as a target: the component wrappers themselves, tuned, and AOTInductor `.pt2` packages.
+
+A precision names the number format and how the component runs: `fp32`, `fp16`, `bf16` (weights and activations in
+that type), `fp16-autocast` / `bf16-autocast` (FP32 weights, `torch.autocast` picks the op precision and keeps norms
+and softmax in FP32), each eager or with `-compile` (`torch.compile`, compiled on the first call at each shape), and
+`fp32-aoti` / `fp16-aoti` / `bf16-aoti`: each component exported with `torch.export` and compiled ahead of time by
+AOTInductor into a package that loads and runs without diffusers or transformers. Eager and compiled sets ship the
+component's weights (`save_pretrained`, in the set's type); AOTInductor sets ship the package. The scheduler step
+always runs in FP32 (the runtime pipeline's own), as diffusers does.
+
+The module is `pytorch`, not `torch`, so that nothing can mistake it for the library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffship.artifacts import atomic_write_json, staged_path
+from diffship.errors import DiffshipError
+from diffship.models.components import ComponentSpec, TensorSpec, wrap
+from diffship.targets import CompileContext
+
+NAME = "torch"
+INFO = "torch.json"
+WEIGHTS = "weights"
+PACKAGE = "model.pt2"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODES = ("eager", "compile", "aoti")
+PRECISIONS = (*DTYPES, "fp16-autocast", "bf16-autocast",
+              *(f"{d}-compile" for d in DTYPES), "fp16-autocast-compile", "bf16-autocast-compile",
+              *(f"{d}-aoti" for d in DTYPES))
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTION = ("sdpa", "slicing")
+OFFLOAD = ("none", "model", "sequential")
+DEVICES = ("auto", "cpu", "cuda")
+VAE_MODES = ("auto", "fp16", "fp32")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+# Inputs that stay FP32 whatever the set's type: diffusers embeds the timestep in FP32 and casts after (in BF16,
+# timestep 999 would round to 1000).
+FP32_INPUTS = ("timestep",)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a precision name means: the number format, whether autocast chooses op precision, and how it runs."""
+
+    dtype: str
+    autocast: bool
+    mode: str  # eager, compile, aoti
+
+
+def variant(precision: str) -> Variant:
+    """Parse a precision of this target (`bf16-autocast-compile` -> bf16, autocast, compile)."""
+    if precision not in PRECISIONS:
+        raise DiffshipError(f"PyTorch precision {precision!r} is unknown; choose {', '.join(PRECISIONS)}.")
+    parts = precision.split("-")
+    mode = parts[-1] if parts[-1] in MODES else "eager"
+    return Variant(parts[0], "autocast" in parts, mode)
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """PyTorch settings from the recipe's `[targets.options]`.
+
+    device: "auto" (CUDA when present, else the CPU), "cpu" or "cuda".
+    attention: "sdpa" (PyTorch's fused scaled-dot-product attention, diffusers' default) or "slicing" (the UNet's
+    attention computed in slices of `attention_slice` heads: "auto" halves them, "max" one at a time, or a number).
+    channels_last: UNet and VAE weights and activations in NHWC memory format.
+    compile_mode / compile_components / compile_dynamic: for `-compile` precisions, `torch.compile(mode=...)` on those
+    components (the UNet, called every step, and the VAE decoder by default), specialized per shape unless dynamic.
+    freezing: Inductor treats the weights as constants (folds them, pre-packs them for oneDNN) in compiled sets and
+    packages; "auto" turns it on for the CPU, where it made the sd15-arch UNet 1.24x (FP32) faster than without.
+    vae_slicing / vae_tiling: diffusers' VAE memory savers (one image at a time; tiles for large images).
+    offload: "model" (one component on the GPU at a time) or "sequential" (layer by layer) CPU offload; GPU only.
+    vae_precision: "auto" keeps SDXL's VAE in FP32 in FP16 sets (it overflows in FP16); "fp16" / "fp32" force it.
+    """
+
+    device: str = "auto"
+    attention: str = "sdpa"
+    attention_slice: str | int = "auto"
+    channels_last: bool = False
+    compile_mode: str = "default"
+    compile_components: tuple[str, ...] = ("unet", "vae_decoder")
+    compile_dynamic: bool = False
+    freezing: bool | str = "auto"
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    offload: str = "none"
+    vae_precision: str = "auto"
+
+
+def parse_options(options: dict[str, Any]) -> TorchOptions:
+    """The recipe's `[targets.options]` for PyTorch, with unknown keys and values named with their choices."""
+    known = {f.name for f in fields(TorchOptions)}
+    if unknown := sorted(set(options) - known):
+        raise DiffshipError(f"Unknown PyTorch option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+    values = dict(options)
+    if "compile_components" in values:
+        values["compile_components"] = tuple(values["compile_components"])
+    parsed = TorchOptions(**values)
+    for name, allowed in (("device", DEVICES), ("attention", ATTENTION), ("compile_mode", COMPILE_MODES),
+                          ("offload", OFFLOAD), ("vae_precision", VAE_MODES)):
+        if getattr(parsed, name) not in allowed:
+            raise DiffshipError(f"Unknown {name} {getattr(parsed, name)!r}; choose {', '.join(allowed)}.")
+    if bad := [c for c in parsed.compile_components if c not in COMPONENTS]:
+        raise DiffshipError(f"compile_components {', '.join(map(repr, bad))} unknown; choose from {', '.join(COMPONENTS)}.")
+    slice_ok = parsed.attention_slice in ("auto", "max") or (
+        isinstance(parsed.attention_slice, int) and not isinstance(parsed.attention_slice, bool)
+        and parsed.attention_slice >= 1)
+    if not slice_ok:
+        raise DiffshipError(f"attention_slice must be 'auto', 'max' or a positive number of heads, not "
+                            f"{parsed.attention_slice!r}.")
+    if parsed.freezing not in (True, False, "auto"):
+        raise DiffshipError(f"freezing must be true, false or 'auto', not {parsed.freezing!r}.")
+    for name in ("channels_last", "compile_dynamic", "vae_slicing", "vae_tiling"):
+        if not isinstance(getattr(parsed, name), bool):
+            raise DiffshipError(f"{name} must be true or false, not {getattr(parsed, name)!r}.")
+    return parsed
+
+
+def writes_artifacts(precision: str, options: Any = None) -> bool:
+    """Every set writes its own files: the weights in the set's type, or the AOTInductor package."""
+    return True
+
+
+def needs_calibration(precision: str) -> bool:
+    """No precision of this target is calibrated."""
+    return False
+
+
+def model_index(family: str, components: list[str]) -> dict[str, Any]:
+    """model_index.json entries for a PyTorch set's folder (diffship's pipeline loads it)."""
+    return {"_class_name": "DiffshipTorchPipeline", **{c: ["diffship", "TorchComponent"] for c in components}}
+
+
+# --- hardware ------------------------------------------------------------------------------------------------
+
+
+def resolve_device(options: TorchOptions) -> str:
+    """The device the options ask for: CUDA when present under "auto"; a clear error for CUDA without a GPU."""
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise DiffshipError("device = 'cuda' but PyTorch sees no CUDA GPU here (torch "
+                            f"{torch.__version__}); use device = 'cpu' or 'auto'.")
+    if options.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return options.device
+
+
+def bf16_unsupported(device: str) -> str | None:
+    """Why BF16 cannot run fast on `device`, or None: CUDA needs compute capability 8.0 (Ampere) or newer, the CPU
+    AVX-512 BF16 or AMX (oneDNN's check). Elsewhere PyTorch emulates it, slower than FP32."""
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return None
+        major, minor = torch.cuda.get_device_capability()
+        return f"{torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no BF16 kernels; 8.0 or newer does"
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return "this CPU has no BF16 instructions (AVX-512 BF16 or AMX), so PyTorch would emulate BF16, slower than FP32"
+
+
+def environment(options: TorchOptions) -> dict[str, Any]:
+    """What a compiled package is tied to: the device (GPU name, or the CPU's vector ISA) and the torch build."""
+    device = resolve_device(options)
+    return {"device": device, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **({"gpu": torch.cuda.get_device_name()} if device == "cuda" else {})}
+
+
+def preflight(precisions: list[str], options: TorchOptions) -> None:
+    """Refuse, before any work, what this machine cannot run: CUDA or offload without a GPU, BF16 without BF16
+    kernels, compiled code without a C++ compiler, and offload mixed with compilation."""
+    device = resolve_device(options)
+    variants = [variant(p) for p in precisions]
+    if options.offload != "none":
+        if device != "cuda":
+            raise DiffshipError(f"offload = {options.offload!r} moves weights between CPU memory and a GPU; there is no "
+                                "CUDA GPU here (set offload = 'none').")
+        if compiled := [p for p, v in zip(precisions, variants, strict=True) if v.mode != "eager"]:
+            raise DiffshipError(f"offload = {options.offload!r} cannot be combined with {', '.join(compiled)}: compiled "
+                                "code fixes where each weight lives. Build an eager precision to offload.")
+    if any(v.dtype == "bf16" for v in variants) and (reason := bf16_unsupported(device)):
+        raise DiffshipError(f"BF16 requested ({', '.join(p for p in precisions if p.startswith('bf16'))}) but {reason}. "
+                            "Build fp32 (or fp16 on a GPU) instead.")
+    if device == "cpu" and any(v.mode != "eager" for v in variants) and not _cxx_compiler():
+        raise DiffshipError("torch.compile and AOTInductor on the CPU generate C++ and need a C++ compiler (g++ or "
+                            "clang++); none is on PATH. Install one (apt install g++) or build eager precisions.")
+
+
+def freezing(options: TorchOptions, device: str) -> bool:
+    """Whether Inductor freezes the weights: as the option says; "auto" on the CPU (PyTorch's advice for CPU
+    inference, measured in docs/performance.md), off on CUDA."""
+    return device == "cpu" if options.freezing == "auto" else bool(options.freezing)
+
+
+def _cxx_compiler() -> str | None:
+    return shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+
+
+# --- preparing a module ----------------------------------------------------------------------------------------
+
+
+def effective_dtype(precision: str, name: str, family: str | None, options: TorchOptions) -> tuple[str, str | None]:
+    """The type component `name` keeps its weights in for `precision` (FP32 under autocast), and why a component
+    leaves the set's precision when it does (SDXL's VAE: no FP16, not even under autocast)."""
+    from diffship.targets.onnx_graph import vae_fp32_reason
+
+    v = variant(precision)
+    if v.dtype == "fp16" and (reason := vae_fp32_reason(name, options.vae_precision, family, "vae_precision")):
+        return "fp32", reason
+    return "fp32" if v.autocast else v.dtype, None
+
+
+def apply_options(module: nn.Module, name: str, options: TorchOptions) -> dict[str, Any]:
+    """Set attention, memory format and VAE slicing / tiling on a loaded diffusers module; return what was set."""
+    applied: dict[str, Any] = {}
+    if name == "unet":
+        if options.attention == "slicing":
+            module.set_attention_slice(options.attention_slice)
+            applied["attention"] = f"sliced ({options.attention_slice})"
+        else:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            module.set_attn_processor(AttnProcessor2_0())
+            applied["attention"] = "sdpa"
+    if name.startswith(("unet", "vae")) and options.channels_last:
+        module.to(memory_format=torch.channels_last)
+        applied["channels_last"] = True
+    if name.startswith("vae"):
+        if options.vae_slicing:
+            module.enable_slicing()
+            applied["vae_slicing"] = True
+        if options.vae_tiling:
+            module.enable_tiling()
+            applied["vae_tiling"] = True
+    return applied
+
+
+class CastIO(nn.Module):
+    """A component wrapper with FP32 inputs and outputs whatever its own type, like the ONNX export's: float inputs are
+    cast to `dtype` (the timestep stays FP32), outputs back to FP32. Baked into AOTInductor packages."""
+
+    def __init__(self, wrapper: nn.Module, spec: ComponentSpec, dtype: torch.dtype):
+        super().__init__()
+        self.wrapper, self.dtype = wrapper, dtype
+        self.cast = tuple(t.dtype.startswith("float") and t.name not in FP32_INPUTS for t in spec.inputs)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = tuple(a.to(self.dtype) if cast else a for a, cast in zip(args, self.cast, strict=True))
+        out = self.wrapper(*args)
+        return tuple(o.float() for o in (out if isinstance(out, tuple) else (out,)))
+
+
+# --- compile: the artifact -------------------------------------------------------------------------------------
+
+
+def compile(source: Path, precision: str, options: TorchOptions | None = None, dest: Path | None = None,
+            context: CompileContext | None = None) -> Path:
+    """Write one component's artifact into `dest`: its weights in the set's type (`weights/`, eager and compiled
+    sets) or an AOTInductor package (`model.pt2`), with torch.json beside it saying how it was made."""
+    from diffship.exporters.onnx import onnx_io
+    from diffship.models.loading import load_component
+
+    options = options or TorchOptions()
+    v = variant(precision)
+    if dest is None or context is None or context.model_folder is None:
+        raise DiffshipError("PyTorch compile needs an output folder, the component and the model folder it comes from.")
+    spec = context.spec
+    dtype, reason = effective_dtype(precision, spec.name, context.family, options)
+    device = resolve_device(options)
+    began = time.perf_counter()
+    module = load_component(context.model_folder, spec.module, context.allow_pickle)
+    info: dict[str, Any] = {"component": spec.name, "precision": precision, "dtype": dtype,
+                            "autocast": v.autocast and reason is None,
+                            "mode": v.mode, "kept_reason": reason, "spec": asdict(spec), "options": asdict(options),
+                            "onnx_io": onnx_io(source) if source.is_file() else None, "environment": environment(options)}
+    if v.mode == "aoti":
+        artifact = dest / PACKAGE
+        applied = apply_options(module, spec.name, options)
+        dims = export_dims(spec, context)
+        if dims["dynamic"] is not None and ("vae_slicing" in applied or "vae_tiling" in applied):
+            raise DiffshipError(
+                f"{precision}: VAE slicing and tiling branch on the input's batch and size, which a package exported "
+                "for a range of shapes cannot do. Fix batch, height and width in [shapes] (one value each), or turn "
+                "vae_slicing / vae_tiling off for AOTInductor sets.")
+        with staged_path(artifact) as tmp:
+            info |= export_package(module, spec, dtype, device, dims, tmp, freezing(options, device))
+        dynamic = None if dims["dynamic"] is None else {
+            name: {str(i): str(d) for i, d in axes.items()} if axes else None for name, axes in dims["dynamic"].items()}
+        info |= {"device": device, "applied": applied, "dynamic": dynamic, "example": dims["example"]}
+    else:
+        artifact = dest / WEIGHTS
+        with staged_path(artifact) as tmp:
+            save_weights(module, spec, context.model_folder, dtype, tmp)
+    info["seconds"] = round(time.perf_counter() - began, 2)
+    atomic_write_json(dest / INFO, info)
+    return artifact
+
+
+def save_weights(module: nn.Module, spec: ComponentSpec, model_folder: Path, dtype: str, dest: Path) -> None:
+    """The component's module as `save_pretrained` writes it (safetensors), in `dtype`. A compressed UNet's folder is
+    copied as it is: its structure is not the config's, and diffship's loader rebuilds it."""
+    from diffship.compress.store import is_compressed
+
+    if spec.module == "unet" and is_compressed(model_folder / "unet"):
+        shutil.copytree(model_folder / "unet", dest)
+        return
+    module.to(DTYPES[dtype]).save_pretrained(dest, safe_serialization=True)
+
+
+def export_dims(spec: ComponentSpec, context: CompileContext) -> dict[str, Any]:
+    """Example inputs' sizes and `torch.export` dynamic shapes for the recipe's ranges: batch, and height / width in
+    steps of 8 latent pixels (what the UNet's downsampling needs); static where the recipe fixes the shapes. The
+    example avoids sizes of 1, which `torch.export` would specialize."""
+    from torch.export import Dim
+
+    unit = spec.vae_scale * 8  # pixels per step of 8 latent pixels
+    if context.static_shapes is not None or context.shape_ranges is None:
+        shapes = context.static_shapes or {t.name: t.concrete(spec.axis_sizes(1, *context.probe_size)) for t in spec.inputs}
+        first = shapes[spec.inputs[0].name]
+        if spec.name.startswith("text_encoder"):
+            batch, height, width = first[0], context.probe_size[0], context.probe_size[1]
+        else:
+            scale = 1 if spec.name == "vae_encoder" else spec.vae_scale
+            batch, height, width = first[0], first[2] * scale, first[3] * scale
+        return {"dynamic": None, "example": {"batch": batch, "height": height, "width": width}}
+    ranges = context.shape_ranges
+    batch_low, batch_high = ranges["batch"]
+    if spec.name == "unet" and context.guided:
+        batch_high *= 2
+    steps = {side: (ranges[side][0] // unit, ranges[side][1] // unit) for side in ("height", "width")}
+    dims = {"batch": Dim("batch", min=batch_low, max=batch_high) if batch_high > batch_low else None,
+            **{side: Dim(side, min=low, max=high) if high > low else None for side, (low, high) in steps.items()}}
+    example = {"batch": min(max(2, batch_low), batch_high),
+               **{side: unit * min(max(2, low), high) for side, (low, high) in steps.items()}}
+    per_pixel = {"height": 8 if spec.latent_axes else unit, "latent_height": 8,
+                 "width": 8 if spec.latent_axes else unit, "latent_width": 8}
+    dynamic: dict[str, dict[int, Any] | None] = {}
+    for t in spec.inputs:
+        axes: dict[int, Any] = {}
+        for i, axis in t.dynamic_axes.items():
+            side = axis.removeprefix("latent_")
+            if axis == "batch" and dims["batch"] is not None:
+                axes[i] = dims["batch"]
+            elif side in ("height", "width") and dims[side] is not None:
+                axes[i] = per_pixel[axis] * dims[side]
+        dynamic[t.name] = axes or None
+    ranges_out = {"batch": [batch_low, batch_high],
+                  **{side: [low * unit, high * unit] for side, (low, high) in steps.items()}}
+    return {"dynamic": dynamic, "example": example, "ranges": ranges_out}
+
+
+def export_package(module: nn.Module, spec: ComponentSpec, dtype: str, device: str, dims: dict[str, Any],
+                   package: Path, frozen: bool = False) -> dict[str, Any]:
+    """`torch.export` the component (FP32 I/O around `dtype` inside) on example inputs and compile it with
+    AOTInductor into `package`; return the seconds each took and the shapes it accepts."""
+    import torch._inductor
+
+    wrapper = CastIO(wrap(spec, module.to(DTYPES[dtype])), spec, DTYPES[dtype]).to(device).eval()
+    ex = dims["example"]
+    inputs = spec.sample_inputs(ex["batch"], ex["height"], ex["width"])
+    args = tuple(torch.from_numpy(inputs[t.name]).to(device) for t in spec.inputs)
+    # CastIO takes *args, which torch.export sees as one tuple argument.
+    dynamic = None if dims["dynamic"] is None else (tuple(dims["dynamic"][t.name] for t in spec.inputs),)
+    began = time.perf_counter()
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(wrapper, args, dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:  # torch.export raises UserError, Unsupported, GuardOnDataDependentSymNode...
+        raise DiffshipError(f"torch.export could not export {spec.name}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    exported_s = time.perf_counter() - began
+    began = time.perf_counter()
+    with warnings.catch_warnings():  # torch's own pytree deprecation notices, raised from inside the packager
+        warnings.simplefilter("ignore", FutureWarning)
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(package),
+                                                 inductor_configs={"freezing": frozen})
+    return {"export_seconds": round(exported_s, 2), "aoti_seconds": round(time.perf_counter() - began, 2),
+            "shape_ranges": dims.get("ranges"), "freezing": frozen}
+
+
+# --- reading and describing artifacts --------------------------------------------------------------------------
+
+
+def read_info(artifact: Path) -> dict[str, Any]:
+    """torch.json beside a set's weights folder or package, with a clear error when it is missing."""
+    path = artifact.parent / INFO
+    if not artifact.exists():
+        raise DiffshipError(f"No PyTorch artifact at {artifact}.")
+    if not path.is_file():
+        raise DiffshipError(f"{artifact} has no {INFO} beside it; it was not written by diffship's torch target.")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def component_spec(info: dict[str, Any]) -> ComponentSpec:
+    """The ComponentSpec recorded in torch.json (what wraps the module and names its inputs and outputs)."""
+    s = dict(info["spec"])
+    for key in ("inputs", "outputs"):
+        s[key] = tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in s[key])
+    return ComponentSpec(**s)
+
+
+def describe_artifact(artifact: Path) -> dict[str, Any]:
+    """What an artifact is, for the report (read from torch.json)."""
+    info = read_info(artifact)
+    how = {"eager": "eager", "compile": "torch.compile", "aoti": "AOTInductor package"}[info["mode"]]
+    dtype = "autocast " + info["precision"].split("-")[0].upper() if info["autocast"] else info["dtype"].upper()
+    return {"target": NAME, "precision": info["dtype"] + (" (kept)" if info["kept_reason"] else ""), "mode": info["mode"],
+            "summary": f"PyTorch {torch.__version__} {how}, {dtype}",
+            "graph": {"conversion": (f"torch.export {info['export_seconds']:.1f} s + AOTInductor "
+                                     f"{info['aoti_seconds']:.1f} s, "
+                                     + ("static shapes" if info["dynamic"] is None else "dynamic shapes")
+                                     + (", frozen weights" if info.get("freezing") else "")
+                                     if info["mode"] == "aoti" else ""),
+                      "reason": info["kept_reason"] or ""}}
+
+
+def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The cases an artifact can take: all of them for weights; for an AOTInductor package, those inside the shapes it
+    was exported for (its example shape when it is static or none fits)."""
+    from diffship.validation.parity import Case
+
+    info = read_info(artifact)
+    if info["mode"] != "aoti":
+        return cases
+    ex = info["example"]
+    example = Case(ex["batch"], ex["height"], ex["width"])
+    ranges = info.get("shape_ranges")
+    if info["dynamic"] is None or not ranges:
+        return (example,)
+    inside = tuple(c for c in cases if all(ranges[k][0] <= getattr(c, k) <= ranges[k][1]
+                                           for k in ("batch", "height", "width")))
+    return inside or (example,)
+
+
+def option_effects(deployed: Any, plan: Any, say: Any = None) -> list[dict[str, Any]]:
+    """The measured effect of each memory option a set uses, on against off, on the call it changes: VAE slicing and
+    tiling on the VAE decoder (batch 2 at the validation resolution), offload on a whole generation. Peak memory is
+    what the call adds (GPU: allocated by torch; CPU: resident high-water mark). Options baked into a package, or
+    not set, are not measured."""
+    from dataclasses import replace
+
+    from diffship.runtime.pipeline import DeployedPipeline
+    from diffship.validation import latency
+
+    say = say or (lambda _: None)
+    runners = deployed.runners
+    options = next(iter(runners.values())).options
+    lat = plan.validation.latency
+    effects = []
+    vae = runners.get("vae_decoder")
+    for flag, attribute in (("vae_slicing", "use_slicing"), ("vae_tiling", "use_tiling")):
+        if not getattr(options, flag) or vae is None or vae.module is None:
+            continue
+        shapes = deployed.artifacts.shapes or {}
+        # Slicing decodes a batch one image at a time: measured on two images. Tiling matters for large images:
+        # measured on the largest the set serves, one image.
+        batch = max(1, min(2, shapes.get("batch", [1, 2])[1])) if flag == "vae_slicing" else 1
+        height, width = (plan.height, plan.width) if flag == "vae_slicing" else \
+            (shapes.get("height", [0, plan.height])[1], shapes.get("width", [0, plan.width])[1])
+        inputs = vae.spec.sample_inputs(batch, height, width)
+        runs: dict[str, Any] = {}
+        for state in (True, False):
+            setattr(vae.module, attribute, state)
+            vae.run(inputs)  # warm-up; under torch.compile the switch recompiles here
+            runs[state] = {"peak": _peak(vae, lambda v=vae, x=inputs: v.run(x)), "output": vae.run(inputs)["sample"],
+                           "times": latency.interleaved({"call": lambda v=vae, x=inputs: v.run(x)}, 0, lat.runs)["call"]}
+        setattr(vae.module, attribute, True)
+        call = f"vae_decoder, batch {batch}, {height}x{width}"
+        if flag == "vae_tiling":
+            tile = vae.module.tile_sample_min_size
+            engaged = height > tile or width > tile
+            call += f" ({'tiles' if engaged else 'no tiles: not above'} {tile}x{tile} px)"
+        effects.append(_effect(flag, call, runs))
+        say(f"      {flag}: peak {_gib(runs[True]['peak'])} on, {_gib(runs[False]['peak'])} off")
+    if options.offload != "none":
+        v = plan.validation
+        sample = (v.prompts[0], v.negative_prompt, plan.height, plan.width, v.steps, v.guidance_scale, v.seeds[0])
+        plain = DeployedPipeline(deployed.artifacts, {n: load(r.artifact, replace(r.options, offload="none"))
+                                                      for n, r in runners.items()}, {})
+        runs = {}
+        for state, pipe in ((True, deployed), (False, plain)):
+            if _RESIDENT:
+                _RESIDENT.pop().to("cpu")
+            pipe(*sample)
+            runs[state] = {"peak": latency.peak_gpu_during(lambda p=pipe: p(*sample)),
+                           "output": pipe(*sample).images.astype(np.float32),
+                           "times": latency.interleaved({"call": lambda p=pipe: p(*sample)}, 0, lat.pipeline_runs)["call"]}
+        del plain
+        effects.append(_effect(f"{options.offload} offload", f"whole pipeline, {v.steps} steps", runs))
+    return effects
+
+
+def _peak(runner: TorchRunner, call: Any) -> int | None:
+    from diffship.validation import latency
+
+    return latency.peak_gpu_during(call) if runner.device == "cuda" else latency.peak_rss_during(call)
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _effect(option: str, call: str, runs: dict[bool, dict[str, Any]]) -> dict[str, Any]:
+    from diffship.validation import latency
+    from diffship.validation.parity import compare
+
+    on, off = runs[True], runs[False]
+    return {"option": option, "call": call, "peak_on_bytes": on["peak"], "peak_off_bytes": off["peak"],
+            "on": latency.summarize(on["times"]), "off": latency.summarize(off["times"]),
+            "cosine_on_vs_off": compare(off["output"], on["output"])["cosine"]}
+
+
+# --- running --------------------------------------------------------------------------------------------------
+
+_RESIDENT: list[nn.Module] = []  # model offload: the one module on the GPU now
+
+
+class TorchRunner:
+    """A Runner over one component in PyTorch: numpy in, numpy out, the options applied as the recipe says."""
+
+    def __init__(self, artifact: Path, options: TorchOptions, precision: str | None = None):
+        self.info = read_info(artifact)
+        self.artifact, self.options = artifact, options
+        self.spec = component_spec(self.info)
+        self.variant = variant(self.info["precision"])
+        self.dtype = DTYPES[self.info["dtype"]]
+        self.device = resolve_device(options)
+        self.input_names = tuple(t.name for t in self.spec.inputs)
+        self.output_names = tuple(t.name for t in self.spec.outputs)
+        self.applied: dict[str, Any] = {}
+        self.compile_seconds: dict[str, float] = {}
+        self.module: nn.Module | None = None
+        self.frozen = False  # torch.compile with Inductor's freezing, set where the compiled function is made
+        if self.variant.mode == "aoti":
+            self.fn = self._load_package()
+        else:
+            self.fn = self._load_module()
+
+    def _load_package(self) -> Any:
+        import torch._inductor
+
+        built_for = self.info["device"]
+        if built_for != self.device:
+            raise DiffshipError(f"{self.artifact} was compiled for {built_for}; this run uses {self.device}. Rebuild the "
+                                f"package on a machine with the device it will run on (device = '{self.device}').")
+        return torch._inductor.aoti_load_package(str(self.artifact))
+
+    def _load_module(self) -> Any:
+        from diffship.compress.store import is_compressed, load_unet
+        from diffship.models.loading import load_folder
+
+        name, weights = self.spec.name, self.artifact
+        if name == "unet" and is_compressed(weights):
+            module = load_unet(weights, False)
+        else:
+            config = json.loads((weights / "config.json").read_text(encoding="utf-8"))
+            class_name = (config.get("architectures") or [config.get("_class_name")])[0]
+            module = load_folder(weights, self.spec.module, class_name, dtype=self.dtype)
+        module = module.to(self.dtype)
+        self.applied = apply_options(module, name, self.options)
+        self.module = module
+        wrapper = CastIO(wrap(self.spec, module), self.spec, self.dtype).eval()
+        offload = self.options.offload
+        if offload == "sequential":
+            from accelerate import cpu_offload
+
+            cpu_offload(module, execution_device=torch.device("cuda"))
+        elif offload == "none":
+            wrapper.to(self.device)
+        if self.variant.mode == "compile" and name in self.options.compile_components:
+            self.frozen = freezing(self.options, self.device)
+            return torch.compile(wrapper, mode=self.options.compile_mode, dynamic=self.options.compile_dynamic)
+        return wrapper
+
+    def _resident(self) -> None:
+        """Model offload: this component's module onto the GPU, the one there before back to CPU memory."""
+        if _RESIDENT and _RESIDENT[0] is self.module:
+            return
+        if _RESIDENT:
+            _RESIDENT.pop().to("cpu")
+        assert self.module is not None
+        self.module.to(self.device)
+        _RESIDENT.append(self.module)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on named arrays; the first call at a new shape under torch.compile is timed as compile time."""
+        if self.options.offload == "model":
+            self._resident()
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])).to(self.device) for t in self.spec.inputs]
+        if self.options.channels_last and args[0].dim() == 4:
+            args[0] = args[0].contiguous(memory_format=torch.channels_last)
+        shape_key = "x".join(str(s) for s in args[0].shape)
+        first = self.variant.mode == "compile" and shape_key not in self.compile_seconds and \
+            self.spec.name in self.options.compile_components
+        began = time.perf_counter()
+        autocast = torch.autocast(self.device, dtype=DTYPES[self.variant.dtype]) if self.info["autocast"] \
+            else contextlib.nullcontext()
+        frozen = contextlib.nullcontext()
+        if self.frozen:  # read by Inductor when it compiles (first call at each shape)
+            from torch._inductor import config as inductor_config
+
+            frozen = inductor_config.patch(freezing=True)
+        with torch.inference_mode(), autocast, frozen:
+            out = self.fn(*args)
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        result = {t.name: o.float().cpu().numpy() for t, o in zip(self.spec.outputs, out, strict=True)}
+        if first:
+            self.compile_seconds[shape_key] = round(time.perf_counter() - began, 2)
+        return result
+
+    def describe(self) -> dict[str, object]:
+        """The artifact's description plus what this run applied: device, attention, offload, compile times."""
+        d = describe_artifact(self.artifact)
+        compiled = self.variant.mode == "compile" and self.spec.name in self.options.compile_components
+        conversion = d["graph"]["conversion"]
+        if self.variant.mode == "compile":
+            conversion = (f"torch.compile mode {self.options.compile_mode}{', frozen weights' if self.frozen else ''}"
+                          ", first call per shape "
+                          + (", ".join(f"{k}: {s:.1f} s" for k, s in self.compile_seconds.items()) or "not yet run")
+                          if compiled else "eager (not in compile_components)")
+        extras = [f"{k} {v}" if not isinstance(v, bool) else k for k, v in self.applied.items()]
+        if self.options.offload != "none":
+            extras.append(f"{self.options.offload} CPU offload")
+        d["summary"] = f"{d['summary']} on {self.device}" + (f" ({', '.join(extras)})" if extras else "")
+        d["graph"] = {**d["graph"], "conversion": conversion}
+        return {**d, "device": self.device, "compiled": compiled, "compile_seconds": dict(self.compile_seconds),
+                "applied": self.applied, "offload": self.options.offload}
+
+
+def load(artifact: Path, options: TorchOptions | None = None, precision: str | None = None) -> TorchRunner:
+    """A Runner for a weights folder or `.pt2` package written by `compile`."""
+    return TorchRunner(artifact, options or TorchOptions(), precision)
