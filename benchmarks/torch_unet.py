@@ -10,9 +10,10 @@ one table.
    reporting its own peak resident memory.
 2. One process loads every variant through the target's Runner, calls each once on the same inputs (torch.compile
    compiles on that call: compile time = first call - steady-state p50), then times them taking turns (warm-up,
-   then `--runs` each, interleaved). Memory, from the kernel's resident high-water mark reset before each step:
-   the peak above what the process held while loading a variant and making its first call (compiling, for
-   torch.compile), what it holds after that, and the peak a steady-state call adds.
+   then `--runs` each, interleaved).
+Memory is measured apart, one fresh process per variant: the peak resident memory that loading it and its first
+call (compiling, for torch.compile) add to the process, what it still holds after that, and what one more call
+adds at its peak (the kernel's high-water mark, reset before each).
 
     python benchmarks/torch_unet.py [--model sd15-arch] [--size 512] [--runs 3]
                                     [--variants fp32 bf16 ... openvino:bf16] [--json f]
@@ -64,6 +65,34 @@ print(json.dumps({"artifact": str(artifact), "build_seconds": time.perf_counter(
 """
 
 
+RUN = r"""
+import json, resource, sys
+from pathlib import Path
+from diffship.models.components import component_specs
+from diffship.models.source import resolve
+from diffship.targets import get_target
+from diffship.validation import latency
+model, variant, artifact, size = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+name, _, precision = variant.rpartition(":")
+backend = get_target(name or "torch")
+spec = next(s for s in component_specs(resolve(model).folder) if s.name == "unet")
+inputs = spec.sample_inputs(2, size, size)
+loaded = {}
+before = latency.rss_bytes()  # the libraries imported, nothing of the variant loaded yet
+
+
+def load_and_call():
+    loaded["runner"] = backend.load(artifact, backend.parse_options({}), precision)
+    loaded["runner"].run(inputs)  # torch.compile compiles here
+
+
+peak = latency.peak_rss_during(load_and_call)
+held = latency.rss_bytes() - before
+steady = latency.peak_rss_during(lambda: loaded["runner"].run(inputs))
+print(json.dumps({"run_peak_rss_bytes": peak, "held_rss_bytes": held, "steady_call_added_bytes": steady,
+                  "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15-arch")
@@ -75,6 +104,7 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, default=Path("out/bench-unet/onnx"),
                         help="the UNet's ONNX export, for variants of other targets (target:precision)")
     parser.add_argument("--keep", action="store_true", help="keep the weights and packages (GBs) after measuring")
+    parser.add_argument("--memory-only", action="store_true", help="build and measure memory, skip the timed runs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.variants[0] != "fp32":
@@ -96,8 +126,16 @@ def main() -> None:
         built[precision] = child(BUILD, args.model, args.work, precision, args.size, onnx)
         print(f"  {built[precision]['build_seconds']:.0f} s, {built[precision]['bytes'] / 1e9:.2f} GB, "
               f"peak {built[precision]['peak_rss_bytes'] / 2**30:.1f} GiB", flush=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(caches / "run")
-    rows = measure(args, built)
+    for precision in args.variants:  # memory of each variant alone, in a fresh process with a cold inductor cache
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(caches / f"alone-{precision}")
+        built[precision] |= child(RUN, args.model, precision, built[precision]["artifact"], args.size)
+        print(f"{precision}: alone, peak {built[precision]['run_peak_rss_bytes'] / 2**30:.1f} GiB", flush=True)
+    if args.memory_only:
+        rows = {p: {**r, "latency": None, "cosine": None, "compile_seconds": None} for p, r in built.items()}
+        rows["_versions"] = {}
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(caches / "run")
+        rows = measure(args, built)
     shutil.rmtree(caches, ignore_errors=True)
     if not args.keep:
         for precision in args.variants:
@@ -155,25 +193,35 @@ def measure(args: argparse.Namespace, built: dict) -> dict:
 
 def report(args: argparse.Namespace, rows: dict) -> None:
     versions = rows.pop("_versions")
+    if args.memory_only:
+        print("| variant | build | build peak RSS | on disk | load + first call: peak added | held after | "
+              "next call adds |")
+        print("|---|---|---|---|---|---|---|")
+        for precision, r in rows.items():
+            print(f"| {precision} | {r['build_seconds']:.0f} s | {r['peak_rss_bytes'] / 2**30:.1f} GiB | "
+                  f"{r['bytes'] / 1e9:.2f} GB | {r['run_peak_rss_bytes'] / 2**30:.2f} GiB | "
+                  f"{r['held_rss_bytes'] / 2**30:.2f} GiB | {(r['steady_call_added_bytes'] or 0) / 2**30:.2f} GiB |")
+        if args.json:
+            args.json.write_text(json.dumps({"model": args.model, "size": args.size, "rows": rows}, indent=2))
+        return
     base = rows[args.variants[0]]["latency"]["p50_s"]
     print(f"\n{args.model} UNet, {args.size}x{args.size}, batch 2 (one guided step), torch {versions['torch']} "
           f"({versions['cpu_capability']}, {versions['threads']} threads), {date.today()}, "
           f"{platform.processor() or platform.machine()}; {args.runs} interleaved runs after 1 warm-up")
     print("| variant | p50 | p90 | vs eager FP32 | cosine to eager FP32 | build | compile | on disk | "
-          "build peak RSS | load + first call peak | held after | steady call peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "build peak RSS | load + first call: peak added | held after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for precision, r in rows.items():
         lat = r["latency"]
         compile_s = (f"{r['compile_seconds']:.0f} s (first call)" if r["compile_seconds"] is not None else
                      f"{r['export_seconds']:.0f} s export + {r['aoti_seconds']:.0f} s AOTI" if r["aoti_seconds"] else "-")
         print(f"| {precision} | {lat['p50_s']:.3f} s | {lat['p90_s']:.3f} s | {base / lat['p50_s']:.2f}x | "
               f"{r['cosine']:.6f} | {r['build_seconds']:.0f} s | {compile_s} | {r['bytes'] / 1e9:.2f} GB | "
-              f"{r['peak_rss_bytes'] / 2**30:.1f} GiB | {(r['first_peak_bytes'] or 0) / 2**30:.2f} GiB | "
-              f"{r['held_bytes'] / 2**30:.2f} GiB | {(r['call_peak_bytes'] or 0) / 2**30:.2f} GiB |")
+              f"{r['peak_rss_bytes'] / 2**30:.1f} GiB | {r['run_peak_rss_bytes'] / 2**30:.2f} GiB | "
+              f"{r['held_rss_bytes'] / 2**30:.2f} GiB |")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "size": args.size, "versions": versions, "rows": rows},
                                         indent=2))
-
 
 if __name__ == "__main__":
     main()
