@@ -73,12 +73,7 @@ def load_component(folder: Path, component: str, allow_pickle: bool = False) -> 
         if is_compressed(folder / component):
             return load_unet(folder / component, allow_pickle)
     check_weight_files(folder, component, allow_pickle)
-    library, class_name = (read_model_index(folder).get(component) or [None, None])[:2]
-    if not component.startswith(("unet", "vae")) and class_name not in TEXT_ENCODER_CLASSES:
-        raise DiffshipError(
-            f"{folder / component} is a {library}.{class_name}; diffship exports CLIP text encoders "
-            f"({', '.join(TEXT_ENCODER_CLASSES)})."
-        )
+    class_name = (read_model_index(folder).get(component) or [None, None])[1]
     return load_folder(folder / component, component, class_name, allow_pickle)
 
 

@@ -96,6 +96,12 @@ def check_component(spec: ComponentSpec, wrapper: torch.nn.Module, runner: Runne
     return {"passed": all(r["passed"] for r in results), "cases": results}
 
 
+def artifact_cases(backend: Any, spec: ComponentSpec, artifact: Path, cases: tuple[Case, ...]) -> tuple[Case, ...]:
+    """The cases an artifact is checked at: the target's choice where it was built for a few exact shapes (Core ML
+    packages, static AOTInductor packages), else `cases`."""
+    return backend.parity_cases(spec, artifact, cases) if hasattr(backend, "parity_cases") else cases
+
+
 def validate_folder(folder: Path, target: str | None = None, components: list[str] | None = None,
                     cases: tuple[Case, ...] = DEFAULT_CASES, allow_pickle: bool = False,
                     on_step: Callable[[str, str, dict[str, Any]], None] | None = None,
@@ -134,10 +140,8 @@ def validate_folder(folder: Path, target: str | None = None, components: list[st
             gc.collect()
         runner = backend.load(artifacts.components[spec.name], options, artifacts.precision)
         report["target"] = runner.describe()
-        checked = cases
-        if hasattr(backend, "parity_cases"):  # artifacts built for a few exact shapes are checked at those
-            checked = backend.parity_cases(spec, artifacts.components[spec.name], cases)
-        result = check_component(spec, wrap(spec, loaded[spec.module]), runner, tolerance, checked)
+        result = check_component(spec, wrap(spec, loaded[spec.module]), runner, tolerance,
+                                 artifact_cases(backend, spec, artifacts.components[spec.name], cases))
         report["components"][spec.name] = result
         step(spec.name, "done", result)
         del runner

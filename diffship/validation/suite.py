@@ -20,7 +20,7 @@ from diffship.targets.calibration import capture
 from diffship.validation import latency, quality
 from diffship.validation.baseline import component_call, reference_module, run_baseline
 from diffship.validation.e2e import Sample, run_e2e
-from diffship.validation.parity import Case, Tolerance, check_component, compare, within
+from diffship.validation.parity import Case, Tolerance, artifact_cases, check_component, compare, within
 
 Say = Callable[[str], None]
 
@@ -93,9 +93,8 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
             continue
         say(f"[{label}] parity {spec.name}")
         runner = deployed.runners.get(spec.name) or backend.load(artifacts.components[spec.name], options, artifacts.precision)
-        cases = plan.unet_cases if spec.name == "unet" and plan.unet_cases else plan.cases
-        if hasattr(backend, "parity_cases"):  # artifacts built for a few exact shapes are checked at those
-            cases = backend.parity_cases(spec, artifacts.components[spec.name], cases)
+        cases = artifact_cases(backend, spec, artifacts.components[spec.name],
+                               plan.unet_cases if spec.name == "unet" and plan.unet_cases else plan.cases)
         parity[spec.name] = check_component(spec, reference_module(pipe, spec, source_folder, allow_pickle), runner,
                                             tolerance, cases)
         say(f"      {'pass' if parity[spec.name]['passed'] else 'FAIL'} {spec.name}")
