@@ -335,6 +335,8 @@ def test_the_same_set_twice_in_a_recipe_is_refused(tmp_path: Path):
 
 
 def test_an_artifact_without_its_record_is_refused(tmp_path: Path):
+    with pytest.raises(DiffshipError, match="No PyTorch artifact at"):
+        target.load(tmp_path / "weights")
     (tmp_path / "weights").mkdir()
     with pytest.raises(DiffshipError, match="has no torch.json beside it"):
         target.load(tmp_path / "weights")
