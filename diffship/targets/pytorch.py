@@ -444,8 +444,9 @@ def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any
 
 
 def option_effects(deployed: Any, plan: Any, say: Any = None) -> list[dict[str, Any]]:
-    """The measured effect of each memory option a set uses, on against off, on the call it changes: VAE slicing and
-    tiling on the VAE decoder (batch 2 at the validation resolution), offload on a whole generation. Peak memory is
+    """The measured effect of each memory option a set uses, on against off, on the call it changes: VAE slicing on
+    the VAE decoder at batch 2 and the validation resolution, tiling on one image at the largest size the set serves,
+    offload on a whole generation. Peak memory is
     what the call adds (GPU: allocated by torch; CPU: resident high-water mark). Options baked into a package, or
     not set, are not measured."""
     from dataclasses import replace
@@ -473,8 +474,10 @@ def option_effects(deployed: Any, plan: Any, say: Any = None) -> list[dict[str, 
         for state in (True, False):
             setattr(vae.module, attribute, state)
             vae.run(inputs)  # warm-up; under torch.compile the switch recompiles here
-            runs[state] = {"peak": _peak(vae, lambda v=vae, x=inputs: v.run(x)), "output": vae.run(inputs)["sample"],
-                           "times": latency.interleaved({"call": lambda v=vae, x=inputs: v.run(x)}, 0, lat.runs)["call"]}
+            out: dict[str, Any] = {}
+            runs[state] = {"peak": _peak(vae, lambda v=vae, x=inputs, o=out: o.update(v.run(x)))}
+            runs[state] |= {"output": out["sample"],
+                            "times": latency.interleaved({"call": lambda v=vae, x=inputs: v.run(x)}, 0, lat.runs)["call"]}
         setattr(vae.module, attribute, True)
         call = f"vae_decoder, batch {batch}, {height}x{width}"
         if flag == "vae_tiling":
@@ -493,9 +496,11 @@ def option_effects(deployed: Any, plan: Any, say: Any = None) -> list[dict[str, 
             if _RESIDENT:
                 _RESIDENT.pop().to("cpu")
             pipe(*sample)
-            runs[state] = {"peak": latency.peak_gpu_during(lambda p=pipe: p(*sample)),
-                           "output": pipe(*sample).images.astype(np.float32),
-                           "times": latency.interleaved({"call": lambda p=pipe: p(*sample)}, 0, lat.pipeline_runs)["call"]}
+            generated: list[Any] = []
+            runs[state] = {"peak": latency.peak_gpu_during(lambda p=pipe, g=generated: g.append(p(*sample)))}
+            runs[state] |= {"output": generated[0].images.astype(np.float32),
+                            "times": latency.interleaved({"call": lambda p=pipe: p(*sample)}, 0,
+                                                         lat.pipeline_runs)["call"]}
         del plain
         effects.append(_effect(f"{options.offload} offload", f"whole pipeline, {v.steps} steps", runs))
     return effects
@@ -541,7 +546,8 @@ class TorchRunner:
         self.applied: dict[str, Any] = {}
         self.compile_seconds: dict[str, float] = {}
         self.module: nn.Module | None = None
-        self.frozen = False  # torch.compile with Inductor's freezing, set where the compiled function is made
+        # Whether torch.compile runs this component, and with Inductor's freezing: set where the function is made.
+        self.compiled = self.frozen = False
         if self.variant.mode == "aoti":
             self.fn = self._load_package()
         else:
@@ -579,7 +585,7 @@ class TorchRunner:
         elif offload == "none":
             wrapper.to(self.device)
         if self.variant.mode == "compile" and name in self.options.compile_components:
-            self.frozen = freezing(self.options, self.device)
+            self.compiled, self.frozen = True, freezing(self.options, self.device)
             return torch.compile(wrapper, mode=self.options.compile_mode, dynamic=self.options.compile_dynamic)
         return wrapper
 
@@ -601,8 +607,7 @@ class TorchRunner:
         if self.options.channels_last and args[0].dim() == 4:
             args[0] = args[0].contiguous(memory_format=torch.channels_last)
         shape_key = "x".join(str(s) for s in args[0].shape)
-        first = self.variant.mode == "compile" and shape_key not in self.compile_seconds and \
-            self.spec.name in self.options.compile_components
+        first = self.compiled and shape_key not in self.compile_seconds
         began = time.perf_counter()
         autocast = torch.autocast(self.device, dtype=DTYPES[self.variant.dtype]) if self.info["autocast"] \
             else contextlib.nullcontext()
@@ -622,19 +627,18 @@ class TorchRunner:
     def describe(self) -> dict[str, object]:
         """The artifact's description plus what this run applied: device, attention, offload, compile times."""
         d = describe_artifact(self.artifact)
-        compiled = self.variant.mode == "compile" and self.spec.name in self.options.compile_components
         conversion = d["graph"]["conversion"]
         if self.variant.mode == "compile":
             conversion = (f"torch.compile mode {self.options.compile_mode}{', frozen weights' if self.frozen else ''}"
                           ", first call per shape "
                           + (", ".join(f"{k}: {s:.1f} s" for k, s in self.compile_seconds.items()) or "not yet run")
-                          if compiled else "eager (not in compile_components)")
+                          if self.compiled else "eager (not in compile_components)")
         extras = [f"{k} {v}" if not isinstance(v, bool) else k for k, v in self.applied.items()]
         if self.options.offload != "none":
             extras.append(f"{self.options.offload} CPU offload")
         d["summary"] = f"{d['summary']} on {self.device}" + (f" ({', '.join(extras)})" if extras else "")
         d["graph"] = {**d["graph"], "conversion": conversion}
-        return {**d, "device": self.device, "compiled": compiled, "compile_seconds": dict(self.compile_seconds),
+        return {**d, "device": self.device, "compiled": self.compiled, "compile_seconds": dict(self.compile_seconds),
                 "applied": self.applied, "offload": self.options.offload}
 
 
