@@ -1,4 +1,4 @@
-"""Output layout, manifest, content hashes and atomic writes.
+"""Output folders, content hashes, copies and atomic writes.
 
 Nothing is ever written where a finished artifact would be until it is complete: files and
 folders are built under a hidden temporary name in the same directory and renamed into place.
@@ -7,21 +7,26 @@ folders are built under a hidden temporary name in the same directory and rename
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffship.errors import DiffshipError
+from diffship.errors import DiffshipError, DiskFull
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA = 1
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 def _umask_mode(mode: int) -> int:
@@ -54,20 +59,55 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def _owner_tag() -> str:
+    """`<pid>@<host>`: who owns a staging folder, so a sweep removes only those whose owner is gone."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+    return f"{os.getpid()}@{host}"
+
+
+def _owner_gone(staging: Path, final_name: str) -> bool:
+    """Whether the process that made `staging` (a `.<name>.<pid>@<host>.<random>.partial` folder) has ended.
+
+    Only an owner on this machine can be checked; another host's folders (a cache shared over the network) are left
+    for `diffship cache prune`. Folders in an older naming are swept after a day."""
+    found = re.fullmatch(rf"\.{re.escape(final_name)}\.(\d+)@([A-Za-z0-9-]+)\.[^.]+\.partial", staging.name)
+    if found is None:
+        try:
+            return time.time() - staging.stat().st_mtime > 86400
+        except OSError:
+            return False
+    pid, host = int(found[1]), found[2]
+    if host != _owner_tag().split("@", 1)[1]:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
+def sweep_staging(final: Path, owned: bool = False) -> None:
+    """Remove the staging folders that killed runs left beside `final`: those whose owner is gone, or every one when the
+    caller holds the lock that every writer of `final` takes (`owned`)."""
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        if stale.is_dir() and (owned or _owner_gone(stale, final.name)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
+def staged_dir(final: Path, owned: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary folder beside `final`; move it to `final` only if the block succeeds.
 
     Whatever is at `final` when the block succeeds (an empty folder, or an earlier output that
-    `prepare_output_dir` allowed to be replaced) is swapped out only after the new one is complete.
+    `prepare_output_dir` allowed to be replaced) is swapped out only after the new one is complete. Several
+    processes may write the same `final` at once: each stages its own folder, the last to finish wins whole, and
+    none removes a staging folder whose owner is still running (`owned`: see `sweep_staging`).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    # A killed run (SIGKILL, power loss) leaves its staging folder behind; it never counts as output, and the
-    # next run for the same path clears it. Two runs writing the same path at once are not supported.
-    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    sweep_staging(final, owned)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner_tag()}.", suffix=".partial", dir=final.parent))
     try:
         os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700
         yield tmp
@@ -136,15 +176,59 @@ def _nearest_existing_parent(path: Path) -> Path:
 
 
 def _replace_dir(staged: Path, final: Path) -> None:
-    if final.is_dir() and not any(final.iterdir()):
-        final.rmdir()
-    if final.exists():
-        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, backup)
-        os.replace(staged, final)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(staged, final)
+    """Rename `staged` to `final`, moving aside whatever another run put there first; each rename is atomic, so a
+    reader sees one whole folder or (for an instant while two runs swap) none."""
+    while True:
+        try:
+            os.rename(staged, final)  # replaces an empty folder; refuses a non-empty one
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        backup = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        try:
+            os.rename(final, backup / final.name)
+        except FileNotFoundError:  # another run moved it first: try again
+            pass
+        finally:
+            shutil.rmtree(backup, ignore_errors=True)
+
+
+def clone_file(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` as a new file, never a link to it.
+
+    Cached artifacts reach build folders this way, not as hard links: a hard link is the same file, so editing the
+    output in place would edit the cache, and onnx (1.23) refuses hard-linked external data as a possible attack.
+    Where the filesystem can share blocks copy-on-write (btrfs, XFS: the FICLONE ioctl) the copy is instant and
+    takes no space until one side is written; elsewhere it is a plain kernel-side copy.
+    """
+    with src.open("rb") as source, dst.open("wb") as target:
+        if sys.platform == "linux":
+            try:
+                fcntl.ioctl(target.fileno(), FICLONE, source.fileno())
+                return
+            except OSError:
+                pass  # ext4, tmpfs, across filesystems: copy instead
+    shutil.copyfile(src, dst)
+
+
+def clone_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """`clone_file` every file of `src` into `dst` (same relative paths), except names in `skip`; a destination without
+    room for them all is refused before the first byte is written, naming what they need."""
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name not in skip)
+    needed = sum(p.stat().st_size for p in files)
+    dst.mkdir(parents=True, exist_ok=True)
+    if needed > shutil.disk_usage(dst).free:
+        raise DiskFull(dst, needed)
+    try:
+        for path in files:
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            clone_file(path, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(dst, needed) from exc
+        raise
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -166,76 +250,3 @@ def file_entries(root: Path, folder: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """Load a diffship output folder's manifest, with a clear error when the folder is not one."""
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        raise DiffshipError(f"{folder} is not a diffship output folder (no {MANIFEST_NAME}); run `diffship export` first.")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DiffshipError(f"{path} is not valid JSON: {exc}") from exc
-    if manifest.get("schema") != MANIFEST_SCHEMA:
-        raise DiffshipError(f"{path} has manifest schema {manifest.get('schema')!r}; this diffship reads {MANIFEST_SCHEMA}.")
-    return manifest
-
-
-def verify_files(root: Path, entries: list[dict[str, Any]]) -> None:
-    """Refuse a folder whose files differ from what its manifest recorded (size, then sha256)."""
-    for entry in entries:
-        path = root / entry["path"]
-        if not path.is_file():
-            raise DiffshipError(f"{path} is listed in {root / MANIFEST_NAME} but missing; the artifact folder is incomplete.")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise DiffshipError(
-                f"{path} does not match the sha256 recorded in {root / MANIFEST_NAME}: it was modified or "
-                "corrupted after the build. Refusing to run it; rebuild the artifacts."
-            )
-
-
-@dataclass(frozen=True)
-class ArtifactSet:
-    """One deployable set: the pipeline folder (tokenizers, scheduler, configs) and one artifact per component."""
-
-    root: Path
-    pipeline: Path
-    target: str
-    precision: str
-    components: dict[str, Path]
-    shapes: dict[str, list[int]] | None  # {"batch": [min, max], "height": [...], "width": [...]}; None: any
-    status: str  # "passed", "failed", "spec-checked" (converted and checked, could not run here), or "unvalidated"
-    options: dict[str, Any] | None = None  # the target options the build used (device, hints...), to run it the same way
-
-
-def artifact_sets(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The artifact sets a build manifest lists, by key (`onnxruntime-fp32`); an export manifest has one."""
-    if manifest.get("kind") == "build":
-        return manifest["artifacts"]
-    return {"onnxruntime-fp32": {"target": "onnxruntime", "precision": "fp32", "pipeline": ".", "status": "unvalidated",
-                                 "components": {c: {"path": f"{c}/model.onnx", "files": e["files"]}
-                                                for c, e in manifest["components"].items()},
-                                 "pipeline_files": manifest.get("pipeline_files", [])}}
-
-
-def open_artifacts(folder: Path, target: str | None = None, precision: str | None = None,
-                   verify: bool = True) -> ArtifactSet:
-    """Pick one artifact set from a build or export folder, checking its files against the manifest's hashes."""
-    folder = folder.resolve()
-    manifest = read_manifest(folder)
-    sets = artifact_sets(manifest)
-    matching = {k: s for k, s in sets.items()
-                if (target is None or s["target"] == target) and (precision is None or s["precision"] == precision)}
-    if not matching:
-        have = ", ".join(f"{s['target']} {s['precision']}" for s in sets.values())
-        raise DiffshipError(f"{folder} has no {target or ''} {precision or ''} artifacts; it has: {have}.")
-    key = next(iter(matching))
-    chosen = matching[key]
-    if verify:
-        verify_files(folder, [f for c in chosen["components"].values() for f in c["files"]]
-                     + chosen.get("pipeline_files", []))
-    pipeline = folder / chosen["pipeline"]
-    recorded = [t.get("options", {}) for t in (manifest.get("recipe") or {}).get("targets", [])
-                if t["name"] == chosen["target"]]
-    return ArtifactSet(folder, pipeline, chosen["target"], chosen["precision"],
-                       {c: folder / e["path"] for c, e in chosen["components"].items()},
-                       manifest.get("shapes"), chosen.get("status", "unvalidated"), recorded[0] if recorded else None)

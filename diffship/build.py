@@ -7,13 +7,13 @@ build whose artifacts fail validation still writes its folder, report and manife
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ import numpy as np
 from diffship import cache
 from diffship.artifacts import (
     MANIFEST_NAME,
-    ArtifactSet,
     atomic_write_json,
     file_entries,
     prepare_output_dir,
@@ -30,6 +29,7 @@ from diffship.artifacts import (
 )
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import ModuleLoader, component_entry, export_one, finish_pipeline_folder, select_specs
+from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec, native_size
 from diffship.models.family import component_config, detect_family
 from diffship.models.source import ModelSource, resolve
@@ -113,6 +113,9 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
     say = say or (lambda _: None)
     started = time.perf_counter()
     check_targets(recipe)
+    if (reason := cache.unwritable_reason()) is not None:
+        say(f"The cache {cache.cache_root()} cannot be written ({reason}): building without it (stages it does not "
+            "already hold run, and nothing is stored).")
     out = out.resolve()
     prepare_output_dir(out, overwrite=True)
     source = resolve(recipe.model, allow_pickle=recipe.allow_pickle)
@@ -177,22 +180,22 @@ def _compress_stage(recipe: Recipe, source: ModelSource, family: str, plan: Plan
     entry_key = cache.key(stage="compress", weights=cache.folder_hash(source.folder),
                           steps=[s.model_dump() for s in recipe.compress], settings=settings.__dict__,
                           quality=measure_quality, versions=library_versions())
-    entry = None if force else cache.lookup("compress", entry_key)
-    if entry is None:
-        checkpoints = cache.store_root().parent / "checkpoints" / entry_key
-        with cache.store("compress", entry_key) as (staging, info):
-            record = compress(source.folder, family, recipe.compress, settings, staging / "model", checkpoints,
-                              recipe.allow_pickle, measure_quality, say)
-            atomic_write_json(staging / RECORD_FILE, record)
-            info |= {"steps": [s.step for s in recipe.compress]}
-        shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the entry now holds the result
-        entry = cache.lookup("compress", entry_key)
-        hits["compress"] = False
-    else:
+    checkpoints = cache.work_root() / "checkpoints" / entry_key
+
+    def produce(staging: Path, info: dict[str, Any]) -> None:
+        record = compress(source.folder, family, recipe.compress, settings, staging / "model", checkpoints,
+                          recipe.allow_pickle, measure_quality, say)
+        atomic_write_json(staging / RECORD_FILE, record)
+        info |= {"steps": [s.step for s in recipe.compress]}
+
+    done = cache.cached_step("compress", entry_key, "compressed model", produce, force=force, say=say)
+    if done.hit:
         say("[compress] cached (no work)")
-        hits["compress"] = True
-    record = json.loads((entry / RECORD_FILE).read_text(encoding="utf-8"))
-    return ModelSource(source.spec, "compressed", entry / "model"), record
+    else:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the entry now holds the result
+    hits["compress"] = done.hit
+    record = json.loads((done.path / RECORD_FILE).read_text(encoding="utf-8"))
+    return ModelSource(source.spec, "compressed", done.path / "model"), record
 
 
 def _export_stage(source: ModelSource, family: str, specs: list[ComponentSpec], opset: int, allow_pickle: bool,
@@ -205,33 +208,26 @@ def _export_stage(source: ModelSource, family: str, specs: list[ComponentSpec], 
                               opset=opset, **{k: versions[k] for k in ("diffship", "diffship_source", "torch", "onnx",
                                                                         "diffusers", "transformers")})
         prefix = f"[export {i + 1}/{len(specs)}] {spec.name}"
-        entry = None if force else cache.lookup("export", entry_key)
-        if entry is not None:
-            cache.link_tree(entry, export_dir / spec.name)
-            recorded = cache.read_entry(entry)
-            entries[spec.name] = component_entry(export_dir, export_dir / spec.name, recorded["seconds"])
-            if [f["sha256"] for f in entries[spec.name]["files"]] == recorded["sha256"]:
-                hits[f"export:{spec.name}"] = True
-                say(f"{prefix}: cached (no work)")
-                continue
-            say(f"{prefix}: cache entry does not match its record; exporting again")
-            cache.evict("export", entry_key)
-            for path in (export_dir / spec.name).iterdir():
-                path.unlink()
-        say(f"{prefix}: exporting ...")
-        began = time.perf_counter()
-        with cache.store("export", entry_key) as (staging, info):
-            export_one(source, spec, staging, opset, modules)
-            seconds = time.perf_counter() - began
-            info |= {"component": spec.name, "seconds": round(seconds, 2),
-                     "sha256": [f["sha256"] for f in file_entries(staging, staging)]}
-        cache.link_tree(cache.lookup("export", entry_key), export_dir / spec.name)
-        entries[spec.name] = component_entry(export_dir, export_dir / spec.name, seconds)
-        hits[f"export:{spec.name}"] = False
-        size = sum(f["bytes"] for f in entries[spec.name]["files"])
-        say(f"{prefix}: done, {size / 2**20:.1f} MiB in {seconds:.1f} s")
+        done = cache.cached_step("export", entry_key, f"{spec.name} export",
+                                 functools.partial(_export_into, source, spec, opset, modules, say, prefix),
+                                 force=force, say=say, copy_to=export_dir / spec.name)
+        entries[spec.name] = component_entry(export_dir, export_dir / spec.name, done.info["seconds"])
+        hits[f"export:{spec.name}"] = done.hit
+        if done.hit:
+            say(f"{prefix}: cached (no work)")
+        else:
+            size = sum(f["bytes"] for f in entries[spec.name]["files"])
+            say(f"{prefix}: done, {size / 2**20:.1f} MiB in {done.info['seconds']:.1f} s")
     modules.loaded.clear()
     return entries
+
+
+def _export_into(source: ModelSource, spec: ComponentSpec, opset: int, modules: ModuleLoader, say: Say, prefix: str,
+                 staging: Path, info: dict[str, Any]) -> None:
+    say(f"{prefix}: exporting ...")
+    began = time.perf_counter()
+    export_one(source, spec, staging, opset, modules)
+    info |= {"component": spec.name, "seconds": round(time.perf_counter() - began, 2)}
 
 
 class Baseline:
@@ -268,25 +264,24 @@ class Calibration:
     def __call__(self) -> CalibrationData:
         if self.data is not None:
             return self.data
-        entry = None if self.force else cache.lookup("calibration", self.key)
-        if entry is None:
-            s = self.settings
-            self.baseline.say(f"[calibration] capturing {s['samples']} UNet calls from {s['steps']}-step generations "
-                              f"of {len(s['prompts'])} prompt(s) at {s['height']}x{s['width']} ...")
-            began = time.perf_counter()
-            data = capture(self.baseline.get(), s["prompts"], s["samples"], s["steps"], s["height"], s["width"],
-                           s["guidance_scale"])
-            with cache.store("calibration", self.key) as (staging, info):
-                data.save(staging / "inputs.npz")
-                info |= {**data.info, "seconds": round(time.perf_counter() - began, 1)}
-            self.baseline.release()  # quantization that follows needs the memory more than the baseline does
-            entry = cache.lookup("calibration", self.key)
-            self.hits["calibration"] = False
-        else:
+        done = cache.cached_step("calibration", self.key, "calibration capture", self._capture, force=self.force,
+                                 say=self.baseline.say)
+        if done.hit:
             self.baseline.say("[calibration] cached (no work)")
-            self.hits["calibration"] = True
-        self.data = CalibrationData.load(entry / "inputs.npz", cache.read_entry(entry))
+        self.hits["calibration"] = done.hit
+        self.data = CalibrationData.load(done.path / "inputs.npz", done.info)
         return self.data
+
+    def _capture(self, staging: Path, info: dict[str, Any]) -> None:
+        s = self.settings
+        self.baseline.say(f"[calibration] capturing {s['samples']} UNet calls from {s['steps']}-step generations "
+                          f"of {len(s['prompts'])} prompt(s) at {s['height']}x{s['width']} ...")
+        began = time.perf_counter()
+        data = capture(self.baseline.get(), s["prompts"], s["samples"], s["steps"], s["height"], s["width"],
+                       s["guidance_scale"])
+        data.save(staging / "inputs.npz")
+        info |= {**data.info, "seconds": round(time.perf_counter() - began, 1)}
+        self.baseline.release()  # quantization that follows needs the memory more than the baseline does
 
 
 def shapes_fixed(shapes: dict[str, list[int]]) -> bool:
@@ -336,22 +331,14 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                                       calibration=calibration.key if context.calibration else None,
                                       probe=context.probe_size, ranges=shapes, opt=opt_size, guided=guided,
                                       environment=environment, versions=versions)
-                entry = None if force else cache.lookup("compile", entry_key)
-                if entry is None:
-                    say(f"{prefix}: compiling ...")
-                    began = time.perf_counter()
-                    with cache.store("compile", entry_key) as (staging, info):
-                        artifact = backend.compile(source, precision, options, staging, context)
-                        info |= {"artifact": artifact.name, "seconds": round(time.perf_counter() - began, 2)}
-                    entry = cache.lookup("compile", entry_key)
-                    hits[f"compile:{set_key}:{name}"] = False
-                    say(f"{prefix}: done in {time.perf_counter() - began:.1f} s")
-                else:
-                    hits[f"compile:{set_key}:{name}"] = True
-                    say(f"{prefix}: cached (no work)")
-                cache.link_tree(entry, set_dir / name)
+                done = cache.cached_step("compile", entry_key, f"{name} {set_key} compile",
+                                         functools.partial(_compile_into, backend, source, precision, options, context,
+                                                           say, prefix),
+                                         force=force, say=say, copy_to=set_dir / name)
+                hits[f"compile:{set_key}:{name}"] = done.hit
+                say(f"{prefix}: cached (no work)" if done.hit else f"{prefix}: done in {done.info['seconds']:.1f} s")
                 shutil.copy2(export_dir / name / "config.json", set_dir / name / "config.json")
-                components[name] = set_dir / name / cache.read_entry(entry)["artifact"]
+                components[name] = set_dir / name / done.info["artifact"]
             if set_dir != export_dir:
                 _copy_pipeline_folder(export_dir, set_dir, list(entries), backend.model_index(family, list(entries)))
             recorded = {name: {"path": path.relative_to(root).as_posix(), "precision": precision,
@@ -365,6 +352,14 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                                                       "components": recorded,
                                                       "pipeline_files": _pipeline_files(root, set_dir, components)})
     return sets
+
+
+def _compile_into(backend: Any, source: Path, precision: str, options: Any, context: CompileContext, say: Say,
+                  prefix: str, staging: Path, info: dict[str, Any]) -> None:
+    say(f"{prefix}: compiling ...")
+    began = time.perf_counter()
+    artifact = backend.compile(source, precision, options, staging, context)
+    info |= {"artifact": artifact.name, "seconds": round(time.perf_counter() - began, 2)}
 
 
 def _artifact_files(root: Path, export_dir: Path, artifact: Path, exported: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -395,18 +390,63 @@ def _copy_pipeline_folder(export_dir: Path, set_dir: Path, components: list[str]
     atomic_write_json(set_dir / "model_index.json", merged)
 
 
+class BaselineRuns:
+    """What every artifact set is compared with, run once per build and only when a set needs it: the UNet's inputs
+    and outputs over the baseline's denoising steps, and the baseline's prompt accuracy (digits-sd)."""
+
+    def __init__(self, recipe: Recipe, source: ModelSource, specs: list[ComponentSpec], plan: Plan, baseline: Baseline,
+                 say: Say):
+        from diffship.validation.quality import quality_task
+
+        self.recipe, self.source, self.specs, self.plan, self.baseline, self.say = recipe, source, specs, plan, baseline, say
+        self.checks_quality = plan.validation.quality.enabled and quality_task(source.folder) == "digits"
+        self._trajectory: dict[str, Any] | None = None
+        self._quality: dict[str, Any] | None = None
+
+    def trajectory(self) -> dict[str, Any]:
+        from diffship.validation.suite import unet_trajectory
+
+        if self._trajectory is None:
+            self.say(f"[validate] capturing the UNet's inputs over {self.plan.validation.steps} denoising steps of the "
+                     "baseline")
+            unet = next(s for s in self.specs if s.name == "unet")
+            self._trajectory = unet_trajectory(self.baseline.get(), unet, self.plan, self.source.folder,
+                                               self.recipe.allow_pickle)
+        return self._trajectory
+
+    def quality(self) -> dict[str, Any] | None:
+        from diffship.validation.suite import baseline_quality
+
+        if self.checks_quality and self._quality is None:
+            self._quality = baseline_quality(self.baseline.get(), self.plan, self.say)
+        return self._quality
+
+
+def _validate_into(runs: BaselineRuns, artifact_set: ArtifactSet, options: Any, plan: Plan, not_run: str | None,
+                   staging: Path, info: dict[str, Any]) -> None:
+    """Validate one set (against the baseline unless it cannot run here) and keep its results and image pairs."""
+    from diffship.validation.suite import validate_set
+
+    can_run = not_run is None
+    result, set_pairs = validate_set(artifact_set, runs.specs, runs.baseline.get() if can_run else None,
+                                     runs.source.folder, plan, options, runs.recipe.allow_pickle, runs.say,
+                                     runs.trajectory() if can_run else None, runs.quality() if can_run else None)
+    (staging / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    empty = np.zeros((0, 1, 1, 3), np.uint8)
+    np.savez_compressed(staging / "images.npz",
+                        baseline=np.stack([p["baseline"] for p in set_pairs]) if set_pairs else empty,
+                        target=np.stack([p["target"] for p in set_pairs]) if set_pairs else empty)
+    info |= {"set": f"{artifact_set.target}-{artifact_set.precision}"}
+
+
 def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpec],
                     sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]], plan: Plan, module_hashes: dict[str, str],
                     versions: dict[str, str], baseline: Baseline, force: bool, hits: dict[str, bool],
                     say: Say, int8_bar: bool = False) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Validate every set; a UNet that QAT made INT8 QDQ is judged by the int8 bar whatever the set's name."""
     from diffship.validation.baseline import baseline_device
-    from diffship.validation.quality import quality_task
-    from diffship.validation.suite import baseline_quality, unet_trajectory, validate_set
 
-    trajectory: dict[str, Any] | None = None
-    checks_quality = plan.validation.quality.enabled and quality_task(source.folder) == "digits"
-    quality_base: dict[str, Any] | None = None
+    runs = BaselineRuns(recipe, source, specs, plan, baseline, say)
     results: dict[str, Any] = {}
     pairs: dict[str, list[dict[str, Any]]] = {}
     device, dtype = baseline_device()
@@ -421,34 +461,17 @@ def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSp
             validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(),
             resolution=[plan.height, plan.width], cases=[asdict(c) for c in plan.cases], weights=module_hashes,
             baseline=[device, str(dtype)], versions=versions)
-        entry = None if force else cache.lookup("validate", entry_key)
-        if entry is not None:
-            result = json.loads((entry / "result.json").read_text(encoding="utf-8"))
-            images = np.load(entry / "images.npz")
-            set_pairs = [{"baseline": images["baseline"][i], "target": images["target"][i], **sample}
-                         for i, sample in enumerate(result.get("e2e", {}).get("samples", []))]
-            hits[f"validate:{set_key}"] = True
-            say(f"[validate {set_key}] cached (no work): results of {cache.read_entry(entry)['created']}")
-        else:
-            if trajectory is None and not_run is None:
-                say(f"[validate] capturing the UNet's inputs over {plan.validation.steps} denoising steps of the baseline")
-                unet = next(s for s in specs if s.name == "unet")
-                trajectory = unet_trajectory(baseline.get(), unet, plan, source.folder, recipe.allow_pickle)
-            if checks_quality and quality_base is None and not_run is None:
-                quality_base = baseline_quality(baseline.get(), plan, say)
-            result, set_pairs = validate_set(artifact_set, specs, baseline.get() if not_run is None else None,
-                                             source.folder, set_plan, options,
-                                             recipe.allow_pickle, say, trajectory, quality_base)
-            with cache.store("validate", entry_key) as (staging, info):
-                (staging / "result.json").write_text(json.dumps(result), encoding="utf-8")
-                empty = np.zeros((0, 1, 1, 3), np.uint8)
-                np.savez_compressed(staging / "images.npz",
-                                    baseline=np.stack([p["baseline"] for p in set_pairs]) if set_pairs else empty,
-                                    target=np.stack([p["target"] for p in set_pairs]) if set_pairs else empty)
-                info |= {"set": set_key, "created": datetime.now(UTC).isoformat(timespec="seconds")}
-            hits[f"validate:{set_key}"] = False
-        results[set_key] = {**result, "cached": hits[f"validate:{set_key}"]}
-        pairs[set_key] = set_pairs
+        done = cache.cached_step("validate", entry_key, f"{set_key} validation",
+                                 functools.partial(_validate_into, runs, artifact_set, options, set_plan, not_run),
+                                 force=force, say=say)
+        result = json.loads((done.path / "result.json").read_text(encoding="utf-8"))
+        with np.load(done.path / "images.npz") as images:
+            pairs[set_key] = [{"baseline": images["baseline"][i], "target": images["target"][i], **sample}
+                              for i, sample in enumerate(result.get("e2e", {}).get("samples", []))]
+        hits[f"validate:{set_key}"] = done.hit
+        if done.hit:
+            say(f"[validate {set_key}] cached (no work): results of {done.info['created']}")
+        results[set_key] = {**result, "cached": done.hit}
         verdict = "passed" if result["passed"] else "FAILED"
         if "not_run" in result:
             verdict = "spec checks passed; parity not run" if result["passed"] else "FAILED"

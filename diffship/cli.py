@@ -1,4 +1,5 @@
-"""The command line: parses, calls one stage function, prints. Exit codes: 0 ok, 1 validation failed, 2 bad input."""
+"""The command line: parses, calls one stage function, prints. Exit codes (see `diffship.failures`): 0 ok, 1 validation
+failed, 2 bad input or a full disk, 3 internal error (traceback in a log file)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,45 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from diffship import __version__
 from diffship.errors import DiffshipError
+from diffship.failures import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, crash_log, user_error
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Stable Diffusion pipelines in, validated deployment artifacts out.")
 console = Console(stderr=True, soft_wrap=True)
 # Tables are wide: in logs and pipes (no terminal) use 180 columns instead of rich's 80.
 out = Console(width=None if sys.stdout.isatty() else 180)
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+class GuardedGroup(TyperGroup):
+    """Every command runs inside one guard: a user's error is one red line and exit 2, anything else is a bug, reported
+    as one line with exit 3 and its traceback kept in a log file."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            known = user_error(exc)
+            if known is not None:
+                console.print(f"[bold red]error:[/] {escape(str(known))}")
+                raise typer.Exit(EXIT_BAD_INPUT) from None
+            log = crash_log(exc)
+            console.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))[:300]}. This is a "
+                          f"bug in diffship, not in your input; the traceback is in {escape(str(log))}: please attach it "
+                          "to a bug report.")
+            raise typer.Exit(EXIT_INTERNAL) from None
 
 
-def _fail(exc: DiffshipError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(str(exc))}")
-    return typer.Exit(EXIT_BAD_INPUT)
+app = typer.Typer(cls=GuardedGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Stable Diffusion pipelines in, validated deployment artifacts out.")
 
 
 def _human_bytes(n: float) -> str:
@@ -85,14 +105,11 @@ def models(
     from diffship.models.loading import check_weight_files
     from diffship.models.source import resolve
 
-    try:
-        source = resolve(folder, allow_pickle=allow_pickle)
-        family = detect_family(source.folder)
-        specs = component_specs(source.folder, family)
-        for module in sorted({s.module for s in specs}):
-            check_weight_files(source.folder, module, allow_pickle)
-    except DiffshipError as exc:
-        raise _fail(exc) from None
+    source = resolve(folder, allow_pickle=allow_pickle)
+    family = detect_family(source.folder)
+    specs = component_specs(source.folder, family)
+    for module in sorted({s.module for s in specs}):
+        check_weight_files(source.folder, module, allow_pickle)
     out.print(f"[bold]{source.spec}[/] ({source.kind}) at {source.folder}")
     out.print(f"family: {family.title} ({family.name}), prediction: {prediction_type(source.folder)}")
     table = Table(title="Exportable components")
@@ -119,12 +136,9 @@ def export(
     from diffship.models.source import resolve
 
     wanted = _names(components)
-    try:
-        source = resolve(model, allow_pickle=allow_pickle)
-        console.print(f"Exporting [bold]{model}[/] to {out_dir} (ONNX opset {opset})")
-        manifest = export_pipeline(source, out_dir, wanted, opset, overwrite, allow_pickle, _step_printer("export"))
-    except DiffshipError as exc:
-        raise _fail(exc) from None
+    source = resolve(model, allow_pickle=allow_pickle)
+    console.print(f"Exporting [bold]{model}[/] to {out_dir} (ONNX opset {opset})")
+    manifest = export_pipeline(source, out_dir, wanted, opset, overwrite, allow_pickle, _step_printer("export"))
     total = sum(f["bytes"] for c in manifest["components"].values() for f in c["files"])
     out.print(f"Exported {len(manifest['components'])} component(s), {_human_bytes(total)}, to {out_dir}")
 
@@ -142,11 +156,8 @@ def validate(
     from diffship.validation.parity import PARITY_FILE, Tolerance, validate_folder, within
 
     wanted = _names(components)
-    try:
-        report = validate_folder(folder, target, wanted, allow_pickle=allow_pickle, on_step=_step_printer("check"),
-                                 precision=precision)
-    except DiffshipError as exc:
-        raise _fail(exc) from None
+    report = validate_folder(folder, target, wanted, allow_pickle=allow_pickle, on_step=_step_printer("check"),
+                             precision=precision)
     tol = report["tolerance"]
     table = Table(title=f"Parity vs PyTorch FP32 ({report['target'].get('summary', report['target']['target'])}); "
                         f"pass: cosine >= {tol['min_cosine']}, rel L2 <= {tol['max_rel_l2']}")
@@ -182,15 +193,12 @@ def build(
     from diffship.build import build as run_build
     from diffship.recipe import load_recipe, targets_from_cli
 
-    try:
-        wanted = _names(targets)
-        recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None,
-                                           "allow_pickle": True if allow_pickle else None})
-        out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
-        console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
-        result = run_build(recipe, out_path, force=force, say=lambda line: console.print(line, markup=False, highlight=False))
-    except DiffshipError as exc:
-        raise _fail(exc) from None
+    wanted = _names(targets)
+    recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None,
+                                       "allow_pickle": True if allow_pickle else None})
+    out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
+    console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
+    result = run_build(recipe, out_path, force=force, say=lambda line: console.print(line, markup=False, highlight=False))
     _print_summary(result.report)
     for key, r in result.report["sets"].items():
         if "not_run" in r:
@@ -243,40 +251,37 @@ def compress(
     from diffship.recipe import load_recipe
     from diffship.validation.report import markdown_table
 
-    try:
-        overrides = {"model": model, "allow_pickle": True if allow_pickle else None,
-                     "compress": [_parse_step(s) for s in steps] if steps else None}
-        recipe = load_recipe(recipe_file, overrides)
-        if not recipe.compress:
-            raise DiffshipError("No compress steps: give --step (e.g. --step prune-channels:ratio=0.3) or a recipe "
-                                "with compress = [...].")
-        out_path = (out_dir or Path("out") / f"{Path(recipe.model.rstrip('/')).name}-compressed").resolve()
-        prepare_output_dir(out_path, overwrite=True)
-        source = resolve(recipe.model, allow_pickle=recipe.allow_pickle)
-        family = detect_family(source.folder)
-        from diffship.exporters.pipeline import select_specs
+    overrides = {"model": model, "allow_pickle": True if allow_pickle else None,
+                 "compress": [_parse_step(s) for s in steps] if steps else None}
+    recipe = load_recipe(recipe_file, overrides)
+    if not recipe.compress:
+        raise DiffshipError("No compress steps: give --step (e.g. --step prune-channels:ratio=0.3) or a recipe "
+                            "with compress = [...].")
+    out_path = (out_dir or Path("out") / f"{Path(recipe.model.rstrip('/')).name}-compressed").resolve()
+    prepare_output_dir(out_path, overwrite=True)
+    source = resolve(recipe.model, allow_pickle=recipe.allow_pickle)
+    family = detect_family(source.folder)
+    from diffship.exporters.pipeline import select_specs
 
-        spec = select_specs(source.folder, ["unet"])[0]
-        native = native_size(component_config(source.folder, "unet"), spec.vae_scale)
-        settings, measure_quality = settings_for(recipe, source.folder, recipe.validation.height or native,
-                                                 recipe.validation.width or native)
-        say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
-        from diffship import cache
+    spec = select_specs(source.folder, ["unet"])[0]
+    native = native_size(component_config(source.folder, "unet"), spec.vae_scale)
+    settings, measure_quality = settings_for(recipe, source.folder, recipe.validation.height or native,
+                                             recipe.validation.width or native)
+    say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
+    from diffship import cache
 
-        checkpoints = out_path.parent / f".{out_path.name}-checkpoints"
-        keyed = checkpoints / cache.key(weights=cache.folder_hash(source.folder), settings=settings.__dict__,
-                                        steps=[s.model_dump() for s in recipe.compress])
-        with staged_dir(out_path) as tmp:
-            record = run_compress(source.folder, family.name, recipe.compress, settings, tmp / "model", keyed,
-                                  recipe.allow_pickle,
-                                  measure_quality, say)
-            atomic_write_json(tmp / RECORD_FILE, record)
-            title, columns, rows = stage_table(record)
-            markdown = [f"# {title}", "", *markdown_table(columns, rows), "", "![compression](compression.png)", ""]
-            atomic_write_text(tmp / "compress.md", "\n".join(markdown))
-            (tmp / "compression.png").write_bytes(stage_chart(record))
-    except DiffshipError as exc:
-        raise _fail(exc) from None
+    checkpoints = out_path.parent / f".{out_path.name}-checkpoints"
+    keyed = checkpoints / cache.key(weights=cache.folder_hash(source.folder), settings=settings.__dict__,
+                                    steps=[s.model_dump() for s in recipe.compress])
+    with staged_dir(out_path) as tmp:
+        record = run_compress(source.folder, family.name, recipe.compress, settings, tmp / "model", keyed,
+                              recipe.allow_pickle,
+                              measure_quality, say)
+        atomic_write_json(tmp / RECORD_FILE, record)
+        title, columns, rows = stage_table(record)
+        markdown = [f"# {title}", "", *markdown_table(columns, rows), "", "![compression](compression.png)", ""]
+        atomic_write_text(tmp / "compress.md", "\n".join(markdown))
+        (tmp / "compression.png").write_bytes(stage_chart(record))
     import shutil
 
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: a rerun has nothing to resume
@@ -325,26 +330,86 @@ def generate(
 
     from diffship.runtime.pipeline import DeployedPipeline, save_images
 
-    try:
-        if out_file.suffix.lower() != ".png":
-            raise DiffshipError(f"--out {out_file} must be a .png file.")
-        pipe = DeployedPipeline.load(folder, backend, precision)
-        if pipe.artifacts.status == "failed":
-            console.print(f"[yellow]warning:[/] these {pipe.artifacts.target} {pipe.artifacts.precision} artifacts "
-                          "FAILED validation in their build; see the report before shipping them.")
-        h, w = height or pipe.native_resolution[0], width or pipe.native_resolution[1]
-        pipe.check_request(batch, h, w)
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task(f"{pipe.artifacts.target} {pipe.artifacts.precision}", total=steps)
-            result = pipe(prompt, negative_prompt, h, w, steps, guidance_scale, seed, batch,
-                          on_step=lambda i, n: progress.update(task, completed=i, total=n))
-        paths = save_images(result.images, out_file)
-    except DiffshipError as exc:
-        raise _fail(exc) from None
+    if out_file.suffix.lower() != ".png":
+        raise DiffshipError(f"--out {out_file} must be a .png file.")
+    pipe = DeployedPipeline.load(folder, backend, precision)
+    if pipe.artifacts.status == "failed":
+        console.print(f"[yellow]warning:[/] these {pipe.artifacts.target} {pipe.artifacts.precision} artifacts "
+                      "FAILED validation in their build; see the report before shipping them.")
+    h, w = height or pipe.native_resolution[0], width or pipe.native_resolution[1]
+    pipe.check_request(batch, h, w)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"{pipe.artifacts.target} {pipe.artifacts.precision}", total=steps)
+        result = pipe(prompt, negative_prompt, h, w, steps, guidance_scale, seed, batch,
+                      on_step=lambda i, n: progress.update(task, completed=i, total=n))
+    paths = save_images(result.images, out_file)
     t = result.timings
     steps_ms = 1000 * sum(t["steps"]) / max(len(t["steps"]), 1)
     out.print(f"Wrote {', '.join(map(str, paths))} ({pipe.artifacts.target} {pipe.artifacts.precision}, {h}x{w}): "
               f"{t['total']:.2f} s total, {steps_ms:.1f} ms per step")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="Check and bound diffship's cache ($DIFFSHIP_CACHE).")
+app.add_typer(cache_app, name="cache")
+
+
+def _stage_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+@cache_app.command("verify")
+def cache_verify(
+    evict: Annotated[bool, typer.Option(help="Remove the entries whose files differ from their record.")] = False,
+) -> None:
+    """Re-hash every cached entry against its recorded sha256s (every byte); exit 1 when any differs and is kept."""
+    from diffship.cache import cache_root
+    from diffship.cache_maintenance import verify
+
+    checked = verify(evict)
+    stages = sorted({c.entry.stage for c in checked})
+    rows = []
+    for stage in stages:
+        mine = [c for c in checked if c.entry.stage == stage]
+        rows.append([stage, str(len(mine)), _human_bytes(sum(c.entry.bytes for c in mine)),
+                     str(sum(1 for c in mine if not c.problem and not c.in_use)), str(sum(1 for c in mine if c.problem)),
+                     str(sum(1 for c in mine if c.in_use))])
+    _stage_table(f"Cache {cache_root()}", ["stage", "entries", "size", "ok", "corrupted", "in use (not checked)"], rows)
+    bad = [c for c in checked if c.problem]
+    for c in bad:
+        action = "removed" if c.evicted else "kept (--evict removes it)"
+        out.print(f"[bold red]corrupted[/] {c.entry.stage} {c.entry.path.name[:16]}: {escape(c.problem or '')}; {action}")
+    if any(not c.evicted for c in bad):
+        raise typer.Exit(EXIT_FAILED)
+    out.print("every entry matches its record" if not bad else f"{len(bad)} corrupted entr{'y' if len(bad) == 1 else 'ies'} "
+              "removed; the next build makes them again")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than: Annotated[float | None, typer.Option("--older-than", min=0, metavar="DAYS",
+                                                     help="Remove entries not used for more than DAYS days.")] = None,
+    max_size: Annotated[float | None, typer.Option("--max-size", min=0, metavar="GB",
+                                                   help="Then remove the least recently used until the cache is at "
+                                                        "most GB gigabytes (10^9 bytes).")] = None,
+) -> None:
+    """Remove cached entries by age and total size (least recently used first), and what killed runs left behind."""
+    from diffship.cache import cache_root
+    from diffship.cache_maintenance import by_stage, prune
+
+    result = prune(older_than, None if max_size is None else int(max_size * 1e9))
+    removed, kept, busy = by_stage(result.removed), by_stage(result.kept + result.in_use), by_stage(result.in_use)
+    rows = [[stage, str(removed.get(stage, (0, 0))[0]), _human_bytes(removed.get(stage, (0, 0))[1]),
+             str(kept.get(stage, (0, 0))[0]), _human_bytes(kept.get(stage, (0, 0))[1]), str(busy.get(stage, (0, 0))[0])]
+            for stage in sorted(set(removed) | set(kept))]
+    _stage_table(f"Cache {cache_root()}", ["stage", "removed", "freed", "kept", "kept size", "in use (kept)"], rows)
+    freed = sum(e.bytes for e in result.removed) + result.stale_bytes
+    out.print(f"removed {len(result.removed)} entr{'y' if len(result.removed) == 1 else 'ies'} and "
+              f"{result.stale_staging} unfinished staging folder(s) of runs that died; freed {_human_bytes(freed)}")
 
 
 def run() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from diffship import __version__, cache
-from diffship.artifacts import MANIFEST_SCHEMA, ArtifactSet
+from diffship.manifest import MANIFEST_SCHEMA, ArtifactSet
 from diffship.models.family import prediction_type
 from diffship.models.source import ModelSource
 from diffship.recipe import Recipe

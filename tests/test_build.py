@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from diffship.artifacts import open_artifacts
 from diffship.cli import app
+from diffship.manifest import open_artifacts
 
 runner = CliRunner()
 

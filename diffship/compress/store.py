@@ -76,10 +76,11 @@ def load_unet(component_folder: Path, allow_pickle: bool) -> nn.Module:
     meta = json.loads((component_folder / MARKER).read_text(encoding="utf-8"))
     quantizer = meta.get("quantizer")
     if meta["structure"] == "module":
-        from diffship.cache import store_root
+        from diffship.cache import scratch_root, store_root
 
-        # A pickle inside diffship's own cache was written by diffship's compress stage.
-        if not allow_pickle and not component_folder.resolve().is_relative_to(store_root().resolve()):
+        # A pickle inside diffship's own cache (or its scratch folder) was written by diffship's compress stage.
+        where = component_folder.resolve()
+        if not allow_pickle and not any(where.is_relative_to(r.resolve()) for r in (store_root(), scratch_root())):
             raise DiffshipError(
                 f"{component_folder} holds a pruned UNet whose layer widths diffusers' config cannot express, saved "
                 "as a torch pickle (it can run code when loaded). diffship's own build loads it; to load it "

@@ -26,7 +26,6 @@ import transformers
 from diffship import __version__
 from diffship.artifacts import (
     MANIFEST_NAME,
-    MANIFEST_SCHEMA,
     atomic_write_json,
     file_entries,
     prepare_output_dir,
@@ -34,6 +33,7 @@ from diffship.artifacts import (
 )
 from diffship.errors import DiffshipError
 from diffship.exporters.onnx import DEFAULT_OPSET, export_component, onnx_io
+from diffship.manifest import MANIFEST_SCHEMA
 from diffship.models.components import ComponentSpec, component_specs, wrap
 from diffship.models.family import detect_family, prediction_type, read_model_index
 from diffship.models.loading import load_component

@@ -12,7 +12,6 @@ import functools
 import gc
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from diffship import cache
 from diffship.artifacts import staged_dir
 from diffship.errors import DiffshipError
 from diffship.models.digits import DIGITS_TEXT_ENCODER, DIGITS_UNET, DIGITS_VAE, TRAIN_SCHEDULER
@@ -257,24 +257,24 @@ BUILTINS: dict[str, BuiltinModel] = {
 DEFAULT_MODEL = "digits-sd"
 
 
-def cache_root() -> Path:
-    """Where built-in models are kept: $DIFFSHIP_CACHE, else $XDG_CACHE_HOME/diffship, else ~/.cache/diffship."""
-    if env := os.environ.get("DIFFSHIP_CACHE"):
-        return Path(env)
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "diffship"
-
-
 def builtin_folder(name: str) -> Path:
-    """The cached diffusers folder of a built-in model, built first if absent."""
+    """The cached diffusers folder of a built-in model, built first if absent (once, when several builds ask at once;
+    in a private scratch folder when the cache cannot be written)."""
     model = BUILTINS[name]
-    folder = cache_root() / "models" / f"{name}-r{BUILTIN_REVISION}{_weights_tag(model)}"
-    if not (folder / "model_index.json").is_file():
-        try:
+    folder_name = f"{name}-r{BUILTIN_REVISION}{_weights_tag(model)}"
+    folder = cache.cache_root() / "models" / folder_name
+    if (folder / "model_index.json").is_file():
+        return folder
+    if cache.unwritable_reason() is not None:
+        folder = cache.scratch_root() / "models" / folder_name
+        if not (folder / "model_index.json").is_file():
             with staged_dir(folder) as tmp:
                 write_builtin(model, tmp)
-        except OSError as exc:
-            raise DiffshipError(f"Could not build built-in model {name} in {folder}: {exc}") from exc
+        return folder
+    with cache.locked(folder, lambda _: None, f"built-in model {name}"):
+        if not (folder / "model_index.json").is_file():
+            with staged_dir(folder, owned=True) as tmp:
+                write_builtin(model, tmp)
     return folder
 
 

@@ -408,20 +408,19 @@ def converted_package(context: CompileContext, compute: str, shape_sets: list[di
                           component=spec.name, compute=compute, shapes=[{k: list(v) for k, v in s.items()} for s in shape_sets],
                           attention=options.attention, target=options.minimum_deployment_target,
                           versions=[torch_support(), source_fingerprint()])
-    entry = cache.lookup("coreml-convert", entry_key)
-    if entry is not None:
-        return entry, {**cache.read_entry(entry), "reused": True}
-    began = time.perf_counter()
-    module = load_component(context.model_folder, spec.module, context.allow_pickle)
-    layers = use_attention(module, options.attention)
-    mlmodel = convert(wrap(spec, module), spec, shape_sets, compute, options.minimum_deployment_target)
-    del module
-    with cache.store("coreml-convert", entry_key) as (staging, info), contextlib.redirect_stderr(io.StringIO()):
-        mlmodel.save(str(staging / PACKAGE))
+
+    def produce(staging: Path, info: dict[str, Any]) -> None:
+        began = time.perf_counter()
+        module = load_component(context.model_folder, spec.module, context.allow_pickle)
+        layers = use_attention(module, options.attention)
+        mlmodel = convert(wrap(spec, module), spec, shape_sets, compute, options.minimum_deployment_target)
+        del module
+        with contextlib.redirect_stderr(io.StringIO()):
+            mlmodel.save(str(staging / PACKAGE))
         info |= {"seconds": round(time.perf_counter() - began, 2), "attention_layers": layers}
-    entry = cache.lookup("coreml-convert", entry_key)
-    assert entry is not None
-    return entry, {**cache.read_entry(entry), "reused": False}
+
+    done = cache.cached_step("coreml-convert", entry_key, f"{spec.name} Core ML conversion", produce)
+    return done.path, {**done.info, "reused": done.hit}
 
 
 _DESCRIPTIONS: dict[Any, str] = {

@@ -150,10 +150,11 @@ def _public_name(port: Any) -> str:
     return next((n for n in names if not n.startswith("/")), port.any_name)
 
 
-def default_cache_dir() -> Path:
-    from diffship.models.builtin import cache_root
+def default_cache_dir() -> Path | None:
+    """OpenVINO's compiled-model cache under diffship's cache folder; none when that cannot be written."""
+    from diffship.cache import cache_root, unwritable_reason
 
-    return cache_root() / "openvino-model-cache"
+    return cache_root() / "openvino-model-cache" if unwritable_reason() is None else None
 
 
 class OvRunner:

@@ -255,7 +255,7 @@ def prepare_onnx(source: Path, out: Path, compute: str) -> dict[str, Any]:
 
 def default_timing_cache(env: dict[str, str]) -> Path:
     """One timing cache per GPU model and TensorRT version in diffship's cache (timings are only valid there)."""
-    from diffship.models.builtin import cache_root
+    from diffship.cache import cache_root
 
     slug = "-".join(env[k] for k in ("gpu", "compute_capability", "tensorrt", "cuda"))
     return cache_root() / "tensorrt-timing" / ("".join(c if c.isalnum() or c in ".-" else "_" for c in slug) + ".cache")
@@ -265,7 +265,11 @@ def timing_cache_path(options: TrtOptions, env: dict[str, str]) -> Path | None:
     """Where the timing cache lives for these options, or None when it is off."""
     if options.timing_cache == "":
         return None
-    return Path(options.timing_cache) if options.timing_cache else default_timing_cache(env)
+    if options.timing_cache:
+        return Path(options.timing_cache)
+    from diffship.cache import unwritable_reason
+
+    return default_timing_cache(env) if unwritable_reason() is None else None
 
 
 def build_engine(onnx_path: Path, compute: str, profile: dict[str, tuple[Shape, Shape, Shape]],

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from diffship import __version__
-from diffship.artifacts import atomic_write_json, open_artifacts, read_manifest
+from diffship.artifacts import atomic_write_json
 from diffship.errors import DiffshipError
+from diffship.manifest import open_artifacts, read_manifest
 from diffship.models.components import ComponentSpec, component_specs, run_torch, wrap
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
@@ -113,7 +114,11 @@ def validate_folder(folder: Path, target: str | None = None, components: list[st
     artifacts = open_artifacts(folder, target, precision, verify=False)
     threshold = default_threshold(artifacts.precision)
     tolerance = Tolerance(threshold.min_cosine, threshold.max_rel_l2)
-    source = resolve(read_manifest(folder)["source"]["model"], allow_pickle=allow_pickle)
+    recorded = read_manifest(folder).source
+    if recorded is None:
+        raise DiffshipError(f"{folder / 'manifest.json'} does not say which model it was built from (no source.model); "
+                            "parity needs the PyTorch model to compare with.")
+    source = resolve(recorded.model, allow_pickle=allow_pickle)
     exported = list(artifacts.components)
     wanted = components or exported
     missing = [c for c in wanted if c not in exported]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffship.artifacts import ArtifactSet
+from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec, run_torch
 from diffship.recipe import Threshold, ValidationRecipe
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents

@@ -1,0 +1,72 @@
+"""How a failure reaches the person who ran diffship: one line and an exit code, never a traceback.
+
+Exit codes: 0 success, 1 validation failed (report still written), 2 bad input or an environment the user must fix
+(a full disk, a folder that cannot be written), 3 internal error: a bug, whose traceback goes to a log file that
+the message names, for the bug report.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import tempfile
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+from diffship import __version__
+from diffship.errors import DiffshipError, DiskFull
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Libraries with C++ cores (protobuf, ONNX Runtime, torch's zip writer) report a full disk only as text.
+FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not s for s in seen):
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def user_error(exc: BaseException) -> DiffshipError | None:
+    """The user-facing error `exc` stands for, or None when it is a bug. A full disk is found anywhere in the chain
+    of causes (libraries wrap the OSError, or keep only its text)."""
+    chain = _chain(exc)
+    for e in chain:
+        if isinstance(e, DiskFull):
+            return e
+        if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+            return DiskFull(e.filename)
+    if any(text in str(e) for e in chain for text in FULL_TEXTS):
+        return DiskFull(None)
+    if isinstance(exc, DiffshipError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS and exc.filename:
+        return DiffshipError(f"Cannot write {exc.filename}: {exc.strerror}. Choose a location you can write to.")
+    return None
+
+
+def crash_log(exc: BaseException) -> Path:
+    """Write the traceback, the command line and the versions to a log file, and return its path."""
+    from diffship.cache import cache_root, unwritable_reason
+
+    folder = cache_root() / "logs" if unwritable_reason() is None else Path(tempfile.gettempdir())
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    text = (f"diffship {__version__} internal error at {stamp}\ncommand: {' '.join(sys.argv)}\n"
+            f"python: {sys.version}\n\n" + "".join(traceback.format_exception(exc)))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"diffship-error-{stamp}-{os.getpid()}.log"
+        path.write_text(text, encoding="utf-8")
+    except OSError:
+        handle, name = tempfile.mkstemp(prefix="diffship-error-", suffix=".log")
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        path = Path(name)
+    return path
