@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from diffship.errors import DiffshipError, DiskFull
+from diffship.errors import DiffshipError, DiskFull, disk_full
 
 MANIFEST_NAME = "manifest.json"
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
@@ -112,8 +112,11 @@ def staged_dir(final: Path, owned: bool = False) -> Iterator[Path]:
         os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700
         yield tmp
         _replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(exc)
+        if full is not None and full.where is None:  # a library that kept only the text: say which folder it was
+            raise DiskFull(final) from exc
         raise
 
 

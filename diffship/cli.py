@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -25,14 +24,18 @@ console = Console(stderr=True, soft_wrap=True)
 out = Console(width=None if sys.stdout.isatty() else 180)
 
 
+# typer re-raises click's usage errors (or, in typer 0.2x, its vendored copy's) and its own Exit / Abort: they pass through.
+_CLICK_ERRORS = (typer.Exit, typer.Abort, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
+
+
 class GuardedGroup(TyperGroup):
     """Every command runs inside one guard: a user's error is one red line and exit 2, anything else is a bug, reported
     as one line with exit 3 and its traceback kept in a log file."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except _CLICK_ERRORS:
             raise
         except Exception as exc:
             known = user_error(exc)
@@ -343,6 +346,8 @@ def generate(
         result = pipe(prompt, negative_prompt, h, w, steps, guidance_scale, seed, batch,
                       on_step=lambda i, n: progress.update(task, completed=i, total=n))
     paths = save_images(result.images, out_file)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     t = result.timings
     steps_ms = 1000 * sum(t["steps"]) / max(len(t["steps"]), 1)
     out.print(f"Wrote {', '.join(map(str, paths))} ({pipe.artifacts.target} {pipe.artifacts.precision}, {h}x{w}): "

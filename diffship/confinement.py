@@ -37,7 +37,7 @@ def inside(root: Path, relative: str, what: str) -> Path:
     resolved = (base / relative).resolve()
     if not resolved.is_relative_to(base):
         raise DiffshipError(f"{what}: {relative!r} resolves to {resolved}, outside {root}. An artifact may only read "
-                            "files inside its own folder; refusing to load it.")
+                            "files inside its own folder. Refusing to load it.")
     return resolved
 
 
@@ -120,11 +120,11 @@ def _collect_field(message: Any, field: str, found: set[str]) -> None:
             found.add(value)
         elif descriptor.message_type is not None:
             if descriptor.message_type.GetOptions().map_entry:
-                values = value.values()
-            elif descriptor.label == descriptor.LABEL_REPEATED:
-                values = value
-            else:
+                values = list(value.values())
+            elif hasattr(value, "ListFields"):
                 values = [value]
+            else:  # a repeated field
+                values = list(value)
             for item in values:
                 if hasattr(item, "ListFields"):
                     _collect_field(item, field, found)

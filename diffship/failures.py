@@ -16,35 +16,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from diffship import __version__
-from diffship.errors import DiffshipError, DiskFull
+from diffship.errors import DiffshipError, disk_full
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
-FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# Libraries with C++ cores (protobuf, ONNX Runtime, torch's zip writer) report a full disk only as text.
-FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
 UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and all(current is not s for s in seen):
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
 
 
 def user_error(exc: BaseException) -> DiffshipError | None:
     """The user-facing error `exc` stands for, or None when it is a bug. A full disk is found anywhere in the chain
     of causes (libraries wrap the OSError, or keep only its text)."""
-    chain = _chain(exc)
-    for e in chain:
-        if isinstance(e, DiskFull):
-            return e
-        if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
-            return DiskFull(e.filename)
-    if any(text in str(e) for e in chain for text in FULL_TEXTS):
-        return DiskFull(None)
+    if (full := disk_full(exc)) is not None:
+        return full
     if isinstance(exc, DiffshipError):
         return exc
     if isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS and exc.filename:

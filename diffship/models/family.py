@@ -35,9 +35,12 @@ def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DiffshipError(f"Missing {path.name} in {path.parent}.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DiffshipError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise DiffshipError(f"{path} holds a JSON {type(data).__name__}; a config file holds an object ({{...}}).")
+    return data
 
 
 def read_model_index(folder: Path) -> dict[str, Any]:

@@ -103,6 +103,10 @@ def load_folder(path: Path, component: str, class_name: str | None = None, allow
         raise
     except (OSError, ValueError, RuntimeError) as exc:
         raise DiffshipError(f"Could not load {path}: {exc}") from exc
+    except Exception as exc:  # the libraries build the module from config.json: a wrong type fails anywhere inside
+        detail = " ".join(str(exc).split())
+        raise DiffshipError(f"Could not build the {component} from {path / 'config.json'}: {type(exc).__name__}: "
+                            f"{detail}. Check the config's values and types.") from exc
     check_loading_info(info, str(path))
     model.eval().requires_grad_(False)
     return model

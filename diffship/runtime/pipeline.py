@@ -38,6 +38,21 @@ class Generation:
     images: np.ndarray
     latents: np.ndarray
     timings: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def truncation_warnings(tokenizer: Any, texts: list[str]) -> list[str]:
+    """What the text encoder will not read of each text: like diffusers, prompts are cut at the tokenizer's length
+    (77 for CLIP) with a warning, not refused."""
+    limit = tokenizer.model_max_length
+    notes = []
+    for text in dict.fromkeys(texts):
+        ids = tokenizer(text, truncation=False, verbose=False).input_ids
+        if len(ids) > limit:
+            removed = tokenizer.decode(ids[limit - 1:-1])
+            notes.append(f"a prompt of {len(ids)} tokens was cut to the {limit} the text encoder reads, as diffusers does; "
+                         f"cut off: {removed[:60]!r}{'...' if len(removed) > 60 else ''}")
+    return notes
 
 
 def initial_latents(seed: int, batch: int, channels: int, latent_height: int, latent_width: int) -> torch.Tensor:
@@ -180,6 +195,7 @@ class DeployedPipeline:
         # One prompt's embeddings repeated `batch` times consecutively, as num_images_per_prompt does.
         repeated = [p for p in prompts for _ in range(batch)]
         repeated_neg = None if negatives is None else [p for p in negatives for _ in range(batch)]
+        warnings = truncation_warnings(self.tokenizers[0], prompts + (negatives or []))
         conditioning = self.encode(repeated, repeated_neg, guidance)
         timings["text_encode"] = time.perf_counter() - started
         if self.xl:
@@ -217,7 +233,7 @@ class DeployedPipeline:
         images = to_uint8(decoded)
         timings["decode"] = time.perf_counter() - decode_started
         timings["total"] = time.perf_counter() - started
-        return Generation(images, latents.numpy(), timings)
+        return Generation(images, latents.numpy(), timings, warnings)
 
     def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae_config
