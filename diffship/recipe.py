@@ -205,7 +205,7 @@ def _explain(exc: ValidationError, where: str) -> DiffshipError:
         location = ".".join(str(p) for p in err["loc"]) or "(top level)"
         message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         problems.append(f"{location}: {message}")
-    return DiffshipError(f"Invalid recipe {where}:\n  " + "\n  ".join(problems))
+    return DiffshipError(f"Invalid recipe {where}: " + "; ".join(problems))
 
 
 def parse_recipe(data: dict[str, Any], where: str = "(built from options)") -> Recipe:
