@@ -30,7 +30,8 @@ def user_error(exc: BaseException) -> DiffshipError | None:
     if isinstance(exc, DiffshipError):
         return exc
     if isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS and exc.filename:
-        return DiffshipError(f"Cannot write {exc.filename}: {exc.strerror}. Choose a location you can write to.")
+        return DiffshipError(f"Cannot access {exc.filename}: {exc.strerror}. Check the path and its permissions, or "
+                             "choose a location you can write to.")
     return None
 
 

@@ -1,0 +1,145 @@
+"""Run `diffship build` itself, as a user runs it, for every CPU target and precision at full size; print each set's
+verdict, wall time and peak memory.
+
+Each group of targets is one `diffship build` command line in its own process (`--targets onnxruntime:fp32+fp16+int8`
+and so on), sharing one cache, so the export is made by the first and reused by the others, as on a user's
+machine. The build's own output lines say which stage and set is running; the benchmark times each stage and
+samples the resident memory of the whole process tree (psutil, every 0.25 s), so every stage and set gets its wall
+time and its peak. `ru_maxrss` of the build (the largest single process) is printed too.
+
+    python benchmarks/build_matrix.py [--recipe benchmarks/recipes/sd15-build-matrix.toml] [--out out/bench-matrix]
+                                      [--cache DIR] [--group onnxruntime:fp32+fp16+int8 ...] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).parent
+GROUPS = ["onnxruntime:fp32+fp16+int8", "openvino:fp32+bf16+int8-weights+int8-hybrid", "torch:fp32-aoti+bf16-aoti"]
+# Which stage a line of the build's output starts (everything up to the next such line belongs to it).
+STAGE_LINES = [
+    (re.compile(r"^Hashing "), lambda m: "load + hash the model"),
+    (re.compile(r"^\[export "), lambda m: "export"),
+    (re.compile(r"^\[calibration\]"), lambda m: "calibration capture"),
+    (re.compile(r"^\[compile (\S+) "), lambda m: f"compile {m[1]}"),
+    (re.compile(r"^\[validate\] capturing"), lambda m: "baseline UNet trajectory"),
+    (re.compile(r"^\[(\w+) ([\w-]+)\] "), lambda m: f"validate {m[1]}-{m[2]}"),
+    (re.compile(r"^Writing the report"), lambda m: "report"),
+]
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def tree_rss(process: psutil.Process) -> int:
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def run_group(recipe: Path, group: str, out: Path, env: dict[str, str]) -> dict:
+    command = [sys.executable, "-m", "diffship.cli", "build", str(recipe), "--targets", group, "--out", str(out)]
+    print(f"\n$ diffship build {recipe} --targets {group} --out {out}", flush=True)
+    started = time.perf_counter()
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = psutil.Process(child.pid)
+    stages: dict[str, dict[str, float]] = {}
+    current = {"name": "start", "since": started}
+    peak = {"bytes": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            rss = tree_rss(proc)
+            peak["bytes"] = max(peak["bytes"], rss)
+            entry = stages.setdefault(current["name"], {"seconds": 0.0, "peak_bytes": 0})
+            entry["peak_bytes"] = max(entry["peak_bytes"], rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    assert child.stdout is not None
+    for line in child.stdout:
+        print(line, end="", flush=True)
+        for pattern, name in STAGE_LINES:
+            if (m := pattern.match(line)) and name(m) != current["name"]:
+                now = time.perf_counter()
+                stages.setdefault(current["name"], {"seconds": 0.0, "peak_bytes": 0})["seconds"] += now - current["since"]
+                current.update(name=name(m), since=now)
+                break
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    done.set()
+    sampler.join()
+    wall = time.perf_counter() - started
+    stages.setdefault(current["name"], {"seconds": 0.0, "peak_bytes": 0})["seconds"] += time.perf_counter() - current["since"]
+    verdicts = {}
+    if (out / "manifest.json").is_file():
+        manifest = json.loads((out / "manifest.json").read_text())
+        report = json.loads((out / manifest["report"]["json"]).read_text())
+        for key, result in report["sets"].items():
+            trajectory = ((result.get("parity") or {}).get("unet_steps") or {}).get("min_cosine")
+            verdicts[key] = {"passed": result["passed"], "min_psnr_db": (result.get("e2e") or {}).get("min_psnr_db"),
+                             "unet_real_steps_min_cosine": trajectory}
+    return {"group": group, "exit_code": child.returncode, "wall_seconds": round(wall, 1),
+            "peak_tree_rss_bytes": peak["bytes"], "ru_maxrss_bytes": usage.ru_maxrss * 1024,
+            "stages": {k: {"seconds": round(v["seconds"], 1), "peak_bytes": v["peak_bytes"]} for k, v in stages.items()},
+            "sets": verdicts}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=HERE / "recipes" / "sd15-build-matrix.toml")
+    parser.add_argument("--out", type=Path, default=Path("out/bench-matrix"))
+    parser.add_argument("--cache", type=Path, help="DIFFSHIP_CACHE for the builds (default: the usual one).")
+    parser.add_argument("--group", action="append", help=f"--targets of one build (repeatable; default: {GROUPS}).")
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    args = parser.parse_args()
+    env = {**os.environ, **({"DIFFSHIP_CACHE": str(args.cache)} if args.cache else {})}
+    results = []
+    for group in args.group or GROUPS:
+        out = args.out / group.split(":")[0]
+        results.append(run_group(args.recipe, group, out, env))
+    gib = 2**30
+    print(f"\n{args.recipe.name}, {cpu_name()}, {psutil.cpu_count()} CPUs, "
+          f"{psutil.virtual_memory().total / gib:.0f} GiB, {date.today()}")
+    for r in results:
+        print(f"\n$ diffship build --targets {r['group']}: exit {r['exit_code']}, {r['wall_seconds']:.0f} s, peak "
+              f"{r['peak_tree_rss_bytes'] / gib:.2f} GiB (process tree; largest process {r['ru_maxrss_bytes'] / gib:.2f} GiB)")
+        for key, v in r["sets"].items():
+            cos = v["unet_real_steps_min_cosine"]
+            print(f"  {key:28} {'passed' if v['passed'] else 'FAILED':7} PSNR {v['min_psnr_db']} dB, UNet on real steps "
+                  f"min cosine {cos if cos is None else f'{cos:.5f}'}")
+        print(f"  {'stage':44} {'wall':>8} {'peak':>10}")
+        for name, s in r["stages"].items():
+            if s["seconds"] >= 0.5:
+                print(f"  {name:44} {s['seconds']:7.0f}s {s['peak_bytes'] / gib:9.2f}G")
+    if args.json:
+        args.json.write_text(json.dumps({"recipe": str(args.recipe), "cpu": cpu_name(), "date": str(date.today()),
+                                         "builds": results}, indent=2))
+    sys.exit(max(r["exit_code"] for r in results))
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    main()
