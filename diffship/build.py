@@ -8,16 +8,13 @@ build whose artifacts fail validation still writes its folder, report and manife
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from diffship import cache
 from diffship.artifacts import (
@@ -37,8 +34,10 @@ from diffship.provenance import build_manifest, library_versions, report_data
 from diffship.recipe import Recipe
 from diffship.targets import CompileContext, check_available, get_target
 from diffship.targets.calibration import CalibrationData, capture, check_calibration
+from diffship.validation.baseline import Baseline
 from diffship.validation.parity import Case
 from diffship.validation.report import write_report
+from diffship.validation.stage import validate_stage
 from diffship.validation.suite import Plan
 
 Say = Callable[[str], None]
@@ -138,7 +137,7 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
     module_hashes = {m: cache.folder_hash(source.folder / m)
                      for m in sorted({s.module for s in specs} | set(family.tokenizers) | {"scheduler"})}
 
-    baseline = Baseline(source, recipe.allow_pickle, say)
+    baseline = Baseline(source.folder, recipe.allow_pickle, say)
     calibration = Calibration(recipe, plan, baseline, module_hashes, versions, force, hits)
     with staged_dir(out) as tmp:
         export_dir = tmp / EXPORT_FOLDER
@@ -148,7 +147,7 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
         sets = _compile_stage(recipe, tmp, export_dir, specs, entries, shapes, family.name, calibration, versions, force,
                               hits, say, source.folder, (plan.height, plan.width))
         int8_bar = compressed is not None and compressed["quantizer"] == "modelopt"
-        results, pairs = _validate_stage(recipe, source, specs, sets, plan, module_hashes, versions, baseline, force,
+        results, pairs = validate_stage(recipe, source, specs, sets, plan, module_hashes, versions, baseline, force,
                                          hits, say, int8_bar)
         baseline.release()
         passed = all(r["passed"] for r in results.values())
@@ -228,26 +227,6 @@ def _export_into(source: ModelSource, spec: ComponentSpec, opset: int, modules: 
     began = time.perf_counter()
     export_one(source, spec, staging, opset, modules)
     info |= {"component": spec.name, "seconds": round(time.perf_counter() - began, 2)}
-
-
-class Baseline:
-    """The PyTorch pipeline, loaded on first use and dropped when a memory-hungry stage needs the room."""
-
-    def __init__(self, source: ModelSource, allow_pickle: bool, say: Say):
-        self.source, self.allow_pickle, self.say, self.pipe = source, allow_pickle, say, None
-
-    def get(self) -> Any:
-        if self.pipe is None:
-            from diffship.validation.baseline import baseline_device, load_baseline
-
-            device, dtype = baseline_device()
-            self.say(f"Loading the PyTorch baseline ({device}, {str(dtype).removeprefix('torch.')}) ...")
-            self.pipe = load_baseline(self.source.folder, self.allow_pickle, device, dtype)
-        return self.pipe
-
-    def release(self) -> None:
-        self.pipe = None
-        gc.collect()
 
 
 class Calibration:
@@ -388,92 +367,3 @@ def _copy_pipeline_folder(export_dir: Path, set_dir: Path, components: list[str]
     exported = json.loads((export_dir / "model_index.json").read_text(encoding="utf-8"))
     merged = {k: v for k, v in exported.items() if k not in components and k != "_class_name"} | index
     atomic_write_json(set_dir / "model_index.json", merged)
-
-
-class BaselineRuns:
-    """What every artifact set is compared with, run once per build and only when a set needs it: the UNet's inputs
-    and outputs over the baseline's denoising steps, and the baseline's prompt accuracy (digits-sd)."""
-
-    def __init__(self, recipe: Recipe, source: ModelSource, specs: list[ComponentSpec], plan: Plan, baseline: Baseline,
-                 say: Say):
-        from diffship.validation.quality import quality_task
-
-        self.recipe, self.source, self.specs, self.plan, self.baseline, self.say = recipe, source, specs, plan, baseline, say
-        self.checks_quality = plan.validation.quality.enabled and quality_task(source.folder) == "digits"
-        self._trajectory: dict[str, Any] | None = None
-        self._quality: dict[str, Any] | None = None
-
-    def trajectory(self) -> dict[str, Any]:
-        from diffship.validation.suite import unet_trajectory
-
-        if self._trajectory is None:
-            self.say(f"[validate] capturing the UNet's inputs over {self.plan.validation.steps} denoising steps of the "
-                     "baseline")
-            unet = next(s for s in self.specs if s.name == "unet")
-            self._trajectory = unet_trajectory(self.baseline.get(), unet, self.plan, self.source.folder,
-                                               self.recipe.allow_pickle)
-        return self._trajectory
-
-    def quality(self) -> dict[str, Any] | None:
-        from diffship.validation.suite import baseline_quality
-
-        if self.checks_quality and self._quality is None:
-            self._quality = baseline_quality(self.baseline.get(), self.plan, self.say)
-        return self._quality
-
-
-def _validate_into(runs: BaselineRuns, artifact_set: ArtifactSet, options: Any, plan: Plan, not_run: str | None,
-                   staging: Path, info: dict[str, Any]) -> None:
-    """Validate one set (against the baseline unless it cannot run here) and keep its results and image pairs."""
-    from diffship.validation.suite import validate_set
-
-    can_run = not_run is None
-    result, set_pairs = validate_set(artifact_set, runs.specs, runs.baseline.get() if can_run else None,
-                                     runs.source.folder, plan, options, runs.recipe.allow_pickle, runs.say,
-                                     runs.trajectory() if can_run else None, runs.quality() if can_run else None)
-    (staging / "result.json").write_text(json.dumps(result), encoding="utf-8")
-    empty = np.zeros((0, 1, 1, 3), np.uint8)
-    np.savez_compressed(staging / "images.npz",
-                        baseline=np.stack([p["baseline"] for p in set_pairs]) if set_pairs else empty,
-                        target=np.stack([p["target"] for p in set_pairs]) if set_pairs else empty)
-    info |= {"set": f"{artifact_set.target}-{artifact_set.precision}"}
-
-
-def _validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpec],
-                    sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]], plan: Plan, module_hashes: dict[str, str],
-                    versions: dict[str, str], baseline: Baseline, force: bool, hits: dict[str, bool],
-                    say: Say, int8_bar: bool = False) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """Validate every set; a UNet that QAT made INT8 QDQ is judged by the int8 bar whatever the set's name."""
-    from diffship.validation.baseline import baseline_device
-
-    runs = BaselineRuns(recipe, source, specs, plan, baseline, say)
-    results: dict[str, Any] = {}
-    pairs: dict[str, list[dict[str, Any]]] = {}
-    device, dtype = baseline_device()
-    for set_key, (artifact_set, options, recorded) in sets.items():
-        set_plan = replace(plan, threshold=recipe.threshold("int8" if int8_bar else artifact_set.precision))
-        backend = get_target(artifact_set.target)
-        # A set that cannot run on this machine (Core ML off macOS) is checked without the baseline's help.
-        not_run = backend.prediction_unavailable() if hasattr(backend, "prediction_unavailable") else None
-        entry_key = cache.key(not_run=not_run,
-            stage="validate", artifacts={c: [f["sha256"] for f in e["files"]] for c, e in recorded["components"].items()},
-            pipeline=[f["sha256"] for f in recorded["pipeline_files"]], options=repr(options),
-            validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(),
-            resolution=[plan.height, plan.width], cases=[asdict(c) for c in plan.cases], weights=module_hashes,
-            baseline=[device, str(dtype)], versions=versions)
-        done = cache.cached_step("validate", entry_key, f"{set_key} validation",
-                                 functools.partial(_validate_into, runs, artifact_set, options, set_plan, not_run),
-                                 force=force, say=say)
-        result = json.loads((done.path / "result.json").read_text(encoding="utf-8"))
-        with np.load(done.path / "images.npz") as images:
-            pairs[set_key] = [{"baseline": images["baseline"][i], "target": images["target"][i], **sample}
-                              for i, sample in enumerate(result.get("e2e", {}).get("samples", []))]
-        hits[f"validate:{set_key}"] = done.hit
-        if done.hit:
-            say(f"[validate {set_key}] cached (no work): results of {done.info['created']}")
-        results[set_key] = {**result, "cached": done.hit}
-        verdict = "passed" if result["passed"] else "FAILED"
-        if "not_run" in result:
-            verdict = "spec checks passed; parity not run" if result["passed"] else "FAILED"
-        say(f"[validate {set_key}] {verdict}")
-    return results, pairs

@@ -137,7 +137,8 @@ def test_an_unexpected_exception_is_an_internal_error_with_its_traceback_in_a_lo
     line = next(line for line in result.output.splitlines() if line.startswith("internal error:"))
     assert "RuntimeError: a bug in a stage" in line and "Traceback" not in result.output
     log = Path(line.split("the traceback is in ")[1].split(": please")[0])
-    assert "Traceback" in log.read_text() and "in broken" in log.read_text() and "RuntimeError: a bug in a stage" in log.read_text()
+    logged = log.read_text()
+    assert "Traceback" in logged and "in broken" in logged and "RuntimeError: a bug in a stage" in logged
 
 
 # --- fuzzing: nothing but DiffshipError escapes ---------------------------------------------------------------------

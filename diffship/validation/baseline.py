@@ -6,6 +6,7 @@ so the report never leaves the reader guessing what the artifacts were compared 
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,24 @@ from diffship.models.components import ComponentSpec, wrap
 from diffship.models.family import detect_family, read_json
 from diffship.models.loading import load_component
 from diffship.runtime.pipeline import Generation
+
+
+class Baseline:
+    """The PyTorch pipeline of a build, loaded on first use and dropped when a memory-hungry stage needs the room."""
+
+    def __init__(self, folder: Path, allow_pickle: bool, say: Callable[[str], None]):
+        self.folder, self.allow_pickle, self.say, self.pipe = folder, allow_pickle, say, None
+
+    def get(self) -> Any:
+        if self.pipe is None:
+            device, dtype = baseline_device()
+            self.say(f"Loading the PyTorch baseline ({device}, {str(dtype).removeprefix('torch.')}) ...")
+            self.pipe = load_baseline(self.folder, self.allow_pickle, device, dtype)
+        return self.pipe
+
+    def release(self) -> None:
+        self.pipe = None
+        gc.collect()
 
 
 def baseline_device() -> tuple[str, torch.dtype]:

@@ -1,0 +1,107 @@
+"""The validate stage of a build: every artifact set against the PyTorch baseline, each set's result cached.
+
+What all sets are compared with (the UNet's inputs and outputs over the baseline's denoising steps, the baseline's
+prompt accuracy) is run once per build, and only when a set that can run here needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffship import cache
+from diffship.manifest import ArtifactSet
+from diffship.models.components import ComponentSpec
+from diffship.models.source import ModelSource
+from diffship.recipe import Recipe
+from diffship.targets import get_target
+from diffship.validation.baseline import Baseline, baseline_device
+from diffship.validation.quality import quality_task
+from diffship.validation.suite import Plan, baseline_quality, unet_trajectory, validate_set
+
+Say = Callable[[str], None]
+
+
+class BaselineRuns:
+    """What every artifact set is compared with, run once per build and only when a set needs it: the UNet's inputs
+    and outputs over the baseline's denoising steps, and the baseline's prompt accuracy (digits-sd)."""
+
+    def __init__(self, recipe: Recipe, source: ModelSource, specs: list[ComponentSpec], plan: Plan, baseline: Baseline,
+                 say: Say):
+        self.recipe, self.source, self.specs, self.plan, self.baseline, self.say = recipe, source, specs, plan, baseline, say
+        self.checks_quality = plan.validation.quality.enabled and quality_task(source.folder) == "digits"
+        self._trajectory: dict[str, Any] | None = None
+        self._quality: dict[str, Any] | None = None
+
+    def trajectory(self) -> dict[str, Any]:
+        if self._trajectory is None:
+            self.say(f"[validate] capturing the UNet's inputs over {self.plan.validation.steps} denoising steps of the "
+                     "baseline")
+            unet = next(s for s in self.specs if s.name == "unet")
+            self._trajectory = unet_trajectory(self.baseline.get(), unet, self.plan, self.source.folder,
+                                               self.recipe.allow_pickle)
+        return self._trajectory
+
+    def quality(self) -> dict[str, Any] | None:
+        if self.checks_quality and self._quality is None:
+            self._quality = baseline_quality(self.baseline.get(), self.plan, self.say)
+        return self._quality
+
+
+def _validate_into(runs: BaselineRuns, artifact_set: ArtifactSet, options: Any, plan: Plan, not_run: str | None,
+                   staging: Path, info: dict[str, Any]) -> None:
+    """Validate one set (against the baseline unless it cannot run here) and keep its results and image pairs."""
+    can_run = not_run is None
+    result, set_pairs = validate_set(artifact_set, runs.specs, runs.baseline.get() if can_run else None,
+                                     runs.source.folder, plan, options, runs.recipe.allow_pickle, runs.say,
+                                     runs.trajectory() if can_run else None, runs.quality() if can_run else None)
+    (staging / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    empty = np.zeros((0, 1, 1, 3), np.uint8)
+    np.savez_compressed(staging / "images.npz",
+                        baseline=np.stack([p["baseline"] for p in set_pairs]) if set_pairs else empty,
+                        target=np.stack([p["target"] for p in set_pairs]) if set_pairs else empty)
+    info |= {"set": f"{artifact_set.target}-{artifact_set.precision}"}
+
+
+def validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpec],
+                    sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]], plan: Plan, module_hashes: dict[str, str],
+                    versions: dict[str, str], baseline: Baseline, force: bool, hits: dict[str, bool],
+                    say: Say, int8_bar: bool = False) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Validate every set; a UNet that QAT made INT8 QDQ is judged by the int8 bar whatever the set's name."""
+    runs = BaselineRuns(recipe, source, specs, plan, baseline, say)
+    results: dict[str, Any] = {}
+    pairs: dict[str, list[dict[str, Any]]] = {}
+    device, dtype = baseline_device()
+    for set_key, (artifact_set, options, recorded) in sets.items():
+        set_plan = replace(plan, threshold=recipe.threshold("int8" if int8_bar else artifact_set.precision))
+        backend = get_target(artifact_set.target)
+        # A set that cannot run on this machine (Core ML off macOS) is checked without the baseline's help.
+        not_run = backend.prediction_unavailable() if hasattr(backend, "prediction_unavailable") else None
+        entry_key = cache.key(not_run=not_run,
+            stage="validate", artifacts={c: [f["sha256"] for f in e["files"]] for c, e in recorded["components"].items()},
+            pipeline=[f["sha256"] for f in recorded["pipeline_files"]], options=repr(options),
+            validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(),
+            resolution=[plan.height, plan.width], cases=[asdict(c) for c in plan.cases], weights=module_hashes,
+            baseline=[device, str(dtype)], versions=versions)
+        done = cache.cached_step("validate", entry_key, f"{set_key} validation",
+                                 functools.partial(_validate_into, runs, artifact_set, options, set_plan, not_run),
+                                 force=force, say=say)
+        result = json.loads((done.path / "result.json").read_text(encoding="utf-8"))
+        with np.load(done.path / "images.npz") as images:
+            pairs[set_key] = [{"baseline": images["baseline"][i], "target": images["target"][i], **sample}
+                              for i, sample in enumerate(result.get("e2e", {}).get("samples", []))]
+        hits[f"validate:{set_key}"] = done.hit
+        if done.hit:
+            say(f"[validate {set_key}] cached (no work): results of {done.info['created']}")
+        results[set_key] = {**result, "cached": done.hit}
+        verdict = "passed" if result["passed"] else "FAILED"
+        if "not_run" in result:
+            verdict = "spec checks passed; parity not run" if result["passed"] else "FAILED"
+        say(f"[validate {set_key}] {verdict}")
+    return results, pairs
