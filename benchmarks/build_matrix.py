@@ -38,6 +38,7 @@ STAGE_LINES = [
     (re.compile(r"^\[calibration\]"), lambda m: "calibration capture"),
     (re.compile(r"^\[compile (\S+) "), lambda m: f"compile {m[1]}"),
     (re.compile(r"^\[validate\] capturing"), lambda m: "baseline UNet trajectory"),
+    (re.compile(r"^\[validate (\S+)\] "), lambda m: f"validate {m[1]}"),
     (re.compile(r"^\[(\w+) ([\w-]+)\] "), lambda m: f"validate {m[1]}-{m[2]}"),
     (re.compile(r"^Writing the report"), lambda m: "report"),
 ]
@@ -65,7 +66,7 @@ def run_group(recipe: Path, group: str, out: Path, env: dict[str, str]) -> dict:
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     proc = psutil.Process(child.pid)
     stages: dict[str, dict[str, float]] = {}
-    current = {"name": "start", "since": started}
+    current = {"name": "start (imports, resolving the model)", "since": started}
     peak = {"bytes": 0}
     done = threading.Event()
 
@@ -128,8 +129,9 @@ def main() -> None:
               f"{r['peak_tree_rss_bytes'] / gib:.2f} GiB (process tree; largest process {r['ru_maxrss_bytes'] / gib:.2f} GiB)")
         for key, v in r["sets"].items():
             cos = v["unet_real_steps_min_cosine"]
-            print(f"  {key:28} {'passed' if v['passed'] else 'FAILED':7} PSNR {v['min_psnr_db']} dB, UNet on real steps "
-                  f"min cosine {cos if cos is None else f'{cos:.5f}'}")
+            psnr = v["min_psnr_db"]
+            print(f"  {key:28} {'passed' if v['passed'] else 'FAILED':7} PSNR {'-' if psnr is None else f'{psnr:.1f}'} dB, "
+                  f"UNet on real steps min cosine {'-' if cos is None else f'{cos:.5f}'}")
         print(f"  {'stage':44} {'wall':>8} {'peak':>10}")
         for name, s in r["stages"].items():
             if s["seconds"] >= 0.5:

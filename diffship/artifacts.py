@@ -54,6 +54,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object (a config, a manifest), turning a missing, broken or non-object file into a DiffshipError
+    that names it."""
+    if not path.is_file():
+        raise DiffshipError(f"Missing {path.name} in {path.parent}.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DiffshipError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise DiffshipError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
+    if not isinstance(data, dict):
+        raise DiffshipError(f"{path} holds a JSON {type(data).__name__} where a JSON object ({{...}}) belongs.")
+    return data
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write `data` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -3,14 +3,13 @@ it lists, and opening one of them with every recorded file checked and every pat
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from diffship.artifacts import MANIFEST_NAME, sha256_file
+from diffship.artifacts import MANIFEST_NAME, read_json, sha256_file
 from diffship.confinement import check_artifact, check_links, inside
 from diffship.errors import DiffshipError
 
@@ -91,14 +90,7 @@ def read_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise DiffshipError(f"{folder} is not a diffship output folder (no {MANIFEST_NAME}); run `diffship export` first.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DiffshipError(f"{path} is not valid JSON ({exc}); the folder is damaged: rebuild it.") from exc
-    except OSError as exc:
-        raise DiffshipError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
-    if not isinstance(data, dict):
-        raise DiffshipError(f"{path} holds a JSON {type(data).__name__}, not a diffship manifest; rebuild the folder.")
+    data = read_json(path)
     if data.get("schema") != MANIFEST_SCHEMA:
         raise DiffshipError(f"{path} has manifest schema {data.get('schema')!r}; this diffship reads {MANIFEST_SCHEMA}.")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,29 @@ def model_copy(tmp_path: Path, model_cache: Path):
     return get
 
 
+FAST_RECIPE = """
+model = "tiny-sd"
+[shapes]
+batch = [1, 2]
+height = [64, 128]
+width = [64, 128]
+[validation]
+prompts = ["a red bicycle"]
+seeds = [0]
+steps = 2
+[validation.latency]
+enabled = false
+"""
+
+
+@pytest.fixture
+def fast_recipe(tmp_path: Path) -> Path:
+    """A recipe file for a quick tiny-sd build: one image of 2 steps, no latency runs."""
+    path = tmp_path / "fast.toml"
+    path.write_text(FAST_RECIPE)
+    return path
+
+
 FAST_VALIDATION = {"prompts": ["a red bicycle"], "seeds": [0], "steps": 2, "latency": {"enabled": False}}
 
 
@@ -75,3 +99,23 @@ def built(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
         return done[name]
 
     return get
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """tmpfs(name, size, read_only) -> a fresh tmpfs mounted at tmp_path/name, unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str = "8m", read_only: bool = False) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN), which this run lacks: {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)

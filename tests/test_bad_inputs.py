@@ -18,17 +18,6 @@ from diffship.recipe import DEFAULT_THRESHOLDS, load_recipe, parse_recipe
 
 runner = CliRunner()
 
-FAST = """
-model = "tiny-sd"
-[validation]
-prompts = ["a red bicycle"]
-seeds = [0]
-steps = 2
-[validation.latency]
-enabled = false
-"""
-
-
 def refused(args: list[str], message: str) -> None:
     """The command exits 2, its last line is the one error line naming `message`, and no traceback is shown."""
     result = runner.invoke(app, args)
@@ -59,22 +48,18 @@ def test_a_broken_manifest_is_refused(export_copy: Path, tmp_path: Path, content
     refused(["validate", str(export_copy)], message)
 
 
-def recipe(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "recipe.toml"
-    path.write_text(text)
-    return str(path)
-
-
-@pytest.mark.parametrize(("text", "message"), [
-    ("model = 'tiny-sd\n[validation\n", "is not valid TOML"),
-    (FAST.replace("steps = 2", "steps = -3"), "validation.steps: Input should be greater than or equal to 1"),
-    (FAST + "[[targets]]\nname = 'tflite'\n", "Unknown target 'tflite'"),
-    (FAST + "[shapes]\nheight = [100, 128]\n", "shapes.height: Value error, height 100 is not a multiple of 8 pixels"),
-    (FAST.replace("seeds = [0]", "seeds = 'zero'"), "validation.seeds: Input should be a valid list"),
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda text: "model = 'tiny-sd\n[validation\n", "is not valid TOML"),
+    (lambda text: text.replace("steps = 2", "steps = -3"), "validation.steps: Input should be greater than or equal to 1"),
+    (lambda text: text + "[[targets]]\nname = 'tflite'\n", "Unknown target 'tflite'"),
+    (lambda text: text.replace("height = [64, 128]", "height = [100, 128]"),
+     "shapes.height: Value error, height 100 is not a multiple of 8 pixels"),
+    (lambda text: text.replace("seeds = [0]", "seeds = 'zero'"), "validation.seeds: Input should be a valid list"),
 ])
-def test_a_bad_recipe_is_refused_before_any_work(tmp_path: Path, text: str, message: str):
+def test_a_bad_recipe_is_refused_before_any_work(tmp_path: Path, fast_recipe: Path, edit, message: str):
+    fast_recipe.write_text(edit(fast_recipe.read_text()))
     out = tmp_path / "out"
-    refused(["build", recipe(tmp_path, text), "--out", str(out)], message)
+    refused(["build", str(fast_recipe), "--out", str(out)], message)
     assert not out.exists()
 
 
@@ -97,11 +82,12 @@ def _mistype_unet_config(folder: Path) -> None:
     (_truncate_unet_weights, "Could not load"),
     (_mistype_unet_config, "Could not build the unet from"),
 ])
-def test_a_damaged_model_folder_is_refused_and_leaves_no_output(model_copy, tmp_path: Path, damage, message: str):
+def test_a_damaged_model_folder_is_refused_and_leaves_no_output(model_copy, tmp_path: Path, fast_recipe: Path, damage,
+                                                               message: str):
     folder = model_copy("tiny-sd")
     damage(folder)
     out = tmp_path / "out"
-    refused(["build", recipe(tmp_path, FAST), "--model", str(folder), "--out", str(out)], message)
+    refused(["build", str(fast_recipe), "--model", str(folder), "--out", str(out)], message)
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import FAST_RECIPE
 from typer.testing import CliRunner
 
 from diffship import cache
@@ -21,33 +22,11 @@ from diffship.manifest import open_artifacts
 
 runner = CliRunner()
 
-FAST = """
-model = "tiny-sd"
-[shapes]
-batch = [1, 2]
-height = [64, 128]
-width = [64, 128]
-[validation]
-prompts = ["a red bicycle"]
-seeds = [0]
-steps = 2
-[validation.latency]
-enabled = false
-"""
-
-
 @pytest.fixture
 def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "cache"
     monkeypatch.setenv("DIFFSHIP_CACHE", str(folder))
     return folder
-
-
-@pytest.fixture
-def recipe(tmp_path: Path) -> Path:
-    path = tmp_path / "fast.toml"
-    path.write_text(FAST)
-    return path
 
 
 def build(recipe: Path, out: Path, *extra: str):
@@ -59,7 +38,7 @@ def warm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache holding every stage of one tiny-sd build (made once for the module)."""
     folder = tmp_path_factory.mktemp("warm") / "cache"
     path = folder.parent / "fast.toml"
-    path.write_text(FAST)
+    path.write_text(FAST_RECIPE)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DIFFSHIP_CACHE", str(folder))
         assert build(path, folder.parent / "out").exit_code == 0
@@ -80,28 +59,28 @@ def export_entry(fresh_cache: Path, component: str) -> Path:
     raise AssertionError(f"no export entry for {component}")
 
 
-def test_editing_an_output_in_place_does_not_touch_the_cache(tmp_path: Path, warm_copy: Path, recipe: Path):
+def test_editing_an_output_in_place_does_not_touch_the_cache(tmp_path: Path, warm_copy: Path, fast_recipe: Path):
     first = tmp_path / "a"
-    assert build(recipe, first).exit_code == 0
+    assert build(fast_recipe, first).exit_code == 0
     edited = first / "onnx" / "unet" / "model.onnx"
     entry_file = export_entry(warm_copy, "unet") / "model.onnx"
     assert edited.stat().st_ino != entry_file.stat().st_ino and edited.stat().st_nlink == 1  # a copy, not a link
     with edited.open("ab") as handle:  # what onnx-simplifier, a re-save or a sed does to a file in place
         handle.write(b"x")
-    result = build(recipe, tmp_path / "b")
+    result = build(fast_recipe, tmp_path / "b")
     assert result.exit_code == 0, result.output
     assert "[export 2/4] unet: cached (no work)" in result.output and "corrupted" not in result.output
     assert open_artifacts(tmp_path / "b").status == "passed"  # every hash in the new folder verifies
 
 
-def test_a_corrupted_entry_is_evicted_rebuilt_and_reported_in_one_line(tmp_path: Path, warm_copy: Path, recipe: Path):
+def test_a_corrupted_entry_is_evicted_rebuilt_and_reported_in_one_line(tmp_path: Path, warm_copy: Path, fast_recipe: Path):
     damaged = export_entry(warm_copy, "unet") / "model.onnx"
     damaged.chmod(0o644)
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, so only the hash can tell
     damaged.write_bytes(bytes(data))
     os.utime(damaged, ns=(damaged.stat().st_atime_ns, damaged.stat().st_mtime_ns + 10**9))
-    result = build(recipe, tmp_path / "b")
+    result = build(fast_recipe, tmp_path / "b")
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if "was corrupted" in line]
     assert lines == ["cache entry for unet export was corrupted (model.onnx: sha256 differs); rebuilt"]
@@ -188,12 +167,12 @@ def _spawn(recipe: Path, out: Path, cache_dir: Path, log: Path) -> subprocess.Po
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def test_three_builds_started_together_on_a_cold_cache_all_succeed_and_do_the_work_once(tmp_path: Path, recipe: Path):
+def test_three_builds_started_together_on_a_cold_cache_all_succeed_and_do_the_work_once(tmp_path: Path, fast_recipe: Path):
     """Two into the same output folder and one into another, as parallel release jobs do."""
     cold = tmp_path / "cache"
     outs = [tmp_path / "shared", tmp_path / "shared", tmp_path / "own"]
     logs = [tmp_path / f"build-{i}.log" for i in range(3)]
-    children = [_spawn(recipe, out, cold, log) for out, log in zip(outs, logs, strict=True)]
+    children = [_spawn(fast_recipe, out, cold, log) for out, log in zip(outs, logs, strict=True)]
     codes = [child.wait(timeout=600) for child in children]
     said = [log.read_text() for log in logs]
     assert codes == [0, 0, 0], said
@@ -206,9 +185,9 @@ def test_three_builds_started_together_on_a_cold_cache_all_succeed_and_do_the_wo
     assert not list(tmp_path.glob(".*.partial")) and not list((cold / "artifacts").glob("*/.*.partial"))
 
 
-def test_a_build_killed_while_storing_a_cache_entry_leaves_a_cache_the_next_build_trusts(tmp_path: Path, recipe: Path):
+def test_a_build_killed_while_storing_a_cache_entry_leaves_a_cache_the_next_build_trusts(tmp_path: Path, fast_recipe: Path):
     cold = tmp_path / "cache"
-    child = _spawn(recipe, tmp_path / "out", cold, tmp_path / "killed.log")
+    child = _spawn(fast_recipe, tmp_path / "out", cold, tmp_path / "killed.log")
     stages = cold / "artifacts" / "export"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and child.poll() is None:  # kill it while an entry is half-stored (lock held)
@@ -220,7 +199,7 @@ def test_a_build_killed_while_storing_a_cache_entry_leaves_a_cache_the_next_buil
     child.wait()
     assert list(stages.glob(".*.partial"))
 
-    rerun = _spawn(recipe, tmp_path / "out", cold, tmp_path / "rerun.log")
+    rerun = _spawn(fast_recipe, tmp_path / "out", cold, tmp_path / "rerun.log")
     assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text()  # the dead writer's lock does not hang it
     assert "waiting for another" not in (tmp_path / "rerun.log").read_text()
     assert open_artifacts(tmp_path / "out").status == "passed"

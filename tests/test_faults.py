@@ -2,7 +2,6 @@
 A full disk or an unwritable output is one line and exit 2, with nothing visible left behind; an unwritable cache
 is said and built around."""
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,48 +11,6 @@ from diffship.cli import app
 from diffship.manifest import open_artifacts
 
 runner = CliRunner()
-
-FAST = """
-model = "tiny-sd"
-[shapes]
-batch = [1, 2]
-height = [64, 128]
-width = [64, 128]
-[validation]
-prompts = ["a red bicycle"]
-seeds = [0]
-steps = 2
-[validation.latency]
-enabled = false
-"""
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path):
-    """tmpfs(name, size, read_only) -> a fresh tmpfs mounted at tmp_path/name, unmounted after the test."""
-    mounted: list[Path] = []
-
-    def mount(name: str, size: str = "8m", read_only: bool = False) -> Path:
-        where = tmp_path / name
-        where.mkdir()
-        options = f"size={size}" + (",ro" if read_only else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN), which this run lacks: {done.stderr.strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-@pytest.fixture
-def recipe(tmp_path: Path) -> str:
-    path = tmp_path / "fast.toml"
-    path.write_text(FAST)
-    return str(path)
-
 
 def one_error_line(output: str) -> str:
     lines = [line for line in output.splitlines() if line.strip()]
@@ -66,11 +23,11 @@ def leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith(".partial") or ".partial/" in p.as_posix()]
 
 
-def test_an_output_disk_that_fills_exits_2_saying_where_and_how_much(tmp_path: Path, tmpfs, recipe: str,
+def test_an_output_disk_that_fills_exits_2_saying_where_and_how_much(tmp_path: Path, tmpfs, fast_recipe: Path,
                                                                     monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("DIFFSHIP_CACHE", str(tmp_path / "cache"))
     disk = tmpfs("small", "8m")
-    result = runner.invoke(app, ["build", recipe, "--out", str(disk / "out")])
+    result = runner.invoke(app, ["build", str(fast_recipe), "--out", str(disk / "out")])
     assert result.exit_code == 2, result.output
     line = one_error_line(result.output)
     assert "The disk is full: no space left on device while writing " + str(disk / "out") in line
@@ -78,12 +35,12 @@ def test_an_output_disk_that_fills_exits_2_saying_where_and_how_much(tmp_path: P
     assert list(disk.iterdir()) == []  # no output folder, no staging folder
 
 
-def test_a_cache_disk_that_fills_mid_build_exits_2_and_leaves_no_half_written_entry(tmp_path: Path, tmpfs, recipe: str,
+def test_a_cache_disk_that_fills_mid_build_exits_2_and_leaves_no_half_written_entry(tmp_path: Path, tmpfs, fast_recipe: Path,
                                                                                   monkeypatch: pytest.MonkeyPatch):
     disk = tmpfs("cache", "24m")  # room for the built-in model (18 MB), not for every export
     monkeypatch.setenv("DIFFSHIP_CACHE", str(disk))
     out = tmp_path / "out"
-    result = runner.invoke(app, ["build", recipe, "--out", str(out)])
+    result = runner.invoke(app, ["build", str(fast_recipe), "--out", str(out)])
     assert result.exit_code == 2, result.output
     line = one_error_line(result.output)
     assert f"The disk is full: no space left on device while writing {disk}/artifacts/export/" in line
@@ -91,22 +48,22 @@ def test_a_cache_disk_that_fills_mid_build_exits_2_and_leaves_no_half_written_en
     assert leftovers(disk) == []
 
 
-def test_a_read_only_output_location_exits_2_before_any_work(tmp_path: Path, tmpfs, recipe: str,
+def test_a_read_only_output_location_exits_2_before_any_work(tmp_path: Path, tmpfs, fast_recipe: Path,
                                                           monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("DIFFSHIP_CACHE", str(tmp_path / "cache"))
     disk = tmpfs("readonly", "1m", read_only=True)
-    result = runner.invoke(app, ["build", recipe, "--out", str(disk / "out")])
+    result = runner.invoke(app, ["build", str(fast_recipe), "--out", str(disk / "out")])
     assert result.exit_code == 2, result.output
     assert f"Output location {disk / 'out'} is not writable" in one_error_line(result.output)
     assert "exporting" not in result.output
 
 
-def test_a_cache_that_cannot_be_written_is_said_and_the_build_goes_on_without_it(tmp_path: Path, tmpfs, recipe: str,
+def test_a_cache_that_cannot_be_written_is_said_and_the_build_goes_on_without_it(tmp_path: Path, tmpfs, fast_recipe: Path,
                                                                                monkeypatch: pytest.MonkeyPatch):
     disk = tmpfs("readonly-cache", "1m", read_only=True)
     monkeypatch.setenv("DIFFSHIP_CACHE", str(disk / "cache"))
     out = tmp_path / "out"
-    result = runner.invoke(app, ["build", recipe, "--out", str(out)])
+    result = runner.invoke(app, ["build", str(fast_recipe), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert f"The cache {disk / 'cache'} cannot be written (Read-only file system): building without it" in result.output
     assert "build passed" in result.output and open_artifacts(out).status == "passed"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from diffship.build import build
 from diffship.cli import app
-from diffship.errors import DiffshipError
+from diffship.errors import DiffshipError, DiskFull
 from diffship.models.builtin import builtin_folder
 from diffship.models.components import component_specs, run_torch, wrap
 from diffship.models.loading import load_component
@@ -143,6 +144,16 @@ def test_sdxl_vae_stays_fp32_in_fp16_sets_and_the_report_says_why(sdxl):
     entry = sdxl.manifest["artifacts"]["torch-fp16"]["components"]["text_encoder_2"]
     with safe_open(sdxl.out / entry["path"] / "model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118
+
+
+def test_a_package_that_cannot_be_unzipped_into_a_full_temp_folder_is_a_full_disk(plain, tmpfs,
+                                                                                   monkeypatch: pytest.MonkeyPatch):
+    package = plain.out / plain.manifest["artifacts"]["torch-bf16-aoti"]["components"]["unet"]["path"]
+    small = tmpfs("tmp", "1m")  # AOTInductor unzips a package into the temp folder before loading it
+    monkeypatch.setenv("TMPDIR", str(small))
+    monkeypatch.setattr(tempfile, "tempdir", str(small))
+    with pytest.raises(DiskFull, match=rf"while writing {small} \(1.0 MiB free there; it needed"):
+        target.load(package)
 
 
 def test_an_aoti_package_loads_in_a_fresh_process_without_the_models_code_and_matches(plain, tmp_path: Path):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffship.artifacts import read_json
 from diffship.errors import DiffshipError
 
 
@@ -28,19 +28,6 @@ FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
 SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline",
                 "ORTStableDiffusionPipeline"}
 SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "ORTStableDiffusionXLPipeline"}
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a config file, turning a missing or broken file into a DiffshipError that names it."""
-    if not path.is_file():
-        raise DiffshipError(f"Missing {path.name} in {path.parent}.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DiffshipError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise DiffshipError(f"{path} holds a JSON {type(data).__name__}; a config file holds an object ({{...}}).")
-    return data
 
 
 def read_model_index(folder: Path) -> dict[str, Any]:

@@ -20,11 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffship.artifacts import atomic_write_bytes
+from diffship.artifacts import atomic_write_bytes, read_json
 from diffship.errors import DiffshipError
 from diffship.manifest import ArtifactSet, open_artifacts
 from diffship.models.components import native_size
-from diffship.models.family import read_json
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from diffship.artifacts import atomic_write_json, staged_path
-from diffship.errors import DiffshipError
+from diffship.errors import DiffshipError, DiskFull
 from diffship.models.components import ComponentSpec, TensorSpec, wrap
 from diffship.targets import CompileContext
 
@@ -560,7 +561,16 @@ class TorchRunner:
         if built_for != self.device:
             raise DiffshipError(f"{self.artifact} was compiled for {built_for}; this run uses {self.device}. Rebuild the "
                                 f"package on a machine with the device it will run on (device = '{self.device}').")
-        return torch._inductor.aoti_load_package(str(self.artifact))
+        # The package is unzipped into the temp folder first; a full disk there reads only "write callback failed".
+        needed, where = self.artifact.stat().st_size, Path(tempfile.gettempdir())
+        if shutil.disk_usage(where).free < needed:
+            raise DiskFull(where, needed)
+        try:
+            return torch._inductor.aoti_load_package(str(self.artifact))
+        except RuntimeError as exc:
+            if "write callback failed" in str(exc):  # miniz's word for a short write: the temp folder filled up
+                raise DiskFull(where, needed) from exc
+            raise
 
     def _load_module(self) -> Any:
         from diffship.compress.store import is_compressed, load_unet

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffship.artifacts import read_json
 from diffship.models.components import ComponentSpec, wrap
-from diffship.models.family import detect_family, read_json
+from diffship.models.family import detect_family
 from diffship.models.loading import load_component
 from diffship.runtime.pipeline import Generation
 
