@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench-export bench-build bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
+.PHONY: setup demo test lint bench-export bench-build bench-matrix bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-export: setup
 
 bench-build: setup
 	$(BIN)/python benchmarks/build_pipeline.py
+
+bench-matrix: setup
+	$(BIN)/python benchmarks/build_matrix.py
 
 bench-onnxruntime: setup
 	$(BIN)/python benchmarks/onnxruntime_unet.py

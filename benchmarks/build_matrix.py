@@ -35,7 +35,8 @@ GROUPS = ["onnxruntime:fp32+fp16+int8", "openvino:fp32+bf16+int8-weights+int8-hy
 STAGE_LINES = [
     (re.compile(r"^Hashing "), lambda m: "load + hash the model"),
     (re.compile(r"^\[export "), lambda m: "export"),
-    (re.compile(r"^\[calibration\]"), lambda m: "calibration capture"),
+    (re.compile(r"^\[calibration\] capturing"), lambda m: "calibration capture"),
+    (re.compile(r"^\[calibration\] captured"), lambda m: "INT8 quantization after the capture"),
     (re.compile(r"^\[compile (\S+) "), lambda m: f"compile {m[1]}"),
     (re.compile(r"^\[validate\] capturing"), lambda m: "baseline UNet trajectory"),
     (re.compile(r"^\[validate (\S+)\] "), lambda m: f"validate {m[1]}"),

@@ -260,6 +260,7 @@ class Calibration:
                        s["guidance_scale"])
         data.save(staging / "inputs.npz")
         info |= {**data.info, "seconds": round(time.perf_counter() - began, 1)}
+        self.baseline.say(f"[calibration] captured in {info['seconds']:.0f} s")
         self.baseline.release()  # quantization that follows needs the memory more than the baseline does
 
 
