@@ -235,8 +235,8 @@ class Calibration:
     def __init__(self, recipe: Recipe, plan: Plan, baseline: Baseline, module_hashes: dict[str, str],
                  versions: dict[str, str], force: bool, hits: dict[str, bool]):
         c = recipe.calibration
-        self.settings = {"prompts": c.prompts, "samples": c.samples, "steps": c.steps, "height": plan.height,
-                         "width": plan.width, "guidance_scale": plan.validation.guidance_scale}
+        self.settings = {"prompts": c.prompts, "samples": c.samples, "steps": c.steps_for(recipe.validation.steps),
+                         "height": plan.height, "width": plan.width, "guidance_scale": plan.validation.guidance_scale}
         self.key = cache.key(stage="calibration", weights=module_hashes, **self.settings, versions=versions)
         self.baseline, self.force, self.hits, self.data = baseline, force, hits, None
 

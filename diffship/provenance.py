@@ -66,8 +66,10 @@ def machine() -> dict[str, Any]:
     import psutil
     import torch
 
+    from diffship.cpu import cpu_facts
+
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": psutil.cpu_count(logical=True), "memory_bytes": psutil.virtual_memory().total}
+            "cpus": psutil.cpu_count(logical=True), "memory_bytes": psutil.virtual_memory().total, "cpu": cpu_facts()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

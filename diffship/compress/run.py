@@ -43,8 +43,8 @@ def settings_for(recipe: Any, folder: Path, height: int, width: int) -> tuple[Se
     from diffship.validation.quality import quality_task
 
     q = recipe.validation.quality
-    settings = Settings(list(recipe.calibration.prompts), recipe.calibration.steps, height, width,
-                        recipe.validation.guidance_scale, list(q.seeds), q.steps, q.guidance_scale)
+    settings = Settings(list(recipe.calibration.prompts), recipe.calibration.steps_for(recipe.validation.steps),
+                        height, width, recipe.validation.guidance_scale, list(q.seeds), q.steps, q.guidance_scale)
     return settings, q.enabled and quality_task(folder) == "digits"
 
 

@@ -198,7 +198,7 @@ def header_lines(report: dict[str, Any]) -> list[str]:
     return [
         f"Model: {m['spec']} ({m['family']}), weights sha256 {m['sha256'][:16]}",
         f"Baseline: {report['baseline']['note']}",
-        f"Machine: {report['machine']['processor']}, {report['machine']['cpus']} CPUs, "
+        f"Machine: {_cpu(report['machine'])}, {report['machine']['cpus']} CPUs, "
         f"{report['machine']['memory_bytes'] / 2**30:.0f} GiB"
         + (f", {report['machine']['gpu']}" if "gpu" in report["machine"] else ""),
         f"Images: {v['height']}x{v['width']}, {v['steps']} steps, guidance {v['guidance_scale']}",
@@ -208,6 +208,12 @@ def header_lines(report: dict[str, Any]) -> list[str]:
         *(f"Not run here: {key} was converted and spec-checked only ({r['not_run']}); no parity is claimed for it"
           for key, r in report["sets"].items() if "not_run" in r),
     ]
+
+
+def _cpu(machine: dict[str, Any]) -> str:
+    from diffship.cpu import describe
+
+    return describe(machine["cpu"]) if "cpu" in machine else machine["processor"]
 
 
 def markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
