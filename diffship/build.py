@@ -33,6 +33,7 @@ from diffship.models.source import ModelSource, resolve
 from diffship.provenance import build_manifest, library_versions, report_data
 from diffship.recipe import Recipe
 from diffship.targets import CompileContext, check_available, get_target
+from diffship.targets.accuracy_gate import Gate
 from diffship.targets.calibration import CalibrationData, capture, check_calibration
 from diffship.validation.baseline import Baseline
 from diffship.validation.parity import Case
@@ -305,12 +306,13 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                 context = CompileContext(by_name[name], static_shapes(by_name[name], shapes, guided),
                                          calibration if backend.needs_calibration(precision) else None, family,
                                          (shapes["height"][0], shapes["width"][0]), shapes, opt_size, guided,
-                                         model_folder, recipe.allow_pickle, recipe.export.opset)
+                                         model_folder, recipe.allow_pickle, recipe.export.opset,
+                                         _gate(recipe, precision), say)
                 entry_key = cache.key(stage="compile", target=target.name, precision=precision, options=repr(options),
                                       source=[f["sha256"] for f in entries[name]["files"]], static=context.static_shapes,
                                       calibration=calibration.key if context.calibration else None,
                                       probe=context.probe_size, ranges=shapes, opt=opt_size, guided=guided,
-                                      environment=environment, versions=versions)
+                                      environment=environment, gate=repr(context.gate), versions=versions)
                 done = cache.cached_step("compile", entry_key, f"{name} {set_key} compile",
                                          functools.partial(_compile_into, backend, source, precision, options, context,
                                                            say, prefix),
@@ -332,6 +334,14 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                                                       "components": recorded,
                                                       "pipeline_files": _pipeline_files(root, set_dir, components)})
     return sets
+
+
+def _gate(recipe: Recipe, precision: str) -> Gate | None:
+    """What an accuracy-aware precision must meet: the recipe's threshold for it, the search's margin and time."""
+    if not precision.endswith("-auto"):
+        return None
+    t, search = recipe.threshold(precision), recipe.int8_auto
+    return Gate(t.min_cosine, t.max_rel_l2, search.margin, search.time_limit_minutes * 60)
 
 
 def _compile_into(backend: Any, source: Path, precision: str, options: Any, context: CompileContext, say: Say,

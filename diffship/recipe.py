@@ -169,6 +169,14 @@ class CalibrationRecipe(_Strict):
         return self.steps or validation_steps
 
 
+class Int8AutoRecipe(_Strict):
+    """The accuracy-aware INT8 search: how long it may take, and how far inside the INT8 threshold it aims (0: at
+    the threshold, 1: perfect), because the build's gate is then checked on another trajectory."""
+
+    time_limit_minutes: float = Field(60.0, gt=0)
+    margin: float = Field(0.25, ge=0, lt=1)
+
+
 class Recipe(_Strict):
     """A whole build."""
 
@@ -180,6 +188,7 @@ class Recipe(_Strict):
     validation: ValidationRecipe = Field(default_factory=ValidationRecipe)
     thresholds: dict[str, Threshold] = Field(default_factory=dict)
     calibration: CalibrationRecipe = Field(default_factory=CalibrationRecipe)
+    int8_auto: Int8AutoRecipe = Field(default_factory=Int8AutoRecipe)
     compress: list[Step] = Field(default_factory=list)
     allow_pickle: bool = False
 

@@ -14,6 +14,7 @@ from diffship.errors import DiffshipError
 
 if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
+    from diffship.targets.accuracy_gate import Gate
     from diffship.targets.calibration import CalibrationData
 
 
@@ -54,6 +55,8 @@ class CompileContext:
     model_folder: Path | None = None
     allow_pickle: bool = False
     opset: int = 17
+    gate: Gate | None = None  # what an accuracy-aware precision (int8-auto) must meet on real steps
+    say: Callable[[str], None] | None = None  # progress lines of long compiles
 
 
 def check_available(name: str) -> TargetInfo:

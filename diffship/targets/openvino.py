@@ -18,19 +18,21 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
+from diffship.artifacts import atomic_write_json, read_json
 from diffship.errors import DiffshipError
 from diffship.targets import CompileContext
 
 NAME = "openvino"
 XML = "openvino_model.xml"
-PRECISIONS = ("fp32", "fp16", "bf16", "int8-weights", "int4-weights", "int8-hybrid", "int8-full")
-CALIBRATED = ("int8-hybrid", "int8-full")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8-weights", "int4-weights", "int8-hybrid", "int8-full", "int8-auto")
+CALIBRATED = ("int8-hybrid", "int8-full", "int8-auto")
 DEVICES = ("CPU", "GPU", "NPU", "AUTO", "HETERO", "MULTI")
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 # What each precision computes in, unless the options say otherwise. FP32 and FP16 IRs run in f32 (FP16
 # weights are upcast); the quantized modes run their remaining float ops in bf16, the fast path here.
 INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "bf16": "bf16", "int8-weights": "bf16", "int4-weights": "bf16",
-                       "int8-hybrid": "bf16", "int8-full": "bf16"}
+                       "int8-hybrid": "bf16", "int8-full": "bf16", "int8-auto": "bf16"}
+SEARCH_FILE = "diffship-search.json"  # what int8-auto's search tried and kept, beside the IR
 # The UNet layers that quantization hurts most and speeds up least: the timestep embedding MLP and the
 # first and last convolutions (as in optimum-intel's and NVIDIA's diffusion recipes).
 UNET_SENSITIVE = (r".*time_embedding.*", r".*time_proj.*", r".*conv_in.*", r".*conv_out.*")
@@ -113,22 +115,24 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in context.static_shapes.items()})
     name = context.spec.name
     quantize = precision == "int8-full" or (precision == "int8-hybrid" and name == "unet")
-    if quantize:
+    search = None
+    if precision == "int8-auto" and name == "unet":
+        model, search = _auto(model, context, options)
+        dest.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(dest / SEARCH_FILE, search)
+    elif quantize:
         if context.calibration is None:
             raise DiffshipError(f"{precision} needs calibration data for {name}.")
         calls = context.calibration().inputs.get(name)
         if not calls:
             raise DiffshipError(f"No calibration inputs were captured for {name}.")
+        settings = _quantize_kwargs(options)
         model = nncf.quantize(
-            model, nncf.Dataset(calls), subset_size=len(calls), model_type=nncf.ModelType.TRANSFORMER,
-            preset=nncf.QuantizationPreset(options.preset),
+            model, nncf.Dataset(calls), subset_size=len(calls),
             ignored_scope=nncf.IgnoredScope(patterns=list(UNET_SENSITIVE), validate=False)
             if precision == "int8-hybrid" else None,
-            advanced_parameters=nncf.AdvancedQuantizationParameters(
-                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=options.smooth_quant_alpha),
-                disable_bias_correction=not options.bias_correction),
-        )
-    elif precision in ("int8-weights", "int8-hybrid"):
+            advanced_parameters=settings.pop("advanced_quantization_parameters"), **settings)
+    elif precision in ("int8-weights", "int8-hybrid", "int8-auto"):
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     elif precision == "int4-weights":
         from nncf.quantization.advanced_parameters import GroupSizeFallbackMode
@@ -141,6 +145,36 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
     xml = dest / XML
     ov.save_model(model, str(xml), compress_to_fp16=precision != "fp32")
     return xml
+
+
+def _quantize_kwargs(options: OvOptions) -> dict[str, Any]:
+    import nncf
+
+    return {"model_type": nncf.ModelType.TRANSFORMER, "preset": nncf.QuantizationPreset(options.preset),
+            "advanced_quantization_parameters": nncf.AdvancedQuantizationParameters(
+                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=options.smooth_quant_alpha),
+                disable_bias_correction=not options.bias_correction)}
+
+
+def _auto(model: ov.Model, context: CompileContext, options: OvOptions) -> tuple[ov.Model, dict[str, Any]]:
+    """The UNet through the accuracy-aware search; weight-only INT8 when the search cannot meet the gate."""
+    import nncf
+
+    from diffship.targets.openvino_auto import quantize_auto
+
+    if context.calibration is None or context.gate is None:
+        raise DiffshipError("int8-auto needs calibration data and the recipe's INT8 gate for the UNet.")
+    calls = context.calibration().inputs.get("unet")
+    if not calls:
+        raise DiffshipError("No calibration inputs were captured for the UNet.")
+    say = context.say or (lambda _: None)
+    quantized, record = quantize_auto(model, calls, context.gate, _quantize_kwargs(options), say)
+    if quantized is None:
+        say(f"      int8-auto fell back to weight-only INT8: {record['fell_back']}")
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM), record
+    say(f"      int8-auto kept {len(record['kept_in_float'])} layer(s) in float; real-step score "
+        f"{record['chosen_score']:.5f} in {record['seconds']:.0f} s")
+    return quantized, record
 
 
 def _public_name(port: Any) -> str:
@@ -192,6 +226,9 @@ class OvRunner:
         result = self.request.infer({ports[name]: value for name, value in inputs.items()}, share_outputs=False)
         return {name: np.asarray(result[o]) for name, o in zip(self.output_names, self.compiled.outputs, strict=True)}
 
+    def _search(self) -> dict[str, Any]:
+        return _search_of(self.path)
+
     def describe(self) -> dict[str, object]:
         """Device, what it computes in (read back from the compiled model, not assumed), hint and versions."""
         prop = self.compiled.get_property
@@ -199,8 +236,13 @@ class OvRunner:
         devices = list(prop("EXECUTION_DEVICES"))
         return {"target": NAME, "openvino": ov.__version__, "device": self.options.device, "execution_devices": devices,
                 "inference_precision": computes_in, "performance_hint": str(prop("PERFORMANCE_HINT")),
-                "ir_precision": self.precision,
+                "ir_precision": self.precision, **self._search(),
                 "summary": f"OpenVINO {'+'.join(devices)} {computes_in}"}
+
+
+def _search_of(path: Path) -> dict[str, Any]:
+    sidecar = path.parent / SEARCH_FILE
+    return {"search": read_json(sidecar)} if sidecar.is_file() else {}
 
 
 def load(artifact: Path, options: OvOptions | None = None, precision: str | None = None) -> OvRunner:

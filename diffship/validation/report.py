@@ -189,7 +189,9 @@ def all_tables(report: dict[str, Any]) -> list[Table]:
         tables.insert(1, stage_table(report["compress"]))
     for key, r in report["sets"].items():
         tables += set_tables(key, r)
-    return tables
+    from diffship.validation.frontier import kept_tables
+
+    return tables + kept_tables(report)
 
 
 def header_lines(report: dict[str, Any]) -> list[str]:
@@ -344,6 +346,10 @@ def write_report(report: dict[str, Any], pairs: dict[str, list[dict[str, Any]]],
     pictures: dict[str, bytes] = {f"images: {k}": image_grid(k, p, baseline) for k, p in pairs.items() if p}
     if chart := latency_chart(report):
         pictures["latency"] = chart
+    from diffship.validation.frontier import chart as frontier_chart
+
+    if chart := frontier_chart(report):
+        pictures["speed-quality frontier"] = chart
     if "compress" in report:
         from diffship.compress.table import stage_chart
 

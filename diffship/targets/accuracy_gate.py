@@ -1,0 +1,74 @@
+"""What `int8-auto` must meet, shared by every target's accuracy-aware search: the recipe's INT8 gate on real steps.
+
+The search sees the UNet's captured real denoising inputs (calibration) and the FP32 model's outputs on them. Its
+target sits `margin` of the way from the recipe's threshold to a perfect score, because the build's own gate is
+then checked on a different trajectory (the validation prompt and seed): the search must not stop at the edge.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from diffship.errors import DiffshipError
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The recipe's threshold for the precision, how far inside it the search aims, and how long it may take."""
+
+    min_cosine: float
+    max_rel_l2: float
+    margin: float = 0.25
+    time_limit_s: float = 3600.0
+
+    @property
+    def target(self) -> float:
+        """The score a candidate must reach (scores are on the cosine scale, see `score`)."""
+        return self.min_cosine + self.margin * (1.0 - self.min_cosine)
+
+
+def score(expected: np.ndarray, actual: np.ndarray, gate: Gate) -> float:
+    """One number for both parts of the gate, on the cosine scale: the cosine, or lower when the relative L2 error
+    is the tighter limit (a rel L2 at `max_rel_l2` scores exactly `min_cosine`)."""
+    a, b = expected.ravel().astype(np.float64), actual.ravel().astype(np.float64)
+    norm = float(np.linalg.norm(a))
+    cosine = float(a @ b / max(norm * float(np.linalg.norm(b)), 1e-30))
+    rel_l2 = float(np.linalg.norm(a - b)) / max(norm, 1e-30)
+    return min(cosine, 1.0 - (1.0 - gate.min_cosine) * rel_l2 / gate.max_rel_l2)
+
+
+class SearchTimeUp(DiffshipError):
+    """Raised from inside a search when its time limit has passed (caught by the search, never by the user)."""
+
+
+@dataclass
+class Clock:
+    """The search's deadline, and every candidate it evaluated: kept layers, score, seconds per UNet call."""
+
+    gate: Gate
+    started: float = field(default_factory=time.perf_counter)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def check(self) -> None:
+        if time.perf_counter() - self.started > self.gate.time_limit_s:
+            raise SearchTimeUp(f"the search reached its time limit of {self.gate.time_limit_s / 60:.0f} min")
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
+
+
+def evaluate(run: Callable[[dict[str, np.ndarray]], np.ndarray], calls: list[dict[str, np.ndarray]],
+             references: list[np.ndarray], gate: Gate) -> tuple[list[float], float]:
+    """The score of each real step and the median seconds per UNet call."""
+    scores, seconds = [], []
+    for call, expected in zip(calls, references, strict=True):
+        began = time.perf_counter()
+        out = run(call)
+        seconds.append(time.perf_counter() - began)
+        scores.append(score(expected, out, gate))
+    return scores, float(np.median(seconds))
