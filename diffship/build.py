@@ -149,7 +149,7 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
                               hits, say, source.folder, (plan.height, plan.width))
         int8_bar = compressed is not None and compressed["quantizer"] == "modelopt"
         results, pairs = validate_stage(recipe, source, specs, sets, plan, module_hashes, versions, baseline, force,
-                                         hits, say, int8_bar)
+                                        hits, say, int8_bar)
         baseline.release()
         passed = all(r["passed"] for r in results.values())
         all_cached = all(hits.values())

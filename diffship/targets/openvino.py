@@ -115,17 +115,12 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in context.static_shapes.items()})
     name = context.spec.name
     quantize = precision == "int8-full" or (precision == "int8-hybrid" and name == "unet")
-    search = None
     if precision == "int8-auto" and name == "unet":
         model, search = _auto(model, context, options)
         dest.mkdir(parents=True, exist_ok=True)
         atomic_write_json(dest / SEARCH_FILE, search)
     elif quantize:
-        if context.calibration is None:
-            raise DiffshipError(f"{precision} needs calibration data for {name}.")
-        calls = context.calibration().inputs.get(name)
-        if not calls:
-            raise DiffshipError(f"No calibration inputs were captured for {name}.")
+        calls = _calibration_calls(context, precision)
         settings = _quantize_kwargs(options)
         model = nncf.quantize(
             model, nncf.Dataset(calls), subset_size=len(calls),
@@ -147,6 +142,17 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
     return xml
 
 
+def _calibration_calls(context: CompileContext, precision: str) -> list[dict[str, np.ndarray]]:
+    """The component's captured inputs, or an error saying what is missing."""
+    name = context.spec.name
+    if context.calibration is None:
+        raise DiffshipError(f"{precision} needs calibration data for {name}.")
+    calls = context.calibration().inputs.get(name)
+    if not calls:
+        raise DiffshipError(f"No calibration inputs were captured for {name}.")
+    return calls
+
+
 def _quantize_kwargs(options: OvOptions) -> dict[str, Any]:
     import nncf
 
@@ -162,11 +168,9 @@ def _auto(model: ov.Model, context: CompileContext, options: OvOptions) -> tuple
 
     from diffship.targets.openvino_auto import quantize_auto
 
-    if context.calibration is None or context.gate is None:
-        raise DiffshipError("int8-auto needs calibration data and the recipe's INT8 gate for the UNet.")
-    calls = context.calibration().inputs.get("unet")
-    if not calls:
-        raise DiffshipError("No calibration inputs were captured for the UNet.")
+    if context.gate is None:
+        raise DiffshipError("int8-auto needs the recipe's INT8 gate for the UNet.")
+    calls = _calibration_calls(context, "int8-auto")
     say = context.say or (lambda _: None)
     quantized, record = quantize_auto(model, calls, context.gate, _quantize_kwargs(options), say)
     if quantized is None:
@@ -226,9 +230,6 @@ class OvRunner:
         result = self.request.infer({ports[name]: value for name, value in inputs.items()}, share_outputs=False)
         return {name: np.asarray(result[o]) for name, o in zip(self.output_names, self.compiled.outputs, strict=True)}
 
-    def _search(self) -> dict[str, Any]:
-        return _search_of(self.path)
-
     def describe(self) -> dict[str, object]:
         """Device, what it computes in (read back from the compiled model, not assumed), hint and versions."""
         prop = self.compiled.get_property
@@ -236,7 +237,7 @@ class OvRunner:
         devices = list(prop("EXECUTION_DEVICES"))
         return {"target": NAME, "openvino": ov.__version__, "device": self.options.device, "execution_devices": devices,
                 "inference_precision": computes_in, "performance_hint": str(prop("PERFORMANCE_HINT")),
-                "ir_precision": self.precision, **self._search(),
+                "ir_precision": self.precision, **_search_of(self.path),
                 "summary": f"OpenVINO {'+'.join(devices)} {computes_in}"}
 
 

@@ -55,7 +55,9 @@ def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], gate: Gat
     """The accuracy-controlled INT8 UNet and what the search did; (None, record) when it fell back."""
     import nncf
 
-    references = [ov.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(c)[0] for c in calls]
+    fp32 = ov.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    references = [fp32(c)[0] for c in calls]
+    del fp32
     clock, lines = Clock(gate), _NncfLines()
     restored: list[str] = []
 
@@ -64,10 +66,8 @@ def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], gate: Gat
         batch = list(items)
         scores, seconds = evaluate(lambda c: compiled(c)[0], [c for c, _ in batch], [r for _, r in batch], gate)
         worst, label = min(scores), lines.phase
-        if label == "setup":  # NNCF's probe of what validate returns
-            return worst, scores
-        if label in ("FP32", "full INT8") and clock.candidates and clock.candidates[-1]["label"] == label:
-            clock.candidates.pop()  # NNCF first probes one item to learn what validate returns
+        if label == "setup" or (label != "ranking" and len(batch) < len(calls)):
+            return worst, scores  # NNCF's probe, on one item, of what validate returns
         if label == "restoring":
             restored.extend(lines.pending)
             lines.pending = []

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 
 from diffship.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+from diffship.cpu import describe
+from diffship.validation.frontier import chart as frontier_chart
+from diffship.validation.frontier import kept_tables
 
 Table = tuple[str, list[str], list[list[str]]]
 
@@ -189,8 +192,6 @@ def all_tables(report: dict[str, Any]) -> list[Table]:
         tables.insert(1, stage_table(report["compress"]))
     for key, r in report["sets"].items():
         tables += set_tables(key, r)
-    from diffship.validation.frontier import kept_tables
-
     return tables + kept_tables(report)
 
 
@@ -213,8 +214,6 @@ def header_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _cpu(machine: dict[str, Any]) -> str:
-    from diffship.cpu import describe
-
     return describe(machine["cpu"]) if "cpu" in machine else machine["processor"]
 
 
@@ -346,8 +345,6 @@ def write_report(report: dict[str, Any], pairs: dict[str, list[dict[str, Any]]],
     pictures: dict[str, bytes] = {f"images: {k}": image_grid(k, p, baseline) for k, p in pairs.items() if p}
     if chart := latency_chart(report):
         pictures["latency"] = chart
-    from diffship.validation.frontier import chart as frontier_chart
-
     if chart := frontier_chart(report):
         pictures["speed-quality frontier"] = chart
     if "compress" in report:
