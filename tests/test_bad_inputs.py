@@ -55,6 +55,10 @@ def test_a_broken_manifest_is_refused(export_copy: Path, tmp_path: Path, content
     (lambda text: text.replace("height = [64, 128]", "height = [100, 128]"),
      "shapes.height: Value error, height 100 is not a multiple of 8 pixels"),
     (lambda text: text.replace("seeds = [0]", "seeds = 'zero'"), "validation.seeds: Input should be a valid list"),
+    (lambda text: text + "[int8_auto]\nmargin = 1.5\n", "int8_auto.margin: Input should be less than 1"),
+    (lambda text: text + "[int8_auto]\ntime_limit_minutes = 0\n",
+     "int8_auto.time_limit_minutes: Input should be greater than 0"),
+    (lambda text: text + "[calibration]\nsteps = 0\n", "calibration.steps: Input should be greater than or equal to 1"),
 ])
 def test_a_bad_recipe_is_refused_before_any_work(tmp_path: Path, fast_recipe: Path, edit, message: str):
     fast_recipe.write_text(edit(fast_recipe.read_text()))
