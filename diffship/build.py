@@ -146,7 +146,8 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
                                 versions, export_dir, force, hits, say)
         finish_pipeline_folder(source, export_dir, specs, recipe.export.opset, entries)
         sets = _compile_stage(recipe, tmp, export_dir, specs, entries, shapes, family.name, calibration, versions, force,
-                              hits, say, source.folder, (plan.height, plan.width))
+                              hits, say, source.folder, (plan.height, plan.width),
+                              tuple((c.batch, c.height, c.width) for c in plan.unet_cases or plan.cases))
         int8_bar = compressed is not None and compressed["quantizer"] == "modelopt"
         results, pairs = validate_stage(recipe, source, specs, sets, plan, module_hashes, versions, baseline, force,
                                         hits, say, int8_bar)
@@ -282,7 +283,8 @@ def static_shapes(spec: ComponentSpec, shapes: dict[str, list[int]], guidance: b
 def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[ComponentSpec], entries: dict[str, Any],
                    shapes: dict[str, list[int]], family: str, calibration: Calibration, versions: dict[str, str],
                    force: bool, hits: dict[str, bool], say: Say, model_folder: Path | None = None,
-                   opt_size: tuple[int, int] | None = None) -> dict[str, tuple[ArtifactSet, Any, dict[str, Any]]]:
+                   opt_size: tuple[int, int] | None = None,
+                   unet_probes: tuple[tuple[int, int, int], ...] = ()) -> dict[str, tuple[ArtifactSet, Any, dict[str, Any]]]:
     """One artifact set per target and precision: (the set, the target's options, its manifest entry)."""
     sets = {}
     by_name = {s.name: s for s in specs}
@@ -307,7 +309,7 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                                          calibration if backend.needs_calibration(precision) else None, family,
                                          (shapes["height"][0], shapes["width"][0]), shapes, opt_size, guided,
                                          model_folder, recipe.allow_pickle, recipe.export.opset,
-                                         _gate(recipe, precision), say)
+                                         _gate(recipe, precision, unet_probes), say)
                 entry_key = cache.key(stage="compile", target=target.name, precision=precision, options=repr(options),
                                       source=[f["sha256"] for f in entries[name]["files"]], static=context.static_shapes,
                                       calibration=calibration.key if context.calibration else None,
@@ -336,12 +338,13 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
     return sets
 
 
-def _gate(recipe: Recipe, precision: str) -> Gate | None:
-    """What an accuracy-aware precision must meet: the recipe's threshold for it, the search's margin and time."""
+def _gate(recipe: Recipe, precision: str, probes: tuple[tuple[int, int, int], ...]) -> Gate | None:
+    """What an accuracy-aware precision must meet: the recipe's threshold for it, the search's margin and time, and
+    the UNet parity cases validation will check (batch, height, width)."""
     if not precision.endswith("-auto"):
         return None
     t, search = recipe.threshold(precision), recipe.int8_auto
-    return Gate(t.min_cosine, t.max_rel_l2, search.margin, search.time_limit_minutes * 60)
+    return Gate(t.min_cosine, t.max_rel_l2, search.margin, search.time_limit_minutes * 60, probes)
 
 
 def _compile_into(backend: Any, source: Path, precision: str, options: Any, context: CompileContext, say: Say,

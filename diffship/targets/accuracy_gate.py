@@ -10,11 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from diffship.errors import DiffshipError
+
+if TYPE_CHECKING:
+    from diffship.models.components import ComponentSpec
 
 
 @dataclass(frozen=True)
@@ -25,11 +28,25 @@ class Gate:
     max_rel_l2: float
     margin: float = 0.25
     time_limit_s: float = 3600.0
+    # Validation's parity cases for the UNet (batch, height, width): random inputs, which must reach the threshold
+    # itself (no margin: validation runs exactly these). They are never used to rank layers.
+    probes: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def target(self) -> float:
         """The score a candidate must reach (scores are on the cosine scale, see `score`)."""
         return self.min_cosine + self.margin * (1.0 - self.min_cosine)
+
+
+def probe_inputs(spec: ComponentSpec, gate: Gate) -> list[dict[str, np.ndarray]]:
+    """The inputs of validation's parity cases, made exactly as `validation.parity.check_component` makes them."""
+    return [spec.sample_inputs(b, h, w, seed=i) for i, (b, h, w) in enumerate(gate.probes)]
+
+
+def worst(run: Callable[[dict[str, np.ndarray]], np.ndarray], calls: list[dict[str, np.ndarray]],
+          references: list[np.ndarray], gate: Gate) -> float:
+    """The lowest score over `calls` (1.0 when there are none)."""
+    return min((score(r, run(c), gate) for c, r in zip(calls, references, strict=True)), default=1.0)
 
 
 def score(expected: np.ndarray, actual: np.ndarray, gate: Gate) -> float:

@@ -6,9 +6,7 @@ the Runner reports the providers the session actually uses, so a silent CPU fall
 
 from __future__ import annotations
 
-import gc
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -17,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from diffship.artifacts import atomic_write_json
@@ -25,12 +22,8 @@ from diffship.errors import DiffshipError
 from diffship.targets import CompileContext, onnx_graph
 
 NAME = "onnxruntime"
-PRECISIONS = ("fp32", "fp16", "int8")
-QUANTIZED_OPS = ("Conv", "MatMul")
-# UNet layers INT8 hurts most and speeds up least: timestep embedding, first and last convolutions, and the
-# 1x1 shortcut convolutions whose inputs are the unnormalized skip concatenations (on SD 1.5 they alone took the
-# UNet's cosine from 0.9988 to 0.9918).
-UNET_SENSITIVE = ("time_embedding", "time_proj", "conv_in", "conv_out", "conv_shortcut")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-auto")
+INT8 = ("int8", "int8-auto")
 # Optimizers that undo what INT8 needs: common-subexpression elimination merges the dedicated Q/DQ pairs again,
 # leaving q/k/v projections in float (SD 1.5 UNet: 2.61 s with it, 2.25 s without).
 INT8_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
@@ -119,7 +112,7 @@ def _providers(options: OrtOptions) -> tuple[str, ...]:
 def prepares_graph(options: OrtOptions, precision: str = "fp32") -> bool:
     """Whether compile prepares (fuses, folds) the graph for these options and precision."""
     if options.optimize == "auto":
-        return _providers(options)[0] in GPU_PROVIDERS or precision == "int8"
+        return _providers(options)[0] in GPU_PROVIDERS or precision in INT8
     return bool(options.optimize)
 
 
@@ -130,7 +123,7 @@ def writes_artifacts(precision: str, options: OrtOptions | None = None) -> bool:
 
 def needs_calibration(precision: str) -> bool:
     """Whether `precision` is calibrated on captured inputs (the UNet's static INT8)."""
-    return precision == "int8"
+    return precision in INT8
 
 
 def model_index(family: str, components: list[str]) -> dict[str, Any]:
@@ -162,7 +155,9 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
     dest.mkdir(parents=True, exist_ok=True)
     out = dest / source.name
     name = context.spec.name
-    if precision == "int8":
+    if precision in INT8:
+        from diffship.targets import onnxruntime_quantize as quantize
+
         large = (source.parent / f"{source.name}_data").is_file()
         if name == "unet":
             with tempfile.TemporaryDirectory(prefix=".prepared-", dir=dest) as tmp:
@@ -171,7 +166,11 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
                     prepared = Path(tmp) / source.name
                     record = _prepare(source, prepared, name, "int8", options, context)
                     source, large = prepared, (Path(tmp) / f"{source.name}_data").is_file()
-                record |= _quantize_unet(source, out, context, options, large)
+                settings = (source, out, context, options.calibration_method, options.calib_max_intermediate_outputs, large)
+                if precision == "int8":
+                    record |= quantize.quantize_unet(*settings)
+                else:
+                    record |= quantize.quantize_auto(*settings, lambda path, p: OrtRunner(path, options, p))
         elif name.startswith("text_encoder"):
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -243,85 +242,6 @@ def _fp16_overflow(path: Path, context: CompileContext) -> str | None:
     return None
 
 
-def _quantize_unet(source: Path, out: Path, context: CompileContext, options: OrtOptions,
-                   large: bool) -> dict[str, Any]:
-    """Static QDQ INT8 UNet: tensor ranges from the captured inputs first, then quantization from those ranges.
-
-    Two phases, so that the calibration session can run with settings that fit a full-size UNet at 512x512
-    in memory (`quantize_static` builds its own); the ranges pass between them through onnxruntime's own
-    calibration cache file, which is kept beside the model.
-    """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
-    if context.calibration is None:
-        raise DiffshipError("ONNX Runtime INT8 needs calibration data for the UNet.")
-    # One batch item per sample: the ranges are the same, the calibration session needs half the memory.
-    samples = [{k: v[i:i + 1] for k, v in call.items()}
-               for call in context.calibration().inputs["unet"] for i in range(len(call["sample"]))]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.samples = iter(samples)
-
-        def get_next(self) -> dict[str, Any] | None:
-            return next(self.samples, None)
-
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[options.calibration_method]
-    ranges = out.parent / "calibration-ranges.json"
-    extra = {}
-    if k := options.calib_max_intermediate_outputs:
-        # onnxruntime raises "No data is collected" when the sample count is a multiple of this.
-        extra["max_intermediate_outputs"] = k - 1 if len(samples) % k == 0 else k
-    with tempfile.TemporaryDirectory(prefix="diffship-calibrate-") as tmp:
-        calibrator = create_calibrator(source, list(QUANTIZED_OPS), augmented_model_path=str(Path(tmp) / "model.onnx"),
-                                       calibrate_method=method, use_external_data_format=large,
-                                       providers=["CPUExecutionProvider"], extra_options=extra)
-        # The calibrator's session runs in ONNX Runtime's default node order, which schedules the statistics
-        # nodes after the whole graph and so keeps every calibrated tensor alive (13 GiB for SD 1.5's UNet at
-        # 512x512, batch 1). Priority order runs each as soon as its input exists (4.5 GiB).
-        calibrator.infer_session = None
-        gc.collect()
-        session_options = ort.SessionOptions()
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session_options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        session_options.log_severity_level = 3
-        calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, session_options,
-                                                        providers=["CPUExecutionProvider"])
-        calibrator.collect_data(Reader())
-        save_tensors_data(calibrator.compute_data(), ranges)
-        del calibrator
-        gc.collect()
-    graph = onnx.load(str(source), load_external_data=False).graph
-    excluded = [n.name for n in graph.node
-                if n.op_type in QUANTIZED_OPS and any(part in n.name for part in UNET_SENSITIVE)]
-    del graph
-    # onnxruntime.quantization logs advice on the root logger ("consider pre-processing") on every call.
-    root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR
-    try:
-        _quantize_static(source, out, excluded, large, method, ranges)
-    finally:
-        root.setLevel(level)
-    return {"quantization": f"static QDQ S8S8, per-channel weights, {options.calibration_method} calibration on "
-                            f"{len(samples)} captured UNet inputs; {len(excluded)} sensitive Conv/MatMul kept float",
-            "excluded_nodes": len(excluded), "calibration_samples": len(samples)}
-
-
-def _quantize_static(source: Path, out: Path, excluded: list[str], large: bool, method: Any, ranges: Path) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    quantize_static(source, out, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
-                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=excluded, use_external_data_format=large, calibrate_method=method,
-                    calibration_cache_path=ranges, extra_options={
-                        # MatMul outputs stay float (MatMulIntegerToFloat): the residual stream keeps its precision.
-                        "OpTypesToExcludeOutputQuantization": ["MatMul"],
-                        # One Q/DQ pair per consumer, so q/k/v projections sharing an input each fuse.
-                        "DedicatedQDQPair": True})
-
-
 def _session_options(options: OrtOptions) -> ort.SessionOptions:
     session_options = ort.SessionOptions()
     session_options.graph_optimization_level = GRAPH_LEVELS[options.graph_optimization]
@@ -338,7 +258,7 @@ class OrtRunner:
     def __init__(self, path: Path, options: OrtOptions, precision: str = "fp32"):
         requested = _providers(options)
         try:
-            disabled = list(INT8_DISABLED_OPTIMIZERS) if precision == "int8" else []
+            disabled = list(INT8_DISABLED_OPTIMIZERS) if precision in INT8 else []
             self.session = ort.InferenceSession(str(path), _session_options(options), providers=list(requested),
                                                 disabled_optimizers=disabled)
         except Exception as exc:  # onnxruntime raises its own untyped errors for a bad file
@@ -373,10 +293,12 @@ class OrtRunner:
             "target": NAME, "onnxruntime": ort.__version__, "providers": providers,
             "graph_optimization": self.options.graph_optimization, "precision": precision,
             "threads": {"intra_op": self.options.intra_op_threads, "inter_op": self.options.inter_op_threads},
-            "disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS) if self.precision == "int8" else [],
+            "disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS) if self.precision in INT8 else [],
             "summary": f"ONNX Runtime {providers[0].removesuffix('ExecutionProvider')} {self.precision}"}
         if self.graph:
-            described["graph"] = self.graph
+            described["graph"] = {k: v for k, v in self.graph.items() if k != "search"}
+            if self.graph.get("search"):
+                described["search"] = self.graph["search"]
         if self.precision == "fp16" and providers[0] not in FP16_NATIVE:
             described["latency_skipped"] = (f"{providers[0]} has no native FP16 kernels for most ops, so FP16 "
                                             "latency here says nothing about a GPU; parity only")

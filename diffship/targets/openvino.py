@@ -166,13 +166,16 @@ def _auto(model: ov.Model, context: CompileContext, options: OvOptions) -> tuple
     """The UNet through the accuracy-aware search; weight-only INT8 when the search cannot meet the gate."""
     import nncf
 
+    from diffship.targets.accuracy_gate import probe_inputs
     from diffship.targets.openvino_auto import quantize_auto
 
     if context.gate is None:
         raise DiffshipError("int8-auto needs the recipe's INT8 gate for the UNet.")
     calls = _calibration_calls(context, "int8-auto")
     say = context.say or (lambda _: None)
-    quantized, record = quantize_auto(model, calls, context.gate, _quantize_kwargs(options), say)
+    config = {"INFERENCE_PRECISION_HINT": options.inference_precision or INFERENCE_PRECISION["int8-auto"]}
+    probes = probe_inputs(context.spec, context.gate)
+    quantized, record = quantize_auto(model, calls, probes, context.gate, _quantize_kwargs(options), config, say)
     if quantized is None:
         say(f"      int8-auto fell back to weight-only INT8: {record['fell_back']}")
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM), record

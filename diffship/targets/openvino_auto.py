@@ -1,121 +1,101 @@
-"""`int8-auto` on OpenVINO: full static INT8 of the UNet, then NNCF's accuracy restorer keeps the most sensitive
-layers in float until the real-step gate holds; weight-only INT8 when it cannot within the time limit.
+"""`int8-auto` on OpenVINO: NNCF's full static INT8 of the UNet, then the activations with the worst quantization
+noise on real steps kept in float (their FakeQuantize removed) until the gate holds; see `int8_search`.
 
-NNCF's `quantize_with_accuracy_control` does the ranking (one candidate per quantizer group, scored by our
-validation function) and the greedy restoring; diffship only supplies the gate, stops it at the time limit, and
-records what it tried and what it kept, read from NNCF's own log lines.
+A site kept in float keeps its layer's INT8-rounded weights and computes in the runtime's float precision, so
+its speed cost is small; NNCF's weight-only INT8 is the fallback when even every site in float fails.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import openvino as ov
+import openvino.opset13 as ops
 
-from diffship.targets.accuracy_gate import Clock, Gate, SearchTimeUp, evaluate
+from diffship.targets.accuracy_gate import Clock, Gate, evaluate, worst
+from diffship.targets.int8_search import Site, search, sqnr_db
 
 Say = Callable[[str], None]
-_REVERTED = re.compile(r"Reverted \d+ operations to the floating-point precision: \n(.*)", re.S)
-_FINAL = re.compile(r"(\d+) out of (\d+) were reverted back to the floating-point precision:\n(.*)", re.S)
+SQNR_CALLS = 4  # real steps the one-pass ranking runs on
 
 
-class _NncfLines(logging.Handler):
-    """Follows NNCF's accuracy-control log: which phase it is in, what each restoring iteration reverted."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.phase, self.pending, self.final, self.total = "setup", [], None, None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Validation of initial model"):
-            self.phase = "FP32"
-        elif message.startswith("Validation of quantized model"):
-            self.phase = "full INT8"
-        elif message.startswith("Number of parallel workers") or message.startswith("Re-calculating ranking"):
-            self.phase = "ranking"
-        elif match := _REVERTED.match(message):
-            self.phase, self.pending = "restoring", _names(match[1])
-        elif match := _FINAL.match(message):
-            self.final, self.total = _names(match[3]), int(match[2])
-        elif message.startswith("Total number of quantized operations"):
-            self.total = int(message.rsplit(":", 1)[1])
-
-
-def _names(block: str) -> list[str]:
-    return [line.strip() for line in block.splitlines() if line.strip()]
-
-
-def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], gate: Gate, quantize_kwargs: dict[str, Any],
+def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], probes: list[dict[str, np.ndarray]],
+                  gate: Gate, quantize_kwargs: dict[str, Any], config: dict[str, Any],
                   say: Say) -> tuple[ov.Model | None, dict[str, Any]]:
-    """The accuracy-controlled INT8 UNet and what the search did; (None, record) when it fell back."""
+    """The accuracy-aware INT8 UNet and what the search did; (None, record) when it fell back.
+
+    calls: captured real steps; probes: validation's random-input parity cases (see `Gate.probes`).
+    config: how the runtime compiles the result (its inference precision), so the gate scores what will run."""
     import nncf
 
+    clock = Clock(gate)
     fp32 = ov.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     references = [fp32(c)[0] for c in calls]
-    del fp32
-    clock, lines = Clock(gate), _NncfLines()
-    restored: list[str] = []
+    probe_references = [fp32(p)[0] for p in probes]
+    _, fp32_seconds = evaluate(lambda c: fp32(c)[0], calls, references, gate)
+    fp32 = None  # the FP32 model is not needed during the search
+    settings = dict(quantize_kwargs)
+    full = nncf.quantize(model, nncf.Dataset(calls), subset_size=len(calls),
+                         advanced_parameters=settings.pop("advanced_quantization_parameters"), **settings)
+    sites = _sites(full, calls[:SQNR_CALLS])
+    say(f"      int8-auto: {len(sites)} quantized activations ranked by SQNR on {min(len(calls), SQNR_CALLS)} real "
+        f"steps in {clock.elapsed():.0f} s")
 
-    def validate(compiled: Any, items: Any) -> tuple[float, list[float]]:
-        clock.check()
-        batch = list(items)
-        scores, seconds = evaluate(lambda c: compiled(c)[0], [c for c, _ in batch], [r for _, r in batch], gate)
-        worst, label = min(scores), lines.phase
-        if label == "setup" or (label != "ranking" and len(batch) < len(calls)):
-            return worst, scores  # NNCF's probe, on one item, of what validate returns
-        if label == "restoring":
-            restored.extend(lines.pending)
-            lines.pending = []
-        clock.candidates.append({"label": label, "score": worst, "seconds": seconds, "kept": list(restored),
-                                 "items": len(batch)})
-        if label != "ranking":
-            say(f"      int8-auto {label}{f' ({len(restored)} kept in float)' if restored else ''}: "
-                f"real-step score {worst:.5f} (target {gate.target:.5f}), {clock.elapsed():.0f} s")
-        return worst, scores
+    def trial(kept: list[Site]) -> tuple[float, float]:
+        compiled = ov.compile_model(_without(full, {s.name for s in kept}), "CPU", config)
+        scores, seconds = evaluate(lambda c: compiled(c)[0], calls, references, gate)
+        return min(scores), worst(lambda c: compiled(c)[0], probes, probe_references, gate), seconds
 
-    nncf_logger = logging.getLogger("nncf")
-    nncf_logger.addHandler(lines)
-    try:
-        quantized = nncf.quantize_with_accuracy_control(
-            model, nncf.Dataset(calls), nncf.Dataset(list(zip(calls, references, strict=True))), validate,
-            max_drop=1.0 - gate.target, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calls),
-            advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(
-                ranking_subset_size=min(4, len(calls))),
-            **quantize_kwargs)
-        fell_back = None
-    except SearchTimeUp as exc:
-        quantized, fell_back = None, str(exc)
-    finally:
-        nncf_logger.removeHandler(lines)
-    final = next((c for c in reversed(clock.candidates) if c["label"] != "ranking"), None)
-    if fell_back is None and (final is None or final["score"] < gate.target):
-        quantized, fell_back = None, "even with the restorer's layers in float the gate was not met"
-    record = _record(clock, lines, gate, final, fell_back)
-    return quantized, record
+    kept, record = search(sites, trial, gate, clock, fp32_seconds, say)
+    record["library"] = f"NNCF {nncf.__version__} quantize (full static INT8); OpenVINO {ov.__version__}"
+    return (None if kept is None else _without(full, {s.name for s in kept})), record
 
 
-def _record(clock: Clock, lines: _NncfLines, gate: Gate, final: dict[str, Any] | None,
-            fell_back: str | None) -> dict[str, Any]:
-    candidates = [c for c in clock.candidates if c["label"] != "ranking"]
-    fp32 = candidates[0]["seconds"] if candidates else None
-    kept_rows = []
-    for i, c in enumerate(candidates[2:], start=2):
-        for name in c["kept"][len(candidates[i - 1]["kept"]):]:
-            kept_rows.append({"layer": name, "why": f"restoring step {i - 1}: real-step score "
-                                                    f"{candidates[i - 1]['score']:.5f} -> {c['score']:.5f} with it in float"})
-    if lines.final is not None:  # NNCF's own final list wins over our reconstruction (it undoes failed steps)
-        kept_rows = [r for r in kept_rows if r["layer"] in lines.final]
-    return {"search": "NNCF quantize_with_accuracy_control (full static INT8, then greedy restoring by ranking on "
-                      "captured real denoising steps)",
-            "gate": {"min_cosine": gate.min_cosine, "max_rel_l2": gate.max_rel_l2, "target": gate.target,
-                     "time_limit_s": gate.time_limit_s},
-            "quantized_operations": lines.total, "ranked_candidates": sum(c["label"] == "ranking" for c in clock.candidates),
-            "candidates": [{**c, "speedup_vs_fp32": (fp32 / c["seconds"]) if fp32 else None, "kept": len(c["kept"])}
-                           for c in candidates],
-            "kept_in_float": kept_rows, "chosen_score": final["score"] if final and not fell_back else None,
-            "fell_back": fell_back, "seconds": clock.elapsed()}
+def _activation_quantizers(model: ov.Model) -> list[Any]:
+    """FakeQuantize nodes on activations (NNCF has already folded the weights' into INT8 constants)."""
+    return [op for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+            and op.input_value(0).get_node().get_type_name() != "Constant"]
+
+
+def _sites(quantized: ov.Model, calls: list[dict[str, np.ndarray]]) -> list[Site]:
+    """Each activation quantizer's SQNR over `calls`, from two sums of squares the model computes itself (the
+    tensors themselves would be GBs per call at full size)."""
+    probe = quantized.clone()
+    quantizers = _activation_quantizers(probe)
+    consumers = [_consumers(fq) for fq in quantizers]
+    flat = ops.constant(np.array([-1], dtype=np.int64))
+    axis = ops.constant(np.array([0], dtype=np.int64))
+    energies = []
+    for fq in quantizers:
+        x = ops.reshape(fq.input_value(0), flat, special_zero=False)
+        noise = ops.subtract(ops.reshape(fq.output(0), flat, special_zero=False), x)
+        energies.append((ops.reduce_sum(ops.multiply(x, x), axis), ops.reduce_sum(ops.multiply(noise, noise), axis)))
+    probe.add_outputs([e.output(0) for pair in energies for e in pair])
+    compiled = ov.compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    base = len(quantized.outputs)
+    totals = np.zeros((len(quantizers), 2))
+    for call in calls:
+        result = compiled(call)
+        values = [float(np.asarray(result[o]).sum()) for o in compiled.outputs[base:]]
+        totals += np.array(values, dtype=np.float64).reshape(-1, 2)
+    return [Site(fq.get_friendly_name(), layers, sqnr_db(signal, noise))
+            for fq, layers, (signal, noise) in zip(quantizers, consumers, totals, strict=True)]
+
+
+def _consumers(fq: Any) -> tuple[str, ...]:
+    return tuple(sorted({t.get_node().get_friendly_name() for t in fq.output(0).get_target_inputs()
+                         if t.get_node().get_type_name() not in ("Result", "ShapeOf")}))
+
+
+def _without(quantized: ov.Model, names: set[str]) -> ov.Model:
+    """A copy of the quantized model with the named activation quantizers bypassed."""
+    if not names:
+        return quantized
+    copy = quantized.clone()
+    for fq in _activation_quantizers(copy):
+        if fq.get_friendly_name() in names:
+            fq.output(0).replace(fq.input_value(0))
+    copy.validate_nodes_and_infer_types()
+    return copy
