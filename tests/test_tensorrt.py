@@ -385,3 +385,58 @@ def test_tensorrt_build_of_tiny_sd_fp16_and_int8_passes_validation(tmp_path: Pat
     assert set(sets) == {"tensorrt-fp16", "tensorrt-int8"}
     assert sets["tensorrt-int8"]["environment"] == tensorrt.environment()
     assert result.passed, json.dumps(result.report, default=str)[:2000]
+
+
+# --- int8-auto: the search over Model Optimizer's quantizers, on the CPU ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auto_unet(sd, tmp_path_factory: pytest.TempPathFactory):
+    """tiny-sd's UNet through int8-auto's search on captured 20-step calls; a held-out trajectory; its QDQ export."""
+    from diffusers import DiffusionPipeline
+
+    from diffship.targets.accuracy_gate import Gate, probe_inputs
+    from diffship.targets.calibration import capture
+    from diffship.targets.tensorrt_auto import search_unet
+
+    folder, specs = sd
+    spec = specs["unet"]
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    calls = capture(pipe, ["a cat on a sofa", "a mountain lake"], 16, 20, 64, 64, with_vae=False).inputs["unet"]
+    held_out = capture(pipe, ["a red bicycle"], None, 20, 64, 64, seed=1, with_vae=False).inputs["unet"]
+    gate = Gate(0.99, 0.15, probes=((2, 64, 64),))
+    unet = load_component(folder, "unet")
+    lines: list[str] = []
+    info = search_unet(unet, calls, probe_inputs(spec, gate), gate,
+                       lambda u: qdq_unet.quantize_unet(u, calls, "int8", 0.8, 99.99, keep_sensitive=False),
+                       lines.append)
+    path = qdq_unet.export_qdq(unet, spec, tmp_path_factory.mktemp("qdq-auto"))
+    return spec, folder, unet, held_out, gate, info, lines, path
+
+
+def test_int8_auto_for_tensorrt_keeps_the_fewest_layers_in_float_that_meet_the_gate(auto_unet):
+    spec, folder, unet, held_out, gate, info, lines, _path = auto_unet
+    search = info["search"]
+    first, chosen = search["candidates"][0], search["chosen_score"]
+    assert first["label"] == "full INT8" and first["score"] < gate.target  # the search was needed
+    assert search["fell_back"] is None and chosen >= gate.target and info["kept_float"]
+    assert len(info["kept_float"]) < search["quantized_activations"]
+    assert all(not dict(unet.named_modules())[name].input_quantizer.is_enabled for name in info["kept_float"])
+    assert any("int8-auto full INT8" in line for line in lines)
+    float_unet = load_component(folder, "unet")
+    worst = min(_cosine(run_torch(wrap(spec, unet), spec, c)["out_sample"],
+                        run_torch(wrap(spec, float_unet), spec, c)["out_sample"]) for c in held_out)
+    assert worst >= gate.min_cosine  # on a trajectory the search never saw
+
+
+def test_the_searched_qdq_export_runs_what_the_search_chose(auto_unet):
+    spec, _folder, unet, held_out, _gate, _info, _lines, path = auto_unet
+    feed = held_out[3]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert _cosine(got, run_torch(wrap(spec, unet), spec, feed)["out_sample"]) >= 0.999
+
+
+def test_int8_auto_is_a_tensorrt_precision_computed_in_int8():
+    assert "int8-auto" in tensorrt.PRECISIONS and tensorrt.needs_calibration("int8-auto")
+    assert tensorrt.computes_in("unet", "int8-auto", TrtOptions(), "sd1") == ("int8", None)
+    assert tensorrt.computes_in("text_encoder", "int8-auto", TrtOptions(), "sd1")[0] == "fp16"

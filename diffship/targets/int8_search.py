@@ -66,9 +66,9 @@ def search(sites: list[Site], trial: Trial, gate: Gate, clock: Clock, fp32_secon
             label = "full INT8" if k == 0 else ("every activation in float" if k == len(ranked) else f"first {k} in float")
             clock.candidates.append({"label": label, "kept": k, "score": score, "random_inputs": random_inputs,
                                      "seconds": seconds, "speedup_vs_fp32": fp32_seconds / seconds if seconds else None})
+            speed = f"{fp32_seconds / seconds:.2f}x the FP32 model, " if seconds else ""
             say(f"      int8-auto {label}: real-step score {score:.5f} (target {gate.target:.5f}), random inputs "
-                f"{random_inputs:.5f} (at least {gate.min_cosine}), {fp32_seconds / seconds:.2f}x the FP32 model, "
-                f"{clock.elapsed():.0f} s")
+                f"{random_inputs:.5f} (at least {gate.min_cosine}), {speed}{clock.elapsed():.0f} s")
         return k in passing
 
     chosen, stopped = None, None

@@ -25,8 +25,9 @@ from diffship.models.components import ComponentSpec, wrap
 MODES = ("int8", "fp8")
 
 
-def quant_config(mode: str, alpha: float) -> dict[str, Any]:
-    """Model Optimizer's INT8 SmoothQuant (with `alpha`) or FP8 configuration, diffship's sensitive layers in float."""
+def quant_config(mode: str, alpha: float, keep_sensitive: bool = True) -> dict[str, Any]:
+    """Model Optimizer's INT8 SmoothQuant (with `alpha`) or FP8 configuration, diffship's sensitive layers in float
+    unless `keep_sensitive` is off (int8-auto's search starts from every layer quantized)."""
     mtq = modelopt_quantization()
     if mode not in MODES:
         raise DiffshipError(f"Unknown QDQ mode {mode!r}; choose {', '.join(MODES)}.")
@@ -35,7 +36,8 @@ def quant_config(mode: str, alpha: float) -> dict[str, Any]:
     config = copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG if mode == "int8" else mtq.FP8_DEFAULT_CFG)
     if mode == "int8":
         config["algorithm"] = {"method": "smoothquant", "alpha": alpha}
-    config["quant_cfg"] = [*config["quant_cfg"], *({"quantizer_name": p, "enable": False} for p in SENSITIVE)]
+    if keep_sensitive:
+        config["quant_cfg"] = [*config["quant_cfg"], *({"quantizer_name": p, "enable": False} for p in SENSITIVE)]
     return config
 
 
@@ -63,7 +65,7 @@ def _percentile_conv_inputs(unet: nn.Module, calls: list[dict[str, np.ndarray]],
 
 
 def quantize_unet(unet: nn.Module, calls: list[dict[str, np.ndarray]], mode: str = "int8", alpha: float = 0.8,
-                  percentile: float = 99.99) -> dict[str, Any]:
+                  percentile: float = 99.99, keep_sensitive: bool = True) -> dict[str, Any]:
     """Insert and calibrate `mode` quantizers in `unet` (FP32, on the CPU or a GPU) in place; what was done."""
     from diffship.compress.distill import run_calls
 
@@ -71,7 +73,7 @@ def quantize_unet(unet: nn.Module, calls: list[dict[str, np.ndarray]], mode: str
         raise DiffshipError("Quantizing the UNet needs calibration calls; none were captured.")
     if not 0.0 < percentile <= 100.0:
         raise DiffshipError(f"Convolution calibration percentile must be within (0, 100], got {percentile}.")
-    config = quant_config(mode, alpha)
+    config = quant_config(mode, alpha, keep_sensitive)
     with plain_attention(), warnings.catch_warnings():
         # SmoothQuant warns once per layer kept in float ("not calibrated, skip smoothing"): that is the intent.
         warnings.filterwarnings("ignore", message=".*is not calibrated, skip smoothing")
@@ -84,7 +86,8 @@ def quantize_unet(unet: nn.Module, calls: list[dict[str, np.ndarray]], mode: str
                             f"{mode.upper()}.")
     return {"library": "nvidia-modelopt", "mode": mode, "quantizers_enabled": enabled, "calibration_calls": len(calls),
             "linear": f"SmoothQuant alpha {alpha}" if mode == "int8" else "FP8 E4M3 max",
-            "conv_inputs": f"percentile {percentile}" if convs else "max", "kept_float": list(SENSITIVE),
+            "conv_inputs": f"percentile {percentile}" if convs else "max",
+            "kept_float": list(SENSITIVE) if keep_sensitive else [],
             "attention_matmuls": "float"}
 
 

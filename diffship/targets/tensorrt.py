@@ -31,8 +31,8 @@ from diffship.models.components import ComponentSpec
 from diffship.targets import CompileContext, onnx_graph
 
 NAME = "tensorrt"
-PRECISIONS = ("fp16", "bf16", "tf32", "fp32", "int8", "fp8")
-CALIBRATED = ("int8", "fp8")
+PRECISIONS = ("fp16", "bf16", "tf32", "fp32", "int8", "int8-auto", "fp8")
+CALIBRATED = ("int8", "int8-auto", "fp8")
 ENGINE = "model.plan"
 ENGINE_INFO = "engine.json"
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper onwards
@@ -216,7 +216,7 @@ def computes_in(name: str, precision: str, options: TrtOptions, family: str | No
         lowered = "fp16"
         reason = f"{precision.upper()} quantizes the UNet; the other components run in FP16"
     else:
-        lowered, reason = precision, None
+        lowered, reason = ("int8" if precision == "int8-auto" else precision), None
     if lowered in ("fp16", "bf16") and (kept := onnx_graph.vae_fp32_reason(name, options.vae_precision, family,
                                                                           "vae_precision")):
         return "fp32", kept
@@ -331,7 +331,8 @@ def compile(source: Path, precision: str, options: TrtOptions | None = None, des
         if compute in CALIBRATED:
             if compute == "fp8":
                 check_fp8(env["compute_capability"], env["gpu"])
-            source, record["quantization"] = _quantized_unet(Path(tmp) / "qdq", compute, options, context)
+            source, record["quantization"] = _quantized_unet(Path(tmp) / "qdq", compute, options, context,
+                                                             auto=precision == "int8-auto")
         prepared = Path(tmp) / "prepared.onnx"
         record["prepare"] = prepare_onnx(source, prepared, compute)
         cache_file = timing_cache_path(options, env)
@@ -346,8 +347,10 @@ def compile(source: Path, precision: str, options: TrtOptions | None = None, des
     return plan
 
 
-def _quantized_unet(folder: Path, mode: str, options: TrtOptions, context: CompileContext) -> tuple[Path, dict[str, Any]]:
-    """Model Optimizer's QDQ UNet, calibrated on the captured calls (on the GPU), exported from the CPU."""
+def _quantized_unet(folder: Path, mode: str, options: TrtOptions, context: CompileContext,
+                    auto: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Model Optimizer's QDQ UNet, calibrated on the captured calls (on the GPU), exported from the CPU; with `auto`,
+    the layers kept in float are chosen by int8-auto's search on the real steps instead of by name."""
     from diffship.models.loading import load_component
     from diffship.targets import qdq_unet
 
@@ -357,7 +360,18 @@ def _quantized_unet(folder: Path, mode: str, options: TrtOptions, context: Compi
     if not calls:
         raise DiffshipError("No calibration inputs were captured for the UNet: set [calibration] prompts.")
     unet = load_component(context.model_folder, "unet", context.allow_pickle).to(_cuda_device(options.device))
-    info = qdq_unet.quantize_unet(unet, calls, mode, options.smoothquant_alpha, options.conv_percentile)
+    settings = (mode, options.smoothquant_alpha, options.conv_percentile)
+    if auto:
+        from diffship.targets.accuracy_gate import probe_inputs
+        from diffship.targets.tensorrt_auto import search_unet
+
+        if context.gate is None:
+            raise DiffshipError("int8-auto needs the recipe's INT8 gate for the UNet.")
+        info = search_unet(unet, calls, probe_inputs(context.spec, context.gate), context.gate,
+                           lambda u: qdq_unet.quantize_unet(u, calls, *settings, keep_sensitive=False),
+                           context.say or (lambda _: None))
+    else:
+        info = qdq_unet.quantize_unet(unet, calls, *settings)
     return qdq_unet.export_qdq(unet.cpu(), context.spec, folder, context.opset), info
 
 
@@ -475,13 +489,14 @@ class TrtRunner:
         q = self.info.get("quantization")
         graph = {**self.info.get("prepare", {}), "reason": self.info.get("reason", ""),
                  "quantization": f"Model Optimizer {q['mode'].upper()}: linear {q['linear']}, conv inputs "
-                                 f"{q['conv_inputs']}, {len(q['kept_float'])} layer patterns in float" if q else ""}
+                                 f"{q['conv_inputs']}, {len(q['kept_float'])} layer(s) or patterns in float" if q else ""}
         return {"target": NAME, "graph": graph, "tensorrt": env["tensorrt"], "gpu": env["gpu"],
                 "compute_capability": env["compute_capability"], "cuda": env["cuda"],
                 "precision": self.precision, "computes_in": self.info.get("computes_in"),
                 "reason": self.info.get("reason"), "static_profile": self.static, "cuda_graph": self.graph_note,
                 "summary": f"TensorRT {env['tensorrt']} {env['gpu']} {self.info.get('computes_in', '')}, "
-                           f"{'static' if self.static else 'dynamic'} profile, CUDA graph {self.graph_note}"}
+                           f"{'static' if self.static else 'dynamic'} profile, CUDA graph {self.graph_note}",
+                **({"search": q["search"]} if q and q.get("search") else {})}
 
 
 def _torch_dtype(trt_dtype: Any) -> Any:
