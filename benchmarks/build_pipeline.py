@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from datetime import date
 from pathlib import Path
@@ -19,6 +18,13 @@ from pathlib import Path
 from diffship.build import build
 from diffship.recipe import load_recipe
 from diffship.validation.latency import peak_rss_bytes
+
+
+def cpu_description() -> str:
+    from diffship.cpu import describe
+
+    return describe()
+
 
 HERE = Path(__file__).parent
 
@@ -33,7 +39,7 @@ def main() -> None:
     started = time.perf_counter()
     result = build(recipe, args.out, force=True, say=lambda line: print(line, flush=True))
     seconds = time.perf_counter() - started
-    print(f"\n{recipe.model}, {platform.processor() or platform.machine()}, {date.today()}: "
+    print(f"\n{recipe.model}, {cpu_description()}, {date.today()}: "
           f"build {seconds:.0f} s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
     figures = {}
     for key, r in result.report["sets"].items():

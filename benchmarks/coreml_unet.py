@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 from datetime import date
 from pathlib import Path
 
 from unet_capture import child
+
+from diffship.cpu import describe
 
 COMPILE = r"""
 import json, resource, shutil, sys, time
@@ -89,7 +90,7 @@ def main() -> None:
 
     base = {a: next(r for r in rows if r["attention"] == a and r["mode"] == args.modes[0]) for a in args.attention}
     print(f"\n{args.model} UNet, {args.size}x{args.size}, batch 2 (guided), coremltools {support['coremltools']}, "
-          f"torch {support['torch']}, {date.today()}, {platform.processor() or platform.machine()}")
+          f"torch {support['torch']}, {date.today()}, {describe()}")
     print("| attention | precision | step | seconds | package | vs first | peak RSS | ops | spec checks |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

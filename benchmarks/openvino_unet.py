@@ -98,8 +98,11 @@ def main() -> None:
         e = figures["modes"][mode]
         print(f"{mode}: IR in {e['compile']['seconds']:.0f} s, peak {e['compile']['peak_rss_bytes'] / 2**30:.2f} GiB; "
               f"load cold {e['load_cold_s']:.1f} s, warm {e['load_warm_s']:.1f} s")
+    from diffship.cpu import cpu_facts, describe
+
+    print(describe())
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+        args.json.write_text(json.dumps({**figures, "cpu": cpu_facts()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -32,6 +31,8 @@ from datetime import date
 from pathlib import Path
 
 from unet_capture import child
+
+from diffship.cpu import describe
 
 BUILD = r"""
 import json, resource, sys, time
@@ -207,7 +208,7 @@ def report(args: argparse.Namespace, rows: dict) -> None:
     base = rows[args.variants[0]]["latency"]["p50_s"]
     print(f"\n{args.model} UNet, {args.size}x{args.size}, batch 2 (one guided step), torch {versions['torch']} "
           f"({versions['cpu_capability']}, {versions['threads']} threads), {date.today()}, "
-          f"{platform.processor() or platform.machine()}; {args.runs} interleaved runs after 1 warm-up")
+          f"{describe()}; {args.runs} interleaved runs after 1 warm-up")
     print("| variant | p50 | p90 | vs eager FP32 | cosine to eager FP32 | build | compile | on disk | "
           "build peak RSS | load + first call: peak added | held after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
