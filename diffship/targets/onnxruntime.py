@@ -174,8 +174,9 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
         elif name.startswith("text_encoder"):
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(source, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                             use_external_data_format=large)
+            with quantize.quiet_root_logger():
+                quantize_dynamic(source, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                                 use_external_data_format=large)
             record = {"quantization": "dynamic INT8 MatMul weights, activations quantized per call"}
         else:
             _link_export(source, dest)

@@ -8,10 +8,11 @@ searches with `int8_search`; its candidates are small graphs sharing one weights
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,17 +93,23 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
         excluded = [n.name for n in graph.node
                     if n.op_type in QUANTIZED_OPS and any(part in n.name for part in UNET_SENSITIVE)]
         del graph
-    # onnxruntime.quantization logs advice on the root logger ("consider pre-processing") on every call.
-    root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR
-    try:
+    with quiet_root_logger():
         _quantize_static(source, out, excluded, large, method, ranges)
-    finally:
-        root.setLevel(level)
     kept = f"; {len(excluded)} sensitive Conv/MatMul kept float" if keep_sensitive else "; every Conv/MatMul quantized"
     return {"quantization": f"static QDQ S8S8, per-channel weights, {method_name} calibration on "
                             f"{len(samples)} captured UNet inputs{kept}",
             "excluded_nodes": len(excluded), "calibration_samples": len(samples)}
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """onnxruntime.quantization logs advice on the root logger ("consider pre-processing") on every call."""
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _lean_session() -> ort.SessionOptions:
@@ -150,12 +157,14 @@ def quantize_auto(source: Path, out: Path, context: CompileContext, method_name:
                                keep_sensitive=False, ranges=out.parent / "calibration-ranges.json")
         onnx.save_model(onnx.load(str(folder / "full.onnx")), str(folder / "search.onnx"), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=WEIGHTS, size_threshold=1024)
+        for path in folder.glob("full.onnx*"):
+            path.unlink()
         model = onnx.load(str(folder / "search.onnx"), load_external_data=False)
         sites = _sites(model, folder, calls[:SQNR_CALLS])
         say(f"      int8-auto: {len(sites)} quantized activations ranked by SQNR on {min(len(calls), SQNR_CALLS)} "
             f"real steps in {clock.elapsed():.0f} s")
 
-        def trial(kept: list[Site]) -> tuple[float, float]:
+        def trial(kept: list[Site]) -> tuple[float, float, float]:
             path = folder / f"candidate-{len(kept)}.onnx"
             onnx.save_model(_without(model, {s.name for s in kept}), str(path))
             candidate = runner(path, "int8-auto")
