@@ -89,7 +89,7 @@ def test_kept_layers_and_the_frontier_are_in_the_report(builds):
         search = _search(result, key)
         assert f"## {key}: layers kept in float" in markdown
         for row in search["kept_in_float"]:
-            assert row["layer"] in markdown and "SQNR" in row["why"]
+            assert row["layer"] in markdown and "on real steps" in row["why"]
         runtime = result.report["sets"][key]["runtime"]["unet"]
         assert runtime["search"]["candidates"] == search["candidates"]
 
@@ -151,3 +151,15 @@ def test_a_candidate_must_also_hold_validations_random_input_parity():
 
     kept, record = search(_sites(8), trial, gate, Clock(gate), 0.02, lambda _: None)
     assert len(kept) == 3 and record["candidates"][1]["random_inputs"] == 0.985
+
+
+def test_a_site_with_no_measured_noise_is_tried_early_and_the_record_stays_strict_json():
+    """digits-sd: the one site the gate needed measured no noise in the probe; ranked last it cost every site."""
+    sites = [Site("a", ("/unet/down/Conv",), 12.0), Site("b", ("/unet/up/upsamplers/Conv",), float("inf")),
+             Site("c", ("/unet/conv_in/Conv",), 40.0), Site("d", ("/unet/mid/Conv",), 30.0)]
+    gate = Gate(0.99, 0.15, time_limit_s=600)
+    needs_b = lambda kept: (1.0 if "b" in {s.name for s in kept} else 0.5, 1.0, 0.01)  # noqa: E731
+    kept, record = search(sites, needs_b, gate, Clock(gate), 0.02, lambda _: None)
+    assert [s.name for s in kept] == ["c", "b"]
+    json.dumps(record, allow_nan=False)
+    assert record["kept_in_float"][1]["sqnr_db"] is None and "no quantization noise" in record["kept_in_float"][1]["why"]

@@ -52,7 +52,9 @@ def search(sites: list[Site], trial: Trial, gate: Gate, clock: Clock, fp32_secon
            say: Say) -> tuple[list[Site] | None, dict[str, Any]]:
     """The fewest worst-SQNR sites whose float copy meets `gate.target` (None: not even all of them), and the record
     of every candidate tried. A time-out keeps the best passing candidate found so far, if any."""
-    ranked = sorted(sites, key=lambda s: (not _suspect(s), s.sqnr_db))
+    # A site whose probe measured no noise at all is unknown, not safe: on digits-sd the one site the gate needed
+    # (an upsampler conv's input) measured none in the f32 probe and, ranked last, left every site in float.
+    ranked = sorted(sites, key=lambda s: (not _suspect(s), not math.isinf(s.sqnr_db), s.sqnr_db))
     results: dict[int, float] = {}
     passing: set[int] = set()
 
@@ -84,6 +86,17 @@ def search(sites: list[Site], trial: Trial, gate: Gate, clock: Clock, fp32_secon
     return kept, _record(ranked, kept, results, gate, clock, fell_back, stopped)
 
 
+def _db(site: Site) -> float | None:
+    """The SQNR for JSON (None where no noise was measured: JSON has no infinity)."""
+    return None if math.isinf(site.sqnr_db) else round(site.sqnr_db, 2)
+
+
+def _noise(site: Site) -> str:
+    if math.isinf(site.sqnr_db):
+        return "no quantization noise measured on real steps (unknown, so tried early)"
+    return f"input SQNR {site.sqnr_db:.1f} dB on real steps"
+
+
 def _suspect(site: Site) -> bool:
     return any(part in layer for layer in site.consumers for part in SUSPECTS)
 
@@ -110,9 +123,9 @@ def _fewest(n: int, passes: Callable[[int], bool]) -> int | None:
 def _record(ranked: list[Site], kept: list[Site] | None, results: dict[int, float], gate: Gate, clock: Clock,
             fell_back: str | None, stopped: str | None) -> dict[str, Any]:
     n = len(kept or [])
-    rows = [{"layer": ", ".join(s.consumers) or s.name, "quantizer": s.name, "sqnr_db": round(s.sqnr_db, 2),
-             "why": f"{'a layer recipes keep in float; ' if _suspect(s) else ''}input SQNR {s.sqnr_db:.1f} dB on real "
-                    f"steps, rank {i + 1} of {len(ranked)}; {n - 1} in float scored "
+    rows = [{"layer": ", ".join(s.consumers) or s.name, "quantizer": s.name, "sqnr_db": _db(s),
+             "why": f"{'a layer recipes keep in float; ' if _suspect(s) else ''}{_noise(s)}, rank {i + 1} of "
+                    f"{len(ranked)}; {n - 1} in float scored "
                     f"{results.get(n - 1, float('nan')):.5f}, {n} scored {results[n]:.5f}"}
             for i, s in enumerate(kept or [])]
     return {"search": "full static INT8, then activations kept in float in rank order (recipes' sensitive layers, "
@@ -120,7 +133,7 @@ def _record(ranked: list[Site], kept: list[Site] | None, results: dict[int, floa
             "gate": {"min_cosine": gate.min_cosine, "max_rel_l2": gate.max_rel_l2, "target": gate.target,
                      "time_limit_s": gate.time_limit_s},
             "quantized_activations": len(ranked),
-            "ranked_first": [{"quantizer": s.name, "layers": list(s.consumers), "sqnr_db": round(s.sqnr_db, 2)}
+            "ranked_first": [{"quantizer": s.name, "layers": list(s.consumers), "sqnr_db": _db(s)}
                             for s in ranked[:10]],
             "candidates": clock.candidates, "kept_in_float": rows,
             "chosen_score": None if kept is None else results[len(kept)],
