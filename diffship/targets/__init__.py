@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from diffship.errors import DiffshipError
 
@@ -57,6 +57,18 @@ class CompileContext:
     opset: int = 17
     gate: Gate | None = None  # what an accuracy-aware precision (int8-auto) must meet on real steps
     say: Callable[[str], None] | None = None  # progress lines of long compiles
+
+
+def calibration_inputs(context: CompileContext, precision: str) -> list[dict[str, Any]]:
+    """The component's captured calibration inputs, or an error saying what is missing (shared by every target
+    that calibrates)."""
+    name = context.spec.name
+    if context.calibration is None:
+        raise DiffshipError(f"{precision} needs calibration data for {name}.")
+    calls = context.calibration().inputs.get(name)
+    if not calls:
+        raise DiffshipError(f"No calibration inputs were captured for {name}: set [calibration] prompts.")
+    return calls
 
 
 def check_available(name: str) -> TargetInfo:

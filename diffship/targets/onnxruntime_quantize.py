@@ -22,26 +22,16 @@ import onnxruntime as ort
 from onnx import helper
 
 from diffship.errors import DiffshipError
-from diffship.targets import CompileContext, onnx_graph
+from diffship.targets import CompileContext, calibration_inputs, onnx_graph
 from diffship.targets.accuracy_gate import Clock, evaluate, probe_inputs, worst
-from diffship.targets.int8_search import Site, search, sqnr_db
+from diffship.targets.int8_search import SQNR_CALLS, SUSPECTS, Site, search, sqnr_db
 
 QUANTIZED_OPS = ("Conv", "MatMul")
 # UNet layers INT8 hurts most and speeds up least: timestep embedding, first and last convolutions, and the
 # 1x1 shortcut convolutions whose inputs are the unnormalized skip concatenations (on SD 1.5 they alone took the
 # UNet's cosine from 0.9988 to 0.9918).
-UNET_SENSITIVE = ("time_embedding", "time_proj", "conv_in", "conv_out", "conv_shortcut")
-SQNR_CALLS = 4  # real steps the one-pass ranking runs on
+UNET_SENSITIVE = SUSPECTS
 WEIGHTS = "weights.bin"  # the one external data file the search's candidate graphs share
-
-
-def _calls(context: CompileContext) -> list[dict[str, np.ndarray]]:
-    if context.calibration is None:
-        raise DiffshipError("ONNX Runtime INT8 needs calibration data for the UNet.")
-    calls = context.calibration().inputs.get("unet")
-    if not calls:
-        raise DiffshipError("No calibration inputs were captured for the UNet.")
-    return calls
 
 
 def quantize_unet(source: Path, out: Path, context: CompileContext, method_name: str, max_outputs: int, large: bool,
@@ -56,7 +46,8 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     # One batch item per sample: the ranges are the same, the calibration session needs half the memory.
-    samples = [{k: v[i:i + 1] for k, v in call.items()} for call in _calls(context) for i in range(len(call["sample"]))]
+    samples = [{k: v[i:i + 1] for k, v in call.items()}
+               for call in calibration_inputs(context, "int8") for i in range(len(call["sample"]))]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -142,7 +133,7 @@ def quantize_auto(source: Path, out: Path, context: CompileContext, method_name:
     runner(path, precision): a Runner made the way the build will load the artifact."""
     if context.gate is None:
         raise DiffshipError("int8-auto needs the recipe's INT8 gate for the UNet.")
-    gate, say, calls = context.gate, context.say or (lambda _: None), _calls(context)
+    gate, say, calls = context.gate, context.say or (lambda _: None), calibration_inputs(context, "int8-auto")
     clock = Clock(gate)
     fp32 = runner(source, "fp32")
     name = fp32.output_names[0]

@@ -20,7 +20,7 @@ import openvino as ov
 
 from diffship.artifacts import atomic_write_json, read_json
 from diffship.errors import DiffshipError
-from diffship.targets import CompileContext
+from diffship.targets import CompileContext, calibration_inputs
 
 NAME = "openvino"
 XML = "openvino_model.xml"
@@ -120,7 +120,7 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         dest.mkdir(parents=True, exist_ok=True)
         atomic_write_json(dest / SEARCH_FILE, search)
     elif quantize:
-        calls = _calibration_calls(context, precision)
+        calls = calibration_inputs(context, precision)
         settings = _quantize_kwargs(options)
         model = nncf.quantize(
             model, nncf.Dataset(calls), subset_size=len(calls),
@@ -142,17 +142,6 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
     return xml
 
 
-def _calibration_calls(context: CompileContext, precision: str) -> list[dict[str, np.ndarray]]:
-    """The component's captured inputs, or an error saying what is missing."""
-    name = context.spec.name
-    if context.calibration is None:
-        raise DiffshipError(f"{precision} needs calibration data for {name}.")
-    calls = context.calibration().inputs.get(name)
-    if not calls:
-        raise DiffshipError(f"No calibration inputs were captured for {name}.")
-    return calls
-
-
 def _quantize_kwargs(options: OvOptions) -> dict[str, Any]:
     import nncf
 
@@ -171,7 +160,7 @@ def _auto(model: ov.Model, context: CompileContext, options: OvOptions) -> tuple
 
     if context.gate is None:
         raise DiffshipError("int8-auto needs the recipe's INT8 gate for the UNet.")
-    calls = _calibration_calls(context, "int8-auto")
+    calls = calibration_inputs(context, "int8-auto")
     say = context.say or (lambda _: None)
     config = {"INFERENCE_PRECISION_HINT": options.inference_precision or INFERENCE_PRECISION["int8-auto"]}
     probes = probe_inputs(context.spec, context.gate)

@@ -15,10 +15,9 @@ import openvino as ov
 import openvino.opset13 as ops
 
 from diffship.targets.accuracy_gate import Clock, Gate, evaluate, worst
-from diffship.targets.int8_search import Site, search, sqnr_db
+from diffship.targets.int8_search import SQNR_CALLS, Site, search, sqnr_db
 
 Say = Callable[[str], None]
-SQNR_CALLS = 4  # real steps the one-pass ranking runs on
 
 
 def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], probes: list[dict[str, np.ndarray]],

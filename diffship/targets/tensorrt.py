@@ -28,7 +28,7 @@ import numpy as np
 from diffship.artifacts import atomic_write_bytes, atomic_write_json
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec
-from diffship.targets import CompileContext, onnx_graph
+from diffship.targets import CompileContext, calibration_inputs, onnx_graph
 
 NAME = "tensorrt"
 PRECISIONS = ("fp16", "bf16", "tf32", "fp32", "int8", "int8-auto", "fp8")
@@ -356,9 +356,7 @@ def _quantized_unet(folder: Path, mode: str, options: TrtOptions, context: Compi
 
     if context.calibration is None or context.model_folder is None:
         raise DiffshipError(f"TensorRT {mode} needs the UNet's calibration inputs and its PyTorch weights.")
-    calls = context.calibration().inputs.get("unet")
-    if not calls:
-        raise DiffshipError("No calibration inputs were captured for the UNet: set [calibration] prompts.")
+    calls = calibration_inputs(context, mode)
     unet = load_component(context.model_folder, "unet", context.allow_pickle).to(_cuda_device(options.device))
     settings = (mode, options.smoothquant_alpha, options.conv_percentile)
     if auto:

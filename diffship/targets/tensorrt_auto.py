@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffship.targets.accuracy_gate import Clock, Gate, score
-from diffship.targets.int8_search import Site, search, sqnr_db
+from diffship.targets.accuracy_gate import Clock, Gate, worst
+from diffship.targets.int8_search import SQNR_CALLS, Site, search, sqnr_db
 
 Say = Callable[[str], None]
-SQNR_CALLS = 4
 
 
 def _outputs(unet: nn.Module, calls: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
@@ -30,10 +29,6 @@ def _outputs(unet: nn.Module, calls: list[dict[str, np.ndarray]]) -> list[np.nda
     with torch.no_grad():
         return [predict(unet, {k: torch.from_numpy(v).to(device) for k, v in c.items()}).float().cpu().numpy()
                 for c in calls]
-
-
-def _worst(unet: nn.Module, calls: list[dict[str, np.ndarray]], references: list[np.ndarray], gate: Gate) -> float:
-    return min((score(r, o, gate) for r, o in zip(references, _outputs(unet, calls), strict=True)), default=1.0)
 
 
 def _input_quantizers(unet: nn.Module) -> dict[str, Any]:
@@ -85,7 +80,8 @@ def search_unet(unet: nn.Module, calls: list[dict[str, np.ndarray]], probes: lis
 
     def trial(kept: list[Site]) -> tuple[float, float, float]:
         apply(kept)
-        return _worst(unet, calls, references, gate), _worst(unet, probes, probe_references, gate), 0.0
+        run = lambda call: _outputs(unet, [call])[0]  # noqa: E731
+        return worst(run, calls, references, gate), worst(run, probes, probe_references, gate), 0.0
 
     kept, record = search(sites, trial, gate, clock, 0.0, say)
     apply(sites if kept is None else kept)
