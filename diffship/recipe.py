@@ -174,7 +174,7 @@ class Int8AutoRecipe(_Strict):
     the threshold, 1: perfect), because the build's gate is then checked on another trajectory."""
 
     time_limit_minutes: float = Field(60.0, gt=0)
-    margin: float = Field(0.25, ge=0, lt=1)
+    margin: float = Field(0.1, ge=0, lt=1)
 
 
 class Recipe(_Strict):

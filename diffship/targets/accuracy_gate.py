@@ -26,7 +26,7 @@ class Gate:
 
     min_cosine: float
     max_rel_l2: float
-    margin: float = 0.25
+    margin: float = 0.1
     time_limit_s: float = 3600.0
     # Validation's parity cases for the UNet (batch, height, width): random inputs, which must reach the threshold
     # itself (no margin: validation runs exactly these). They are never used to rank layers.
