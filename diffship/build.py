@@ -27,8 +27,8 @@ from diffship.artifacts import (
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import ModuleLoader, component_entry, export_one, finish_pipeline_folder, select_specs
 from diffship.manifest import ArtifactSet
-from diffship.models.components import ComponentSpec, native_size
-from diffship.models.family import component_config, detect_family
+from diffship.models.components import ComponentSpec, component_specs, native_size
+from diffship.models.families import component_config, detect_family
 from diffship.models.source import ModelSource, resolve
 from diffship.provenance import build_manifest, library_versions, report_data
 from diffship.recipe import Recipe
@@ -43,6 +43,8 @@ from diffship.validation.suite import Plan
 
 Say = Callable[[str], None]
 EXPORT_FOLDER = "onnx"
+# The roles an image needs: a build validates end to end, so it exports at least these components.
+GENERATES = ("text_encoder", "denoiser", "vae_decoder")
 REPORT_FOLDER = "report"
 
 
@@ -121,7 +123,7 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
     source = resolve(recipe.model, allow_pickle=recipe.allow_pickle)
     family = detect_family(source.folder)
     specs = select_specs(source.folder, recipe.components)
-    needed = [*family.text_encoders, "unet", "vae_decoder"]
+    needed = [s.name for s in component_specs(source.folder, family) if s.role in GENERATES]
     if missing := [c for c in needed if c not in {s.name for s in specs}]:
         raise DiffshipError(
             f"A build validates images end to end, so it needs {', '.join(needed)}; the recipe leaves out "
@@ -275,7 +277,7 @@ def static_shapes(spec: ComponentSpec, shapes: dict[str, list[int]], guidance: b
     """Input shapes when the recipe fixes batch and resolution (the UNet sees twice the batch under guidance)."""
     if not shapes_fixed(shapes):
         return None
-    batch = shapes["batch"][0] * (2 if guidance and spec.name == "unet" else 1)
+    batch = spec.batch_for(shapes["batch"][0], guidance)
     sizes = spec.axis_sizes(batch, shapes["height"][0], shapes["width"][0])
     return {t.name: t.concrete(sizes) for t in spec.inputs}
 
@@ -306,7 +308,7 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                     components[name] = backend.compile(source, precision, options)
                     continue
                 context = CompileContext(by_name[name], static_shapes(by_name[name], shapes, guided),
-                                         calibration if backend.needs_calibration(precision) else None, family,
+                                         calibration if backend.needs_calibration(precision) else None,
                                          (shapes["height"][0], shapes["width"][0]), shapes, opt_size, guided,
                                          model_folder, recipe.allow_pickle, recipe.export.opset,
                                          _gate(recipe, precision, unet_probes), say)
@@ -329,7 +331,8 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                                "files": _artifact_files(root, export_dir, path, entries[name]["files"]),
                                "inputs": entries[name]["inputs"], "outputs": entries[name]["outputs"]}
                         for name, path in components.items()}
-            artifact_set = ArtifactSet(root, set_dir, target.name, precision, components, shapes, "unvalidated")
+            artifact_set = ArtifactSet(root, set_dir, target.name, precision, components, shapes, "unvalidated",
+                                       family=family)
             sets[set_key] = (artifact_set, options, {"target": target.name, "precision": precision,
                                                       **({"environment": environment} if environment else {}),
                                                       "pipeline": set_dir.relative_to(root).as_posix(),

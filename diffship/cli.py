@@ -104,7 +104,7 @@ def models(
         out.print(table)
         return
     from diffship.models.components import component_specs
-    from diffship.models.family import detect_family, prediction_type
+    from diffship.models.families import detect_family, prediction_type
     from diffship.models.loading import check_weight_files
     from diffship.models.source import resolve
 
@@ -249,7 +249,7 @@ def compress(
     from diffship.compress.run import compress as run_compress
     from diffship.compress.table import stage_chart, stage_table
     from diffship.models.components import native_size
-    from diffship.models.family import component_config, detect_family
+    from diffship.models.families import component_config, detect_family
     from diffship.models.source import resolve
     from diffship.recipe import load_recipe
     from diffship.validation.report import markdown_table

@@ -53,6 +53,7 @@ class _ExportComponent(_Record):
 
 class _Source(_Record):
     model: str
+    family: str | None = None
 
 
 class _Target(_Record):
@@ -127,6 +128,7 @@ class ArtifactSet:
     shapes: dict[str, list[int]] | None  # {"batch": [min, max], "height": [...], "width": [...]}; None: any
     status: str  # "passed", "failed", "spec-checked" (converted and checked, could not run here), or "unvalidated"
     options: dict[str, Any] | None = None  # the target options the build used (device, hints...), to run it the same way
+    family: str | None = None  # the pipeline family the manifest records (None: detect it from the pipeline folder)
 
 
 def open_artifacts(folder: Path, target: str | None = None, precision: str | None = None,
@@ -153,4 +155,4 @@ def open_artifacts(folder: Path, target: str | None = None, precision: str | Non
     recorded = [t.options for t in (manifest.recipe.targets if manifest.recipe else []) if t.name == chosen.target]
     shapes = {k: list(v) for k, v in manifest.shapes.items()} if manifest.shapes else None
     return ArtifactSet(folder, pipeline, chosen.target, chosen.precision, components, shapes, chosen.status,
-                       recorded[0] if recorded else None)
+                       recorded[0] if recorded else None, manifest.source.family if manifest.source else None)

@@ -17,7 +17,7 @@ import numpy as np
 
 from diffship import __version__, cache
 from diffship.manifest import MANIFEST_SCHEMA, ArtifactSet
-from diffship.models.family import prediction_type
+from diffship.models.families import prediction_type
 from diffship.models.source import ModelSource
 from diffship.recipe import Recipe
 from diffship.validation.suite import Plan

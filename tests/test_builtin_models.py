@@ -6,10 +6,11 @@ import pytest
 
 from diffship.artifacts import sha256_file
 from diffship.models.builtin import BUILTINS, builtin_folder, write_builtin
-from diffship.models.family import detect_family
+from diffship.models.families import detect_family
 
 
-@pytest.mark.parametrize(("name", "family"), [("tiny-sd", "sd1"), ("tiny-sd2", "sd2"), ("tiny-sdxl", "sdxl")])
+@pytest.mark.parametrize(("name", "family"), [("tiny-sd", "sd1"), ("tiny-sd2", "sd2"), ("tiny-sdxl", "sdxl"),
+                                              ("tiny-sdxl-refiner", "sdxl-refiner")])
 def test_tiny_builtins_are_small_and_detected_as_their_family(name: str, family: str):
     folder = builtin_folder(name)
     assert detect_family(folder).name == family
@@ -51,6 +52,6 @@ def test_diffusers_loads_builtin_as_a_pipeline_and_generates(name: str):
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
-@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd2", "tiny-sdxl"])
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd2", "tiny-sdxl", "tiny-sdxl-refiner"])
 def test_declared_family_of_each_builtin_is_what_detection_finds(name: str):
     assert BUILTINS[name].family == detect_family(builtin_folder(name)).name

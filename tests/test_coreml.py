@@ -160,7 +160,7 @@ def test_a_build_converts_each_component_once_and_compresses_that(builds):
 def _context(model: str, name: str, **kw) -> CompileContext:
     folder = builtin_folder(model)
     spec = next(s for s in component_specs(folder) if s.name == name)
-    return CompileContext(spec, None, None, "sdxl" if model == "tiny-sdxl" else "sd1", (64, 64),
+    return CompileContext(spec, None, None, (64, 64),
                           {"batch": [1, 2], "height": [64, 128], "width": [64, 128]}, kw.pop("opt", (64, 64)), True,
                           folder, **kw)
 

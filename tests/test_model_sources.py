@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffship.errors import DiffshipError
-from diffship.models.family import detect_family
+from diffship.models.families import detect_family
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
 

@@ -24,6 +24,7 @@ EXPECTED = {
     "tiny-sd": ["text_encoder", "unet", "vae_encoder", "vae_decoder"],
     "tiny-sd2": ["text_encoder", "unet", "vae_encoder", "vae_decoder"],
     "tiny-sdxl": ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"],
+    "tiny-sdxl-refiner": ["text_encoder_2", "unet", "vae_encoder", "vae_decoder"],
 }
 
 

@@ -143,7 +143,7 @@ def test_bad_options_are_named():
 def test_compile_refuses_bad_requests_before_touching_tensorrt(sd, exported, tmp_path: Path):
     _, specs = sd
     source = exported("tiny-sd") / "unet" / "model.onnx"
-    context = CompileContext(specs["unet"], None, None, "sd", (64, 64), RANGES, (64, 64), True)
+    context = CompileContext(specs["unet"], None, None, (64, 64), RANGES, (64, 64), True)
     with pytest.raises(DiffshipError, match="TensorRT precision 'int4' is unknown"):
         tensorrt.compile(source, "int4", TrtOptions(), tmp_path, context)
     with pytest.raises(DiffshipError, match="needs an output folder, the component, and the recipe's shape ranges"):
@@ -183,16 +183,18 @@ def test_int8_without_calibration_prompts_is_refused():
         parse_recipe({"targets": [{"name": "tensorrt", "precisions": ["int8"]}], "calibration": {"prompts": []}})
 
 
-def test_what_each_component_computes_in():
+def test_what_each_component_computes_in(sd):
+    _, specs = sd
+    xl = {s.name: s for s in component_specs(resolve("tiny-sdxl").folder)}
     opts = TrtOptions()
-    assert tensorrt.computes_in("unet", "int8", opts, "sd") == ("int8", None)
-    lowered, reason = tensorrt.computes_in("text_encoder", "int8", opts, "sd")
+    assert tensorrt.computes_in(specs["unet"], "int8", opts) == ("int8", None)
+    lowered, reason = tensorrt.computes_in(specs["text_encoder"], "int8", opts)
     assert lowered == "fp16" and "quantizes the UNet" in reason
-    assert tensorrt.computes_in("vae_decoder", "fp16", opts, "sd") == ("fp16", None)
-    assert tensorrt.computes_in("vae_decoder", "fp16", opts, "sdxl")[0] == "fp32"  # overflows in FP16
-    assert tensorrt.computes_in("vae_decoder", "int8", TrtOptions(vae_precision="fp16"), "sdxl")[0] == "fp16"
-    assert tensorrt.computes_in("vae_decoder", "fp16", TrtOptions(vae_precision="fp32"), "sd")[0] == "fp32"
-    assert tensorrt.computes_in("unet", "tf32", opts, "sd") == ("tf32", None)
+    assert tensorrt.computes_in(specs["vae_decoder"], "fp16", opts) == ("fp16", None)
+    assert tensorrt.computes_in(xl["vae_decoder"], "fp16", opts)[0] == "fp32"  # overflows in FP16
+    assert tensorrt.computes_in(xl["vae_decoder"], "int8", TrtOptions(vae_precision="fp16"))[0] == "fp16"
+    assert tensorrt.computes_in(specs["vae_decoder"], "fp16", TrtOptions(vae_precision="fp32"))[0] == "fp32"
+    assert tensorrt.computes_in(specs["unet"], "tf32", opts) == ("tf32", None)
 
 
 def test_an_engine_without_its_record_is_refused(tmp_path: Path):
@@ -325,7 +327,7 @@ def test_quantizing_without_calls_or_with_bad_settings_is_refused(sd):
 
 
 def _context(spec, shapes=RANGES, static=None, **kw) -> CompileContext:
-    return CompileContext(spec, static, None, "sd", (64, 64), shapes, (64, 64), True, **kw)
+    return CompileContext(spec, static, None, (64, 64), shapes, (64, 64), True, **kw)
 
 
 @gpu

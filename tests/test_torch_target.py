@@ -199,7 +199,7 @@ def test_generate_runs_a_torch_set(plain, tmp_path: Path):
 def test_every_compile_mode_compiles_and_matches_eager(mode: str, tmp_path: Path, model_cache: Path):
     folder = builtin_folder("tiny-sd")
     spec = next(s for s in component_specs(folder) if s.name == "vae_decoder")
-    context = CompileContext(spec, family="sd1", model_folder=folder)
+    context = CompileContext(spec, model_folder=folder)
     options = target.parse_options({"compile_mode": mode})
     artifact = target.compile(tmp_path / "none.onnx", "fp32-compile", options, tmp_path / "vae_decoder", context)
     compiled = target.load(artifact, options)
@@ -212,7 +212,7 @@ def test_every_compile_mode_compiles_and_matches_eager(mode: str, tmp_path: Path
 def test_dynamic_compilation_serves_new_batch_sizes(tmp_path: Path, model_cache: Path):
     folder = builtin_folder("tiny-sd")
     spec = next(s for s in component_specs(folder) if s.name == "text_encoder")
-    context = CompileContext(spec, family="sd1", model_folder=folder)
+    context = CompileContext(spec, model_folder=folder)
     options = target.parse_options({"compile_dynamic": True, "compile_components": ["text_encoder"]})
     compiled = target.load(target.compile(tmp_path / "none.onnx", "fp32-compile", options, tmp_path / "te", context),
                            options)
@@ -228,7 +228,7 @@ def test_dynamic_compilation_serves_new_batch_sizes(tmp_path: Path, model_cache:
 def test_an_sdxl_unet_exports_as_a_package_with_dynamic_shapes(tmp_path: Path, model_cache: Path):
     folder = builtin_folder("tiny-sdxl")
     spec = next(s for s in component_specs(folder) if s.name == "unet")
-    context = CompileContext(spec, family="sdxl", model_folder=folder, shape_ranges=SHAPES, guided=True)
+    context = CompileContext(spec, model_folder=folder, shape_ranges=SHAPES, guided=True)
     package = target.compile(tmp_path / "none.onnx", "fp32-aoti", target.TorchOptions(), tmp_path / "unet", context)
     info = target.read_info(package)
     assert info["shape_ranges"] == {"batch": [1, 4], "height": [64, 128], "width": [64, 128]}
@@ -330,7 +330,7 @@ def test_vae_slicing_in_a_package_for_a_range_of_shapes_is_refused_and_nothing_i
                                                                                            model_cache: Path):
     folder = builtin_folder("tiny-sd")
     spec = next(s for s in component_specs(folder) if s.name == "vae_decoder")
-    context = CompileContext(spec, family="sd1", model_folder=folder, shape_ranges=SHAPES)
+    context = CompileContext(spec, model_folder=folder, shape_ranges=SHAPES)
     with pytest.raises(DiffshipError, match="VAE slicing and tiling branch on the input's batch and size"):
         target.compile(tmp_path / "none.onnx", "fp32-aoti", target.TorchOptions(vae_slicing=True), tmp_path / "vae",
                        context)

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from diffship.models.families import family_named
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -20,10 +22,11 @@ def cast_pipeline(pipe: Any, dtype: str, vae: str, family: str) -> dict[str, Any
         module = getattr(pipe, name, None)
         if module is not None:
             module.to(target)
-    keep_vae = vae == "fp32" or (vae == "auto" and dtype == "fp16" and family == "sdxl")
+    declared = family_named(family)
+    keep_vae = vae == "fp32" or (vae == "auto" and dtype == "fp16" and declared.vae_overflows_fp16)
     if keep_vae:
         kept["vae"] = ("the recipe asks for it" if vae == "fp32" else
-                       "SDXL's VAE overflows to NaN in FP16 (its activations exceed 65504)")
+                       f"{declared.short}'s VAE overflows to NaN in FP16 (its activations exceed 65504)")
     else:
         pipe.vae.to(target)
     return {"dtype": dtype, "kept_fp32": kept}

@@ -35,16 +35,12 @@ from diffship.errors import DiffshipError
 from diffship.exporters.onnx import DEFAULT_OPSET, export_component, onnx_io
 from diffship.manifest import MANIFEST_SCHEMA
 from diffship.models.components import ComponentSpec, component_specs, wrap
-from diffship.models.family import detect_family, prediction_type, read_model_index
+from diffship.models.families import detect_family, family_named, prediction_type, read_model_index
 from diffship.models.loading import load_component
 from diffship.models.source import ModelSource
 
 # Called with (component, event, detail): event is "start" or "done".
 StepCallback = Callable[[str, str, dict[str, Any]], None]
-
-ONNX_PIPELINE_CLASS = {"sd1": "OnnxStableDiffusionPipeline", "sd2": "OnnxStableDiffusionPipeline",
-                       "sdxl": "ORTStableDiffusionXLPipeline"}
-
 
 def select_specs(folder: Path, components: list[str] | None) -> list[ComponentSpec]:
     """The specs to export: all of the pipeline's, or the named ones (unknown names are an error)."""
@@ -128,14 +124,15 @@ def _copy_pipeline_files(src: Path, dst: Path, tokenizers: tuple[str, ...]) -> N
 
 def _write_model_index(src: Path, dst: Path, family: str, exported: list[str], tokenizers: tuple[str, ...]) -> None:
     index = read_model_index(src)
-    new: dict[str, Any] = {"_class_name": ONNX_PIPELINE_CLASS[family], "_diffusers_version": diffusers.__version__}
+    new: dict[str, Any] = {"_class_name": family_named(family).layouts["onnx"], "_diffusers_version": diffusers.__version__}
     for name in exported:
         new[name] = ["diffusers", "OnnxRuntimeModel"]
     for name in (*tokenizers, "scheduler"):
         new[name] = index.get(name)
     new |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-    if "force_zeros_for_empty_prompt" in index:
-        new["force_zeros_for_empty_prompt"] = index["force_zeros_for_empty_prompt"]
+    for key in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+        if key in index:
+            new[key] = index[key]
     (dst / "model_index.json").write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
 
 

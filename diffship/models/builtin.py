@@ -40,7 +40,7 @@ class BuiltinModel:
 
     name: str
     description: str
-    family: str  # sd1, sd2, sdxl
+    family: str  # a name in diffship.models.families.FAMILIES
     pipeline_class: str
     unet: dict[str, Any]
     vae: dict[str, Any]
@@ -53,6 +53,8 @@ class BuiltinModel:
     extra_index: dict[str, Any] = field(default_factory=dict)
     # Package folder with trained `<component>.safetensors` (FP16, loaded as FP32) instead of seeded random weights.
     weights: str | None = None
+    # The pipeline folder of each text encoder (and its tokenizer); an SDXL refiner has only the second.
+    text_encoder_folders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
 
 
 SD_SCHEDULER = {
@@ -196,6 +198,44 @@ BUILTINS: dict[str, BuiltinModel] = {
             extra_index={"force_zeros_for_empty_prompt": True},
         ),
         BuiltinModel(
+            name="tiny-sdxl-refiner",
+            description="SDXL refiner architecture (second text encoder only, aesthetic-score time ids), tiny random "
+                        "weights",
+            family="sdxl-refiner",
+            pipeline_class="StableDiffusionXLImg2ImgPipeline",
+            unet={
+                "sample_size": 8,
+                "in_channels": 4,
+                "out_channels": 4,
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "block_out_channels": [32, 64, 64],
+                "layers_per_block": 1,
+                "transformer_layers_per_block": [1, 1, 2],
+                "attention_head_dim": [2, 4, 4],
+                "use_linear_projection": True,
+                "cross_attention_dim": 32,  # the second encoder's width alone
+                "norm_num_groups": 8,
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": 8,
+                # 5 time ids (sizes, crop, aesthetic score) x addition_time_embed_dim + the projection (32)
+                "projection_class_embeddings_input_dim": 5 * 8 + 32,
+            },
+            vae={**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+            text_encoders=(
+                {**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                 "num_attention_heads": 4, "hidden_act": "gelu", "projection_dim": 32, "with_projection": True},
+            ),
+            pad_tokens=("!",),
+            text_encoder_folders=("text_encoder_2",),
+            scheduler_class="EulerDiscreteScheduler",
+            scheduler={**SD_SCHEDULER, "interpolation_type": "linear", "timestep_spacing": "leading"},
+            seed=11,
+            approx_size="20 MB",
+            extra_index={"text_encoder": [None, None], "tokenizer": [None, None], "requires_aesthetics_score": True,
+                         "force_zeros_for_empty_prompt": False},
+        ),
+        BuiltinModel(
             name="sd15-arch",
             description="Stable Diffusion 1.5 shapes exactly (860M UNet), random weights; for benchmarks",
             family="sd1",
@@ -293,8 +333,9 @@ def write_builtin(model: BuiltinModel, folder: Path) -> None:
     else:
         index |= {"image_encoder": [None, None], "feature_extractor": [None, None]}
 
-    for i, (te_config, pad) in enumerate(zip(model.text_encoders, model.pad_tokens, strict=True)):
-        suffix = "" if i == 0 else f"_{i + 1}"
+    folders = model.text_encoder_folders[:len(model.text_encoders)]
+    for i, (te_config, pad, te_folder) in enumerate(zip(model.text_encoders, model.pad_tokens, folders, strict=True)):
+        suffix = te_folder.removeprefix("text_encoder")
         config = dict(te_config)
         with_projection = config.pop("with_projection", False)
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel

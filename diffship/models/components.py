@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from diffship.errors import DiffshipError
-from diffship.models.family import Family, component_config, detect_family
+from diffship.models.families import Family, Role, component_config, detect_family, family_named
 
 Dim = int | str
 
@@ -46,7 +46,13 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     vae_scale: int  # image pixels per latent pixel
     vocab_size: int = 0
-    latent_axes: bool = False  # True for the UNet: its height/width axes count latent pixels
+    latent_axes: bool = False  # True for the denoiser: its height/width axes count latent pixels
+    role: Role = "text_encoder"  # what the pipeline uses it for; code asks the role, never the name
+    family: str = ""  # the family that declared it (how its conditioning inputs are made)
+
+    @property
+    def is_denoiser(self) -> bool:
+        return self.role == "denoiser"
 
     def axis_sizes(self, batch: int, height: int, width: int, sequence: int = 77) -> dict[str, int]:
         """Sizes of the named axes for an image of height x width pixels."""
@@ -65,6 +71,17 @@ class ComponentSpec:
         rng = np.random.default_rng(seed)
         return {t.name: _sample(t, t.concrete(sizes), rng, self, height, width) for t in self.inputs}
 
+    def image_size(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """The image (height, width) in pixels that a first input of `shape` stands for; None for text."""
+        if self.role == "text_encoder":
+            return None
+        scale = 1 if self.role == "vae_encoder" else self.vae_scale  # the encoder's input is the image itself
+        return shape[2] * scale, shape[3] * scale
+
+    def batch_for(self, batch: int, guided: bool) -> int:
+        """The batch one call sees for `batch` images: the denoiser runs both halves of guidance at once."""
+        return batch * (2 if guided and self.is_denoiser else 1)
+
 
 def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, spec: ComponentSpec,
             height: int, width: int) -> np.ndarray:
@@ -77,9 +94,9 @@ def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, spe
         return ids.astype(t.dtype)
     if t.name == "timestep":
         return rng.uniform(0, 1000, size=shape).astype(t.dtype)
-    if t.name == "time_ids":  # original size, crop top-left, target size
-        return np.tile(np.array([height, width, 0, 0, height, width], dtype=t.dtype), (shape[0], 1))
-    if t.name == "sample" and spec.name == "vae_encoder":  # an image in [-1, 1]
+    if t.name == "time_ids":  # as the family's pipeline builds them for this size
+        return np.tile(np.array(family_named(spec.family).time_id_values(height, width), dtype=t.dtype), (shape[0], 1))
+    if t.name == "sample" and spec.role == "vae_encoder":  # an image in [-1, 1]
         return rng.uniform(-1, 1, size=shape).astype(t.dtype)
     return rng.standard_normal(size=shape).astype(t.dtype)
 
@@ -97,47 +114,49 @@ def component_specs(folder: Path, family: Family | None = None) -> list[Componen
     scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     latent = vae.get("latent_channels", 4)
     specs = []
+    penultimate = family.hidden_state == "penultimate_hidden_state"
     for name in family.text_encoders:
         te = component_config(folder, name)
         hidden = te["hidden_size"]
-        is_xl, projected = family.name == "sdxl", name == "text_encoder_2"
+        projected = name == family.pooled_from
         outputs = [
             TensorSpec("text_embeds" if projected else "pooler_output", "float32",
                        ("batch", te.get("projection_dim", hidden) if projected else hidden)),
             TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden)),
         ]
-        if is_xl:
+        if penultimate:
             # SDXL conditions its UNet on the penultimate hidden state. Order: pooled, penultimate,
             # last, so positional readers that take outputs [0] and [-2] (as optimum's SDXL does) see the right ones.
             outputs.insert(1, TensorSpec("penultimate_hidden_state", "float32", ("batch", "sequence", hidden)))
         else:
             outputs.reverse()  # SD 1.x/2.x: last_hidden_state, pooler_output, as optimum exports them
         specs.append(ComponentSpec(name, name, (TensorSpec("input_ids", "int32", ("batch", "sequence")),),
-                                   tuple(outputs), scale, vocab_size=te.get("vocab_size", 49408)))
+                                   tuple(outputs), scale, vocab_size=te.get("vocab_size", 49408),
+                                   role="text_encoder", family=family.name))
     unet_inputs = [
         TensorSpec("sample", "float32", ("batch", unet.get("in_channels", 4), "height", "width")),
         TensorSpec("timestep", "float32", ("batch",)),
         TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", unet["cross_attention_dim"])),
     ]
-    if family.name == "sdxl":
-        n_time_ids = 6
-        text_embeds = unet["projection_class_embeddings_input_dim"] - n_time_ids * unet["addition_time_embed_dim"]
+    if family.time_ids:
+        text_embeds = unet["projection_class_embeddings_input_dim"] - family.time_ids * unet["addition_time_embed_dim"]
         unet_inputs += [TensorSpec("text_embeds", "float32", ("batch", text_embeds)),
-                        TensorSpec("time_ids", "float32", ("batch", n_time_ids))]
+                        TensorSpec("time_ids", "float32", ("batch", family.time_ids))]
     # The UNet works on latents: its height/width axes are latent pixels.
     unet_out = TensorSpec("out_sample", "float32", ("batch", unet.get("out_channels", 4), "height", "width"))
-    specs.append(ComponentSpec("unet", "unet", tuple(unet_inputs), (unet_out,), scale, latent_axes=True))
+    specs.append(ComponentSpec("unet", "unet", tuple(unet_inputs), (unet_out,), scale, latent_axes=True,
+                               role="denoiser", family=family.name))
     specs.append(ComponentSpec(
         "vae_encoder", "vae",
         (TensorSpec("sample", "float32", ("batch", vae.get("in_channels", 3), "height", "width")),),
         (TensorSpec("latent_parameters", "float32", ("batch", 2 * latent, "latent_height", "latent_width")),),
-        scale,
+        scale, role="vae_encoder", family=family.name,
     ))
     specs.append(ComponentSpec(
         "vae_decoder", "vae",
         (TensorSpec("latent_sample", "float32", ("batch", latent, "latent_height", "latent_width")),),
         (TensorSpec("sample", "float32", ("batch", vae.get("out_channels", 3), "height", "width")),),
-        scale,
+        scale, role="vae_decoder", family=family.name,
     ))
     return specs
 
@@ -200,17 +219,12 @@ class VaeDecoder(nn.Module):
 
 def wrap(spec: ComponentSpec, module: nn.Module) -> nn.Module:
     """The tensor-only wrapper for `spec` around its loaded pipeline module, in eval mode."""
-    if spec.module.startswith("text_encoder"):
-        wrapper: nn.Module = TextEncoder(module, tuple(o.name for o in spec.outputs))
-    elif spec.name == "unet":
-        wrapper = UNet(module)
-    elif spec.name == "vae_encoder":
-        wrapper = VaeEncoder(module)
-    elif spec.name == "vae_decoder":
-        wrapper = VaeDecoder(module)
-    else:
-        raise DiffshipError(f"No wrapper for component {spec.name!r}.")
-    return wrapper.eval()
+    wrappers = {"text_encoder": lambda: TextEncoder(module, tuple(o.name for o in spec.outputs)),
+                "denoiser": lambda: UNet(module), "vae_encoder": lambda: VaeEncoder(module),
+                "vae_decoder": lambda: VaeDecoder(module)}
+    if spec.role not in wrappers:
+        raise DiffshipError(f"No wrapper for component {spec.name!r} (role {spec.role!r}).")
+    return wrappers[spec.role]().eval()
 
 
 def run_torch(wrapper: nn.Module, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from diffship.errors import DiffshipError
-from diffship.models.family import read_model_index
+from diffship.models.families import read_model_index
 
 SAFE_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -67,11 +67,10 @@ def check_loading_info(info: dict[str, Any], where: str) -> None:
 def load_component(folder: Path, component: str, allow_pickle: bool = False) -> torch.nn.Module:
     """Load `component` (unet, vae, text_encoder, text_encoder_2) in FP32 eval mode, strictly."""
     quiet_libraries()
-    if component == "unet":
-        from diffship.compress.store import is_compressed, load_unet
+    from diffship.compress.store import is_compressed, load_unet
 
-        if is_compressed(folder / component):
-            return load_unet(folder / component, allow_pickle)
+    if is_compressed(folder / component):  # only a denoiser is ever stored compressed
+        return load_unet(folder / component, allow_pickle)
     check_weight_files(folder, component, allow_pickle)
     class_name = (read_model_index(folder).get(component) or [None, None])[1]
     return load_folder(folder / component, component, class_name, allow_pickle)

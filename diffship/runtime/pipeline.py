@@ -24,10 +24,11 @@ from diffship.artifacts import atomic_write_bytes, read_json
 from diffship.errors import DiffshipError
 from diffship.manifest import ArtifactSet, open_artifacts
 from diffship.models.components import native_size
+from diffship.models.families import Family, family_named
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
 
-NEEDED = ("text_encoder", "unet", "vae_decoder")
+DENOISER, DECODER = "unet", "vae_decoder"
 
 
 @dataclass
@@ -75,9 +76,8 @@ class DeployedPipeline:
 
         self.artifacts, self.runners, self.load_seconds = artifacts, runners, load_seconds
         folder = artifacts.pipeline
-        self.xl = "text_encoder_2" in runners
-        self.tokenizers = [CLIPTokenizer.from_pretrained(folder / name)
-                           for name in (("tokenizer", "tokenizer_2") if self.xl else ("tokenizer",))]
+        self.family = pipeline_family(artifacts)
+        self.tokenizers = [CLIPTokenizer.from_pretrained(folder / name) for name in self.family.tokenizers]
         scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
         scheduler_class = getattr(diffusers, scheduler_config["_class_name"], None)
         if scheduler_class is None:
@@ -99,18 +99,18 @@ class DeployedPipeline:
     @classmethod
     def from_artifacts(cls, artifacts: ArtifactSet, options: Any = None) -> DeployedPipeline:
         """Load one Runner per component the pipeline needs, timing each load (with the build's options by default)."""
-        missing = [c for c in NEEDED if c not in artifacts.components]
+        needed = [*pipeline_family(artifacts).text_encoders, DENOISER, DECODER]
+        missing = [c for c in needed if c not in artifacts.components]
         if missing:
             raise DiffshipError(f"{artifacts.root} cannot generate images: it has no {', '.join(missing)} artifact.")
         backend = get_target(artifacts.target)
         if options is None and artifacts.options:
             options = backend.parse_options(artifacts.options)
         runners, seconds = {}, {}
-        for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
-            if name in artifacts.components:
-                started = time.perf_counter()
-                runners[name] = backend.load(artifacts.components[name], options, artifacts.precision)
-                seconds[name] = time.perf_counter() - started
+        for name in needed:
+            started = time.perf_counter()
+            runners[name] = backend.load(artifacts.components[name], options, artifacts.precision)
+            seconds[name] = time.perf_counter() - started
         return cls(artifacts, runners, seconds)
 
     @property
@@ -142,30 +142,25 @@ class DeployedPipeline:
         return ids.astype(np.int32)
 
     def encode(self, prompts: list[str], negative: list[str] | None, guidance: bool) -> dict[str, np.ndarray]:
-        """UNet conditioning for the prompts (and the negatives first, under guidance), as diffusers builds it."""
-        if not self.xl:
-            embeds = self.runners["text_encoder"].run({"input_ids": self._ids(self.tokenizers[0], prompts)})
-            cond = embeds["last_hidden_state"]
-            if guidance:
-                uncond_ids = self._ids(self.tokenizers[0], negative or [""] * len(prompts))
-                uncond = self.runners["text_encoder"].run({"input_ids": uncond_ids})["last_hidden_state"]
-                cond = np.concatenate([uncond, cond])
-            return {"encoder_hidden_states": cond}
-        cond, pooled = self._encode_xl(prompts)
+        """Denoiser conditioning for the prompts (and the negatives first, under guidance), as diffusers builds it:
+        the family's hidden state of each text encoder side by side, and its pooled embedding where it has one."""
+        cond = self._encode(prompts)
         if guidance:
-            if negative is None and self.force_zeros:
-                uncond, uncond_pooled = np.zeros_like(cond), np.zeros_like(pooled)
+            if negative is None and self.force_zeros and self.family.pooled_from:
+                uncond = {k: np.zeros_like(v) for k, v in cond.items()}
             else:
-                uncond, uncond_pooled = self._encode_xl(negative or [""] * len(prompts))
-            cond, pooled = np.concatenate([uncond, cond]), np.concatenate([uncond_pooled, pooled])
-        return {"encoder_hidden_states": cond, "text_embeds": pooled}
+                uncond = self._encode(negative or [""] * len(prompts))
+            cond = {k: np.concatenate([uncond[k], v]) for k, v in cond.items()}
+        return cond
 
-    def _encode_xl(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        # SDXL: penultimate hidden states of both encoders side by side; pooled embedding of the second.
-        first = self.runners["text_encoder"].run({"input_ids": self._ids(self.tokenizers[0], texts)})
-        second = self.runners["text_encoder_2"].run({"input_ids": self._ids(self.tokenizers[1], texts)})
-        hidden = np.concatenate([first["penultimate_hidden_state"], second["penultimate_hidden_state"]], axis=-1)
-        return hidden, second["text_embeds"]
+    def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        outputs = {name: self.runners[name].run({"input_ids": self._ids(tokenizer, texts)})
+                   for name, tokenizer in zip(self.family.text_encoders, self.tokenizers, strict=True)}
+        hidden = [out[self.family.hidden_state] for out in outputs.values()]
+        cond = {"encoder_hidden_states": hidden[0] if len(hidden) == 1 else np.concatenate(hidden, axis=-1)}
+        if self.family.pooled_from:
+            cond["text_embeds"] = outputs[self.family.pooled_from]["text_embeds"]
+        return cond
 
     # --- generation ------------------------------------------------------------------------------------
 
@@ -197,8 +192,8 @@ class DeployedPipeline:
         warnings = truncation_warnings(self.tokenizers[0], prompts + (negatives or []))
         conditioning = self.encode(repeated, repeated_neg, guidance)
         timings["text_encode"] = time.perf_counter() - started
-        if self.xl:
-            time_ids = np.array([height, width, 0, 0, height, width], dtype=np.float32)
+        if self.family.time_ids:
+            time_ids = np.array(self.family.time_id_values(height, width), dtype=np.float32)
             conditioning["time_ids"] = np.tile(time_ids, (2 * n if guidance else n, 1))
 
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -210,7 +205,7 @@ class DeployedPipeline:
         self.scheduler.set_timesteps(steps)
         latents = latents.to(torch.float32) * self.scheduler.init_noise_sigma
         extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in self.step_takes}
-        unet = self.runners["unet"]
+        unet = self.runners[DENOISER]
         timesteps = self.scheduler.timesteps
         for i, t in enumerate(timesteps):
             step_started = time.perf_counter()
@@ -228,7 +223,7 @@ class DeployedPipeline:
                 on_step(i + 1, len(timesteps))
 
         decode_started = time.perf_counter()
-        decoded = self.runners["vae_decoder"].run({"latent_sample": self._unscale(latents).numpy()})["sample"]
+        decoded = self.runners[DECODER].run({"latent_sample": self._unscale(latents).numpy()})["sample"]
         images = to_uint8(decoded)
         timings["decode"] = time.perf_counter() - decode_started
         timings["total"] = time.perf_counter() - started
@@ -242,6 +237,14 @@ class DeployedPipeline:
             std = torch.tensor(config["latents_std"]).view(1, -1, 1, 1)
             return latents * std / scaling + mean
         return latents / scaling
+
+
+def pipeline_family(artifacts: ArtifactSet) -> Family:
+    """The family the artifacts' manifest records."""
+    if not artifacts.family:
+        raise DiffshipError(f"{artifacts.root}'s manifest records no model family; it was written by an older "
+                            "diffship: rebuild it.")
+    return family_named(artifacts.family)
 
 
 def save_images(images: np.ndarray, out: Path) -> list[Path]:

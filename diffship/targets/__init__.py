@@ -39,15 +39,14 @@ TARGETS = {
 
 @dataclass(frozen=True)
 class CompileContext:
-    """What a compile may need beyond the ONNX file: the component, fixed shapes, calibration data (lazily), the
-    model family, and the smallest built resolution (height, width) for a quick probe run. Engines with shape
+    """What a compile may need beyond the ONNX file: the component, fixed shapes, calibration data (lazily), and
+    the smallest built resolution (height, width) for a quick probe run. Engines with shape
     profiles also take the recipe's ranges, the resolution to tune for and whether the UNet runs guided; targets
     that quantize from PyTorch (TensorRT INT8) take the model folder the ONNX came from."""
 
     spec: ComponentSpec
     static_shapes: dict[str, tuple[int, ...]] | None = None
     calibration: Callable[[], CalibrationData] | None = None
-    family: str | None = None
     probe_size: tuple[int, int] = (64, 64)
     shape_ranges: dict[str, list[int]] | None = None
     opt_size: tuple[int, int] | None = None

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from diffship.errors import DiffshipError
 from diffship.targets import CompileContext
 from diffship.targets.coreml_attention import IMPLEMENTATIONS, use_attention
 from diffship.targets.onnx_graph import vae_fp32_reason
+
+if TYPE_CHECKING:
+    from diffship.models.components import ComponentSpec
 
 NAME = "coreml"
 PACKAGE = "model.mlpackage"
@@ -203,7 +206,7 @@ def package_shapes(context: CompileContext, options: CoremlOptions) -> list[dict
         first = dict(context.static_shapes)
         batch = next(iter(first.values()))[0]
     else:
-        batch = (context.shape_ranges or {"batch": [1, 1]})["batch"][0] * (2 if context.guided and spec.name == "unet" else 1)
+        batch = spec.batch_for((context.shape_ranges or {"batch": [1, 1]})["batch"][0], context.guided)
         height, width = context.opt_size or context.probe_size
         sizes = spec.axis_sizes(batch, height, width)
         first = {t.name: t.concrete(sizes) for t in spec.inputs}
@@ -216,11 +219,11 @@ def package_shapes(context: CompileContext, options: CoremlOptions) -> list[dict
     return sets
 
 
-def compute_precision(precision: str, name: str, family: str | None, options: CoremlOptions) -> tuple[str, str | None]:
+def compute_precision(precision: str, spec: ComponentSpec, options: CoremlOptions) -> tuple[str, str | None]:
     """What a component computes in ("fp16" / "fp32") and, when an FP16 set keeps it FP32, why."""
     if precision == "fp32":
         return "fp32", None
-    reason = vae_fp32_reason(name, options.vae_precision, family, "vae_precision")
+    reason = vae_fp32_reason(spec, options.vae_precision, "vae_precision")
     return ("fp32", reason) if reason else ("fp16", None)
 
 
@@ -355,7 +358,7 @@ def compile(source: Path, precision: str, options: CoremlOptions | None = None, 
     target_spec = spec_version(options.minimum_deployment_target)
     spec = context.spec
     shape_sets = package_shapes(context, options)
-    compute, reason = compute_precision(precision, spec.name, context.family, options)
+    compute, reason = compute_precision(precision, spec, options)
 
     base, converted = converted_package(context, compute, shape_sets, options)
     mlmodel = _ct().models.MLModel(str(base / PACKAGE), skip_model_load=True)
@@ -617,11 +620,7 @@ def parity_cases(spec: Any, package: Path, cases: tuple[Any, ...]) -> tuple[Any,
     built = []
     for shapes in read_info(package)["shapes"]:
         shape = shapes[spec.inputs[0].name]
-        if spec.name.startswith("text_encoder"):
-            built.append(Case(shape[0], cases[0].height, cases[0].width))
-        else:  # UNet and VAE decoder inputs are latents; the VAE encoder's is the image
-            scale = 1 if spec.name == "vae_encoder" else spec.vae_scale
-            built.append(Case(shape[0], shape[2] * scale, shape[3] * scale))
+        built.append(Case(shape[0], *(spec.image_size(shape) or (cases[0].height, cases[0].width))))
     return tuple(built)
 
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
-# The optimizer's model types for diffusers components.
-MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip",
-               "text_encoder_2": "clip"}
+from diffship.models.families import family_named
+
+if TYPE_CHECKING:
+    from diffship.models.components import ComponentSpec
+
+# The optimizer's model types per component role.
+MODEL_TYPES = {"denoiser": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
 # Fusions whose ops only CUDA (or DirectML) implements; on a CPU session they would fail to load.
 GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
                     "enable_packed_qkv", "enable_packed_kv", "enable_bias_add", "group_norm_channels_last")
@@ -52,14 +56,14 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(node.op_type for node in model.graph.node))
 
 
-def fuse(model: onnx.ModelProto, component: str, gpu: bool) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """ONNX Runtime's transformer fusions for `component`; only ops the CPU provider runs unless `gpu`.
+def fuse(model: onnx.ModelProto, role: str, gpu: bool) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """ONNX Runtime's transformer fusions for a component of `role`; only ops the CPU provider runs unless `gpu`.
 
     Returns the fused model and the number of fused nodes per fused op type (the ones that applied)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model_type = MODEL_TYPES.get(component)
+    model_type = MODEL_TYPES.get(role)
     if model_type is None:
         return model, {}
     options = FusionOptions(model_type)
@@ -152,15 +156,15 @@ def to_fp16(model: onnx.ModelProto, keep_io_types: bool, op_block_list: list[str
                                     disable_shape_infer=not _small_enough_to_measure(model))
 
 
-def vae_fp32_reason(name: str, mode: str, family: str | None, option: str) -> str | None:
+def vae_fp32_reason(spec: ComponentSpec, mode: str, option: str) -> str | None:
     """Why component `name` stays FP32 where a set converts to FP16, or None. `mode` is the recipe's VAE setting
     ("auto": SDXL's VAE, which overflows in FP16, stays FP32; "fp16" / "fp32" force it), named `option` there."""
-    if not name.startswith("vae") or mode == "fp16":
+    if spec.role not in ("vae_encoder", "vae_decoder") or mode == "fp16":
         return None
     if mode == "fp32":
         return f"the recipe keeps the VAE in FP32 ({option} = 'fp32')"
-    if family == "sdxl":
-        return f"SDXL's VAE overflows in FP16 ({option} = 'auto'; set 'fp16' to convert it anyway)"
+    if (declared := family_named(spec.family)).vae_overflows_fp16:
+        return f"{declared.short}'s VAE overflows in FP16 ({option} = 'auto'; set 'fp16' to convert it anyway)"
     return None
 
 

@@ -128,9 +128,9 @@ def needs_calibration(precision: str) -> bool:
 
 def model_index(family: str, components: list[str]) -> dict[str, Any]:
     """model_index.json entries of diffusers' / optimum's ONNX pipelines for this folder."""
-    from diffship.exporters.pipeline import ONNX_PIPELINE_CLASS
+    from diffship.models.families import family_named
 
-    return {"_class_name": ONNX_PIPELINE_CLASS[family], **{c: ["diffusers", "OnnxRuntimeModel"] for c in components}}
+    return {"_class_name": family_named(family).layouts["onnx"], **{c: ["diffusers", "OnnxRuntimeModel"] for c in components}}
 
 
 def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = None, dest: Path | None = None,
@@ -159,7 +159,7 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
         from diffship.targets import onnxruntime_quantize as quantize
 
         large = (source.parent / f"{source.name}_data").is_file()
-        if name == "unet":
+        if context.spec.is_denoiser:
             with tempfile.TemporaryDirectory(prefix=".prepared-", dir=dest) as tmp:
                 record = {}
                 if prepares_graph(options, precision):
@@ -171,7 +171,7 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
                     record |= quantize.quantize_unet(*settings)
                 else:
                     record |= quantize.quantize_auto(*settings, lambda path, p: OrtRunner(path, options, p))
-        elif name.startswith("text_encoder"):
+        elif context.spec.role == "text_encoder":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             with quantize.quiet_root_logger():
@@ -207,10 +207,10 @@ def _prepare(source: Path, out: Path, name: str, precision: str, options: OrtOpt
     prepared = prepares_graph(options, precision)
     if prepared:
         gpu = _providers(options)[0] in GPU_PROVIDERS
-        model, fused = onnx_graph.fuse(model, name, gpu)
+        model, fused = onnx_graph.fuse(model, context.spec.role, gpu)
         model = onnx_graph.fold_constants(model)
         record["prepared_for"] = "gpu" if gpu else "cpu"
-    keep_fp32 = (onnx_graph.vae_fp32_reason(name, options.fp16_vae, context.family, "fp16_vae")
+    keep_fp32 = (onnx_graph.vae_fp32_reason(context.spec, options.fp16_vae, "fp16_vae")
                  if precision == "fp16" else None)
     if keep_fp32:
         record |= {"kept": "fp32", "reason": keep_fp32}

@@ -67,8 +67,9 @@ def model_index(family: str, components: list[str]) -> dict[str, Any]:
     """model_index.json entries optimum-intel's OVDiffusionPipeline reads for this folder."""
     classes = {"text_encoder": "OVModelTextEncoder", "text_encoder_2": "OVModelTextEncoder", "unet": "OVModelUnet",
                "vae_encoder": "OVModelVaeEncoder", "vae_decoder": "OVModelVaeDecoder"}
-    pipeline = "OVStableDiffusionXLPipeline" if family == "sdxl" else "OVStableDiffusionPipeline"
-    return {"_class_name": pipeline, **{c: ["optimum", classes[c]] for c in components}}
+    from diffship.models.families import family_named
+
+    return {"_class_name": family_named(family).layouts["openvino"], **{c: ["optimum", classes[c]] for c in components}}
 
 
 def parse_options(options: dict[str, Any]) -> OvOptions:
@@ -113,9 +114,9 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
     model = ov.convert_model(str(source))
     if options.static_shapes and context.static_shapes:
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in context.static_shapes.items()})
-    name = context.spec.name
-    quantize = precision == "int8-full" or (precision == "int8-hybrid" and name == "unet")
-    if precision == "int8-auto" and name == "unet":
+    denoiser = context.spec.is_denoiser
+    quantize = precision == "int8-full" or (precision == "int8-hybrid" and denoiser)
+    if precision == "int8-auto" and denoiser:
         model, search = _auto(model, context, options)
         dest.mkdir(parents=True, exist_ok=True)
         atomic_write_json(dest / SEARCH_FILE, search)

@@ -211,21 +211,21 @@ def _cxx_compiler() -> str | None:
 # --- preparing a module ----------------------------------------------------------------------------------------
 
 
-def effective_dtype(precision: str, name: str, family: str | None, options: TorchOptions) -> tuple[str, str | None]:
-    """The type component `name` keeps its weights in for `precision` (FP32 under autocast), and why a component
+def effective_dtype(precision: str, spec: ComponentSpec, options: TorchOptions) -> tuple[str, str | None]:
+    """The type component `spec` keeps its weights in for `precision` (FP32 under autocast), and why a component
     leaves the set's precision when it does (SDXL's VAE: no FP16, not even under autocast)."""
     from diffship.targets.onnx_graph import vae_fp32_reason
 
     v = variant(precision)
-    if v.dtype == "fp16" and (reason := vae_fp32_reason(name, options.vae_precision, family, "vae_precision")):
+    if v.dtype == "fp16" and (reason := vae_fp32_reason(spec, options.vae_precision, "vae_precision")):
         return "fp32", reason
     return "fp32" if v.autocast else v.dtype, None
 
 
-def apply_options(module: nn.Module, name: str, options: TorchOptions) -> dict[str, Any]:
+def apply_options(module: nn.Module, spec: ComponentSpec, options: TorchOptions) -> dict[str, Any]:
     """Set attention, memory format and VAE slicing / tiling on a loaded diffusers module; return what was set."""
     applied: dict[str, Any] = {}
-    if name == "unet":
+    if spec.is_denoiser:
         if options.attention == "slicing":
             module.set_attention_slice(options.attention_slice)
             applied["attention"] = f"sliced ({options.attention_slice})"
@@ -234,10 +234,10 @@ def apply_options(module: nn.Module, name: str, options: TorchOptions) -> dict[s
 
             module.set_attn_processor(AttnProcessor2_0())
             applied["attention"] = "sdpa"
-    if name.startswith(("unet", "vae")) and options.channels_last:
+    if spec.role != "text_encoder" and options.channels_last:
         module.to(memory_format=torch.channels_last)
         applied["channels_last"] = True
-    if name.startswith("vae"):
+    if spec.role in ("vae_encoder", "vae_decoder"):
         if options.vae_slicing:
             module.enable_slicing()
             applied["vae_slicing"] = True
@@ -277,7 +277,7 @@ def compile(source: Path, precision: str, options: TorchOptions | None = None, d
     if dest is None or context is None or context.model_folder is None:
         raise DiffshipError("PyTorch compile needs an output folder, the component and the model folder it comes from.")
     spec = context.spec
-    dtype, reason = effective_dtype(precision, spec.name, context.family, options)
+    dtype, reason = effective_dtype(precision, spec, options)
     device = resolve_device(options)
     began = time.perf_counter()
     module = load_component(context.model_folder, spec.module, context.allow_pickle)
@@ -287,7 +287,7 @@ def compile(source: Path, precision: str, options: TorchOptions | None = None, d
                             "onnx_io": onnx_io(source) if source.is_file() else None, "environment": environment(options)}
     if v.mode == "aoti":
         artifact = dest / PACKAGE
-        applied = apply_options(module, spec.name, options)
+        applied = apply_options(module, spec, options)
         dims = export_dims(spec, context)
         if dims["dynamic"] is not None and ("vae_slicing" in applied or "vae_tiling" in applied):
             raise DiffshipError(
@@ -313,8 +313,8 @@ def save_weights(module: nn.Module, spec: ComponentSpec, model_folder: Path, dty
     copied as it is: its structure is not the config's, and diffship's loader rebuilds it."""
     from diffship.compress.store import is_compressed
 
-    if spec.module == "unet" and is_compressed(model_folder / "unet"):
-        shutil.copytree(model_folder / "unet", dest)
+    if spec.is_denoiser and is_compressed(model_folder / spec.module):
+        shutil.copytree(model_folder / spec.module, dest)
         return
     module.to(DTYPES[dtype]).save_pretrained(dest, safe_serialization=True)
 
@@ -329,16 +329,11 @@ def export_dims(spec: ComponentSpec, context: CompileContext) -> dict[str, Any]:
     if context.static_shapes is not None or context.shape_ranges is None:
         shapes = context.static_shapes or {t.name: t.concrete(spec.axis_sizes(1, *context.probe_size)) for t in spec.inputs}
         first = shapes[spec.inputs[0].name]
-        if spec.name.startswith("text_encoder"):
-            batch, height, width = first[0], context.probe_size[0], context.probe_size[1]
-        else:
-            scale = 1 if spec.name == "vae_encoder" else spec.vae_scale
-            batch, height, width = first[0], first[2] * scale, first[3] * scale
+        batch, (height, width) = first[0], spec.image_size(first) or context.probe_size
         return {"dynamic": None, "example": {"batch": batch, "height": height, "width": width}}
     ranges = context.shape_ranges
     batch_low, batch_high = ranges["batch"]
-    if spec.name == "unet" and context.guided:
-        batch_high *= 2
+    batch_high = spec.batch_for(batch_high, context.guided)
     steps = {side: (ranges[side][0] // unit, ranges[side][1] // unit) for side in ("height", "width")}
     dims = {"batch": Dim("batch", min=batch_low, max=batch_high) if batch_high > batch_low else None,
             **{side: Dim(side, min=low, max=high) if high > low else None for side, (low, high) in steps.items()}}
@@ -577,14 +572,14 @@ class TorchRunner:
         from diffship.models.loading import load_folder
 
         name, weights = self.spec.name, self.artifact
-        if name == "unet" and is_compressed(weights):
+        if self.spec.is_denoiser and is_compressed(weights):
             module = load_unet(weights, False)
         else:
             config = json.loads((weights / "config.json").read_text(encoding="utf-8"))
             class_name = (config.get("architectures") or [config.get("_class_name")])[0]
             module = load_folder(weights, self.spec.module, class_name, dtype=self.dtype)
         module = module.to(self.dtype)
-        self.applied = apply_options(module, name, self.options)
+        self.applied = apply_options(module, self.spec, self.options)
         self.module = module
         wrapper = CastIO(wrap(self.spec, module), self.spec, self.dtype).eval()
         offload = self.options.offload

@@ -192,10 +192,9 @@ def profile_shapes(spec: ComponentSpec, ranges: dict[str, list[int]], opt_size: 
     opt_b = opt_batch or b_low
     if not b_low <= opt_b <= b_high:
         raise DiffshipError(f"TensorRT opt_batch {opt_b} is outside shapes.batch [{b_low}, {b_high}].")
-    doubled = spec.name == "unet"
     low = spec.axis_sizes(b_low, h_low, w_low)
-    high = spec.axis_sizes(b_high * (2 if doubled else 1), h_high, w_high)
-    opt = spec.axis_sizes(opt_b * (2 if doubled and guided else 1), *opt_size)
+    high = spec.axis_sizes(spec.batch_for(b_high, True), h_high, w_high)  # guided or not, the engine takes both
+    opt = spec.axis_sizes(spec.batch_for(opt_b, guided), *opt_size)
     return {t.name: (t.concrete(low), t.concrete(opt), t.concrete(high)) for t in spec.inputs}
 
 
@@ -210,14 +209,14 @@ def check_shape(name: str, shape: Shape, profile: tuple[Shape, Shape, Shape], pa
 # --- preparing the ONNX -------------------------------------------------------------------------------------
 
 
-def computes_in(name: str, precision: str, options: TrtOptions, family: str | None) -> tuple[str, str | None]:
-    """What component `name` of a `precision` set computes in, and why when that differs from the set's."""
-    if precision in CALIBRATED and name != "unet":
+def computes_in(spec: ComponentSpec, precision: str, options: TrtOptions) -> tuple[str, str | None]:
+    """What component `spec` of a `precision` set computes in, and why when that differs from the set's."""
+    if precision in CALIBRATED and not spec.is_denoiser:
         lowered = "fp16"
         reason = f"{precision.upper()} quantizes the UNet; the other components run in FP16"
     else:
         lowered, reason = ("int8" if precision == "int8-auto" else precision), None
-    if lowered in ("fp16", "bf16") and (kept := onnx_graph.vae_fp32_reason(name, options.vae_precision, family,
+    if lowered in ("fp16", "bf16") and (kept := onnx_graph.vae_fp32_reason(spec, options.vae_precision,
                                                                           "vae_precision")):
         return "fp32", kept
     return lowered, reason
@@ -320,7 +319,7 @@ def compile(source: Path, precision: str, options: TrtOptions | None = None, des
         raise DiffshipError(f"No ONNX model at {source}.")
     env = environment(options)
     spec = context.spec
-    compute, reason = computes_in(spec.name, precision, options, context.family)
+    compute, reason = computes_in(spec, precision, options)
     static = context.static_shapes if options.static_shapes else None
     profile = profile_shapes(spec, context.shape_ranges, context.opt_size or context.probe_size, context.guided,
                              options.opt_batch, static)

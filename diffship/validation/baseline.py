@@ -7,6 +7,7 @@ so the report never leaves the reader guessing what the artifacts were compared 
 from __future__ import annotations
 
 import gc
+import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from diffship.artifacts import read_json
 from diffship.models.components import ComponentSpec, wrap
-from diffship.models.family import detect_family
+from diffship.models.families import detect_family
 from diffship.models.loading import load_component
 from diffship.runtime.pipeline import Generation
 
@@ -57,8 +58,9 @@ def describe(device: str, dtype: torch.dtype) -> dict[str, str]:
 
 
 def load_baseline(folder: Path, allow_pickle: bool = False, device: str | None = None,
-                  dtype: torch.dtype | None = None) -> Any:
-    """diffusers' StableDiffusion(XL)Pipeline for the model in `folder`, every module loaded strictly."""
+                  dtype: torch.dtype | None = None, task: str | None = None) -> Any:
+    """diffusers' pipeline for `task` (the family's first by default) over the model in `folder`, every module loaded
+    strictly."""
     import diffusers
     from transformers import CLIPTokenizer
 
@@ -71,15 +73,27 @@ def load_baseline(folder: Path, allow_pickle: bool = False, device: str | None =
         modules[name] = CLIPTokenizer.from_pretrained(folder / name)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     modules["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    if family.name == "sdxl":
-        index = read_json(folder / "model_index.json")
-        pipe = diffusers.StableDiffusionXLPipeline(
-            **modules, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True), add_watermarker=False)
-    else:
-        pipe = diffusers.StableDiffusionPipeline(**modules, safety_checker=None, feature_extractor=None,
-                                                 requires_safety_checker=False)
+    pipeline_class = getattr(diffusers, family.pipelines[task or family.tasks[0]])
+    pipe = pipeline_of(pipeline_class, modules, read_json(folder / "model_index.json"))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
+
+
+# Pipeline arguments diffship never uses: no safety checker, no watermark, no IP-Adapter image encoder.
+UNUSED = {"safety_checker": None, "feature_extractor": None, "image_encoder": None, "requires_safety_checker": False,
+          "add_watermarker": False}
+
+
+def pipeline_of(pipeline_class: type, modules: dict[str, Any], index: dict[str, Any]) -> Any:
+    """An instance of `pipeline_class` over the loaded modules: absent optional modules None (an SDXL refiner has
+    no first text encoder), and the flags model_index.json records (`force_zeros_for_empty_prompt`,
+    `requires_aesthetics_score`) as the folder's pipeline was saved with them."""
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    kwargs = {name: modules.get(name) for name in accepted
+              if name in modules or name.startswith(("text_encoder", "tokenizer"))}
+    kwargs |= {k: v for k, v in index.items() if k in accepted and not k.startswith("_") and not isinstance(v, list)}
+    kwargs |= {k: v for k, v in UNUSED.items() if k in accepted}
+    return pipeline_class(**kwargs)
 
 
 def run_baseline(pipe: Any, prompt: str, negative_prompt: str | None, height: int, width: int, steps: int,

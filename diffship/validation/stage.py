@@ -43,7 +43,7 @@ class BaselineRuns:
         if self._trajectory is None:
             self.say(f"[validate] capturing the UNet's inputs over {self.plan.validation.steps} denoising steps of the "
                      "baseline")
-            unet = next(s for s in self.specs if s.name == "unet")
+            unet = next(s for s in self.specs if s.is_denoiser)
             self._trajectory = unet_trajectory(self.baseline.get(), unet, self.plan, self.source.folder,
                                                self.recipe.allow_pickle)
         return self._trajectory

@@ -94,7 +94,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
         say(f"[{label}] parity {spec.name}")
         runner = deployed.runners.get(spec.name) or backend.load(artifacts.components[spec.name], options, artifacts.precision)
         cases = artifact_cases(backend, spec, artifacts.components[spec.name],
-                               plan.unet_cases if spec.name == "unet" and plan.unet_cases else plan.cases)
+                               plan.unet_cases if spec.is_denoiser and plan.unet_cases else plan.cases)
         parity[spec.name] = check_component(spec, reference_module(pipe, spec, source_folder, allow_pickle), runner,
                                             tolerance, cases)
         say(f"      {'pass' if parity[spec.name]['passed'] else 'FAIL'} {spec.name}")
@@ -181,7 +181,7 @@ def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe
     for spec in specs:
         if spec.name not in deployed.runners:
             continue
-        batch = 2 if guided and spec.name == "unet" else 1
+        batch = spec.batch_for(1, guided)
         inputs = spec.sample_inputs(batch, plan.height, plan.width)
         runner = deployed.runners[spec.name]
         times = latency.interleaved({"baseline": component_call(pipe, spec, inputs),

@@ -1,0 +1,47 @@
+"""Pipeline families as declarations: one module per kind (`sd`, `sdxl`), asked in turn which one a folder holds.
+
+Adding a family is one module declaring a `Family` plus its entry in `FAMILIES`; nothing else names families.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffship.errors import DiffshipError
+from diffship.models.families.base import (
+    Family,
+    Role,
+    Task,
+    component_config,
+    has_component,
+    prediction_type,
+    read_model_index,
+)
+from diffship.models.families.sd import SD1, SD2
+from diffship.models.families.sdxl import REFINER, SDXL
+
+# Most specific first: a refiner is an SDXL folder without the first text encoder; SD 2.x is SD with OpenCLIP.
+FAMILIES: dict[str, Family] = {f.name: f for f in (REFINER, SDXL, SD2, SD1)}
+
+__all__ = ["FAMILIES", "Family", "Role", "Task", "component_config", "detect_family", "family_named",
+           "has_component", "prediction_type", "read_model_index"]
+
+
+def family_named(name: str) -> Family:
+    """The family recorded under `name` in a manifest or a built-in declaration."""
+    if name not in FAMILIES:
+        raise DiffshipError(f"Unknown model family {name!r}; known: {', '.join(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def detect_family(folder: Path) -> Family:
+    """The family of the diffusers folder, from model_index.json and the component configs alone."""
+    index = read_model_index(folder)
+    family = next((f for f in FAMILIES.values() if f.matches(folder, index)), None)
+    if family is None:
+        supported = sorted(set().union(*(f.declared_by for f in FAMILIES.values())))
+        raise DiffshipError(f"{folder} holds a `{index.get('_class_name', '')}`; diffship supports Stable Diffusion "
+                            f"1.x, 2.x and XL pipelines ({', '.join(supported)}).")
+    for name in ("unet", "vae", *family.text_encoders):
+        component_config(folder, name)
+    return family

@@ -1,0 +1,89 @@
+"""Families and roles as declarations: detection, the specs each family declares against what diffusers' own
+pipeline feeds its UNet, and no module outside `models/families` naming a family."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import diffship
+from diffship.models.builtin import BUILTINS, builtin_folder
+from diffship.models.components import component_specs
+from diffship.models.families import FAMILIES, detect_family
+from diffship.validation.baseline import load_baseline
+
+TINY = ["tiny-sd", "tiny-sd2", "tiny-sdxl", "tiny-sdxl-refiner"]
+
+
+def _fed_to_unet(pipe, **call) -> dict[str, torch.Tensor]:
+    """The tensors diffusers' pipeline passes its UNet on the first step."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_module, args, kwargs):
+        if not seen:
+            names = ("sample", "timestep", "encoder_hidden_states")
+            given = dict(zip(names, args, strict=False)) | {k: kwargs[k] for k in names if k in kwargs}
+            seen.update(sample=given["sample"], encoder_hidden_states=given["encoder_hidden_states"],
+                        **(kwargs.get("added_cond_kwargs") or {}))
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        pipe(**call, num_inference_steps=2, output_type="np")
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_the_specs_a_family_declares_are_what_its_diffusers_pipeline_feeds_the_unet(name: str):
+    folder = builtin_folder(name)
+    family = detect_family(folder)
+    unet = next(s for s in component_specs(folder) if s.is_denoiser)
+    pipe = load_baseline(folder, device="cpu", dtype=torch.float32)
+    assert type(pipe).__name__ == family.pipelines[family.tasks[0]]
+    call = {"prompt": "a red bicycle", "height": 64, "width": 64, "generator": torch.Generator().manual_seed(0)}
+    if family.tasks[0] == "img2img":
+        call |= {"image": np.full((1, 64, 64, 3), 0.5, dtype=np.float32), "strength": 0.9}
+    fed = _fed_to_unet(pipe, **call)
+    declared = unet.sample_inputs(2, 64, 64)
+    assert set(fed) == set(declared) - {"timestep"}
+    for key, value in fed.items():
+        assert tuple(value.shape) == declared[key].shape, key
+    if "time_ids" in fed:  # the values too: sizes, crop and (refiner) the aesthetic scores diffusers defaults to
+        expected = [family.time_id_values(64, 64, score) for score in ((2.5, 6.0) if family.time_ids == 5 else (6.0, 6.0))]
+        assert fed["time_ids"].tolist() == expected
+
+
+def test_the_refiner_is_its_own_family_with_only_the_second_encoder():
+    folder = builtin_folder("tiny-sdxl-refiner")
+    family = detect_family(folder)
+    assert family.name == "sdxl-refiner" and family.text_encoders == ("text_encoder_2",)
+    assert "text2img" not in family.tasks  # diffusers' refiner pipeline takes an image
+    specs = {s.name: s for s in component_specs(folder)}
+    assert list(specs) == ["text_encoder_2", "unet", "vae_encoder", "vae_decoder"]
+    assert [o.name for o in specs["text_encoder_2"].outputs] == ["text_embeds", "penultimate_hidden_state",
+                                                                  "last_hidden_state"]
+    assert specs["unet"].sample_inputs(1, 64, 64)["time_ids"].tolist() == [[64, 64, 0, 0, 6.0]]
+
+
+def test_every_builtin_declares_a_known_family():
+    assert {m.family for m in BUILTINS.values()} <= set(FAMILIES)
+
+
+# A family named as a string literal: "sd1", 'sdxl', "sdxl-refiner"...
+FAMILY_LITERAL = re.compile("[\"'](?:" + "|".join(re.escape(n) for n in FAMILIES) + ")[\"']")
+
+
+def test_no_module_outside_the_families_names_a_family():
+    """Runtime, baseline, capture, validation and targets ask the family or the role (the built-in models'
+    declarations say which family each one is)."""
+    root = Path(diffship.__file__).parent
+    allowed = {root / "models" / "builtin.py"}
+    named = [f"{path.relative_to(root)}:{i}" for path in root.rglob("*.py")
+             if "families" not in path.parts and path not in allowed
+             for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if FAMILY_LITERAL.search(line)]
+    assert not named, named
