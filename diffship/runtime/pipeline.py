@@ -25,10 +25,11 @@ from diffship.errors import DiffshipError
 from diffship.manifest import ArtifactSet, open_artifacts
 from diffship.models.components import native_size
 from diffship.models.families import Family, family_named
+from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
 
-DENOISER, DECODER = "unet", "vae_decoder"
+DENOISER, DECODER, ENCODER = "unet", "vae_decoder", "vae_encoder"
 
 
 @dataclass
@@ -107,7 +108,7 @@ class DeployedPipeline:
         if options is None and artifacts.options:
             options = backend.parse_options(artifacts.options)
         runners, seconds = {}, {}
-        for name in needed:
+        for name in [*needed, *([ENCODER] if ENCODER in artifacts.components else [])]:
             started = time.perf_counter()
             runners[name] = backend.load(artifacts.components[name], options, artifacts.precision)
             seconds[name] = time.perf_counter() - started
@@ -167,8 +168,10 @@ class DeployedPipeline:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, height: int | None = None,
                  width: int | None = None, steps: int = 20, guidance_scale: float = 7.5, seed: int = 0, batch: int = 1,
                  latents: torch.Tensor | None = None,
-                 on_step: Callable[[int, int], None] | None = None) -> Generation:
-        """Generate `batch` images per prompt. `latents` (before init_noise_sigma) replace the seeded draw."""
+                 on_step: Callable[[int, int], None] | None = None, image: Any = None,
+                 strength: float | None = None) -> Generation:
+        """Generate `batch` images per prompt: from noise, or from `image` (img2img, at `strength`; the family's
+        diffusers default when None). `latents` (before init_noise_sigma) replace text-to-image's seeded draw."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise DiffshipError("No prompt given.")
@@ -176,8 +179,12 @@ class DeployedPipeline:
             [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
         if negatives is not None and len(negatives) != len(prompts):
             raise DiffshipError(f"{len(negatives)} negative prompts for {len(prompts)} prompts.")
-        native_h, native_w = self.native_resolution
+        pixels = self._init_image(image, latents)
+        native_h, native_w = self.native_resolution if pixels is None else tuple(pixels.shape[-2:])
         height, width = height or native_h, width or native_w
+        if pixels is not None and (height, width) != (native_h, native_w):
+            raise DiffshipError(f"The init image is {native_w}x{native_h} after rounding down to a multiple of "
+                                f"{self.vae_scale}; img2img generates at the image's size, not {width}x{height}.")
         n = len(prompts) * batch
         self.check_request(n, height, width)
         if steps < 1:
@@ -193,20 +200,25 @@ class DeployedPipeline:
         conditioning = self.encode(repeated, repeated_neg, guidance)
         timings["text_encode"] = time.perf_counter() - started
         if self.family.time_ids:
-            time_ids = np.array(self.family.time_id_values(height, width), dtype=np.float32)
-            conditioning["time_ids"] = np.tile(time_ids, (2 * n if guidance else n, 1))
+            conditioning["time_ids"] = self._time_ids(height, width, n, guidance)
 
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (n, self.unet_config.get("in_channels", 4), height // self.vae_scale, width // self.vae_scale)
-        if latents is None:
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise DiffshipError(f"Latents of shape {tuple(latents.shape)} given; this request needs {shape}.")
         self.scheduler.set_timesteps(steps)
-        latents = latents.to(torch.float32) * self.scheduler.init_noise_sigma
+        if pixels is not None:
+            timesteps = strength_timesteps(self.scheduler, steps, strength if strength is not None else
+                                           call_default(self.family.pipelines["img2img"], "strength"))
+            latents = init_latents(self.runners[ENCODER], pixels, n, self.vae_config, self.scheduler, timesteps[:1],
+                                   generator)
+        else:
+            if latents is None:
+                latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+            elif tuple(latents.shape) != shape:
+                raise DiffshipError(f"Latents of shape {tuple(latents.shape)} given; this request needs {shape}.")
+            latents = latents.to(torch.float32) * self.scheduler.init_noise_sigma
+            timesteps = self.scheduler.timesteps
         extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in self.step_takes}
         unet = self.runners[DENOISER]
-        timesteps = self.scheduler.timesteps
         for i, t in enumerate(timesteps):
             step_started = time.perf_counter()
             model_input = torch.cat([latents] * 2) if guidance else latents
@@ -228,6 +240,30 @@ class DeployedPipeline:
         timings["decode"] = time.perf_counter() - decode_started
         timings["total"] = time.perf_counter() - started
         return Generation(images, latents.numpy(), timings, warnings)
+
+    def _init_image(self, image: Any, latents: torch.Tensor | None) -> torch.Tensor | None:
+        """The init image as the VAE encoder takes it, or None for text-to-image (which this family must support)."""
+        if image is None:
+            if "text2img" not in self.family.tasks:
+                raise DiffshipError(f"A {self.family.title} pipeline generates from an init image (--image): "
+                                    f"diffusers' {self.family.pipelines[self.family.tasks[0]]} has no text-to-image.")
+            return None
+        if latents is not None:
+            raise DiffshipError("Initial latents replace text-to-image's random draw; img2img draws from the image.")
+        if ENCODER not in self.runners:
+            raise DiffshipError(f"{self.artifacts.root} has no vae_encoder artifact, which img2img needs: rebuild "
+                                "with it among the recipe's components.")
+        return preprocess(as_array(image), self.vae_scale)
+
+    def _time_ids(self, height: int, width: int, n: int, guidance: bool) -> np.ndarray:
+        """SDXL micro-conditioning per image, the negatives first under guidance; the refiner's carry diffusers'
+        default aesthetic scores (the negative half its negative score)."""
+        task = self.family.pipelines.get("img2img", "")
+        scores = [call_default(task, "aesthetic_score"), call_default(task, "negative_aesthetic_score")] \
+            if self.family.time_ids == 5 else [0.0, 0.0]
+        positive = self.family.time_id_values(height, width, scores[0])
+        negative = self.family.time_id_values(height, width, scores[1])
+        return np.array(([negative] * n if guidance else []) + [positive] * n, dtype=np.float32)
 
     def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae_config
