@@ -3,6 +3,8 @@ draws in diffusers' order, so ONNX Runtime at FP32 reproduces diffusers' Img2Img
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -64,3 +66,40 @@ def test_the_refiner_refuses_text_to_image_and_strength_out_of_range(exported):
         deployed("a cat", steps=2)
     with pytest.raises(DiffshipError, match=r"Strength must be in \(0, 1\]"):
         deployed("a cat", steps=2, image=_image(1), strength=0.0)
+
+
+def test_generate_with_an_init_image_writes_an_image_of_its_size(exported, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from diffship.cli import app
+
+    init = tmp_path / "init.png"
+    Image.fromarray((_image(3, 128)[:64] * 255).astype(np.uint8)).save(init)  # 128 wide, 64 high
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(app, ["generate", str(exported("tiny-sd")), "-p", "a cat", "--steps", "2",
+                                      "--image", str(init), "--strength", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (128, 64) and "128" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--image", "missing.png"], "does not exist"),
+    (["--image", "not-an-image.png"], "not an image"),
+    (["--strength", "0.5"], "--strength applies to img2img"),
+    (["--image", "init.png", "--strength", "1.5"], r"Strength must be in \(0, 1\]"),
+    (["--image", "init.png", "--height", "128"], "generates at the image's size"),
+])
+def test_generate_refuses_bad_img2img_requests(exported, tmp_path, monkeypatch, args, message):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from diffship.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray((_image(3) * 255).astype(np.uint8)).save("init.png")
+    (tmp_path / "not-an-image.png").write_bytes(b"text, not a PNG")
+    result = CliRunner().invoke(app, ["generate", str(exported("tiny-sd")), "-p", "a cat", "--steps", "2", *args])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, " ".join(result.output.split())), result.output
+    assert not (tmp_path / "image.png").exists()
