@@ -236,6 +236,22 @@ BUILTINS: dict[str, BuiltinModel] = {
                          "force_zeros_for_empty_prompt": False},
         ),
         BuiltinModel(
+            name="tiny-sd-inpaint",
+            description="SD 1.x inpainting architecture (a 9-channel UNet: latents, mask, masked-image latents), "
+                        "tiny random weights",
+            family="sd1",
+            pipeline_class="StableDiffusionInpaintPipeline",
+            unet={**TINY_SD_UNET, "in_channels": 9},
+            vae=TINY_VAE,
+            text_encoders=({**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "hidden_act": "quick_gelu", "projection_dim": 32},),
+            pad_tokens=("<|endoftext|>",),
+            scheduler_class="PNDMScheduler",
+            scheduler={**SD_SCHEDULER, "skip_prk_steps": True},
+            seed=12,
+            approx_size="18 MB",
+        ),
+        BuiltinModel(
             name="sd15-arch",
             description="Stable Diffusion 1.5 shapes exactly (860M UNet), random weights; for benchmarks",
             family="sd1",
@@ -328,7 +344,7 @@ def write_builtin(model: BuiltinModel, folder: Path) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
         **model.extra_index,
     }
-    if model.pipeline_class == "StableDiffusionPipeline":
+    if "XL" not in model.pipeline_class:
         index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     else:
         index |= {"image_encoder": [None, None], "feature_extractor": [None, None]}

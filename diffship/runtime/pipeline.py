@@ -25,6 +25,7 @@ from diffship.errors import DiffshipError
 from diffship.manifest import ArtifactSet, open_artifacts
 from diffship.models.components import native_size
 from diffship.models.families import Family, family_named
+from diffship.runtime import inpaint
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
@@ -168,10 +169,11 @@ class DeployedPipeline:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, height: int | None = None,
                  width: int | None = None, steps: int = 20, guidance_scale: float = 7.5, seed: int = 0, batch: int = 1,
                  latents: torch.Tensor | None = None,
-                 on_step: Callable[[int, int], None] | None = None, image: Any = None,
+                 on_step: Callable[[int, int], None] | None = None, image: Any = None, mask: Any = None,
                  strength: float | None = None) -> Generation:
-        """Generate `batch` images per prompt: from noise, or from `image` (img2img, at `strength`; the family's
-        diffusers default when None). `latents` (before init_noise_sigma) replace text-to-image's seeded draw."""
+        """Generate `batch` images per prompt: from noise; from `image` (img2img); or repainting the white part of
+        `mask` over `image` (inpaint). `strength` defaults to diffusers' for the task; `latents` (before
+        init_noise_sigma) replace text-to-image's seeded draw."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise DiffshipError("No prompt given.")
@@ -179,7 +181,8 @@ class DeployedPipeline:
             [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
         if negatives is not None and len(negatives) != len(prompts):
             raise DiffshipError(f"{len(negatives)} negative prompts for {len(prompts)} prompts.")
-        pixels = self._init_image(image, latents)
+        task = self._task(image, mask, latents)
+        pixels = preprocess(as_array(image), self.vae_scale) if task == "img2img" else None
         native_h, native_w = self.native_resolution if pixels is None else tuple(pixels.shape[-2:])
         height, width = height or native_h, width or native_w
         if pixels is not None and (height, width) != (native_h, native_w):
@@ -203,13 +206,19 @@ class DeployedPipeline:
             conditioning["time_ids"] = self._time_ids(height, width, n, guidance)
 
         generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (n, self.unet_config.get("in_channels", 4), height // self.vae_scale, width // self.vae_scale)
+        shape = (n, self.vae_config.get("latent_channels", 4), height // self.vae_scale, width // self.vae_scale)
         self.scheduler.set_timesteps(steps)
+        inpainting = None
+        if task != "text2img":
+            strength = strength if strength is not None else call_default(self.family.pipelines[task], "strength")
+            timesteps = strength_timesteps(self.scheduler, steps, strength)
         if pixels is not None:
-            timesteps = strength_timesteps(self.scheduler, steps, strength if strength is not None else
-                                           call_default(self.family.pipelines["img2img"], "strength"))
             latents = init_latents(self.runners[ENCODER], pixels, n, self.vae_config, self.scheduler, timesteps[:1],
                                    generator)
+        elif task == "inpaint":
+            latents, inpainting = inpaint.prepare(
+                self.runners[ENCODER], as_array(image), as_array(mask), height, width, n, guidance, self.vae_scale,
+                self.vae_config, self.scheduler, timesteps, strength, self.unet_config.get("in_channels", 4), generator)
         else:
             if latents is None:
                 latents = torch.randn(shape, generator=generator, dtype=torch.float32)
@@ -223,6 +232,8 @@ class DeployedPipeline:
             step_started = time.perf_counter()
             model_input = torch.cat([latents] * 2) if guidance else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
+            if inpainting is not None:
+                model_input = inpainting.denoiser_input(model_input)
             feed = {"sample": model_input.numpy(), "timestep": np.full(model_input.shape[0], float(t), np.float32),
                     **conditioning}
             noise = torch.from_numpy(unet.run(feed)["out_sample"])
@@ -230,6 +241,8 @@ class DeployedPipeline:
                 uncond, text = noise.chunk(2)
                 noise = uncond + guidance_scale * (text - uncond)
             latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            if inpainting is not None:
+                latents = inpainting.after_step(latents, i, timesteps, self.scheduler)
             timings["steps"].append(time.perf_counter() - step_started)
             if on_step:
                 on_step(i + 1, len(timesteps))
@@ -241,19 +254,29 @@ class DeployedPipeline:
         timings["total"] = time.perf_counter() - started
         return Generation(images, latents.numpy(), timings, warnings)
 
-    def _init_image(self, image: Any, latents: torch.Tensor | None) -> torch.Tensor | None:
-        """The init image as the VAE encoder takes it, or None for text-to-image (which this family must support)."""
-        if image is None:
-            if "text2img" not in self.family.tasks:
-                raise DiffshipError(f"A {self.family.title} pipeline generates from an init image (--image): "
-                                    f"diffusers' {self.family.pipelines[self.family.tasks[0]]} has no text-to-image.")
-            return None
-        if latents is not None:
-            raise DiffshipError("Initial latents replace text-to-image's random draw; img2img draws from the image.")
-        if ENCODER not in self.runners:
-            raise DiffshipError(f"{self.artifacts.root} has no vae_encoder artifact, which img2img needs: rebuild "
-                                "with it among the recipe's components.")
-        return preprocess(as_array(image), self.vae_scale)
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What these artifacts can do (an inpainting denoiser only inpaints)."""
+        return self.family.tasks_for(self.unet_config.get("in_channels", 4), self.vae_config.get("latent_channels", 4))
+
+    def _task(self, image: Any, mask: Any, latents: torch.Tensor | None) -> str:
+        """text2img, img2img or inpaint, from what was given; an error when this model cannot do it."""
+        task = "text2img" if image is None else ("img2img" if mask is None else "inpaint")
+        if mask is not None and image is None:
+            raise DiffshipError("A mask needs the image it masks (--image).")
+        if task not in self.tasks:
+            needs = {"text2img": "no --image", "img2img": "an init image (--image)",
+                     "inpaint": "an image and a mask (--image, --mask)"}
+            raise DiffshipError(f"This {self.family.title} model does {' and '.join(self.tasks)}, not {task}: give "
+                                f"{needs[self.tasks[0]]}.")
+        if task != "text2img":
+            if latents is not None:
+                raise DiffshipError("Initial latents replace text-to-image's random draw; img2img and inpainting "
+                                    "draw from the image.")
+            if ENCODER not in self.runners:
+                raise DiffshipError(f"{self.artifacts.root} has no vae_encoder artifact, which {task} needs: rebuild "
+                                    "with it among the recipe's components.")
+        return task
 
     def _time_ids(self, height: int, width: int, n: int, guidance: bool) -> np.ndarray:
         """SDXL micro-conditioning per image, the negatives first under guidance; the refiner's carry diffusers'

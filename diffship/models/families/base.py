@@ -41,6 +41,11 @@ class Family:
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.pipelines)
 
+    def tasks_for(self, denoiser_channels: int, latent_channels: int) -> tuple[str, ...]:
+        """What a model of this family can do: an inpainting denoiser (latents + mask + masked-image latents as
+        input channels) only inpaints."""
+        return ("inpaint",) if denoiser_channels == 2 * latent_channels + 1 else self.tasks
+
     def time_id_values(self, height: int, width: int, aesthetic_score: float = 6.0) -> list[float]:
         """The time ids diffusers builds for an image of height x width with no crop (original = target size)."""
         if self.time_ids == 6:

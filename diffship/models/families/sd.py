@@ -8,7 +8,8 @@ from typing import Any
 from diffship.models.families.base import Family, component_config
 
 DECLARED_BY = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline",
-                         "ORTStableDiffusionPipeline", "OVStableDiffusionPipeline"})
+                         "ORTStableDiffusionPipeline", "OVStableDiffusionPipeline",
+                         "StableDiffusionInpaintPipeline", "OVStableDiffusionInpaintPipeline"})
 PIPELINES = {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
              "inpaint": "StableDiffusionInpaintPipeline"}
 LAYOUTS = {"onnx": "OnnxStableDiffusionPipeline", "openvino": "OVStableDiffusionPipeline"}

@@ -12,7 +12,7 @@ from typing import Any
 from diffship.errors import DiffshipError
 from diffship.models.families.base import Family, component_config, has_component
 
-DECLARED_BY = frozenset({"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+DECLARED_BY = frozenset({"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
                          "ORTStableDiffusionXLPipeline", "OVStableDiffusionXLPipeline"})
 LAYOUTS = {"onnx": "ORTStableDiffusionXLPipeline", "openvino": "OVStableDiffusionXLPipeline"}
 
