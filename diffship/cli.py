@@ -327,7 +327,9 @@ def generate(
     batch: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
     height: Annotated[int | None, typer.Option(help="Pixels (default: the model's native size).")] = None,
     width: Annotated[int | None, typer.Option(help="Pixels (default: the model's native size).")] = None,
-    image: Annotated[Path | None, typer.Option(help="Init image (img2img): generate from it, at its size.")] = None,
+    image: Annotated[Path | None, typer.Option(
+        help="Init image: img2img generates from it at its size; with --mask, inpainting repaints part of it.")] = None,
+    mask: Annotated[Path | None, typer.Option(help="Inpainting mask, the image's size: white = repaint.")] = None,
     strength: Annotated[float | None, typer.Option(
         help="How much of the init image to repaint, (0, 1] (default: diffusers' for the model: 0.8 SD, 0.3 SDXL).")] = None,
 ) -> None:
@@ -342,7 +344,8 @@ def generate(
     if pipe.artifacts.status == "failed":
         console.print(f"[yellow]warning:[/] these {pipe.artifacts.target} {pipe.artifacts.precision} artifacts "
                       "FAILED validation in their build; see the report before shipping them.")
-    init = read_image(image) if image else None
+    init = read_image(image, "--image") if image else None
+    masked = read_image(mask, "--mask") if mask else None
     if strength is not None and init is None:
         raise DiffshipError("--strength applies to img2img: give the init image with --image.")
     h, w = height or pipe.native_resolution[0], width or pipe.native_resolution[1]
@@ -350,9 +353,10 @@ def generate(
         pipe.check_request(batch, h, w)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"{pipe.artifacts.target} {pipe.artifacts.precision}", total=steps)
-        result = pipe(prompt, negative_prompt, height if init else h, width if init else w, steps, guidance_scale,
+        img2img = init is not None and masked is None
+        result = pipe(prompt, negative_prompt, height if img2img else h, width if img2img else w, steps, guidance_scale,
                       seed, batch, on_step=lambda i, n: progress.update(task, completed=i, total=n), image=init,
-                      strength=strength)
+                      mask=masked, strength=strength)
     h, w = result.images.shape[1:3]
     paths = save_images(result.images, out_file)
     for warning in result.warnings:
@@ -363,17 +367,17 @@ def generate(
               f"{t['total']:.2f} s total, {steps_ms:.1f} ms per step")
 
 
-def read_image(path: Path) -> Any:
-    """An RGB PIL image from `path`, or a clear error naming the file."""
+def read_image(path: Path, option: str) -> Any:
+    """An RGB PIL image from `path`, or a clear error naming the option and the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as opened:
             return opened.convert("RGB")
     except FileNotFoundError:
-        raise DiffshipError(f"--image {path} does not exist.") from None
+        raise DiffshipError(f"{option} {path} does not exist.") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise DiffshipError(f"--image {path} is not an image diffship can read ({exc}).") from None
+        raise DiffshipError(f"{option} {path} is not an image diffship can read ({exc}).") from None
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Check and bound diffship's cache ($DIFFSHIP_CACHE).")

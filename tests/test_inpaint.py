@@ -59,3 +59,23 @@ def test_an_inpainting_model_only_inpaints_and_a_mask_must_match_the_image(expor
         deployed("a cat", steps=2, image=_image(1), mask=_mask(True, 32))
     with pytest.raises(DiffshipError, match="needs the image"):
         deployed("a cat", steps=2, mask=_mask(True))
+
+
+def test_generate_inpaints_from_the_command_line_and_refuses_a_mismatched_mask(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffship.cli import app
+
+    _image(1).save(tmp_path / "in.png")
+    _mask(True).save(tmp_path / "mask.png")
+    _mask(True, 32).save(tmp_path / "small.png")
+    folder = str(exported("tiny-sd-inpaint"))
+    out = tmp_path / "out.png"
+    ok = CliRunner().invoke(app, ["generate", folder, "-p", "a cat", "--steps", "2", "--image", str(tmp_path / "in.png"),
+                                  "--mask", str(tmp_path / "mask.png"), "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert Image.open(out).size == (64, 64)
+    bad = CliRunner().invoke(app, ["generate", folder, "-p", "a cat", "--steps", "2", "--image", str(tmp_path / "in.png"),
+                                   "--mask", str(tmp_path / "small.png"), "--out", str(tmp_path / "bad.png")])
+    assert bad.exit_code == 2 and "32x32" in bad.output and "64x64" in bad.output, bad.output
+    assert not (tmp_path / "bad.png").exists()
