@@ -438,7 +438,8 @@ def test_the_searched_qdq_export_runs_what_the_search_chose(auto_unet):
     assert _cosine(got, run_torch(wrap(spec, unet), spec, feed)["out_sample"]) >= 0.999
 
 
-def test_int8_auto_is_a_tensorrt_precision_computed_in_int8():
+def test_int8_auto_is_a_tensorrt_precision_computed_in_int8(sd):
+    _, specs = sd
     assert "int8-auto" in tensorrt.PRECISIONS and tensorrt.needs_calibration("int8-auto")
-    assert tensorrt.computes_in("unet", "int8-auto", TrtOptions(), "sd1") == ("int8", None)
-    assert tensorrt.computes_in("text_encoder", "int8-auto", TrtOptions(), "sd1")[0] == "fp16"
+    assert tensorrt.computes_in(specs["unet"], "int8-auto", TrtOptions()) == ("int8", None)
+    assert tensorrt.computes_in(specs["text_encoder"], "int8-auto", TrtOptions())[0] == "fp16"
