@@ -28,10 +28,11 @@ from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import ModuleLoader, component_entry, export_one, finish_pipeline_folder, select_specs
 from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec, component_specs, native_size
-from diffship.models.families import component_config, detect_family
+from diffship.models.families import component_config, detect_family, tasks_of
 from diffship.models.source import ModelSource, resolve
 from diffship.provenance import build_manifest, library_versions, report_data
 from diffship.recipe import Recipe
+from diffship.runtime.tasks import inputs_digest, task_inputs, validated_tasks
 from diffship.targets import CompileContext, check_available, get_target
 from diffship.targets.accuracy_gate import Gate
 from diffship.targets.calibration import CalibrationData, capture, check_calibration
@@ -107,7 +108,9 @@ def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict
     unet_cases = None
     if shapes_fixed(shapes) and v.guidance_scale > 1.0:
         unet_cases = tuple(Case(2 * c.batch, c.height, c.width) for c in cases)
-    return shapes, Plan(height, width, cases, v, recipe.threshold("fp32"), unet_cases)
+    inputs = task_inputs(height, width, v.image, v.mask, v.strength)
+    return shapes, Plan(height, width, cases, v, recipe.threshold("fp32"), unet_cases,
+                        validated_tasks(tasks_of(folder)), inputs)
 
 
 def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None) -> BuildResult:
@@ -240,9 +243,11 @@ class Calibration:
                  versions: dict[str, str], force: bool, hits: dict[str, bool]):
         c = recipe.calibration
         self.settings = {"prompts": c.prompts, "samples": c.samples, "steps": c.steps_for(recipe.validation.steps),
-                         "height": plan.height, "width": plan.width, "guidance_scale": plan.validation.guidance_scale}
-        self.key = cache.key(stage="calibration", weights=module_hashes, **self.settings, versions=versions)
-        self.baseline, self.force, self.hits, self.data = baseline, force, hits, None
+                         "height": plan.height, "width": plan.width, "guidance_scale": plan.validation.guidance_scale,
+                         "task": plan.tasks[0]}
+        self.key = cache.key(stage="calibration", weights=module_hashes, **self.settings, versions=versions,
+                             task_inputs=inputs_digest(plan.inputs) if plan.task_kwargs() else None)
+        self.baseline, self.force, self.hits, self.data, self.plan = baseline, force, hits, None, plan
 
     def __call__(self) -> CalibrationData:
         if self.data is not None:
@@ -261,9 +266,9 @@ class Calibration:
                           f"of {len(s['prompts'])} prompt(s) at {s['height']}x{s['width']} ...")
         began = time.perf_counter()
         data = capture(self.baseline.get(), s["prompts"], s["samples"], s["steps"], s["height"], s["width"],
-                       s["guidance_scale"])
+                       s["guidance_scale"], task_kwargs=self.plan.task_kwargs())
         data.save(staging / "inputs.npz")
-        info |= {**data.info, "seconds": round(time.perf_counter() - began, 1)}
+        info |= {**data.info, "task": s["task"], "seconds": round(time.perf_counter() - began, 1)}
         self.baseline.say(f"[calibration] captured in {info['seconds']:.0f} s")
         self.baseline.release()  # quantization that follows needs the memory more than the baseline does
 

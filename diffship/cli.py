@@ -337,6 +337,7 @@ def generate(
     from rich.progress import Progress
 
     from diffship.runtime.pipeline import DeployedPipeline, save_images
+    from diffship.runtime.tasks import read_image
 
     if out_file.suffix.lower() != ".png":
         raise DiffshipError(f"--out {out_file} must be a .png file.")
@@ -365,19 +366,6 @@ def generate(
     steps_ms = 1000 * sum(t["steps"]) / max(len(t["steps"]), 1)
     out.print(f"Wrote {', '.join(map(str, paths))} ({pipe.artifacts.target} {pipe.artifacts.precision}, {h}x{w}): "
               f"{t['total']:.2f} s total, {steps_ms:.1f} ms per step")
-
-
-def read_image(path: Path, option: str) -> Any:
-    """An RGB PIL image from `path`, or a clear error naming the option and the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except FileNotFoundError:
-        raise DiffshipError(f"{option} {path} does not exist.") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DiffshipError(f"{option} {path} is not an image diffship can read ({exc}).") from None
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Check and bound diffship's cache ($DIFFSHIP_CACHE).")

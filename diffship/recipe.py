@@ -120,6 +120,10 @@ class ValidationRecipe(_Strict):
     height: int | None = Field(None, ge=8, multiple_of=8)
     width: int | None = Field(None, ge=8, multiple_of=8)
     parity_cases: list[ParityCase] | None = None
+    # img2img and inpaint: the init image and mask (white = repaint), relative to the recipe; generated if unset
+    image: Path | None = None
+    mask: Path | None = None
+    strength: float = Field(0.75, gt=0, le=1)
     latency: LatencyRecipe = Field(default_factory=LatencyRecipe)
     quality: QualityRecipe = Field(default_factory=QualityRecipe)
 
@@ -242,6 +246,11 @@ def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> R
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise DiffshipError(f"Recipe {path} is not valid TOML: {exc}") from exc
+    validation = data.get("validation")
+    if path is not None and isinstance(validation, dict):
+        for key in ("image", "mask"):
+            if isinstance(validation.get(key), str):
+                validation[key] = str(path.parent / validation[key])
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value

@@ -72,7 +72,8 @@ def test_tiny_sd_builds_validates_and_reports_on_onnxruntime(tmp_path: Path, fre
 
     report = json.loads((out / "report" / "report.json").read_text())
     e2e = report["sets"]["onnxruntime-fp32"]["e2e"]
-    assert e2e["images"] == 2 and e2e["passed"]
+    assert e2e["images"] == 3 and e2e["passed"]  # two prompts from text, the first from the default init image
+    assert {t: v["images"] for t, v in e2e["tasks"].items()} == {"text2img": 2, "img2img": 1}
     assert all(s["identical"] or s["psnr_db"] >= 40 for s in e2e["samples"])
     assert report["baseline"]["device"] == "cpu" and report["baseline"]["precision"] == "fp32"
     latency = report["sets"]["onnxruntime-fp32"]["latency"]
@@ -82,10 +83,12 @@ def test_tiny_sd_builds_validates_and_reports_on_onnxruntime(tmp_path: Path, fre
     assert report["sets"]["onnxruntime-fp32"]["memory"]["peak_rss_bytes"] > 0
 
     html = (out / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "PASSED" in html
+    assert html.count("data:image/png;base64,") == 3 and "PASSED" in html  # a grid per task, the latency chart
     markdown = (out / "report" / "report.md").read_text()
     assert "| component | batch | resolution | output |" in markdown and "images/latency.png" in markdown
     assert (out / "report" / "images" / "grid-onnxruntime-fp32.png").stat().st_size > 1000
+    assert (out / "report" / "images" / "grid-onnxruntime-fp32_img2img.png").stat().st_size > 1000
+    assert "| img2img | 1 |" in markdown
 
 
 def test_a_second_identical_build_does_no_work_and_says_so(tmp_path: Path, fresh_cache: Path):

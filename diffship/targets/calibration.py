@@ -8,6 +8,7 @@ VAE encoder's images, for the modes that quantize those too. Shared by every INT
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,14 +57,25 @@ def check_calibration(prompts: list[str], samples: int) -> None:
 
 
 def capture(pipe: Any, prompts: list[str], samples: int | None, steps: int, height: int, width: int,
-            guidance_scale: float = 7.5, seed: int = 0, with_vae: bool = True) -> CalibrationData:
+            guidance_scale: float = 7.5, seed: int = 0, with_vae: bool = True,
+            task_kwargs: dict[str, Any] | None = None) -> CalibrationData:
     """Run enough generations (`steps` each, prompts in turn) to capture `samples` UNet calls, spread evenly.
 
-    `samples=None` keeps every UNet call of one generation per prompt (a denoising trajectory).
+    `samples=None` keeps every UNet call of one generation per prompt (a denoising trajectory). `task_kwargs`
+    (an init image, a mask, a strength) are what `pipe`'s task takes beyond the prompt: the refiner's img2img and an
+    inpainting model's denoiser see the inputs of their own task. Under a strength below 1, a generation makes
+    fewer UNet calls than `steps`.
     """
     if samples is not None:
         check_calibration(prompts, samples)
-    generations = len(prompts) if samples is None else math.ceil(samples / steps)
+    task_kwargs = dict(task_kwargs or {})
+    calls_per_generation = steps
+    if "strength" in task_kwargs:
+        calls_per_generation = max(1, min(int(steps * task_kwargs["strength"]), steps))
+    generations = len(prompts) if samples is None else math.ceil(samples / calls_per_generation)
+    size = {"height": height, "width": width}
+    accepted = inspect.signature(pipe.__call__).parameters  # img2img pipelines take their size from the image
+    task_kwargs |= {k: v for k, v in size.items() if k in accepted}
     unet_calls: list[dict[str, np.ndarray]] = []
 
     def record(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -82,9 +94,9 @@ def capture(pipe: Any, prompts: list[str], samples: int | None, steps: int, heig
         for g in range(generations):
             prompt = prompts[g % len(prompts)]
             with torch.inference_mode():
-                latents = pipe(prompt, height=height, width=width, num_inference_steps=steps,
-                               guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(seed + g),
-                               output_type="latent").images
+                latents = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                               generator=torch.Generator("cpu").manual_seed(seed + g), output_type="latent",
+                               **task_kwargs).images
                 unscaled = latents / scaling
                 decoder.append({"latent_sample": unscaled.float().cpu().numpy()})
                 if with_vae:

@@ -18,9 +18,10 @@ import torch
 
 from diffship.artifacts import read_json
 from diffship.models.components import ComponentSpec, wrap
-from diffship.models.families import detect_family
+from diffship.models.families import Family, detect_family, tasks_of
 from diffship.models.loading import load_component
 from diffship.runtime.pipeline import Generation
+from diffship.runtime.tasks import TaskInputs, validated_tasks
 
 
 class Baseline:
@@ -28,6 +29,7 @@ class Baseline:
 
     def __init__(self, folder: Path, allow_pickle: bool, say: Callable[[str], None]):
         self.folder, self.allow_pickle, self.say, self.pipe = folder, allow_pickle, say, None
+        self.tasks = validated_tasks(tasks_of(folder))
 
     def get(self) -> Any:
         if self.pipe is None:
@@ -35,6 +37,10 @@ class Baseline:
             self.say(f"Loading the PyTorch baseline ({device}, {str(dtype).removeprefix('torch.')}) ...")
             self.pipe = load_baseline(self.folder, self.allow_pickle, device, dtype)
         return self.pipe
+
+    def for_task(self, task: str) -> Any:
+        """diffusers' pipeline for `task` over the same modules (no second copy of the weights)."""
+        return task_pipeline(self.get(), detect_family(self.folder), task)
 
     def release(self) -> None:
         self.pipe = None
@@ -67,16 +73,29 @@ def load_baseline(folder: Path, allow_pickle: bool = False, device: str | None =
     default_device, default_dtype = baseline_device()
     device, dtype = device or default_device, dtype or default_dtype
     family = detect_family(folder)
+    task = task or tasks_of(folder)[0]
     modules: dict[str, Any] = {name: load_component(folder, name, allow_pickle)
                                for name in ("unet", "vae", *family.text_encoders)}
     for name in family.tokenizers:
         modules[name] = CLIPTokenizer.from_pretrained(folder / name)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     modules["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    pipeline_class = getattr(diffusers, family.pipelines[task or family.tasks[0]])
+    pipeline_class = getattr(diffusers, family.pipelines[task])
     pipe = pipeline_of(pipeline_class, modules, read_json(folder / "model_index.json"))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
+
+
+def task_pipeline(pipe: Any, family: Family, task: str) -> Any:
+    """The family's diffusers pipeline for `task`, sharing `pipe`'s modules (diffusers' `from_pipe`)."""
+    import diffusers
+
+    wanted = getattr(diffusers, family.pipelines[task])
+    if isinstance(pipe, wanted):
+        return pipe
+    other = wanted.from_pipe(pipe)
+    other.set_progress_bar_config(disable=True)
+    return other
 
 
 # Pipeline arguments diffship never uses: no safety checker, no watermark, no IP-Adapter image encoder.
@@ -97,8 +116,10 @@ def pipeline_of(pipeline_class: type, modules: dict[str, Any], index: dict[str, 
 
 
 def run_baseline(pipe: Any, prompt: str, negative_prompt: str | None, height: int, width: int, steps: int,
-                 guidance_scale: float, seed: int, latents: torch.Tensor, batch: int = 1) -> Generation:
-    """One diffusers generation with the given initial latents, timed per step (same fields as the runtime's)."""
+                 guidance_scale: float, seed: int, latents: torch.Tensor | None, batch: int = 1, task: str = "text2img",
+                 inputs: TaskInputs | None = None) -> Generation:
+    """One diffusers generation, timed per step (same fields as the runtime's): text2img from the given initial
+    latents, img2img and inpaint from `inputs` with every draw from the seed's generator."""
     marks: list[float] = []
 
     def on_step_end(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -107,12 +128,19 @@ def run_baseline(pipe: Any, prompt: str, negative_prompt: str | None, height: in
         marks.append(time.perf_counter())
         return kwargs
 
+    arguments: dict[str, Any] = {"height": height, "width": width}
+    if task == "text2img" and latents is not None:
+        arguments["latents"] = latents.to(pipe.device, pipe.dtype)
+    elif inputs is not None:
+        arguments |= inputs.diffusers_kwargs(task)
+    accepted = inspect.signature(pipe.__call__).parameters  # img2img pipelines take their size from the image
+    arguments = {k: v for k, v in arguments.items() if k in accepted}
     generator = torch.Generator("cpu").manual_seed(seed)
     started = time.perf_counter()
     with torch.inference_mode():
-        out = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, num_images_per_prompt=batch, generator=generator,
-                   latents=latents.to(pipe.device, pipe.dtype), output_type="np", callback_on_step_end=on_step_end)
+        out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                   num_images_per_prompt=batch, generator=generator, output_type="np", callback_on_step_end=on_step_end,
+                   **arguments)
     total = time.perf_counter() - started
     images = (np.asarray(out.images, dtype=np.float32) * 255).round().astype(np.uint8)  # as numpy_to_pil does
     steps_s = [float(s) for s in np.diff(marks)]  # the first step's start is not observable from a callback

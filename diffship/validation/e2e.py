@@ -14,6 +14,7 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from diffship.runtime.pipeline import DeployedPipeline, Generation, initial_latents
+from diffship.runtime.tasks import TaskInputs
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Sample:
     width: int
     steps: int
     guidance_scale: float
+    task: str = "text2img"  # img2img and inpaint take the run's TaskInputs, and draw everything from the seed
 
 
 def compare_images(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
@@ -54,30 +56,37 @@ def passes(metrics: dict[str, Any], min_psnr: float, min_ssim: float) -> bool:
 
 def run_e2e(samples: list[Sample], baseline: Callable[[Sample, Any], Generation], deployed: DeployedPipeline,
             min_psnr: float, min_ssim: float,
-            on_sample: Callable[[int, int, dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Run every sample through both pipelines with identical latents; return the results and the image pairs."""
+            on_sample: Callable[[int, int, dict[str, Any]], None] | None = None,
+            inputs: TaskInputs | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run every sample through both pipelines (text2img from identical latents, the other tasks from `inputs` and
+    the seed); return the results, overall and per task, and the image pairs."""
     results, pairs = [], []
-    channels = deployed.unet_config.get("in_channels", 4)
+    channels = deployed.vae_config.get("latent_channels", 4)
     for i, s in enumerate(samples):
-        latents = initial_latents(s.seed, 1, channels, s.height // deployed.vae_scale, s.width // deployed.vae_scale)
+        latents, task_kwargs = None, {}
+        if s.task == "text2img":
+            latents = initial_latents(s.seed, 1, channels, s.height // deployed.vae_scale, s.width // deployed.vae_scale)
+        elif inputs is not None:
+            task_kwargs = inputs.deployed_kwargs(s.task)
         reference = baseline(s, latents)
         candidate = deployed(s.prompt, s.negative_prompt, s.height, s.width, s.steps, s.guidance_scale, s.seed,
-                             latents=latents)
+                             latents=latents, **task_kwargs)
         metrics = compare_images(reference.images[0], candidate.images[0])
-        result = {"prompt": s.prompt, "seed": s.seed, **metrics, "passed": passes(metrics, min_psnr, min_ssim)}
+        result = {"task": s.task, "prompt": s.prompt, "seed": s.seed, **metrics,
+                  "passed": passes(metrics, min_psnr, min_ssim)}
         results.append(result)
         pairs.append({"baseline": reference.images[0], "target": candidate.images[0], **result})
         if on_sample:
             on_sample(i + 1, len(samples), result)
-    psnrs = [r["psnr_db"] for r in results if r["psnr_db"] is not None]
-    summary = {
-        "images": len(results),
-        "min_psnr_db": min(psnrs) if psnrs else None,
-        "min_ssim": min(r["ssim"] for r in results),
-        "max_abs_diff": max(r["max_abs_diff"] for r in results),
-        "identical": sum(r["identical"] for r in results),
-        "threshold": {"min_psnr_db": min_psnr, "min_ssim": min_ssim},
-        "passed": all(r["passed"] for r in results),
-        "samples": results,
-    }
+    summary = {**_summarize(results), "threshold": {"min_psnr_db": min_psnr, "min_ssim": min_ssim},
+               "tasks": {t: _summarize([r for r in results if r["task"] == t]) for t in dict.fromkeys(
+                   r["task"] for r in results)},
+               "samples": results}
     return summary, pairs
+
+
+def _summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    psnrs = [r["psnr_db"] for r in results if r["psnr_db"] is not None]
+    return {"images": len(results), "min_psnr_db": min(psnrs) if psnrs else None,
+            "min_ssim": min(r["ssim"] for r in results), "max_abs_diff": max(r["max_abs_diff"] for r in results),
+            "identical": sum(r["identical"] for r in results), "passed": all(r["passed"] for r in results)}

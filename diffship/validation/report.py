@@ -134,10 +134,15 @@ def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
         tables.append((f"{key}: how each component runs", ["component", "runs as", "graph preparation", "note"], rows))
     tables += spec_tables(key, r)
     th = r["e2e"]["threshold"]
-    e2e = [[s["prompt"], str(s["seed"]), _psnr(s["psnr_db"]), f"{s['ssim']:.4f}", str(s["max_abs_diff"]),
-            _verdict(s["passed"])] for s in r["e2e"]["samples"]]
+    e2e = [[s.get("task", "text2img"), s["prompt"], str(s["seed"]), _psnr(s["psnr_db"]), f"{s['ssim']:.4f}",
+            str(s["max_abs_diff"]), _verdict(s["passed"])] for s in r["e2e"]["samples"]]
+    if tasks := r["e2e"].get("tasks"):
+        rows = [[task, str(t["images"]), _psnr(t["min_psnr_db"]), f"{t['min_ssim']:.4f}", str(t["max_abs_diff"]),
+                 _verdict(t["passed"])] for task, t in tasks.items()]
+        tables.append((f"{key}: each task against diffusers' pipeline for it", ["task", "images", "min PSNR",
+                                                                                 "min SSIM", "max pixel diff", ""], rows))
     tables.append((f"{key}: end-to-end images (pass: PSNR >= {th['min_psnr_db']} dB and SSIM >= {th['min_ssim']})",
-                   ["prompt", "seed", "PSNR", "SSIM", "max pixel diff", ""], e2e))
+                   ["task", "prompt", "seed", "PSNR", "SSIM", "max pixel diff", ""], e2e))
     if q := r.get("quality"):
         rows = [["PyTorch baseline", f"{q['baseline_prompt_accuracy']:.3f}", f"{q['baseline_fd_digits']:.1f}", "", ""],
                 [key, f"{q['prompt_accuracy']:.3f}", f"{q['fd_digits']:.1f}", f"{q['drop_points']:+.1f}",
@@ -342,7 +347,13 @@ def _png(fig: Any) -> bytes:
 def write_report(report: dict[str, Any], pairs: dict[str, list[dict[str, Any]]], folder: Path) -> dict[str, Path]:
     """Write report.json, the PNGs, report.md and report.html into `folder`; return their paths by kind."""
     baseline = f"baseline ({report['baseline']['precision']} {report['baseline']['device']})"
-    pictures: dict[str, bytes] = {f"images: {k}": image_grid(k, p, baseline) for k, p in pairs.items() if p}
+    pictures: dict[str, bytes] = {}
+    for key, set_pairs in pairs.items():
+        tasks = list(dict.fromkeys(p.get("task", "text2img") for p in set_pairs))
+        for task in tasks:  # one grid per task; the main task's keeps the set's name alone
+            name = f"images: {key}" + (f" {task}" if task != tasks[0] else "")
+            pictures[name] = image_grid(f"{key} {task}", [p for p in set_pairs if p.get("task", "text2img") == task],
+                                        baseline)
     if chart := latency_chart(report):
         pictures["latency"] = chart
     if chart := frontier_chart(report):

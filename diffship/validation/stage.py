@@ -20,6 +20,7 @@ from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec
 from diffship.models.source import ModelSource
 from diffship.recipe import Recipe
+from diffship.runtime.tasks import inputs_digest
 from diffship.targets import get_target
 from diffship.validation.baseline import Baseline, baseline_device
 from diffship.validation.quality import quality_task
@@ -88,6 +89,7 @@ def validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpe
             pipeline=[f["sha256"] for f in recorded["pipeline_files"]], options=repr(options),
             validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(),
             resolution=[plan.height, plan.width], cases=[asdict(c) for c in plan.cases], weights=module_hashes,
+            tasks=list(plan.tasks), task_inputs=inputs_digest(plan.inputs) if plan.inputs else None,
             baseline=[device, str(dtype)], versions=versions)
         done = cache.cached_step("validate", entry_key, f"{set_key} validation",
                                  functools.partial(_validate_into, runs, artifact_set, options, set_plan, not_run),

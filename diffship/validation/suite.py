@@ -13,12 +13,14 @@ from typing import Any
 
 from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec, run_torch
+from diffship.models.families import detect_family
 from diffship.recipe import Threshold, ValidationRecipe
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents
+from diffship.runtime.tasks import TaskInputs
 from diffship.targets import get_target
 from diffship.targets.calibration import capture
 from diffship.validation import latency, quality
-from diffship.validation.baseline import component_call, reference_module, run_baseline
+from diffship.validation.baseline import component_call, reference_module, run_baseline, task_pipeline
 from diffship.validation.e2e import Sample, run_e2e
 from diffship.validation.parity import Case, Tolerance, artifact_cases, check_component, compare, within
 
@@ -35,6 +37,13 @@ class Plan:
     validation: ValidationRecipe
     threshold: Threshold
     unet_cases: tuple[Case, ...] | None = None  # when shapes are fixed, the UNet's batch is doubled under guidance
+    tasks: tuple[str, ...] = ("text2img",)  # what the model is for, its main task first (`validated_tasks`)
+    inputs: TaskInputs | None = None  # the init image, mask and strength of img2img and inpaint
+
+    def task_kwargs(self, task: str | None = None) -> dict[str, Any]:
+        """diffusers' arguments for `task` (the main task by default) beyond the prompt."""
+        task = task or self.tasks[0]
+        return self.inputs.diffusers_kwargs(task) if self.inputs and task != "text2img" else {}
 
 
 def unet_trajectory(pipe: Any, spec: ComponentSpec, plan: Plan, source_folder: Path,
@@ -42,7 +51,7 @@ def unet_trajectory(pipe: Any, spec: ComponentSpec, plan: Plan, source_folder: P
     """The UNet's real inputs at every denoising step of one baseline generation, with the FP32 UNet's output on each."""
     v = plan.validation
     data = capture(pipe, [v.prompts[0]], None, v.steps, plan.height, plan.width, v.guidance_scale, v.seeds[0],
-                   with_vae=False)
+                   with_vae=False, task_kwargs=plan.task_kwargs())
     reference = reference_module(pipe, spec, source_folder, allow_pickle)
     calls = data.inputs["unet"]
     return {"prompt": v.prompts[0], "seed": v.seeds[0], "timesteps": data.info["timesteps"], "inputs": calls,
@@ -108,17 +117,20 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
             f"min cosine {steps['min_cosine']:.6f}")
 
     v = plan.validation
-    samples = [Sample(p, seed, v.negative_prompt, plan.height, plan.width, v.steps, v.guidance_scale)
-               for p in v.prompts for seed in v.seeds]
+    samples = task_samples(plan)
+    family = detect_family(source_folder)
+    pipes = {task: task_pipeline(pipe, family, task) for task in plan.tasks}
 
     def baseline(s: Sample, latents: Any) -> Any:
-        return run_baseline(pipe, s.prompt, s.negative_prompt, s.height, s.width, s.steps, s.guidance_scale, s.seed,
-                            latents)
+        return run_baseline(pipes[s.task], s.prompt, s.negative_prompt, s.height, s.width, s.steps, s.guidance_scale,
+                            s.seed, latents, task=s.task, inputs=plan.inputs)
 
-    say(f"[{label}] end to end: {len(samples)} image(s) at {plan.height}x{plan.width}, {v.steps} steps")
+    say(f"[{label}] end to end: {len(samples)} image(s) at {plan.height}x{plan.width}, {v.steps} steps "
+        f"({', '.join(plan.tasks)})")
     e2e, pairs = run_e2e(samples, baseline, deployed, t.min_psnr, t.min_ssim,
-                         lambda i, n, r: say(f"      image {i}/{n}: " + (
-                             "identical" if r["identical"] else f"PSNR {r['psnr_db']:.1f} dB, SSIM {r['ssim']:.4f}")))
+                         lambda i, n, r: say(f"      {r['task']} image {i}/{n}: " + (
+                             "identical" if r["identical"] else f"PSNR {r['psnr_db']:.1f} dB, SSIM {r['ssim']:.4f}")),
+                         plan.inputs)
     result["e2e"] = e2e
     if quality_baseline is not None:
         q = v.quality
@@ -157,6 +169,16 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
     return result, pairs
 
 
+def task_samples(plan: Plan) -> list[Sample]:
+    """The end-to-end cases: every prompt and seed for the main task, the first prompt with every seed for the
+    others (img2img beside text2img checks the VAE encoder and the strength's schedule, not more prompts)."""
+    v = plan.validation
+    main, *others = plan.tasks
+    cases = [(main, p) for p in v.prompts] + [(task, v.prompts[0]) for task in others]
+    return [Sample(p, seed, v.negative_prompt, plan.height, plan.width, v.steps, v.guidance_scale, task)
+            for task, p in cases for seed in v.seeds]
+
+
 def spec_only_result(artifacts: ArtifactSet, backend: Any, structure: dict[str, Any] | None, not_run: str,
                      options: Any) -> dict[str, Any]:
     """The result of a set that cannot run here: its spec checks, and why parity, images and latency were not run.
@@ -192,20 +214,24 @@ def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe
         say(f"      {spec.name} (batch {batch}): baseline {base['p50_s'] * 1000:.1f} ms, target "
             f"{target['p50_s'] * 1000:.1f} ms, {components[spec.name]['speedup']:.2f}x")
 
-    channels = deployed.unet_config.get("in_channels", 4)
-    latents = initial_latents(sample.seed, 1, channels, plan.height // deployed.vae_scale, plan.width // deployed.vae_scale)
+    channels = deployed.vae_config.get("latent_channels", 4)
+    latents = None
+    if sample.task == "text2img":
+        latents = initial_latents(sample.seed, 1, channels, plan.height // deployed.vae_scale,
+                                  plan.width // deployed.vae_scale)
+    extra = plan.inputs.deployed_kwargs(sample.task) if plan.inputs else {}
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "target": []}
     calls = {
         "baseline": lambda: runs["baseline"].append(run_baseline(
             pipe, sample.prompt, sample.negative_prompt, plan.height, plan.width, sample.steps, sample.guidance_scale,
-            sample.seed, latents).timings),
+            sample.seed, latents, task=sample.task, inputs=plan.inputs).timings),
         "target": lambda: runs["target"].append(deployed(
             sample.prompt, sample.negative_prompt, plan.height, plan.width, sample.steps, sample.guidance_scale,
-            sample.seed, latents=latents).timings),
+            sample.seed, latents=latents, **extra).timings),
     }
     totals = latency.interleaved(calls, min(lat.warmup, 1), lat.pipeline_runs)
     pipeline: dict[str, Any] = {"steps": sample.steps, "height": plan.height, "width": plan.width,
-                                "guidance": guided}
+                                "guidance": guided, "task": sample.task}
     for side in ("baseline", "target"):
         timed = runs[side][-lat.pipeline_runs:]
         step_times = [s for t in timed for s in t["steps"]]

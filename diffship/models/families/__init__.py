@@ -24,7 +24,7 @@ from diffship.models.families.sdxl import REFINER, SDXL
 FAMILIES: dict[str, Family] = {f.name: f for f in (REFINER, SDXL, SD2, SD1)}
 
 __all__ = ["FAMILIES", "Family", "Role", "Task", "component_config", "detect_family", "family_named",
-           "has_component", "prediction_type", "read_model_index"]
+           "has_component", "prediction_type", "read_model_index", "tasks_of"]
 
 
 def family_named(name: str) -> Family:
@@ -45,3 +45,10 @@ def detect_family(folder: Path) -> Family:
     for name in ("unet", "vae", *family.text_encoders):
         component_config(folder, name)
     return family
+
+
+def tasks_of(folder: Path) -> tuple[str, ...]:
+    """What the model in `folder` can do, its main task first (an inpainting UNet only inpaints)."""
+    family = detect_family(folder)
+    return family.tasks_for(component_config(folder, "unet").get("in_channels", 4),
+                            component_config(folder, "vae").get("latent_channels", 4))

@@ -1,0 +1,108 @@
+"""What each task is given besides the prompt: the init image, the mask and the strength, as both diffusers'
+pipelines and the deployed pipeline take them (`image=`, `mask_image=` / `mask=`, `strength=`).
+
+Validation and calibration run every task a model is for with these; when the recipe names no image or mask,
+a deterministic one is made here, so a build needs nothing but the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffship.errors import DiffshipError
+
+DEFAULT_STRENGTH = 0.75  # diffusers' defaults differ per pipeline (0.8 SD img2img, 0.3 SDXL's, 0.9999 inpaint)
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    """The init image and the mask (PIL images, white = repaint) and the strength that img2img and inpaint use."""
+
+    image: Any
+    mask: Any
+    strength: float = DEFAULT_STRENGTH
+
+    def diffusers_kwargs(self, task: str) -> dict[str, Any]:
+        """The arguments diffusers' pipeline for `task` takes for them (none for text2img)."""
+        if task == "text2img":
+            return {}
+        return {"image": self.image, "strength": self.strength} | ({"mask_image": self.mask} if task == "inpaint" else {})
+
+    def deployed_kwargs(self, task: str) -> dict[str, Any]:
+        """The same, as `DeployedPipeline.__call__` takes them."""
+        kwargs = self.diffusers_kwargs(task)
+        if "mask_image" in kwargs:
+            kwargs["mask"] = kwargs.pop("mask_image")
+        return kwargs
+
+
+def validated_tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
+    """The tasks a build checks: text2img and img2img where the model does them; inpaint for a model that only
+    inpaints (any model with a 4-channel denoiser can blend-inpaint, which is img2img's arithmetic plus a mask)."""
+    if tasks == ("inpaint",):
+        return tasks
+    return tuple(t for t in tasks if t != "inpaint")
+
+
+def default_image(height: int, width: int, seed: int = 0) -> Any:
+    """A smooth colour field with a few hard edges: structured enough that a VAE encodes it to real latents, and
+    the same on every machine."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width] / max(height, width)
+    colours = rng.uniform(0, 1, size=(3, 3))
+    field = np.stack([colours[c, 0] * ys + colours[c, 1] * xs + colours[c, 2] * (1 - xs) for c in range(3)], axis=-1)
+    field[height // 4: height // 2, width // 4: 3 * width // 4] = rng.uniform(0, 1, size=3)  # a flat block
+    return Image.fromarray((np.clip(field, 0, 1) * 255).round().astype(np.uint8))
+
+
+def default_mask(height: int, width: int) -> Any:
+    """White (repaint) over the centre half of the image in each direction."""
+    from PIL import Image
+
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    return Image.fromarray(mask)
+
+
+def read_image(path: Path, option: str) -> Any:
+    """An RGB PIL image from `path`, or a clear error naming the option and the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except FileNotFoundError:
+        raise DiffshipError(f"{option} {path} does not exist.") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DiffshipError(f"{option} {path} is not an image diffship can read ({exc}).") from None
+
+
+def task_inputs(height: int, width: int, image: Path | None = None, mask: Path | None = None,
+                strength: float = DEFAULT_STRENGTH, option: str = "[validation]") -> TaskInputs:
+    """The recipe's image and mask (read, resized to the validation size as the pipelines would) or the defaults."""
+    from PIL import Image
+
+    picture = read_image(image, f"{option} image") if image else default_image(height, width)
+    cover = read_image(mask, f"{option} mask").convert("L") if mask else default_mask(height, width)
+    if picture.size != (width, height):
+        picture = picture.resize((width, height), Image.Resampling.LANCZOS)
+    if cover.size != (width, height):
+        cover = cover.resize((width, height), Image.Resampling.NEAREST)
+    return TaskInputs(picture, cover, strength)
+
+
+def inputs_digest(inputs: TaskInputs) -> str:
+    """A content hash of the image and mask, for cache keys (a recipe path can hold another file tomorrow)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for picture in (inputs.image, inputs.mask):
+        digest.update(np.asarray(picture).tobytes())
+    digest.update(repr(inputs.strength).encode())
+    return digest.hexdigest()
