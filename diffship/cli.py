@@ -90,6 +90,9 @@ def main(version: Annotated[bool, typer.Option("--version", help="Print the vers
 def models(
     folder: Annotated[str | None, typer.Argument(help="A model (built-in name, folder or hub id) to describe.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
+    model_config: Annotated[str | None, typer.Option(
+        help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
+             "folder, instead of the one detected from its tensors.")] = None,
 ) -> None:
     """List the built-in models, or describe what a given model folder contains."""
     from diffship.models.builtin import BUILTINS, DEFAULT_MODEL
@@ -108,7 +111,7 @@ def models(
     from diffship.models.loading import check_weight_files
     from diffship.models.source import resolve
 
-    source = resolve(folder, allow_pickle=allow_pickle)
+    source = resolve(folder, allow_pickle=allow_pickle, model_config=model_config, say=console.print)
     family = detect_family(source.folder)
     specs = component_specs(source.folder, family)
     for module in sorted({s.module for s in specs}):
@@ -126,20 +129,24 @@ def models(
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Option("--model", "-m", help="Built-in name, local diffusers folder or hub id.")],
+    model: Annotated[str, typer.Option("--model", "-m",
+                                       help="Built-in name, diffusers folder, single-file checkpoint or hub id.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must be new or empty).")],
     components: Annotated[list[str] | None, typer.Option("--components", "-c",
                                                          help="Export only these (repeat or comma-separate).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier diffship output in --out.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
+    model_config: Annotated[str | None, typer.Option(
+        help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
+             "folder, instead of the one detected from its tensors.")] = None,
 ) -> None:
     """Export each component of a pipeline to ONNX (checked, shape-inferred) in OUT."""
     from diffship.exporters.pipeline import export_pipeline
     from diffship.models.source import resolve
 
     wanted = _names(components)
-    source = resolve(model, allow_pickle=allow_pickle)
+    source = resolve(model, allow_pickle=allow_pickle, model_config=model_config, say=console.print)
     console.print(f"Exporting [bold]{model}[/] to {out_dir} (ONNX opset {opset})")
     manifest = export_pipeline(source, out_dir, wanted, opset, overwrite, allow_pickle, _step_printer("export"))
     total = sum(f["bytes"] for c in manifest["components"].values() for f in c["files"])
@@ -191,6 +198,9 @@ def build(
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: out/<model>).")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild every stage, ignoring the cache.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
+    model_config: Annotated[str | None, typer.Option(
+        help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
+             "folder, instead of the one detected from its tensors.")] = None,
 ) -> None:
     """Export, compile and validate a pipeline for every target; write artifacts, manifest.json and a report."""
     from diffship.build import build as run_build
@@ -198,7 +208,7 @@ def build(
 
     wanted = _names(targets)
     recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None,
-                                       "allow_pickle": True if allow_pickle else None})
+                                       "allow_pickle": True if allow_pickle else None, "model_config": model_config})
     out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
     console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
     result = run_build(recipe, out_path, force=force, say=lambda line: console.print(line, markup=False, highlight=False))
@@ -242,6 +252,9 @@ def compress(
                              "recipe's steps).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: out/<model>-compressed).")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
+    model_config: Annotated[str | None, typer.Option(
+        help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
+             "folder, instead of the one detected from its tensors.")] = None,
 ) -> None:
     """Prune, distill or quantize a pipeline's UNet in PyTorch; write the compressed pipeline and a stage table."""
     from diffship.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
@@ -254,7 +267,7 @@ def compress(
     from diffship.recipe import load_recipe
     from diffship.validation.report import markdown_table
 
-    overrides = {"model": model, "allow_pickle": True if allow_pickle else None,
+    overrides = {"model": model, "allow_pickle": True if allow_pickle else None, "model_config": model_config,
                  "compress": [_parse_step(s) for s in steps] if steps else None}
     recipe = load_recipe(recipe_file, overrides)
     if not recipe.compress:
@@ -262,7 +275,8 @@ def compress(
                             "with compress = [...].")
     out_path = (out_dir or Path("out") / f"{Path(recipe.model.rstrip('/')).name}-compressed").resolve()
     prepare_output_dir(out_path, overwrite=True)
-    source = resolve(recipe.model, allow_pickle=recipe.allow_pickle)
+    source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.model_config,
+                     say=console.print)
     family = detect_family(source.folder)
     from diffship.exporters.pipeline import select_specs
 

@@ -185,6 +185,7 @@ class Recipe(_Strict):
     """A whole build."""
 
     model: str = "digits-sd"
+    model_config: str | None = None  # a single-file checkpoint's configuration: a shipped name or a folder
     components: list[str] | None = None
     targets: list[TargetRecipe] = Field(default_factory=lambda: [TargetRecipe(name="onnxruntime")], min_length=1)
     export: ExportRecipe = Field(default_factory=ExportRecipe)
@@ -251,6 +252,8 @@ def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> R
         for key in ("image", "mask"):
             if isinstance(validation.get(key), str):
                 validation[key] = str(path.parent / validation[key])
+    if path is not None and isinstance(data.get("model_config"), str) and (path.parent / data["model_config"]).is_dir():
+        data["model_config"] = str(path.parent / data["model_config"])
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value

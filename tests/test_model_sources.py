@@ -35,11 +35,19 @@ def test_hub_id_offline_fails_at_once_naming_the_local_folder_alternative(monkey
     assert time.monotonic() - start < 5
 
 
-def test_single_checkpoint_file_is_refused(tmp_path: Path):
+def test_a_pickle_checkpoint_is_refused_without_allow_pickle_and_junk_is_named(tmp_path: Path):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"not a pipeline")
-    with pytest.raises(DiffshipError, match="single file"):
+    with pytest.raises(DiffshipError, match=r"pickle checkpoint \(.ckpt\), which can run code.*--allow-pickle"):
         resolve(str(ckpt))
+    junk = tmp_path / "model.safetensors"
+    junk.write_bytes(b"not a pipeline")
+    with pytest.raises(DiffshipError, match="not a readable .safetensors file"):
+        resolve(str(junk))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with pytest.raises(DiffshipError, match="not a checkpoint diffship reads"):
+        resolve(str(notes))
 
 
 def test_folder_that_is_not_a_diffusers_pipeline_is_refused(tmp_path: Path):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from diffship.errors import DiffshipError
 from diffship.models.builtin import BUILTINS, builtin_folder
+from diffship.models.single_file import convert, is_checkpoint_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_HOST = "huggingface.co"
@@ -22,26 +24,31 @@ class ModelSource:
     """Where a model came from and the local folder that holds it."""
 
     spec: str  # what the user typed
-    kind: str  # "builtin", "local" or "hub"
+    kind: str  # "builtin", "local", "single-file" (converted into the cache) or "hub"
     folder: Path
 
 
-def resolve(spec: str, allow_pickle: bool = False) -> ModelSource:
-    """Map a built-in name, a local folder or a hub id to a local diffusers folder."""
+def resolve(spec: str, allow_pickle: bool = False, model_config: str | Path | None = None,
+            say: Callable[[str], None] | None = None) -> ModelSource:
+    """Map a built-in name, a local folder, a single-file checkpoint or a hub id to a local diffusers folder."""
     if spec in BUILTINS:
         return ModelSource(spec, "builtin", builtin_folder(spec))
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file():
-            raise DiffshipError(
-                f"{path} is a single file; diffship reads a diffusers pipeline folder. Convert single-file "
-                "checkpoints with diffusers (`StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)`)."
-            )
+            if not is_checkpoint_file(path):
+                raise DiffshipError(
+                    f"{path} is a file but not a checkpoint diffship reads (.safetensors, or .ckpt with "
+                    "--allow-pickle); --model takes a diffusers folder, a single-file checkpoint, a built-in name or "
+                    "a hub id.")
+            return ModelSource(spec, "single-file", convert(path, model_config, allow_pickle, say))
+        if model_config is not None:
+            raise DiffshipError("--model-config applies to single-file checkpoints; a diffusers folder has its own.")
         return ModelSource(spec, "local", path.resolve())
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return ModelSource(spec, "hub", _from_hub(spec, allow_pickle))
     raise DiffshipError(
-        f"Unknown model {spec!r}: not a built-in ({', '.join(BUILTINS)}), not an existing folder, "
+        f"Unknown model {spec!r}: not a built-in ({', '.join(BUILTINS)}), not an existing folder or checkpoint file, "
         "and not a hub id of the form owner/name."
     )
 

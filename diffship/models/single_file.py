@@ -1,0 +1,147 @@
+"""Single-file checkpoints (the original LDM / A1111 layout most fine-tunes ship in), converted offline into a
+diffusers folder in the cache, once per file and configuration.
+
+The architecture is read from the tensor names and shapes with diffusers' own `infer_diffusers_model_type`, over
+the file's header alone; the conversion is diffusers' `from_single_file`, pointed at a configuration folder
+shipped in the package (`standard_configs/`) or named by `--model-config`, so nothing is fetched: given a hub
+repository as its config, diffusers contacts the hub even with `local_files_only`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from diffship import cache
+from diffship.artifacts import read_json, sha256_file, staged_dir
+from diffship.errors import DiffshipError
+
+STANDARD_CONFIGS = Path(__file__).parent / "standard_configs"
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# diffusers' model type -> the shipped configuration. SD 2.x's 512 (epsilon) and 768 (v-prediction) models have the
+# same tensors; like diffusers, the 768 v-prediction one is assumed, and `--model-config sd2-512` picks the other.
+BY_MODEL_TYPE = {"v1": "sd1", "inpainting": "sd1-inpaint", "v2": "sd2-768-v", "inpainting_v2": "sd2-inpaint",
+                 "xl_base": "sdxl", "xl_refiner": "sdxl-refiner", "xl_inpaint": "sdxl-inpaint"}
+REVISION = 1  # bump when conversion changes, so cached conversions are redone
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether `path` names a single-file checkpoint diffship reads (safe or pickle)."""
+    return path.is_file() and path.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES
+
+
+def standard_config_names() -> list[str]:
+    return sorted(p.name for p in STANDARD_CONFIGS.iterdir() if (p / "model_index.json").is_file())
+
+
+def _shapes(path: Path, allow_pickle: bool) -> dict[str, Any]:
+    """Tensor name -> an object with `.shape`, read without loading the weights where the format allows."""
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise DiffshipError(f"{path} is a pickle checkpoint ({suffix}), which can run code when loaded: refused. "
+                                "Use its .safetensors version, or pass --allow-pickle if you trust the file.")
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = state.get("state_dict", state)
+        return {k: v for k, v in state.items() if hasattr(v, "shape")}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as opened:
+            return {k: SimpleNamespace(shape=tuple(opened.get_slice(k).get_shape())) for k in opened.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise DiffshipError(f"{path} is not a readable .safetensors file: {exc}") from None
+
+
+def detect_config(path: Path, allow_pickle: bool = False) -> str:
+    """The shipped configuration whose architecture the checkpoint's tensors have."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    shapes = _shapes(path, allow_pickle)
+    try:
+        model_type = infer_diffusers_model_type(shapes)
+    except (KeyError, IndexError, AttributeError):
+        model_type = None
+    if model_type not in BY_MODEL_TYPE or "model.diffusion_model.input_blocks.0.0.weight" not in shapes:
+        raise DiffshipError(
+            f"{path} is not a Stable Diffusion 1.x / 2.x / XL checkpoint diffship knows"
+            + (f" (diffusers reads it as `{model_type}`)" if model_type else "")
+            + ". For a non-standard architecture give its diffusers configuration folder with --model-config "
+            f"(one of {', '.join(standard_config_names())}, or a folder with model_index.json and component configs).")
+    return BY_MODEL_TYPE[model_type]
+
+
+def config_folder(model_config: str | Path | None, path: Path, allow_pickle: bool) -> Path:
+    """The configuration folder to convert against: named, given, or detected from the tensors."""
+    if model_config is None:
+        return STANDARD_CONFIGS / detect_config(path, allow_pickle)
+    if str(model_config) in standard_config_names():
+        return STANDARD_CONFIGS / str(model_config)
+    folder = Path(model_config).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise DiffshipError(f"--model-config {model_config} is neither a shipped configuration "
+                            f"({', '.join(standard_config_names())}) nor a folder with a model_index.json.")
+    return folder.resolve()
+
+
+def convert(path: Path, model_config: str | Path | None = None, allow_pickle: bool = False,
+            say: Any = None) -> Path:
+    """The diffusers folder of checkpoint `path`, converted once and kept in the cache."""
+    say = say or (lambda _: None)
+    path = path.expanduser().resolve()
+    config = config_folder(model_config, path, allow_pickle)
+    key = cache.key(stage="single-file", file=sha256_file(path), config=cache.folder_hash(config), revision=REVISION)
+    folder = cache.cache_root() / "models" / f"single-file-{key[:16]}"
+    if cache.unwritable_reason() is not None:
+        folder = cache.scratch_root() / "models" / f"single-file-{key[:16]}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    with cache.locked(folder, say, f"conversion of {path.name}"):
+        if not (folder / "model_index.json").is_file():
+            say(f"Converting {path.name} to a diffusers folder (configuration {config.name}) ...")
+            with staged_dir(folder, owned=True) as staging:
+                _convert_into(path, config, staging)
+    return folder
+
+
+def _convert_into(path: Path, config: Path, out: Path) -> None:
+    import diffusers
+    import torch
+
+    from diffship.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
+
+    work = out / ".config"
+    shutil.copytree(config, work)
+    pads = read_json(work / "tokenizers.json") if (work / "tokenizers.json").is_file() else {}
+    index = read_json(work / "model_index.json")
+    for name, entry in index.items():
+        if name.startswith("tokenizer") and isinstance(entry, list) and entry[1] and not any((work / name).glob("*")):
+            save_clip_tokenizer(build_clip_tokenizer(pad_token=pads.get(name, "<|endoftext|>")), work / name)
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a configuration that names the hub must fail here, not download
+    diffusers.utils.logging.disable_progress_bar()  # diffship prints its own line for the conversion
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        pipeline_class = getattr(diffusers, index["_class_name"])
+        pipe = pipeline_class.from_single_file(str(path), config=str(work), local_files_only=True,
+                                               torch_dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise DiffshipError(f"diffusers could not convert {path} with the configuration {config}: {exc}") from None
+    finally:
+        diffusers.utils.logging.enable_progress_bar()
+        diffusers.utils.logging.set_verbosity_warning()
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+    pipe.save_pretrained(out, safe_serialization=True)
+    for name in index:  # diffusers saves tokenizers it loaded; keep the built ones where it did not
+        if name.startswith("tokenizer") and (work / name).is_dir() and not (out / name).exists():
+            shutil.copytree(work / name, out / name)
+    shutil.rmtree(work)
