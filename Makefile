@@ -18,8 +18,6 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	# Only CLIP's BPE vocabulary file is used from open-clip-torch; its dependencies would pull torchvision.
-	$(BIN)/pip install --quiet --no-deps "open-clip-torch==3.3.0"
 	$(BIN)/pip install --quiet -e ".[dev,openvino,compress,coreml]"
 	touch $@
 

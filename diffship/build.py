@@ -123,7 +123,8 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
             "already hold run, and nothing is stored).")
     out = out.resolve()
     prepare_output_dir(out, overwrite=True)
-    source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.model_config, say=say)
+    source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.model_config, say=say,
+                     variant=recipe.variant)
     family = detect_family(source.folder)
     specs = select_specs(source.folder, recipe.components)
     needed = [s.name for s in component_specs(source.folder, family) if s.role in GENERATES]
@@ -143,7 +144,8 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
     module_hashes = {m: cache.folder_hash(source.folder / m)
                      for m in sorted({s.module for s in specs} | set(family.tokenizers) | {"scheduler"})}
 
-    baseline = Baseline(source.folder, recipe.allow_pickle, say)
+    baseline = Baseline(source.folder, recipe.allow_pickle, say, recipe.validation.scheduler,
+                        recipe.validation.scheduler_config)
     calibration = Calibration(recipe, plan, baseline, module_hashes, versions, force, hits)
     with staged_dir(out) as tmp:
         export_dir = tmp / EXPORT_FOLDER
@@ -244,7 +246,8 @@ class Calibration:
         c = recipe.calibration
         self.settings = {"prompts": c.prompts, "samples": c.samples, "steps": c.steps_for(recipe.validation.steps),
                          "height": plan.height, "width": plan.width, "guidance_scale": plan.validation.guidance_scale,
-                         "task": plan.tasks[0]}
+                         "task": plan.tasks[0], "scheduler": [recipe.validation.scheduler,
+                                                              recipe.validation.scheduler_config]}
         self.key = cache.key(stage="calibration", weights=module_hashes, **self.settings, versions=versions,
                              task_inputs=inputs_digest(plan.inputs) if plan.task_kwargs() else None)
         self.baseline, self.force, self.hits, self.data, self.plan = baseline, force, hits, None, plan

@@ -93,6 +93,8 @@ def models(
     model_config: Annotated[str | None, typer.Option(
         help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
              "folder, instead of the one detected from its tensors.")] = None,
+    variant: Annotated[str | None, typer.Option(
+        help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
 ) -> None:
     """List the built-in models, or describe what a given model folder contains."""
     from diffship.models.builtin import BUILTINS, DEFAULT_MODEL
@@ -111,7 +113,8 @@ def models(
     from diffship.models.loading import check_weight_files
     from diffship.models.source import resolve
 
-    source = resolve(folder, allow_pickle=allow_pickle, model_config=model_config, say=console.print)
+    source = resolve(folder, allow_pickle=allow_pickle, model_config=model_config, say=console.print,
+                     variant=variant)
     family = detect_family(source.folder)
     specs = component_specs(source.folder, family)
     for module in sorted({s.module for s in specs}):
@@ -140,13 +143,16 @@ def export(
     model_config: Annotated[str | None, typer.Option(
         help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
              "folder, instead of the one detected from its tensors.")] = None,
+    variant: Annotated[str | None, typer.Option(
+        help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
 ) -> None:
     """Export each component of a pipeline to ONNX (checked, shape-inferred) in OUT."""
     from diffship.exporters.pipeline import export_pipeline
     from diffship.models.source import resolve
 
     wanted = _names(components)
-    source = resolve(model, allow_pickle=allow_pickle, model_config=model_config, say=console.print)
+    source = resolve(model, allow_pickle=allow_pickle, model_config=model_config, say=console.print,
+                     variant=variant)
     console.print(f"Exporting [bold]{model}[/] to {out_dir} (ONNX opset {opset})")
     manifest = export_pipeline(source, out_dir, wanted, opset, overwrite, allow_pickle, _step_printer("export"))
     total = sum(f["bytes"] for c in manifest["components"].values() for f in c["files"])
@@ -201,6 +207,8 @@ def build(
     model_config: Annotated[str | None, typer.Option(
         help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
              "folder, instead of the one detected from its tensors.")] = None,
+    variant: Annotated[str | None, typer.Option(
+        help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
 ) -> None:
     """Export, compile and validate a pipeline for every target; write artifacts, manifest.json and a report."""
     from diffship.build import build as run_build
@@ -208,7 +216,8 @@ def build(
 
     wanted = _names(targets)
     recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None,
-                                       "allow_pickle": True if allow_pickle else None, "model_config": model_config})
+                                       "allow_pickle": True if allow_pickle else None, "model_config": model_config,
+                                       "variant": variant})
     out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
     console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
     result = run_build(recipe, out_path, force=force, say=lambda line: console.print(line, markup=False, highlight=False))
@@ -255,6 +264,8 @@ def compress(
     model_config: Annotated[str | None, typer.Option(
         help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
              "folder, instead of the one detected from its tensors.")] = None,
+    variant: Annotated[str | None, typer.Option(
+        help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
 ) -> None:
     """Prune, distill or quantize a pipeline's UNet in PyTorch; write the compressed pipeline and a stage table."""
     from diffship.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
@@ -268,7 +279,7 @@ def compress(
     from diffship.validation.report import markdown_table
 
     overrides = {"model": model, "allow_pickle": True if allow_pickle else None, "model_config": model_config,
-                 "compress": [_parse_step(s) for s in steps] if steps else None}
+                 "variant": variant, "compress": [_parse_step(s) for s in steps] if steps else None}
     recipe = load_recipe(recipe_file, overrides)
     if not recipe.compress:
         raise DiffshipError("No compress steps: give --step (e.g. --step prune-channels:ratio=0.3) or a recipe "
@@ -276,7 +287,7 @@ def compress(
     out_path = (out_dir or Path("out") / f"{Path(recipe.model.rstrip('/')).name}-compressed").resolve()
     prepare_output_dir(out_path, overwrite=True)
     source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.model_config,
-                     say=console.print)
+                     say=console.print, variant=recipe.variant)
     family = detect_family(source.folder)
     from diffship.exporters.pipeline import select_specs
 
@@ -346,11 +357,19 @@ def generate(
     mask: Annotated[Path | None, typer.Option(help="Inpainting mask, the image's size: white = repaint.")] = None,
     strength: Annotated[float | None, typer.Option(
         help="How much of the init image to repaint, (0, 1] (default: diffusers' for the model: 0.8 SD, 0.3 SDXL).")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Sampler: euler, euler-a, dpm++2m, dpm++2m-karras, ddim, lcm, pndm, unipc or a diffusers scheduler class, "
+             "with config overrides as NAME:key=value,... (default: the folder's own).")] = None,
+    aesthetic_score: Annotated[float | None, typer.Option(
+        help="SDXL refiner: the aesthetic score conditioning (default: diffusers' 6.0).")] = None,
+    negative_aesthetic_score: Annotated[float | None, typer.Option(
+        help="SDXL refiner: the negative aesthetic score (default: diffusers' 2.5).")] = None,
 ) -> None:
     """Generate images with a folder of deployed artifacts (hashes checked against its manifest first)."""
     from rich.progress import Progress
 
     from diffship.runtime.pipeline import DeployedPipeline, save_images
+    from diffship.runtime.schedulers import parse_scheduler
     from diffship.runtime.tasks import read_image
 
     if out_file.suffix.lower() != ".png":
@@ -359,6 +378,10 @@ def generate(
     if pipe.artifacts.status == "failed":
         console.print(f"[yellow]warning:[/] these {pipe.artifacts.target} {pipe.artifacts.precision} artifacts "
                       "FAILED validation in their build; see the report before shipping them.")
+    if scheduler:
+        pipe.use_scheduler(*parse_scheduler(scheduler))
+    if (aesthetic_score is not None or negative_aesthetic_score is not None) and pipe.family.time_ids != 5:
+        raise DiffshipError(f"--aesthetic-score conditions the SDXL refiner; this is a {pipe.family.title} model.")
     init = read_image(image, "--image") if image else None
     masked = read_image(mask, "--mask") if mask else None
     if strength is not None and init is None:
@@ -371,14 +394,16 @@ def generate(
         img2img = init is not None and masked is None
         result = pipe(prompt, negative_prompt, height if img2img else h, width if img2img else w, steps, guidance_scale,
                       seed, batch, on_step=lambda i, n: progress.update(task, completed=i, total=n), image=init,
-                      mask=masked, strength=strength)
+                      mask=masked, strength=strength, aesthetic_score=aesthetic_score,
+                      negative_aesthetic_score=negative_aesthetic_score)
     h, w = result.images.shape[1:3]
     paths = save_images(result.images, out_file)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     t = result.timings
     steps_ms = 1000 * sum(t["steps"]) / max(len(t["steps"]), 1)
-    out.print(f"Wrote {', '.join(map(str, paths))} ({pipe.artifacts.target} {pipe.artifacts.precision}, {h}x{w}): "
+    out.print(f"Wrote {', '.join(map(str, paths))} ({pipe.artifacts.target} {pipe.artifacts.precision}, {h}x{w}, "
+              f"{type(pipe.scheduler).__name__}): "
               f"{t['total']:.2f} s total, {steps_ms:.1f} ms per step")
 
 

@@ -52,6 +52,18 @@ def target_library_versions() -> dict[str, str]:
     return found
 
 
+def weights_of(source: ModelSource) -> dict[str, Any]:
+    """How the source's weights were read: a variant upcast to the baseline's precision, a converted single file."""
+    from diffship.validation.baseline import baseline_device
+
+    precision = str(baseline_device()[1]).removeprefix("torch.").replace("float", "fp")
+    if source.variant:
+        return {"variant": source.variant, "weights": f"{source.variant} variant files, upcast to {precision} at load"}
+    if source.kind == "single-file":
+        return {"weights": f"single-file checkpoint converted by diffusers' from_single_file ({source.folder.name})"}
+    return {}
+
+
 def source_fingerprint() -> str:
     """Hash of diffship's own code, so a changed exporter or validator never reuses results cached by the old one."""
     package = Path(__file__).parent
@@ -83,7 +95,8 @@ def report_data(recipe: Recipe, source: ModelSource, family: str, module_hashes:
     return {
         "schema": REPORT_SCHEMA,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {"spec": source.spec, "kind": source.kind, "family": family, "sha256": cache.key(**module_hashes)},
+        "model": {"spec": source.spec, "kind": source.kind, "family": family, "sha256": cache.key(**module_hashes),
+                  **weights_of(source)},
         "baseline": describe(*baseline_device()),
         "machine": machine(),
         "versions": versions,
@@ -127,7 +140,7 @@ def build_manifest(recipe: Recipe, source: ModelSource, family: str, module_hash
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": {"model": source.spec, "kind": source.kind, "folder": str(source.folder), "family": family,
                    "prediction_type": prediction_type(source.folder), "sha256": cache.key(**module_hashes),
-                   "modules": module_hashes},
+                   "modules": module_hashes, **weights_of(source)},
         "recipe": recipe.model_dump(mode="json"),
         "versions": versions,
         "shapes": shapes,

@@ -124,6 +124,9 @@ class ValidationRecipe(_Strict):
     image: Path | None = None
     mask: Path | None = None
     strength: float = Field(0.75, gt=0, le=1)
+    # the sampler, baseline and artifacts alike: a common name (euler-a, dpm++2m-karras, ...) or a diffusers class
+    scheduler: str | None = None
+    scheduler_config: dict[str, Any] = Field(default_factory=dict)
     latency: LatencyRecipe = Field(default_factory=LatencyRecipe)
     quality: QualityRecipe = Field(default_factory=QualityRecipe)
 
@@ -186,6 +189,7 @@ class Recipe(_Strict):
 
     model: str = "digits-sd"
     model_config: str | None = None  # a single-file checkpoint's configuration: a shipped name or a folder
+    variant: str | None = None  # weight files to load, e.g. fp16 (*.fp16.safetensors)
     components: list[str] | None = None
     targets: list[TargetRecipe] = Field(default_factory=lambda: [TargetRecipe(name="onnxruntime")], min_length=1)
     export: ExportRecipe = Field(default_factory=ExportRecipe)

@@ -18,6 +18,8 @@ from diffship.recipe import parse_recipe
 
 VALIDATION = {"prompts": ["a lighthouse at dusk"], "seeds": [0], "steps": 4, "guidance_scale": 6.0,
               "latency": {"enabled": False}}
+# The refiner's build also samples with an ancestral scheduler: its noise is drawn from the seed on both sides.
+SCHEDULER = {"tiny-sdxl-refiner": {"scheduler": "euler-a"}, "tiny-sd-inpaint": {}}
 TARGETS = [{"name": "onnxruntime", "precisions": ["fp32"]}, {"name": "openvino", "precisions": ["int8-hybrid"]}]
 CALIBRATION = {"prompts": ["a red bicycle", "a bowl of fruit", "a lighthouse"], "samples": 8, "steps": 4}
 
@@ -29,7 +31,7 @@ def task_build(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
 
     def get(name: str):
         if name not in done:
-            recipe = parse_recipe({"model": name, "targets": TARGETS, "validation": VALIDATION,
+            recipe = parse_recipe({"model": name, "targets": TARGETS, "validation": VALIDATION | SCHEDULER[name],
                                    "calibration": CALIBRATION})
             done[name] = build(recipe, tmp_path_factory.mktemp("task-build") / name)
         return done[name]
@@ -45,6 +47,9 @@ def test_a_build_validates_the_task_the_model_is_for(task_build, name: str, task
     for key in ("onnxruntime-fp32", "openvino-int8-hybrid"):
         e2e = result.report["sets"][key]["e2e"]
         assert list(e2e["tasks"]) == [task] and all(s["task"] == task for s in e2e["samples"])
+    expected = "EulerAncestralDiscreteScheduler" if name == "tiny-sdxl-refiner" else "PNDMScheduler"
+    assert {r["scheduler"]["class"] for r in result.report["sets"].values()} == {expected}
+    assert f"scheduler {expected}" in (result.out / "report" / "report.md").read_text()
     fp32 = result.report["sets"]["onnxruntime-fp32"]["e2e"]
     assert fp32["min_psnr_db"] is None or fp32["min_psnr_db"] >= 35
     # The UNet's real steps come from the task's own run: strength 0.75 of 4 steps is 3 calls (PNDM adds one more

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from diffship import cache
-from diffship.artifacts import read_json, sha256_file, staged_dir
+from diffship.artifacts import read_json, staged_dir
 from diffship.errors import DiffshipError
 
 STANDARD_CONFIGS = Path(__file__).parent / "standard_configs"
@@ -96,7 +96,7 @@ def convert(path: Path, model_config: str | Path | None = None, allow_pickle: bo
     say = say or (lambda _: None)
     path = path.expanduser().resolve()
     config = config_folder(model_config, path, allow_pickle)
-    key = cache.key(stage="single-file", file=sha256_file(path), config=cache.folder_hash(config), revision=REVISION)
+    key = cache.key(stage="single-file", file=cache.file_hashes([path])[0], config=cache.folder_hash(config), revision=REVISION)
     folder = cache.cache_root() / "models" / f"single-file-{key[:16]}"
     if cache.unwritable_reason() is not None:
         folder = cache.scratch_root() / "models" / f"single-file-{key[:16]}"

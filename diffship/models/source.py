@@ -12,6 +12,7 @@ from pathlib import Path
 from diffship.errors import DiffshipError
 from diffship.models.builtin import BUILTINS, builtin_folder
 from diffship.models.single_file import convert, is_checkpoint_file
+from diffship.models.variants import choose_variant, with_variant
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_HOST = "huggingface.co"
@@ -26,11 +27,26 @@ class ModelSource:
     spec: str  # what the user typed
     kind: str  # "builtin", "local", "single-file" (converted into the cache) or "hub"
     folder: Path
+    variant: str | None = None  # the weight variant loaded (fp16: *.fp16.safetensors, upcast to FP32 at load)
 
 
 def resolve(spec: str, allow_pickle: bool = False, model_config: str | Path | None = None,
-            say: Callable[[str], None] | None = None) -> ModelSource:
-    """Map a built-in name, a local folder, a single-file checkpoint or a hub id to a local diffusers folder."""
+            say: Callable[[str], None] | None = None, variant: str | None = None) -> ModelSource:
+    """Map a built-in name, a local folder, a single-file checkpoint or a hub id to a local diffusers folder; with a
+    weight variant (asked for, or the only weights a folder has), to a folder that loads it."""
+    source = _locate(spec, allow_pickle, model_config, say)
+    if source.kind == "single-file":
+        if variant is not None:
+            raise DiffshipError("--variant applies to diffusers folders; a single-file checkpoint has one set of weights.")
+        return source
+    chosen = choose_variant(source.folder, variant)
+    if chosen is None:
+        return source
+    return ModelSource(spec, source.kind, with_variant(source.folder, chosen, say), chosen)
+
+
+def _locate(spec: str, allow_pickle: bool, model_config: str | Path | None,
+            say: Callable[[str], None] | None) -> ModelSource:
     if spec in BUILTINS:
         return ModelSource(spec, "builtin", builtin_folder(spec))
     path = Path(spec).expanduser()

@@ -1,15 +1,16 @@
-"""A real CLIP BPE tokenizer built offline from the vocabulary file that ships in `open_clip_torch`.
+"""A real CLIP BPE tokenizer built offline from CLIP's vocabulary file, shipped in the package (`clip_vocab/`).
 
 Stable Diffusion's tokenizers (SD 1.x, SD 2.x, both of SDXL's) are CLIP's byte-level BPE over
 `bpe_simple_vocab_16e6.txt.gz`. With no hub, we rebuild vocab and merges from that file the way
 CLIP's reference tokenizer does and hand them to transformers' `CLIPTokenizer`; the token ids
-are CLIP's own (e.g. "a photo" -> 320, 1125).
+are CLIP's own (e.g. "a photo" -> 320, 1125). The file (1.3 MB, MIT, see clip_vocab/LICENSE) ships with diffship
+rather than through open-clip-torch, whose dependencies pull torchvision and a CUDA torch: `pip install diffship`
+alone then gives working tokenizers.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.metadata
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -27,19 +28,10 @@ MAX_LENGTH = 77
 
 
 def _vocab_path() -> Path:
-    # The package is installed without its dependencies (it would pull torchvision and a CUDA
-    # torch); we only read its data file, located through the wheel's record, never imported.
-    try:
-        files = importlib.metadata.files("open_clip_torch") or []
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise DiffshipError(
-            "The CLIP BPE vocabulary comes from the `open_clip_torch` package, which is not installed. "
-            "Install it with `pip install --no-deps open-clip-torch`."
-        ) from exc
-    for entry in files:
-        if entry.name == VOCAB_FILE:
-            return Path(str(entry.locate()))
-    raise DiffshipError(f"`open_clip_torch` is installed but has no {VOCAB_FILE}.")
+    path = Path(__file__).parent / "clip_vocab" / VOCAB_FILE
+    if not path.is_file():
+        raise DiffshipError(f"diffship's CLIP vocabulary {path} is missing: reinstall diffship.")
+    return path
 
 
 @lru_cache(maxsize=1)

@@ -27,6 +27,7 @@ from diffship.models.components import native_size
 from diffship.models.families import Family, family_named
 from diffship.runtime import inpaint
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
+from diffship.runtime.schedulers import make_scheduler
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
 
@@ -89,8 +90,16 @@ class DeployedPipeline:
         self.vae_config = read_json(folder / "vae_decoder" / "config.json")
         self.force_zeros = bool(read_json(folder / "model_index.json").get("force_zeros_for_empty_prompt", False))
         self.vae_scale = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
+        self.step_takes = self._step_takes()
+
+    def use_scheduler(self, name: str | None, overrides: dict[str, Any] | None = None) -> None:
+        """Sample with another scheduler built from the folder's config (`runtime.schedulers`)."""
+        self.scheduler = make_scheduler(self.scheduler, name, overrides)
+        self.step_takes = self._step_takes()
+
+    def _step_takes(self) -> set[str]:
         step = inspect.signature(self.scheduler.step).parameters
-        self.step_takes = {name for name in ("eta", "generator") if name in step}
+        return {name for name in ("eta", "generator") if name in step}
 
     @classmethod
     def load(cls, folder: Path, target: str | None = None, precision: str | None = None, verify: bool = True,
@@ -170,7 +179,8 @@ class DeployedPipeline:
                  width: int | None = None, steps: int = 20, guidance_scale: float = 7.5, seed: int = 0, batch: int = 1,
                  latents: torch.Tensor | None = None,
                  on_step: Callable[[int, int], None] | None = None, image: Any = None, mask: Any = None,
-                 strength: float | None = None) -> Generation:
+                 strength: float | None = None, aesthetic_score: float | None = None,
+                 negative_aesthetic_score: float | None = None) -> Generation:
         """Generate `batch` images per prompt: from noise; from `image` (img2img); or repainting the white part of
         `mask` over `image` (inpaint). `strength` defaults to diffusers' for the task; `latents` (before
         init_noise_sigma) replace text-to-image's seeded draw."""
@@ -203,7 +213,8 @@ class DeployedPipeline:
         conditioning = self.encode(repeated, repeated_neg, guidance)
         timings["text_encode"] = time.perf_counter() - started
         if self.family.time_ids:
-            conditioning["time_ids"] = self._time_ids(height, width, n, guidance)
+            conditioning["time_ids"] = self._time_ids(height, width, n, guidance, aesthetic_score,
+                                                      negative_aesthetic_score)
 
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (n, self.vae_config.get("latent_channels", 4), height // self.vae_scale, width // self.vae_scale)
@@ -278,11 +289,13 @@ class DeployedPipeline:
                                     "with it among the recipe's components.")
         return task
 
-    def _time_ids(self, height: int, width: int, n: int, guidance: bool) -> np.ndarray:
-        """SDXL micro-conditioning per image, the negatives first under guidance; the refiner's carry diffusers'
-        default aesthetic scores (the negative half its negative score)."""
+    def _time_ids(self, height: int, width: int, n: int, guidance: bool, aesthetic: float | None = None,
+                  negative_aesthetic: float | None = None) -> np.ndarray:
+        """SDXL micro-conditioning per image, the negatives first under guidance; the refiner's carry aesthetic
+        scores (the negative half the negative score), diffusers' defaults unless given."""
         task = self.family.pipelines.get("img2img", "")
-        scores = [call_default(task, "aesthetic_score"), call_default(task, "negative_aesthetic_score")] \
+        scores = [call_default(task, "aesthetic_score") if aesthetic is None else aesthetic,
+                  call_default(task, "negative_aesthetic_score") if negative_aesthetic is None else negative_aesthetic] \
             if self.family.time_ids == 5 else [0.0, 0.0]
         positive = self.family.time_id_values(height, width, scores[0])
         negative = self.family.time_id_values(height, width, scores[1])

@@ -21,14 +21,17 @@ from diffship.models.components import ComponentSpec, wrap
 from diffship.models.families import Family, detect_family, tasks_of
 from diffship.models.loading import load_component
 from diffship.runtime.pipeline import Generation
+from diffship.runtime.schedulers import make_scheduler
 from diffship.runtime.tasks import TaskInputs, validated_tasks
 
 
 class Baseline:
     """The PyTorch pipeline of a build, loaded on first use and dropped when a memory-hungry stage needs the room."""
 
-    def __init__(self, folder: Path, allow_pickle: bool, say: Callable[[str], None]):
+    def __init__(self, folder: Path, allow_pickle: bool, say: Callable[[str], None], scheduler: str | None = None,
+                 scheduler_config: dict[str, Any] | None = None):
         self.folder, self.allow_pickle, self.say, self.pipe = folder, allow_pickle, say, None
+        self.scheduler = (scheduler, scheduler_config or {})
         self.tasks = validated_tasks(tasks_of(folder))
 
     def get(self) -> Any:
@@ -36,6 +39,7 @@ class Baseline:
             device, dtype = baseline_device()
             self.say(f"Loading the PyTorch baseline ({device}, {str(dtype).removeprefix('torch.')}) ...")
             self.pipe = load_baseline(self.folder, self.allow_pickle, device, dtype)
+            self.pipe.scheduler = make_scheduler(self.pipe.scheduler, *self.scheduler)
         return self.pipe
 
     def for_task(self, task: str) -> Any:

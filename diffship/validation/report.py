@@ -209,13 +209,27 @@ def header_lines(report: dict[str, Any]) -> list[str]:
         f"Machine: {_cpu(report['machine'])}, {report['machine']['cpus']} CPUs, "
         f"{report['machine']['memory_bytes'] / 2**30:.0f} GiB"
         + (f", {report['machine']['gpu']}" if "gpu" in report["machine"] else ""),
-        f"Images: {v['height']}x{v['width']}, {v['steps']} steps, guidance {v['guidance_scale']}",
+        f"Images: {v['height']}x{v['width']}, {v['steps']} steps, guidance {v['guidance_scale']}"
+        + (f", tasks {', '.join(tasks)}" if (tasks := _tasks(report)) else "")
+        + (f", scheduler {', '.join(schedulers)}" if (schedulers := _schedulers(report)) else ""),
+        *([f"Weights: {m['weights']}"] if m.get("weights") else []),
         "Versions: " + ", ".join(f"{k} {val}" for k, val in report["versions"].items()),
         f"Cache: {report['cache']['hits']} stage(s) reused, {report['cache']['misses']} run; "
         f"build took {report['build_seconds']:.1f} s",
         *(f"Not run here: {key} was converted and spec-checked only ({r['not_run']}); no parity is claimed for it"
           for key, r in report["sets"].items() if "not_run" in r),
     ]
+
+
+def _tasks(report: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(t for r in report["sets"].values() for t in r.get("e2e", {}).get("tasks", {})))
+
+
+def _schedulers(report: dict[str, Any]) -> list[str]:
+    """The sampler each set ran with (the same for all unless a set could not run)."""
+    return list(dict.fromkeys(
+        r["scheduler"]["class"] + "".join(f" {k}={v}" for k, v in r["scheduler"].items() if k != "class")
+        for r in report["sets"].values() if r.get("scheduler")))
 
 
 def _cpu(machine: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from diffship.models.components import ComponentSpec, run_torch
 from diffship.models.families import detect_family
 from diffship.recipe import Threshold, ValidationRecipe
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents
+from diffship.runtime.schedulers import describe_scheduler
 from diffship.runtime.tasks import TaskInputs
 from diffship.targets import get_target
 from diffship.targets.calibration import capture
@@ -89,7 +90,9 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
     rss_before = latency.rss_bytes()
     deployed = DeployedPipeline.from_artifacts(artifacts, options)
     load_rss = latency.rss_bytes() - rss_before  # weights as the runtime holds them, before any activation memory
+    deployed.use_scheduler(plan.validation.scheduler, plan.validation.scheduler_config)
     result: dict[str, Any] = {"target": artifacts.target, "precision": artifacts.precision,
+                              "scheduler": describe_scheduler(deployed.scheduler),
                               "runtime": {n: r.describe() for n, r in deployed.runners.items()}}
     if structure is not None:
         result["spec"] = structure

@@ -1,0 +1,65 @@
+"""The scheduler a generation uses: the folder's own by default, or one a user names, built from the folder's
+config as diffusers does it (`OtherScheduler.from_config(pipe.scheduler.config)`), so the training schedule (betas,
+prediction type, offsets) carries over and only the sampler changes.
+
+Names follow the ones people know from the WebUIs and diffusers' docs; any diffusers scheduler class name works too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffship.errors import DiffshipError
+
+# common name -> (diffusers class, config overrides)
+NAMES: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def parse_scheduler(text: str) -> tuple[str, dict[str, Any]]:
+    """`NAME[:key=value,...]` (values read as TOML scalars) as the name and its config overrides."""
+    import tomllib
+
+    name, _, rest = text.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DiffshipError(f"--scheduler {text!r}: expected key=value after the name, got {item!r}.")
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = value.strip()
+    return name.strip(), overrides
+
+
+def make_scheduler(base: Any, name: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """A scheduler from `base`'s config: `name`'s class (or `base`'s own) with `overrides` applied."""
+    import diffusers
+
+    if name is None and not overrides:
+        return base
+    class_name, defaults = NAMES.get(name, (name, {})) if name else (type(base).__name__, {})
+    cls = getattr(diffusers, class_name, None) if class_name else None
+    if cls is None or not class_name.endswith("Scheduler"):
+        raise DiffshipError(f"Unknown scheduler {name!r}: use one of {', '.join(NAMES)} or a diffusers scheduler class "
+                            "name (e.g. DPMSolverMultistepScheduler).")
+    config = {**dict(base.config), **defaults, **(overrides or {})}
+    unknown = sorted(set(overrides or {}) - set(cls.from_config(dict(base.config)).config))
+    if unknown:
+        raise DiffshipError(f"{class_name} has no setting {', '.join(unknown)}.")
+    return cls.from_config(config)
+
+
+def describe_scheduler(scheduler: Any) -> dict[str, Any]:
+    """What ran, for manifests and reports: the class and the settings that distinguish samplers."""
+    keys = ("timestep_spacing", "prediction_type", "use_karras_sigmas", "algorithm_type", "solver_order")
+    return {"class": type(scheduler).__name__, **{k: scheduler.config[k] for k in keys if k in scheduler.config}}
