@@ -21,12 +21,12 @@ from pathlib import Path
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from ldm_checkpoint import write_ldm_checkpoint  # noqa: E402
+from ldm_checkpoint import write_ldm_checkpoint
 
-from diffship.cpu import cpu_facts, describe  # noqa: E402
-from diffship.exporters.pipeline import export_pipeline  # noqa: E402
-from diffship.models.single_file import detect_config  # noqa: E402
-from diffship.models.source import resolve  # noqa: E402
+from diffship.cpu import cpu_facts, describe
+from diffship.exporters.pipeline import export_pipeline
+from diffship.models.single_file import detect_config
+from diffship.models.source import resolve
 
 COMPONENTS = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
 

@@ -123,7 +123,7 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
             "already hold run, and nothing is stored).")
     out = out.resolve()
     prepare_output_dir(out, overwrite=True)
-    source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.model_config, say=say,
+    source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config, say=say,
                      variant=recipe.variant)
     family = detect_family(source.folder)
     specs = select_specs(source.folder, recipe.components)

@@ -286,7 +286,7 @@ def compress(
                             "with compress = [...].")
     out_path = (out_dir or Path("out") / f"{Path(recipe.model.rstrip('/')).name}-compressed").resolve()
     prepare_output_dir(out_path, overwrite=True)
-    source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.model_config,
+    source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config,
                      say=console.print, variant=recipe.variant)
     family = detect_family(source.folder)
     from diffship.exporters.pipeline import select_specs

@@ -29,7 +29,7 @@ DEFAULT_CALIBRATION_PROMPTS = tuple(f"a handwritten digit {w}" for w in (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
 
 
 class TargetRecipe(_Strict):
@@ -188,7 +188,9 @@ class Recipe(_Strict):
     """A whole build."""
 
     model: str = "digits-sd"
-    model_config: str | None = None  # a single-file checkpoint's configuration: a shipped name or a folder
+    # a single-file checkpoint's configuration, a shipped name or a folder; the recipe key is `model_config`
+    # (pydantic reserves that attribute name)
+    checkpoint_config: str | None = Field(None, alias="model_config")
     variant: str | None = None  # weight files to load, e.g. fp16 (*.fp16.safetensors)
     components: list[str] | None = None
     targets: list[TargetRecipe] = Field(default_factory=lambda: [TargetRecipe(name="onnxruntime")], min_length=1)
