@@ -380,7 +380,7 @@ def generate(
                       "FAILED validation in their build; see the report before shipping them.")
     if scheduler:
         pipe.use_scheduler(*parse_scheduler(scheduler))
-    if (aesthetic_score is not None or negative_aesthetic_score is not None) and pipe.family.time_ids != 5:
+    if (aesthetic_score is not None or negative_aesthetic_score is not None) and not pipe.family.aesthetic_conditioning:
         raise DiffshipError(f"--aesthetic-score conditions the SDXL refiner; this is a {pipe.family.title} model.")
     init = read_image(image, "--image") if image else None
     masked = read_image(mask, "--mask") if mask else None

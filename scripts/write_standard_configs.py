@@ -60,6 +60,13 @@ REFINER_TEXT = (("text_encoder_2", "CLIPTextModelWithProjection", OPENCLIP_BIGG,
 SD_INDEX = {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
 XL_INDEX = {"image_encoder": [None, None], "feature_extractor": [None, None]}
 
+# The model type diffusers' `infer_diffusers_model_type` reads from a checkpoint's tensors, per configuration. SD 2.x's
+# 512 (epsilon) and 768 (v-prediction) files have the same tensors: like diffusers, 768-v is what "v2" means, and the
+# 512 one is chosen by name (--model-config).
+MODEL_TYPES = {"sd1": "v1", "sd1-inpaint": "inpainting", "sd2-768-v": "v2", "sd2-512": None,
+               "sd2-inpaint": "inpainting_v2", "sdxl": "xl_base", "sdxl-refiner": "xl_refiner",
+               "sdxl-inpaint": "xl_inpaint"}
+
 # name -> (pipeline class, UNet, VAE, text encoders, scheduler class, scheduler config, model_index extras)
 STANDARD: dict[str, tuple[str, dict[str, Any], dict[str, Any], tuple, str, dict[str, Any], dict[str, Any]]] = {
     "sd1": ("StableDiffusionPipeline", SD1_UNET, VAE, SD1_TEXT, "PNDMScheduler", SCHEDULER, SD_INDEX),
@@ -107,7 +114,9 @@ def main() -> None:
         _write(folder / "unet" / "config.json", {"_class_name": "UNet2DConditionModel", **unet})
         _write(folder / "vae" / "config.json", {"_class_name": "AutoencoderKL", **vae})
         _write(folder / "scheduler" / "scheduler_config.json", {"_class_name": scheduler_class, **scheduler})
-        _write(folder / "tokenizers.json", pads)  # diffship's: each tokenizer's pad token, built at conversion
+        # diffship's own: the checkpoints this configuration is for, and each tokenizer's pad token (built at
+        # conversion from the shipped CLIP vocabulary)
+        _write(folder / "diffship.json", {"diffusers_model_type": MODEL_TYPES[name], "tokenizer_pads": pads})
     print(f"wrote {len(STANDARD)} configuration folders under {OUT}")
 
 

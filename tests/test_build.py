@@ -77,7 +77,7 @@ def test_tiny_sd_builds_validates_and_reports_on_onnxruntime(tmp_path: Path, fre
     assert all(s["identical"] or s["psnr_db"] >= 40 for s in e2e["samples"])
     assert report["baseline"]["device"] == "cpu" and report["baseline"]["precision"] == "fp32"
     latency = report["sets"]["onnxruntime-fp32"]["latency"]
-    assert set(latency["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(latency["components"]) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
     assert latency["components"]["unet"]["batch"] == 2  # classifier-free guidance doubles the UNet batch
     assert latency["components"]["unet"]["target"]["runs"] == 2 and latency["pipeline"]["target"]["total"]["p50_s"] > 0
     assert report["sets"]["onnxruntime-fp32"]["memory"]["peak_rss_bytes"] > 0

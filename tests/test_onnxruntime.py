@@ -118,7 +118,7 @@ def test_an_fp16_overflow_falls_back_to_fp32_and_says_so(exported, tmp_path: Pat
     onnx.save(model, str(tmp_path / "big" / "model.onnx"))
     spec = next(s for s in component_specs(resolve("tiny-sd").folder) if s.name == "vae_decoder")
     artifact = onnxruntime.compile(tmp_path / "big" / "model.onnx", "fp16", OrtOptions(), tmp_path / "fp16",
-                                   CompileContext(spec, family="sd1"))
+                                   CompileContext(spec))
     record = graph(artifact.parent)
     assert record["kept"] == "fp32" and "not finite (NaN/Inf)" in record["reason"]
     assert onnx.TensorProto.FLOAT16 not in initializer_types(artifact)
@@ -130,7 +130,7 @@ def test_fp16_inputs_and_outputs_when_asked_and_the_runner_still_speaks_fp32(exp
     source = exported("tiny-sd") / "unet" / "model.onnx"
     spec = next(s for s in component_specs(resolve("tiny-sd").folder) if s.name == "unet")
     options = OrtOptions(fp16_keep_io_types=False)
-    artifact = onnxruntime.compile(source, "fp16", options, tmp_path / "fp16", CompileContext(spec, family="sd1"))
+    artifact = onnxruntime.compile(source, "fp16", options, tmp_path / "fp16", CompileContext(spec))
     model = onnx.load(str(artifact), load_external_data=False)
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     inputs = spec.sample_inputs(2, 64, 64)

@@ -34,7 +34,8 @@ def test_every_precision_builds_runs_end_to_end_and_passes_its_tolerance(ov_buil
     for key, result in ov_build.report["sets"].items():
         precision = key.removeprefix("openvino-")
         threshold = parse_recipe({}).threshold(precision)
-        assert result["e2e"]["images"] == 1 and result["e2e"]["threshold"]["min_psnr_db"] == threshold.min_psnr
+        assert result["e2e"]["images"] == 2 and result["e2e"]["threshold"]["min_psnr_db"] == threshold.min_psnr
+        assert set(result["e2e"]["tasks"]) == {"text2img", "img2img"}
         assert result["parity"]["tolerance"]["min_cosine"] == threshold.min_cosine
         assert set(result["parity"]["components"]) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
         assert len(result["parity"]["unet_steps"]["steps"]) >= 3  # every real denoising step checked

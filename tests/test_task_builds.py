@@ -90,3 +90,11 @@ def test_a_bad_validation_image_mask_or_strength_exits_2_before_any_work(tmp_pat
     assert result.exit_code == 2, result.output
     assert message in result.output and "exporting" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_compress_refuses_a_model_that_does_not_draw_from_text(tmp_path: Path, model_cache: Path):
+    result = CliRunner().invoke(app, ["compress", "--model", "tiny-sdxl-refiner", "--step", "prune-channels:ratio=0.3",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "compress measures and distills on text-to-image generations" in result.output
+    assert "img2img and inpaint" in result.output

@@ -18,6 +18,7 @@ import torch
 from diffship.compress import measure, prune
 from diffship.compress.steps import TORCH_ONLY, Step
 from diffship.errors import DiffshipError
+from diffship.models.families import tasks_of
 
 Say = Callable[[str], None]
 RECORD_FILE = "compress.json"
@@ -72,6 +73,9 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
     say = say or (lambda _: None)
     if not steps:
         raise DiffshipError("compress needs at least one step.")
+    if (tasks := tasks_of(folder))[0] != "text2img":
+        raise DiffshipError(f"compress measures and distills on text-to-image generations; this model does "
+                            f"{' and '.join(tasks)} only. Build it without compress steps.")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     say(f"[compress] loading {folder.name} (PyTorch FP32, {device}) ...")
     pipe = load_baseline(folder, allow_pickle, device, torch.float32)

@@ -22,10 +22,7 @@ from diffship.errors import DiffshipError
 STANDARD_CONFIGS = Path(__file__).parent / "standard_configs"
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# diffusers' model type -> the shipped configuration. SD 2.x's 512 (epsilon) and 768 (v-prediction) models have the
-# same tensors; like diffusers, the 768 v-prediction one is assumed, and `--model-config sd2-512` picks the other.
-BY_MODEL_TYPE = {"v1": "sd1", "inpainting": "sd1-inpaint", "v2": "sd2-768-v", "inpainting_v2": "sd2-inpaint",
-                 "xl_base": "sdxl", "xl_refiner": "sdxl-refiner", "xl_inpaint": "sdxl-inpaint"}
+DECLARATION = "diffship.json"  # in each shipped configuration: the diffusers model type it is for, tokenizer pads
 REVISION = 1  # bump when conversion changes, so cached conversions are redone
 
 
@@ -36,6 +33,17 @@ def is_checkpoint_file(path: Path) -> bool:
 
 def standard_config_names() -> list[str]:
     return sorted(p.name for p in STANDARD_CONFIGS.iterdir() if (p / "model_index.json").is_file())
+
+
+def by_model_type() -> dict[str, str]:
+    """diffusers' model type -> the shipped configuration declared for it (SD 2.x's 512 model has none: its tensors
+    are those of the 768 v-prediction one, which diffusers assumes too)."""
+    found = {}
+    for name in standard_config_names():
+        declared = read_json(STANDARD_CONFIGS / name / DECLARATION).get("diffusers_model_type")
+        if declared:
+            found[declared] = name
+    return found
 
 
 def _shapes(path: Path, allow_pickle: bool) -> dict[str, Any]:
@@ -68,13 +76,14 @@ def detect_config(path: Path, allow_pickle: bool = False) -> str:
         model_type = infer_diffusers_model_type(shapes)
     except (KeyError, IndexError, AttributeError):
         model_type = None
-    if model_type not in BY_MODEL_TYPE or "model.diffusion_model.input_blocks.0.0.weight" not in shapes:
+    known = by_model_type()
+    if model_type not in known or "model.diffusion_model.input_blocks.0.0.weight" not in shapes:
         raise DiffshipError(
             f"{path} is not a Stable Diffusion 1.x / 2.x / XL checkpoint diffship knows"
             + (f" (diffusers reads it as `{model_type}`)" if model_type else "")
             + ". For a non-standard architecture give its diffusers configuration folder with --model-config "
             f"(one of {', '.join(standard_config_names())}, or a folder with model_index.json and component configs).")
-    return BY_MODEL_TYPE[model_type]
+    return known[model_type]
 
 
 def config_folder(model_config: str | Path | None, path: Path, allow_pickle: bool) -> Path:
@@ -114,19 +123,20 @@ def _convert_into(path: Path, config: Path, out: Path) -> None:
     import diffusers
     import torch
 
+    from diffship.models.loading import quiet_libraries
     from diffship.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
 
     work = out / ".config"
     shutil.copytree(config, work)
-    pads = read_json(work / "tokenizers.json") if (work / "tokenizers.json").is_file() else {}
+    declared = read_json(work / DECLARATION) if (work / DECLARATION).is_file() else {}
+    pads = declared.get("tokenizer_pads", {})
     index = read_json(work / "model_index.json")
     for name, entry in index.items():
         if name.startswith("tokenizer") and isinstance(entry, list) and entry[1] and not any((work / name).glob("*")):
             save_clip_tokenizer(build_clip_tokenizer(pad_token=pads.get(name, "<|endoftext|>")), work / name)
     previous = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # a configuration that names the hub must fail here, not download
-    diffusers.utils.logging.disable_progress_bar()  # diffship prints its own line for the conversion
-    diffusers.utils.logging.set_verbosity_error()
+    quiet_libraries()  # diffship prints its own line for the conversion
     try:
         pipeline_class = getattr(diffusers, index["_class_name"])
         pipe = pipeline_class.from_single_file(str(path), config=str(work), local_files_only=True,
@@ -134,8 +144,6 @@ def _convert_into(path: Path, config: Path, out: Path) -> None:
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise DiffshipError(f"diffusers could not convert {path} with the configuration {config}: {exc}") from None
     finally:
-        diffusers.utils.logging.enable_progress_bar()
-        diffusers.utils.logging.set_verbosity_warning()
         if previous is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:

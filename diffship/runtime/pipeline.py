@@ -296,7 +296,7 @@ class DeployedPipeline:
         task = self.family.pipelines.get("img2img", "")
         scores = [call_default(task, "aesthetic_score") if aesthetic is None else aesthetic,
                   call_default(task, "negative_aesthetic_score") if negative_aesthetic is None else negative_aesthetic] \
-            if self.family.time_ids == 5 else [0.0, 0.0]
+            if self.family.aesthetic_conditioning else [0.0, 0.0]
         positive = self.family.time_id_values(height, width, scores[0])
         negative = self.family.time_id_values(height, width, scores[1])
         return np.array(([negative] * n if guidance else []) + [positive] * n, dtype=np.float32)

@@ -38,6 +38,11 @@ class Family:
     vae_overflows_fp16: bool = False  # its VAE's activations exceed FP16's range (SDXL): kept FP32 under "auto"
 
     @property
+    def aesthetic_conditioning(self) -> bool:
+        """Whether the time ids carry an aesthetic score (the SDXL refiner's 5) instead of a target size."""
+        return self.time_ids == 5
+
+    @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.pipelines)
 
