@@ -236,20 +236,11 @@ def build(
 
 
 def _parse_step(text: str) -> dict[str, Any]:
-    """`prune-channels:ratio=0.3,round_to=8` as a step dict; values read as TOML scalars (numbers, strings)."""
-    import tomllib
+    """`prune-channels:ratio=0.3,round_to=8` as a step dict."""
+    from diffship.recipe import named_settings
 
-    name, _, rest = text.partition(":")
-    step: dict[str, Any] = {"step": name.strip()}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DiffshipError(f"--step {text!r}: expected key=value after the step name, got {item!r}.")
-        try:
-            step[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            step[key.strip()] = value.strip()
-    return step
+    name, settings = named_settings(text, "--step")
+    return {"step": name, **settings}
 
 
 @app.command()

@@ -80,6 +80,25 @@ TINY_SD_UNET = {
     "norm_num_groups": 8,
 }
 
+TINY_SDXL_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "transformer_layers_per_block": [1, 1, 2],
+    "attention_head_dim": [2, 4, 4],
+    "use_linear_projection": True,
+    "cross_attention_dim": 64,
+    "norm_num_groups": 8,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    # 6 time ids x addition_time_embed_dim + the second encoder's projection (32)
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+}
+
 TINY_VAE = {
     "in_channels": 3,
     "out_channels": 3,
@@ -165,24 +184,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             description="SDXL architecture (two text encoders, text_embeds + time_ids), tiny random weights",
             family="sdxl",
             pipeline_class="StableDiffusionXLPipeline",
-            unet={
-                "sample_size": 8,
-                "in_channels": 4,
-                "out_channels": 4,
-                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                "block_out_channels": [32, 64, 64],
-                "layers_per_block": 1,
-                "transformer_layers_per_block": [1, 1, 2],
-                "attention_head_dim": [2, 4, 4],
-                "use_linear_projection": True,
-                "cross_attention_dim": 64,
-                "norm_num_groups": 8,
-                "addition_embed_type": "text_time",
-                "addition_time_embed_dim": 8,
-                # 6 time ids x addition_time_embed_dim + the second encoder's projection (32)
-                "projection_class_embeddings_input_dim": 6 * 8 + 32,
-            },
+            unet=TINY_SDXL_UNET,
             vae={**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
             text_encoders=(
                 {**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -204,20 +206,8 @@ BUILTINS: dict[str, BuiltinModel] = {
             family="sdxl-refiner",
             pipeline_class="StableDiffusionXLImg2ImgPipeline",
             unet={
-                "sample_size": 8,
-                "in_channels": 4,
-                "out_channels": 4,
-                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                "block_out_channels": [32, 64, 64],
-                "layers_per_block": 1,
-                "transformer_layers_per_block": [1, 1, 2],
-                "attention_head_dim": [2, 4, 4],
-                "use_linear_projection": True,
+                **TINY_SDXL_UNET,
                 "cross_attention_dim": 32,  # the second encoder's width alone
-                "norm_num_groups": 8,
-                "addition_embed_type": "text_time",
-                "addition_time_embed_dim": 8,
                 # 5 time ids (sizes, crop, aesthetic score) x addition_time_embed_dim + the projection (32)
                 "projection_class_embeddings_input_dim": 5 * 8 + 32,
             },

@@ -25,20 +25,10 @@ NAMES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def parse_scheduler(text: str) -> tuple[str, dict[str, Any]]:
-    """`NAME[:key=value,...]` (values read as TOML scalars) as the name and its config overrides."""
-    import tomllib
+    """`NAME[:key=value,...]` as the name and its config overrides."""
+    from diffship.recipe import named_settings
 
-    name, _, rest = text.partition(":")
-    overrides: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DiffshipError(f"--scheduler {text!r}: expected key=value after the name, got {item!r}.")
-        try:
-            overrides[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            overrides[key.strip()] = value.strip()
-    return name.strip(), overrides
+    return named_settings(text, "--scheduler")
 
 
 def make_scheduler(base: Any, name: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
