@@ -29,6 +29,7 @@ from diffship.exporters.pipeline import ModuleLoader, component_entry, export_on
 from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec, component_specs, native_size
 from diffship.models.families import component_config, detect_family, tasks_of
+from diffship.models.lora import LoraSpec
 from diffship.models.source import ModelSource, resolve
 from diffship.provenance import build_manifest, library_versions, report_data
 from diffship.recipe import Recipe
@@ -124,7 +125,7 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
     out = out.resolve()
     prepare_output_dir(out, overwrite=True)
     source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config, say=say,
-                     variant=recipe.variant)
+                     variant=recipe.variant, loras=[LoraSpec(x.path, x.scale) for x in recipe.loras])
     family = detect_family(source.folder)
     specs = select_specs(source.folder, recipe.components)
     needed = [s.name for s in component_specs(source.folder, family) if s.role in GENERATES]

@@ -95,6 +95,9 @@ def models(
              "folder, instead of the one detected from its tensors.")] = None,
     variant: Annotated[str | None, typer.Option(
         help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
+    lora: Annotated[list[str] | None, typer.Option(
+        help="A LoRA to merge before export, PATH[:SCALE] (diffusers / PEFT, kohya or LoCon .safetensors); repeat "
+             "for several, merged in order.")] = None,
 ) -> None:
     """List the built-in models, or describe what a given model folder contains."""
     from diffship.models.builtin import BUILTINS, DEFAULT_MODEL
@@ -114,7 +117,7 @@ def models(
     from diffship.models.source import resolve
 
     source = resolve(folder, allow_pickle=allow_pickle, model_config=model_config, say=console.print,
-                     variant=variant)
+                     variant=variant, loras=_loras(lora))
     family = detect_family(source.folder)
     specs = component_specs(source.folder, family)
     for module in sorted({s.module for s in specs}):
@@ -145,6 +148,9 @@ def export(
              "folder, instead of the one detected from its tensors.")] = None,
     variant: Annotated[str | None, typer.Option(
         help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
+    lora: Annotated[list[str] | None, typer.Option(
+        help="A LoRA to merge before export, PATH[:SCALE] (diffusers / PEFT, kohya or LoCon .safetensors); repeat "
+             "for several, merged in order.")] = None,
 ) -> None:
     """Export each component of a pipeline to ONNX (checked, shape-inferred) in OUT."""
     from diffship.exporters.pipeline import export_pipeline
@@ -152,7 +158,7 @@ def export(
 
     wanted = _names(components)
     source = resolve(model, allow_pickle=allow_pickle, model_config=model_config, say=console.print,
-                     variant=variant)
+                     variant=variant, loras=_loras(lora))
     console.print(f"Exporting [bold]{model}[/] to {out_dir} (ONNX opset {opset})")
     manifest = export_pipeline(source, out_dir, wanted, opset, overwrite, allow_pickle, _step_printer("export"))
     total = sum(f["bytes"] for c in manifest["components"].values() for f in c["files"])
@@ -209,6 +215,9 @@ def build(
              "folder, instead of the one detected from its tensors.")] = None,
     variant: Annotated[str | None, typer.Option(
         help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
+    lora: Annotated[list[str] | None, typer.Option(
+        help="A LoRA to merge before export, PATH[:SCALE] (diffusers / PEFT, kohya or LoCon .safetensors); repeat "
+             "for several, merged in order.")] = None,
 ) -> None:
     """Export, compile and validate a pipeline for every target; write artifacts, manifest.json and a report."""
     from diffship.build import build as run_build
@@ -217,7 +226,7 @@ def build(
     wanted = _names(targets)
     recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None,
                                        "allow_pickle": True if allow_pickle else None, "model_config": model_config,
-                                       "variant": variant})
+                                       "variant": variant, "loras": _lora_recipes(lora)})
     out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
     console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
     result = run_build(recipe, out_path, force=force, say=lambda line: console.print(line, markup=False, highlight=False))
@@ -233,6 +242,18 @@ def build(
     out.print(f"{verdict}; artifacts and manifest.json in {result.out}; report: {report_html}")
     if not result.passed:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _loras(values: list[str] | None) -> list[Any]:
+    """`--lora PATH[:SCALE]` values as LoRA specs."""
+    from diffship.models.lora import LoraSpec
+
+    return [LoraSpec.parse(v) for v in values or []]
+
+
+def _lora_recipes(values: list[str] | None) -> list[dict[str, Any]] | None:
+    """`--lora` values as the recipe's `[[loras]]` (None: keep the recipe's own)."""
+    return [{"path": str(s.path), "scale": s.scale} for s in _loras(values)] or None
 
 
 def _parse_step(text: str) -> dict[str, Any]:
@@ -257,6 +278,9 @@ def compress(
              "folder, instead of the one detected from its tensors.")] = None,
     variant: Annotated[str | None, typer.Option(
         help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
+    lora: Annotated[list[str] | None, typer.Option(
+        help="A LoRA to merge before export, PATH[:SCALE] (diffusers / PEFT, kohya or LoCon .safetensors); repeat "
+             "for several, merged in order.")] = None,
 ) -> None:
     """Prune, distill or quantize a pipeline's UNet in PyTorch; write the compressed pipeline and a stage table."""
     from diffship.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
@@ -265,12 +289,13 @@ def compress(
     from diffship.compress.table import stage_chart, stage_table
     from diffship.models.components import native_size
     from diffship.models.families import component_config, detect_family
+    from diffship.models.lora import LoraSpec
     from diffship.models.source import resolve
     from diffship.recipe import load_recipe
     from diffship.validation.report import markdown_table
 
     overrides = {"model": model, "allow_pickle": True if allow_pickle else None, "model_config": model_config,
-                 "variant": variant, "compress": [_parse_step(s) for s in steps] if steps else None}
+                 "variant": variant, "loras": _lora_recipes(lora), "compress": [_parse_step(s) for s in steps] if steps else None}
     recipe = load_recipe(recipe_file, overrides)
     if not recipe.compress:
         raise DiffshipError("No compress steps: give --step (e.g. --step prune-channels:ratio=0.3) or a recipe "
@@ -278,7 +303,8 @@ def compress(
     out_path = (out_dir or Path("out") / f"{Path(recipe.model.rstrip('/')).name}-compressed").resolve()
     prepare_output_dir(out_path, overwrite=True)
     source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config,
-                     say=console.print, variant=recipe.variant)
+                     say=console.print, variant=recipe.variant,
+                     loras=[LoraSpec(x.path, x.scale) for x in recipe.loras])
     family = detect_family(source.folder)
     from diffship.exporters.pipeline import select_specs
 

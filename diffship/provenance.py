@@ -57,11 +57,16 @@ def weights_of(source: ModelSource) -> dict[str, Any]:
     from diffship.validation.baseline import baseline_device
 
     precision = str(baseline_device()[1]).removeprefix("torch.").replace("float", "fp")
+    said: dict[str, Any] = {}
     if source.variant:
-        return {"variant": source.variant, "weights": f"{source.variant} variant files, upcast to {precision} at load"}
-    if source.kind == "single-file":
-        return {"weights": f"single-file checkpoint converted by diffusers' from_single_file ({source.folder.name})"}
-    return {}
+        said = {"variant": source.variant, "weights": f"{source.variant} variant files, upcast to {precision} at load"}
+    elif source.kind == "single-file":
+        said = {"weights": f"single-file checkpoint converted by diffusers' from_single_file ({source.folder.name})"}
+    if source.loras:
+        merged = ", ".join(f"{Path(r['path']).name} x{r['scale']:g}" for r in source.loras)
+        said |= {"loras": list(source.loras), "weights": (said.get("weights", "") + "; " if said else "")
+                 + f"LoRA merged before export: {merged}"}
+    return said
 
 
 def source_fingerprint() -> str:

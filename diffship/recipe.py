@@ -184,6 +184,13 @@ class Int8AutoRecipe(_Strict):
     margin: float = Field(0.1, ge=0, lt=1)
 
 
+class LoraRecipe(_Strict):
+    """A LoRA merged into the model before export: its file (relative to the recipe) and scale."""
+
+    path: Path
+    scale: float = 1.0
+
+
 class Recipe(_Strict):
     """A whole build."""
 
@@ -192,6 +199,7 @@ class Recipe(_Strict):
     # (pydantic reserves that attribute name)
     checkpoint_config: str | None = Field(None, alias="model_config")
     variant: str | None = None  # weight files to load, e.g. fp16 (*.fp16.safetensors)
+    loras: list[LoraRecipe] = Field(default_factory=list)  # merged in order before export (build and baseline alike)
     components: list[str] | None = None
     targets: list[TargetRecipe] = Field(default_factory=lambda: [TargetRecipe(name="onnxruntime")], min_length=1)
     export: ExportRecipe = Field(default_factory=ExportRecipe)
@@ -258,6 +266,9 @@ def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> R
         for key in ("image", "mask"):
             if isinstance(validation.get(key), str):
                 validation[key] = str(path.parent / validation[key])
+    for lora in data.get("loras") or [] if path is not None else []:
+        if isinstance(lora, dict) and isinstance(lora.get("path"), str):
+            lora["path"] = str(path.parent / lora["path"])
     if path is not None and isinstance(data.get("model_config"), str) and (path.parent / data["model_config"]).is_dir():
         data["model_config"] = str(path.parent / data["model_config"])
     for key, value in (overrides or {}).items():

@@ -8,9 +8,11 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.models.builtin import BUILTINS, builtin_folder
+from diffship.models.lora import LoraSpec, with_loras
 from diffship.models.single_file import convert, is_checkpoint_file
 from diffship.models.variants import choose_variant, with_variant
 
@@ -28,21 +30,25 @@ class ModelSource:
     kind: str  # "builtin", "local", "single-file" (converted into the cache) or "hub"
     folder: Path
     variant: str | None = None  # the weight variant loaded (fp16: *.fp16.safetensors, upcast to FP32 at load)
+    loras: tuple[dict[str, Any], ...] = ()  # merged into `folder`: each file's path, sha256, scale, layers patched
 
 
 def resolve(spec: str, allow_pickle: bool = False, model_config: str | Path | None = None,
-            say: Callable[[str], None] | None = None, variant: str | None = None) -> ModelSource:
+            say: Callable[[str], None] | None = None, variant: str | None = None,
+            loras: list[LoraSpec] | None = None) -> ModelSource:
     """Map a built-in name, a local folder, a single-file checkpoint or a hub id to a local diffusers folder; with a
-    weight variant (asked for, or the only weights a folder has), to a folder that loads it."""
+    weight variant (asked for, or the only weights a folder has), to a folder that loads it; with LoRAs, to a folder
+    with them merged."""
     source = _locate(spec, allow_pickle, model_config, say)
-    if source.kind == "single-file":
-        if variant is not None:
-            raise DiffshipError("--variant applies to diffusers folders; a single-file checkpoint has one set of weights.")
-        return source
-    chosen = choose_variant(source.folder, variant)
-    if chosen is None:
-        return source
-    return ModelSource(spec, source.kind, with_variant(source.folder, chosen, say), chosen)
+    if source.kind == "single-file" and variant is not None:
+        raise DiffshipError("--variant applies to diffusers folders; a single-file checkpoint has one set of weights.")
+    chosen = choose_variant(source.folder, variant) if source.kind != "single-file" else None
+    if chosen is not None:
+        source = ModelSource(spec, source.kind, with_variant(source.folder, chosen, say), chosen)
+    if loras:
+        folder, record = with_loras(source.folder, loras, allow_pickle, say)
+        source = ModelSource(spec, source.kind, folder, source.variant, tuple(record))
+    return source
 
 
 def _locate(spec: str, allow_pickle: bool, model_config: str | Path | None,

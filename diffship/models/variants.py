@@ -91,6 +91,16 @@ def with_variant(folder: Path, variant: str, say: Callable[[str], None] | None =
     return linked
 
 
+def link_tree(source: Path, target: Path, skip: set[str] = frozenset()) -> None:
+    """`source`'s files linked into `target`, except the top-level folders in `skip`."""
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        relative = path.relative_to(source)
+        if relative.parts[0] in skip:
+            continue
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        _link(path, target / relative)
+
+
 def _has_variant(path: Path, variant: str) -> bool:
     """Whether a default weights file has a `variant` sibling that replaces it."""
     return any(_split(p.name) == (path.name, variant) for p in path.parent.iterdir())

@@ -1,0 +1,149 @@
+"""LoRA files merged before export: kohya, PEFT and LoCon layouts, transformers 4 names on transformers 5 modules,
+every key accounted for, and builds whose images are the merged PyTorch pipeline's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lora_files import kohya_lora, peft_lora
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from diffship.cli import app
+from diffship.errors import DiffshipError
+from diffship.models.builtin import builtin_folder
+from diffship.models.loading import load_component
+from diffship.models.lora import LoraSpec, merge
+from diffship.models.source import resolve
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict[str, Path]:
+    folder, out = builtin_folder("tiny-sd"), tmp_path_factory.mktemp("lora")
+    return {"kohya": kohya_lora(folder, out / "kohya.safetensors"), "peft": peft_lora(folder, out / "peft.safetensors")}
+
+
+def _modules() -> dict[str, torch.nn.Module]:
+    folder = builtin_folder("tiny-sd")
+    return {"unet": load_component(folder, "unet"), "text_encoder": load_component(folder, "text_encoder")}
+
+
+def _layers(tensors: dict) -> dict[str, int]:
+    """Layers per component in a kohya file, counted from its keys."""
+    downs = [k for k in tensors if k.endswith(".lora_down.weight")]
+    return {"unet": sum(k.startswith("lora_unet_") for k in downs), "text_encoder": sum(k.startswith("lora_te_") for k in downs)}
+
+
+def test_parse_path_and_scale():
+    assert LoraSpec.parse("a/b.safetensors:0.7") == LoraSpec(Path("a/b.safetensors"), 0.7)
+    assert LoraSpec.parse("a/b.safetensors") == LoraSpec(Path("a/b.safetensors"), 1.0)
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_the_unet_merge_equals_diffusers_and_peft_fusing_the_same_file(files, layout: str):
+    pytest.importorskip("peft", reason="peft (the dev extra) is the reference for the UNet merge")
+    from diffship.validation.baseline import load_baseline
+
+    pipe = load_baseline(builtin_folder("tiny-sd"), device="cpu", dtype=torch.float32)
+    pipe.load_lora_weights(str(files[layout]), adapter_name="x")
+    pipe.fuse_lora(components=["unet"], lora_scale=0.8)
+    pipe.unload_lora_weights()  # the fused weights stay, peft's wrappers go
+    theirs = pipe.unet.state_dict()
+    modules = _modules()
+    counts = merge(modules, LoraSpec(files[layout], 0.8))
+    ours = modules["unet"].state_dict()
+    changed = [k for k in ours if not torch.equal(ours[k], load_component(builtin_folder("tiny-sd"), "unet").state_dict()[k])]
+    assert counts["unet"] == len(changed) > 0
+    worst = max(float((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max()) for k in changed)
+    assert worst < 1e-5, worst
+
+
+def test_the_text_encoder_merge_is_w_plus_scale_alpha_over_rank_b_a(files):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(files["kohya"]))
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    down, up, alpha = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"], float(tensors[f"{key}.alpha"])
+    modules = _modules()
+    before = modules["text_encoder"].get_submodule("encoder.layers.0.self_attn.q_proj").weight.clone()
+    counts = merge(modules, LoraSpec(files["kohya"], 0.5))
+    after = modules["text_encoder"].get_submodule("encoder.layers.0.self_attn.q_proj").weight
+    torch.testing.assert_close(after, before + 0.5 * alpha / down.shape[0] * up @ down)
+    assert counts == _layers(tensors)
+
+
+def test_a_lora_that_matches_nothing_or_only_part_is_refused(tmp_path: Path, files, model_cache: Path):
+    stranger = tmp_path / "sdxl.safetensors"
+    save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 32),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(32, 2)}, str(stranger))
+    with pytest.raises(DiffshipError, match="none of its layers match; no module for text_encoder_2:"):
+        merge(_modules(), LoraSpec(stranger))
+    from safetensors.torch import load_file
+
+    partial = dict(load_file(str(files["kohya"])))
+    partial |= {"lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": torch.ones(2, 32),
+                "lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight": torch.ones(32, 2)}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    total = sum(_layers(partial).values())
+    with pytest.raises(DiffshipError, match=rf"{total - 1} of {total} of its layers match; no module for unet:down_blocks_9"):
+        merge(_modules(), LoraSpec(tmp_path / "partial.safetensors"))
+    save_file({"model.weight": torch.ones(2)}, str(tmp_path / "junk.safetensors"))
+    with pytest.raises(DiffshipError, match="not LoRA weights diffship reads"):
+        merge(_modules(), LoraSpec(tmp_path / "junk.safetensors"))
+
+
+def test_a_merged_model_is_a_cached_folder_recorded_with_hashes_and_scales(files, model_cache: Path):
+    said: list[str] = []
+    source = resolve("tiny-sd", loras=[LoraSpec(files["kohya"], 0.8), LoraSpec(files["peft"], 0.5)], say=said.append)
+    assert [r["scale"] for r in source.loras] == [0.8, 0.5] and all(len(r["sha256"]) == 64 for r in source.loras)
+    from safetensors.torch import load_file
+
+    assert source.loras[0]["layers"] == _layers(load_file(str(files["kohya"])))
+    assert any("Merging LoRA kohya.safetensors" in line for line in said)
+    vae = next((source.folder / "vae").glob("*.safetensors"))
+    assert vae.stat().st_nlink >= 2  # untouched components are linked, not copied
+    again: list[str] = []
+    assert resolve("tiny-sd", loras=[LoraSpec(files["kohya"], 0.8), LoraSpec(files["peft"], 0.5)],
+                   say=again.append).folder == source.folder and not again
+    assert resolve("tiny-sd", loras=[LoraSpec(files["kohya"], 0.7)]).folder != source.folder
+
+
+@pytest.fixture(scope="module")
+def lora_build(files, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("lora-build") / "out"
+    result = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--lora", f"{files['kohya']}:0.8", "--targets",
+                                      "onnxruntime:fp32", "--out", str(out), str(_fast_recipe(out.parent))])
+    return result, out
+
+
+def _fast_recipe(folder: Path) -> Path:
+    path = folder / "fast.toml"
+    path.write_text('[validation]\nprompts = ["a lighthouse"]\nsteps = 3\nguidance_scale = 6.0\n'
+                    '[validation.latency]\nenabled = false\n')
+    return path
+
+
+def test_a_build_with_a_kohya_lora_draws_the_merged_pytorch_pipelines_image(lora_build, exported):
+    result, out = lora_build
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [Path(r["path"]).name for r in manifest["source"]["loras"]] == ["kohya.safetensors"]
+    report = json.loads((out / "report" / "report.json").read_text())
+    e2e = report["sets"]["onnxruntime-fp32"]["e2e"]
+    assert e2e["passed"] and (e2e["min_psnr_db"] is None or e2e["min_psnr_db"] >= 35)
+    assert "LoRA merged before export: kohya.safetensors x0.8" in (out / "report" / "report.md").read_text()
+    # The check can fail: the LoRA moves the exported UNet's output far from the base model's.
+    from diffship.models.components import component_specs
+    from diffship.targets import onnxruntime
+    from diffship.validation.parity import compare
+
+    spec = next(s for s in component_specs(builtin_folder("tiny-sd")) if s.name == "unet")
+    inputs = spec.sample_inputs(2, 64, 64)
+    merged = onnxruntime.load(out / "onnx" / "unet" / "model.onnx").run(inputs)["out_sample"]
+    base = onnxruntime.load(exported("tiny-sd") / "unet" / "model.onnx").run(inputs)["out_sample"]
+    assert compare(base, merged)["cosine"] < 0.99, compare(base, merged)
+    assert np.isfinite(merged).all()
