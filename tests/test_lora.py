@@ -112,12 +112,12 @@ def test_a_merged_model_is_a_cached_folder_recorded_with_hashes_and_scales(files
     assert resolve("tiny-sd", loras=[LoraSpec(files["kohya"], 0.7)]).folder != source.folder
 
 
-@pytest.fixture(scope="module")
-def lora_build(files, tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["kohya", "peft"])
+def lora_build(request, files, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("lora-build") / "out"
-    result = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--lora", f"{files['kohya']}:0.8", "--targets",
+    result = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--lora", f"{files[request.param]}:0.8", "--targets",
                                       "onnxruntime:fp32", "--out", str(out), str(_fast_recipe(out.parent))])
-    return result, out
+    return result, out, request.param
 
 
 def _fast_recipe(folder: Path) -> Path:
@@ -127,15 +127,15 @@ def _fast_recipe(folder: Path) -> Path:
     return path
 
 
-def test_a_build_with_a_kohya_lora_draws_the_merged_pytorch_pipelines_image(lora_build, exported):
-    result, out = lora_build
+def test_a_build_with_a_lora_draws_the_merged_pytorch_pipelines_image(lora_build, exported):
+    result, out, layout = lora_build
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [Path(r["path"]).name for r in manifest["source"]["loras"]] == ["kohya.safetensors"]
+    assert [Path(r["path"]).name for r in manifest["source"]["loras"]] == [f"{layout}.safetensors"]
     report = json.loads((out / "report" / "report.json").read_text())
     e2e = report["sets"]["onnxruntime-fp32"]["e2e"]
     assert e2e["passed"] and (e2e["min_psnr_db"] is None or e2e["min_psnr_db"] >= 35)
-    assert "LoRA merged before export: kohya.safetensors x0.8" in (out / "report" / "report.md").read_text()
+    assert f"LoRA merged before export: {layout}.safetensors x0.8" in (out / "report" / "report.md").read_text()
     # The check can fail: the LoRA moves the exported UNet's output far from the base model's.
     from diffship.models.components import component_specs
     from diffship.targets import onnxruntime
@@ -147,3 +147,14 @@ def test_a_build_with_a_kohya_lora_draws_the_merged_pytorch_pipelines_image(lora
     base = onnxruntime.load(exported("tiny-sd") / "unet" / "model.onnx").run(inputs)["out_sample"]
     assert compare(base, merged)["cosine"] < 0.99, compare(base, merged)
     assert np.isfinite(merged).all()
+
+
+def test_a_missing_or_pickled_lora_exits_2_before_any_work(tmp_path: Path, model_cache: Path):
+    result = CliRunner().invoke(app, ["export", "--model", "tiny-sd", "--lora", str(tmp_path / "none.safetensors"),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "none.safetensors does not exist" in result.output, result.output
+    (tmp_path / "style.pt").write_bytes(b"pickle")
+    result = CliRunner().invoke(app, ["export", "--model", "tiny-sd", "--lora", f"{tmp_path / 'style.pt'}:0.5",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "pickle files can run code" in result.output, result.output
+    assert not (tmp_path / "out").exists()

@@ -75,14 +75,19 @@ class LoraLayer:
         return (factor * update).reshape(weight_shape)
 
 
-def read_lora(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA file (.safetensors; pickles only when allowed)."""
+def check_file(path: Path, allow_pickle: bool = False) -> None:
+    """A LoRA file diffship will read: present, and .safetensors unless pickles are allowed."""
     if not path.is_file():
         raise DiffshipError(f"LoRA {path} does not exist.")
+    if path.suffix.lower() != ".safetensors" and not allow_pickle:
+        raise DiffshipError(f"LoRA {path} is not a .safetensors file; pickle files can run code when loaded: "
+                            "convert it, or pass --allow-pickle if you trust it.")
+
+
+def read_lora(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA file (.safetensors; pickles only when allowed)."""
+    check_file(path, allow_pickle)
     if path.suffix.lower() != ".safetensors":
-        if not allow_pickle:
-            raise DiffshipError(f"LoRA {path} is not a .safetensors file; pickle files can run code when loaded: "
-                                "convert it, or pass --allow-pickle if you trust it.")
         return torch.load(path, map_location="cpu", weights_only=True)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -184,8 +189,10 @@ def with_loras(folder: Path, specs: list[LoraSpec], allow_pickle: bool = False,
     from diffship.models.variants import link_tree
 
     say = say or (lambda _: None)
-    hashes = cache.file_hashes([s.path for s in specs if s.path.is_file()])
-    record = [{"path": str(s.path), "sha256": h, "scale": s.scale} for s, h in zip(specs, hashes, strict=False)]
+    for spec in specs:  # before any work: a missing file or a refused pickle
+        check_file(spec.path, allow_pickle)
+    hashes = cache.file_hashes([s.path for s in specs])
+    record = [{"path": str(s.path), "sha256": h, "scale": s.scale} for s, h in zip(specs, hashes, strict=True)]
     key = cache.key(stage="lora-merge", folder=cache.folder_hash(folder), loras=[(r["sha256"], r["scale"]) for r in record],
                     revision=REVISION)
     root = cache.scratch_root() if cache.unwritable_reason() is not None else cache.cache_root()
