@@ -86,18 +86,24 @@ def main(version: Annotated[bool, typer.Option("--version", help="Print the vers
         raise typer.Exit()
 
 
+# Options every command that resolves a model takes, declared once.
+ModelConfigOption = Annotated[str | None, typer.Option(
+    help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config folder, "
+         "instead of the one detected from its tensors.")]
+VariantOption = Annotated[str | None, typer.Option(
+    help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")]
+LoraOption = Annotated[list[str] | None, typer.Option(
+    help="A LoRA to merge before export, PATH[:SCALE] (diffusers / PEFT, kohya or LoCon .safetensors); repeat for "
+         "several, merged in order.")]
+
+
 @app.command()
 def models(
     folder: Annotated[str | None, typer.Argument(help="A model (built-in name, folder or hub id) to describe.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
-    model_config: Annotated[str | None, typer.Option(
-        help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
-             "folder, instead of the one detected from its tensors.")] = None,
-    variant: Annotated[str | None, typer.Option(
-        help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
-    lora: Annotated[list[str] | None, typer.Option(
-        help="A LoRA to merge before export, PATH[:SCALE] (diffusers / PEFT, kohya or LoCon .safetensors); repeat "
-             "for several, merged in order.")] = None,
+    model_config: ModelConfigOption = None,
+    variant: VariantOption = None,
+    lora: LoraOption = None,
 ) -> None:
     """List the built-in models, or describe what a given model folder contains."""
     from diffship.models.builtin import BUILTINS, DEFAULT_MODEL
@@ -143,14 +149,9 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier diffship output in --out.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
-    model_config: Annotated[str | None, typer.Option(
-        help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
-             "folder, instead of the one detected from its tensors.")] = None,
-    variant: Annotated[str | None, typer.Option(
-        help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
-    lora: Annotated[list[str] | None, typer.Option(
-        help="A LoRA to merge before export, PATH[:SCALE] (diffusers / PEFT, kohya or LoCon .safetensors); repeat "
-             "for several, merged in order.")] = None,
+    model_config: ModelConfigOption = None,
+    variant: VariantOption = None,
+    lora: LoraOption = None,
 ) -> None:
     """Export each component of a pipeline to ONNX (checked, shape-inferred) in OUT."""
     from diffship.exporters.pipeline import export_pipeline
@@ -210,14 +211,9 @@ def build(
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: out/<model>).")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild every stage, ignoring the cache.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
-    model_config: Annotated[str | None, typer.Option(
-        help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
-             "folder, instead of the one detected from its tensors.")] = None,
-    variant: Annotated[str | None, typer.Option(
-        help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
-    lora: Annotated[list[str] | None, typer.Option(
-        help="A LoRA to merge before export, PATH[:SCALE] (diffusers / PEFT, kohya or LoCon .safetensors); repeat "
-             "for several, merged in order.")] = None,
+    model_config: ModelConfigOption = None,
+    variant: VariantOption = None,
+    lora: LoraOption = None,
 ) -> None:
     """Export, compile and validate a pipeline for every target; write artifacts, manifest.json and a report."""
     from diffship.build import build as run_build
@@ -273,14 +269,9 @@ def compress(
                              "recipe's steps).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: out/<model>-compressed).")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
-    model_config: Annotated[str | None, typer.Option(
-        help="For a single-file checkpoint: a shipped configuration (sd1, sd2-512, sdxl, ...) or a diffusers config "
-             "folder, instead of the one detected from its tensors.")] = None,
-    variant: Annotated[str | None, typer.Option(
-        help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")] = None,
-    lora: Annotated[list[str] | None, typer.Option(
-        help="A LoRA to merge before export, PATH[:SCALE] (diffusers / PEFT, kohya or LoCon .safetensors); repeat "
-             "for several, merged in order.")] = None,
+    model_config: ModelConfigOption = None,
+    variant: VariantOption = None,
+    lora: LoraOption = None,
 ) -> None:
     """Prune, distill or quantize a pipeline's UNet in PyTorch; write the compressed pipeline and a stage table."""
     from diffship.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir

@@ -43,6 +43,8 @@ def make_scheduler(base: Any, name: str | None = None, overrides: dict[str, Any]
         raise DiffshipError(f"Unknown scheduler {name!r}: use one of {', '.join(NAMES)} or a diffusers scheduler class "
                             "name (e.g. DPMSolverMultistepScheduler).")
     config = {**dict(base.config), **defaults, **(overrides or {})}
+    # The settings the class knows, from a scheduler built without the overrides: from_config keeps unknown keys in
+    # the config it records, so the overridden scheduler's own config cannot tell them apart.
     unknown = sorted(set(overrides or {}) - set(cls.from_config(dict(base.config)).config))
     if unknown:
         raise DiffshipError(f"{class_name} has no setting {', '.join(unknown)}.")

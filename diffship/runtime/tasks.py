@@ -40,6 +40,14 @@ class TaskInputs:
         return kwargs
 
 
+def accepted_by(pipe: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The `arguments` diffusers' `pipe` takes: img2img pipelines take no height / width (the image sets them)."""
+    import inspect
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    return {k: v for k, v in arguments.items() if k in accepted}
+
+
 def validated_tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
     """The tasks a build checks: text2img and img2img where the model does them; inpaint for a model that only
     inpaints (any model with a 4-channel denoiser can blend-inpaint, which is img2img's arithmetic plus a mask)."""

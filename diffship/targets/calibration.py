@@ -8,7 +8,6 @@ VAE encoder's images, for the modes that quantize those too. Shared by every INT
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from diffship.errors import DiffshipError
+from diffship.runtime.tasks import accepted_by
 
 MIN_SAMPLES = 4  # fewer UNet calls than this cover too few denoising steps to set ranges for every layer
 
@@ -73,9 +73,7 @@ def capture(pipe: Any, prompts: list[str], samples: int | None, steps: int, heig
     if "strength" in task_kwargs:
         calls_per_generation = max(1, min(int(steps * task_kwargs["strength"]), steps))
     generations = len(prompts) if samples is None else math.ceil(samples / calls_per_generation)
-    size = {"height": height, "width": width}
-    accepted = inspect.signature(pipe.__call__).parameters  # img2img pipelines take their size from the image
-    task_kwargs |= {k: v for k, v in size.items() if k in accepted}
+    task_kwargs |= accepted_by(pipe, {"height": height, "width": width})
     unet_calls: list[dict[str, np.ndarray]] = []
 
     def record(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from diffship.models.families import Family, detect_family, tasks_of
 from diffship.models.loading import load_component
 from diffship.runtime.pipeline import Generation
 from diffship.runtime.schedulers import make_scheduler
-from diffship.runtime.tasks import TaskInputs, validated_tasks
+from diffship.runtime.tasks import TaskInputs, accepted_by
 
 
 class Baseline:
@@ -32,7 +32,6 @@ class Baseline:
                  scheduler_config: dict[str, Any] | None = None):
         self.folder, self.allow_pickle, self.say, self.pipe = folder, allow_pickle, say, None
         self.scheduler = (scheduler, scheduler_config or {})
-        self.tasks = validated_tasks(tasks_of(folder))
 
     def get(self) -> Any:
         if self.pipe is None:
@@ -41,10 +40,6 @@ class Baseline:
             self.pipe = load_baseline(self.folder, self.allow_pickle, device, dtype)
             self.pipe.scheduler = make_scheduler(self.pipe.scheduler, *self.scheduler)
         return self.pipe
-
-    def for_task(self, task: str) -> Any:
-        """diffusers' pipeline for `task` over the same modules (no second copy of the weights)."""
-        return task_pipeline(self.get(), detect_family(self.folder), task)
 
     def release(self) -> None:
         self.pipe = None
@@ -137,8 +132,7 @@ def run_baseline(pipe: Any, prompt: str, negative_prompt: str | None, height: in
         arguments["latents"] = latents.to(pipe.device, pipe.dtype)
     elif inputs is not None:
         arguments |= inputs.diffusers_kwargs(task)
-    accepted = inspect.signature(pipe.__call__).parameters  # img2img pipelines take their size from the image
-    arguments = {k: v for k, v in arguments.items() if k in accepted}
+    arguments = accepted_by(pipe, arguments)
     generator = torch.Generator("cpu").manual_seed(seed)
     started = time.perf_counter()
     with torch.inference_mode():

@@ -61,13 +61,8 @@ def run_e2e(samples: list[Sample], baseline: Callable[[Sample, Any], Generation]
     """Run every sample through both pipelines (text2img from identical latents, the other tasks from `inputs` and
     the seed); return the results, overall and per task, and the image pairs."""
     results, pairs = [], []
-    channels = deployed.vae_config.get("latent_channels", 4)
     for i, s in enumerate(samples):
-        latents, task_kwargs = None, {}
-        if s.task == "text2img":
-            latents = initial_latents(s.seed, 1, channels, s.height // deployed.vae_scale, s.width // deployed.vae_scale)
-        elif inputs is not None:
-            task_kwargs = inputs.deployed_kwargs(s.task)
+        latents, task_kwargs = sample_arguments(s, deployed, inputs)
         reference = baseline(s, latents)
         candidate = deployed(s.prompt, s.negative_prompt, s.height, s.width, s.steps, s.guidance_scale, s.seed,
                              latents=latents, **task_kwargs)
@@ -83,6 +78,16 @@ def run_e2e(samples: list[Sample], baseline: Callable[[Sample, Any], Generation]
                    r["task"] for r in results)},
                "samples": results}
     return summary, pairs
+
+
+def sample_arguments(s: Sample, deployed: DeployedPipeline,
+                     inputs: TaskInputs | None) -> tuple[Any, dict[str, Any]]:
+    """What both pipelines start a sample from: text2img's seeded initial latents, or the task's image, mask and
+    strength (everything else drawn from the seed on both sides)."""
+    if s.task != "text2img":
+        return None, inputs.deployed_kwargs(s.task) if inputs is not None else {}
+    channels = deployed.vae_config.get("latent_channels", 4)
+    return initial_latents(s.seed, 1, channels, s.height // deployed.vae_scale, s.width // deployed.vae_scale), {}
 
 
 def _summarize(results: list[dict[str, Any]]) -> dict[str, Any]:

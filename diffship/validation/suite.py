@@ -22,7 +22,7 @@ from diffship.targets import get_target
 from diffship.targets.calibration import capture
 from diffship.validation import latency, quality
 from diffship.validation.baseline import component_call, reference_module, run_baseline, task_pipeline
-from diffship.validation.e2e import Sample, run_e2e
+from diffship.validation.e2e import Sample, run_e2e, sample_arguments
 from diffship.validation.parity import Case, Tolerance, artifact_cases, check_component, compare, within
 
 Say = Callable[[str], None]
@@ -220,12 +220,7 @@ def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe
         say(f"      {spec.name} (batch {batch}): baseline {base['p50_s'] * 1000:.1f} ms, target "
             f"{target['p50_s'] * 1000:.1f} ms, {components[spec.name]['speedup']:.2f}x")
 
-    channels = deployed.vae_config.get("latent_channels", 4)
-    latents = None
-    if sample.task == "text2img":
-        latents = initial_latents(sample.seed, 1, channels, plan.height // deployed.vae_scale,
-                                  plan.width // deployed.vae_scale)
-    extra = plan.inputs.deployed_kwargs(sample.task) if plan.inputs else {}
+    latents, extra = sample_arguments(sample, deployed, plan.inputs)
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "target": []}
     calls = {
         "baseline": lambda: runs["baseline"].append(run_baseline(
