@@ -116,7 +116,7 @@ def test_a_merged_model_is_a_cached_folder_recorded_with_hashes_and_scales(files
 def lora_build(request, files, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("lora-build") / "out"
     result = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--lora", f"{files[request.param]}:0.8", "--targets",
-                                      "onnxruntime:fp32", "--out", str(out), str(_fast_recipe(out.parent))])
+                                      "onnxruntime:fp32,openvino:fp32", "--out", str(out), str(_fast_recipe(out.parent))])
     return result, out, request.param
 
 
@@ -158,3 +158,89 @@ def test_a_missing_or_pickled_lora_exits_2_before_any_work(tmp_path: Path, model
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "pickle files can run code" in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+# --- lora apply: a LoRA swapped into an existing build by patching its weights ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_build(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    out = tmp_path_factory.mktemp("base-build") / "out"
+    result = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--targets", "onnxruntime:fp32+fp16,openvino:fp32+bf16",
+                                      "--out", str(out), str(_fast_recipe(out.parent))])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _files(manifest: dict, key: str) -> dict[str, str]:
+    return {f["path"]: f["sha256"] for c in manifest["artifacts"][key]["components"].values() for f in c["files"]}
+
+
+def test_lora_apply_writes_what_a_rebuild_with_the_lora_writes(base_build, lora_build, tmp_path: Path):
+    """The patched ONNX and OpenVINO IR are byte for byte the rebuilt ones, whose images equal the merged PyTorch
+    pipeline's (the build test above) and whose UNet is far from the base's: the patch changes what it must."""
+    rebuilt_result, rebuilt, layout = lora_build
+    assert rebuilt_result.exit_code == 0, rebuilt_result.output
+    lora = json.loads((rebuilt / "manifest.json").read_text())["source"]["loras"][0]["path"]
+    result = CliRunner().invoke(app, ["lora", "apply", str(base_build), "--lora", f"{lora}:0.8", "--out", str(tmp_path / "new")])
+    assert result.exit_code == 0, result.output
+    swapped = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    built = json.loads((rebuilt / "manifest.json").read_text())
+    base = json.loads((base_build / "manifest.json").read_text())
+    assert set(swapped["artifacts"]) == {"onnxruntime-fp32", "onnxruntime-fp16", "openvino-fp32", "openvino-bf16"}
+    for key in ("onnxruntime-fp32", "openvino-fp32"):
+        # An IR's .xml names generated nodes by a counter of the converting process, so it is the base's, unchanged;
+        # its weights (.bin) are the rebuild's.
+        rebuilt_files = _files(built, key)
+        rebuilt_files |= {p: h for p, h in _files(base, key).items() if p.endswith(".xml")}
+        assert _files(swapped, key) == rebuilt_files
+        changed = {p for p, h in _files(swapped, key).items() if _files(base, key)[p] != h}
+        assert changed and all("/unet/" in p or "/text_encoder/" in p for p in changed)
+    assert swapped["source"]["sha256"] == built["source"]["sha256"]
+    assert [Path(x["path"]).name for x in swapped["recipe"]["loras"]] == [f"{layout}.safetensors"]
+    report = json.loads((tmp_path / "new" / "report" / "report.json").read_text())
+    assert report["passed"] and report["sets"]["openvino-bf16"]["patched"]["unet"] > 0
+    # The swapped build is a build: it opens, verifies and generates like one.
+    from diffship.runtime.pipeline import DeployedPipeline
+
+    images = DeployedPipeline.load(tmp_path / "new", target="openvino", precision="bf16")(
+        "a lighthouse", steps=2, seed=0).images
+    assert images.shape == (1, 64, 64, 3) and images.std() > 0
+
+
+def test_lora_apply_refuses_quantized_and_unpatchable_sets_and_names_the_way_out():
+    from diffship.lora_apply import choose_sets, patch_refusal
+    from diffship.manifest import SetRecord
+
+    assert "re-quantize: rebuild with --lora" in patch_refusal("onnxruntime", "int8")
+    assert "re-quantize: rebuild with --lora" in patch_refusal("openvino", "int8-hybrid")
+    assert "rebuild with --lora" in patch_refusal("torch", "bf16-aoti")
+    assert patch_refusal("onnxruntime", "fp16") is None and patch_refusal("openvino", "bf16") is None
+    sets = {f"onnxruntime-{p}": SetRecord(target="onnxruntime", precision=p, components={}) for p in ("fp32", "int8")}
+    with pytest.raises(DiffshipError, match=r"onnxruntime-int8 \(its weights are quantized.*--targets onnxruntime:fp32"):
+        choose_sets(sets, None)
+    assert list(choose_sets(sets, [{"name": "onnxruntime", "precisions": ["fp32"]}])) == ["onnxruntime-fp32"]
+
+
+def test_lora_apply_refuses_a_lora_that_fits_nothing_and_leaves_no_folder(base_build, tmp_path: Path):
+    stranger = tmp_path / "sdxl.safetensors"
+    save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 32),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(32, 2)}, str(stranger))
+    result = CliRunner().invoke(app, ["lora", "apply", str(base_build), "--lora", str(stranger), "--out", str(tmp_path / "new")])
+    assert result.exit_code == 2 and "none of its layers match" in result.output, result.output
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_weight_the_artifact_does_not_hold_is_named_not_patched(exported, tmp_path: Path):
+    from diffship.targets.weight_patch import Change, patch_onnx
+
+    stranger = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
+    with pytest.raises(DiffshipError, match=r"not stored as exported \(unet:foo.to_q\).*rebuild with --lora"):
+        patch_onnx(exported("tiny-sd") / "unet" / "model.onnx", tmp_path / "model.onnx",
+                   [Change("unet:foo.to_q", stranger, stranger + 1)])
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_tensorrt_refit_needs_a_gpu():
+    pytest.importorskip("tensorrt", reason="TensorRT refit (lora apply on engines built with refit = true) runs on "
+                                           "an NVIDIA GPU with TensorRT; not installable on this machine")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from diffship.errors import DiffshipError
 
 LORA_RECORD = "diffship_loras.json"  # in a merged folder: what was merged into it
-REVISION = 1
+REVISION = 2  # 2: merged components keep the base's config.json
 
 # file prefix -> the pipeline component it patches (kohya underscore names, diffusers / PEFT dotted names)
 PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
@@ -148,9 +149,10 @@ def _resolve(written: str, index: dict[str, str]) -> str | None:
     return None
 
 
-def merge(modules: dict[str, torch.nn.Module], spec: LoraSpec, allow_pickle: bool = False) -> dict[str, int]:
-    """Merge one LoRA into `modules` (component -> loaded module) in place; the count of patched layers per component.
-    A LoRA for a component the pipeline lacks, or with modules it does not have, is an error listing them."""
+def lora_targets(modules: dict[str, torch.nn.Module], spec: LoraSpec,
+                 allow_pickle: bool = False) -> list[tuple[str, str, LoraLayer]]:
+    """(component, module name, layer) for every layer of one LoRA; a LoRA for a component the pipeline lacks, or
+    with modules it does not have, is an error listing them."""
     layers = group_layers(read_lora(spec.path, allow_pickle), str(spec.path))
     indexes = {name: module_index(module) for name, module in modules.items()}
     missing, targets = [], []
@@ -165,6 +167,12 @@ def merge(modules: dict[str, torch.nn.Module], spec: LoraSpec, allow_pickle: boo
         raise DiffshipError(f"LoRA {spec.path} does not fit this pipeline: {matched} of its layers match; no module for "
                             + ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
                             + f". Components here: {', '.join(sorted(modules))}.")
+    return targets
+
+
+def merge(modules: dict[str, torch.nn.Module], spec: LoraSpec, allow_pickle: bool = False) -> dict[str, int]:
+    """Merge one LoRA into `modules` (component -> loaded module) in place; the count of patched layers per component."""
+    targets = lora_targets(modules, spec, allow_pickle)
     counts: dict[str, int] = {}
     with torch.no_grad():
         for component, name, layer in targets:
@@ -210,6 +218,10 @@ def with_loras(folder: Path, specs: list[LoraSpec], allow_pickle: bool = False,
         link_tree(folder, staging, skip=touched)
         for name in sorted(touched):
             modules[name].save_pretrained(staging / name, safe_serialization=True)
+            # A merge changes weights only: keep the base's config byte for byte (save_pretrained would add the
+            # base's path as `_name_or_path`), so a build with --lora equals `lora apply` on the base's build.
+            (staging / name / "config.json").unlink()
+            shutil.copyfile(folder / name / "config.json", staging / name / "config.json")
         (staging / LORA_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return merged, record
 

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 NAME = "coreml"
 PACKAGE = "model.mlpackage"
 INFO = "coreml.json"
+PATCH_REFUSAL = ("Core ML packages keep their weights in the package's own weight blob, converted (and often "
+                 "compressed) by coremltools, which offers no in-place update of converted weights: rebuild with --lora")
 # What each precision does to the weights of the components named in the `compress` option (the rest are FP16).
 COMPRESSION: dict[str, dict[str, Any] | None] = {
     "fp16": None,

@@ -40,6 +40,8 @@ FP16_NATIVE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "DmlExecuti
 GPU_PROVIDERS = FP16_NATIVE
 VAE_MODES = ("auto", "fp16", "fp32")
 GRAPH_FILE = "diffship-graph.json"
+# Precisions whose weights a LoRA swap can overwrite in place (the quantized ones need re-quantizing).
+PATCHABLE = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -309,3 +311,11 @@ class OrtRunner:
 def load(artifact: Path, options: OrtOptions | None = None, precision: str | None = None) -> OrtRunner:
     """A Runner for an ONNX file."""
     return OrtRunner(artifact, options or OrtOptions(), precision or "fp32")
+
+
+def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, str]:
+    """Write `artifact` (ONNX, external data included) to `dest` with changed weights in place of the old ones."""
+    from diffship.targets.weight_patch import patch_onnx
+
+    return patch_onnx(artifact, dest, changes)
+

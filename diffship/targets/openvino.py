@@ -33,6 +33,7 @@ HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "bf16": "bf16", "int8-weights": "bf16", "int4-weights": "bf16",
                        "int8-hybrid": "bf16", "int8-full": "bf16", "int8-auto": "bf16"}
 SEARCH_FILE = "diffship-search.json"  # what int8-auto's search tried and kept, beside the IR
+PATCHABLE = ("fp32", "fp16", "bf16")  # precisions whose IR constants a LoRA swap can overwrite in place
 # The UNet layers that quantization hurts most and speeds up least: the timestep embedding MLP and the
 # first and last convolutions (as in optimum-intel's and NVIDIA's diffusion recipes).
 UNET_SENSITIVE = (r".*time_embedding.*", r".*time_proj.*", r".*conv_in.*", r".*conv_out.*")
@@ -242,3 +243,11 @@ def _search_of(path: Path) -> dict[str, Any]:
 def load(artifact: Path, options: OvOptions | None = None, precision: str | None = None) -> OvRunner:
     """A Runner for an IR .xml."""
     return OvRunner(artifact, options or OvOptions(), precision)
+
+
+def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, str]:
+    """Write the IR `artifact` (.xml + .bin) to `dest` with changed weights over the old constants."""
+    from diffship.targets.weight_patch import patch_ir
+
+    return patch_ir(artifact, dest, changes)
+

@@ -36,6 +36,8 @@ NAME = "torch"
 INFO = "torch.json"
 WEIGHTS = "weights"
 PACKAGE = "model.pt2"
+PATCH_REFUSAL = ("PyTorch sets compile the weights into an AOTInductor package or trace them with torch.compile; "
+                 "diffship does not patch them in place: rebuild with --lora")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("eager", "compile", "aoti")
 PRECISIONS = (*DTYPES, "fp16-autocast", "bf16-autocast",

@@ -17,6 +17,7 @@ check and option parsing work (and are tested) on machines without it.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -32,6 +33,8 @@ from diffship.targets import CompileContext, calibration_inputs, onnx_graph
 
 NAME = "tensorrt"
 PRECISIONS = ("fp16", "bf16", "tf32", "fp32", "int8", "int8-auto", "fp8")
+PATCHABLE = ("fp16", "bf16", "tf32", "fp32")  # engines a LoRA swap can refit (built with refit = true)
+REFIT_WEIGHTS = "weights.onnx"
 CALIBRATED = ("int8", "int8-auto", "fp8")
 ENGINE = "model.plan"
 ENGINE_INFO = "engine.json"
@@ -56,6 +59,8 @@ class TrtOptions:
     cuda_graph: replay a captured CUDA graph for static engines. vae_precision: "auto" keeps SDXL's VAE in
     FP32 (it overflows in FP16) and converts others; "fp16" / "fp32" force it. smoothquant_alpha and
     conv_percentile: the INT8 UNet's SmoothQuant migration strength and convolution-input percentile.
+    refit: build refittable engines and keep the ONNX they were parsed from beside them (`weights.onnx`, its
+    initializers name the engine's weights), so `diffship lora apply` can refit new weights without a rebuild.
     """
 
     device: int = 0
@@ -68,6 +73,7 @@ class TrtOptions:
     vae_precision: str = "auto"
     smoothquant_alpha: float = 0.8
     conv_percentile: float = 99.99
+    refit: bool = False
 
 
 def parse_options(options: dict[str, Any]) -> TrtOptions:
@@ -292,6 +298,8 @@ def build_engine(onnx_path: Path, compute: str, profile: dict[str, tuple[Shape, 
         (config.clear_flag if compute == "fp32" else config.set_flag)(tf32)
     if weakly_typed:
         config.set_flag(trt.BuilderFlag.BF16)
+    if options.refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
     shapes = builder.create_optimization_profile()
     for name, (low, opt, high) in profile.items():
         shapes.set_shape(name, low, opt, high)
@@ -332,7 +340,8 @@ def compile(source: Path, precision: str, options: TrtOptions | None = None, des
                 check_fp8(env["compute_capability"], env["gpu"])
             source, record["quantization"] = _quantized_unet(Path(tmp) / "qdq", compute, options, context,
                                                              auto=precision == "int8-auto")
-        prepared = Path(tmp) / "prepared.onnx"
+        # A refittable engine keeps the graph it was parsed from: its initializers are the engine's weight names.
+        prepared = dest / REFIT_WEIGHTS if options.refit else Path(tmp) / "prepared.onnx"
         record["prepare"] = prepare_onnx(source, prepared, compute)
         cache_file = timing_cache_path(options, env)
         engine = build_engine(prepared, compute, profile, options, cache_file)
@@ -510,3 +519,38 @@ def _torch_dtype(trt_dtype: Any) -> Any:
 def load(artifact: Path, options: TrtOptions | None = None, precision: str | None = None) -> TrtRunner:
     """A Runner for an engine (checked against this machine before TensorRT reads it)."""
     return TrtRunner(artifact, options or TrtOptions(), precision)
+
+
+def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, str]:
+    """Refit the engine `artifact` with changed weights into `dest`: the weights are found by value in the ONNX the
+    engine was parsed from (kept by `refit = true`), patched there, and handed to TensorRT's Refitter by name."""
+    from diffship.targets.weight_patch import onnx_replacements, patch_onnx
+
+    weights = artifact.parent / REFIT_WEIGHTS
+    if not weights.is_file():
+        raise DiffshipError(f"{artifact} was not built refittable (no {REFIT_WEIGHTS} beside it): rebuild with --lora, "
+                            "or build with [targets.options] refit = true to swap LoRAs later.")
+    landed = patch_onnx(weights, dest.parent / REFIT_WEIGHTS, changes)
+    values = onnx_replacements(weights, changes)
+    trt = _trt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(artifact.read_bytes())
+    refitter = trt.Refitter(engine, logger)
+    for name, value in values.items():
+        if not refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(value))):
+            raise DiffshipError(f"TensorRT will not refit weight {name} of {artifact}: rebuild with --lora.")
+    # Weights fused with a changed one must be given again, unchanged, from the graph the engine was built from.
+    missing = [n for n in refitter.get_missing_weights() if n not in values]
+    if missing:
+        from onnx import numpy_helper
+
+        graph = {t.name: t for t in onnx_graph.load(weights).graph.initializer}
+        for name in missing:
+            refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(numpy_helper.to_array(graph[name]))))
+    if not refitter.refit_cuda_engine():
+        raise DiffshipError(f"TensorRT could not refit {artifact} (its log above says why): rebuild with --lora.")
+    atomic_write_bytes(dest, bytes(memoryview(engine.serialize())))
+    shutil.copyfile(artifact.parent / ENGINE_INFO, dest.parent / ENGINE_INFO)
+    return landed
+
