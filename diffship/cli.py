@@ -354,8 +354,10 @@ def generate(
     backend: Annotated[str | None, typer.Option(help="Which artifacts to run (target name); default: the first.")] = None,
     precision: Annotated[str | None, typer.Option(help="Which precision of that target.")] = None,
     negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", "-n")] = None,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale", "-g")] = 7.5,
+    steps: Annotated[int | None, typer.Option(
+        help="Denoising steps (default: the build's validated steps when its recipe named a scheduler, else 20).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(
+        "--guidance-scale", "-g", help="Classifier-free guidance (default: the build's validated one, else 7.5).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial latents (same as diffusers' CPU generator).")] = 0,
     batch: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
     height: Annotated[int | None, typer.Option(help="Pixels (default: the model's native size).")] = None,
@@ -376,6 +378,7 @@ def generate(
     """Generate images with a folder of deployed artifacts (hashes checked against its manifest first)."""
     from rich.progress import Progress
 
+    from diffship.manifest import read_manifest
     from diffship.runtime.pipeline import DeployedPipeline, save_images
     from diffship.runtime.schedulers import parse_scheduler
     from diffship.runtime.tasks import read_image
@@ -386,8 +389,14 @@ def generate(
     if pipe.artifacts.status == "failed":
         console.print(f"[yellow]warning:[/] these {pipe.artifacts.target} {pipe.artifacts.precision} artifacts "
                       "FAILED validation in their build; see the report before shipping them.")
+    # A build validated with a named scheduler (a few-step LoRA's LCM at 4 steps) samples that way unless told otherwise.
+    validated = read_manifest(folder).generation or {}
     if scheduler:
         pipe.use_scheduler(*parse_scheduler(scheduler))
+    elif validated:
+        pipe.use_scheduler(validated["scheduler"], validated.get("scheduler_config"))
+    steps = steps if steps is not None else validated.get("steps", 20)
+    guidance_scale = guidance_scale if guidance_scale is not None else validated.get("guidance_scale", 7.5)
     if (aesthetic_score is not None or negative_aesthetic_score is not None) and not pipe.family.aesthetic_conditioning:
         raise DiffshipError(f"--aesthetic-score conditions the SDXL refiner; this is a {pipe.family.title} model.")
     init = read_image(image, "--image") if image else None

@@ -152,5 +152,16 @@ def build_manifest(recipe: Recipe, source: ModelSource, family: str, module_hash
         "artifacts": artifacts,
         "cache": {k: "hit" if v else "miss" for k, v in hits.items()},
         "report": report_files,
+        **({"generation": generation} if (generation := generation_defaults(recipe)) else {}),
         "passed": passed,
     }
+
+
+def generation_defaults(recipe: Recipe) -> dict[str, Any] | None:
+    """The sampling a build was validated with, when its recipe names a scheduler (a few-step LoRA's LCM at 4
+    steps): `diffship generate` on the build defaults to it. Without one, generate keeps its own defaults."""
+    v = recipe.validation
+    if v.scheduler is None:
+        return None
+    return {"scheduler": v.scheduler, "scheduler_config": dict(v.scheduler_config), "steps": v.steps,
+            "guidance_scale": v.guidance_scale}

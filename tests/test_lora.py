@@ -116,14 +116,16 @@ def test_a_merged_model_is_a_cached_folder_recorded_with_hashes_and_scales(files
 def lora_build(request, files, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("lora-build") / "out"
     result = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--lora", f"{files[request.param]}:0.8", "--targets",
-                                      "onnxruntime:fp32,openvino:fp32", "--out", str(out), str(_fast_recipe(out.parent))])
+                                      "onnxruntime:fp32,openvino:fp32", "--out", str(out),
+                                      str(_fast_recipe(out.parent, few_step=request.param == "kohya"))])
     return result, out, request.param
 
 
-def _fast_recipe(folder: Path) -> Path:
+def _fast_recipe(folder: Path, few_step: bool = False) -> Path:
+    """Three steps under guidance; or, as a few-step LoRA is shipped, LCM at 4 steps without guidance."""
     path = folder / "fast.toml"
-    path.write_text('[validation]\nprompts = ["a lighthouse"]\nsteps = 3\nguidance_scale = 6.0\n'
-                    '[validation.latency]\nenabled = false\n')
+    sampling = 'scheduler = "lcm"\nsteps = 4\nguidance_scale = 1.0\n' if few_step else "steps = 3\nguidance_scale = 6.0\n"
+    path.write_text(f'[validation]\nprompts = ["a lighthouse"]\n{sampling}[validation.latency]\nenabled = false\n')
     return path
 
 
@@ -147,6 +149,27 @@ def test_a_build_with_a_lora_draws_the_merged_pytorch_pipelines_image(lora_build
     base = onnxruntime.load(exported("tiny-sd") / "unet" / "model.onnx").run(inputs)["out_sample"]
     assert compare(base, merged)["cosine"] < 0.99, compare(base, merged)
     assert np.isfinite(merged).all()
+
+
+def test_a_few_step_build_records_its_sampling_and_generate_defaults_to_it(lora_build, tmp_path: Path):
+    _, out, layout = lora_build
+    manifest = json.loads((out / "manifest.json").read_text())
+    if layout != "kohya":  # the PEFT build names no scheduler: generate keeps its own defaults
+        assert "generation" not in manifest
+        return
+    assert manifest["generation"] == {"scheduler": "lcm", "scheduler_config": {}, "steps": 4, "guidance_scale": 1.0}
+    said = CliRunner().invoke(app, ["generate", str(out), "-p", "a lighthouse", "--out", str(tmp_path / "a.png")])
+    assert said.exit_code == 0 and "LCMScheduler" in said.output, said.output
+    from PIL import Image
+
+    from diffship.runtime.pipeline import DeployedPipeline
+
+    pipe = DeployedPipeline.load(out)
+    pipe.use_scheduler("lcm")
+    expected = pipe("a lighthouse", steps=4, guidance_scale=1.0, seed=0).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), expected)
+    pipe.use_scheduler("lcm")
+    assert not np.array_equal(pipe("a lighthouse", steps=20, guidance_scale=7.5, seed=0).images[0], expected)
 
 
 def test_a_missing_or_pickled_lora_exits_2_before_any_work(tmp_path: Path, model_cache: Path):
