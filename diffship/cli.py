@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -374,6 +375,9 @@ def generate(
         help="SDXL refiner: the aesthetic score conditioning (default: diffusers' 6.0).")] = None,
     negative_aesthetic_score: Annotated[float | None, typer.Option(
         help="SDXL refiner: the negative aesthetic score (default: diffusers' 2.5).")] = None,
+    lora: Annotated[list[str] | None, typer.Option(
+        help="A LoRA merged into the weights as they load, PATH[:SCALE], no files written (ONNX Runtime and OpenVINO "
+             "FP32 / FP16 / BF16 sets); repeat for several.")] = None,
 ) -> None:
     """Generate images with a folder of deployed artifacts (hashes checked against its manifest first)."""
     from rich.progress import Progress
@@ -385,7 +389,10 @@ def generate(
 
     if out_file.suffix.lower() != ".png":
         raise DiffshipError(f"--out {out_file} must be a .png file.")
-    pipe = DeployedPipeline.load(folder, backend, precision)
+    started = time.perf_counter()
+    pipe = DeployedPipeline.load(folder, backend, precision, loras=_loras(lora))
+    if lora:
+        console.print(f"Loaded with {len(lora)} LoRA(s) merged into the weights in {time.perf_counter() - started:.1f} s")
     if pipe.artifacts.status == "failed":
         console.print(f"[yellow]warning:[/] these {pipe.artifacts.target} {pipe.artifacts.precision} artifacts "
                       "FAILED validation in their build; see the report before shipping them.")

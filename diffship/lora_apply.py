@@ -81,6 +81,12 @@ def choose_sets(sets: dict[str, SetRecord], wanted: list[dict[str, Any]] | None)
     return chosen
 
 
+def recorded_source(recipe: Recipe, loras: list[LoraSpec], say: Say | None = None) -> ModelSource:
+    """The model a build was made from (with the LoRAs its recipe merged), and `loras` merged after them."""
+    return resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config, say=say,
+                   variant=recipe.variant, loras=[LoraSpec(x.path, x.scale) for x in recipe.loras] + loras)
+
+
 def weight_changes(before: Path, after: Path, loras: list[LoraSpec], components: list[str],
                    allow_pickle: bool) -> tuple[dict[str, list[Change]], dict[str, Any]]:
     """Per component, each weight the new LoRAs touch, before (the build's model) and after (merged); and the merged
@@ -132,12 +138,7 @@ def apply_loras(build: Path, loras: list[LoraSpec], out: Path, wanted: list[dict
     opened = {k: open_artifacts(build, s.target, s.precision, verify=True) for k, s in sets.items()}
     prepare_output_dir(out, overwrite=False)
 
-    def source_with(specs: list[LoraSpec]) -> ModelSource:
-        return resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config, say=say,
-                       variant=recipe.variant, loras=specs)
-
-    old_specs = [LoraSpec(x.path, x.scale) for x in recipe.loras]
-    before, after = source_with(old_specs), source_with(old_specs + loras)
+    before, after = recorded_source(recipe, [], say), recorded_source(recipe, loras, say)
     specs = {s.name: s for s in component_specs(after.folder)}
     weighted = [m for m in dict.fromkeys(s.module for s in specs.values() if s.role in ("denoiser", "text_encoder"))]
     say(f"Finding the weights {len(loras)} LoRA(s) change ...")

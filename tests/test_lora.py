@@ -231,6 +231,43 @@ def test_lora_apply_writes_what_a_rebuild_with_the_lora_writes(base_build, lora_
     assert images.shape == (1, 64, 64, 3) and images.std() > 0
 
 
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_generate_with_a_lora_at_run_time_draws_the_rebuilt_builds_image(base_build, lora_build, tmp_path: Path,
+                                                                        target: str):
+    """No files written: the base build's weights take the LoRA as they load (ONNX Runtime initializer overrides,
+    OpenVINO constants replaced in memory); the UNet then computes what the rebuilt one does, far from the base's."""
+    _, rebuilt, _ = lora_build
+    lora = json.loads((rebuilt / "manifest.json").read_text())["source"]["loras"][0]["path"]
+    sampling = ["-p", "a lighthouse", "--backend", target, "--precision", "fp32", "--steps", "3", "-g", "6",
+                "--scheduler", "pndm"]
+    before = sorted(p.name for p in base_build.rglob("*"))
+    said = CliRunner().invoke(app, ["generate", str(base_build), *sampling, "--lora", f"{lora}:0.8",
+                                    "--out", str(tmp_path / "runtime.png")])
+    assert said.exit_code == 0 and "Loaded with 1 LoRA(s) merged" in said.output, said.output
+    assert sorted(p.name for p in base_build.rglob("*")) == before
+    said = CliRunner().invoke(app, ["generate", str(rebuilt), *sampling, "--out", str(tmp_path / "rebuilt.png")])
+    assert said.exit_code == 0, said.output
+    from PIL import Image
+
+    from diffship.validation.e2e import compare_images
+
+    runtime, merged = (np.asarray(Image.open(tmp_path / f"{n}.png").convert("RGB")) for n in ("runtime", "rebuilt"))
+    psnr = compare_images(merged, runtime)["psnr_db"]
+    assert psnr is None or psnr >= 35, psnr
+    from diffship.models.components import component_specs
+    from diffship.runtime.pipeline import DeployedPipeline
+    from diffship.validation.parity import compare
+
+    spec = next(s for s in component_specs(builtin_folder("tiny-sd")) if s.name == "unet")
+    inputs = spec.sample_inputs(2, 64, 64)
+    with_lora = DeployedPipeline.load(base_build, target, "fp32", loras=[LoraSpec(Path(lora), 0.8)]).runners["unet"]
+    rebuilt_unet = DeployedPipeline.load(rebuilt, target, "fp32").runners["unet"]
+    base_unet = DeployedPipeline.load(base_build, target, "fp32").runners["unet"]
+    expected = rebuilt_unet.run(inputs)["out_sample"]
+    assert compare(expected, with_lora.run(inputs)["out_sample"])["cosine"] > 0.99999
+    assert compare(expected, base_unet.run(inputs)["out_sample"])["cosine"] < 0.99
+
+
 def test_lora_apply_refuses_quantized_and_unpatchable_sets_and_names_the_way_out():
     from diffship.lora_apply import choose_sets, patch_refusal
     from diffship.manifest import SetRecord

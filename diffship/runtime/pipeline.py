@@ -103,13 +103,22 @@ class DeployedPipeline:
 
     @classmethod
     def load(cls, folder: Path, target: str | None = None, precision: str | None = None, verify: bool = True,
-             options: Any = None) -> DeployedPipeline:
-        """Open a build or export folder, check its files against the manifest's hashes, and load it."""
-        return cls.from_artifacts(open_artifacts(folder, target, precision, verify), options)
+             options: Any = None, loras: list[Any] | None = None) -> DeployedPipeline:
+        """Open a build or export folder, check its files against the manifest's hashes, and load it (with `loras`
+        merged into its weights as they load, where the backend can)."""
+        artifacts = open_artifacts(folder, target, precision, verify)
+        changes = None
+        if loras:
+            from diffship.runtime.lora import runtime_changes
+
+            changes = runtime_changes(artifacts, loras)
+        return cls.from_artifacts(artifacts, options, changes)
 
     @classmethod
-    def from_artifacts(cls, artifacts: ArtifactSet, options: Any = None) -> DeployedPipeline:
-        """Load one Runner per component the pipeline needs, timing each load (with the build's options by default)."""
+    def from_artifacts(cls, artifacts: ArtifactSet, options: Any = None,
+                       changes: dict[str, list[Any]] | None = None) -> DeployedPipeline:
+        """Load one Runner per component the pipeline needs, timing each load (with the build's options by default);
+        components with weight `changes` (a LoRA at run time, `runtime.lora`) load with them."""
         needed = [*pipeline_family(artifacts).text_encoders, DENOISER, DECODER]
         missing = [c for c in needed if c not in artifacts.components]
         if missing:
@@ -120,7 +129,11 @@ class DeployedPipeline:
         runners, seconds = {}, {}
         for name in [*needed, *([ENCODER] if ENCODER in artifacts.components else [])]:
             started = time.perf_counter()
-            runners[name] = backend.load(artifacts.components[name], options, artifacts.precision)
+            if changes and name in changes:
+                runners[name] = backend.load_with_changes(artifacts.components[name], options, artifacts.precision,
+                                                          changes[name])
+            else:
+                runners[name] = backend.load(artifacts.components[name], options, artifacts.precision)
             seconds[name] = time.perf_counter() - started
         return cls(artifacts, runners, seconds)
 

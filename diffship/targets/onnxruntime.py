@@ -258,11 +258,22 @@ def _session_options(options: OrtOptions) -> ort.SessionOptions:
 class OrtRunner:
     """A Runner over an onnxruntime.InferenceSession, FP32 arrays in and out whatever the model's I/O types."""
 
-    def __init__(self, path: Path, options: OrtOptions, precision: str = "fp32"):
+    def __init__(self, path: Path, options: OrtOptions, precision: str = "fp32",
+                 weights: dict[str, np.ndarray] | None = None):
         requested = _providers(options)
+        session_options = _session_options(options)
+        # Initializers given to the session replace the file's (a LoRA at run time); ONNX Runtime reads them from
+        # these arrays, which must outlive the session.
+        self._weights = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in (weights or {}).items()}
+        for name, value in self._weights.items():
+            session_options.add_initializer(name, value)
         try:
             disabled = list(INT8_DISABLED_OPTIMIZERS) if precision in INT8 else []
-            self.session = ort.InferenceSession(str(path), _session_options(options), providers=list(requested),
+            if self._weights:
+                # onnxruntime 1.32's NCHWc layout pass re-lays Conv filters from the file's initializer, not the
+                # override (found here: a LoRA's convolution updates were lost at level "all", kept without it).
+                disabled.append("NchwcTransformer")
+            self.session = ort.InferenceSession(str(path), session_options, providers=list(requested),
                                                 disabled_optimizers=disabled)
         except Exception as exc:  # onnxruntime raises its own untyped errors for a bad file
             raise DiffshipError(f"ONNX Runtime could not load {path}: {exc}") from exc
@@ -318,4 +329,12 @@ def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, s
     from diffship.targets.weight_patch import patch_onnx
 
     return patch_onnx(artifact, dest, changes)
+
+
+def load_with_changes(artifact: Path, options: OrtOptions | None, precision: str | None,
+                      changes: list[Any]) -> OrtRunner:
+    """A Runner whose session takes changed weights as initializer overrides: a LoRA at run time, no new files."""
+    from diffship.targets.weight_patch import onnx_replacements
+
+    return OrtRunner(artifact, options or OrtOptions(), precision or "fp32", onnx_replacements(artifact, changes))
 

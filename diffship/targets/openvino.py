@@ -192,7 +192,8 @@ def default_cache_dir() -> Path | None:
 class OvRunner:
     """A Runner over an OpenVINO compiled model (one infer request, reused)."""
 
-    def __init__(self, path: Path, options: OvOptions, precision: str | None = None):
+    def __init__(self, path: Path, options: OvOptions, precision: str | None = None,
+                 weights: dict[str, np.ndarray] | None = None):
         if not path.is_file():
             raise DiffshipError(f"No OpenVINO IR at {path}.")
         if not path.with_suffix(".bin").is_file():
@@ -207,8 +208,12 @@ class OvRunner:
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(cache)
+        model: Any = str(path)
+        if weights:
+            model = _with_constants(core.read_model(str(path)), weights)
+            config.pop("CACHE_DIR", None)  # a compiled blob cached for the file's weights must not serve these
         try:
-            self.compiled = core.compile_model(str(path), options.device, config)
+            self.compiled = core.compile_model(model, options.device, config)
         except RuntimeError as exc:
             raise DiffshipError(f"OpenVINO could not compile {path} for {options.device}: {exc}") from exc
         self.request = self.compiled.create_infer_request()
@@ -250,4 +255,21 @@ def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, s
     from diffship.targets.weight_patch import patch_ir
 
     return patch_ir(artifact, dest, changes)
+
+
+def _with_constants(model: ov.Model, weights: dict[str, np.ndarray]) -> ov.Model:
+    """`model` with the named constants replaced by new values (a LoRA at run time; the file is not touched)."""
+    constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+    for name, value in weights.items():
+        new = ov.op.Constant(np.ascontiguousarray(value))
+        for target in list(constants[name].output(0).get_target_inputs()):
+            target.replace_source_output(new.output(0))
+    return model
+
+
+def load_with_changes(artifact: Path, options: OvOptions | None, precision: str | None, changes: list[Any]) -> OvRunner:
+    """A Runner compiled from the IR with changed constants, in memory: a LoRA at run time, no new files."""
+    from diffship.targets.weight_patch import ir_replacements
+
+    return OvRunner(artifact, options or OvOptions(), precision, ir_replacements(artifact, changes))
 

@@ -245,3 +245,16 @@ def onnx_replacements(source: Path, changes: list[Change]) -> dict[str, np.ndarr
         files.close()
     return {where.name: np.frombuffer(new_bytes(c, where, t, cast), dtype=where.dtype).reshape(where.shape)
             for c in changes for where, t, cast in [found[c.name]]}
+
+
+def ir_replacements(xml: Path, changes: list[Change]) -> dict[str, np.ndarray]:
+    """IR constant (layer) name -> its new value, for a model whose constants are replaced in memory (OpenVINO)."""
+    stored = ir_stored(xml)
+    files = _Files()
+    try:
+        found = locate(stored, files.read, changes)
+    finally:
+        files.close()
+    return {where.name: np.frombuffer(new_bytes(c, where, t, cast), dtype=where.dtype).reshape(where.shape)
+            for c in changes for where, t, cast in [found[c.name]]}
+
