@@ -28,6 +28,7 @@ from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import ModuleLoader, component_entry, export_one, finish_pipeline_folder, select_specs
 from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec, component_specs, native_size
+from diffship.models.controlnet import controlnets_in
 from diffship.models.families import component_config, detect_family, tasks_of
 from diffship.models.lora import LoraSpec
 from diffship.models.source import ModelSource, resolve
@@ -109,7 +110,9 @@ def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict
     unet_cases = None
     if shapes_fixed(shapes) and v.guidance_scale > 1.0:
         unet_cases = tuple(Case(2 * c.batch, c.height, c.width) for c in cases)
-    inputs = task_inputs(height, width, v.image, v.mask, v.strength)
+    inputs = task_inputs(height, width, v.image, v.mask, v.strength, control=v.control_image,
+                         control_scale=v.control_scale, control_window=(v.control_start, v.control_end),
+                         controlnets=len(controlnets_in(folder)))
     return shapes, Plan(height, width, cases, v, recipe.threshold("fp32"), unet_cases,
                         validated_tasks(tasks_of(folder)), inputs)
 
@@ -125,7 +128,8 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
     out = out.resolve()
     prepare_output_dir(out, overwrite=True)
     source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config, say=say,
-                     variant=recipe.variant, loras=[LoraSpec(x.path, x.scale) for x in recipe.loras])
+                     variant=recipe.variant, loras=[LoraSpec(x.path, x.scale) for x in recipe.loras],
+                     controlnets=recipe.controlnets)
     family = detect_family(source.folder)
     specs = select_specs(source.folder, recipe.components)
     needed = [s.name for s in component_specs(source.folder, family) if s.role in GENERATES]

@@ -93,6 +93,9 @@ ModelConfigOption = Annotated[str | None, typer.Option(
          "instead of the one detected from its tensors.")]
 VariantOption = Annotated[str | None, typer.Option(
     help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")]
+ControlnetOption = Annotated[list[str] | None, typer.Option(
+    "--controlnet", help="A ControlNet (diffusers ControlNetModel folder or hub id) exported beside the UNet, with a UNet "
+                         "that takes its residuals; repeat for several.")]
 LoraOption = Annotated[list[str] | None, typer.Option(
     help="A LoRA to merge before export, PATH[:SCALE] (diffusers / PEFT, kohya or LoCon .safetensors); repeat for "
          "several, merged in order.")]
@@ -153,6 +156,7 @@ def export(
     model_config: ModelConfigOption = None,
     variant: VariantOption = None,
     lora: LoraOption = None,
+    controlnet: ControlnetOption = None,
 ) -> None:
     """Export each component of a pipeline to ONNX (checked, shape-inferred) in OUT."""
     from diffship.exporters.pipeline import export_pipeline
@@ -160,7 +164,7 @@ def export(
 
     wanted = _names(components)
     source = resolve(model, allow_pickle=allow_pickle, model_config=model_config, say=console.print,
-                     variant=variant, loras=_loras(lora))
+                     variant=variant, loras=_loras(lora), controlnets=controlnet)
     console.print(f"Exporting [bold]{model}[/] to {out_dir} (ONNX opset {opset})")
     manifest = export_pipeline(source, out_dir, wanted, opset, overwrite, allow_pickle, _step_printer("export"))
     total = sum(f["bytes"] for c in manifest["components"].values() for f in c["files"])
@@ -215,6 +219,7 @@ def build(
     model_config: ModelConfigOption = None,
     variant: VariantOption = None,
     lora: LoraOption = None,
+    controlnet: ControlnetOption = None,
 ) -> None:
     """Export, compile and validate a pipeline for every target; write artifacts, manifest.json and a report."""
     from diffship.build import build as run_build
@@ -223,7 +228,8 @@ def build(
     wanted = _names(targets)
     recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None,
                                        "allow_pickle": True if allow_pickle else None, "model_config": model_config,
-                                       "variant": variant, "loras": _lora_recipes(lora)})
+                                       "variant": variant, "loras": _lora_recipes(lora),
+                                       "controlnets": controlnet})
     out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
     console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
     result = run_build(recipe, out_path, force=force, say=lambda line: console.print(line, markup=False, highlight=False))

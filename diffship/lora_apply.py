@@ -84,7 +84,8 @@ def choose_sets(sets: dict[str, SetRecord], wanted: list[dict[str, Any]] | None)
 def recorded_source(recipe: Recipe, loras: list[LoraSpec], say: Say | None = None) -> ModelSource:
     """The model a build was made from (with the LoRAs its recipe merged), and `loras` merged after them."""
     return resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config, say=say,
-                   variant=recipe.variant, loras=[LoraSpec(x.path, x.scale) for x in recipe.loras] + loras)
+                   variant=recipe.variant, loras=[LoraSpec(x.path, x.scale) for x in recipe.loras] + loras,
+                   controlnets=recipe.controlnets)
 
 
 def weight_changes(before: Path, after: Path, loras: list[LoraSpec], components: list[str],

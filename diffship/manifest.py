@@ -54,6 +54,7 @@ class _ExportComponent(_Record):
 class _Source(_Record):
     model: str
     family: str | None = None
+    folder: str | None = None  # the resolved diffusers folder (in the cache for built-ins, merges and conversions)
 
 
 class _Target(_Record):

@@ -66,6 +66,8 @@ def weights_of(source: ModelSource) -> dict[str, Any]:
         merged = ", ".join(f"{Path(r['path']).name} x{r['scale']:g}" for r in source.loras)
         said |= {"loras": list(source.loras), "weights": (said.get("weights", "") + "; " if said else "")
                  + f"LoRA merged before export: {merged}"}
+    if source.controlnets:
+        said["controlnets"] = list(source.controlnets)
     return said
 
 

@@ -127,6 +127,12 @@ class ValidationRecipe(_Strict):
     # the sampler, baseline and artifacts alike: a common name (euler-a, dpm++2m-karras, ...) or a diffusers class
     scheduler: str | None = None
     scheduler_config: dict[str, Any] = Field(default_factory=dict)
+    # with ControlNets: the control image every net gets (relative to the recipe; generated if unset), its
+    # conditioning scale and the fraction of the steps it acts in (diffusers' control_guidance_start / end)
+    control_image: Path | None = None
+    control_scale: float = Field(1.0, ge=0)
+    control_start: float = Field(0.0, ge=0, le=1)
+    control_end: float = Field(1.0, ge=0, le=1)
     latency: LatencyRecipe = Field(default_factory=LatencyRecipe)
     quality: QualityRecipe = Field(default_factory=QualityRecipe)
 
@@ -200,6 +206,9 @@ class Recipe(_Strict):
     checkpoint_config: str | None = Field(None, alias="model_config")
     variant: str | None = None  # weight files to load, e.g. fp16 (*.fp16.safetensors)
     loras: list[LoraRecipe] = Field(default_factory=list)  # merged in order before export (build and baseline alike)
+    # ControlNet folders (relative to the recipe) or hub ids: each exported as its own component, with a UNet variant
+    # that takes their residuals, validated end to end against diffusers' ControlNet pipeline
+    controlnets: list[str] = Field(default_factory=list)
     components: list[str] | None = None
     targets: list[TargetRecipe] = Field(default_factory=lambda: [TargetRecipe(name="onnxruntime")], min_length=1)
     export: ExportRecipe = Field(default_factory=ExportRecipe)
@@ -263,12 +272,15 @@ def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> R
             raise DiffshipError(f"Recipe {path} is not valid TOML: {exc}") from exc
     validation = data.get("validation")
     if path is not None and isinstance(validation, dict):
-        for key in ("image", "mask"):
+        for key in ("image", "mask", "control_image"):
             if isinstance(validation.get(key), str):
                 validation[key] = str(path.parent / validation[key])
     for lora in data.get("loras") or [] if path is not None else []:
         if isinstance(lora, dict) and isinstance(lora.get("path"), str):
             lora["path"] = str(path.parent / lora["path"])
+    if path is not None and isinstance(data.get("controlnets"), list):
+        data["controlnets"] = [str(path.parent / c) if isinstance(c, str) and (path.parent / c).is_dir() else c
+                               for c in data["controlnets"]]
     if path is not None and isinstance(data.get("model_config"), str) and (path.parent / data["model_config"]).is_dir():
         data["model_config"] = str(path.parent / data["model_config"])
     for key, value in (overrides or {}).items():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from diffship.errors import DiffshipError
+from diffship.models.controlnet import controlnets_in
 from diffship.models.families import Family, Role, component_config, detect_family, family_named
 
 Dim = int | str
@@ -54,6 +55,12 @@ class ComponentSpec:
     def is_denoiser(self) -> bool:
         return self.role == "denoiser"
 
+    @property
+    def in_denoising_loop(self) -> bool:
+        """Runs once per step on the latents, both guidance halves at once: the denoiser, its ControlNet-residual
+        variant and the ControlNets."""
+        return self.role in ("denoiser", "controlled_denoiser", "controlnet")
+
     def axis_sizes(self, batch: int, height: int, width: int, sequence: int = 77) -> dict[str, int]:
         """Sizes of the named axes for an image of height x width pixels."""
         multiple = self.vae_scale * 8  # the VAE factor x SD 1.x's three UNet downsamplings
@@ -62,8 +69,13 @@ class ComponentSpec:
         latent_h, latent_w = height // self.vae_scale, width // self.vae_scale
         if self.latent_axes:
             height, width = latent_h, latent_w
-        return {"batch": batch, "sequence": sequence, "height": height, "width": width,
-                "latent_height": latent_h, "latent_width": latent_w}
+        sizes = {"batch": batch, "sequence": sequence, "height": height, "width": width,
+                 "latent_height": latent_h, "latent_width": latent_w,
+                 "image_height": latent_h * self.vae_scale, "image_width": latent_w * self.vae_scale}
+        # the down-sampled sides of a UNet's residuals (ControlNet outputs), latent pixels / 2, 4, 8
+        sizes |= {f"{side}_{f}": value // f for side, value in (("height", latent_h), ("width", latent_w))
+                  for f in (2, 4, 8)}
+        return sizes
 
     def sample_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
         """Valid inputs for this component at the given batch and image resolution, deterministic in `seed`."""
@@ -79,8 +91,8 @@ class ComponentSpec:
         return shape[2] * scale, shape[3] * scale
 
     def batch_for(self, batch: int, guided: bool) -> int:
-        """The batch one call sees for `batch` images: the denoiser runs both halves of guidance at once."""
-        return batch * (2 if guided and self.is_denoiser else 1)
+        """The batch one call sees for `batch` images: the denoising loop runs both halves of guidance at once."""
+        return batch * (2 if guided and self.in_denoising_loop else 1)
 
 
 def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, spec: ComponentSpec,
@@ -98,6 +110,10 @@ def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, spe
         return np.tile(np.array(family_named(spec.family).time_id_values(height, width), dtype=t.dtype), (shape[0], 1))
     if t.name == "sample" and spec.role == "vae_encoder":  # an image in [-1, 1]
         return rng.uniform(-1, 1, size=shape).astype(t.dtype)
+    if t.name == "controlnet_cond":  # a control image in [0, 1], as diffusers' control image processor gives it
+        return rng.uniform(0, 1, size=shape).astype(t.dtype)
+    if t.name == "conditioning_scale":
+        return np.asarray(rng.uniform(0.5, 1.5), dtype=t.dtype).reshape(shape)
     return rng.standard_normal(size=shape).astype(t.dtype)
 
 
@@ -146,6 +162,17 @@ def component_specs(folder: Path, family: Family | None = None) -> list[Componen
     unet_out = TensorSpec("out_sample", "float32", ("batch", unet.get("out_channels", 4), "height", "width"))
     specs.append(ComponentSpec("unet", "unet", tuple(unet_inputs), (unet_out,), scale, latent_axes=True,
                                role="denoiser", family=family.name))
+    if controlnets := controlnets_in(folder):
+        residuals = residual_specs(unet)
+        for name in controlnets:
+            net = component_config(folder, name)
+            cond = TensorSpec("controlnet_cond", "float32",
+                              ("batch", net.get("conditioning_channels", 3), "image_height", "image_width"))
+            inputs = (*unet_inputs[:3], cond, TensorSpec("conditioning_scale", "float32", ()), *unet_inputs[3:])
+            specs.append(ComponentSpec(name, name, inputs, residuals, scale, latent_axes=True, role="controlnet",
+                                       family=family.name))
+        specs.append(ComponentSpec("controlled_unet", "unet", (*unet_inputs, *residuals), (unet_out,), scale,
+                                   latent_axes=True, role="controlled_denoiser", family=family.name))
     specs.append(ComponentSpec(
         "vae_encoder", "vae",
         (TensorSpec("sample", "float32", ("batch", vae.get("in_channels", 3), "height", "width")),),
@@ -159,6 +186,24 @@ def component_specs(folder: Path, family: Family | None = None) -> list[Componen
         scale, role="vae_decoder", family=family.name,
     ))
     return specs
+
+
+def residual_specs(unet: dict) -> tuple[TensorSpec, ...]:
+    """The residuals a ControlNet adds to a UNet of config `unet`: one per down-block output (conv_in, each layer of
+    each block, each downsampler), then the mid block's, as diffusers' ControlNetModel returns them."""
+    channels, layers = unet["block_out_channels"], unet.get("layers_per_block", 2)
+    found = [(channels[0], 1)]
+    for i, width in enumerate(channels):
+        found += [(width, 2 ** i)] * (layers[i] if isinstance(layers, list) else layers)
+        if i < len(channels) - 1:
+            found.append((width, 2 ** (i + 1)))
+    found.append((channels[-1], 2 ** (len(channels) - 1)))
+
+    def side(name: str, factor: int) -> str:
+        return name if factor == 1 else f"{name}_{factor}"
+
+    return tuple(TensorSpec("mid_block" if i == len(found) - 1 else f"down_block_{i}", "float32",
+                            ("batch", width, side("height", f), side("width", f))) for i, (width, f) in enumerate(found))
 
 
 # --- wrappers: tensor-only forward functions over the diffusers / transformers modules ---------------
@@ -195,6 +240,40 @@ class UNet(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
+class ControlNet(nn.Module):
+    """ControlNetModel: (sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale[, text_embeds,
+    time_ids]) -> the down-block residuals and the mid-block residual, already scaled (guess mode off)."""
+
+    def __init__(self, controlnet: nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor, text_embeds: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
+                                    conditioning_scale=conditioning_scale, added_cond_kwargs=added, return_dict=False)
+        return (*down, mid)
+
+
+class ControlledUNet(nn.Module):
+    """UNet2DConditionModel taking ControlNet residuals: (sample, timestep, encoder_hidden_states[, text_embeds,
+    time_ids], down_block_0 ... mid_block) -> out_sample; several ControlNets compose by summing residuals first."""
+
+    def __init__(self, unet: nn.Module, conditioned: bool):
+        super().__init__()
+        self.unet, self.conditioned = unet, conditioned
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *rest: torch.Tensor) -> torch.Tensor:
+        added = {"text_embeds": rest[0], "time_ids": rest[1]} if self.conditioned else None
+        residuals = rest[2:] if self.conditioned else rest
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                         down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
+                         return_dict=False)[0]
+
+
 class VaeEncoder(nn.Module):
     """AutoencoderKL encoder: image -> latent distribution parameters (mean and log-variance)."""
 
@@ -221,7 +300,8 @@ def wrap(spec: ComponentSpec, module: nn.Module) -> nn.Module:
     """The tensor-only wrapper for `spec` around its loaded pipeline module, in eval mode."""
     wrappers = {"text_encoder": lambda: TextEncoder(module, tuple(o.name for o in spec.outputs)),
                 "denoiser": lambda: UNet(module), "vae_encoder": lambda: VaeEncoder(module),
-                "vae_decoder": lambda: VaeDecoder(module)}
+                "vae_decoder": lambda: VaeDecoder(module), "controlnet": lambda: ControlNet(module),
+                "controlled_denoiser": lambda: ControlledUNet(module, any(t.name == "time_ids" for t in spec.inputs))}
     if spec.role not in wrappers:
         raise DiffshipError(f"No wrapper for component {spec.name!r} (role {spec.role!r}).")
     return wrappers[spec.role]().eval()

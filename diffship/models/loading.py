@@ -83,10 +83,11 @@ def load_folder(path: Path, component: str, class_name: str | None = None, allow
     quiet_libraries()
     use_safetensors = None if allow_pickle else True
     try:
-        if component.startswith(("unet", "vae")):
+        if component.startswith(("unet", "vae", "controlnet")):
             import diffusers
 
-            cls = diffusers.UNet2DConditionModel if component.startswith("unet") else diffusers.AutoencoderKL
+            cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
+                   "controlnet": diffusers.ControlNetModel}[component.split("_")[0]]
             model, info = cls.from_pretrained(path, output_loading_info=True, use_safetensors=use_safetensors,
                                               torch_dtype=dtype, low_cpu_mem_usage=True)
         else:

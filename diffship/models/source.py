@@ -12,6 +12,7 @@ from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.models.builtin import BUILTINS, builtin_folder
+from diffship.models.controlnet import with_controlnets
 from diffship.models.lora import LoraSpec, with_loras
 from diffship.models.single_file import convert, is_checkpoint_file
 from diffship.models.variants import choose_variant, with_variant
@@ -31,14 +32,15 @@ class ModelSource:
     folder: Path
     variant: str | None = None  # the weight variant loaded (fp16: *.fp16.safetensors, upcast to FP32 at load)
     loras: tuple[dict[str, Any], ...] = ()  # merged into `folder`: each file's path, sha256, scale, layers patched
+    controlnets: tuple[str, ...] = ()  # added to `folder` as controlnet, controlnet_1, ...: what the user named
 
 
 def resolve(spec: str, allow_pickle: bool = False, model_config: str | Path | None = None,
             say: Callable[[str], None] | None = None, variant: str | None = None,
-            loras: list[LoraSpec] | None = None) -> ModelSource:
+            loras: list[LoraSpec] | None = None, controlnets: list[str] | None = None) -> ModelSource:
     """Map a built-in name, a local folder, a single-file checkpoint or a hub id to a local diffusers folder; with a
     weight variant (asked for, or the only weights a folder has), to a folder that loads it; with LoRAs, to a folder
-    with them merged."""
+    with them merged; with ControlNets (folders or hub ids), to a folder that holds them too."""
     source = _locate(spec, allow_pickle, model_config, say)
     if source.kind == "single-file" and variant is not None:
         raise DiffshipError("--variant applies to diffusers folders; a single-file checkpoint has one set of weights.")
@@ -48,7 +50,21 @@ def resolve(spec: str, allow_pickle: bool = False, model_config: str | Path | No
     if loras:
         folder, record = with_loras(source.folder, loras, allow_pickle, say)
         source = ModelSource(spec, source.kind, folder, source.variant, tuple(record))
+    if controlnets:
+        locations = [_controlnet_location(c, allow_pickle) for c in controlnets]
+        source = ModelSource(spec, source.kind, with_controlnets(source.folder, locations, say), source.variant,
+                             source.loras, tuple(controlnets))
     return source
+
+
+def _controlnet_location(spec: str, allow_pickle: bool) -> Path:
+    """A ControlNet folder, or a hub id's snapshot."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")) and not path.exists():
+        return _from_hub(spec, allow_pickle)
+    raise DiffshipError(f"ControlNet {spec!r} is not a folder holding a diffusers ControlNetModel, nor a hub id.")
 
 
 def _locate(spec: str, allow_pickle: bool, model_config: str | Path | None,

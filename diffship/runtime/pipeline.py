@@ -24,6 +24,7 @@ from diffship.artifacts import atomic_write_bytes, read_json
 from diffship.errors import DiffshipError
 from diffship.manifest import ArtifactSet, open_artifacts
 from diffship.models.components import native_size
+from diffship.models.controlnet import controlnet_names
 from diffship.models.families import Family, family_named
 from diffship.runtime import inpaint
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
@@ -31,7 +32,7 @@ from diffship.runtime.schedulers import make_scheduler
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
 
-DENOISER, DECODER, ENCODER = "unet", "vae_decoder", "vae_encoder"
+DENOISER, DECODER, ENCODER, CONTROLLED = "unet", "vae_decoder", "vae_encoder", "controlled_unet"
 
 
 @dataclass
@@ -193,7 +194,7 @@ class DeployedPipeline:
                  latents: torch.Tensor | None = None,
                  on_step: Callable[[int, int], None] | None = None, image: Any = None, mask: Any = None,
                  strength: float | None = None, aesthetic_score: float | None = None,
-                 negative_aesthetic_score: float | None = None) -> Generation:
+                 negative_aesthetic_score: float | None = None, controls: list[Any] | None = None) -> Generation:
         """Generate `batch` images per prompt: from noise; from `image` (img2img); or repainting the white part of
         `mask` over `image` (inpaint). `strength` defaults to diffusers' for the task; `latents` (before
         init_noise_sigma) replace text-to-image's seeded draw."""
@@ -252,6 +253,7 @@ class DeployedPipeline:
             timesteps = self.scheduler.timesteps
         extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in self.step_takes}
         unet = self.runners[DENOISER]
+        controlled = self._controlled(controls, task, height, width, n, guidance) if controls else None
         for i, t in enumerate(timesteps):
             step_started = time.perf_counter()
             model_input = torch.cat([latents] * 2) if guidance else latents
@@ -260,7 +262,7 @@ class DeployedPipeline:
                 model_input = inpainting.denoiser_input(model_input)
             feed = {"sample": model_input.numpy(), "timestep": np.full(model_input.shape[0], float(t), np.float32),
                     **conditioning}
-            noise = torch.from_numpy(unet.run(feed)["out_sample"])
+            noise = torch.from_numpy(controlled.run(feed, i, len(timesteps)) if controlled else unet.run(feed)["out_sample"])
             if guidance:
                 uncond, text = noise.chunk(2)
                 noise = uncond + guidance_scale * (text - uncond)
@@ -277,6 +279,30 @@ class DeployedPipeline:
         timings["decode"] = time.perf_counter() - decode_started
         timings["total"] = time.perf_counter() - started
         return Generation(images, latents.numpy(), timings, warnings)
+
+    @property
+    def controlnets(self) -> list[str]:
+        """The ControlNet components of these artifacts, in the build's order."""
+        return [c for c in controlnet_names(len(self.artifacts.components)) if c in self.artifacts.components]
+
+    def _controlled(self, controls: list[Any], task: str, height: int, width: int, n: int, guidance: bool) -> Any:
+        """The ControlNets' denoising call for this request, their runners and the UNet variant loaded on first use."""
+        from diffship.runtime.control import ControlledDenoiser, control_images
+
+        if not self.controlnets:
+            raise DiffshipError(f"{self.artifacts.root} has no ControlNet: build with --controlnet to use control images.")
+        if task != "text2img":
+            raise DiffshipError("Control images condition text-to-image generation; not with --image / --mask.")
+        backend = get_target(self.artifacts.target)
+        options = backend.parse_options(self.artifacts.options) if self.artifacts.options else None
+        for name in [*self.controlnets, CONTROLLED]:
+            if name not in self.runners:
+                started = time.perf_counter()
+                self.runners[name] = backend.load(self.artifacts.components[name], options, self.artifacts.precision)
+                self.load_seconds[name] = time.perf_counter() - started
+        images = control_images(controls, height, width, self.vae_scale, n, guidance)
+        return ControlledDenoiser([self.runners[c] for c in self.controlnets], self.runners[CONTROLLED], controls,
+                                  images, self.unet_config)
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -20,20 +20,38 @@ DEFAULT_STRENGTH = 0.75  # diffusers' defaults differ per pipeline (0.8 SD img2i
 
 @dataclass(frozen=True)
 class TaskInputs:
-    """The init image and the mask (PIL images, white = repaint) and the strength that img2img and inpaint use."""
+    """The init image and the mask (PIL images, white = repaint) and the strength that img2img and inpaint use; the
+    control image, its scale and guidance window that the "controlnet" task gives each of `controlnets` nets."""
 
     image: Any
     mask: Any
     strength: float = DEFAULT_STRENGTH
+    control: Any = None
+    control_scale: float = 1.0
+    control_window: tuple[float, float] = (0.0, 1.0)
+    controlnets: int = 0
 
     def diffusers_kwargs(self, task: str) -> dict[str, Any]:
         """The arguments diffusers' pipeline for `task` takes for them (none for text2img)."""
         if task == "text2img":
             return {}
+        if task == "controlnet":  # one value for a single ControlNet, a list per net for several
+            k = self.controlnets
+
+            def each(value: Any) -> Any:
+                return value if k == 1 else [value] * k
+
+            return {"image": each(self.control), "controlnet_conditioning_scale": each(self.control_scale),
+                    "control_guidance_start": each(self.control_window[0]),
+                    "control_guidance_end": each(self.control_window[1])}
         return {"image": self.image, "strength": self.strength} | ({"mask_image": self.mask} if task == "inpaint" else {})
 
     def deployed_kwargs(self, task: str) -> dict[str, Any]:
         """The same, as `DeployedPipeline.__call__` takes them."""
+        if task == "controlnet":
+            from diffship.runtime.control import Control
+
+            return {"controls": [Control(self.control, self.control_scale, *self.control_window)] * self.controlnets}
         kwargs = self.diffusers_kwargs(task)
         if "mask_image" in kwargs:
             kwargs["mask"] = kwargs.pop("mask_image")
@@ -92,8 +110,11 @@ def read_image(path: Path, option: str) -> Any:
 
 
 def task_inputs(height: int, width: int, image: Path | None = None, mask: Path | None = None,
-                strength: float = DEFAULT_STRENGTH, option: str = "[validation]") -> TaskInputs:
-    """The recipe's image and mask (read, resized to the validation size as the pipelines would) or the defaults."""
+                strength: float = DEFAULT_STRENGTH, option: str = "[validation]", control: Path | None = None,
+                control_scale: float = 1.0, control_window: tuple[float, float] = (0.0, 1.0),
+                controlnets: int = 0) -> TaskInputs:
+    """The recipe's image, mask and control image (read, resized to the validation size as the pipelines would) or
+    the defaults."""
     from PIL import Image
 
     picture = read_image(image, f"{option} image") if image else default_image(height, width)
@@ -102,7 +123,9 @@ def task_inputs(height: int, width: int, image: Path | None = None, mask: Path |
         picture = picture.resize((width, height), Image.Resampling.LANCZOS)
     if cover.size != (width, height):
         cover = cover.resize((width, height), Image.Resampling.NEAREST)
-    return TaskInputs(picture, cover, strength)
+    guide = (read_image(control, f"{option} control_image") if control else default_image(height, width, seed=3)) \
+        if controlnets else None
+    return TaskInputs(picture, cover, strength, guide, control_scale, control_window, controlnets)
 
 
 def inputs_digest(inputs: TaskInputs) -> str:
@@ -110,7 +133,7 @@ def inputs_digest(inputs: TaskInputs) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for picture in (inputs.image, inputs.mask):
+    for picture in (inputs.image, inputs.mask, *([inputs.control] if inputs.control is not None else [])):
         digest.update(np.asarray(picture).tobytes())
-    digest.update(repr(inputs.strength).encode())
+    digest.update(repr((inputs.strength, inputs.control_scale, inputs.control_window, inputs.controlnets)).encode())
     return digest.hexdigest()

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
 
 # The optimizer's model types per component role.
-MODEL_TYPES = {"denoiser": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
+MODEL_TYPES = {"denoiser": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip",
+               "controlnet": "unet", "controlled_denoiser": "unet"}
 # Fusions whose ops only CUDA (or DirectML) implements; on a CPU session they would fail to load.
 GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
                     "enable_packed_qkv", "enable_packed_kv", "enable_bias_add", "group_norm_channels_last")

@@ -182,7 +182,8 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
             record = {"quantization": "dynamic INT8 MatMul weights, activations quantized per call"}
         else:
             _link_export(source, dest)
-            record = {"kept": "fp32", "reason": "VAE activations lose too much in INT8"}
+            record = {"kept": "fp32", "reason": "VAE activations lose too much in INT8" if context.spec.role.startswith(
+                "vae") else "ControlNet components are not calibrated yet (their residual inputs are not captured)"}
     else:
         record = _prepare(source, out, name, precision, options, context)
     atomic_write_json(dest / GRAPH_FILE, {"precision": precision, **record})

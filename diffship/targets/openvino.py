@@ -70,7 +70,9 @@ def model_index(family: str, components: list[str]) -> dict[str, Any]:
                "vae_encoder": "OVModelVaeEncoder", "vae_decoder": "OVModelVaeDecoder"}
     from diffship.models.families import family_named
 
-    return {"_class_name": family_named(family).layouts["openvino"], **{c: ["optimum", classes[c]] for c in components}}
+    # optimum-intel has no ControlNet class: those components are diffship's own.
+    return {"_class_name": family_named(family).layouts["openvino"],
+            **{c: ["optimum", classes[c]] if c in classes else ["diffship", "OVModel"] for c in components}}
 
 
 def parse_options(options: dict[str, Any]) -> OvOptions:

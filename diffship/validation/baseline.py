@@ -85,10 +85,19 @@ def load_baseline(folder: Path, allow_pickle: bool = False, device: str | None =
     return pipe.to(device, dtype)
 
 
-def task_pipeline(pipe: Any, family: Family, task: str) -> Any:
-    """The family's diffusers pipeline for `task`, sharing `pipe`'s modules (diffusers' `from_pipe`)."""
+def task_pipeline(pipe: Any, family: Family, task: str, folder: Path | None = None, allow_pickle: bool = False) -> Any:
+    """The family's diffusers pipeline for `task`, sharing `pipe`'s modules (diffusers' `from_pipe`); the
+    "controlnet" task adds the ControlNets of `folder` (several as diffusers' MultiControlNetModel)."""
     import diffusers
 
+    if task == "controlnet":
+        from diffship.models.controlnet import controlnets_in
+
+        nets = [load_component(folder, name, allow_pickle).to(pipe.device, pipe.dtype) for name in controlnets_in(folder)]
+        other = getattr(diffusers, family.controlnet_pipeline).from_pipe(
+            pipe, controlnet=nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets))
+        other.set_progress_bar_config(disable=True)
+        return other
     wanted = getattr(diffusers, family.pipelines[task])
     if isinstance(pipe, wanted):
         return pipe
@@ -128,7 +137,9 @@ def run_baseline(pipe: Any, prompt: str, negative_prompt: str | None, height: in
         return kwargs
 
     arguments: dict[str, Any] = {"height": height, "width": width}
-    if task == "text2img" and latents is not None:
+    if inputs is not None and task == "controlnet":
+        arguments |= inputs.diffusers_kwargs(task)
+    if task in ("text2img", "controlnet") and latents is not None:
         arguments["latents"] = latents.to(pipe.device, pipe.dtype)
     elif inputs is not None:
         arguments |= inputs.diffusers_kwargs(task)
@@ -164,6 +175,6 @@ def component_call(pipe: Any, spec: ComponentSpec, inputs: dict[str, np.ndarray]
 
 def reference_module(pipe: Any, spec: ComponentSpec, folder: Path, allow_pickle: bool) -> torch.nn.Module:
     """The FP32 CPU wrapper component parity is measured against (the baseline's own when it is FP32 on the CPU)."""
-    if pipe.device.type == "cpu" and pipe.dtype == torch.float32:
+    if pipe.device.type == "cpu" and pipe.dtype == torch.float32 and hasattr(pipe, spec.module):
         return wrap(spec, getattr(pipe, spec.module))
     return wrap(spec, load_component(folder, spec.module, allow_pickle))

@@ -84,10 +84,11 @@ def sample_arguments(s: Sample, deployed: DeployedPipeline,
                      inputs: TaskInputs | None) -> tuple[Any, dict[str, Any]]:
     """What both pipelines start a sample from: text2img's seeded initial latents, or the task's image, mask and
     strength (everything else drawn from the seed on both sides)."""
-    if s.task != "text2img":
+    if s.task not in ("text2img", "controlnet"):
         return None, inputs.deployed_kwargs(s.task) if inputs is not None else {}
     channels = deployed.vae_config.get("latent_channels", 4)
-    return initial_latents(s.seed, 1, channels, s.height // deployed.vae_scale, s.width // deployed.vae_scale), {}
+    latents = initial_latents(s.seed, 1, channels, s.height // deployed.vae_scale, s.width // deployed.vae_scale)
+    return latents, inputs.deployed_kwargs(s.task) if inputs is not None and s.task == "controlnet" else {}
 
 
 def _summarize(results: list[dict[str, Any]]) -> dict[str, Any]:

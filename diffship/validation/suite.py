@@ -122,7 +122,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
     v = plan.validation
     samples = task_samples(plan)
     family = detect_family(source_folder)
-    pipes = {task: task_pipeline(pipe, family, task) for task in plan.tasks}
+    pipes = {task: task_pipeline(pipe, family, task, source_folder, allow_pickle) for task in plan.tasks}
 
     def baseline(s: Sample, latents: Any) -> Any:
         return run_baseline(pipes[s.task], s.prompt, s.negative_prompt, s.height, s.width, s.steps, s.guidance_scale,

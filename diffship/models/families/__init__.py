@@ -48,7 +48,12 @@ def detect_family(folder: Path) -> Family:
 
 
 def tasks_of(folder: Path) -> tuple[str, ...]:
-    """What the model in `folder` can do, its main task first (an inpainting UNet only inpaints)."""
+    """What the model in `folder` can do, its main task first (an inpainting UNet only inpaints; ControlNets beside
+    the model add the "controlnet" task: text-to-image conditioned on control images)."""
+    from diffship.models.controlnet import controlnets_in
+
     family = detect_family(folder)
-    return family.tasks_for(component_config(folder, "unet").get("in_channels", 4),
-                            component_config(folder, "vae").get("latent_channels", 4))
+    tasks = family.tasks_for(component_config(folder, "unet").get("in_channels", 4),
+                             component_config(folder, "vae").get("latent_channels", 4))
+    controlled = family.controlnet_pipeline and controlnets_in(folder) and "text2img" in tasks
+    return (*tasks, "controlnet") if controlled else tasks

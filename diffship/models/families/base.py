@@ -15,8 +15,8 @@ from typing import Any, Literal
 from diffship.artifacts import read_json
 from diffship.errors import DiffshipError
 
-Role = Literal["text_encoder", "denoiser", "vae_encoder", "vae_decoder"]
-Task = Literal["text2img", "img2img", "inpaint"]
+Role = Literal["text_encoder", "denoiser", "vae_encoder", "vae_decoder", "controlnet", "controlled_denoiser"]
+Task = Literal["text2img", "img2img", "inpaint", "controlnet"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Family:
     pooled_from: str | None = None  # the text encoder whose projected pooled output is the denoiser's text_embeds
     time_ids: int = 0  # SDXL micro-conditioning values per sample (6: sizes and crop; 5: the refiner's aesthetics)
     vae_overflows_fp16: bool = False  # its VAE's activations exceed FP16's range (SDXL): kept FP32 under "auto"
+    controlnet_pipeline: str | None = None  # the diffusers pipeline that runs its ControlNets (the "controlnet" task)
 
     @property
     def aesthetic_conditioning(self) -> bool:

@@ -23,7 +23,8 @@ def _is_sd2(folder: Path, index: dict[str, Any]) -> bool:
     return text.get("hidden_act") == "gelu" or bool(component_config(folder, "unet").get("use_linear_projection"))
 
 
+CONTROLNET = "StableDiffusionControlNetPipeline"
 SD2 = Family("sd2", "Stable Diffusion 2.x", "SD 2.x", ("text_encoder",), ("tokenizer",), PIPELINES, LAYOUTS, DECLARED_BY,
-             matches=_is_sd2)
+             matches=_is_sd2, controlnet_pipeline=CONTROLNET)
 SD1 = Family("sd1", "Stable Diffusion 1.x", "SD 1.x", ("text_encoder",), ("tokenizer",), PIPELINES, LAYOUTS, DECLARED_BY,
-             matches=lambda folder, index: index.get("_class_name") in DECLARED_BY)
+             matches=lambda folder, index: index.get("_class_name") in DECLARED_BY, controlnet_pipeline=CONTROLNET)

@@ -53,4 +53,5 @@ SDXL = Family(
     {"text2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
      "inpaint": "StableDiffusionXLInpaintPipeline"},
     LAYOUTS, DECLARED_BY, matches=_is_base, hidden_state="penultimate_hidden_state",
-    pooled_from="text_encoder_2", time_ids=6, vae_overflows_fp16=True)
+    pooled_from="text_encoder_2", time_ids=6, vae_overflows_fp16=True,
+    controlnet_pipeline="StableDiffusionXLControlNetPipeline")

@@ -1,0 +1,68 @@
+"""ControlNets beside a pipeline: each one a folder (or hub snapshot) holding a diffusers `ControlNetModel`, added to
+the model as `controlnet`, `controlnet_1`, ... (diffusers' own names for a saved multi-ControlNet pipeline) in a
+cached folder that links the base pipeline's files, so everything after `resolve` reads one diffusers folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from diffship.artifacts import read_json
+from diffship.errors import DiffshipError
+
+CONTROLNET = "controlnet"
+REVISION = 1
+
+
+def controlnet_names(count: int) -> list[str]:
+    """The pipeline folders of `count` ControlNets, as diffusers' MultiControlNetModel saves them."""
+    return [CONTROLNET if i == 0 else f"{CONTROLNET}_{i}" for i in range(count)]
+
+
+def controlnets_in(folder: Path) -> list[str]:
+    """The ControlNet folders of a pipeline folder, in order."""
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    return [name for name in controlnet_names(len(index)) if name in index]
+
+
+def check_controlnet(path: Path, unet: dict[str, Any]) -> dict[str, Any]:
+    """A ControlNet folder's config, or an error when it is not one or does not fit the pipeline's UNet."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise DiffshipError(f"ControlNet {path} is not a diffusers ControlNetModel folder (no config.json).")
+    config = read_json(config_path)
+    if config.get("_class_name") != "ControlNetModel":
+        raise DiffshipError(f"{path} holds a {config.get('_class_name')!r}, not a ControlNetModel.")
+    for key in ("cross_attention_dim", "block_out_channels", "layers_per_block", "in_channels"):
+        if key in unet and config.get(key) != unet[key]:
+            raise DiffshipError(f"ControlNet {path} does not fit this pipeline's UNet: its {key} is {config.get(key)}, "
+                                f"the UNet's {unet[key]}.")
+    return config
+
+
+def with_controlnets(folder: Path, locations: list[Path], say: Callable[[str], None] | None = None) -> Path:
+    """A cached pipeline folder holding `folder`'s files (linked) and each ControlNet as `controlnet`, `controlnet_1`..."""
+    from diffship import cache
+    from diffship.artifacts import staged_dir
+    from diffship.models.variants import link_tree
+
+    unet = read_json(folder / "unet" / "config.json")
+    for path in locations:
+        check_controlnet(path, unet)
+    key = cache.key(stage="controlnets", folder=cache.folder_hash(folder),
+                    controlnets=[cache.folder_hash(p) for p in locations], revision=REVISION)
+    root = cache.scratch_root() if cache.unwritable_reason() is not None else cache.cache_root()
+    joined = root / "models" / f"controlnet-{key[:16]}"
+    if (joined / "model_index.json").is_file():
+        return joined
+    with cache.locked(joined, say or (lambda _: None), "ControlNet folder"), staged_dir(joined, owned=True) as staging:
+        link_tree(folder, staging, skip={"model_index.json"})
+        index = read_json(folder / "model_index.json")
+        for name, path in zip(controlnet_names(len(locations)), locations, strict=True):
+            link_tree(path, staging / name)
+            index[name] = ["diffusers", "ControlNetModel"]
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return joined
