@@ -384,6 +384,12 @@ def generate(
     lora: Annotated[list[str] | None, typer.Option(
         help="A LoRA merged into the weights as they load, PATH[:SCALE], no files written (ONNX Runtime and OpenVINO "
              "FP32 / FP16 / BF16 sets); repeat for several.")] = None,
+    control_image: Annotated[list[Path] | None, typer.Option(
+        help="A control image per ControlNet of the build, in its order (repeat); it is resized to the output.")] = None,
+    control_scale: Annotated[list[float] | None, typer.Option(
+        help="Conditioning scale per control image (repeat; default 1.0 each, as diffusers).")] = None,
+    control_start: Annotated[float, typer.Option(help="Fraction of the steps before the ControlNets act.")] = 0.0,
+    control_end: Annotated[float, typer.Option(help="Fraction of the steps after which they stop.")] = 1.0,
 ) -> None:
     """Generate images with a folder of deployed artifacts (hashes checked against its manifest first)."""
     from rich.progress import Progress
@@ -412,6 +418,7 @@ def generate(
     guidance_scale = guidance_scale if guidance_scale is not None else validated.get("guidance_scale", 7.5)
     if (aesthetic_score is not None or negative_aesthetic_score is not None) and not pipe.family.aesthetic_conditioning:
         raise DiffshipError(f"--aesthetic-score conditions the SDXL refiner; this is a {pipe.family.title} model.")
+    controls = _controls(control_image, control_scale, control_start, control_end)
     init = read_image(image, "--image") if image else None
     masked = read_image(mask, "--mask") if mask else None
     if strength is not None and init is None:
@@ -425,7 +432,7 @@ def generate(
         result = pipe(prompt, negative_prompt, height if img2img else h, width if img2img else w, steps, guidance_scale,
                       seed, batch, on_step=lambda i, n: progress.update(task, completed=i, total=n), image=init,
                       mask=masked, strength=strength, aesthetic_score=aesthetic_score,
-                      negative_aesthetic_score=negative_aesthetic_score)
+                      negative_aesthetic_score=negative_aesthetic_score, controls=controls)
     h, w = result.images.shape[1:3]
     paths = save_images(result.images, out_file)
     for warning in result.warnings:
@@ -435,6 +442,20 @@ def generate(
     out.print(f"Wrote {', '.join(map(str, paths))} ({pipe.artifacts.target} {pipe.artifacts.precision}, {h}x{w}, "
               f"{type(pipe.scheduler).__name__}): "
               f"{t['total']:.2f} s total, {steps_ms:.1f} ms per step")
+
+
+def _controls(images: list[Path] | None, scales: list[float] | None, start: float, end: float) -> list[Any] | None:
+    """`--control-image` / `--control-scale` pairs as the pipeline's controls (None without images)."""
+    from diffship.runtime.control import Control
+    from diffship.runtime.tasks import read_image
+
+    scales = list(scales or [])
+    if scales and not images:
+        raise DiffshipError("--control-scale scales a control image: give it with --control-image.")
+    if len(scales) > len(images or []):
+        raise DiffshipError(f"{len(scales)} --control-scale values for {len(images or [])} --control-image.")
+    scales += [1.0] * (len(images or []) - len(scales))
+    return [Control(read_image(p, "--control-image"), s, start, end) for p, s in zip(images or [], scales, strict=True)] or None
 
 
 lora_app = typer.Typer(no_args_is_help=True, help="Swap LoRAs into an existing build without rebuilding it.")
