@@ -254,7 +254,8 @@ class Calibration:
                          "task": plan.tasks[0], "scheduler": [recipe.validation.scheduler,
                                                               recipe.validation.scheduler_config]}
         self.key = cache.key(stage="calibration", weights=module_hashes, **self.settings, versions=versions,
-                             task_inputs=inputs_digest(plan.inputs) if plan.task_kwargs() else None)
+                             task_inputs=inputs_digest(plan.inputs) if plan.task_kwargs() or "controlnet" in plan.tasks
+                             else None)
         self.baseline, self.force, self.hits, self.data, self.plan = baseline, force, hits, None, plan
 
     def __call__(self) -> CalibrationData:
@@ -275,6 +276,15 @@ class Calibration:
         began = time.perf_counter()
         data = capture(self.baseline.get(), s["prompts"], s["samples"], s["steps"], s["height"], s["width"],
                        s["guidance_scale"], task_kwargs=self.plan.task_kwargs())
+        if "controlnet" in self.plan.tasks:  # the UNet variant's inputs with the ControlNets' residuals
+            from diffship.validation.baseline import task_pipeline
+
+            self.baseline.say("[calibration] and the controlled UNet's, with the ControlNets' residuals ...")
+            controlled = task_pipeline(self.baseline.get(), detect_family(self.baseline.folder), "controlnet",
+                                       self.baseline.folder, self.baseline.allow_pickle)
+            more = capture(controlled, s["prompts"], s["samples"], s["steps"], s["height"], s["width"],
+                           s["guidance_scale"], with_vae=False, task_kwargs=self.plan.task_kwargs("controlnet"))
+            data.inputs["controlled_unet"] = more.inputs["controlled_unet"]
         data.save(staging / "inputs.npz")
         info |= {**data.info, "task": s["task"], "seconds": round(time.perf_counter() - began, 1)}
         self.baseline.say(f"[calibration] captured in {info['seconds']:.0f} s")

@@ -33,7 +33,7 @@ def built(nets, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]
     recipe.write_text('[validation]\nprompts = ["a lighthouse"]\nsteps = 3\nguidance_scale = 6.0\ncontrol_scale = 0.8\n'
                       'control_start = 0.1\ncontrol_end = 0.9\n[validation.latency]\nenabled = false\n')
     result = CliRunner().invoke(app, ["build", str(recipe), "--model", "tiny-sd", "--controlnet", str(nets[0]),
-                                      "--controlnet", str(nets[1]), "--targets", "onnxruntime:fp32,openvino:fp32",
+                                      "--controlnet", str(nets[1]), "--targets", "onnxruntime:fp32+int8,openvino:fp32",
                                       "--out", str(out)])
     return result, out
 
@@ -51,6 +51,23 @@ def test_a_controlnet_build_draws_diffusers_controlnet_pipelines_image(built):
         controlled = r["e2e"]["tasks"]["controlnet"]
         assert controlled["passed"] and controlled["images"] == 1
         assert controlled["min_psnr_db"] is None or controlled["min_psnr_db"] >= 35, controlled
+
+
+def test_int8_calibrates_the_controlled_unet_on_the_controlnets_real_residuals(built):
+    """The UNet variant is quantized statically from calls captured under the ControlNets (its residual inputs
+    included), and the INT8 set's controlled images still match diffusers'."""
+    result, out = built
+    assert result.exit_code == 0, result.output
+    graph = json.loads((out / "onnxruntime-int8" / "controlled_unet" / "diffship-graph.json").read_text())
+    assert "static QDQ" in graph["quantization"] and graph["calibration_samples"] > 0
+    import onnx
+
+    model = onnx.load(str(out / "onnxruntime-int8" / "controlled_unet" / "model.onnx"))
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 0
+    residual_inputs = [i.name for i in model.graph.input if i.name.startswith(("down_block_", "mid_block"))]
+    assert len(residual_inputs) == 7  # tiny-sd: conv_in, three blocks of one layer, two downsamplers, the mid block
+    e2e = json.loads((out / "report" / "report.json").read_text())["sets"]["onnxruntime-int8"]["e2e"]
+    assert e2e["tasks"]["controlnet"]["passed"], e2e["tasks"]
 
 
 def test_the_control_images_change_the_image_so_the_check_can_fail(built):

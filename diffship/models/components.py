@@ -56,6 +56,11 @@ class ComponentSpec:
         return self.role == "denoiser"
 
     @property
+    def denoises(self) -> bool:
+        """The UNet, plain or taking ControlNet residuals: what INT8 calibrates on its captured real inputs."""
+        return self.role in ("denoiser", "controlled_denoiser")
+
+    @property
     def in_denoising_loop(self) -> bool:
         """Runs once per step on the latents, both guidance halves at once: the denoiser, its ControlNet-residual
         variant and the ControlNets."""
@@ -168,7 +173,7 @@ def component_specs(folder: Path, family: Family | None = None) -> list[Componen
             net = component_config(folder, name)
             cond = TensorSpec("controlnet_cond", "float32",
                               ("batch", net.get("conditioning_channels", 3), "image_height", "image_width"))
-            inputs = (*unet_inputs[:3], cond, TensorSpec("conditioning_scale", "float32", ()), *unet_inputs[3:])
+            inputs = (*unet_inputs[:3], cond, TensorSpec("conditioning_scale", "float32", (1,)), *unet_inputs[3:])
             specs.append(ComponentSpec(name, name, inputs, residuals, scale, latent_axes=True, role="controlnet",
                                        family=family.name))
         specs.append(ComponentSpec("controlled_unet", "unet", (*unet_inputs, *residuals), (unet_out,), scale,

@@ -67,7 +67,7 @@ class ControlledDenoiser:
             if scale == 0.0:
                 continue  # diffusers runs it and multiplies by 0: the same zeros, without the call
             given = {k: v for k, v in feed.items() if k in net.input_names}
-            residuals = net.run(given | {"controlnet_cond": image, "conditioning_scale": np.asarray(scale, np.float32)})
+            residuals = net.run(given | {"controlnet_cond": image, "conditioning_scale": np.asarray([scale], np.float32)})
             total = residuals if total is None else {k: total[k] + v for k, v in residuals.items()}
         if total is None:
             shapes = _residual_shapes(self.unet_config, feed)

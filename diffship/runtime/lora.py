@@ -33,7 +33,8 @@ def runtime_changes(artifacts: ArtifactSet, loras: list[LoraSpec],
         raise DiffshipError(f"No LoRA at run time for {artifacts.target} {artifacts.precision}: {reason}.")
     recipe = Recipe.model_validate(read_json(artifacts.root / MANIFEST_NAME)["recipe"])
     folder = recorded_source(recipe, [], say).folder
-    specs = [s for s in component_specs(folder) if s.name in artifacts.components and s.role in ("denoiser", "text_encoder")]
+    weighted = ("denoiser", "controlled_denoiser", "text_encoder")  # what LoRAs patch (never the VAE or ControlNets)
+    specs = [s for s in component_specs(folder) if s.name in artifacts.components and s.role in weighted]
     modules = {s.module: load_component(folder, s.module, recipe.allow_pickle) for s in specs}
     before: dict[tuple[str, str], object] = {}
     for spec in loras:

@@ -74,11 +74,13 @@ def to_uint8(decoded: np.ndarray) -> np.ndarray:
 class DeployedPipeline:
     """Text-to-image over loaded Runners, with the tokenizers, scheduler and configs from the artifact folder."""
 
-    def __init__(self, artifacts: ArtifactSet, runners: dict[str, Runner], load_seconds: dict[str, float]):
+    def __init__(self, artifacts: ArtifactSet, runners: dict[str, Runner], load_seconds: dict[str, float],
+                 changes: dict[str, list[Any]] | None = None):
         import diffusers
         from transformers import CLIPTokenizer
 
         self.artifacts, self.runners, self.load_seconds = artifacts, runners, load_seconds
+        self.changes = changes or {}  # weight changes (a LoRA at run time) for components loaded later
         folder = artifacts.pipeline
         self.family = pipeline_family(artifacts)
         self.tokenizers = [CLIPTokenizer.from_pretrained(folder / name) for name in self.family.tokenizers]
@@ -136,7 +138,7 @@ class DeployedPipeline:
             else:
                 runners[name] = backend.load(artifacts.components[name], options, artifacts.precision)
             seconds[name] = time.perf_counter() - started
-        return cls(artifacts, runners, seconds)
+        return cls(artifacts, runners, seconds, changes)
 
     @property
     def native_resolution(self) -> tuple[int, int]:
@@ -298,7 +300,10 @@ class DeployedPipeline:
         for name in [*self.controlnets, CONTROLLED]:
             if name not in self.runners:
                 started = time.perf_counter()
-                self.runners[name] = backend.load(self.artifacts.components[name], options, self.artifacts.precision)
+                artifact = self.artifacts.components[name]
+                self.runners[name] = backend.load_with_changes(artifact, options, self.artifacts.precision,
+                                                               self.changes[name]) if name in self.changes else \
+                    backend.load(artifact, options, self.artifacts.precision)
                 self.load_seconds[name] = time.perf_counter() - started
         images = control_images(controls, height, width, self.vae_scale, n, guidance)
         return ControlledDenoiser([self.runners[c] for c in self.controlnets], self.runners[CONTROLLED], controls,

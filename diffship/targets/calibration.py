@@ -83,6 +83,10 @@ def capture(pipe: Any, prompts: list[str], samples: int | None, steps: int, heig
                 "encoder_hidden_states": kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)}
         added = kwargs.get("added_cond_kwargs") or {}
         call |= {k: added[k] for k in ("text_embeds", "time_ids") if k in added}
+        # Under ControlNets the UNet also takes their residuals: the controlled UNet is calibrated on them.
+        residuals = [*(kwargs.get("down_block_additional_residuals") or []), kwargs.get("mid_block_additional_residual")]
+        if residuals[-1] is not None:
+            call |= {("mid_block" if i == len(residuals) - 1 else f"down_block_{i}"): r for i, r in enumerate(residuals)}
         unet_calls.append({k: v.detach().float().cpu().numpy().copy() for k, v in call.items()})
 
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
@@ -109,7 +113,8 @@ def capture(pipe: Any, prompts: list[str], samples: int | None, steps: int, heig
     finally:
         handle.remove()
     keep = np.arange(len(unet_calls)) if samples is None else np.linspace(0, len(unet_calls) - 1, samples).round().astype(int)
-    data = CalibrationData({"unet": [unet_calls[i] for i in keep], "vae_decoder": decoder, "vae_encoder": encoder, **ids},
+    unet = "controlled_unet" if "mid_block" in unet_calls[0] else "unet"
+    data = CalibrationData({unet: [unet_calls[i] for i in keep], "vae_decoder": decoder, "vae_encoder": encoder, **ids},
                            {"prompts": prompts, "samples": samples, "steps": steps, "generations": generations,
                             "height": height, "width": width, "guidance_scale": guidance_scale, "seed": seed,
                             "timesteps": [float(unet_calls[i]["timestep"][0]) for i in keep]})

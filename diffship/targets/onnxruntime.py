@@ -161,7 +161,7 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
         from diffship.targets import onnxruntime_quantize as quantize
 
         large = (source.parent / f"{source.name}_data").is_file()
-        if context.spec.is_denoiser:
+        if context.spec.is_denoiser or (context.spec.denoises and precision == "int8"):
             with tempfile.TemporaryDirectory(prefix=".prepared-", dir=dest) as tmp:
                 record = {}
                 if prepares_graph(options, precision):

@@ -118,7 +118,7 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
     if options.static_shapes and context.static_shapes:
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in context.static_shapes.items()})
     denoiser = context.spec.is_denoiser
-    quantize = precision == "int8-full" or (precision == "int8-hybrid" and denoiser)
+    quantize = precision == "int8-full" or (precision == "int8-hybrid" and context.spec.denoises)
     if precision == "int8-auto" and denoiser:
         model, search = _auto(model, context, options)
         dest.mkdir(parents=True, exist_ok=True)
