@@ -66,12 +66,44 @@ def files(manifest: Path) -> dict[str, str]:
             for f in c["files"]}
 
 
+def runtime_swap(base: Path, lora: Path, runs: int = 2) -> dict:
+    """`generate --lora`'s cost: loading the base build's pipeline with and without the LoRA merged at load, and a
+    UNet call of each (ONNX Runtime loses its NCHWc layout pass under initializer overrides)."""
+    import gc
+
+    from diffship.models.components import component_specs
+    from diffship.models.lora import LoraSpec
+    from diffship.runtime.pipeline import DeployedPipeline
+
+    out = {}
+    for label, loras in (("plain", None), ("with LoRA", [LoraSpec(lora, 0.8)])):
+        began = time.perf_counter()
+        pipe = DeployedPipeline.load(base, loras=loras)
+        out[label] = {"load_s": round(time.perf_counter() - began, 1)}
+        spec = next(s for s in component_specs(Path(json.loads((base / "manifest.json").read_text())["source"]["folder"]))
+                    if s.name == "unet")
+        inputs = spec.sample_inputs(2, 512, 512)
+        pipe.runners["unet"].run(inputs)
+        calls = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            pipe.runners["unet"].run(inputs)
+            calls.append(time.perf_counter() - t)
+        out[label]["unet_call_s"] = round(min(calls), 2)
+        del pipe
+        gc.collect()
+        print(label, out[label], flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("out/bench-lora-swap"))
     parser.add_argument("--targets", default="onnxruntime:fp32")
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--runtime", action="store_true", help="also time generate --lora's load and UNet call")
+    parser.add_argument("--runtime-only", action="store_true", help="only that, on an existing base build")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -80,6 +112,9 @@ def main() -> None:
     lora = work / "style-lora.safetensors"
     if not lora.is_file():
         kohya_lora(resolve("sd15-arch").folder, lora, rank=16, alpha=8.0)
+    if args.runtime_only:
+        print(json.dumps(runtime_swap(work / "base", lora), indent=1))
+        return
     build = ["build", str(args.recipe), "--targets", args.targets]
     base = work / "base"
     results = {}
@@ -94,7 +129,9 @@ def main() -> None:
     results["build --lora"] = run([*build, "--lora", f"{lora}:0.8", "--out", str(work / "rebuilt")], env)
     swapped, rebuilt = files(work / "swapped" / "manifest.json"), files(work / "rebuilt" / "manifest.json")
     differ = sorted(p for p, h in swapped.items() if rebuilt.get(p) != h and not p.endswith(".xml"))
+    runtime = runtime_swap(base, lora) if args.runtime else None
     summary = {"date": date.today().isoformat(), "cpu": describe(cpu_facts()), "targets": args.targets,
+               "runtime_lora": runtime,
                "runs": results, "rebuild_over_swap": round(results["build --lora"]["seconds"]
                                                            / results["lora apply"]["seconds"], 1),
                "files_differing_from_the_rebuild": differ}

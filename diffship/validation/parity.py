@@ -121,13 +121,14 @@ def validate_folder(folder: Path, target: str | None = None, components: list[st
     # The folder it was built from, where it still is: it holds what re-resolving the name alone would lose (a
     # variant, a converted single file, merged LoRAs, ControlNets).
     kept = Path(recorded.folder) if recorded.folder else None
-    folder = kept if kept and (kept / "model_index.json").is_file() else resolve(recorded.model, allow_pickle=allow_pickle).folder
+    model_folder = kept if kept and (kept / "model_index.json").is_file() else \
+        resolve(recorded.model, allow_pickle=allow_pickle).folder
     exported = list(artifacts.components)
     wanted = components or exported
     missing = [c for c in wanted if c not in exported]
     if missing:
         raise DiffshipError(f"{folder} has no {', '.join(missing)} artifact (it has {', '.join(exported)}).")
-    specs = [s for s in component_specs(folder) if s.name in wanted]
+    specs = [s for s in component_specs(model_folder) if s.name in wanted]
     backend = get_target(artifacts.target)
     options = backend.parse_options(artifacts.options) if artifacts.options else None  # run it as the build did
     report: dict[str, Any] = {
@@ -144,7 +145,7 @@ def validate_folder(folder: Path, target: str | None = None, components: list[st
     for i, spec in enumerate(specs):
         step(spec.name, "start", {"index": i + 1, "total": len(specs)})
         if spec.module not in loaded:
-            loaded = {spec.module: load_component(folder, spec.module, allow_pickle)}
+            loaded = {spec.module: load_component(model_folder, spec.module, allow_pickle)}
             gc.collect()
         runner = backend.load(artifacts.components[spec.name], options, artifacts.precision)
         report["target"] = runner.describe()
