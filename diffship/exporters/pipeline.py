@@ -71,8 +71,9 @@ class ModuleLoader:
 
 def export_one(source: ModelSource, spec: ComponentSpec, dest: Path, opset: int, modules: ModuleLoader) -> None:
     """Export one component into `dest` (model.onnx, external data if any, and its config.json)."""
-    export_component(spec, wrap(spec, modules(spec.module)), dest, opset,
-                     metadata={"diffship.version": __version__, "diffship.source": source.spec})
+    # No model name in the file: exports are cached by the component's weights, which models (and a LoRA build and
+    # its base) share; the manifest says which model a set came from.
+    export_component(spec, wrap(spec, modules(spec.module)), dest, opset, metadata={"diffship.version": __version__})
     shutil.copy2(source.folder / spec.module / "config.json", dest / "config.json")
 
 

@@ -368,16 +368,15 @@ def compile(source: Path, precision: str, options: CoremlOptions | None = None, 
     if COMPRESSION[precision] and spec.name in options.compress:
         mlmodel, compression = compress_weights(mlmodel, precision, options, target_spec)
 
-    onnx_meta = _onnx_metadata(source)
     mlmodel.author = "diffship"
     mlmodel.version = __version__
-    mlmodel.short_description = (f"{spec.name} of {onnx_meta.get('diffship.source', 'a Stable Diffusion pipeline')}, "
-                                 f"converted by diffship {__version__}")
+    # Packages are cached by their ONNX file's hash, which models sharing a component share: no model name here.
+    mlmodel.short_description = f"{spec.name} of a Stable Diffusion pipeline, converted by diffship {__version__}"
     for tensors, described in ((spec.inputs, mlmodel.input_description), (spec.outputs, mlmodel.output_description)):
         for t in tensors:
             described[t.name] = _DESCRIPTIONS.get((spec.name, t.name)) or _DESCRIPTIONS.get(t.name, t.name)
     mlmodel.user_defined_metadata.update({
-        "diffship.version": __version__, "diffship.source": onnx_meta.get("diffship.source", str(context.model_folder)),
+        "diffship.version": __version__,
         "diffship.component": spec.name, "diffship.precision": precision, "diffship.compute_precision": compute,
         "diffship.attention": options.attention, "diffship.compression": json.dumps(compression) if compression else "none",
     })
@@ -444,12 +443,6 @@ _DESCRIPTIONS: dict[Any, str] = {
     "penultimate_hidden_state": "the hidden state before the last layer (what SDXL feeds its UNet)",
     "pooler_output": "the pooled output at the end-of-text token",
 }
-
-
-def _onnx_metadata(path: Path) -> dict[str, str]:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 # --- what a package holds, and checks against the ONNX export --------------------------------------------------
@@ -552,8 +545,9 @@ def check_package(package: Path) -> dict[str, Any]:
           ", ".join(f"{f['name']} {f['shape'] or 'follows the input shape'}" for f in held["outputs"]))
     check("weights", *_storage_verdict(info, held))
     meta = held["metadata"]
-    check("metadata", meta.get("diffship.precision") == info["precision"] and "diffship.source" in meta
-          and "diffship.version" in meta, f"precision {meta.get('diffship.precision')}, source {meta.get('diffship.source')}")
+    check("metadata", meta.get("diffship.precision") == info["precision"] and "diffship.component" in meta
+          and "diffship.version" in meta, f"precision {meta.get('diffship.precision')}, "
+          f"component {meta.get('diffship.component')}")
     return {"checks": checks, "passed": all(c["passed"] for c in checks), "op_count": held["op_count"],
             "ops": held["ops"], "weights": held["weights"], "bytes": held["bytes"]}
 
