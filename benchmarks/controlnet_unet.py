@@ -108,7 +108,7 @@ def main() -> None:
 
         rows[entry] = timed_pair(lambda r=runners: r["unet"].run(plain_inputs), controlled, args.runs)
         print(entry, rows[entry], flush=True)
-        del runners
+        del runners, controlled  # the function's default argument holds the sessions too
         gc.collect()
 
     sizes = {c: sum(p.stat().st_size for p in (work / "onnx" / c).iterdir()) for c in COMPONENTS}
