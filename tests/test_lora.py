@@ -112,15 +112,23 @@ def test_a_merged_model_is_a_cached_folder_recorded_with_hashes_and_scales(files
     assert resolve("tiny-sd", loras=[LoraSpec(files["kohya"], 0.7)]).folder != source.folder
 
 
+def _lora_build(files: dict[str, Path], layout: str, targets: str, root: Path, few_step: bool):
+    out = root / "out"
+    result = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--lora", f"{files[layout]}:0.8", "--targets",
+                                      targets, "--out", str(out), str(_fast_recipe(root, few_step=few_step))])
+    return result, out, layout
+
+
 @pytest.fixture(scope="module")
 def lora_build(files, tmp_path_factory: pytest.TempPathFactory):
-    """One build with the kohya LoCon file, shipped as a few-step LoRA is. The PEFT layout differs only in how its
-    keys are read, which the merge tests above check against diffusers and peft."""
-    out = tmp_path_factory.mktemp("lora-build") / "out"
-    result = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--lora", f"{files['kohya']}:0.8", "--targets",
-                                      "onnxruntime:fp32,openvino:fp32", "--out", str(out),
-                                      str(_fast_recipe(out.parent, few_step=True))])
-    return result, out, "kohya"
+    """The kohya LoCon file, shipped as a few-step LoRA is, on both CPU runtimes: what lora apply is checked against."""
+    return _lora_build(files, "kohya", "onnxruntime:fp32,openvino:fp32", tmp_path_factory.mktemp("lora-build"), True)
+
+
+@pytest.fixture(scope="module")
+def peft_build(files, tmp_path_factory: pytest.TempPathFactory):
+    """The PEFT file, at 3 guided steps, on ONNX Runtime FP32 only (the layouts differ in reading, not in targets)."""
+    return _lora_build(files, "peft", "onnxruntime:fp32", tmp_path_factory.mktemp("peft-build"), False)
 
 
 def _fast_recipe(folder: Path, few_step: bool = False) -> Path:
@@ -131,8 +139,9 @@ def _fast_recipe(folder: Path, few_step: bool = False) -> Path:
     return path
 
 
-def test_a_build_with_a_lora_draws_the_merged_pytorch_pipelines_image(lora_build, exported):
-    result, out, layout = lora_build
+@pytest.mark.parametrize("which", ["lora_build", "peft_build"])
+def test_a_build_with_a_lora_draws_the_merged_pytorch_pipelines_image(which: str, request, exported):
+    result, out, layout = request.getfixturevalue(which)
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert [Path(r["path"]).name for r in manifest["source"]["loras"]] == [f"{layout}.safetensors"]
