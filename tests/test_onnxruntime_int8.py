@@ -72,3 +72,37 @@ def test_an_unknown_calibration_method_exits_2(tmp_path: Path):
                                      "options = { calibration_method = 'kl' }\n")
     result = runner.invoke(app, ["build", str(tmp_path / "r.toml"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "Unknown calibration_method 'kl'" in result.output
+
+
+def test_calibrating_in_chunks_gives_the_ranges_of_one_pass(exported, tmp_path: Path):
+    """calib_max_intermediate_outputs bounds what calibration holds, not what it sees: every chunk's minima and
+    maxima count (onnxruntime's own option of that name kept only the last partial chunk's)."""
+    import numpy as np
+
+    from diffship.models.builtin import builtin_folder
+    from diffship.models.components import component_specs
+    from diffship.targets import CompileContext
+    from diffship.targets.calibration import CalibrationData
+    from diffship.targets.onnxruntime_quantize import quantize_unet
+
+    spec = next(s for s in component_specs(builtin_folder("tiny-sd")) if s.name == "unet")
+    rng = np.random.default_rng(0)
+    # Five calls of two samples each, the fourth's latents 40x larger.
+    calls = [{k: (v * (40.0 if i == 3 and k == "sample" else 1.0)).astype(v.dtype) for k, v in
+              spec.sample_inputs(2, 64, 64).items()} for i in range(5)]
+    for call in calls:
+        call["sample"] = (call["sample"] + rng.standard_normal(call["sample"].shape)).astype(np.float32)
+    context = CompileContext(spec, calibration=lambda: CalibrationData({"unet": calls}))
+    source = exported("tiny-sd") / "unet" / "model.onnx"
+    ranges = {}
+    for k in (0, 3):
+        out = tmp_path / f"k{k}" / "model.onnx"
+        out.parent.mkdir()
+        quantize_unet(source, out, context, "minmax", k, False, ranges=tmp_path / f"ranges-{k}.json")
+        ranges[k] = json.loads((tmp_path / f"ranges-{k}.json").read_text())
+    assert ranges[0] == ranges[3]
+    # The check can fail: the fourth call (samples 7 and 8 of 10) is what sets the input's range, and a chunk of 3
+    # ends after sample 9; ranges from fewer calls differ.
+    quantize_unet(source, tmp_path / "k0" / "model.onnx", CompileContext(spec, calibration=lambda: CalibrationData(
+        {"unet": calls[4:]})), "minmax", 0, False, ranges=tmp_path / "last.json")
+    assert json.loads((tmp_path / "last.json").read_text()) != ranges[0]

@@ -50,8 +50,8 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
                for call in calibration_inputs(context, "int8") for i in range(len(call["sample"]))]
 
     class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.samples = iter(samples)
+        def __init__(self, chunk: list[dict[str, Any]]) -> None:
+            self.samples = iter(chunk)
 
         def get_next(self) -> dict[str, Any] | None:
             return next(self.samples, None)
@@ -59,14 +59,14 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[method_name]
     ranges = ranges or out.parent / "calibration-ranges.json"
-    extra = {}
-    if k := max_outputs:
-        # onnxruntime raises "No data is collected" when the sample count is a multiple of this.
-        extra["max_intermediate_outputs"] = k - 1 if len(samples) % k == 0 else k
+    # At most `max_outputs` samples' outputs held at once: one collect_data per chunk, each merged into the ranges.
+    # Not onnxruntime's own `max_intermediate_outputs`: its MinMax calibrator (1.32) drops a full chunk without
+    # reducing it, so only the last partial chunk's ranges survived (onnxruntime issue 18893).
+    chunk = max_outputs or len(samples)
     with tempfile.TemporaryDirectory(prefix="diffship-calibrate-") as tmp:
         calibrator = create_calibrator(source, list(QUANTIZED_OPS), augmented_model_path=str(Path(tmp) / "model.onnx"),
                                        calibrate_method=method, use_external_data_format=large,
-                                       providers=["CPUExecutionProvider"], extra_options=extra)
+                                       providers=["CPUExecutionProvider"])
         # The calibrator's session runs in ONNX Runtime's default node order, which schedules the statistics
         # nodes after the whole graph and so keeps every calibrated tensor alive (13 GiB for SD 1.5's UNet at
         # 512x512, batch 1). Priority order runs each as soon as its input exists (4.5 GiB).
@@ -74,7 +74,8 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
         gc.collect()
         calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, _lean_session(),
                                                         providers=["CPUExecutionProvider"])
-        calibrator.collect_data(Reader())
+        for start in range(0, len(samples), chunk):
+            calibrator.collect_data(Reader(samples[start:start + chunk]))
         save_tensors_data(calibrator.compute_data(), ranges)
         del calibrator
         gc.collect()
