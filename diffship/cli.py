@@ -5,25 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
 from diffship import __version__
+from diffship.cli_cache import cache_app
+from diffship.cli_lora import lora_app
+from diffship.cli_shared import console, human_bytes, lora_specs, names, out
 from diffship.errors import DiffshipError
 from diffship.failures import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, crash_log, user_error
-
-console = Console(stderr=True, soft_wrap=True)
-# Tables are wide: in logs and pipes (no terminal) use 180 columns instead of rich's 80.
-out = Console(width=None if sys.stdout.isatty() else 180)
-
 
 # typer re-raises click's usage errors (or, in typer 0.2x, its vendored copy's) and its own Exit / Abort: they pass through.
 _CLICK_ERRORS = (typer.Exit, typer.Abort, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
@@ -54,25 +50,12 @@ app = typer.Typer(cls=GuardedGroup, add_completion=False, no_args_is_help=True, 
                   help="Stable Diffusion pipelines in, validated deployment artifacts out.")
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
-def _names(values: list[str] | None) -> list[str] | None:
-    """Repeated and comma-separated option values as one list (None when empty)."""
-    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()] or None
-
-
 def _step_printer(verb: str):
     def on_step(name: str, event: str, detail: dict[str, Any]) -> None:
         if event == "start":
             console.print(f"[cyan][{detail['index']}/{detail['total']}][/] {verb} [bold]{name}[/] ...")
         elif "bytes" in detail:
-            console.print(f"      [green]done[/] {name}: {_human_bytes(detail['bytes'])} in {detail['seconds']:.1f} s")
+            console.print(f"      [green]done[/] {name}: {human_bytes(detail['bytes'])} in {detail['seconds']:.1f} s")
         else:
             status = "[green]pass[/]" if detail["passed"] else "[bold red]FAIL[/]"
             console.print(f"      {status} {name}")
@@ -127,7 +110,7 @@ def models(
     from diffship.models.source import resolve
 
     source = resolve(folder, allow_pickle=allow_pickle, model_config=model_config, say=console.print,
-                     variant=variant, loras=_loras(lora))
+                     variant=variant, loras=lora_specs(lora))
     family = detect_family(source.folder)
     specs = component_specs(source.folder, family)
     for module in sorted({s.module for s in specs}):
@@ -162,13 +145,13 @@ def export(
     from diffship.exporters.pipeline import export_pipeline
     from diffship.models.source import resolve
 
-    wanted = _names(components)
+    wanted = names(components)
     source = resolve(model, allow_pickle=allow_pickle, model_config=model_config, say=console.print,
-                     variant=variant, loras=_loras(lora), controlnets=controlnet)
+                     variant=variant, loras=lora_specs(lora), controlnets=controlnet)
     console.print(f"Exporting [bold]{model}[/] to {out_dir} (ONNX opset {opset})")
     manifest = export_pipeline(source, out_dir, wanted, opset, overwrite, allow_pickle, _step_printer("export"))
     total = sum(f["bytes"] for c in manifest["components"].values() for f in c["files"])
-    out.print(f"Exported {len(manifest['components'])} component(s), {_human_bytes(total)}, to {out_dir}")
+    out.print(f"Exported {len(manifest['components'])} component(s), {human_bytes(total)}, to {out_dir}")
 
 
 @app.command()
@@ -183,7 +166,7 @@ def validate(
     """Compare each exported component with PyTorch at two batch sizes and resolutions; write parity.json."""
     from diffship.validation.parity import PARITY_FILE, Tolerance, validate_folder, within
 
-    wanted = _names(components)
+    wanted = names(components)
     report = validate_folder(folder, target, wanted, allow_pickle=allow_pickle, on_step=_step_printer("check"),
                              precision=precision)
     tol = report["tolerance"]
@@ -225,7 +208,7 @@ def build(
     from diffship.build import build as run_build
     from diffship.recipe import load_recipe, targets_from_cli
 
-    wanted = _names(targets)
+    wanted = names(targets)
     recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None,
                                        "allow_pickle": True if allow_pickle else None, "model_config": model_config,
                                        "variant": variant, "loras": _lora_recipes(lora),
@@ -247,16 +230,9 @@ def build(
         raise typer.Exit(EXIT_FAILED)
 
 
-def _loras(values: list[str] | None) -> list[Any]:
-    """`--lora PATH[:SCALE]` values as LoRA specs."""
-    from diffship.models.lora import LoraSpec
-
-    return [LoraSpec.parse(v) for v in values or []]
-
-
 def _lora_recipes(values: list[str] | None) -> list[dict[str, Any]] | None:
     """`--lora` values as the recipe's `[[loras]]` (None: keep the recipe's own)."""
-    return [{"path": str(s.path), "scale": s.scale} for s in _loras(values)] or None
+    return [{"path": str(s.path), "scale": s.scale} for s in lora_specs(values)] or None
 
 
 def _parse_step(text: str) -> dict[str, Any]:
@@ -402,7 +378,7 @@ def generate(
     if out_file.suffix.lower() != ".png":
         raise DiffshipError(f"--out {out_file} must be a .png file.")
     started = time.perf_counter()
-    pipe = DeployedPipeline.load(folder, backend, precision, loras=_loras(lora))
+    pipe = DeployedPipeline.load(folder, backend, precision, loras=lora_specs(lora))
     if lora:
         console.print(f"Loaded with {len(lora)} LoRA(s) merged into the weights in {time.perf_counter() - started:.1f} s")
     if pipe.artifacts.status == "failed":
@@ -458,103 +434,8 @@ def _controls(images: list[Path] | None, scales: list[float] | None, start: floa
     return [Control(read_image(p, "--control-image"), s, start, end) for p, s in zip(images or [], scales, strict=True)] or None
 
 
-lora_app = typer.Typer(no_args_is_help=True, help="Swap LoRAs into an existing build without rebuilding it.")
 app.add_typer(lora_app, name="lora")
-
-
-@lora_app.command("apply")
-def lora_apply(
-    build_dir: Annotated[Path, typer.Argument(metavar="BUILD", help="A folder written by `diffship build`.")],
-    lora: Annotated[list[str], typer.Option(help="A LoRA to merge, PATH[:SCALE]; repeat for several, merged in order.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="The new build folder (must be new or empty).")],
-    targets: Annotated[list[str] | None, typer.Option(
-        "--targets", "-t", help="Only these sets, name[:precision+precision] (default: every set of the build).")] = None,
-) -> None:
-    """Write a new build with LoRAs merged by patching the build's FP32 / FP16 / BF16 weights in place (ONNX Runtime,
-    OpenVINO, refittable TensorRT engines), each patched component checked against the merged PyTorch one."""
-    from diffship.lora_apply import apply_loras
-    from diffship.recipe import targets_from_cli
-
-    wanted = _names(targets)
-    result = apply_loras(build_dir, _loras(lora), out_dir, targets_from_cli(wanted) if wanted else None,
-                         say=lambda line: console.print(line, markup=False, highlight=False))
-    report = result.report
-    table = Table(title=f"LoRA swap into {escape(str(build_dir))} in {report['seconds']:.1f} s")
-    for col in ("set", "component", "weights patched", "worst cosine", "worst rel L2", ""):
-        table.add_column(col, justify="left" if col in ("set", "component") else "right")
-    for key, r in report["sets"].items():
-        for component, p in r["parity"].items():
-            metrics = [m for case in p["cases"] for m in case["outputs"].values()]
-            table.add_row(key, component, str(r["patched"][component]), f"{min(m['cosine'] for m in metrics):.7f}",
-                          f"{max(m['rel_l2'] for m in metrics):.2e}", "[green]ok[/]" if p["passed"] else "[bold red]FAIL[/]")
-    out.print(table)
-    verdict = "[green]swap passed[/]" if result.passed else "[bold red]swap FAILED validation[/]"
-    out.print(f"{verdict}; artifacts and manifest.json in {result.out}; report: {result.out / 'report' / 'report.md'}")
-    if not result.passed:
-        raise typer.Exit(EXIT_FAILED)
-
-
-cache_app = typer.Typer(no_args_is_help=True, help="Check and bound diffship's cache ($DIFFSHIP_CACHE).")
 app.add_typer(cache_app, name="cache")
-
-
-def _stage_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col, justify="left" if col == "stage" else "right")
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
-
-
-@cache_app.command("verify")
-def cache_verify(
-    evict: Annotated[bool, typer.Option(help="Remove the entries whose files differ from their record.")] = False,
-) -> None:
-    """Re-hash every cached entry against its recorded sha256s (every byte); exit 1 when any differs and is kept."""
-    from diffship.cache import cache_root
-    from diffship.cache_maintenance import verify
-
-    checked = verify(evict)
-    stages = sorted({c.entry.stage for c in checked})
-    rows = []
-    for stage in stages:
-        mine = [c for c in checked if c.entry.stage == stage]
-        rows.append([stage, str(len(mine)), _human_bytes(sum(c.entry.bytes for c in mine)),
-                     str(sum(1 for c in mine if not c.problem and not c.in_use)), str(sum(1 for c in mine if c.problem)),
-                     str(sum(1 for c in mine if c.in_use))])
-    _stage_table(f"Cache {cache_root()}", ["stage", "entries", "size", "ok", "corrupted", "in use (not checked)"], rows)
-    bad = [c for c in checked if c.problem]
-    for c in bad:
-        action = "removed" if c.evicted else "kept (--evict removes it)"
-        out.print(f"[bold red]corrupted[/] {c.entry.stage} {c.entry.path.name[:16]}: {escape(c.problem or '')}; {action}")
-    if any(not c.evicted for c in bad):
-        raise typer.Exit(EXIT_FAILED)
-    out.print("every entry matches its record" if not bad else f"{len(bad)} corrupted entr{'y' if len(bad) == 1 else 'ies'} "
-              "removed; the next build makes them again")
-
-
-@cache_app.command("prune")
-def cache_prune(
-    older_than: Annotated[float | None, typer.Option("--older-than", min=0, metavar="DAYS",
-                                                     help="Remove entries not used for more than DAYS days.")] = None,
-    max_size: Annotated[float | None, typer.Option("--max-size", min=0, metavar="GB",
-                                                   help="Then remove the least recently used until the cache is at "
-                                                        "most GB gigabytes (10^9 bytes).")] = None,
-) -> None:
-    """Remove cached entries by age and total size (least recently used first), and what killed runs left behind."""
-    from diffship.cache import cache_root
-    from diffship.cache_maintenance import by_stage, prune
-
-    result = prune(older_than, None if max_size is None else int(max_size * 1e9))
-    removed, kept, busy = by_stage(result.removed), by_stage(result.kept + result.in_use), by_stage(result.in_use)
-    rows = [[stage, str(removed.get(stage, (0, 0))[0]), _human_bytes(removed.get(stage, (0, 0))[1]),
-             str(kept.get(stage, (0, 0))[0]), _human_bytes(kept.get(stage, (0, 0))[1]), str(busy.get(stage, (0, 0))[0])]
-            for stage in sorted(set(removed) | set(kept))]
-    _stage_table(f"Cache {cache_root()}", ["stage", "removed", "freed", "kept", "kept size", "in use (kept)"], rows)
-    freed = sum(e.bytes for e in result.removed) + result.stale_bytes
-    out.print(f"removed {len(result.removed)} entr{'y' if len(result.removed) == 1 else 'ies'} and "
-              f"{result.stale_staging} unfinished staging folder(s) of runs that died; freed {_human_bytes(freed)}")
 
 
 def run() -> None:
