@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench-export bench-build bench-matrix bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
+.PHONY: setup demo test lint bench-export bench-build bench-matrix bench-sdxl bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench-build: setup
 
 bench-matrix: setup
 	$(BIN)/python benchmarks/build_matrix.py
+
+# Issue 23: the full SDXL build (sdxl-arch at 1024x1024, ONNX Runtime FP32 + INT8, OpenVINO BF16 + int8-hybrid, whole
+# validation) as one `diffship build`, its whole process tree's peak RSS sampled per stage.
+bench-sdxl: setup
+	$(BIN)/python benchmarks/build_matrix.py --recipe benchmarks/recipes/sdxl-24gib.toml \
+		--group onnxruntime:fp32+int8,openvino:bf16+int8-hybrid --out out/bench-sdxl --json out/bench-sdxl/figures.json
 
 bench-onnxruntime: setup
 	$(BIN)/python benchmarks/onnxruntime_unet.py
