@@ -70,7 +70,9 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
         # The calibrator's session runs in ONNX Runtime's default node order, which schedules the statistics
         # nodes after the whole graph and so keeps every calibrated tensor alive (13 GiB for SD 1.5's UNet at
         # 512x512, batch 1). Priority order runs each as soon as its input exists (4.5 GiB).
-        calibrator.infer_session = None
+        # Its model proto (every weight, loaded to write the augmented copy) is not needed past that point: released
+        # before the session maps the copy, the phase peaks at 4.53 GiB instead of 7.72 on sd15-arch's UNet.
+        calibrator.infer_session = calibrator.model = None
         gc.collect()
         calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, _lean_session(),
                                                         providers=["CPUExecutionProvider"])
