@@ -162,3 +162,30 @@ def test_bad_onnxruntime_options_exit_2_before_any_work(tmp_path: Path, options:
     result = runner.invoke(app, ["build", str(tmp_path / "r.toml"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_preparation_with_weights_left_on_disk_writes_the_same_graph_and_no_dead_bytes(exported, tmp_path: Path,
+                                                                                      monkeypatch):
+    # A full-size UNet keeps its weights in model.onnx_data; preparation reads them one tensor at a time, from the
+    # model's folder whatever the working directory. Here tiny-sd's UNet is saved that way too, and prepared both
+    # ways: the graph and its outputs must be those of the preparation with every weight in memory.
+    source = exported("tiny-sd") / "unet" / "model.onnx"
+    split = tmp_path / "split" / "model.onnx"
+    split.parent.mkdir()
+    onnx.save_model(onnx.load(str(source)), str(split), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=64)
+    export_bytes = (split.parent / "model.onnx_data").read_bytes()
+    spec = next(s for s in component_specs(resolve("tiny-sd").folder) if s.name == "unet")
+    monkeypatch.chdir(tmp_path)
+    inline = onnxruntime.compile(source, "fp32", OrtOptions(optimize=True), tmp_path / "inline", CompileContext(spec))
+    on_disk = onnxruntime.compile(split, "fp32", OrtOptions(optimize=True), tmp_path / "on-disk", CompileContext(spec))
+    assert graph(tmp_path / "inline") == graph(tmp_path / "on-disk")
+    assert (split.parent / "model.onnx_data").read_bytes() == export_bytes  # the export is left as it was
+    prepared = onnx.load(str(on_disk), load_external_data=False)
+    stored = [t for t in prepared.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert stored and {e.value for t in stored for e in t.external_data if e.key == "location"} == {"model.onnx_data"}
+    lengths = sum(int(next(e.value for e in t.external_data if e.key == "length")) for t in stored)
+    assert (on_disk.parent / "model.onnx_data").stat().st_size == lengths  # only the weights the graph uses
+    feed = spec.sample_inputs(2, 64, 64, seed=5)
+    expected = onnxruntime.load(inline).run(feed)["out_sample"]
+    np.testing.assert_array_equal(onnxruntime.load(on_disk).run(feed)["out_sample"], expected)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from diffship.artifacts import atomic_write_json
@@ -203,21 +204,22 @@ def _prepare(source: Path, out: Path, name: str, precision: str, options: OrtOpt
              context: CompileContext) -> dict[str, Any]:
     """The FP32 / FP16 artifact, or the graph INT8 quantizes: fused for the session's providers and folded when
     preparation is on; FP16 converted and probed for overflow."""
-    model = onnx_graph.load(source)
-    before = onnx_graph.op_counts(model)
     record: dict[str, Any] = {}
     fused: dict[str, int] = {}
     prepared = prepares_graph(options, precision)
+    before = onnx_graph.op_counts(onnx_graph.load_graph(source))
     if prepared:
         gpu = _providers(options)[0] in GPU_PROVIDERS
-        model, fused = onnx_graph.fuse(model, context.spec.role, gpu)
-        model = onnx_graph.fold_constants(model)
+        model, fused = onnx_graph.prepare(source, context.spec.role, gpu)  # weights stay on disk
         record["prepared_for"] = "gpu" if gpu else "cpu"
+    else:
+        model = onnx_graph.load_graph(source)
     keep_fp32 = (onnx_graph.vae_fp32_reason(context.spec, options.fp16_vae, "fp16_vae")
                  if precision == "fp16" else None)
     if keep_fp32:
         record |= {"kept": "fp32", "reason": keep_fp32}
     elif precision == "fp16":
+        onnx.load_external_data_for_model(model, str(source.parent))  # the conversion rewrites every weight
         fp32_model = model
         model = onnx_graph.to_fp16(model, options.fp16_keep_io_types, list(options.fp16_op_block_list))
         onnx_graph.save(model, out)
@@ -229,7 +231,7 @@ def _prepare(source: Path, out: Path, name: str, precision: str, options: OrtOpt
                 ", FP32 inputs/outputs" if options.fp16_keep_io_types else ", FP16 inputs/outputs")
         del fp32_model
     if "conversion" not in record:
-        onnx_graph.save(model, out, replace=True)
+        onnx_graph.save_prepared(model, source.parent, out)
     return record | onnx_graph.summary(before, onnx_graph.op_counts(model), fused,
                                        {"folded_by": "polygraphy" if prepared else None})
 
