@@ -38,6 +38,7 @@ STAGE_LINES = [
     (re.compile(r"^\[calibration\] captured"), lambda m: "INT8 quantization after the capture"),
     (re.compile(r"^\[compile (\S+) "), lambda m: f"compile {m[1]}"),
     (re.compile(r"^\[validate\] capturing"), lambda m: "baseline UNet trajectory"),
+    (re.compile(r"^\[validate\] recording"), lambda m: "baseline recorded (staged validation)"),
     (re.compile(r"^\[validate (\S+)\] "), lambda m: f"validate {m[1]}"),
     (re.compile(r"^\[(\w+) ([\w-]+)\] "), lambda m: f"validate {m[1]}-{m[2]}"),
     (re.compile(r"^Writing the report"), lambda m: "report"),

@@ -37,7 +37,7 @@ from diffship.provenance import weights_of
 from diffship.recipe import LoraRecipe, Recipe
 from diffship.targets import get_target
 from diffship.targets.weight_patch import Change
-from diffship.validation.parity import Tolerance, artifact_cases, check_component
+from diffship.validation.parity import Tolerance, artifact_cases, check_component, module_reference
 
 Say = Callable[[str], None]
 QUANTIZED = ("int8", "int4", "fp8")  # precisions whose weights were quantized against the old values
@@ -194,7 +194,7 @@ def _check(spec: ComponentSpec, module: Any, backend: Any, artifact: Path, optio
     cases = (plan.unet_cases or plan.cases)[:1] if spec.is_denoiser else plan.cases[:1]
     runner = backend.load(artifact, options, precision)
     try:
-        return check_component(spec, wrap(spec, module), runner, tolerance,
+        return check_component(spec, module_reference(spec, wrap(spec, module)), runner, tolerance,
                                artifact_cases(backend, spec, artifact, cases))
     finally:
         del runner

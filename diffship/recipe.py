@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -135,6 +135,9 @@ class ValidationRecipe(_Strict):
     control_end: float = Field(1.0, ge=0, le=1)
     latency: LatencyRecipe = Field(default_factory=LatencyRecipe)
     quality: QualityRecipe = Field(default_factory=QualityRecipe)
+    # The PyTorch baseline beside each artifact set (false), or recorded once and freed before the sets load, with
+    # latency timed in blocks (true: a full-size SDXL on 24 GiB); "auto" stages when both would not fit in memory.
+    staged: bool | Literal["auto"] = "auto"
 
     @field_validator("prompts")
     @classmethod

@@ -158,8 +158,14 @@ def run_baseline(pipe: Any, prompt: str, negative_prompt: str | None, height: in
 
 def component_call(pipe: Any, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
     """A zero-argument call of one baseline component on fixed inputs, on the baseline's device and dtype."""
-    wrapper = wrap(spec, getattr(pipe, spec.module))
-    device, dtype = pipe.device, pipe.dtype
+    return module_call(getattr(pipe, spec.module), spec, inputs, pipe.device, pipe.dtype)
+
+
+def module_call(module: torch.nn.Module, spec: ComponentSpec, inputs: dict[str, np.ndarray], device: Any,
+                dtype: torch.dtype) -> Callable[[], Any]:
+    """A zero-argument call of `module` (on `device` in `dtype`) as component `spec`, on fixed inputs."""
+    wrapper = wrap(spec, module)
+    device = torch.device(device)
     args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])).to(device) for t in spec.inputs]
     args = [a.to(dtype) if a.is_floating_point() else a for a in args]
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from diffship.artifacts import read_json
 from diffship.runtime.pipeline import DeployedPipeline, Generation, initial_latents
 from diffship.runtime.tasks import TaskInputs
 
@@ -29,6 +31,20 @@ class Sample:
     steps: int
     guidance_scale: float
     task: str = "text2img"  # img2img and inpaint take the run's TaskInputs, and draw everything from the seed
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """What initial latents are drawn in: the VAE's config (latent channels) and its downscaling factor. A
+    DeployedPipeline has both; a model folder gives them before any artifact is loaded (staged validation)."""
+
+    vae_config: dict[str, Any]
+    vae_scale: int
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> LatentSpace:
+        config = read_json(folder / "vae" / "config.json")
+        return cls(config, 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1))
 
 
 def compare_images(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
@@ -80,7 +96,7 @@ def run_e2e(samples: list[Sample], baseline: Callable[[Sample, Any], Generation]
     return summary, pairs
 
 
-def sample_arguments(s: Sample, deployed: DeployedPipeline,
+def sample_arguments(s: Sample, deployed: DeployedPipeline | LatentSpace,
                      inputs: TaskInputs | None) -> tuple[Any, dict[str, Any]]:
     """What both pipelines start a sample from: text2img's seeded initial latents, or the task's image, mask and
     strength (everything else drawn from the seed on both sides)."""

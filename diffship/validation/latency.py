@@ -1,11 +1,16 @@
 """Latency and memory: warm-up, then timed runs with baseline and target interleaved, summarized as p50 / p90 / mean.
 
 Interleaving (baseline, target, baseline, target, ...) means a slow spell of the machine hits both
-sides alike, so the speedup ratio is fairer than two back-to-back loops would give.
+sides alike, so the speedup ratio is fairer than two back-to-back loops would give. Where the two sides do not fit
+in memory together (staged validation), `blocks` times them in turns instead, baseline / target / baseline, each
+loaded for its block and dropped after it: a drift of the machine's speed over the blocks cancels out, since the
+baseline's runs are centred on the target's.
 """
 
 from __future__ import annotations
 
+import gc
+import math
 import resource
 import sys
 import time
@@ -35,6 +40,30 @@ def interleaved(calls: dict[str, Callable[[], Any]], warmup: int, runs: int) -> 
             started = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - started)
+    return times
+
+
+def blocks(loaders: dict[str, Callable[[], Callable[[], Any]]], warmup: int, runs: int,
+           on_block: Callable[[str, list[float]], None] | None = None) -> dict[str, list[float]]:
+    """Time `loaders["baseline"]` and `loaders["target"]` in blocks ordered baseline, target, baseline: each loader
+    makes its side's call (loading what it needs), which runs `warmup` untimed and then timed runs, and is dropped
+    before the next block loads. The target's block has `runs` timed runs, each baseline block half of them
+    (rounded up)."""
+    times: dict[str, list[float]] = {name: [] for name in loaders}
+    for name, count in (("baseline", math.ceil(runs / 2)), ("target", runs), ("baseline", math.ceil(runs / 2))):
+        call = loaders[name]()
+        for _ in range(warmup):
+            call()
+        block = []
+        for _ in range(count):
+            started = time.perf_counter()
+            call()
+            block.append(time.perf_counter() - started)
+        times[name] += block
+        del call
+        gc.collect()
+        if on_block:
+            on_block(name, block)
     return times
 
 

@@ -83,15 +83,25 @@ def within(metrics: dict[str, float], tolerance: Tolerance) -> bool:
     return bool(metrics["finite"]) and metrics["cosine"] >= tolerance.min_cosine and metrics["rel_l2"] <= tolerance.max_rel_l2
 
 
-def check_component(spec: ComponentSpec, wrapper: torch.nn.Module, runner: Runner, tolerance: Tolerance,
+# The baseline's outputs for one parity case: (case, seed) -> outputs on `spec.sample_inputs(..., seed=seed)`.
+Reference = Callable[[Case, int], dict[str, np.ndarray]]
+
+
+def module_reference(spec: ComponentSpec, wrapper: torch.nn.Module) -> Reference:
+    """The reference of a PyTorch module: run it on the case's seeded inputs."""
+    return lambda case, seed: run_torch(wrapper, spec, spec.sample_inputs(case.batch, case.height, case.width,
+                                                                         seed=seed))
+
+
+def check_component(spec: ComponentSpec, reference: Reference, runner: Runner, tolerance: Tolerance,
                     cases: tuple[Case, ...] = DEFAULT_CASES, seed: int = 0) -> dict[str, Any]:
-    """Run PyTorch and the Runner on identical inputs for each case and compare every output."""
+    """Run the reference and the Runner on identical inputs for each case and compare every output."""
     results = []
     for i, case in enumerate(cases):
         inputs = spec.sample_inputs(case.batch, case.height, case.width, seed=seed + i)
-        reference = run_torch(wrapper, spec, inputs)
+        expected = reference(case, seed + i)
         candidate = runner.run(inputs)
-        outputs = {name: compare(reference[name], candidate[name]) for name in reference}
+        outputs = {name: compare(expected[name], candidate[name]) for name in expected}
         results.append({**asdict(case), "outputs": outputs,
                         "passed": all(within(m, tolerance) for m in outputs.values())})
     return {"passed": all(r["passed"] for r in results), "cases": results}
@@ -149,7 +159,7 @@ def validate_folder(folder: Path, target: str | None = None, components: list[st
             gc.collect()
         runner = backend.load(artifacts.components[spec.name], options, artifacts.precision)
         report["target"] = runner.describe()
-        result = check_component(spec, wrap(spec, loaded[spec.module]), runner, tolerance,
+        result = check_component(spec, module_reference(spec, wrap(spec, loaded[spec.module])), runner, tolerance,
                                  artifact_cases(backend, spec, artifacts.components[spec.name], cases))
         report["components"][spec.name] = result
         step(spec.name, "done", result)

@@ -24,21 +24,35 @@ from diffship.runtime.tasks import inputs_digest
 from diffship.targets import get_target
 from diffship.validation.baseline import Baseline, baseline_device
 from diffship.validation.quality import quality_task
-from diffship.validation.suite import Plan, baseline_quality, unet_trajectory, validate_set
+from diffship.validation.reference import LiveReference, RecordedReference, choose_staged
+from diffship.validation.suite import Plan, baseline_quality, task_samples, unet_trajectory, validate_set
 
 Say = Callable[[str], None]
 
 
 class BaselineRuns:
     """What every artifact set is compared with, run once per build and only when a set needs it: the UNet's inputs
-    and outputs over the baseline's denoising steps, and the baseline's prompt accuracy (digits-sd)."""
+    and outputs over the baseline's denoising steps, the baseline's prompt accuracy (digits-sd), and the baseline
+    itself: the live pipeline, or (staged) everything recorded in one pass and the pipeline freed."""
 
     def __init__(self, recipe: Recipe, source: ModelSource, specs: list[ComponentSpec], plan: Plan, baseline: Baseline,
-                 say: Say):
+                 say: Say, staged: bool = False):
         self.recipe, self.source, self.specs, self.plan, self.baseline, self.say = recipe, source, specs, plan, baseline, say
         self.checks_quality = plan.validation.quality.enabled and quality_task(source.folder) == "digits"
         self._trajectory: dict[str, Any] | None = None
         self._quality: dict[str, Any] | None = None
+        self.recorded = RecordedReference(baseline, source.folder, plan, recipe.allow_pickle) if staged else None
+
+    def reference(self) -> LiveReference | RecordedReference:
+        """The baseline a set is compared with; staged, recorded on first use (after the trajectory and quality
+        baseline, which need the pipeline too) and the pipeline freed."""
+        if self.recorded is None:
+            return LiveReference(self.baseline.get(), self.source.folder, self.plan, self.recipe.allow_pickle)
+        if not self.recorded.recorded:
+            self.trajectory()
+            self.quality()
+            self.recorded.record(self.specs, task_samples(self.plan), self.say)
+        return self.recorded
 
     def trajectory(self) -> dict[str, Any]:
         if self._trajectory is None:
@@ -59,9 +73,13 @@ def _validate_into(runs: BaselineRuns, artifact_set: ArtifactSet, options: Any, 
                    staging: Path, info: dict[str, Any]) -> None:
     """Validate one set (against the baseline unless it cannot run here) and keep its results and image pairs."""
     can_run = not_run is None
-    result, set_pairs = validate_set(artifact_set, runs.specs, runs.baseline.get() if can_run else None,
-                                     runs.source.folder, plan, options, runs.recipe.allow_pickle, runs.say,
-                                     runs.trajectory() if can_run else None, runs.quality() if can_run else None)
+    reference = runs.reference() if can_run else None
+    result, set_pairs = validate_set(artifact_set, runs.specs, reference, runs.source.folder, plan, options,
+                                     runs.recipe.allow_pickle, runs.say, runs.trajectory() if can_run else None,
+                                     runs.quality() if can_run else None)
+    if runs.recorded is not None:
+        runs.recorded.release()  # a set that needed something not recorded loaded the pipeline again
+        result["baseline_held"] = "recorded once, then freed (staged validation)"
     (staging / "result.json").write_text(json.dumps(result), encoding="utf-8")
     empty = np.zeros((0, 1, 1, 3), np.uint8)
     np.savez_compressed(staging / "images.npz",
@@ -75,7 +93,10 @@ def validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpe
                     versions: dict[str, str], baseline: Baseline, force: bool, hits: dict[str, bool],
                     say: Say, int8_bar: bool = False) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Validate every set; a UNet that QAT made INT8 QDQ is judged by the int8 bar whatever the set's name."""
-    runs = BaselineRuns(recipe, source, specs, plan, baseline, say)
+    staged, why = choose_staged(recipe.validation.staged, source.folder)
+    if staged:
+        say(f"[validate] staged: the baseline is recorded once and freed before each set loads ({why})")
+    runs = BaselineRuns(recipe, source, specs, plan, baseline, say, staged)
     results: dict[str, Any] = {}
     pairs: dict[str, list[dict[str, Any]]] = {}
     device, dtype = baseline_device()

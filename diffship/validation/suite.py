@@ -1,6 +1,7 @@
 """Everything that decides whether one artifact set ships: component parity, end-to-end images, latency, memory.
 
-The baseline pipeline is loaded once by the caller and shared by every artifact set it validates.
+The baseline is loaded once by the caller and shared by every artifact set it validates: live beside each set, or
+recorded once and freed before the sets load (`reference`: staged validation, for models too large for both).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec, run_torch
-from diffship.models.families import detect_family
+from diffship.models.loading import load_component
 from diffship.recipe import Threshold, ValidationRecipe
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents
 from diffship.runtime.schedulers import describe_scheduler
@@ -21,9 +22,10 @@ from diffship.runtime.tasks import TaskInputs
 from diffship.targets import get_target
 from diffship.targets.calibration import capture
 from diffship.validation import latency, quality
-from diffship.validation.baseline import component_call, reference_module, run_baseline, task_pipeline
+from diffship.validation.baseline import baseline_device, component_call, module_call, reference_module, run_baseline
 from diffship.validation.e2e import Sample, run_e2e, sample_arguments
 from diffship.validation.parity import Case, Tolerance, artifact_cases, check_component, compare, within
+from diffship.validation.reference import LiveReference, RecordedReference
 
 Say = Callable[[str], None]
 
@@ -69,11 +71,12 @@ def unet_step_parity(runner: Any, trajectory: dict[str, Any], tolerance: Toleran
             "min_cosine": min(s["cosine"] for s in steps), "passed": all(s["passed"] for s in steps)}
 
 
-def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, source_folder: Path, plan: Plan,
-                 options: Any = None, allow_pickle: bool = False, say: Say | None = None,
-                 trajectory: dict[str, Any] | None = None,
+def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: LiveReference | RecordedReference | None,
+                 source_folder: Path, plan: Plan, options: Any = None, allow_pickle: bool = False,
+                 say: Say | None = None, trajectory: dict[str, Any] | None = None,
                  quality_baseline: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Validate one artifact set against the baseline pipeline; return its results and the image pairs."""
+    """Validate one artifact set against the baseline (None only for a set that cannot run here); return its
+    results and the image pairs."""
     say = say or (lambda _: None)
     label = f"{artifacts.target} {artifacts.precision}"
     backend = get_target(artifacts.target)
@@ -107,7 +110,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
         runner = deployed.runners.get(spec.name) or backend.load(artifacts.components[spec.name], options, artifacts.precision)
         cases = artifact_cases(backend, spec, artifacts.components[spec.name],
                                plan.unet_cases if spec.is_denoiser and plan.unet_cases else plan.cases)
-        parity[spec.name] = check_component(spec, reference_module(pipe, spec, source_folder, allow_pickle), runner,
+        parity[spec.name] = check_component(spec, lambda case, seed, s=spec: reference.outputs(s, case, seed), runner,
                                             tolerance, cases)
         say(f"      {'pass' if parity[spec.name]['passed'] else 'FAIL'} {spec.name}")
     result["parity"] = {"tolerance": {"min_cosine": t.min_cosine, "max_rel_l2": t.max_rel_l2},
@@ -121,16 +124,10 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
 
     v = plan.validation
     samples = task_samples(plan)
-    family = detect_family(source_folder)
-    pipes = {task: task_pipeline(pipe, family, task, source_folder, allow_pickle) for task in plan.tasks}
-
-    def baseline(s: Sample, latents: Any) -> Any:
-        return run_baseline(pipes[s.task], s.prompt, s.negative_prompt, s.height, s.width, s.steps, s.guidance_scale,
-                            s.seed, latents, task=s.task, inputs=plan.inputs)
 
     say(f"[{label}] end to end: {len(samples)} image(s) at {plan.height}x{plan.width}, {v.steps} steps "
         f"({', '.join(plan.tasks)})")
-    e2e, pairs = run_e2e(samples, baseline, deployed, t.min_psnr, t.min_ssim,
+    e2e, pairs = run_e2e(samples, reference.generation, deployed, t.min_psnr, t.min_ssim,
                          lambda i, n, r: say(f"      {r['task']} image {i}/{n}: " + (
                              "identical" if r["identical"] else f"PSNR {r['psnr_db']:.1f} dB, SSIM {r['ssim']:.4f}")),
                          plan.inputs)
@@ -150,9 +147,9 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
     if v.latency.enabled and skipped:
         result["latency_skipped"] = "; ".join(skipped)
         say(f"[{label}] latency not measured: {result['latency_skipped']}")
-    elif v.latency.enabled:
+    elif v.latency.enabled and not reference.staged:
         say(f"[{label}] latency: {v.latency.warmup} warm-up + {v.latency.runs} timed runs per component, interleaved")
-        result["latency"] = measure_latency(deployed, specs, pipe, plan, samples[0], say)
+        result["latency"] = measure_latency(deployed, specs, reference.pipe, plan, samples[0], say)
     # What the target's memory options (VAE slicing, offload) change, each measured on and off.
     if hasattr(backend, "option_effects") and (effects := backend.option_effects(deployed, plan, say)):
         result["option_effects"] = effects
@@ -162,12 +159,23 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], pipe: Any, 
         "artifact_bytes": {c: sum(f.stat().st_size for f in _files_of(p)) for c, p in artifacts.components.items()},
         "load_seconds": deployed.load_seconds,
         "load_rss_delta_bytes": load_rss,
-        "peak_rss_bytes": latency.peak_rss_bytes(),
-        "peak_gpu_bytes": latency.peak_gpu_bytes(),
     }
+    if v.latency.enabled and reference.staged and "latency_skipped" not in result:
+        say(f"[{label}] latency: the pipeline timed now, then each component alone in blocks (baseline / target / "
+            f"baseline, {v.latency.warmup} warm-up each): the baseline and this set are not in memory together")
+        target_runs = _pipeline_runs(deployed, plan, samples[0])
+        names = list(deployed.runners)
+        deployed = None
+        gc.collect()
+        result["latency"] = {"method": "blocks", **measure_latency_blocks(
+            artifacts, backend, options, [s for s in specs if s.name in names], source_folder, plan, allow_pickle,
+            say)}
+        result["latency"]["pipeline"] = pipeline_summary(samples[0], plan, reference.pipeline_timings, target_runs,
+                                                         say)
+    result["memory"] |= {"peak_rss_bytes": latency.peak_rss_bytes(), "peak_gpu_bytes": latency.peak_gpu_bytes()}
     result["passed"] = (result["parity"]["passed"] and e2e["passed"] and result.get("quality", {}).get("passed", True)
                         and result.get("spec", {}).get("passed", True))
-    del deployed
+    deployed = None
     gc.collect()
     return result, pairs
 
@@ -230,20 +238,67 @@ def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe
             sample.prompt, sample.negative_prompt, plan.height, plan.width, sample.steps, sample.guidance_scale,
             sample.seed, latents=latents, **extra).timings),
     }
-    totals = latency.interleaved(calls, min(lat.warmup, 1), lat.pipeline_runs)
+    latency.interleaved(calls, min(lat.warmup, 1), lat.pipeline_runs)
+    pipeline = pipeline_summary(sample, plan, runs["baseline"][-lat.pipeline_runs:], runs["target"][-lat.pipeline_runs:],
+                                say)
+    return {"components": components, "pipeline": pipeline}
+
+
+def pipeline_summary(sample: Sample, plan: Plan, baseline_runs: list[dict[str, Any]], target_runs: list[dict[str, Any]],
+                     say: Say) -> dict[str, Any]:
+    """Whole-pipeline latency of both sides from their generations' timings: total and per denoising step."""
+    guided = plan.validation.guidance_scale > 1.0
     pipeline: dict[str, Any] = {"steps": sample.steps, "height": plan.height, "width": plan.width,
                                 "guidance": guided, "task": sample.task}
-    for side in ("baseline", "target"):
-        timed = runs[side][-lat.pipeline_runs:]
+    for side, timed in (("baseline", baseline_runs), ("target", target_runs)):
         step_times = [s for t in timed for s in t["steps"]]
-        pipeline[side] = {"total": latency.summarize(totals[side]),
+        pipeline[side] = {"total": latency.summarize([t["total"] for t in timed]),
                           "step": latency.summarize(step_times) if step_times else None}
     pipeline["speedup"] = latency.speedup(pipeline["baseline"]["total"], pipeline["target"]["total"])
     say(f"      whole pipeline ({sample.steps} steps): baseline {pipeline['baseline']['total']['p50_s']:.2f} s, "
         f"target {pipeline['target']['total']['p50_s']:.2f} s, {pipeline['speedup']:.2f}x")
     if pipeline["baseline"]["step"] and pipeline["target"]["step"]:
         pipeline["step_speedup"] = latency.speedup(pipeline["baseline"]["step"], pipeline["target"]["step"])
-    return {"components": components, "pipeline": pipeline}
+    return pipeline
+
+
+def _pipeline_runs(deployed: DeployedPipeline, plan: Plan, sample: Sample) -> list[dict[str, Any]]:
+    """The set's own whole-pipeline runs (staged validation): warm-up, then the timed ones' timings."""
+    lat = plan.validation.latency
+    latents, extra = sample_arguments(sample, deployed, plan.inputs)
+    timings = [deployed(sample.prompt, sample.negative_prompt, plan.height, plan.width, sample.steps,
+                        sample.guidance_scale, sample.seed, latents=latents, **extra).timings
+               for _ in range(min(lat.warmup, 1) + lat.pipeline_runs)]
+    return timings[min(lat.warmup, 1):]
+
+
+def measure_latency_blocks(artifacts: ArtifactSet, backend: Any, options: Any, specs: list[ComponentSpec],
+                           folder: Path, plan: Plan, allow_pickle: bool, say: Say) -> dict[str, Any]:
+    """Per component, the baseline's module and the set's artifact each loaded alone and timed in blocks
+    (`latency.blocks`), so that neither side shares memory with the other (staged validation)."""
+    lat = plan.validation.latency
+    guided = plan.validation.guidance_scale > 1.0
+    device, dtype = baseline_device()
+    components: dict[str, Any] = {}
+    for spec in specs:
+        batch = spec.batch_for(1, guided)
+        inputs = spec.sample_inputs(batch, plan.height, plan.width)
+        path = artifacts.components[spec.name]
+
+        def baseline(s: ComponentSpec = spec, x: dict[str, Any] = inputs) -> Any:
+            return module_call(load_component(folder, s.module, allow_pickle).to(device, dtype), s, x, device, dtype)
+
+        def target(p: Path = path, x: dict[str, Any] = inputs) -> Any:
+            runner = backend.load(p, options, artifacts.precision)
+            return lambda: runner.run(x)
+
+        times = latency.blocks({"baseline": baseline, "target": target}, lat.warmup, lat.runs)
+        base, tgt = latency.summarize(times["baseline"]), latency.summarize(times["target"])
+        components[spec.name] = {"batch": batch, "baseline": base, "target": tgt, "speedup": latency.speedup(base, tgt),
+                                 "speedup_fastest": base["min_s"] / tgt["min_s"] if tgt["min_s"] else None}
+        say(f"      {spec.name} (batch {batch}): baseline {base['p50_s'] * 1000:.1f} ms, target "
+            f"{tgt['p50_s'] * 1000:.1f} ms, {components[spec.name]['speedup']:.2f}x")
+    return {"components": components}
 
 
 def _files_of(artifact: Path) -> list[Path]:

@@ -1,0 +1,89 @@
+"""Staged validation (the baseline recorded once and freed before each set loads) against interleaved validation
+(the baseline beside each set): the same parity values and the same images, with latency timed in blocks."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffship.build import build
+from diffship.models.components import component_specs
+from diffship.models.source import resolve
+from diffship.recipe import Recipe, ValidationRecipe, parse_recipe
+from diffship.validation.baseline import Baseline
+from diffship.validation.e2e import LatentSpace, sample_arguments
+from diffship.validation.parity import Case
+from diffship.validation.reference import LiveReference, RecordedReference, choose_staged
+from diffship.validation.suite import Plan, task_samples
+
+SHAPES = {"batch": [1, 2], "height": [64, 128], "width": [64, 128]}
+LATENCY = {"enabled": True, "warmup": 0, "runs": 2, "pipeline_runs": 1}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+    """tiny-sd through ONNX Runtime FP32 and INT8, validated interleaved and staged (one export and compile)."""
+    done = {}
+    for staged in (False, True):
+        recipe = parse_recipe({
+            "model": "tiny-sd", "shapes": SHAPES,
+            "validation": {"prompts": ["a red bicycle"], "seeds": [0, 1], "steps": 2, "latency": LATENCY,
+                           "staged": staged},
+            "calibration": {"prompts": ["a cat on a sofa"], "samples": 4, "steps": 2},
+            "targets": [{"name": "onnxruntime", "precisions": ["fp32", "int8"]}]})
+        done[staged] = build(recipe, tmp_path_factory.mktemp("staged") / f"staged-{staged}")
+    return done
+
+
+def test_staged_validation_gives_the_interleaved_parity_values_and_images(builds):
+    interleaved, staged = builds[False], builds[True]
+    for key in ("onnxruntime-fp32", "onnxruntime-int8"):
+        a, b = interleaved.report["sets"][key], staged.report["sets"][key]
+        assert a["parity"] == b["parity"]
+        assert a["e2e"]["samples"] == b["e2e"]["samples"] and a["passed"] == b["passed"]
+        grid = Path("report") / "images" / f"grid-{key}.png"
+        assert (interleaved.out / grid).read_bytes() == (staged.out / grid).read_bytes()
+    # INT8 differs from PyTorch, so equal values above are not two identical-image shortcuts.
+    assert staged.report["sets"]["onnxruntime-int8"]["parity"]["unet_steps"]["min_cosine"] < 0.99999
+    assert not staged.report["sets"]["onnxruntime-int8"]["e2e"]["samples"][0]["identical"]
+
+
+def test_staged_latency_is_timed_in_blocks_and_says_so(builds):
+    staged = builds[True].report["sets"]["onnxruntime-fp32"]
+    interleaved = builds[False].report["sets"]["onnxruntime-fp32"]
+    assert staged["latency"]["method"] == "blocks" and "method" not in interleaved["latency"]
+    unet = staged["latency"]["components"]["unet"]
+    assert unet["baseline"]["runs"] == 2 and unet["target"]["runs"] == 2 and unet["speedup"] > 0  # B, T T, B
+    assert set(staged["latency"]["components"]) == set(interleaved["latency"]["components"])
+    assert staged["latency"]["pipeline"]["baseline"]["total"]["runs"] == 1
+    assert staged["baseline_held"].startswith("recorded once") and "baseline_held" not in interleaved
+
+
+def test_the_recorded_baseline_answers_with_the_pipeline_freed(model_cache: Path):
+    folder = resolve("tiny-sd").folder
+    specs = component_specs(folder)
+    validation = ValidationRecipe(prompts=["a red bicycle"], seeds=[3], steps=2, latency={"enabled": False})
+    plan = Plan(64, 64, (Case(1, 64, 64),), validation, Recipe().threshold("fp32"))
+    lines: list[str] = []
+    baseline = Baseline(folder, False, lines.append)
+    recorded = RecordedReference(baseline, folder, plan)
+    recorded.record(specs, task_samples(plan), lines.append)
+    assert baseline.pipe is None and sum(line.startswith("Loading the PyTorch baseline") for line in lines) == 1
+    live = LiveReference(Baseline(folder, False, print).get(), folder, plan)
+    for spec in specs:
+        got, expected = recorded.outputs(spec, Case(1, 64, 64), 0), live.outputs(spec, Case(1, 64, 64), 0)
+        assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
+    sample = task_samples(plan)[0]
+    latents, _ = sample_arguments(sample, LatentSpace.of_folder(folder), None)
+    assert np.array_equal(recorded.generation(sample, latents).images, live.generation(sample, latents).images)
+    assert baseline.pipe is None  # all of it recorded: nothing loaded again
+    recorded.outputs(specs[0], Case(2, 64, 64), 7)  # not recorded: asked of the pipeline, loaded again for it
+    assert baseline.pipe is not None
+    recorded.release()
+    assert baseline.pipe is None
+
+
+def test_auto_stages_only_what_would_not_fit_beside_its_baseline(model_cache: Path):
+    staged, why = choose_staged("auto", resolve("tiny-sd").folder)
+    assert not staged and "fits in" in why
+    assert choose_staged(True, resolve("tiny-sd").folder) == (True, "the recipe sets staged = true")
