@@ -189,3 +189,10 @@ def test_preparation_with_weights_left_on_disk_writes_the_same_graph_and_no_dead
     feed = spec.sample_inputs(2, 64, 64, seed=5)
     expected = onnxruntime.load(inline).run(feed)["out_sample"]
     np.testing.assert_array_equal(onnxruntime.load(on_disk).run(feed)["out_sample"], expected)
+
+
+def test_the_cpu_arena_option_reaches_the_session(exported):
+    path = exported("tiny-sd") / "text_encoder" / "model.onnx"
+    for arena in (True, False):
+        options = onnxruntime.parse_options({"cpu_mem_arena": arena})
+        assert onnxruntime.load(path, options).session.get_session_options().enable_cpu_mem_arena is arena

@@ -9,7 +9,6 @@ searches with `int8_search`; its candidates are small graphs sharing one weights
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from diffship.errors import DiffshipError
+from diffship.memory import release_freed
 from diffship.targets import CompileContext, calibration_inputs, onnx_graph
 from diffship.targets.accuracy_gate import Clock, evaluate, probe_inputs, worst
 from diffship.targets.int8_search import SQNR_CALLS, SUSPECTS, Site, search, sqnr_db
@@ -73,14 +73,14 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
         # Its model proto (every weight, loaded to write the augmented copy) is not needed past that point: released
         # before the session maps the copy, the phase peaks at 4.53 GiB instead of 7.72 on sd15-arch's UNet.
         calibrator.infer_session = calibrator.model = None
-        gc.collect()
+        release_freed()
         calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, _lean_session(),
                                                         providers=["CPUExecutionProvider"])
         for start in range(0, len(samples), chunk):
             calibrator.collect_data(Reader(samples[start:start + chunk]))
         save_tensors_data(calibrator.compute_data(), ranges)
         del calibrator
-        gc.collect()
+        release_freed()
     excluded = []
     if keep_sensitive:
         graph = onnx.load(str(source), load_external_data=False).graph

@@ -6,7 +6,6 @@ so the report never leaves the reader guessing what the artifacts were compared 
 
 from __future__ import annotations
 
-import gc
 import inspect
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from diffship.artifacts import read_json
+from diffship.memory import release_freed
 from diffship.models.components import ComponentSpec, wrap
 from diffship.models.families import Family, detect_family, tasks_of
 from diffship.models.loading import load_component
@@ -43,7 +43,7 @@ class Baseline:
 
     def release(self) -> None:
         self.pipe = None
-        gc.collect()
+        release_freed()
 
 
 def baseline_device() -> tuple[str, torch.dtype]:

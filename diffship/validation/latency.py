@@ -9,7 +9,6 @@ baseline's runs are centred on the target's.
 
 from __future__ import annotations
 
-import gc
 import math
 import resource
 import sys
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import psutil
+
+from diffship.memory import release_freed
 
 
 def summarize(times: list[float]) -> dict[str, float]:
@@ -61,7 +62,7 @@ def blocks(loaders: dict[str, Callable[[], Callable[[], Any]]], warmup: int, run
             block.append(time.perf_counter() - started)
         times[name] += block
         del call
-        gc.collect()
+        release_freed()
         if on_block:
             on_block(name, block)
     return times

@@ -8,7 +8,6 @@ of together, which is what lets a full-size SDXL build validate on a 24 GiB mach
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from diffship.memory import release_freed
 from diffship.models.components import ComponentSpec, run_torch
 from diffship.models.families import detect_family
 from diffship.runtime.pipeline import Generation
@@ -113,7 +113,7 @@ class RecordedReference:
     def release(self) -> None:
         """Free the PyTorch pipeline (the recorded outputs stay)."""
         self.baseline.release()
-        gc.collect()
+        release_freed()
 
     def _live(self) -> LiveReference:
         return LiveReference(self.baseline.get(), self.folder, self.plan, self.allow_pickle)

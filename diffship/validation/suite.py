@@ -6,13 +6,13 @@ recorded once and freed before the sets load (`reference`: staged validation, fo
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from diffship.manifest import ArtifactSet
+from diffship.memory import release_freed
 from diffship.models.components import ComponentSpec, run_torch
 from diffship.models.loading import load_component
 from diffship.recipe import Threshold, ValidationRecipe
@@ -166,7 +166,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
         target_runs = _pipeline_runs(deployed, plan, samples[0])
         names = list(deployed.runners)
         deployed = None
-        gc.collect()
+        release_freed()
         result["latency"] = {"method": "blocks", **measure_latency_blocks(
             artifacts, backend, options, [s for s in specs if s.name in names], source_folder, plan, allow_pickle,
             say)}
@@ -176,7 +176,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
     result["passed"] = (result["parity"]["passed"] and e2e["passed"] and result.get("quality", {}).get("passed", True)
                         and result.get("spec", {}).get("passed", True))
     deployed = None
-    gc.collect()
+    release_freed()
     return result, pairs
 
 

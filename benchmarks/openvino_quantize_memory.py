@@ -1,0 +1,85 @@
+"""Peak memory of OpenVINO int8-hybrid quantization (NNCF) of a UNet export, two ways, each in its own child process:
+quantizing the model `ov.convert_model` returns (weights mapped from the ONNX data file, FP32), and quantizing an
+FP16-compressed IR saved first and read back (weights mapped from the .bin, half the bytes; optimum-intel's order,
+huggingface/optimum-intel#878). Same NNCF settings as diffship's int8-hybrid; RSS sampled every 0.2 s.
+
+    python benchmarks/openvino_quantize_memory.py --onnx out/sd15/onnx/unet/model.onnx [--size 512] [--samples 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def quantize(onnx_path: Path, variant: str, size: int, samples: int) -> None:
+    """One int8-hybrid quantization as `openvino.compile` runs it; prints peak RSS, seconds and the IR's bytes."""
+    import nncf
+    import numpy as np
+    import openvino as ov
+    import psutil
+
+    from diffship.targets.openvino import UNET_SENSITIVE, OvOptions, _quantize_kwargs
+
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        me = psutil.Process()
+        while not done.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss)
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
+    began = time.perf_counter()
+    hidden = None
+    with tempfile.TemporaryDirectory(dir=onnx_path.parent.parent) as tmp:
+        model = ov.convert_model(str(onnx_path))
+        if variant == "ir-reloaded":
+            ov.save_model(model, str(Path(tmp) / "fp16.xml"), compress_to_fp16=True)
+            del model
+            gc.collect()
+            model = ov.Core().read_model(str(Path(tmp) / "fp16.xml"))
+        hidden = next(p for p in model.inputs if p.any_name == "encoder_hidden_states").partial_shape[2].get_length()
+        rng = np.random.default_rng(0)
+        calls = [{"sample": rng.standard_normal((2, 4, size // 8, size // 8), np.float32),
+                  "timestep": np.array([999.0 - 333 * i], np.float32),
+                  "encoder_hidden_states": rng.standard_normal((2, 77, hidden), np.float32)} for i in range(samples)]
+        settings = _quantize_kwargs(OvOptions())
+        model = nncf.quantize(model, nncf.Dataset(calls), subset_size=len(calls),
+                              ignored_scope=nncf.IgnoredScope(patterns=list(UNET_SENSITIVE), validate=False),
+                              advanced_parameters=settings.pop("advanced_quantization_parameters"), **settings)
+        ov.save_model(model, str(Path(tmp) / "int8.xml"), compress_to_fp16=True)
+        size_bytes = (Path(tmp) / "int8.bin").stat().st_size
+    done.set()
+    print(f"{peak[0]} {time.perf_counter() - began:.1f} {size_bytes}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--onnx", type=Path, required=True)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--variant", choices=["converted", "ir-reloaded"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        quantize(args.onnx.resolve(), args.variant, args.size, args.samples)
+        return
+    for variant in ("converted", "ir-reloaded"):
+        run = subprocess.run([sys.executable, __file__, "--onnx", str(args.onnx), "--size", str(args.size),
+                              "--samples", str(args.samples), "--variant", variant], capture_output=True, text=True)
+        if run.returncode:
+            print(f"{variant}: failed ({run.returncode})\n{run.stderr[-2000:]}", flush=True)
+            continue
+        peak, seconds, size_bytes = run.stdout.split()[-3:]
+        print(f"{variant:12s}: peak {int(peak) / 2**30:.2f} GiB, {seconds} s, IR weights {int(size_bytes) / 2**30:.2f} "
+              "GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
