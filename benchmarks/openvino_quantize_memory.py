@@ -13,9 +13,10 @@ import gc
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from peak_memory import PeakRss
 
 
 def quantize(onnx_path: Path, variant: str, size: int, samples: int) -> None:
@@ -23,19 +24,10 @@ def quantize(onnx_path: Path, variant: str, size: int, samples: int) -> None:
     import nncf
     import numpy as np
     import openvino as ov
-    import psutil
 
     from diffship.targets.openvino import UNET_SENSITIVE, OvOptions, _quantize_kwargs
 
-    peak, done = [0], threading.Event()
-
-    def sample() -> None:
-        me = psutil.Process()
-        while not done.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss)
-            time.sleep(0.2)
-
-    threading.Thread(target=sample, daemon=True).start()
+    peak = PeakRss().start()
     began = time.perf_counter()
     hidden = None
     with tempfile.TemporaryDirectory(dir=onnx_path.parent.parent) as tmp:
@@ -56,8 +48,8 @@ def quantize(onnx_path: Path, variant: str, size: int, samples: int) -> None:
                               advanced_parameters=settings.pop("advanced_quantization_parameters"), **settings)
         ov.save_model(model, str(Path(tmp) / "int8.xml"), compress_to_fp16=True)
         size_bytes = (Path(tmp) / "int8.bin").stat().st_size
-    done.set()
-    print(f"{peak[0]} {time.perf_counter() - began:.1f} {size_bytes}", flush=True)
+    peak.stop()
+    print(f"{peak.bytes} {time.perf_counter() - began:.1f} {size_bytes}", flush=True)
 
 
 def main() -> None:

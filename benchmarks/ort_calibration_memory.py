@@ -13,9 +13,10 @@ import gc
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from peak_memory import PeakRss
 
 
 def calibrate(onnx_path: Path, release: bool, size: int) -> None:
@@ -23,21 +24,12 @@ def calibrate(onnx_path: Path, release: bool, size: int) -> None:
     import numpy as np
     import onnx
     import onnxruntime as ort
-    import psutil
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator
 
     from diffship.targets.onnxruntime_quantize import QUANTIZED_OPS, _lean_session
 
-    peak, done = [0], threading.Event()
-
-    def sample() -> None:
-        me = psutil.Process()
-        while not done.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss)
-            time.sleep(0.2)
-
-    threading.Thread(target=sample, daemon=True).start()
+    peak = PeakRss().start()
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     hidden = next(i for i in graph.input if i.name == "encoder_hidden_states").type.tensor_type.shape.dim[2].dim_value
     rng = np.random.default_rng(0)
@@ -65,8 +57,8 @@ def calibrate(onnx_path: Path, release: bool, size: int) -> None:
                                                         providers=["CPUExecutionProvider"])
         calibrator.collect_data(Reader())
         ranges = len(calibrator.compute_data().data)
-    done.set()
-    print(f"{peak[0]} {ranges} {time.perf_counter() - began:.1f}", flush=True)
+    peak.stop()
+    print(f"{peak.bytes} {ranges} {time.perf_counter() - began:.1f}", flush=True)
 
 
 def main() -> None:
