@@ -219,14 +219,7 @@ def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe
         runner = deployed.runners[spec.name]
         times = latency.interleaved({"baseline": component_call(pipe, spec, inputs),
                                      "target": lambda r=runner, x=inputs: r.run(x)}, lat.warmup, lat.runs)
-        base, target = latency.summarize(times["baseline"]), latency.summarize(times["target"])
-        # The fastest call of each side too: on a shared host, slow spells from other guests stretch the medians
-        # (benchmarks/host_noise.py); the fastest calls are each side's uncontended speed.
-        components[spec.name] = {"batch": batch, "baseline": base, "target": target,
-                                 "speedup": latency.speedup(base, target),
-                                 "speedup_fastest": base["min_s"] / target["min_s"] if target["min_s"] else None}
-        say(f"      {spec.name} (batch {batch}): baseline {base['p50_s'] * 1000:.1f} ms, target "
-            f"{target['p50_s'] * 1000:.1f} ms, {components[spec.name]['speedup']:.2f}x")
+        components[spec.name] = _component_latency(spec.name, batch, times, say)
 
     latents, extra = sample_arguments(sample, deployed, plan.inputs)
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "target": []}
@@ -293,12 +286,20 @@ def measure_latency_blocks(artifacts: ArtifactSet, backend: Any, options: Any, s
             return lambda: runner.run(x)
 
         times = latency.blocks({"baseline": baseline, "target": target}, lat.warmup, lat.runs)
-        base, tgt = latency.summarize(times["baseline"]), latency.summarize(times["target"])
-        components[spec.name] = {"batch": batch, "baseline": base, "target": tgt, "speedup": latency.speedup(base, tgt),
-                                 "speedup_fastest": base["min_s"] / tgt["min_s"] if tgt["min_s"] else None}
-        say(f"      {spec.name} (batch {batch}): baseline {base['p50_s'] * 1000:.1f} ms, target "
-            f"{tgt['p50_s'] * 1000:.1f} ms, {components[spec.name]['speedup']:.2f}x")
+        components[spec.name] = _component_latency(spec.name, batch, times, say)
     return {"components": components}
+
+
+def _component_latency(name: str, batch: int, times: dict[str, list[float]], say: Say) -> dict[str, Any]:
+    """One component's timings on both sides, summarized, with the speedup of the medians and of the fastest calls."""
+    base, target = latency.summarize(times["baseline"]), latency.summarize(times["target"])
+    # The fastest call of each side too: on a shared host, slow spells from other guests stretch the medians
+    # (benchmarks/host_noise.py); the fastest calls are each side's uncontended speed.
+    entry = {"batch": batch, "baseline": base, "target": target, "speedup": latency.speedup(base, target),
+             "speedup_fastest": base["min_s"] / target["min_s"] if target["min_s"] else None}
+    say(f"      {name} (batch {batch}): baseline {base['p50_s'] * 1000:.1f} ms, target {target['p50_s'] * 1000:.1f} ms, "
+        f"{entry['speedup']:.2f}x")
+    return entry
 
 
 def _files_of(artifact: Path) -> list[Path]:
