@@ -53,15 +53,15 @@ def load_graph(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=False)
 
 
-def prepare(source: Path, role: str, gpu: bool) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """`source`'s graph fused (`fuse`) and folded (`fold_constants`) with its weights left on disk.
+def prepare(model: onnx.ModelProto, folder: Path, role: str, gpu: bool) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """A graph from `load_graph` (its weights in `folder`) fused (`fuse`) and folded (`fold_constants`), its
+    weights left on disk.
 
     Only the tensors a pass reads (attention weights the fusion packs, small constants it folds) come into
     memory: on sd15-arch's UNet 1.0 GiB at the peak instead of 16.5 with every weight loaded, and the same graph
     (benchmarks/ort_prepare_memory.py). The passes resolve external data against the working directory (the
     optimizer's checker, onnx-graphsurgeon's lazy values), so they run from the model's folder."""
-    model = load_graph(source)
-    with contextlib.chdir(source.parent.resolve()):
+    with contextlib.chdir(folder.resolve()):
         model, fused = fuse(model, role, gpu)
         return fold_constants(model), fused
 

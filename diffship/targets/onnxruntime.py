@@ -211,13 +211,12 @@ def _prepare(source: Path, out: Path, name: str, precision: str, options: OrtOpt
     record: dict[str, Any] = {}
     fused: dict[str, int] = {}
     prepared = prepares_graph(options, precision)
-    before = onnx_graph.op_counts(onnx_graph.load_graph(source))
+    model = onnx_graph.load_graph(source)
+    before = onnx_graph.op_counts(model)
     if prepared:
         gpu = _providers(options)[0] in GPU_PROVIDERS
-        model, fused = onnx_graph.prepare(source, context.spec.role, gpu)  # weights stay on disk
+        model, fused = onnx_graph.prepare(model, source.parent, context.spec.role, gpu)  # weights stay on disk
         record["prepared_for"] = "gpu" if gpu else "cpu"
-    else:
-        model = onnx_graph.load_graph(source)
     keep_fp32 = (onnx_graph.vae_fp32_reason(context.spec, options.fp16_vae, "fp16_vae")
                  if precision == "fp16" else None)
     if keep_fp32:
