@@ -1,7 +1,8 @@
-"""Peak memory of OpenVINO int8-hybrid quantization (NNCF) of a UNet export, two ways, each in its own child process:
-quantizing the model `ov.convert_model` returns (weights mapped from the ONNX data file, FP32), and quantizing an
+"""Peak memory of OpenVINO int8-hybrid quantization (NNCF) of a UNet export, three ways, each in its own child process:
+quantizing the model `ov.convert_model` returns (weights mapped from the ONNX data file, FP32); quantizing an
 FP16-compressed IR saved first and read back (weights mapped from the .bin, half the bytes; optimum-intel's order,
-huggingface/optimum-intel#878). Same NNCF settings as diffship's int8-hybrid; RSS sampled every 0.2 s.
+huggingface/optimum-intel#878); and `matmuls = "w8"` (the MatMuls' weights compressed data-free first, only the rest
+calibrated). The build's own function (`openvino.quantize_calibrated`) and settings; RSS sampled every 0.2 s.
 
     python benchmarks/openvino_quantize_memory.py --onnx out/sd15/onnx/unet/model.onnx [--size 512] [--samples 8]
 """
@@ -18,18 +19,19 @@ from pathlib import Path
 
 from peak_memory import PeakRss
 
+VARIANTS = ("converted", "ir-reloaded", "w8")
+
 
 def quantize(onnx_path: Path, variant: str, size: int, samples: int) -> None:
     """One int8-hybrid quantization as `openvino.compile` runs it; prints peak RSS, seconds and the IR's bytes."""
-    import nncf
     import numpy as np
     import openvino as ov
 
-    from diffship.targets.openvino import UNET_SENSITIVE, OvOptions, _quantize_kwargs
+    from diffship.memory import release_freed
+    from diffship.targets.openvino import UNET_SENSITIVE, OvOptions, _through_disk, compress_matmul_weights, quantize_calibrated
 
     peak = PeakRss().start()
     began = time.perf_counter()
-    hidden = None
     with tempfile.TemporaryDirectory(dir=onnx_path.parent.parent) as tmp:
         model = ov.convert_model(str(onnx_path))
         if variant == "ir-reloaded":
@@ -37,15 +39,21 @@ def quantize(onnx_path: Path, variant: str, size: int, samples: int) -> None:
             del model
             gc.collect()
             model = ov.Core().read_model(str(Path(tmp) / "fp16.xml"))
-        hidden = next(p for p in model.inputs if p.any_name == "encoder_hidden_states").partial_shape[2].get_length()
+        widths = {p.any_name: p.partial_shape[-1].get_length() for p in model.inputs if p.partial_shape[-1].is_static}
         rng = np.random.default_rng(0)
         calls = [{"sample": rng.standard_normal((2, 4, size // 8, size // 8), np.float32),
                   "timestep": np.array([999.0 - 333 * i], np.float32),
-                  "encoder_hidden_states": rng.standard_normal((2, 77, hidden), np.float32)} for i in range(samples)]
-        settings = _quantize_kwargs(OvOptions())
-        model = nncf.quantize(model, nncf.Dataset(calls), subset_size=len(calls),
-                              ignored_scope=nncf.IgnoredScope(patterns=list(UNET_SENSITIVE), validate=False),
-                              advanced_parameters=settings.pop("advanced_quantization_parameters"), **settings)
+                  "encoder_hidden_states": rng.standard_normal((2, 77, widths["encoder_hidden_states"]), np.float32),
+                  # SDXL's added conditioning: pooled text embeddings and the size / crop ids
+                  **({"text_embeds": rng.standard_normal((2, widths["text_embeds"]), np.float32),
+                      "time_ids": np.tile(np.array([size, size, 0, 0, size, size], np.float32), (2, 1))}
+                     if "text_embeds" in widths else {})} for i in range(samples)]
+        compressed: list[str] = []
+        if variant == "w8":  # as `openvino.compile` does it: compressed, saved, read back, the FP32 model freed
+            model, compressed = compress_matmul_weights(model, UNET_SENSITIVE)
+            model = _through_disk(model, Path(tmp) / "compressed")
+            release_freed()
+        model = quantize_calibrated(model, calls, OvOptions(), UNET_SENSITIVE, compressed)
         ov.save_model(model, str(Path(tmp) / "int8.xml"), compress_to_fp16=True)
         size_bytes = (Path(tmp) / "int8.bin").stat().st_size
     peak.stop()
@@ -57,12 +65,13 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, required=True)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--variant", choices=["converted", "ir-reloaded"], help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         quantize(args.onnx.resolve(), args.variant, args.size, args.samples)
         return
-    for variant in ("converted", "ir-reloaded"):
+    for variant in args.variants:
         run = subprocess.run([sys.executable, __file__, "--onnx", str(args.onnx), "--size", str(args.size),
                               "--samples", str(args.samples), "--variant", variant], capture_output=True, text=True)
         if run.returncode:

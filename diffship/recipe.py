@@ -286,7 +286,10 @@ def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> R
                                for c in data["controlnets"]]
     if path is not None and isinstance(data.get("model_config"), str) and (path.parent / data["model_config"]).is_dir():
         data["model_config"] = str(path.parent / data["model_config"])
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    if overrides.get("targets") is not None and isinstance(data.get("targets"), list):
+        overrides["targets"] = _with_recipe_options(overrides["targets"], data["targets"])
+    for key, value in overrides.items():
         if value is not None:
             data[key] = value
     return parse_recipe(data, str(path) if path else "(built from options)")
@@ -306,6 +309,14 @@ def named_settings(text: str, option: str) -> tuple[str, dict[str, Any]]:
         except tomllib.TOMLDecodeError:
             settings[key.strip()] = value.strip()
     return name.strip(), settings
+
+
+def _with_recipe_options(chosen: list[dict[str, Any]], recipe_targets: list[Any]) -> list[dict[str, Any]]:
+    """The command line's targets, each with the `options` the recipe gives the target of that name: `--targets`
+    chooses what to build, the recipe still says how."""
+    options = {t.get("name"): t["options"] for t in recipe_targets if isinstance(t, dict) and "options" in t}
+    return [{**t, "options": options[t["name"]]} if t.get("name") in options and "options" not in t else t
+            for t in chosen]
 
 
 def targets_from_cli(values: list[str]) -> list[dict[str, Any]]:

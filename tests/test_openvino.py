@@ -73,6 +73,35 @@ def test_int8_hybrid_quantizes_the_unet_activations_but_keeps_the_sensitive_laye
     assert not [op for op in encoder.get_ops() if op.get_type_name() == "FakeQuantize"]  # weight-only
 
 
+def test_matmuls_w8_compresses_the_matmul_weights_and_calibrates_only_the_rest(ov_build):
+    """optimum-intel's hybrid order: MatMuls with weights get INT8 weights and no activation quantizer; the
+    convolutions are still calibrated; the sensitive layers stay float; the output moves, but little."""
+    fp32 = ov.Core().read_model(ov_build.out / "openvino-fp32" / "unet" / "openvino_model.xml")
+    rng = np.random.default_rng(0)
+    shapes = {target._public_name(i): [d.get_length() if d.is_static else 2 for d in i.get_partial_shape()]
+              for i in fp32.inputs}
+    shapes = {k: [2, 4, 8, 8] if k == "sample" else v for k, v in shapes.items()}
+    calls = [{k: (np.full(v, 900.0 - 300 * i, np.float32) if k == "timestep" else
+                  rng.standard_normal(v).astype(np.float32)) for k, v in shapes.items()} for i in range(4)]
+    compressed, weighted = target.compress_matmul_weights(fp32.clone(), target.UNET_SENSITIVE)
+    assert weighted and not [n for n in weighted if "conv" in n.lower()]
+    model = target.quantize_calibrated(compressed, calls, target.OvOptions(), target.UNET_SENSITIVE, weighted)
+    ops = {op.get_friendly_name(): op for op in model.get_ops()}
+    fed_by_fq = {name for name, op in ops.items() if op.get_type_name() in ("MatMul", "Convolution")
+                 and any(op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in (0, 1))}
+    assert not fed_by_fq & set(weighted), "a weighted MatMul's activations were quantized"
+    assert any(ops[n].get_type_name() == "Convolution" and "conv_in" not in n for n in fed_by_fq)
+    int8_weights = [op for op in model.get_ops() if op.get_type_name() == "Constant"
+                    and op.get_element_type().get_type_name() in ("u8", "i8")]
+    assert len(int8_weights) >= len([n for n in weighted if "time_embedding" not in n])
+    core = ov.Core()
+    run = {name: core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for name, m in
+           (("fp32", fp32), ("w8", model))}
+    outputs = {name: c(calls[1])[0].ravel() for name, c in run.items()}
+    cosine = float(outputs["fp32"] @ outputs["w8"] / np.linalg.norm(outputs["fp32"]) / np.linalg.norm(outputs["w8"]))
+    assert 0.99 < cosine < 0.999999, cosine
+
+
 def test_generate_runs_a_chosen_openvino_precision(ov_build, tmp_path: Path):
     out = tmp_path / "x.png"
     result = runner.invoke(app, ["generate", str(ov_build.out), "-p", "a cat", "--steps", "2", "--backend", "openvino",
@@ -133,6 +162,7 @@ def test_a_second_build_reuses_every_compiled_ir(ov_build):
     ({"performance_hint": "FAST"}, "Unknown OpenVINO performance_hint"),
     ({"inference_precision": "int8"}, "Unknown inference_precision"),
     ({"threads": 2}, "Unknown OpenVINO option(s) threads"),
+    ({"matmuls": "w4a8"}, "Unknown OpenVINO matmuls 'w4a8'; choose w8a8 or w8"),
 ])
 def test_bad_openvino_options_are_refused(options: dict, message: str):
     with pytest.raises(DiffshipError, match=message.replace("(", r"\(").replace(")", r"\)")):

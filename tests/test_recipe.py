@@ -93,6 +93,14 @@ def test_cli_targets_group_precisions_by_target():
         {"name": "onnxruntime", "precisions": ["fp32", "fp16", "int8"]}, {"name": "openvino"}]
 
 
+def test_cli_targets_choose_what_to_build_and_keep_the_recipes_options_for_that_target(tmp_path: Path):
+    path = write(tmp_path, "[[targets]]\nname = 'onnxruntime'\noptions = { cpu_mem_arena = false }\n"
+                           "[[targets]]\nname = 'openvino'\nprecisions = ['bf16']\noptions = { matmuls = 'w8' }\n")
+    recipe = load_recipe(path, {"targets": targets_from_cli(["onnxruntime:fp32+int8", "torch"])})
+    assert [(t.name, t.precisions, t.options) for t in recipe.targets] == [
+        ("onnxruntime", ["fp32", "int8"], {"cpu_mem_arena": False}), ("torch", recipe.targets[1].precisions, {})]
+
+
 def test_the_documented_example_recipe_is_valid_and_matches_the_defaults():
     example = load_recipe(Path(__file__).parents[1] / "examples" / "recipe.toml")
     defaults = parse_recipe({})

@@ -11,6 +11,7 @@ precision sets `INFERENCE_PRECISION_HINT` explicitly and the Runner reports the 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import openvino as ov
 
 from diffship.artifacts import atomic_write_json, read_json
 from diffship.errors import DiffshipError
+from diffship.memory import release_freed
 from diffship.targets import CompileContext, calibration_inputs
 
 NAME = "openvino"
@@ -37,6 +39,7 @@ PATCHABLE = ("fp32", "fp16", "bf16")  # precisions whose IR constants a LoRA swa
 # The UNet layers that quantization hurts most and speeds up least: the timestep embedding MLP and the
 # first and last convolutions (as in optimum-intel's and NVIDIA's diffusion recipes).
 UNET_SENSITIVE = (r".*time_embedding.*", r".*time_proj.*", r".*conv_in.*", r".*conv_out.*")
+MATMUL_MODES = ("w8a8", "w8")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class OvOptions:
     preset: str = "mixed"  # NNCF preset: "mixed" (asymmetric activations) or "performance" (symmetric)
     bias_correction: bool = False  # NNCF's fast bias correction: +1.4 GiB peak on the SD 1.5 UNet for no gain seen
     static_shapes: bool = True  # reshape to static shapes when the recipe fixes batch and resolution
+    # int8-hybrid's UNet MatMuls with weights: "w8a8" quantizes their activations too; "w8" compresses their weights
+    # data-free first and calibrates only the rest (optimum-intel's hybrid order, SmoothQuant off): less memory.
+    matmuls: str = "w8a8"
 
 
 def writes_artifacts(precision: str, options: Any = None) -> bool:
@@ -85,6 +91,8 @@ def parse_options(options: dict[str, Any]) -> OvOptions:
         raise DiffshipError(f"Unknown OpenVINO performance_hint {parsed.performance_hint!r}; choose {', '.join(HINTS)}.")
     if parsed.preset not in ("mixed", "performance"):
         raise DiffshipError(f"Unknown NNCF preset {parsed.preset!r}; choose mixed or performance.")
+    if parsed.matmuls not in MATMUL_MODES:
+        raise DiffshipError(f"Unknown OpenVINO matmuls {parsed.matmuls!r}; choose {' or '.join(MATMUL_MODES)}.")
     if parsed.inference_precision not in (None, "f32", "bf16", "f16"):
         raise DiffshipError(f"Unknown inference_precision {parsed.inference_precision!r}; choose f32, bf16 or f16.")
     check_device(parsed.device)
@@ -125,12 +133,12 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         atomic_write_json(dest / SEARCH_FILE, search)
     elif quantize:
         calls = calibration_inputs(context, precision)
-        settings = _quantize_kwargs(options)
-        model = nncf.quantize(
-            model, nncf.Dataset(calls), subset_size=len(calls),
-            ignored_scope=nncf.IgnoredScope(patterns=list(UNET_SENSITIVE), validate=False)
-            if precision == "int8-hybrid" else None,
-            advanced_parameters=settings.pop("advanced_quantization_parameters"), **settings)
+        sensitive, compressed = (UNET_SENSITIVE if precision == "int8-hybrid" else ()), []
+        if precision == "int8-hybrid" and options.matmuls == "w8":
+            model, compressed = compress_matmul_weights(model, sensitive)
+            model = _through_disk(model, dest / "compressed")  # the converted FP32 model is freed on return
+            release_freed()
+        model = quantize_calibrated(model, calls, options, sensitive, compressed)
     elif precision in ("int8-weights", "int8-hybrid", "int8-auto"):
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     elif precision == "int4-weights":
@@ -143,7 +151,54 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
     dest.mkdir(parents=True, exist_ok=True)
     xml = dest / XML
     ov.save_model(model, str(xml), compress_to_fp16=precision != "fp32")
+    shutil.rmtree(dest / "compressed", ignore_errors=True)  # _through_disk's scratch IR, not part of the artifact
     return xml
+
+
+def compress_matmul_weights(model: ov.Model, sensitive: tuple[str, ...] = ()) -> tuple[ov.Model, list[str]]:
+    """INT8 weights, data-free, for the MatMuls with weights but the `sensitive` ones; return the model and their
+    names (optimum-intel's first hybrid step: convolutions are left to calibration)."""
+    import nncf
+
+    weighted = weighted_matmuls(model)
+    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=nncf.IgnoredScope(
+        patterns=list(sensitive), types=["Convolution"], validate=False))
+    return model, weighted
+
+
+def _through_disk(model: ov.Model, folder: Path) -> ov.Model:
+    """`model` saved as an IR and read back: its weights then map from the file instead of living on the heap."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(folder / XML), compress_to_fp16=False)
+    return ov.Core().read_model(str(folder / XML))
+
+
+def quantize_calibrated(model: ov.Model, calls: list[dict[str, np.ndarray]], options: OvOptions,
+                        sensitive: tuple[str, ...] = (), compressed: list[str] | tuple[str, ...] = ()) -> ov.Model:
+    """NNCF post-training quantization of `model` on `calls`, the `sensitive` layers kept in float and the
+    `compressed` MatMuls (weights already INT8) left out, with SmoothQuant off for them as optimum-intel does."""
+    import nncf
+
+    settings = _quantize_kwargs(options)
+    advanced = settings.pop("advanced_quantization_parameters")
+    ignored = nncf.IgnoredScope(names=list(compressed), patterns=list(sensitive), validate=False) \
+        if sensitive or compressed else None
+    if compressed:
+        advanced.smooth_quant_alphas = nncf.AdvancedSmoothQuantParameters(matmul=-1)
+    return nncf.quantize(model, nncf.Dataset(calls), subset_size=len(calls), ignored_scope=ignored,
+                         advanced_parameters=advanced, **settings)
+
+
+def weighted_matmuls(model: ov.Model) -> list[str]:
+    """Friendly names of the MatMuls fed a constant (through Convert / Transpose / Reshape), the ones weight
+    compression takes."""
+    def constant_behind(node: Any) -> bool:
+        while node.get_type_name() in ("Convert", "Transpose", "Reshape"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    return [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"
+            and any(constant_behind(op.input_value(i).get_node()) for i in (0, 1))]
 
 
 def _quantize_kwargs(options: OvOptions) -> dict[str, Any]:
