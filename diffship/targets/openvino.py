@@ -11,7 +11,10 @@ precision sets `INFERENCE_PRECISION_HINT` explicitly and the Runner reports the 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -185,8 +188,22 @@ def quantize_calibrated(model: ov.Model, calls: list[dict[str, np.ndarray]], opt
         if sensitive or compressed else None
     if compressed:
         advanced.smooth_quant_alphas = nncf.AdvancedSmoothQuantParameters(matmul=-1)
-    return nncf.quantize(model, nncf.Dataset(calls), subset_size=len(calls), ignored_scope=ignored,
-                         advanced_parameters=advanced, **settings)
+    with _nncf_quiet():
+        return nncf.quantize(model, nncf.Dataset(calls), subset_size=len(calls), ignored_scope=ignored,
+                             advanced_parameters=advanced, **settings)
+
+
+@contextlib.contextmanager
+def _nncf_quiet() -> Iterator[None]:
+    """NNCF logs one INFO line per operation it leaves unquantized (hundreds with an ignored scope): warnings only."""
+    from nncf.common.logging import nncf_logger
+
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        nncf_logger.setLevel(level)
 
 
 def weighted_matmuls(model: ov.Model) -> list[str]:

@@ -15,12 +15,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import psutil
 
 from diffship.memory import release_freed
+
+T = TypeVar("T")
 
 
 def summarize(times: list[float]) -> dict[str, float]:
@@ -42,6 +44,14 @@ def interleaved(calls: dict[str, Callable[[], Any]], warmup: int, runs: int) -> 
             call()
             times[name].append(time.perf_counter() - started)
     return times
+
+
+def after_warmup(call: Callable[[], T], warmup: int, runs: int) -> list[T]:
+    """`call` run `warmup` times untimed, then `runs` times; the timed runs' results (calls that time themselves,
+    such as whole generations with their own timings)."""
+    for _ in range(warmup):
+        call()
+    return [call() for _ in range(runs)]
 
 
 def blocks(loaders: dict[str, Callable[[], Callable[[], Any]]], warmup: int, runs: int,

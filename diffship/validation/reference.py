@@ -18,6 +18,7 @@ import psutil
 from diffship.models.components import ComponentSpec, run_torch
 from diffship.models.families import detect_family
 from diffship.runtime.pipeline import Generation
+from diffship.validation import latency
 from diffship.validation.baseline import Baseline, reference_module, run_baseline, task_pipeline
 from diffship.validation.e2e import LatentSpace, Sample, sample_arguments
 from diffship.validation.parity import Case
@@ -87,10 +88,8 @@ class RecordedReference:
             latents = self._images[s][0]
             say(f"[validate] baseline pipeline latency: {min(lat.warmup, 1)} warm-up + {lat.pipeline_runs} timed "
                 f"run(s), measured here (the sets' runs are timed in their own stage)")
-            for i in range(min(lat.warmup, 1) + lat.pipeline_runs):
-                timings = live.generation(s, latents).timings
-                if i >= min(lat.warmup, 1):
-                    self.pipeline_timings.append(timings)
+            self.pipeline_timings += latency.after_warmup(lambda: live.generation(s, latents).timings,
+                                                          min(lat.warmup, 1), lat.pipeline_runs)
         self.recorded = True
         self.release()
 

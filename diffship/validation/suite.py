@@ -259,10 +259,9 @@ def _pipeline_runs(deployed: DeployedPipeline, plan: Plan, sample: Sample) -> li
     """The set's own whole-pipeline runs (staged validation): warm-up, then the timed ones' timings."""
     lat = plan.validation.latency
     latents, extra = sample_arguments(sample, deployed, plan.inputs)
-    timings = [deployed(sample.prompt, sample.negative_prompt, plan.height, plan.width, sample.steps,
-                        sample.guidance_scale, sample.seed, latents=latents, **extra).timings
-               for _ in range(min(lat.warmup, 1) + lat.pipeline_runs)]
-    return timings[min(lat.warmup, 1):]
+    return latency.after_warmup(lambda: deployed(sample.prompt, sample.negative_prompt, plan.height, plan.width,
+                                                 sample.steps, sample.guidance_scale, sample.seed, latents=latents,
+                                                 **extra).timings, min(lat.warmup, 1), lat.pipeline_runs)
 
 
 def measure_latency_blocks(artifacts: ArtifactSet, backend: Any, options: Any, specs: list[ComponentSpec],
