@@ -45,7 +45,7 @@ def calls(spec: Any, size: int, samples: int) -> list[dict]:
     return out
 
 
-def run_stage(stage: str, export: Path, model_folder: Path, size: int, samples: int) -> dict:
+def run_stage(stage: str, export: Path, model_folder: Path, size: int, samples: int, ov_options: dict) -> dict:
     """One stage as the build runs it; its peak RSS (this process), seconds and artifact bytes."""
     from diffship.memory import release_freed
     from diffship.targets import CompileContext
@@ -70,8 +70,8 @@ def run_stage(stage: str, export: Path, model_folder: Path, size: int, samples: 
             from diffship.targets import openvino as ov_target
 
             precision, _, matmuls = stage.removeprefix("ov-").partition("-w")
-            artifact = ov_target.compile(source, precision, ov_target.OvOptions(matmuls=f"w{matmuls}" if matmuls
-                                                                                 else "w8a8"), dest, context)
+            options = ov_target.OvOptions(matmuls=f"w{matmuls}" if matmuls else "w8a8", **ov_options)
+            artifact = ov_target.compile(source, precision, options, dest, context)
         elif stage == "torch-pipeline":  # the baseline as validation holds it: one guided 2-step generation
             from diffship.validation.baseline import load_baseline, run_baseline
 
@@ -120,11 +120,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--ov-options", default="{}", help='OpenVINO options as JSON, e.g. {"activations": "convolutions"}')
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
         print("RESULT " + json.dumps(run_stage(args.stage, args.export.resolve(), args.model_folder, args.size,
-                                                 args.samples)), flush=True)
+                                                 args.samples, json.loads(args.ov_options))), flush=True)
         return
     from diffship.cpu import describe
 
@@ -132,7 +133,7 @@ def main() -> None:
     for stage in args.stages:
         run = subprocess.run([sys.executable, __file__, "--export", str(args.export), "--model-folder",
                               str(args.model_folder), "--size", str(args.size), "--samples", str(args.samples),
-                              "--stage", stage], capture_output=True, text=True)
+                              "--ov-options", args.ov_options, "--stage", stage], capture_output=True, text=True)
         result = next((json.loads(line[7:]) for line in run.stdout.splitlines() if line.startswith("RESULT ")), None)
         if run.returncode or result is None:
             print(f"{stage:22s} failed (exit {run.returncode}): {run.stderr.strip().splitlines()[-1:]}", flush=True)

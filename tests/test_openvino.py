@@ -101,6 +101,16 @@ def test_matmuls_w8_compresses_the_matmul_weights_and_calibrates_only_the_rest(o
     cosine = float(outputs["fp32"] @ outputs["w8"] / np.linalg.norm(outputs["fp32"]) / np.linalg.norm(outputs["w8"]))
     assert 0.99 < cosine < 0.999999, cosine
 
+    # activations = "convolutions": the calibrated pass quantizes convolution inputs only (the attention products and
+    # everything else keep their float activations), the MatMul weights still INT8
+    convs_only = target.quantize_calibrated(target.compress_matmul_weights(fp32.clone(), target.UNET_SENSITIVE)[0],
+                                            calls, target.OvOptions(activations="convolutions"),
+                                            target.UNET_SENSITIVE, weighted)
+    quantizers = [op for op in convs_only.get_ops() if op.get_type_name() == "FakeQuantize"]
+    consumers = {t.get_node().get_type_name() for q in quantizers for t in q.output(0).get_target_inputs()}
+    assert quantizers and consumers <= {"Convolution", "Convert"}, consumers
+    assert len(quantizers) < len([op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"])
+
 
 def test_generate_runs_a_chosen_openvino_precision(ov_build, tmp_path: Path):
     out = tmp_path / "x.png"
@@ -163,6 +173,7 @@ def test_a_second_build_reuses_every_compiled_ir(ov_build):
     ({"inference_precision": "int8"}, "Unknown inference_precision"),
     ({"threads": 2}, "Unknown OpenVINO option(s) threads"),
     ({"matmuls": "w4a8"}, "Unknown OpenVINO matmuls 'w4a8'; choose w8a8 or w8"),
+    ({"activations": "attention"}, "Unknown OpenVINO activations 'attention'; choose all or convolutions"),
 ])
 def test_bad_openvino_options_are_refused(options: dict, message: str):
     with pytest.raises(DiffshipError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -210,3 +221,23 @@ def test_generate_runs_artifacts_with_the_options_they_were_built_with(ov_build)
         assert pipe.runners["unet"].describe()["inference_precision"] == "f32"  # the recorded option, not the default
     finally:
         (ov_build.out / "manifest.json").write_text(original)
+
+
+def test_int8_hybrid_w8_compiles_through_its_scratch_irs_and_leaves_only_the_artifact(exported, tmp_path: Path):
+    """The w8 path writes the converted and the compressed IR to scratch folders so each step's input is freed; the
+    finished folder holds the IR alone, calibrated on convolution inputs only with `activations = "convolutions"`."""
+    from diffship.models.components import component_specs
+    from diffship.models.source import resolve
+    from diffship.targets import CompileContext
+    from diffship.targets.calibration import CalibrationData
+
+    spec = next(s for s in component_specs(resolve("tiny-sd").folder) if s.is_denoiser)
+    calls = [spec.sample_inputs(2, 64, 64, seed=i) for i in range(4)]
+    context = CompileContext(spec=spec, calibration=lambda: CalibrationData(inputs={"unet": calls}))
+    xml = target.compile(exported("tiny-sd") / "unet" / "model.onnx", "int8-hybrid",
+                         target.OvOptions(matmuls="w8", activations="convolutions"), tmp_path / "unet", context)
+    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["openvino_model.bin", "openvino_model.xml"]
+    model = ov.Core().read_model(xml)
+    quantizers = [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"]
+    assert quantizers and all(t.get_node().get_type_name() == "Convolution"
+                              for q in quantizers for t in q.output(0).get_target_inputs())

@@ -43,6 +43,7 @@ PATCHABLE = ("fp32", "fp16", "bf16")  # precisions whose IR constants a LoRA swa
 # first and last convolutions (as in optimum-intel's and NVIDIA's diffusion recipes).
 UNET_SENSITIVE = (r".*time_embedding.*", r".*time_proj.*", r".*conv_in.*", r".*conv_out.*")
 MATMUL_MODES = ("w8a8", "w8")
+ACTIVATION_MODES = ("all", "convolutions")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ class OvOptions:
     # int8-hybrid's UNet MatMuls with weights: "w8a8" quantizes their activations too; "w8" compresses their weights
     # data-free first and calibrates only the rest (optimum-intel's hybrid order, SmoothQuant off): less memory.
     matmuls: str = "w8a8"
+    # What the calibrated pass quantizes the activations of: "all" it can, or only "convolutions". Its statistics
+    # reducers keep tensors alive and break the CPU plugin's fusions: on sdxl-arch at 1024x1024 with w8, "all" holds
+    # 20.8 GiB, "convolutions" 12.0 (docs/performance.md).
+    activations: str = "all"
 
 
 def writes_artifacts(precision: str, options: Any = None) -> bool:
@@ -94,6 +99,8 @@ def parse_options(options: dict[str, Any]) -> OvOptions:
         raise DiffshipError(f"Unknown OpenVINO performance_hint {parsed.performance_hint!r}; choose {', '.join(HINTS)}.")
     if parsed.preset not in ("mixed", "performance"):
         raise DiffshipError(f"Unknown NNCF preset {parsed.preset!r}; choose mixed or performance.")
+    if parsed.activations not in ACTIVATION_MODES:
+        raise DiffshipError(f"Unknown OpenVINO activations {parsed.activations!r}; choose {' or '.join(ACTIVATION_MODES)}.")
     if parsed.matmuls not in MATMUL_MODES:
         raise DiffshipError(f"Unknown OpenVINO matmuls {parsed.matmuls!r}; choose {' or '.join(MATMUL_MODES)}.")
     if parsed.inference_precision not in (None, "f32", "bf16", "f16"):
@@ -138,8 +145,12 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         calls = calibration_inputs(context, precision)
         sensitive, compressed = (UNET_SENSITIVE if precision == "int8-hybrid" else ()), []
         if precision == "int8-hybrid" and options.matmuls == "w8":
+            # Each step reads the last one's IR back and frees its input: the converter holds up to 1.9x the FP32
+            # weights, and compressing beside it would add the INT8 copies and the writer's buffers on top.
+            model = _through_disk(model, dest / "scratch-converted")
+            release_freed()
             model, compressed = compress_matmul_weights(model, sensitive)
-            model = _through_disk(model, dest / "compressed")  # the converted FP32 model is freed on return
+            model = _through_disk(model, dest / "scratch-compressed")
             release_freed()
         model = quantize_calibrated(model, calls, options, sensitive, compressed)
     elif precision in ("int8-weights", "int8-hybrid", "int8-auto"):
@@ -154,7 +165,8 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
     dest.mkdir(parents=True, exist_ok=True)
     xml = dest / XML
     ov.save_model(model, str(xml), compress_to_fp16=precision != "fp32")
-    shutil.rmtree(dest / "compressed", ignore_errors=True)  # _through_disk's scratch IR, not part of the artifact
+    for scratch in dest.glob("scratch-*"):  # _through_disk's IRs, not part of the artifact
+        shutil.rmtree(scratch, ignore_errors=True)
     return xml
 
 
@@ -184,8 +196,10 @@ def quantize_calibrated(model: ov.Model, calls: list[dict[str, np.ndarray]], opt
 
     settings = _quantize_kwargs(options)
     advanced = settings.pop("advanced_quantization_parameters")
-    ignored = nncf.IgnoredScope(names=list(compressed), patterns=list(sensitive), validate=False) \
-        if sensitive or compressed else None
+    types = sorted({op.get_type_name() for op in model.get_ops()} - {"Convolution", "Parameter", "Result", "Constant"}) \
+        if options.activations == "convolutions" else []
+    ignored = nncf.IgnoredScope(names=list(compressed), patterns=list(sensitive), types=types, validate=False) \
+        if sensitive or compressed or types else None
     if compressed:
         advanced.smooth_quant_alphas = nncf.AdvancedSmoothQuantParameters(matmul=-1)
     with _nncf_quiet():
