@@ -83,12 +83,13 @@ def run_group(recipe: Path, group: str, out: Path, env: dict[str, str]) -> dict:
     assert child.stdout is not None
     for line in child.stdout:
         print(line, end="", flush=True)
-        for pattern, name in STAGE_LINES:
-            if (m := pattern.match(line)) and name(m) != current["name"]:
-                now = time.perf_counter()
-                stages.setdefault(current["name"], {"seconds": 0.0, "peak_bytes": 0})["seconds"] += now - current["since"]
-                current.update(name=name(m), since=now)
-                break
+        # The first pattern that matches names the line's stage (a set's closing "[validate <set>] passed" line
+        # also matches the generic "[<target> <precision>]" pattern further down).
+        stage = next((name(m) for pattern, name in STAGE_LINES if (m := pattern.match(line))), None)
+        if stage is not None and stage != current["name"]:
+            now = time.perf_counter()
+            stages.setdefault(current["name"], {"seconds": 0.0, "peak_bytes": 0})["seconds"] += now - current["since"]
+            current.update(name=stage, since=now)
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     done.set()
