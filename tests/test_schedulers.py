@@ -76,3 +76,16 @@ def test_unknown_schedulers_and_settings_are_refused(pair, exported, tmp_path):
     result = CliRunner().invoke(app, ["generate", str(exported("tiny-sd")), "-p", "a cat", "--scheduler", "nope",
                                       "--out", str(tmp_path / "b.png")])
     assert result.exit_code == 2 and "Unknown scheduler 'nope'" in result.output
+
+
+def test_an_override_of_a_setting_the_folder_left_out_is_kept():
+    from diffusers import UniPCMultistepScheduler
+
+    # A folder's config written without use_karras_sigmas: diffusers marks it a default value and from_config would
+    # drop it if it were merged into the config rather than passed as a keyword.
+    folder = UniPCMultistepScheduler.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                                                  "beta_start": 0.00085, "beta_end": 0.012})
+    assert "use_karras_sigmas" in folder.config["_use_default_values"]
+    assert make_scheduler(folder, "dpm++2m-karras").config.use_karras_sigmas is True
+    assert make_scheduler(folder, "dpm++2m", {"use_karras_sigmas": True}).config.use_karras_sigmas is True
+    assert make_scheduler(folder, "dpm++2m").config.use_karras_sigmas is False

@@ -42,13 +42,16 @@ def make_scheduler(base: Any, name: str | None = None, overrides: dict[str, Any]
     if cls is None or not class_name.endswith("Scheduler"):
         raise DiffshipError(f"Unknown scheduler {name!r}: use one of {', '.join(NAMES)} or a diffusers scheduler class "
                             "name (e.g. DPMSolverMultistepScheduler).")
-    config = {**dict(base.config), **defaults, **(overrides or {})}
+    # Overrides go in as keywords: merged into the config instead, diffusers would drop any of them the folder's JSON
+    # left out (from_config discards the keys listed in `_use_default_values`), so `dpm++2m-karras` on a folder
+    # without `use_karras_sigmas` would silently run without Karras sigmas.
+    settings = {**defaults, **(overrides or {})}
     # The settings the class knows, from a scheduler built without the overrides: from_config keeps unknown keys in
     # the config it records, so the overridden scheduler's own config cannot tell them apart.
     unknown = sorted(set(overrides or {}) - set(cls.from_config(dict(base.config)).config))
     if unknown:
         raise DiffshipError(f"{class_name} has no setting {', '.join(unknown)}.")
-    return cls.from_config(config)
+    return cls.from_config(dict(base.config), **settings)
 
 
 def describe_scheduler(scheduler: Any) -> dict[str, Any]:
