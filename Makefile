@@ -14,11 +14,12 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint bench-export bench-build bench-matrix bench-sdxl bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev,openvino,compress,coreml]"
+	$(BIN)/pip install --quiet -e ".[dev,openvino,compress,coreml,web]"
+	scripts/install_web_runtime.sh
 	touch $@
 
 setup: $(BIN)/.installed

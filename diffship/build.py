@@ -350,6 +350,8 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                 components[name] = set_dir / name / done.info["artifact"]
             if set_dir != export_dir:
                 _copy_pipeline_folder(export_dir, set_dir, list(entries), backend.model_index(family, list(entries)))
+            if hasattr(backend, "finish_set"):  # what a set needs beside its components (the web target's app)
+                backend.finish_set(set_dir, components, precision, options, family, say)
             recorded = {name: {"path": path.relative_to(root).as_posix(), "precision": precision,
                                "files": _artifact_files(root, export_dir, path, entries[name]["files"]),
                                "inputs": entries[name]["inputs"], "outputs": entries[name]["outputs"]}
@@ -391,12 +393,12 @@ def _artifact_files(root: Path, export_dir: Path, artifact: Path, exported: list
 
 
 def _pipeline_files(root: Path, folder: Path, components: dict[str, Any]) -> list[dict[str, Any]]:
-    """Hashes of what a set's folder holds besides its components: tokenizers, scheduler, model_index.json."""
+    """Hashes of what a set's folder holds besides its components: tokenizers, scheduler, model_index.json (and a
+    web set's app)."""
     files = [e for name in sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in components)
              for e in file_entries(root, folder / name)]
-    index = folder / "model_index.json"
-    return [*files, {"path": index.relative_to(root).as_posix(), "bytes": index.stat().st_size,
-                     "sha256": cache.sha256_file(index)}]
+    return [*files, *({"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size,
+                       "sha256": cache.sha256_file(p)} for p in sorted(folder.iterdir()) if p.is_file())]
 
 
 def _copy_pipeline_folder(export_dir: Path, set_dir: Path, components: list[str], index: dict[str, Any]) -> None:

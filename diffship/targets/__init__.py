@@ -34,6 +34,7 @@ TARGETS = {
     "tensorrt": TargetInfo("diffship.targets.tensorrt", "tensorrt", "tensorrt"),
     "coreml": TargetInfo("diffship.targets.coreml", "coremltools", "coreml"),
     "torch": TargetInfo("diffship.targets.pytorch", "torch", None),
+    "web": TargetInfo("diffship.targets.web", "onnxruntime", None),
 }
 
 

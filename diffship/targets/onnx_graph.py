@@ -43,7 +43,7 @@ def save(model: onnx.ModelProto, path: Path, replace: bool = False) -> None:
     if replace:
         path.unlink(missing_ok=True)
         path.with_name(f"{path.name}_data").unlink(missing_ok=True)
-    large = model.ByteSize() >= TWO_GB if _small_enough_to_measure(model) else True
+    large = model.ByteSize() >= TWO_GB if small_enough_to_measure(model) else True
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=f"{path.name}_data", size_threshold=1024)
 
@@ -97,7 +97,7 @@ def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [*model.graph.initializer, *constants]
 
 
-def _small_enough_to_measure(model: onnx.ModelProto) -> bool:
+def small_enough_to_measure(model: onnx.ModelProto) -> bool:
     # ByteSize itself fails above 2 GB on some protobuf builds; count the weights first.
     return sum(len(t.raw_data) for t in model.graph.initializer) < TWO_GB
 
@@ -204,7 +204,7 @@ def to_fp16(model: onnx.ModelProto, keep_io_types: bool, op_block_list: list[str
     blocked = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(op_block_list or []))
     # Its shape inference serializes the model, which protobuf refuses above 2 GB (a full-size UNet).
     return convert_float_to_float16(model, keep_io_types=keep_io_types, op_block_list=blocked,
-                                    disable_shape_infer=not _small_enough_to_measure(model))
+                                    disable_shape_infer=not small_enough_to_measure(model))
 
 
 def vae_fp32_reason(spec: ComponentSpec, mode: str, option: str) -> str | None:

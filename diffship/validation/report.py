@@ -295,7 +295,8 @@ def image_grid(key: str, pairs: list[dict[str, Any]], baseline_name: str) -> byt
         gain = 255 // max(int(diff.max()), 1)
         amplified = (diff * gain).astype(np.uint8)
         metrics = "identical" if pair["identical"] else f"PSNR {pair['psnr_db']:.1f} dB, SSIM {pair['ssim']:.4f}"
-        for ax, image, title in ((row[0], pair["baseline"], baseline_name), (row[1], pair["target"], key),
+        for ax, image, title in ((row[0], pair["baseline"], pair.get("baseline_name", baseline_name)),
+                                 (row[1], pair["target"], key),
                                  (row[2], amplified, f"|difference| x{gain} (max {int(diff.max())} of 255)")):
             ax.imshow(image, interpolation="nearest")
             ax.set_title(title, fontsize=9)

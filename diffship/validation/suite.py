@@ -132,6 +132,11 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
                              "identical" if r["identical"] else f"PSNR {r['psnr_db']:.1f} dB, SSIM {r['ssim']:.4f}")),
                          plan.inputs)
     result["e2e"] = e2e
+    # A set that carries its own app (the web target's page) is also run there, from the same initial latents.
+    if hasattr(backend, "app_check") and (app := backend.app_check(artifacts, deployed, samples[0], t.min_psnr,
+                                                                   options or backend.parse_options({}), say)):
+        result["app"], pair = app
+        pairs = [*pairs, *([pair] if pair else [])]
     if quality_baseline is not None:
         q = v.quality
         say(f"[{label}] quality: prompt accuracy over {10 * len(q.seeds)} digits at {q.steps} steps")
@@ -174,7 +179,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
                                                          say)
     result["memory"] |= {"peak_rss_bytes": latency.peak_rss_bytes(), "peak_gpu_bytes": latency.peak_gpu_bytes()}
     result["passed"] = (result["parity"]["passed"] and e2e["passed"] and result.get("quality", {}).get("passed", True)
-                        and result.get("spec", {}).get("passed", True))
+                        and result.get("spec", {}).get("passed", True) and result.get("app", {}).get("passed", True))
     deployed = None
     release_freed()
     return result, pairs

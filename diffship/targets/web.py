@@ -1,0 +1,236 @@
+"""Web target: ONNX graphs for onnxruntime-web at fixed shapes and under the browser's size limits, plus a static app
+(`index.html` and ES modules, no build step) that runs the whole pipeline in the page.
+
+fp16 is for WebGPU (FP16 weights and compute; SDXL's VAE stays FP32, as everywhere it overflows), fp32 and int8 for
+WASM. The graphs are the export with its shapes pinned, converted, not fused: onnxruntime-web optimizes at load time
+for the execution provider the page picks, and the CPU EP's contrib-op fusions are not all in its WebGPU kernels.
+In Python the same files run on ONNX Runtime's CPU provider, so they are validated like any other set.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from diffship.artifacts import atomic_write_json, read_json
+from diffship.errors import DiffshipError
+from diffship.targets import CompileContext, onnx_graph
+
+NAME = "web"
+PRECISIONS = ("fp32", "fp16", "int8")
+VAE_MODES = ("auto", "fp16", "fp32")
+GRAPH_FILE = "diffship-graph.json"
+# The largest ArrayBuffer (and protobuf message) Chromium and Firefox allocate: each model file is fetched into one.
+FILE_LIMIT = 2**31 - 1
+# wasm32's address space: a session's weights and activations live in it.
+WASM_LIMIT = 4 * 2**30
+BYTES_PER_WEIGHT = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}
+PATCH_REFUSAL = "web graphs have pinned shapes and a bundled app: rebuild with --lora"
+
+
+@dataclass(frozen=True)
+class WebOptions:
+    """The recipe's `[targets.options]` for the browser.
+
+    fp16_vae: "auto" keeps a VAE that overflows in FP16 (SDXL's) in FP32; "fp16" / "fp32" force it.
+    fp16_op_block_list: op types kept in FP32 besides ONNX Runtime's converter's defaults.
+    app: write the static web app beside the models (false: the graphs only).
+    """
+
+    fp16_vae: str = "auto"
+    fp16_op_block_list: tuple[str, ...] = ()
+    app: bool = True
+
+
+def parse_options(options: dict[str, Any]) -> WebOptions:
+    """The recipe's options for the web target, with unknown keys and values named."""
+    known = {f.name for f in fields(WebOptions)}
+    if unknown := sorted(set(options) - known):
+        raise DiffshipError(f"Unknown web option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+    values = dict(options)
+    if values.get("fp16_op_block_list") is not None:
+        values["fp16_op_block_list"] = tuple(values["fp16_op_block_list"])
+    parsed = WebOptions(**values)
+    if parsed.fp16_vae not in VAE_MODES:
+        raise DiffshipError(f"Unknown fp16_vae {parsed.fp16_vae!r}; choose {', '.join(VAE_MODES)}.")
+    return parsed
+
+
+def writes_artifacts(precision: str, options: WebOptions | None = None) -> bool:
+    """Every web set writes its own graphs (pinned shapes)."""
+    return True
+
+
+def needs_calibration(precision: str) -> bool:
+    """int8's UNet is static QDQ, calibrated on the captured UNet inputs."""
+    return precision == "int8"
+
+
+def model_index(family: str, components: list[str]) -> dict[str, Any]:
+    """The folder's model_index.json: the same ONNX pipeline layout as the ONNX Runtime target's."""
+    from diffship.targets import onnxruntime
+
+    return onnxruntime.model_index(family, components)
+
+
+def pinned_shapes(context: CompileContext) -> dict[str, tuple[int, ...]]:
+    """The input shapes the browser graph is built for: the recipe's when it pins them, else one image (both halves
+    of guidance for the denoiser) at the validation's resolution."""
+    if context.static_shapes:
+        return context.static_shapes
+    height, width = context.opt_size or context.probe_size
+    batch = (context.shape_ranges or {"batch": [1]})["batch"][0]
+    spec = context.spec
+    sizes = spec.axis_sizes(spec.batch_for(batch, context.guided), height, width)
+    return {t.name: t.concrete(sizes) for t in spec.inputs}
+
+
+def check_size(name: str, precision: str, files: dict[str, int]) -> None:
+    """Refuse a component the browser cannot load: a file over the ArrayBuffer limit or weights over wasm32's."""
+    for file, size in files.items():
+        if size > FILE_LIMIT:
+            raise DiffshipError(
+                f"{name} in web {precision} needs a {size / 1e9:.2f} GB file ({file}), over the browser's limit of "
+                f"{FILE_LIMIT / 1e9:.2f} GB per ArrayBuffer and protobuf"
+                + ("; build web:fp16 for WebGPU." if precision == "fp32" else "."))
+    if (total := sum(files.values())) > WASM_LIMIT:
+        raise DiffshipError(f"{name} in web {precision} is {total / 1e9:.2f} GB, over wasm32's "
+                            f"{WASM_LIMIT / 1e9:.2f} GB memory.")
+
+
+def _estimate(source: Path, precision: str, kept_fp32: bool) -> dict[str, int]:
+    weights = sum(p.stat().st_size for p in source.parent.iterdir() if p.name.startswith(source.name))
+    factor = 1.0 if kept_fp32 else BYTES_PER_WEIGHT[precision]
+    return {f"{source.name} (estimated)": int(weights * factor)}
+
+
+def compile(source: Path, precision: str = "fp32", options: WebOptions | None = None, dest: Path | None = None,
+            context: CompileContext | None = None) -> Path:
+    """The browser graph of one component in `dest/model.onnx`: converted to `precision`, its input and output
+    shapes pinned, and checked against the browser's limits before and after it is written."""
+    options = options or WebOptions()
+    if precision not in PRECISIONS:
+        raise DiffshipError(f"Web precision {precision!r} is not available; choose {', '.join(PRECISIONS)}.")
+    if dest is None or context is None:
+        raise DiffshipError("The web target needs an output folder and the component it prepares.")
+    spec = context.spec
+    kept = onnx_graph.vae_fp32_reason(spec, options.fp16_vae, "fp16_vae") if precision == "fp16" else None
+    kept = kept or (_int8_kept(spec) if precision == "int8" else None)
+    check_size(spec.name, precision, _estimate(source, precision, kept is not None))  # before any conversion work
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / "model.onnx"
+    record: dict[str, Any] = {"precision": precision}
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=dest) as tmp:
+        if precision == "int8":
+            from diffship.targets import onnxruntime
+
+            # ONNX Runtime's own INT8 (static QDQ UNet, dynamic text encoders, VAE kept), on the unfused export.
+            source = onnxruntime.compile(source, "int8", onnxruntime.OrtOptions(optimize=False), Path(tmp), context)
+            record |= {k: v for k, v in read_json(Path(tmp) / GRAPH_FILE).items() if k != "precision"}
+        model = onnx.load(str(source))
+        if precision == "fp16" and not kept:
+            model = onnx_graph.to_fp16(model, True, list(options.fp16_op_block_list))
+            record["conversion"] = "FP16 weights and compute, FP32 inputs/outputs"
+        elif kept:
+            record |= {"kept": "fp32", "reason": kept}
+        shapes = pinned_shapes(context)
+        _pin(model, shapes)
+        onnx_graph.save(model, out, replace=True)
+    written = {p.name: p.stat().st_size for p in dest.iterdir() if p.name.startswith(out.name)}
+    try:
+        check_size(spec.name, precision, written)
+    except DiffshipError:
+        for name in written:
+            (dest / name).unlink()
+        raise
+    atomic_write_json(dest / GRAPH_FILE, record | {"shapes": {k: list(v) for k, v in shapes.items()},
+                                                   "bytes": sum(written.values())})
+    return out
+
+
+def _int8_kept(spec: Any) -> str | None:
+    return "VAE activations lose too much in INT8" if spec.role.startswith("vae") else None
+
+
+def _pin(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Fix every input's dimensions (onnxruntime's own tool, as its mobile docs do) and the outputs' where shape
+    inference can tell them."""
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+    for name, shape in shapes.items():
+        make_input_shape_fixed(model.graph, name, list(shape))
+    if onnx_graph.small_enough_to_measure(model) and model.ByteSize() < onnx_graph.TWO_GB:
+        fix_output_shapes(model)
+
+
+def input_shapes(artifact: Path) -> dict[str, tuple[int, ...]]:
+    """The pinned input shapes recorded beside a compiled graph."""
+    return {k: tuple(v) for k, v in read_json(artifact.parent / GRAPH_FILE)["shapes"].items()}
+
+
+def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The one case a graph was built for: its batch and the image size its first input stands for."""
+    from diffship.validation.parity import Case
+
+    shape = input_shapes(artifact)[spec.inputs[0].name]
+    return (Case(shape[0], *(spec.image_size(shape) or (cases[0].height, cases[0].width))),)
+
+
+def load(artifact: Path, options: WebOptions | None = None, precision: str | None = None) -> Any:
+    """The browser's graph on ONNX Runtime's CPU provider: the same file, so the same numbers as WASM's kernels give
+    within float rounding; FP16 is checked for parity, not timed (the CPU has no FP16 kernels)."""
+    from diffship.targets import onnxruntime
+
+    runner = onnxruntime.OrtRunner(artifact, onnxruntime.OrtOptions(providers=("CPUExecutionProvider",)),
+                                   precision or "fp32")
+    return WebRunner(runner, precision or "fp32")
+
+
+class WebRunner:
+    """An ONNX Runtime CPU runner that describes itself as the web target's artifact."""
+
+    def __init__(self, runner: Any, precision: str):
+        self.runner, self.precision = runner, precision
+        self.input_names, self.output_names = runner.input_names, runner.output_names
+
+    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return self.runner.run(inputs)
+
+    def describe(self) -> dict[str, object]:
+        described = self.runner.describe()
+        described |= {"target": NAME, "summary": f"onnxruntime-web graph ({self.precision}), checked on ONNX Runtime "
+                                                 "CPU; the browser test runs it in Chromium"}
+        if self.precision == "fp16":
+            described["latency_skipped"] = "FP16 graphs are for WebGPU; the CPU has no FP16 kernels: parity only"
+        return described
+
+
+def preflight(precisions: list[str], options: WebOptions) -> None:
+    """Before any work: the app's runtime files are where they are copied from."""
+    if options.app:
+        from diffship.web.bundle import runtime_folder
+
+        runtime_folder()
+
+
+def finish_set(set_dir: Path, components: dict[str, Path], precision: str, options: WebOptions, family: str,
+               say: Any) -> None:
+    """The static web app beside the graphs (see diffship/web/bundle.py)."""
+    if options.app:
+        from diffship.web.bundle import write_app
+
+        write_app(set_dir, components, precision, family, say)
+
+
+def app_check(artifacts: Any, deployed: Any, sample: Any, min_psnr: float, options: WebOptions,
+              say: Any) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """Validation's run of the page itself in headless Chromium (see diffship/web/check.py)."""
+    if not options.app:
+        return None
+    from diffship.web.check import app_check as check
+
+    return check(artifacts.pipeline, artifacts.precision, deployed, sample, min_psnr, say)
