@@ -68,3 +68,17 @@ def test_a_cache_that_cannot_be_written_is_said_and_the_build_goes_on_without_it
     assert f"The cache {disk / 'cache'} cannot be written (Read-only file system): building without it" in result.output
     assert "build passed" in result.output and open_artifacts(out).status == "passed"
     assert list(disk.iterdir()) == []
+
+
+def test_openvino_writing_into_a_full_disk_says_disk_full_not_an_internal_error(tmpfs, exported):
+    from diffship.errors import DiskFull
+    from diffship.models.components import component_specs
+    from diffship.models.source import resolve
+    from diffship.targets import CompileContext, openvino
+
+    # OpenVINO itself reports a full disk only as "basic_ios::clear: iostream error".
+    spec = next(s for s in component_specs(resolve("tiny-sd").folder) if s.name == "text_encoder")
+    disk = tmpfs("full", "64k")
+    with pytest.raises(DiskFull, match="The disk is full: no space left on device while writing"):
+        openvino.compile(exported("tiny-sd") / "text_encoder" / "model.onnx", "fp32", openvino.OvOptions(),
+                         disk / "ir", CompileContext(spec))

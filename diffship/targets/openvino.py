@@ -23,7 +23,7 @@ import numpy as np
 import openvino as ov
 
 from diffship.artifacts import atomic_write_json, read_json
-from diffship.errors import DiffshipError
+from diffship.errors import DiffshipError, DiskFull
 from diffship.memory import release_freed
 from diffship.targets import CompileContext, calibration_inputs
 
@@ -152,6 +152,8 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
             model, compressed = compress_matmul_weights(model, sensitive)
             model = _through_disk(model, dest / "scratch-compressed")
             release_freed()
+            # Nothing maps the converted IR now: its 4 bytes per weight go before calibration adds the final IR.
+            shutil.rmtree(dest / "scratch-converted", ignore_errors=True)
         model = quantize_calibrated(model, calls, options, sensitive, compressed)
     elif precision in ("int8-weights", "int8-hybrid", "int8-auto"):
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
@@ -164,7 +166,7 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
             advanced_parameters=nncf.AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
     dest.mkdir(parents=True, exist_ok=True)
     xml = dest / XML
-    ov.save_model(model, str(xml), compress_to_fp16=precision != "fp32")
+    save_ir(model, xml, compress_to_fp16=precision != "fp32")
     for scratch in dest.glob("scratch-*"):  # _through_disk's IRs, not part of the artifact
         shutil.rmtree(scratch, ignore_errors=True)
     return xml
@@ -184,8 +186,18 @@ def compress_matmul_weights(model: ov.Model, sensitive: tuple[str, ...] = ()) ->
 def _through_disk(model: ov.Model, folder: Path) -> ov.Model:
     """`model` saved as an IR and read back: its weights then map from the file instead of living on the heap."""
     folder.mkdir(parents=True, exist_ok=True)
-    ov.save_model(model, str(folder / XML), compress_to_fp16=False)
+    save_ir(model, folder / XML, compress_to_fp16=False)
     return ov.Core().read_model(str(folder / XML))
+
+
+def save_ir(model: ov.Model, xml: Path, compress_to_fp16: bool) -> None:
+    """`ov.save_model`, with a full disk said as such: OpenVINO reports it only as "basic_ios::clear: iostream error"."""
+    try:
+        ov.save_model(model, str(xml), compress_to_fp16=compress_to_fp16)
+    except RuntimeError as exc:
+        if "iostream" in str(exc) and shutil.disk_usage(xml.parent).free < 256 * 2**20:
+            raise DiskFull(xml.parent) from exc
+        raise
 
 
 def quantize_calibrated(model: ov.Model, calls: list[dict[str, np.ndarray]], options: OvOptions,
