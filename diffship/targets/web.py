@@ -132,13 +132,13 @@ def compile(source: Path, precision: str = "fp32", options: WebOptions | None = 
             source = onnxruntime.compile(source, "int8", onnxruntime.OrtOptions(optimize=False), Path(tmp), context)
             record |= {k: v for k, v in read_json(Path(tmp) / GRAPH_FILE).items() if k != "precision"}
         model = onnx.load(str(source))
+        shapes = pinned_shapes(context)
+        _pin(model, shapes)  # before FP16: the converter's casts leave the graph unsorted for onnx's checker
         if precision == "fp16" and not kept:
             model = onnx_graph.to_fp16(model, True, list(options.fp16_op_block_list))
             record["conversion"] = "FP16 weights and compute, FP32 inputs/outputs"
         elif kept:
             record |= {"kept": "fp32", "reason": kept}
-        shapes = pinned_shapes(context)
-        _pin(model, shapes)
         onnx_graph.save(model, out, replace=True)
     written = {p.name: p.stat().st_size for p in dest.iterdir() if p.name.startswith(out.name)}
     try:

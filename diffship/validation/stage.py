@@ -118,7 +118,8 @@ def validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpe
         result = json.loads((done.path / "result.json").read_text(encoding="utf-8"))
         with np.load(done.path / "images.npz") as images:
             pairs[set_key] = [{"baseline": images["baseline"][i], "target": images["target"][i], **sample}
-                              for i, sample in enumerate(result.get("e2e", {}).get("samples", []))]
+                              for i, sample in enumerate([*result.get("e2e", {}).get("samples", []),
+                                                          *result.get("extra_pairs", [])])]
         hits[f"validate:{set_key}"] = done.hit
         if done.hit:
             say(f"[validate {set_key}] cached (no work): results of {done.info['created']}")

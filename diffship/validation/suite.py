@@ -136,7 +136,9 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
     if hasattr(backend, "app_check") and (app := backend.app_check(artifacts, deployed, samples[0], t.min_psnr,
                                                                    options or backend.parse_options({}), say)):
         result["app"], pair = app
-        pairs = [*pairs, *([pair] if pair else [])]
+        if pair:  # its image beside the runtime's goes into the report's grids after the e2e samples'
+            pairs = [*pairs, pair]
+            result["extra_pairs"] = [{k: v for k, v in pair.items() if k not in ("baseline", "target")}]
     if quality_baseline is not None:
         q = v.quality
         say(f"[{label}] quality: prompt accuracy over {10 * len(q.seeds)} digits at {q.steps} steps")
