@@ -26,6 +26,7 @@ from diffship.artifacts import (
 )
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import ModuleLoader, component_entry, export_one, finish_pipeline_folder, select_specs
+from diffship.isolation import compile_isolated, should_isolate
 from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec, component_specs, native_size
 from diffship.models.controlnet import controlnets_in
@@ -37,7 +38,7 @@ from diffship.recipe import Recipe
 from diffship.runtime.tasks import inputs_digest, task_inputs, validated_tasks
 from diffship.targets import CompileContext, check_available, get_target
 from diffship.targets.accuracy_gate import Gate
-from diffship.targets.calibration import CalibrationData, capture, check_calibration
+from diffship.targets.calibration import CalibrationData, CalibrationFile, capture, check_calibration
 from diffship.validation.baseline import Baseline
 from diffship.validation.parity import Case
 from diffship.validation.report import write_report
@@ -266,8 +267,14 @@ class Calibration:
         if done.hit:
             self.baseline.say("[calibration] cached (no work)")
         self.hits["calibration"] = done.hit
-        self.data = CalibrationData.load(done.path / "inputs.npz", done.info)
+        self.path = done.path / "inputs.npz"
+        self.data = CalibrationData.load(self.path, done.info)
         return self.data
+
+    def as_file(self) -> CalibrationFile:
+        """The captured inputs by their cache file (captured first if need be), for a compile in a child process."""
+        self()
+        return CalibrationFile(self.path, self.data.info)
 
     def _capture(self, staging: Path, info: dict[str, Any]) -> None:
         s = self.settings
@@ -342,7 +349,7 @@ def _compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Com
                                       environment=environment, gate=repr(context.gate), versions=versions)
                 done = cache.cached_step("compile", entry_key, f"{name} {set_key} compile",
                                          functools.partial(_compile_into, backend, source, precision, options, context,
-                                                           say, prefix),
+                                                           say, prefix, should_isolate(recipe.compile.isolate, source)),
                                          force=force, say=say, copy_to=set_dir / name)
                 hits[f"compile:{set_key}:{name}"] = done.hit
                 say(f"{prefix}: cached (no work)" if done.hit else f"{prefix}: done in {done.info['seconds']:.1f} s")
@@ -376,10 +383,13 @@ def _gate(recipe: Recipe, precision: str, probes: tuple[tuple[int, int, int], ..
 
 
 def _compile_into(backend: Any, source: Path, precision: str, options: Any, context: CompileContext, say: Say,
-                  prefix: str, staging: Path, info: dict[str, Any]) -> None:
-    say(f"{prefix}: compiling ...")
+                  prefix: str, isolate: bool, staging: Path, info: dict[str, Any]) -> None:
+    say(f"{prefix}: compiling ..." + (" (in a child process)" if isolate else ""))
     began = time.perf_counter()
-    artifact = backend.compile(source, precision, options, staging, context)
+    if isolate:
+        artifact, _ = compile_isolated(backend.__name__, source, precision, options, staging, context)
+    else:
+        artifact = backend.compile(source, precision, options, staging, context)
     info |= {"artifact": artifact.name, "seconds": round(time.perf_counter() - began, 2)}
 
 

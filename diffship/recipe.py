@@ -46,6 +46,13 @@ class ExportRecipe(_Strict):
     opset: int = Field(17, ge=14, le=20)
 
 
+class CompileRecipe(_Strict):
+    """How components are compiled: `isolate` runs each compile in a child process of its own (true, false, or
+    "auto": components of 2 GiB of weights or more), so a full-size stage's heap is returned before the next."""
+
+    isolate: bool | Literal["auto"] = "auto"
+
+
 def _check_range(value: tuple[int, int], what: str) -> tuple[int, int]:
     low, high = value
     if low < 1:
@@ -215,6 +222,7 @@ class Recipe(_Strict):
     components: list[str] | None = None
     targets: list[TargetRecipe] = Field(default_factory=lambda: [TargetRecipe(name="onnxruntime")], min_length=1)
     export: ExportRecipe = Field(default_factory=ExportRecipe)
+    compile: CompileRecipe = Field(default_factory=CompileRecipe)
     shapes: ShapesRecipe = Field(default_factory=ShapesRecipe)
     validation: ValidationRecipe = Field(default_factory=ValidationRecipe)
     thresholds: dict[str, Threshold] = Field(default_factory=dict)

@@ -48,6 +48,17 @@ class CalibrationData:
         return data
 
 
+@dataclass(frozen=True)
+class CalibrationFile:
+    """Captured calibration inputs named by their file in the cache: what a compile in a child process loads."""
+
+    path: Path
+    info: dict[str, Any]
+
+    def __call__(self) -> CalibrationData:
+        return CalibrationData.load(self.path, self.info)
+
+
 def check_calibration(prompts: list[str], samples: int) -> None:
     """Refuse calibration settings too small to calibrate with."""
     if not prompts:
