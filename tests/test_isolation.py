@@ -67,3 +67,19 @@ def test_auto_isolates_components_of_2_gib_or_more(tmp_path: Path):
     with open(tmp_path / "model.onnx_data", "wb") as f:
         f.truncate(ISOLATE_ABOVE)  # sparse: the size is what counts
     assert should_isolate("auto", tmp_path / "model.onnx") and not should_isolate(False, tmp_path / "model.onnx")
+
+
+def test_a_build_with_isolate_true_compiles_every_component_in_a_child(tmp_path: Path, model_cache: Path):
+    from diffship.build import build
+    from diffship.recipe import parse_recipe
+
+    lines: list[str] = []
+    recipe = parse_recipe({"model": "tiny-sd", "compile": {"isolate": True},
+                           "targets": [{"name": "onnxruntime", "precisions": ["int8"]}],
+                           "calibration": {"prompts": ["a red bicycle"], "samples": 4, "steps": 2},
+                           "validation": {"prompts": ["a red bicycle"], "seeds": [0], "steps": 2,
+                                          "latency": {"enabled": False}}})
+    result = build(recipe, tmp_path / "out", say=lines.append)
+    assert result.passed
+    compiling = [line for line in lines if line.endswith("compiling ... (in a child process)")]
+    assert len(compiling) == 4, lines  # text encoder, UNet (calibrated from the capture's file), both VAE halves
