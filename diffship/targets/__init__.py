@@ -35,6 +35,7 @@ TARGETS = {
     "coreml": TargetInfo("diffship.targets.coreml", "coremltools", "coreml"),
     "torch": TargetInfo("diffship.targets.pytorch", "torch", None),
     "web": TargetInfo("diffship.targets.web", "onnxruntime", None),
+    "mobile": TargetInfo("diffship.targets.mobile", "onnxruntime", None),
 }
 
 

@@ -133,7 +133,7 @@ def compile(source: Path, precision: str = "fp32", options: WebOptions | None = 
             record |= {k: v for k, v in read_json(Path(tmp) / GRAPH_FILE).items() if k != "precision"}
         model = onnx.load(str(source))
         shapes = pinned_shapes(context)
-        _pin(model, shapes)  # before FP16: the converter's casts leave the graph unsorted for onnx's checker
+        pin(model, shapes)  # before FP16: the converter's casts leave the graph unsorted for onnx's checker
         if precision == "fp16" and not kept:
             model = onnx_graph.to_fp16(model, True, list(options.fp16_op_block_list))
             record["conversion"] = "FP16 weights and compute, FP32 inputs/outputs"
@@ -156,7 +156,7 @@ def _int8_kept(spec: Any) -> str | None:
     return "VAE activations lose too much in INT8" if spec.role.startswith("vae") else None
 
 
-def _pin(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+def pin(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
     """Fix every input's dimensions (onnxruntime's own tool, as its mobile docs do) and the outputs' where shape
     inference can tell them."""
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed

@@ -1,0 +1,41 @@
+"""onnxruntime's mobile usability checker, as numbers for the report: for NNAPI and Core ML (ML program and the
+older NeuralNetwork format), how many nodes each provider takes, in how many partitions, which ops block it, and
+the checker's own verdict. The checker's functions are called directly (`python -m
+onnxruntime.tools.check_onnx_model_mobile_usability` prints the same analysis), on the model after ONNX Runtime's
+basic optimizations, as the checker itself and an ORT-format conversion do."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# provider -> (checker function name, its supported-ops table for Core ML)
+PROVIDERS = {"NNAPI": ("check_nnapi_partitions", None),
+             "CoreML MLProgram": ("check_coreml_partitions", "coreml_supported_mlprogram_ops.md"),
+             "CoreML NeuralNetwork": ("check_coreml_partitions", "coreml_supported_neuralnetwork_ops.md")}
+GOAL = {"min_node_share": 0.95, "max_partitions": 5}
+
+
+def usability(model: Path) -> dict[str, Any]:
+    """Per provider: nodes, nodes it takes, partitions, unsupported ops, the checker's verdict, and the goal met."""
+    from onnxruntime.tools.mobile_helpers import usability_checker as checker
+    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, optimize_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / model.name
+        optimize_model(model, optimized, use_external_initializers=True)
+        graph = ModelProtoWithShapeInfo(optimized).model_with_shape_info
+        results = {}
+        for name, (function, table) in PROVIDERS.items():
+            check = getattr(checker, function)
+            info = check(graph, True, table) if table else check(graph, True)
+            share = info.num_supported_nodes / max(info.num_nodes, 1)
+            results[name] = {"nodes": info.num_nodes, "supported_nodes": info.num_supported_nodes,
+                             "share": round(share, 4), "partitions": info.num_partitions,
+                             "unsupported_ops": sorted(info.unsupported_ops),
+                             "dynamic_input_nodes": info.nodes_unsupported_due_to_dynamic_input,
+                             "verdict": info.suitability().name,
+                             "goal_met": share >= GOAL["min_node_share"] and info.num_partitions <= GOAL["max_partitions"]
+                             and info.suitability().name == "YES"}
+    return results
