@@ -212,6 +212,13 @@ class MobileRunner:
         described = self.runner.describe()
         usable = {ep: f"{u['supported_nodes']}/{u['nodes']} nodes, {u['partitions']} partition(s), {u['verdict']}"
                   for ep, u in self.record.get("usability", {}).items()}
+        rewrites, q = self.rewrites, self.record.get("quantization")
+        done = [*(["timestep embedding on the host"] if "timestep_embedding" in rewrites else []),
+                *(f"{op} {n} decomposed" for op, n in sorted(rewrites.get("decomposed", {}).items()))]
+        described["graph"] = {"conversion": "ORT format" + (f"; {', '.join(done)}" if done else ""),
+                              "quantization": f"{q['format']}, {q['activations']} activations, {q['weights']} weights, "
+                                              f"{q['calibration_calls']} calls" if q else "",
+                              "reason": self.record.get("reason", "")}
         return described | {"target": NAME, "precision": self.precision, "usability": usable,
                             "summary": f"ORT format ({self.precision}) on ONNX Runtime CPU; NNAPI / Core ML / QNN "
                                        "cannot run here: usability checked"}

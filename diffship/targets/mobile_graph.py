@@ -7,13 +7,12 @@ replaces one of them with operators both providers list, computing the same func
 - the sinusoidal timestep embedding moves to the host (`timestep_embedding`, as diffusers computes it): the graph
   takes the embedding as an input, and its `Sin` / `Cos` / broadcast nodes go;
 - InstanceNormalization and LayerNormalization become ReduceMean / Sub / Mul / Add / Sqrt / Div (exact);
-- Erf becomes tanh(2/sqrt(pi) * (z + 0.044715 * 2 z^3)), the approximation behind GELU's tanh form (|error| < 4e-4);
+- Erf becomes Abramowitz & Stegun's rational approximation 7.1.26 in those ops (|error| < 1.5e-7);
 - with the shapes pinned, shape arithmetic folds to constants (polygraphy, as the ONNX Runtime target folds).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -21,9 +20,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 EMBEDDING_INPUT = "timestep_embedding"
-# erf(z) ~= tanh(a z + b z^3): GELU's tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with x = sqrt(2) z.
-ERF_A = 2 / math.sqrt(math.pi)
-ERF_B = ERF_A * 0.044715 * 2
+ERF_CONSTANTS = {"p": 0.3275911, "a1": 0.254829592, "a2": -0.284496736, "a3": 1.421413741, "a4": -1.453152027,
+                 "a5": 1.061405429, "one": 1.0, "minus_one": -1.0, "tiny": 1e-30}
 
 
 def host_timestep_embedding(model: onnx.ModelProto) -> int | None:
@@ -166,13 +164,29 @@ def _layer_norm(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto],
 
 def _erf(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], graph: onnx.GraphProto,
          rank: int) -> list[onnx.NodeProto]:
+    """erf(z) = sign(z) (1 - t (a1 + t (a2 + ... + t a5)) exp(-z^2)), t = 1 / (1 + p |z|): Abramowitz & Stegun 7.1.26,
+    |error| < 1.5e-7. |z| is sqrt(z^2) and sign(z) is z / (|z| + 1e-30): Abs and Sign are not in Core ML's list."""
     p, z = node.name or node.output[0], node.input[0]
-    a, b = _const(graph, f"{p}/a", ERF_A), _const(graph, f"{p}/b", ERF_B)
-    return [helper.make_node("Mul", [z, z], [f"{p}/z2"]),
-            helper.make_node("Mul", [f"{p}/z2", b], [f"{p}/bz2"]),
-            helper.make_node("Add", [f"{p}/bz2", a], [f"{p}/poly"]),
-            helper.make_node("Mul", [z, f"{p}/poly"], [f"{p}/argument"]),
-            helper.make_node("Tanh", [f"{p}/argument"], [node.output[0]])]
+    c = {k: _const(graph, f"{p}/{k}", v) for k, v in ERF_CONSTANTS.items()}
+    made = [helper.make_node("Mul", [z, z], [f"{p}/z2"]),
+            helper.make_node("Sqrt", [f"{p}/z2"], [f"{p}/abs"]),
+            helper.make_node("Mul", [f"{p}/abs", c["p"]], [f"{p}/pz"]),
+            helper.make_node("Add", [f"{p}/pz", c["one"]], [f"{p}/den"]),
+            helper.make_node("Div", [c["one"], f"{p}/den"], [f"{p}/t"]),
+            helper.make_node("Mul", [f"{p}/t", c["a5"]], [f"{p}/h5"])]
+    previous = f"{p}/h5"
+    for k in ("a4", "a3", "a2", "a1"):
+        made += [helper.make_node("Add", [previous, c[k]], [f"{p}/s{k}"]),
+                 helper.make_node("Mul", [f"{p}/s{k}", f"{p}/t"], [f"{p}/h{k}"])]
+        previous = f"{p}/h{k}"
+    made += [helper.make_node("Mul", [f"{p}/z2", c["minus_one"]], [f"{p}/negz2"]),
+             helper.make_node("Exp", [f"{p}/negz2"], [f"{p}/gauss"]),
+             helper.make_node("Mul", [previous, f"{p}/gauss"], [f"{p}/tail"]),
+             helper.make_node("Sub", [c["one"], f"{p}/tail"], [f"{p}/magnitude"]),
+             helper.make_node("Add", [f"{p}/abs", c["tiny"]], [f"{p}/abs_eps"]),
+             helper.make_node("Div", [z, f"{p}/abs_eps"], [f"{p}/sign"]),
+             helper.make_node("Mul", [f"{p}/magnitude", f"{p}/sign"], [node.output[0]])]
+    return made
 
 
 _REWRITES = {"InstanceNormalization": _instance_norm, "LayerNormalization": _layer_norm, "Erf": _erf}
