@@ -408,7 +408,8 @@ def _pipeline_files(root: Path, folder: Path, components: dict[str, Any]) -> lis
     files = [e for name in sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in components)
              for e in file_entries(root, folder / name)]
     return [*files, *({"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size,
-                       "sha256": cache.sha256_file(p)} for p in sorted(folder.iterdir()) if p.is_file())]
+                       "sha256": cache.sha256_file(p)} for p in sorted(folder.iterdir())
+                      if p.is_file() and p.name != "manifest.json")]  # an export folder's own, made anew each build
 
 
 def _copy_pipeline_folder(export_dir: Path, set_dir: Path, components: list[str], index: dict[str, Any]) -> None:
