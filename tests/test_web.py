@@ -98,9 +98,11 @@ def python_images(digits_web):
     return images, latents
 
 
-def _latents_folder(tmp_path: Path, latents) -> dict[str, Path]:
+def _page_from(out: Path, latents, tmp_path: Path, ep: str):
+    """The web-fp32 page run for SEVEN from the given initial latents, on `ep`."""
     np.save(tmp_path / "latents.npy", latents.numpy().astype(np.float32))
-    return {"check": tmp_path}
+    params = {"prompt": SEVEN, "seed": 0, "steps": STEPS, "guidance": GUIDANCE, "latents": "check/latents.npy", "ep": ep}
+    return run_page(out / "web-fp32", params, webgpu=ep == "webgpu", extra={"check": tmp_path})
 
 
 @needs_runtime
@@ -108,9 +110,7 @@ def _latents_folder(tmp_path: Path, latents) -> dict[str, Path]:
 def test_the_page_draws_the_runtimes_image_and_the_digit_its_prompt_names(digits_web, python_images, tmp_path):
     _, out = digits_web
     images, latents = python_images
-    params = {"prompt": SEVEN, "seed": 0, "steps": STEPS, "guidance": GUIDANCE, "latents": "check/latents.npy",
-              "ep": "wasm"}
-    page = run_page(out / "web-fp32", params, extra=_latents_folder(tmp_path, latents))
+    page = _page_from(out, latents, tmp_path, "wasm")
     assert page.state == "done", (page.status, page.console)
     drawn = _image(page.png)
     metrics = compare_images(images[SEVEN], drawn)
@@ -126,9 +126,7 @@ def test_the_page_draws_the_runtimes_image_and_the_digit_its_prompt_names(digits
 def test_webgpu_runs_the_fp32_graphs_on_swiftshader(digits_web, python_images, tmp_path):
     _, out = digits_web
     images, latents = python_images
-    params = {"prompt": SEVEN, "seed": 0, "steps": STEPS, "guidance": GUIDANCE, "latents": "check/latents.npy",
-              "ep": "webgpu"}
-    page = run_page(out / "web-fp32", params, webgpu=True, extra=_latents_folder(tmp_path, latents))
+    page = _page_from(out, latents, tmp_path, "webgpu")
     assert page.state == "done" and page.timings["backend"] == "webgpu", (page.backend, page.status, page.console)
     assert "swiftshader" in page.backend.lower()
     metrics = compare_images(images[SEVEN], _image(page.png))

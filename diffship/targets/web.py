@@ -226,11 +226,12 @@ def finish_set(set_dir: Path, components: dict[str, Path], precision: str, optio
         write_app(set_dir, components, precision, family, say)
 
 
-def app_check(artifacts: Any, deployed: Any, sample: Any, min_psnr: float, options: WebOptions,
+def app_check(artifacts: Any, deployed: Any, sample: Any, image: Any, min_psnr: float, options: WebOptions,
               say: Any) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-    """Validation's run of the page itself in headless Chromium (see diffship/web/check.py)."""
+    """Validation's run of the page itself in headless Chromium, against the runtime's `image` of `sample` (see
+    diffship/web/check.py)."""
     if not options.app:
         return None
     from diffship.web.check import app_check as check
 
-    return check(artifacts.pipeline, artifacts.precision, deployed, sample, min_psnr, say)
+    return check(artifacts.pipeline, artifacts.precision, deployed, sample, image, min_psnr, say)

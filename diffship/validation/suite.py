@@ -133,8 +133,8 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
                          plan.inputs)
     result["e2e"] = e2e
     # A set that carries its own app (the web target's page) is also run there, from the same initial latents.
-    if hasattr(backend, "app_check") and (app := backend.app_check(artifacts, deployed, samples[0], t.min_psnr,
-                                                                   options or backend.parse_options({}), say)):
+    if hasattr(backend, "app_check") and pairs and (app := backend.app_check(
+            artifacts, deployed, samples[0], pairs[0]["target"], t.min_psnr, options or backend.parse_options({}), say)):
         result["app"], pair = app
         if pair:  # its image beside the runtime's goes into the report's grids after the e2e samples'
             pairs = [*pairs, pair]

@@ -20,10 +20,11 @@ from diffship.validation.e2e import compare_images
 CHECK_FOLDER = "_diffship_check"
 
 
-def app_check(set_dir: Path, precision: str, deployed: Any, sample: Any, min_psnr: float, say: Any,
-              timeout: float = 900.0) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Run the page for `sample`; its result for the report and, when it drew one, the image pair (Python runtime |
-    browser) for the report's grids."""
+def app_check(set_dir: Path, precision: str, deployed: Any, sample: Any, python: np.ndarray, min_psnr: float,
+              say: Any, timeout: float = 900.0) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Run the page for `sample`, whose image the Python runtime drew (`python`, end to end's, from the same seeded
+    latents); its result for the report and, when it drew one, the image pair (Python runtime | browser) for the
+    report's grids."""
     from diffship.runtime.pipeline import initial_latents
     from diffship.web.browser import browser_unavailable, run_page
 
@@ -34,8 +35,6 @@ def app_check(set_dir: Path, precision: str, deployed: Any, sample: Any, min_psn
     channels = deployed.vae_config.get("latent_channels", 4)
     latents = initial_latents(sample.seed, 1, channels, sample.height // deployed.vae_scale,
                               sample.width // deployed.vae_scale)
-    python = deployed(sample.prompt, sample.negative_prompt, sample.height, sample.width, sample.steps,
-                      sample.guidance_scale, sample.seed, latents=latents).images[0]
     webgpu = precision == "fp16"
     say(f"{label} in-browser check: the page in headless Chromium ({'WebGPU' if webgpu else 'WASM'}), "
         f"{sample.steps} steps from the same initial latents ...")

@@ -6,11 +6,12 @@
 
 import {
   alphasCumprodFromConfig, arange, f32, interp, linspace, pickConfig, refuse, roundHalfEven, trainSigmas,
+  SCHEDULE_DEFAULTS,
 } from "./schedule.js";
 
 /** DPMSolverMultistepScheduler.__init__'s defaults: what from_config gives the keys a folder's config lacks. */
 export const DEFAULTS = {
-  num_train_timesteps: 1000, beta_start: 0.0001, beta_end: 0.02, beta_schedule: "linear", trained_betas: null,
+  ...SCHEDULE_DEFAULTS,
   solver_order: 2, prediction_type: "epsilon", thresholding: false, dynamic_thresholding_ratio: 0.995,
   sample_max_value: 1.0, algorithm_type: "dpmsolver++", solver_type: "midpoint", lower_order_final: true,
   euler_at_final: false, use_karras_sigmas: false, use_exponential_sigmas: false, use_beta_sigmas: false,

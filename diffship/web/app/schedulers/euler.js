@@ -4,16 +4,12 @@
 // interpolation_type other than "linear", final_sigmas_type other than "zero", and continuous v-prediction timesteps.
 
 import {
-  alphasCumprodFromConfig, f32, interp, pickConfig, refuse, spacedTimesteps, trainSigmas,
+  alphasCumprodFromConfig, f32, interp, pickConfig, refuse, spacedTimesteps, trainSigmas, SCHEDULE_DEFAULTS,
 } from "./schedule.js";
 
 /** EulerDiscreteScheduler.__init__'s defaults: what from_config gives the keys a folder's config lacks. */
 export const DEFAULTS = {
-  num_train_timesteps: 1000,
-  beta_start: 0.0001,
-  beta_end: 0.02,
-  beta_schedule: "linear",
-  trained_betas: null,
+  ...SCHEDULE_DEFAULTS,
   prediction_type: "epsilon",
   interpolation_type: "linear",
   use_karras_sigmas: false,

@@ -2,15 +2,11 @@
 // default of many SD 1.x folders. Supports timestep_spacing leading / trailing / linspace, steps_offset,
 // set_alpha_to_one, prediction_type epsilon / v_prediction. Refuses skip_prk_steps: false (the Runge-Kutta warm-up).
 
-import { alphasCumprodFromConfig, pickConfig, refuse, spacedTimesteps } from "./schedule.js";
+import { alphasCumprodFromConfig, pickConfig, refuse, spacedTimesteps, SCHEDULE_DEFAULTS } from "./schedule.js";
 
 /** PNDMScheduler.__init__'s defaults: what from_config gives the keys a folder's config lacks. */
 export const DEFAULTS = {
-  num_train_timesteps: 1000,
-  beta_start: 0.0001,
-  beta_end: 0.02,
-  beta_schedule: "linear",
-  trained_betas: null,
+  ...SCHEDULE_DEFAULTS,
   skip_prk_steps: false,
   set_alpha_to_one: false,
   prediction_type: "epsilon",

@@ -15,6 +15,15 @@
 export const f32 = Math.fround;
 
 /** Throws an Error with `message` when `condition` holds: the ports refuse options they do not implement. */
+/** The training-schedule defaults every diffusers scheduler's __init__ has (0.42.1): the start of each DEFAULTS. */
+export const SCHEDULE_DEFAULTS = Object.freeze({
+  num_train_timesteps: 1000,
+  beta_start: 0.0001,
+  beta_end: 0.02,
+  beta_schedule: "linear",
+  trained_betas: null,
+});
+
 export function refuse(condition, message) {
   if (condition) throw new Error(message);
 }
