@@ -193,3 +193,16 @@ console.log(JSON.stringify({{ ids: {json.dumps(texts)}.map((t) => Array.from(tok
     assert len(tokenizer(texts[2]).input_ids) > 77  # the long prompt was cut, as diffusers cuts it
     assert got["npy"]["shape"] == [2, 3, 4]
     assert np.allclose(got["npy"]["data"], (np.arange(24, dtype=np.float32) / 7).tolist())
+
+
+def test_a_web_build_without_the_npm_runtime_exits_2_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from typer.testing import CliRunner
+
+    from diffship.cli import app
+
+    monkeypatch.setenv("DIFFSHIP_WEB_RUNTIME", str(tmp_path / "empty"))
+    result = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--targets", "web:fp32", "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "The web app needs onnxruntime-web and @huggingface/tokenizers from npm" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
