@@ -26,6 +26,7 @@ from diffship.artifacts import atomic_write_json, read_json
 from diffship.errors import DiffshipError, DiskFull
 from diffship.memory import release_freed
 from diffship.targets import CompileContext, calibration_inputs
+from diffship.targets.ir_names import stable_names
 
 NAME = "openvino"
 XML = "openvino_model.xml"
@@ -194,6 +195,7 @@ def save_ir(model: ov.Model, xml: Path, compress_to_fp16: bool) -> None:
     """`ov.save_model`, with a full disk said as such: OpenVINO reports it only as "basic_ios::clear: iostream error"."""
     try:
         ov.save_model(model, str(xml), compress_to_fp16=compress_to_fp16)
+        stable_names(xml)
     except RuntimeError as exc:
         if "iostream" in str(exc) and shutil.disk_usage(xml.parent).free < 256 * 2**20:
             raise DiskFull(xml.parent) from exc
