@@ -19,6 +19,7 @@ from torch import nn
 
 from diffship import __version__
 from diffship.errors import DiffshipError
+from diffship.exporters import precise_norms
 from diffship.models.components import ComponentSpec
 
 MODEL_FILE = "model.onnx"
@@ -52,6 +53,8 @@ def export_component(spec: ComponentSpec, wrapper: nn.Module, folder: Path, opse
         _check_opset(model, opset)
         model.producer_name, model.producer_version = "diffship", __version__
         onnx.helper.set_model_props(model, {"diffship.component": spec.name, **(metadata or {})})
+        if spec.norms_at_image_resolution and opset >= precise_norms.FIRST_OPSET:
+            precise_norms.instance_norms_as_layer_norms(model)
         final = folder / MODEL_FILE
         if any(uses_external_data(t) for t in _get_all_tensors(model)):
             _gather_external_data(model, Path(raw_dir), folder / DATA_FILE)

@@ -61,6 +61,11 @@ class ComponentSpec:
         return self.role in ("denoiser", "controlled_denoiser")
 
     @property
+    def norms_at_image_resolution(self) -> bool:
+        """Its GroupNorms run on image-sized groups (the VAE), where float summation loses FP32 accuracy."""
+        return self.role in ("vae_encoder", "vae_decoder")
+
+    @property
     def in_denoising_loop(self) -> bool:
         """Runs once per step on the latents, both guidance halves at once: the denoiser, its ControlNet-residual
         variant and the ControlNets."""
