@@ -9,6 +9,12 @@ the machine over the run shows; ratios are against the mean of the two.
 
     python benchmarks/unet_speed.py --build out/bench-sdxl/onnxruntime \
         --calibration <cache>/artifacts/calibration/<key>/inputs.npz [--sets onnxruntime-fp32 ...] [--steps 2] [--runs 2]
+
+Artifacts outside a build folder (a cache's compile entries) are named one by one instead, with the model folder the
+PyTorch sides load; they run with their target's default options:
+
+    python benchmarks/unet_speed.py --model-folder <cache>/models/sdxl-arch-r1 --calibration ... \
+        --artifact onnxruntime-int8=<entry>/model.onnx --artifact openvino-bf16=<entry>/openvino_model.xml
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ def real_steps(calibration: Path, count: int) -> list[dict[str, np.ndarray]]:
     return [calls[i] for i in keep]
 
 
-def load_side(side: str, build: Path) -> tuple[Any, Any]:
+def load_side(side: str, build: Path | None, model_folder: Path | None, artifact: Path | None) -> tuple[Any, Any]:
     """A function from named inputs to the UNet's output array, for one side; and the spec of the UNet."""
     import torch
 
@@ -47,7 +53,7 @@ def load_side(side: str, build: Path) -> tuple[Any, Any]:
     from diffship.models.loading import load_component
     from diffship.targets import get_target
 
-    folder = Path(read_manifest(build).source.folder)
+    folder = model_folder or Path(read_manifest(build).source.folder)
     spec = next(s for s in component_specs(folder) if s.is_denoiser)
     if side in TORCH_SIDES:
         dtype = torch.bfloat16 if side == "torch-bf16" else torch.float32
@@ -62,20 +68,24 @@ def load_side(side: str, build: Path) -> tuple[Any, Any]:
 
         return run, spec
     target, precision = side.split("-", 1)
-    artifacts = open_artifacts(build, target, precision, verify=False)
     backend = get_target(target)
-    options = backend.parse_options(artifacts.options) if artifacts.options else None
-    runner = backend.load(artifacts.components[spec.name], options, precision)
+    if artifact is not None:
+        runner = backend.load(artifact, None, precision)
+    else:
+        artifacts = open_artifacts(build, target, precision, verify=False)
+        options = backend.parse_options(artifacts.options) if artifacts.options else None
+        runner = backend.load(artifacts.components[spec.name], options, precision)
     return lambda inputs: next(iter(runner.run(inputs).values())).astype(np.float32), spec
 
 
-def run_side(side: str, build: Path, calibration: Path, steps: int, runs: int, out: Path) -> dict[str, Any]:
+def run_side(side: str, build: Path | None, model_folder: Path | None, artifact: Path | None, calibration: Path,
+             steps: int, runs: int, out: Path) -> dict[str, Any]:
     """Load one side, run the real steps (saved to `out`), time `runs` calls; seconds and peak RSS."""
     from peak_memory import PeakRss
 
     peak = PeakRss().start()
     began = time.perf_counter()
-    run, spec = load_side(side, build)
+    run, spec = load_side(side, build, model_folder, artifact)
     names = {t.name for t in spec.inputs}
     calls = [{k: v for k, v in c.items() if k in names} for c in real_steps(calibration, steps)]
     load_seconds = time.perf_counter() - began
@@ -98,7 +108,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--build", type=Path, required=True, help="a `diffship build` output folder")
+    parser.add_argument("--build", type=Path, help="a `diffship build` output folder")
+    parser.add_argument("--model-folder", type=Path, help="the diffusers folder, with --artifact instead of --build")
+    parser.add_argument("--artifact", action="append", default=[], metavar="TARGET-PRECISION=PATH",
+                        help="one UNet artifact to time (repeatable), instead of a build's sets")
     parser.add_argument("--calibration", type=Path, required=True, help="the build's calibration capture (inputs.npz)")
     parser.add_argument("--sets", nargs="+", help="TARGET-PRECISION sets to time (default: every set of the build)")
     parser.add_argument("--steps", type=int, default=2, help="real denoising steps compared (the first warms up)")
@@ -107,20 +120,27 @@ def main() -> None:
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--outputs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    named = dict(a.split("=", 1) for a in args.artifact)
+    if (args.build is None) == (not named) or (named and args.model_folder is None):
+        parser.error("give --build, or --model-folder with one --artifact or more")
     if args.side:
-        result = run_side(args.side, args.build, args.calibration, args.steps, args.runs, args.outputs)
+        artifact = Path(named[args.side]) if args.side in named else None
+        result = run_side(args.side, args.build, args.model_folder, artifact, args.calibration, args.steps, args.runs,
+                          args.outputs)
         print("RESULT " + json.dumps(result), flush=True)
         return
     from diffship.cpu import describe
     from diffship.manifest import read_manifest
 
-    sets = args.sets or list(read_manifest(args.build).sets())
+    sets = list(named) if named else args.sets or list(read_manifest(args.build).sets())
+    where = (["--model-folder", str(args.model_folder), *(f"--artifact={a}" for a in args.artifact)] if named
+             else ["--build", str(args.build)])
     order = ["torch-fp32", "torch-bf16", *sets, "torch-fp32"]
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, side in enumerate(order):
             out = Path(tmp) / f"{i}-{side}.npz"
-            run = subprocess.run([sys.executable, __file__, "--build", str(args.build), "--calibration",
+            run = subprocess.run([sys.executable, __file__, *where, "--calibration",
                                   str(args.calibration), "--steps", str(args.steps), "--runs", str(args.runs),
                                   "--side", side, "--outputs", str(out)], capture_output=True, text=True)
             result = next((json.loads(line[7:]) for line in run.stdout.splitlines() if line.startswith("RESULT ")), None)

@@ -132,6 +132,9 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
                      variant=recipe.variant, loras=[LoraSpec(x.path, x.scale) for x in recipe.loras],
                      controlnets=recipe.controlnets)
     family = detect_family(source.folder)
+    for target in recipe.targets:  # what a target cannot make for this family, said before any work
+        if hasattr(backend := get_target(target.name), "check_family"):
+            backend.check_family(family.name, backend.parse_options(target.options))
     specs = select_specs(source.folder, recipe.components)
     needed = [s.name for s in component_specs(source.folder, family) if s.role in GENERATES]
     if missing := [c for c in needed if c not in {s.name for s in specs}]:

@@ -97,3 +97,20 @@ def test_mobile_options_are_checked():
         mobile.parse_options({"npu": True})
     with pytest.raises(DiffshipError, match="Unknown int8_activations"):
         mobile.parse_options({"int8_activations": "int4"})
+
+
+def test_a_component_over_2_gb_is_refused_before_it_is_loaded(tmp_path: Path):
+    from diffship.errors import DiffshipError
+    from diffship.models.components import component_specs
+    from diffship.models.source import resolve
+    from diffship.targets import CompileContext
+
+    export = tmp_path / "unet"
+    export.mkdir()
+    (export / "model.onnx").write_bytes(b"")  # not even a model: loading it would fail differently
+    with open(export / "model.onnx_data", "wb") as f:
+        f.truncate(10_300_000_000)  # SDXL's FP32 UNet, sparse
+    spec = next(s for s in component_specs(resolve("tiny-sd").folder) if s.is_denoiser)
+    with pytest.raises(DiffshipError, match=r"unet is 10\.30 GB, over 2 GB: the ORT format"):
+        mobile.compile(export / "model.onnx", "fp32", mobile.MobileOptions(), tmp_path / "out", CompileContext(spec))
+    assert not (tmp_path / "out").exists()

@@ -206,3 +206,16 @@ def test_a_web_build_without_the_npm_runtime_exits_2_before_any_work(tmp_path: P
     assert result.exit_code == 2, result.output
     assert "The web app needs onnxruntime-web and @huggingface/tokenizers from npm" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_web_build_of_an_sdxl_model_exits_2_before_any_export(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from diffship.cli import app
+
+    result = CliRunner().invoke(app, ["build", "--model", "tiny-sdxl", "--targets", "web:fp32", "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "The web app runs SD 1.x / 2.x pipelines (one CLIP text encoder)" in result.output
+    assert "app = false" in result.output and "[export" not in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

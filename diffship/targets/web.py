@@ -217,6 +217,14 @@ def preflight(precisions: list[str], options: WebOptions) -> None:
         runtime_folder()
 
 
+def check_family(family: str, options: WebOptions) -> None:
+    """Once the model is known, before any work: the app runs this family's pipeline."""
+    if options.app:
+        from diffship.web.bundle import check_family as app_runs
+
+        app_runs(family)
+
+
 def finish_set(set_dir: Path, components: dict[str, Path], precision: str, options: WebOptions, family: str,
                say: Any) -> None:
     """The static web app beside the graphs (see diffship/web/bundle.py)."""

@@ -58,16 +58,24 @@ def write_app(set_dir: Path, components: dict[str, Path], precision: str, family
     return set_dir / "index.html"
 
 
-def app_config(set_dir: Path, components: dict[str, Path], precision: str, family_name: str) -> dict[str, Any]:
-    """What the page needs to know: the graphs and their pinned shapes, the tokenizer, scheduler and VAE settings."""
+def check_family(family_name: str) -> None:
+    """Refuse a family whose conditioning the app does not make (SDXL's second text encoder and time ids)."""
     from diffship.models.families import family_named
-    from diffship.targets.web import input_shapes
 
     family = family_named(family_name)
     if family.time_ids or len(family.text_encoders) != 1:
         raise DiffshipError(f"The web app runs SD 1.x / 2.x pipelines (one CLIP text encoder); {family.short}'s "
                             "conditioning is not in it yet. Set the web target's option app = false to build the "
                             "graphs alone.")
+
+
+def app_config(set_dir: Path, components: dict[str, Path], precision: str, family_name: str) -> dict[str, Any]:
+    """What the page needs to know: the graphs and their pinned shapes, the tokenizer, scheduler and VAE settings."""
+    from diffship.models.families import family_named
+    from diffship.targets.web import input_shapes
+
+    check_family(family_name)
+    family = family_named(family_name)
     missing = [c for c in APP_COMPONENTS if c not in components]
     if missing:
         raise DiffshipError(f"The web app needs the {', '.join(missing)} component(s); the build made "
