@@ -101,6 +101,30 @@ def built(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
     return get
 
 
+@pytest.fixture(scope="session")
+def digits_devices(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+    """digits-sd built once for the browser (web fp32 + fp16) and the phone (mobile fp32 + int8): one export, one
+    recorded baseline. Without the web runtime's npm files the build is mobile only (test_web skips)."""
+    from diffship.build import build
+    from diffship.errors import DiffshipError
+    from diffship.recipe import parse_recipe
+    from diffship.web.bundle import runtime_folder
+
+    targets = [{"name": "mobile", "precisions": ["fp32", "int8"]}]
+    try:
+        runtime_folder()
+        targets.insert(0, {"name": "web", "precisions": ["fp32", "fp16"]})
+    except DiffshipError:
+        pass
+    seven = "a handwritten digit seven"
+    recipe = parse_recipe({"model": "digits-sd", "targets": targets,
+                           "calibration": {"prompts": [seven, "the number three"], "samples": 8, "steps": 8},
+                           "validation": {"prompts": [seven], "seeds": [0], "steps": 8, "guidance_scale": 5.0,
+                                          "latency": {"enabled": False}, "quality": {"seeds": [0]}}})
+    out = tmp_path_factory.mktemp("devices") / "digits"
+    return build(recipe, out), out
+
+
 @pytest.fixture
 def tmpfs(tmp_path: Path):
     """tmpfs(name, size, read_only) -> a fresh tmpfs mounted at tmp_path/name, unmounted after the test."""

@@ -12,27 +12,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from diffship.build import build
 from diffship.errors import DiffshipError
 from diffship.models.components import component_specs
 from diffship.models.source import resolve
-from diffship.recipe import parse_recipe
 from diffship.targets import mobile, mobile_graph
 
 BLOCKERS = {"Sin", "Cos", "Erf", "InstanceNormalization", "LayerNormalization", "Expand", "Where", "Equal"}
 
 
 @pytest.fixture(scope="module")
-def digits_mobile(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
-    """digits-sd built for mobile fp32 + int8 once (QNN INT8 calibrated on 8 captured UNet calls)."""
-    out = tmp_path_factory.mktemp("mobile") / "digits"
-    recipe = parse_recipe({"model": "digits-sd", "targets": [{"name": "mobile", "precisions": ["fp32", "int8"]}],
-                           "calibration": {"prompts": ["a handwritten digit seven", "the number three"], "samples": 8,
-                                           "steps": 8},
-                           "validation": {"prompts": ["a handwritten digit seven"], "seeds": [0], "steps": 8,
-                                          "guidance_scale": 5.0, "latency": {"enabled": False},
-                                          "quality": {"seeds": [0]}}})
-    return build(recipe, out), out
+def digits_mobile(digits_devices):
+    """digits-sd's mobile fp32 + int8 sets (QNN INT8 calibrated on 8 captured UNet calls), built with the web ones
+    (conftest)."""
+    return digits_devices
 
 
 def test_every_component_is_an_ort_model_with_its_operators_and_rewritten_onnx(digits_mobile):

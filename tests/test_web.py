@@ -15,9 +15,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from diffship.build import build
 from diffship.errors import DiffshipError
-from diffship.recipe import parse_recipe
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents
 from diffship.targets import web
 from diffship.validation.e2e import compare_images
@@ -38,15 +36,12 @@ needs_browser = pytest.mark.skipif(browser_unavailable() is not None, reason=f"n
 
 
 @pytest.fixture(scope="module")
-def digits_web(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
-    """digits-sd built for web fp32 + fp16 once (shapes left as ranges: the web graphs pin the validation's)."""
+def digits_web(digits_devices):
+    """digits-sd's web fp32 + fp16 sets (shapes left as ranges: the web graphs pin the validation's), built with the
+    mobile ones (conftest)."""
     if NO_RUNTIME:
         pytest.skip(NO_RUNTIME)
-    out = tmp_path_factory.mktemp("web") / "digits"
-    recipe = parse_recipe({"model": "digits-sd", "targets": [{"name": "web", "precisions": ["fp32", "fp16"]}],
-                           "validation": {"prompts": [SEVEN], "seeds": [0], "steps": STEPS, "guidance_scale": GUIDANCE,
-                                          "latency": {"enabled": False}, "quality": {"seeds": [0]}}})
-    return build(recipe, out), out
+    return digits_devices
 
 
 def _image(png: bytes) -> np.ndarray:
