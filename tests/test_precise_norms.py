@@ -13,7 +13,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from diffship.exporters.precise_norms import instance_norms_as_layer_norms
+from diffship.exporters.precise_norms import instance_norms_as_layer_norms, layer_norms_as_instance_norms
 
 
 def _ops(path) -> collections.Counter:
@@ -43,7 +43,14 @@ def test_the_rewrite_keeps_torch_s_group_norm_and_leaves_a_learned_instance_norm
     ops = collections.Counter(n.op_type for n in model.graph.node)
     assert ops["LayerNormalization"] == 1 and not ops["InstanceNormalization"]
     with torch.no_grad():
-        assert _rel_l2(norm(x).numpy(), _run(model, x.numpy())) < 1e-6
+        expected = norm(x).numpy()
+    assert _rel_l2(expected, _run(model, x.numpy())) < 1e-6
+    # The web target takes them back to InstanceNormalization (onnxruntime-web's WebGPU kernel wants a whole scale).
+    assert layer_norms_as_instance_norms(model) == 1
+    onnx.checker.check_model(model)
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["InstanceNormalization"] == 1 and not ops["LayerNormalization"]
+    assert _rel_l2(expected, _run(model, x.numpy())) < 1e-6
     # An InstanceNormalization with its own scale (a real InstanceNorm2d) is not GroupNorm's: it stays.
     learned = helper.make_model(helper.make_graph(
         [helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"])], "g",

@@ -65,6 +65,9 @@ def test_web_sets_hold_pinned_graphs_the_app_and_a_manifest_that_covers_them(dig
         assert all(d.HasField("dim_value") for d in dims), "every input dimension pinned"
         weights = {t.data_type for t in model.graph.initializer if len(t.dims) > 1}
         assert weights == ({onnx.TensorProto.FLOAT16} if precision == "fp16" else {onnx.TensorProto.FLOAT})
+        # The export's LayerNormalization GroupNorms are InstanceNormalization again: WebGPU's kernel needs that.
+        vae = {n.op_type for n in onnx.load(str(folder / "vae_decoder" / "model.onnx")).graph.node}
+        assert "InstanceNormalization" in vae and "LayerNormalization" not in vae
     manifest = json.loads((out / "manifest.json").read_text())
     listed = {f["path"] for f in manifest["artifacts"]["web-fp32"]["pipeline_files"]}
     assert {"web-fp32/index.html", "web-fp32/diffship-web.json", "web-fp32/runtime/ort.webgpu.min.mjs"} <= listed

@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
 FIRST_OPSET = 17  # LayerNormalization entered the standard domain at opset 17
+UNIT = "diffship_precise_norm_unit_scale"
 
 
 def instance_norms_as_layer_norms(model: onnx.ModelProto) -> int:
@@ -32,7 +33,7 @@ def instance_norms_as_layer_norms(model: onnx.ModelProto) -> int:
         return tensor is not None and not uses_external_data(tensor) and bool(np.all(numpy_helper.to_array(tensor) == value))
 
     rewritten, replaced = 0, set()
-    unit = "diffship_precise_norm_unit_scale"
+    unit = UNIT
     for index, node in enumerate(graph.node):
         if node.op_type != "InstanceNormalization" or not (all_equal(node.input[1], 1.0) and all_equal(node.input[2], 0.0)):
             continue
@@ -54,3 +55,31 @@ def instance_norms_as_layer_norms(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return rewritten
+
+
+def layer_norms_as_instance_norms(model: onnx.ModelProto) -> int:
+    """Undo `instance_norms_as_layer_norms` in place, for a runtime whose LayerNormalization wants a scale of the
+    whole normalized size (onnxruntime-web's WebGPU kernel); return how many. The groups' count comes from shape
+    inference."""
+    graph = model.graph
+    ours = [n for n in graph.node if n.op_type == "LayerNormalization" and len(n.input) == 2 and n.input[1] == UNIT]
+    if not ours:
+        return 0
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: v.type.tensor_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
+    dtype = next(i.data_type for i in graph.initializer if i.name == UNIT)
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    for node in ours:
+        groups = shapes[node.input[0]].shape.dim[1].dim_value
+        if not groups:
+            raise ValueError(f"{node.name}: the groups' count of {node.input[0]} is not known")
+        scale, bias = f"{node.name}_unit_scale", f"{node.name}_zero_bias"
+        graph.initializer.extend([numpy_helper.from_array(np.ones(groups, np_dtype), scale),
+                                  numpy_helper.from_array(np.zeros(groups, np_dtype), bias)])
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        node.CopyFrom(onnx.helper.make_node("InstanceNormalization", [node.input[0], scale, bias], [node.output[0]],
+                                            name=node.name, epsilon=epsilon))
+    kept = [i for i in graph.initializer if i.name != UNIT]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(ours)

@@ -18,6 +18,7 @@ import onnx
 
 from diffship.artifacts import atomic_write_json, read_json
 from diffship.errors import DiffshipError
+from diffship.exporters import precise_norms
 from diffship.targets import CompileContext, onnx_graph
 
 NAME = "web"
@@ -134,6 +135,10 @@ def compile(source: Path, precision: str = "fp32", options: WebOptions | None = 
         model = onnx.load(str(source))
         shapes = pinned_shapes(context)
         pin(model, shapes)  # before FP16: the converter's casts leave the graph unsorted for onnx's checker
+        # onnxruntime-web's WebGPU LayerNormalization reads a scale of the whole normalized size: the VAE's GroupNorms
+        # go back to the InstanceNormalization torch exported (WASM runs either).
+        if restored := precise_norms.layer_norms_as_instance_norms(model):
+            record["group_norms"] = f"{restored} LayerNormalization back to InstanceNormalization for WebGPU"
         if precision == "fp16" and not kept:
             model = onnx_graph.to_fp16(model, True, list(options.fp16_op_block_list))
             record["conversion"] = "FP16 weights and compute, FP32 inputs/outputs"
