@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 # provider -> (checker function name, its supported-ops table for Core ML)
 PROVIDERS = {"NNAPI": ("check_nnapi_partitions", None),
              "CoreML MLProgram": ("check_coreml_partitions", "coreml_supported_mlprogram_ops.md"),
@@ -20,12 +22,14 @@ GOAL = {"min_node_share": 0.95, "max_partitions": 5}
 def usability(model: Path) -> dict[str, Any]:
     """Per provider: nodes, nodes it takes, partitions, unsupported ops, the checker's verdict, and the goal met."""
     from onnxruntime.tools.mobile_helpers import usability_checker as checker
-    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, optimize_model
+    from onnxruntime.tools.onnx_model_utils import optimize_model
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / model.name
         optimize_model(model, optimized, use_external_initializers=True)
-        graph = ModelProtoWithShapeInfo(optimized).model_with_shape_info
+        # The checker reads operators and shapes only: the graph without its weights, which onnxruntime's own loader
+        # (ModelProtoWithShapeInfo) would read whole and fail to serialize for shape inference past 2 GB.
+        graph = onnx.shape_inference.infer_shapes(onnx.load(str(optimized), load_external_data=False), strict_mode=True)
         results = {}
         for name, (function, table) in PROVIDERS.items():
             check = getattr(checker, function)
