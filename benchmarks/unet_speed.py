@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--outputs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if bad := [a for a in args.artifact if "=" not in a]:
+        parser.error(f"--artifact takes TARGET-PRECISION=PATH, not {bad[0]!r}")
     named = dict(a.split("=", 1) for a in args.artifact)
     if (args.build is None) == (not named) or (named and args.model_folder is None):
         parser.error("give --build, or --model-folder with one --artifact or more")

@@ -22,15 +22,11 @@ from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.targets import CompileContext
+from diffship.targets.onnx_graph import weight_bytes
 
 # Components whose ONNX weights reach this are compiled in a child under `isolate = "auto"`: the full-size UNets and
 # SDXL's second text encoder (2.8 GB), not the tiny models of the tests.
 ISOLATE_ABOVE = 2 * 2**30
-
-
-def weight_bytes(source: Path) -> int:
-    """An ONNX file's size with its external data."""
-    return sum(p.stat().st_size for p in source.parent.iterdir() if p.name.startswith(source.name))
 
 
 def should_isolate(setting: bool | str, source: Path) -> bool:

@@ -33,7 +33,6 @@ def instance_norms_as_layer_norms(model: onnx.ModelProto) -> int:
         return tensor is not None and not uses_external_data(tensor) and bool(np.all(numpy_helper.to_array(tensor) == value))
 
     rewritten, replaced = 0, set()
-    unit = UNIT
     for index, node in enumerate(graph.node):
         if node.op_type != "InstanceNormalization" or not (all_equal(node.input[1], 1.0) and all_equal(node.input[2], 0.0)):
             continue
@@ -41,9 +40,9 @@ def instance_norms_as_layer_norms(model: onnx.ModelProto) -> int:
         epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         if not rewritten:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(constants[node.input[1]].data_type)
-            graph.initializer.append(numpy_helper.from_array(np.ones(1, dtype), unit))
+            graph.initializer.append(numpy_helper.from_array(np.ones(1, dtype), UNIT))
         graph.node[index].CopyFrom(onnx.helper.make_node(
-            "LayerNormalization", [node.input[0], unit], [node.output[0]], name=node.name, axis=2, epsilon=epsilon))
+            "LayerNormalization", [node.input[0], UNIT], [node.output[0]], name=node.name, axis=2, epsilon=epsilon))
         replaced |= scale_bias
         rewritten += 1
     used = {name for n in graph.node for name in n.input}

@@ -83,7 +83,7 @@ def compile(source: Path, precision: str = "fp32", options: MobileOptions | None
         raise DiffshipError("The mobile target needs an output folder and the component it prepares.")
     spec = context.spec
     # The export's files are measured before they are loaded: SDXL's UNet would take 10 GB of memory to be refused.
-    size = sum(p.stat().st_size for p in source.parent.iterdir() if p.name.startswith(source.name))
+    size = onnx_graph.weight_bytes(source)
     if size >= onnx_graph.TWO_GB:
         raise DiffshipError(f"{spec.name} is {size / 1e9:.2f} GB, over 2 GB: the ORT format, like protobuf, cannot hold "
                             "it; phones need a smaller model (a distilled or pruned one, `diffship compress`).")

@@ -30,6 +30,11 @@ GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_
 TWO_GB = 2**31
 
 
+def weight_bytes(source: Path) -> int:
+    """An ONNX file's size with its external data (`model.onnx_data`, `model.onnx.data`)."""
+    return sum(p.stat().st_size for p in source.parent.iterdir() if p.name.startswith(source.name))
+
+
 def load(path: Path) -> onnx.ModelProto:
     """An ONNX model with its external weights."""
     return onnx.load(str(path), load_external_data=True)

@@ -104,7 +104,7 @@ def check_size(name: str, precision: str, files: dict[str, int]) -> None:
 
 
 def _estimate(source: Path, precision: str, kept_fp32: bool) -> dict[str, int]:
-    weights = sum(p.stat().st_size for p in source.parent.iterdir() if p.name.startswith(source.name))
+    weights = onnx_graph.weight_bytes(source)
     factor = 1.0 if kept_fp32 else BYTES_PER_WEIGHT[precision]
     return {f"{source.name} (estimated)": int(weights * factor)}
 

@@ -72,6 +72,7 @@ def check_family(family_name: str) -> None:
 def app_config(set_dir: Path, components: dict[str, Path], precision: str, family_name: str) -> dict[str, Any]:
     """What the page needs to know: the graphs and their pinned shapes, the tokenizer, scheduler and VAE settings."""
     from diffship.models.families import family_named
+    from diffship.targets.onnx_graph import weight_bytes
     from diffship.targets.web import input_shapes
 
     check_family(family_name)
@@ -87,7 +88,7 @@ def app_config(set_dir: Path, components: dict[str, Path], precision: str, famil
                         "external_data": sorted(p.name for p in path.parent.iterdir()
                                                 if p.name.startswith(f"{path.name}_data")),
                         "inputs": {k: list(v) for k, v in input_shapes(path).items()},
-                        "bytes": sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))}
+                        "bytes": weight_bytes(path)}
     unet = graphs["unet"]["inputs"]["sample"]
     vae = read_json(components["vae_decoder"].parent / "config.json")
     scale = vae.get("scaling_factor", 0.18215)

@@ -14,7 +14,6 @@
 
 export const f32 = Math.fround;
 
-/** Throws an Error with `message` when `condition` holds: the ports refuse options they do not implement. */
 /** The training-schedule defaults every diffusers scheduler's __init__ has (0.42.1): the start of each DEFAULTS. */
 export const SCHEDULE_DEFAULTS = Object.freeze({
   num_train_timesteps: 1000,
@@ -24,6 +23,7 @@ export const SCHEDULE_DEFAULTS = Object.freeze({
   trained_betas: null,
 });
 
+/** Throws an Error with `message` when `condition` holds: the ports refuse options they do not implement. */
 export function refuse(condition, message) {
   if (condition) throw new Error(message);
 }
