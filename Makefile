@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev,openvino,compress,coreml,web]"
+	$(BIN)/pip install --quiet -e ".[dev,openvino,compress,coreml,web,farm]"
 	scripts/install_web_runtime.sh
 	touch $@
 

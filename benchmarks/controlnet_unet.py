@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from controlnet_files import tiny_controlnet
 
-from diffship.build import static_shapes
+from diffship.compile_stage import static_shapes
 from diffship.cpu import cpu_facts, describe
 from diffship.exporters.pipeline import export_pipeline
 from diffship.models.components import component_specs, run_torch, wrap

@@ -29,7 +29,7 @@ COMPILE = r"""
 import json, resource, shutil, sys, time
 from pathlib import Path
 from diffship import cache
-from diffship.build import static_shapes
+from diffship.compile_stage import static_shapes
 from diffship.models.components import component_specs
 from diffship.models.source import resolve
 from diffship.targets import CompileContext, coreml

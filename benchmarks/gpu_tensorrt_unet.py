@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffship.build import static_shapes
+from diffship.compile_stage import static_shapes
 from diffship.exporters.onnx import export_component
 from diffship.models.components import component_specs, wrap
 from diffship.models.loading import load_component

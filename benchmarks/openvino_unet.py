@@ -23,7 +23,7 @@ from unet_capture import add_arguments, child, prepare, trajectory_and_pytorch
 COMPILE = r"""
 import json, resource, sys, time
 from pathlib import Path
-from diffship.build import static_shapes
+from diffship.compile_stage import static_shapes
 from diffship.models.components import component_specs
 from diffship.models.source import resolve
 from diffship.targets import CompileContext, openvino

@@ -37,7 +37,7 @@ from diffship.cpu import describe
 BUILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from diffship.build import static_shapes
+from diffship.compile_stage import static_shapes
 from diffship.models.components import component_specs
 from diffship.models.source import resolve
 from diffship.targets import CompileContext, get_target

@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from diffship import __version__
 from diffship.cli_cache import cache_app
+from diffship.cli_farm import farm
 from diffship.cli_lora import lora_app
 from diffship.cli_shared import console, human_bytes, lora_specs, names, out
 from diffship.errors import DiffshipError
@@ -434,6 +435,7 @@ def _controls(images: list[Path] | None, scales: list[float] | None, start: floa
     return [Control(read_image(p, "--control-image"), s, start, end) for p, s in zip(images or [], scales, strict=True)] or None
 
 
+app.command("farm")(farm)
 app.add_typer(lora_app, name="lora")
 app.add_typer(cache_app, name="cache")
 

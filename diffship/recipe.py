@@ -275,32 +275,47 @@ def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> R
     """Read a TOML recipe (or start from the defaults) and apply command-line overrides on top."""
     data: dict[str, Any] = {}
     if path is not None:
-        if not path.is_file():
-            raise DiffshipError(f"Recipe {path} does not exist.")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise DiffshipError(f"Recipe {path} is not valid TOML: {exc}") from exc
+        data = read_toml(path, "Recipe")
+    return recipe_from_data(data, path.parent if path is not None else None, str(path) if path else "(built from options)",
+                            overrides)
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's tables, or a DiffshipError saying it is missing or invalid."""
+    if not path.is_file():
+        raise DiffshipError(f"{what} {path} does not exist.")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DiffshipError(f"{what} {path} is not valid TOML: {exc}") from exc
+
+
+def recipe_from_data(data: dict[str, Any], base: Path | None, where: str,
+                     overrides: dict[str, Any] | None = None) -> Recipe:
+    """A recipe from a TOML table whose relative paths (images, LoRAs, ControlNets, configs) are relative to `base`."""
+    data = dict(data)
     validation = data.get("validation")
-    if path is not None and isinstance(validation, dict):
+    if base is not None and isinstance(validation, dict):
+        validation = data["validation"] = dict(validation)
         for key in ("image", "mask", "control_image"):
             if isinstance(validation.get(key), str):
-                validation[key] = str(path.parent / validation[key])
-    for lora in data.get("loras") or [] if path is not None else []:
-        if isinstance(lora, dict) and isinstance(lora.get("path"), str):
-            lora["path"] = str(path.parent / lora["path"])
-    if path is not None and isinstance(data.get("controlnets"), list):
-        data["controlnets"] = [str(path.parent / c) if isinstance(c, str) and (path.parent / c).is_dir() else c
+                validation[key] = str(base / validation[key])
+    if base is not None and isinstance(data.get("loras"), list):
+        data["loras"] = [{**lora, "path": str(base / lora["path"])}
+                         if isinstance(lora, dict) and isinstance(lora.get("path"), str) else lora
+                         for lora in data["loras"]]
+    if base is not None and isinstance(data.get("controlnets"), list):
+        data["controlnets"] = [str(base / c) if isinstance(c, str) and (base / c).is_dir() else c
                                for c in data["controlnets"]]
-    if path is not None and isinstance(data.get("model_config"), str) and (path.parent / data["model_config"]).is_dir():
-        data["model_config"] = str(path.parent / data["model_config"])
+    if base is not None and isinstance(data.get("model_config"), str) and (base / data["model_config"]).is_dir():
+        data["model_config"] = str(base / data["model_config"])
     overrides = dict(overrides or {})
     if overrides.get("targets") is not None and isinstance(data.get("targets"), list):
         overrides["targets"] = _with_recipe_options(overrides["targets"], data["targets"])
     for key, value in overrides.items():
         if value is not None:
             data[key] = value
-    return parse_recipe(data, str(path) if path else "(built from options)")
+    return parse_recipe(data, where)
 
 
 def named_settings(text: str, option: str) -> tuple[str, dict[str, Any]]:

@@ -18,7 +18,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from diffship.build import build, static_shapes
+from diffship.build import build
+from diffship.compile_stage import static_shapes
 from diffship.errors import DiffshipError
 from diffship.models.components import component_specs, run_torch, wrap
 from diffship.models.loading import load_component

@@ -105,6 +105,11 @@ def parse_options(options: dict[str, Any]) -> CoremlOptions:
     return parsed
 
 
+# What a farm task of each stage needs besides CPU and memory: packages convert anywhere, but only macOS predicts, so
+# validation (parity, images, latency) runs on a node with the custom `macos` resource.
+STAGE_RESOURCES = {"validate": "macos"}
+
+
 def writes_artifacts(precision: str, options: Any = None) -> bool:
     """Every Core ML precision is a new package."""
     return True

@@ -97,6 +97,11 @@ def parse_options(options: dict[str, Any]) -> TrtOptions:
     return parsed
 
 
+# What a farm task of each stage needs besides CPU and memory: an engine is built and timed on the GPU kind it will
+# run on (the build's [builds.farm] accelerator_type).
+STAGE_RESOURCES = {"compile": "accelerator", "validate": "accelerator"}
+
+
 def writes_artifacts(precision: str, options: Any = None) -> bool:
     """Every TensorRT precision is a new engine."""
     return True
