@@ -33,7 +33,7 @@ from diffship.provenance import build_manifest, library_versions, report_data
 from diffship.recipe import Recipe
 from diffship.runtime.tasks import task_inputs, validated_tasks
 from diffship.stage_unit import Unit
-from diffship.targets import check_available, get_target
+from diffship.targets import get_target
 from diffship.targets.calibration import check_calibration
 from diffship.validation.baseline import Baseline
 from diffship.validation.parity import Case
@@ -67,9 +67,7 @@ def check_targets(recipe: Recipe, installed: bool = True) -> None:
         raise DiffshipError(f"The recipe builds {', '.join(repeated)} more than once (one artifact set per target and "
                             "precision); list each precision once, in one [[targets]] entry per target.")
     for target in recipe.targets:
-        if installed:
-            check_available(target.name)
-        backend = get_target(target.name)
+        backend = get_target(target.name, installed)
         unknown = [p for p in target.precisions if p not in backend.PRECISIONS]
         if unknown:
             raise DiffshipError(f"Target {target.name!r} cannot build {', '.join(unknown)} yet; it offers "
@@ -149,7 +147,7 @@ class Outline:
     plan: Plan
 
 
-def outline(recipe: Recipe, say: Say | None = None) -> Outline:
+def outline(recipe: Recipe, say: Say | None = None, installed: bool = True) -> Outline:
     """Resolve the recipe's model and check everything about the recipe that needs no stage to run (what each target
     can make for this family, components, shapes, calibration settings): bad input fails here, before any work."""
     source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config, say=say,
@@ -157,7 +155,7 @@ def outline(recipe: Recipe, say: Say | None = None) -> Outline:
                      controlnets=recipe.controlnets)
     family = detect_family(source.folder)
     for target in recipe.targets:  # what a target cannot make for this family, said before any work
-        if hasattr(backend := get_target(target.name), "check_family"):
+        if hasattr(backend := get_target(target.name, installed), "check_family"):
             backend.check_family(family.name, backend.parse_options(target.options))
     specs = select_specs(source.folder, recipe.components)
     needed = [s.name for s in component_specs(source.folder, family) if s.role in GENERATES]
@@ -166,14 +164,15 @@ def outline(recipe: Recipe, say: Say | None = None) -> Outline:
             f"A build validates images end to end, so it needs {', '.join(needed)}; the recipe leaves out "
             f"{', '.join(missing)}. To export and check single components use `diffship export -c` and `diffship validate`.")
     shapes, plan = plan_shapes(recipe, specs[0], source.folder)
-    if any(get_target(t.name).needs_calibration(p) for t in recipe.targets for p in t.precisions):
+    if any(get_target(t.name, installed).needs_calibration(p) for t in recipe.targets for p in t.precisions):
         check_calibration(recipe.calibration.prompts, recipe.calibration.samples)
     return Outline(source, family, specs, shapes, plan)
 
 
-def prepare(recipe: Recipe, force: bool, say: Say) -> Context:
-    """The recipe's outline, compressed when it says so, with everything the stages share."""
-    o = outline(recipe, say)
+def prepare(recipe: Recipe, force: bool, say: Say, installed: bool = True) -> Context:
+    """The recipe's outline, compressed when it says so, with everything the stages share (`installed`: whether the
+    targets' packages must be here, as for a compile or a validation; an export of a TensorRT row runs anywhere)."""
+    o = outline(recipe, say, installed)
     source, family, specs, shapes, plan = o.source, o.family, o.specs, o.shapes, o.plan
     hits: dict[str, bool] = {}
     compressed = None
@@ -232,8 +231,9 @@ def run_unit(recipe: Recipe, unit: Unit, force: bool = False, say: Say | None = 
         t.model_copy(update={"precisions": [unit.precision]}) for t in recipe.targets if t.name == unit.target]})
     if unit.target is not None and not narrowed.targets:
         raise DiffshipError(f"The recipe has no target {unit.target!r}.")
-    check_targets(narrowed, installed=unit.stage in ("compile", "validate"))
-    c = prepare(narrowed, force, say)
+    installed = unit.stage in ("compile", "validate")
+    check_targets(narrowed, installed)
+    c = prepare(narrowed, force, say, installed)
     if unit.stage == "calibrate":
         c.calibration()
         return c.hits["calibration"]

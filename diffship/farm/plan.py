@@ -56,7 +56,7 @@ def plan_row(row: Row) -> list[Task]:
     """One build's tasks. The model is resolved here (a built-in is made once, into the shared cache)."""
     recipe = row.recipe
     check_targets(recipe, installed=False)  # whether each target is installed is the node's to say
-    o = outline(recipe)
+    o = outline(recipe, installed=False)
     source, specs = o.source, o.specs
     sizes = {s.name: weights_bytes(source.folder / s.module) for s in specs}
     model = sum(weights_bytes(source.folder / m) for m in {s.module for s in specs})
@@ -79,12 +79,12 @@ def plan_row(row: Row) -> list[Task]:
         first = [tasks[-1].key]
     exports = {s.name: task(Unit("export", s.name), first, "export", component=s.name) for s in specs}
     tasks += exports.values()
-    calibrated = [(t, p) for t in recipe.targets for p in t.precisions if get_target(t.name).needs_calibration(p)]
+    calibrated = [(t, p) for t in recipe.targets for p in t.precisions if get_target(t.name, False).needs_calibration(p)]
     calibration = task(Unit("calibrate"), first, "calibrate") if calibrated else None
     tasks += [calibration] if calibration else []
     validations = []
     for target in recipe.targets:
-        backend = get_target(target.name)
+        backend = get_target(target.name, installed=False)
         options = backend.parse_options(target.options)
         for precision in target.precisions:
             reads = [calibration.key] if calibration and (target, precision) in calibrated else []
@@ -106,7 +106,7 @@ def plan_row(row: Row) -> list[Task]:
 
 def _resources(row: Row, target: str, stage: Stage) -> dict[str, float]:
     """Custom resources a target declares for a stage (`STAGE_RESOURCES`): the build's GPU kind, or `macos`."""
-    needs = getattr(get_target(target), "STAGE_RESOURCES", {}).get(stage)
+    needs = getattr(get_target(target, installed=False), "STAGE_RESOURCES", {}).get(stage)
     if needs == "accelerator":
         if not row.farm.accelerator_type:
             raise DiffshipError(f"Build {row.name!r} builds {target}, whose engines run only on the GPU kind that built "

@@ -87,6 +87,11 @@ def check_available(name: str) -> TargetInfo:
     return info
 
 
-def get_target(name: str) -> ModuleType:
-    """The module implementing target `name`, imported on first use (backends are optional extras)."""
-    return importlib.import_module(check_available(name).module)
+def get_target(name: str, installed: bool = True) -> ModuleType:
+    """The module implementing target `name`, imported on first use (backends are optional extras). With `installed`
+    false its package need not be here: a farm's driver plans stages that other nodes run."""
+    if installed:
+        return importlib.import_module(check_available(name).module)
+    if name not in TARGETS:
+        raise DiffshipError(f"Unknown target {name!r}; available: {', '.join(TARGETS)}.")
+    return importlib.import_module(TARGETS[name].module)
