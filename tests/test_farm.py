@@ -4,6 +4,7 @@ survived, a resource no node has refused at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from diffship.farm.run import run_farm
 from diffship.recipe import parse_recipe
 
 ray = pytest.importorskip("ray", reason="the farm runs on Ray, the `farm` extra: pip install 'diffship[farm]'")
+pytestmark = pytest.mark.farm
 
 from ray_cluster import Cluster, start_head, stop  # noqa: E402 (the cluster helper needs Ray)
 
@@ -62,32 +64,32 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         stop(env)
 
 
-@pytest.fixture
-def keep_cache_env():
-    """run_farm points DIFFSHIP_CACHE at the matrix's cache in this process: put it back afterwards."""
+@contextlib.contextmanager
+def cache_at(folder: Path):
+    """DIFFSHIP_CACHE pointed at `folder` in this process (run_farm points it at the matrix's), then put back."""
     before = os.environ.get("DIFFSHIP_CACHE")
-    yield
-    if before is None:
-        os.environ.pop("DIFFSHIP_CACHE", None)
-    else:
-        os.environ["DIFFSHIP_CACHE"] = before
+    os.environ["DIFFSHIP_CACHE"] = str(folder)
+    try:
+        yield
+    finally:
+        os.environ.pop("DIFFSHIP_CACHE", None) if before is None else os.environ.update(DIFFSHIP_CACHE=before)
 
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory):
-    """tiny-sd built by `build()` here, with a cache of its own: onnxruntime fp32 + openvino int8-hybrid."""
-    cache = tmp_path_factory.mktemp("local-cache")
-    before = os.environ.get("DIFFSHIP_CACHE")
-    os.environ["DIFFSHIP_CACHE"] = str(cache)
+    """tiny-sd built by `build()` here, with a cache of its own: onnxruntime fp32 + openvino int8-hybrid, on 2 threads
+    as the farm's stages."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the stages' `cpus` in the matrix: calibration's last bits follow the thread count
     try:
-        recipe = parse_recipe({**TINY, "targets": [{"name": "onnxruntime", "precisions": ["fp32"]},
-                                                   {"name": "openvino", "precisions": ["int8-hybrid"]}]})
-        result = build(recipe, tmp_path_factory.mktemp("local") / "tiny-sd")
+        with cache_at(tmp_path_factory.mktemp("local-cache")):
+            recipe = parse_recipe({**TINY, "targets": [{"name": "onnxruntime", "precisions": ["fp32"]},
+                                                       {"name": "openvino", "precisions": ["int8-hybrid"]}]})
+            result = build(recipe, tmp_path_factory.mktemp("local") / "tiny-sd")
     finally:
-        if before is None:
-            os.environ.pop("DIFFSHIP_CACHE", None)
-        else:
-            os.environ["DIFFSHIP_CACHE"] = before
+        torch.set_num_threads(threads)
     assert result.passed
     return result
 
@@ -98,12 +100,9 @@ def on_cluster(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("farm")
     (root / "matrix.toml").write_text(matrix_text(root / "cache", [
         ("tiny-sd", ["onnxruntime:fp32", "openvino:int8-hybrid"], None), ("tiny-sd-trt", ["tensorrt:fp16"], "H100")]))
-    before = os.environ.get("DIFFSHIP_CACHE")
     lines: list[str] = []
-    try:
+    with cache_at(root / "cache"):
         result = run_farm(load_matrix(root / "matrix.toml"), root / "out", lines.append, cluster.address)
-    finally:
-        os.environ.pop("DIFFSHIP_CACHE", None) if before is None else os.environ.update(DIFFSHIP_CACHE=before)
     return result, root / "out", lines
 
 
