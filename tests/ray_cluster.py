@@ -50,6 +50,13 @@ class Cluster:
             return []
         return [n["node_id"] for n in json.loads(listed.stdout) if not alive or n["state"] == "ALIVE"]
 
+    def running(self) -> list[dict]:
+        """The cluster's running tasks, from `ray list tasks` (Ray's state API)."""
+        listed = subprocess.run([str(RAY), "list", "tasks", "--format=json", f"--address={self.address}", "--filter",
+                                 "state=RUNNING", "--limit=100"], env=self.env, capture_output=True, text=True, timeout=60)
+        # with nothing to list it prints "No resource in the cluster", not an empty JSON list
+        return json.loads(listed.stdout) if listed.returncode == 0 and listed.stdout.lstrip().startswith("[") else []
+
     def kill_raylet(self, node_id: str) -> None:
         """SIGKILL the raylet of `node_id` (the way a machine that loses power leaves the cluster)."""
         for proc in Path("/proc").iterdir():

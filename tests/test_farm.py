@@ -160,21 +160,13 @@ def test_a_resource_no_node_has_fails_at_once_naming_it(cluster: Cluster, tmp_pa
     assert time.monotonic() - began < 300
 
 
-def running_on(cluster: Cluster) -> list[dict]:
-    """The cluster's running tasks (Ray's state API through its CLI)."""
-    listed = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "list", "tasks", "--format=json",
-                             f"--address={cluster.address}", "--filter", "state=RUNNING", "--limit=100"],
-                            capture_output=True, text=True, env=cluster.env, timeout=60)
-    return json.loads(listed.stdout or "[]")
-
-
 def test_ctrl_c_cancels_the_matrix_and_says_what_finished(cluster: Cluster, tmp_path: Path) -> None:
     (tmp_path / "m.toml").write_text(matrix_text(tmp_path / "cache", [("tiny-sd", ["onnxruntime:fp32"], None)]))
     farm = subprocess.Popen([*CLI, "farm", str(tmp_path / "m.toml"), "--out", str(tmp_path / "out"), "--ray",
                              cluster.address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=cluster.env)
     deadline = time.monotonic() + 240
-    while not running_on(cluster) and time.monotonic() < deadline and farm.poll() is None:
+    while not cluster.running() and time.monotonic() < deadline and farm.poll() is None:
         time.sleep(0.5)
     farm.send_signal(signal.SIGINT)
     output, _ = farm.communicate(timeout=120)
@@ -184,9 +176,9 @@ def test_ctrl_c_cancels_the_matrix_and_says_what_finished(cluster: Cluster, tmp_
     assert any(t["status"] == "cancelled" for t in summary["tasks"]) and summary["builds"][0]["verdict"] == "cancelled"
     assert not (tmp_path / "out" / "tiny-sd").exists()
     deadline = time.monotonic() + 60
-    while running_on(cluster) and time.monotonic() < deadline:  # force-cancelled: the workers are gone
+    while cluster.running() and time.monotonic() < deadline:  # force-cancelled: the workers are gone
         time.sleep(1)
-    assert not running_on(cluster)
+    assert not cluster.running()
 
 
 def test_killing_a_worker_raylet_mid_stage_still_finishes_the_matrix(cluster: Cluster, local, tmp_path: Path) -> None:
@@ -198,7 +190,7 @@ def test_killing_a_worker_raylet_mid_stage_still_finishes_the_matrix(cluster: Cl
     killed = None
     deadline = time.monotonic() + 240
     while killed is None and time.monotonic() < deadline and farm.poll() is None:
-        running = [t for t in running_on(cluster) if t.get("node_id") == victim]
+        running = [t for t in cluster.running() if t.get("node_id") == victim]
         if running:
             cluster.kill_raylet(victim)
             killed = running[0]["name"]
