@@ -17,7 +17,6 @@ from diffship.farm.task import Cancelled, Outcome, execute
 from diffship.recipe import Recipe
 
 Say = Callable[[str], None]
-Runner = Callable[[list[Task], dict[str, Recipe], Path, Path, "Progress"], list[Outcome]]
 LOGS = "farm-logs"
 
 
