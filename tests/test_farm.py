@@ -228,3 +228,13 @@ def test_a_bad_matrix_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(DiffshipError, match="all strings"):
         (tmp_path / "m.toml").write_text('[cache]\npath = "c"\n[[builds]]\ntargets = ["onnxruntime", {name = "openvino"}]\n')
         load_matrix(tmp_path / "m.toml")
+
+
+def test_an_output_folder_farm_did_not_write_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "m.toml").write_text(matrix_text(tmp_path / "cache", [("tiny-sd", ["onnxruntime:fp32"], None)]))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    done = subprocess.run([*CLI, "farm", str(tmp_path / "m.toml"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "holds no farm.json" in done.stderr, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
