@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -238,3 +239,17 @@ def test_an_output_folder_farm_did_not_write_is_refused(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "holds no farm.json" in done.stderr, done.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+
+def test_an_address_where_no_cluster_answers_is_refused_at_once(tmp_path: Path) -> None:
+    (tmp_path / "m.toml").write_text(matrix_text(tmp_path / "cache", [("tiny-sd", ["onnxruntime:fp32"], None)]))
+    with socket.socket() as probe:  # a port nothing listens on: bound, then closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address, said in ((f"127.0.0.1:{port}", "nothing answers there"), ("headnode", "is not an address")):
+        # Ray alone retries such an address for over 10 minutes; the timeout fails the test long before that.
+        done = subprocess.run([*CLI, "farm", str(tmp_path / "m.toml"), "--out", str(tmp_path / "out"), "--ray",
+                               address], capture_output=True, text=True, timeout=240)
+        assert done.returncode == 2 and said in done.stderr, (address, done.stderr)
+        assert "Traceback" not in done.stderr and not (tmp_path / "out").exists(), address
+        assert not (tmp_path / "cache").exists(), address

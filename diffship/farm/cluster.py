@@ -14,6 +14,7 @@ arguments (Ray starts it when they are ready), checked against the cluster befor
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from diffship.recipe import Recipe
 
 RETRIES = 3
 RUNNING_POLL_S = 2.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 def run_on_ray(tasks: list[Task], recipes: dict[str, Recipe], cache: Path, out: Path, progress: Any,
@@ -45,6 +47,24 @@ def run_on_ray(tasks: list[Task], recipes: dict[str, Recipe], cache: Path, out: 
         return _submit_and_gather(tasks, recipes, cache, out, progress)
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT where nothing answers, at once: ray.init retries the GCS about 20 times, half a minute each
+    (measured over 10 minutes on 127.0.0.1:1 with Ray 2.60), before it gives up."""
+    if address == "auto":
+        return  # ray.init reads this machine's cluster file and fails at once without one
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise DiffshipError(f"--ray {address!r} is not an address: pass 'auto' or HOST:PORT (the head's GCS port, "
+                            "6379 by default).")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise DiffshipError(f"Cannot connect to a Ray cluster at {address!r}: nothing answers there "
+                            f"({exc.strerror or exc}). Start one with `ray start --head`, or pass its address "
+                            "(--ray HOST:6379).") from None
 
 
 def check_feasible(tasks: list[Task], nodes: list[dict[str, float]]) -> None:

@@ -54,6 +54,14 @@ class Progress:
 
 def run_farm(matrix: Matrix, out: Path, say: Say, address: str | None = None) -> FarmResult:
     """Build every row of `matrix` into `out/<name>/` through the shared cache; on Ray when `address` is given."""
+    on_ray = None
+    if address is not None:
+        try:
+            from diffship.farm.cluster import check_reachable
+            from diffship.farm.cluster import run_on_ray as on_ray
+        except ImportError:
+            raise DiffshipError("diffship farm --ray needs Ray: pip install 'diffship[farm]'.") from None
+        check_reachable(address)
     out = out.resolve()
     _prepare(out, [r.name for r in matrix.rows])
     matrix.cache.mkdir(parents=True, exist_ok=True)
@@ -63,15 +71,11 @@ def run_farm(matrix: Matrix, out: Path, say: Say, address: str | None = None) ->
     recipes = {r.name: r.recipe for r in matrix.rows}
     progress = Progress(tasks, say, out / LOGS)
     try:
-        if address is None:
+        if on_ray is None:
             say(f"{len(tasks)} tasks, run here one at a time")
             outcomes = run_here(tasks, recipes, matrix.cache, out, progress)
         else:
-            try:
-                from diffship.farm.cluster import run_on_ray
-            except ImportError:
-                raise DiffshipError("diffship farm --ray needs Ray: pip install 'diffship[farm]'.") from None
-            outcomes = run_on_ray(tasks, recipes, matrix.cache, out, progress, address)
+            outcomes = on_ray(tasks, recipes, matrix.cache, out, progress, address)
     except Cancelled as stop:  # what finished is summarised; the rest is marked cancelled
         write_summary(out, matrix, tasks, stop.outcomes, time.perf_counter() - progress.began)
         raise
