@@ -59,7 +59,7 @@ def check_reachable(address: str) -> None:
         raise DiffshipError(f"--ray {address!r} is not an address: pass 'auto' or HOST:PORT (the head's GCS port, "
                             "6379 by default).")
     try:
-        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):  # [::1]:6379
             pass
     except OSError as exc:
         raise DiffshipError(f"Cannot connect to a Ray cluster at {address!r}: nothing answers there "
