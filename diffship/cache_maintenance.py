@@ -18,6 +18,10 @@ from diffship import cache
 from diffship.artifacts import atomic_write_json
 
 MODELS = "models"  # built-in models, rebuilt on demand like any entry
+# OpenVINO's compiled-model cache (targets/openvino.py sets it as CACHE_DIR). OpenVINO keys a blob by the IR's path,
+# so each output folder a build writes adds its own blobs (5.1 GB for an SDXL BF16 UNet) and nothing else removes
+# them; each blob is an entry here. A missing blob only means OpenVINO compiles the IR again.
+OPENVINO_BLOBS = "openvino-model-cache"
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,8 @@ class Entry:
 
 
 def entries() -> list[Entry]:
-    """Every finished entry: `artifacts/<stage>/<key>` (last use: its record's mtime) and `models/<name>`."""
+    """Every finished entry: `artifacts/<stage>/<key>` (last use: its record's mtime), `models/<name>`, and each
+    OpenVINO compiled blob (last use: its access or write time)."""
     found = []
     store = cache.store_root()
     for stage in sorted(p for p in store.iterdir() if p.is_dir()) if store.is_dir() else []:
@@ -44,6 +49,10 @@ def entries() -> list[Entry]:
         index = folder / "model_index.json"
         if not folder.name.startswith(".") and index.is_file():
             found.append(Entry(MODELS, folder, _size(folder), max(index.stat().st_mtime, index.stat().st_atime)))
+    blobs = cache.cache_root() / OPENVINO_BLOBS
+    for blob in sorted(blobs.glob("*.blob")) if blobs.is_dir() else []:
+        stat = blob.stat()
+        found.append(Entry(OPENVINO_BLOBS, blob, stat.st_size, max(stat.st_mtime, stat.st_atime)))
     return found
 
 
@@ -80,8 +89,8 @@ def verify(evict: bool = False) -> list[Checked]:
     """Re-hash every byte of every stage entry against its record (no memo); with `evict`, remove those that differ."""
     checked = []
     for entry in entries():
-        if entry.stage == MODELS:
-            continue  # built-in models record no hashes: a build hashes their weights as its input
+        if entry.stage in (MODELS, OPENVINO_BLOBS):
+            continue  # no recorded hashes: a build hashes a model's weights as its input; OpenVINO checks its blobs
         with _if_unused(entry.path) as free:
             problem = cache.problem(entry.path, memo=False) if free else None
             removed = bool(problem and evict)
@@ -116,15 +125,24 @@ def prune(older_than_days: float | None = None, max_bytes: int | None = None, no
         if not (too_old or too_big):
             kept.append(entry)
             continue
-        with _if_unused(entry.path) as free:
+        # OpenVINO takes no lock of ours on its blobs: removing one under a reader is safe (see _remove).
+        with _if_unused(entry.path) if entry.stage != OPENVINO_BLOBS else contextlib.nullcontext(True) as free:
             if free:
-                shutil.rmtree(entry.path, ignore_errors=True)
+                _remove(entry.path)
                 removed.append(entry)
                 total -= entry.bytes
             else:
                 in_use.append(entry)
     _forget_deleted_files()
     return Pruned(removed, kept, in_use, stale, stale_bytes)
+
+
+def _remove(path: Path) -> None:
+    """An entry's folder, or a blob file: a process that has the blob open keeps reading it (POSIX unlink)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _sweep_staging() -> tuple[int, int]:

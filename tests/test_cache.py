@@ -209,3 +209,37 @@ def test_a_build_killed_while_storing_a_cache_entry_leaves_a_cache_the_next_buil
                             text=True)
     assert verify.returncode == 0 and "every entry matches its record" in verify.stdout, verify.stdout + verify.stderr
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["passed"] is True
+
+
+def _tiny_ir(folder: Path) -> Path:
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 64], np.float32, name="x")
+    weights = ops.constant(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32))
+    model = ov.Model([ops.relu(ops.matmul(x, weights, False, False))], [x], "tiny")
+    folder.mkdir(parents=True)
+    ov.save_model(model, folder / "openvino_model.xml", compress_to_fp16=False)
+    return folder / "openvino_model.xml"
+
+
+def test_prune_bounds_openvinos_compiled_blobs_which_pile_up_per_output_folder(fresh_cache: Path, tmp_path: Path):
+    from diffship.targets import openvino as target
+
+    # The same IR in two output folders: OpenVINO keys its blob by the path, so each adds one to the cache.
+    xmls = [_tiny_ir(tmp_path / name) for name in ("first-build", "second-build")]
+    x = {"x": np.ones((1, 64), np.float32)}
+    expected = [target.load(xml, target.OvOptions(), "fp32").run(x) for xml in xmls]
+    blobs = sorted((fresh_cache / "openvino-model-cache").glob("*.blob"))
+    assert len(blobs) == 2
+    old = time.time() - 40 * 86400
+    os.utime(blobs[0], (old, old))
+    result = runner.invoke(app, ["cache", "prune", "--older-than", "30"])
+    assert result.exit_code == 0, result.output
+    assert "openvino-model-cache" in result.output and "removed 1 entry" in result.output
+    assert not blobs[0].exists() and blobs[1].exists()
+    result = runner.invoke(app, ["cache", "prune", "--max-size", "0"])
+    assert result.exit_code == 0 and not list((fresh_cache / "openvino-model-cache").glob("*.blob"))
+    # Nothing depended on the blobs: the next load compiles the IR again, with the same outputs.
+    again = target.load(xmls[0], target.OvOptions(), "fp32").run(x)
+    assert [np.array_equal(a, b) for a, b in zip(again.values(), expected[0].values(), strict=True)] == [True]
