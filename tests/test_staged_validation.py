@@ -1,6 +1,7 @@
 """Staged validation (the baseline recorded once and freed before each set loads) against interleaved validation
 (the baseline beside each set): the same parity values and the same images, with latency timed in blocks."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,29 @@ def test_staged_latency_is_timed_in_blocks_and_says_so(builds):
     assert set(staged["latency"]["components"]) == set(interleaved["latency"]["components"])
     assert staged["latency"]["pipeline"]["baseline"]["total"]["runs"] == 1
     assert staged["baseline_held"].startswith("recorded once") and "baseline_held" not in interleaved
+
+
+def test_a_later_build_reads_the_recorded_baseline_from_the_cache_and_times_the_pipeline_again(
+        builds, tmp_path: Path):
+    first = builds[True]
+    data = copy.deepcopy(first.manifest["recipe"])
+    # Other latency settings: every set is validated again, against the baseline the first build recorded.
+    data["validation"]["latency"]["runs"] = 1
+    recipe = parse_recipe(data)
+    lines: list[str] = []
+    again = build(recipe, tmp_path / "again", say=lines.append)
+    assert any("recorded by an earlier run" in line for line in lines), lines
+    assert not any("recording the baseline" in line or "capturing the UNet's inputs" in line for line in lines)
+    for key in ("onnxruntime-fp32", "onnxruntime-int8"):
+        a, b = first.report["sets"][key], again.report["sets"][key]
+        assert not b["cached"] and a["parity"] == b["parity"] and a["e2e"]["samples"] == b["e2e"]["samples"]
+        grid = Path("report") / "images" / f"grid-{key}.png"
+        assert (first.out / grid).read_bytes() == (again.out / grid).read_bytes()
+        # The pipeline's timings are never reused: measured in this run (after one warm-up of the fresh pipeline).
+        assert b["latency"]["pipeline"]["baseline"]["total"]["runs"] == 1
+        assert b["latency"]["components"]["unet"]["target"]["runs"] == 1
+    assert again.report["sets"]["onnxruntime-fp32"]["latency"]["pipeline"]["baseline"] != \
+        first.report["sets"]["onnxruntime-fp32"]["latency"]["pipeline"]["baseline"]
 
 
 def test_the_recorded_baseline_answers_with_the_pipeline_freed(model_cache: Path):

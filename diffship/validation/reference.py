@@ -82,15 +82,39 @@ class RecordedReference:
         for s in samples:
             latents, _ = sample_arguments(s, space, self.plan.inputs)
             self._images[s] = (latents, live.generation(s, latents))
+        self.recorded = True
+        self.time_pipeline(samples, say)
+
+    def restore(self, outputs: dict[tuple[str, Case, int], dict[str, np.ndarray]],
+                images: dict[Sample, tuple[Any, Generation]], samples: list[Sample], say: Say) -> None:
+        """Take what an earlier run recorded (recorded_store) and time the pipeline here: timings are never reused."""
+        self._outputs, self._images, self.recorded = dict(outputs), dict(images), True
+        say(f"[validate] the baseline's outputs recorded by an earlier run: {len(outputs)} parity case(s), "
+            f"{len(images)} image(s)")
+        self.time_pipeline(samples, say, cold=True)
+
+    @property
+    def outputs_recorded(self) -> dict[tuple[str, Case, int], dict[str, np.ndarray]]:
+        return self._outputs
+
+    @property
+    def images_recorded(self) -> dict[Sample, tuple[Any, Generation]]:
+        return self._images
+
+    def time_pipeline(self, samples: list[Sample], say: Say, cold: bool = False) -> None:
+        """The whole pipeline's timings on the first sample (when latency is on), then the pipeline freed. A pipeline
+        that just generated the samples is warm; one loaded only for this (`cold`) gets one warm-up run whatever
+        the recipe says."""
         lat = self.plan.validation.latency
+        warmup = 1 if cold else min(lat.warmup, 1)
         if lat.enabled and samples:
             s = samples[0]
-            latents = self._images[s][0]
-            say(f"[validate] baseline pipeline latency: {min(lat.warmup, 1)} warm-up + {lat.pipeline_runs} timed "
-                f"run(s), measured here (the sets' runs are timed in their own stage)")
-            self.pipeline_timings += latency.after_warmup(lambda: live.generation(s, latents).timings,
-                                                          min(lat.warmup, 1), lat.pipeline_runs)
-        self.recorded = True
+            latents, _ = sample_arguments(s, LatentSpace.of_folder(self.folder), self.plan.inputs)
+            live = self._live()
+            say(f"[validate] baseline pipeline latency: {warmup} warm-up + {lat.pipeline_runs} timed run(s), measured "
+                "here (the sets' runs are timed in their own stage)")
+            self.pipeline_timings += latency.after_warmup(lambda: live.generation(s, latents).timings, warmup,
+                                                          lat.pipeline_runs)
         self.release()
 
     def outputs(self, spec: ComponentSpec, case: Case, seed: int) -> dict[str, np.ndarray]:

@@ -24,6 +24,7 @@ from diffship.runtime.tasks import inputs_digest
 from diffship.targets import get_target
 from diffship.validation.baseline import Baseline, baseline_device
 from diffship.validation.quality import quality_task
+from diffship.validation.recorded_store import load_record, save_record
 from diffship.validation.reference import LiveReference, RecordedReference, choose_staged
 from diffship.validation.suite import Plan, baseline_quality, task_samples, unet_trajectory, validate_set
 
@@ -36,23 +37,46 @@ class BaselineRuns:
     itself: the live pipeline, or (staged) everything recorded in one pass and the pipeline freed."""
 
     def __init__(self, recipe: Recipe, source: ModelSource, specs: list[ComponentSpec], plan: Plan, baseline: Baseline,
-                 say: Say, staged: bool = False):
+                 say: Say, staged: bool = False, record_key: str | None = None, force: bool = False):
         self.recipe, self.source, self.specs, self.plan, self.baseline, self.say = recipe, source, specs, plan, baseline, say
         self.checks_quality = plan.validation.quality.enabled and quality_task(source.folder) == "digits"
         self._trajectory: dict[str, Any] | None = None
         self._quality: dict[str, Any] | None = None
         self.recorded = RecordedReference(baseline, source.folder, plan, recipe.allow_pickle) if staged else None
+        self.record_key, self.force = record_key, force
 
     def reference(self) -> LiveReference | RecordedReference:
         """The baseline a set is compared with; staged, recorded on first use (after the trajectory and quality
-        baseline, which need the pipeline too) and the pipeline freed."""
+        baseline, which need the pipeline too) and the pipeline freed. With a `record_key` the recording is a cache
+        entry: a later build on the same model and validation settings reads it instead of running the pipeline."""
         if self.recorded is None:
             return LiveReference(self.baseline.get(), self.source.folder, self.plan, self.recipe.allow_pickle)
         if not self.recorded.recorded:
-            self.trajectory()
-            self.quality()
-            self.recorded.record(self.specs, task_samples(self.plan), self.say)
+            samples = task_samples(self.plan)
+            if self.record_key is None:
+                self._record(samples)
+            else:
+                self._record_cached(samples)
         return self.recorded
+
+    def _record(self, samples: list[Any]) -> None:
+        assert self.recorded is not None
+        self.trajectory()
+        self.quality()
+        self.recorded.record(self.specs, samples, self.say)
+
+    def _record_cached(self, samples: list[Any]) -> None:
+        assert self.recorded is not None and self.record_key is not None
+        recorded = self.recorded
+
+        def produce(folder: Path, info: dict[str, Any]) -> None:
+            self._record(samples)
+            save_record(folder, self._trajectory, self._quality, recorded.outputs_recorded, recorded.images_recorded)
+
+        done = cache.cached_step("baseline", self.record_key, "baseline record", produce, force=self.force, say=self.say)
+        if done.hit:
+            self._trajectory, self._quality, outputs, images = load_record(done.path)
+            self.recorded.restore(outputs, images, samples, self.say)
 
     def trajectory(self) -> dict[str, Any]:
         if self._trajectory is None:
@@ -96,10 +120,18 @@ def validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpe
     staged, why = choose_staged(recipe.validation.staged, source.folder)
     if staged:
         say(f"[validate] staged: the baseline is recorded once and freed before each set loads ({why})")
-    runs = BaselineRuns(recipe, source, specs, plan, baseline, say, staged)
+    device, dtype = baseline_device()
+    # Everything the baseline's outputs depend on; not its latency settings, which the recording does not keep.
+    record_key = cache.key(
+        stage="baseline", weights=module_hashes, components=[s.name for s in specs],
+        validation=recipe.validation.model_dump(mode="json", exclude={"latency", "staged"}),
+        resolution=[plan.height, plan.width], cases=[asdict(c) for c in plan.cases],
+        unet_cases=[asdict(c) for c in plan.unet_cases or ()], tasks=list(plan.tasks),
+        task_inputs=inputs_digest(plan.inputs) if plan.inputs else None, baseline=[device, str(dtype)],
+        versions=versions)
+    runs = BaselineRuns(recipe, source, specs, plan, baseline, say, staged, record_key, force)
     results: dict[str, Any] = {}
     pairs: dict[str, list[dict[str, Any]]] = {}
-    device, dtype = baseline_device()
     for set_key, (artifact_set, options, recorded) in sets.items():
         set_plan = replace(plan, threshold=recipe.threshold("int8" if int8_bar else artifact_set.precision))
         backend = get_target(artifact_set.target)
