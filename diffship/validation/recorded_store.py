@@ -1,5 +1,5 @@
 """The recorded baseline on disk: what staged validation compares every set with, kept in the cache so a build that
-resumes (or a farm's validation task) does not run the PyTorch pipeline again for it (45 min on SDXL).
+resumes (or a farm's validation task) does not run the PyTorch pipeline again for it (about 40 min on SDXL).
 
 Only outputs are kept: the UNet's inputs and outputs over the real denoising steps, each parity case's outputs, each
 sample's image and initial latents, the prompt-accuracy baseline. The pipeline's timings are not: a latency ratio
@@ -23,7 +23,7 @@ INDEX = "record.json"
 ARRAYS = "arrays.npz"
 
 
-def save_record(folder: Path, trajectory: dict[str, Any] | None, quality: dict[str, Any] | None,
+def save_record(folder: Path, trajectory: dict[str, Any], quality: dict[str, Any] | None,
                 outputs: dict[tuple[str, Case, int], dict[str, np.ndarray]],
                 images: dict[Sample, tuple[Any, Generation]]) -> None:
     """Write the recorded baseline into `folder` (a cache entry being made): one index and one array file."""
@@ -34,12 +34,10 @@ def save_record(folder: Path, trajectory: dict[str, Any] | None, quality: dict[s
         arrays[name] = np.asarray(value)
         return name
 
-    index: dict[str, Any] = {"quality": quality, "trajectory": None, "outputs": [], "images": []}
-    if trajectory is not None:
-        index["trajectory"] = {
-            "prompt": trajectory["prompt"], "seed": trajectory["seed"], "timesteps": list(trajectory["timesteps"]),
-            "inputs": [{k: put(v) for k, v in call.items()} for call in trajectory["inputs"]],
-            "outputs": [put(o) for o in trajectory["outputs"]]}
+    index: dict[str, Any] = {"quality": quality, "outputs": [], "images": [], "trajectory": {
+        "prompt": trajectory["prompt"], "seed": trajectory["seed"], "timesteps": list(trajectory["timesteps"]),
+        "inputs": [{k: put(v) for k, v in call.items()} for call in trajectory["inputs"]],
+        "outputs": [put(o) for o in trajectory["outputs"]]}}
     for (spec, case, seed), named in outputs.items():
         index["outputs"].append({"spec": spec, "case": asdict(case), "seed": seed,
                                  "arrays": {k: put(v) for k, v in named.items()}})
@@ -50,7 +48,7 @@ def save_record(folder: Path, trajectory: dict[str, Any] | None, quality: dict[s
     (folder / INDEX).write_text(json.dumps(index, default=lambda o: o.item()), encoding="utf-8")  # numpy scalars
 
 
-def load_record(folder: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None,
+def load_record(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None,
                                        dict[tuple[str, Case, int], dict[str, np.ndarray]],
                                        dict[Sample, tuple[Any, Generation]]]:
     """The trajectory, quality baseline, parity outputs and sample images `save_record` wrote."""
@@ -58,9 +56,8 @@ def load_record(folder: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | N
     with np.load(folder / ARRAYS) as stored:
         arrays = {name: stored[name] for name in stored.files}
     trajectory = index["trajectory"]
-    if trajectory is not None:
-        trajectory = {**trajectory, "inputs": [{k: arrays[v] for k, v in call.items()} for call in trajectory["inputs"]],
-                      "outputs": [arrays[o] for o in trajectory["outputs"]]}
+    trajectory = {**trajectory, "inputs": [{k: arrays[v] for k, v in call.items()} for call in trajectory["inputs"]],
+                  "outputs": [arrays[o] for o in trajectory["outputs"]]}
     outputs = {(o["spec"], Case(**o["case"]), o["seed"]): {k: arrays[v] for k, v in o["arrays"].items()}
                for o in index["outputs"]}
     images = {Sample(**i["sample"]): (None if i["latents"] is None else arrays[i["latents"]],

@@ -37,46 +37,36 @@ class BaselineRuns:
     itself: the live pipeline, or (staged) everything recorded in one pass and the pipeline freed."""
 
     def __init__(self, recipe: Recipe, source: ModelSource, specs: list[ComponentSpec], plan: Plan, baseline: Baseline,
-                 say: Say, staged: bool = False, record_key: str | None = None, force: bool = False):
+                 say: Say, record_key: str | None = None, force: bool = False):
+        """Staged when `record_key` is given: the cache key of the recording."""
         self.recipe, self.source, self.specs, self.plan, self.baseline, self.say = recipe, source, specs, plan, baseline, say
         self.checks_quality = plan.validation.quality.enabled and quality_task(source.folder) == "digits"
         self._trajectory: dict[str, Any] | None = None
         self._quality: dict[str, Any] | None = None
+        staged = record_key is not None
         self.recorded = RecordedReference(baseline, source.folder, plan, recipe.allow_pickle) if staged else None
         self.record_key, self.force = record_key, force
 
     def reference(self) -> LiveReference | RecordedReference:
         """The baseline a set is compared with; staged, recorded on first use (after the trajectory and quality
-        baseline, which need the pipeline too) and the pipeline freed. With a `record_key` the recording is a cache
-        entry: a later build on the same model and validation settings reads it instead of running the pipeline."""
-        if self.recorded is None:
+        baseline, which need the pipeline too) and the pipeline freed. The recording is a cache entry: a later build
+        on the same model and validation settings reads it instead of running the pipeline."""
+        if self.recorded is None or self.record_key is None:
             return LiveReference(self.baseline.get(), self.source.folder, self.plan, self.recipe.allow_pickle)
         if not self.recorded.recorded:
-            samples = task_samples(self.plan)
-            if self.record_key is None:
-                self._record(samples)
-            else:
-                self._record_cached(samples)
+            recorded, samples = self.recorded, task_samples(self.plan)
+
+            def produce(folder: Path, info: dict[str, Any]) -> None:
+                trajectory, quality = self.trajectory(), self.quality()  # before the recording frees the pipeline
+                recorded.record(self.specs, samples, self.say)
+                save_record(folder, trajectory, quality, recorded.outputs_recorded, recorded.images_recorded)
+
+            done = cache.cached_step("baseline", self.record_key, "baseline record", produce, force=self.force,
+                                     say=self.say)
+            if done.hit:
+                self._trajectory, self._quality, outputs, images = load_record(done.path)
+                recorded.restore(outputs, images, samples, self.say)
         return self.recorded
-
-    def _record(self, samples: list[Any]) -> None:
-        assert self.recorded is not None
-        self.trajectory()
-        self.quality()
-        self.recorded.record(self.specs, samples, self.say)
-
-    def _record_cached(self, samples: list[Any]) -> None:
-        assert self.recorded is not None and self.record_key is not None
-        recorded = self.recorded
-
-        def produce(folder: Path, info: dict[str, Any]) -> None:
-            self._record(samples)
-            save_record(folder, self._trajectory, self._quality, recorded.outputs_recorded, recorded.images_recorded)
-
-        done = cache.cached_step("baseline", self.record_key, "baseline record", produce, force=self.force, say=self.say)
-        if done.hit:
-            self._trajectory, self._quality, outputs, images = load_record(done.path)
-            self.recorded.restore(outputs, images, samples, self.say)
 
     def trajectory(self) -> dict[str, Any]:
         if self._trajectory is None:
@@ -121,15 +111,15 @@ def validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpe
     if staged:
         say(f"[validate] staged: the baseline is recorded once and freed before each set loads ({why})")
     device, dtype = baseline_device()
-    # Everything the baseline's outputs depend on; not its latency settings, which the recording does not keep.
-    record_key = cache.key(
-        stage="baseline", weights=module_hashes, components=[s.name for s in specs],
-        validation=recipe.validation.model_dump(mode="json", exclude={"latency", "staged"}),
-        resolution=[plan.height, plan.width], cases=[asdict(c) for c in plan.cases],
-        unet_cases=[asdict(c) for c in plan.unet_cases or ()], tasks=list(plan.tasks),
-        task_inputs=inputs_digest(plan.inputs) if plan.inputs else None, baseline=[device, str(dtype)],
-        versions=versions)
-    runs = BaselineRuns(recipe, source, specs, plan, baseline, say, staged, record_key, force)
+    # What the baseline's outputs and every set's results both depend on.
+    compared = {"weights": module_hashes, "resolution": [plan.height, plan.width], "cases": [asdict(c) for c in plan.cases],
+                "tasks": list(plan.tasks), "task_inputs": inputs_digest(plan.inputs) if plan.inputs else None,
+                "baseline": [device, str(dtype)], "versions": versions}
+    # Not the latency settings: the recording does not keep the pipeline's timings.
+    record_key = cache.key(stage="baseline", components=[s.name for s in specs],
+                           validation=recipe.validation.model_dump(mode="json", exclude={"latency", "staged"}),
+                           unet_cases=[asdict(c) for c in plan.unet_cases or ()], **compared)
+    runs = BaselineRuns(recipe, source, specs, plan, baseline, say, record_key if staged else None, force)
     results: dict[str, Any] = {}
     pairs: dict[str, list[dict[str, Any]]] = {}
     for set_key, (artifact_set, options, recorded) in sets.items():
@@ -140,10 +130,7 @@ def validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpe
         entry_key = cache.key(not_run=not_run,
             stage="validate", artifacts={c: [f["sha256"] for f in e["files"]] for c, e in recorded["components"].items()},
             pipeline=[f["sha256"] for f in recorded["pipeline_files"]], options=repr(options),
-            validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(),
-            resolution=[plan.height, plan.width], cases=[asdict(c) for c in plan.cases], weights=module_hashes,
-            tasks=list(plan.tasks), task_inputs=inputs_digest(plan.inputs) if plan.inputs else None,
-            baseline=[device, str(dtype)], versions=versions)
+            validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(), **compared)
         done = cache.cached_step("validate", entry_key, f"{set_key} validation",
                                  functools.partial(_validate_into, runs, artifact_set, options, set_plan, not_run),
                                  force=force, say=say)
