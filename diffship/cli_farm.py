@@ -26,10 +26,11 @@ def farm(
 ) -> None:
     """Build a matrix of models x targets x precisions: each stage a task, every build validated and reported."""
     from diffship.farm.matrix import load_matrix
+
+    matrix = load_matrix(matrix_file)  # before the imports below (7 s of torch and diffusers): a bad file says so at once
     from diffship.farm.run import run_farm
     from diffship.farm.task import Cancelled
 
-    matrix = load_matrix(matrix_file)
     say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
     try:
         result = run_farm(matrix, out_dir, say, ray)
