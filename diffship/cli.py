@@ -206,7 +206,6 @@ def build(
     controlnet: ControlnetOption = None,
 ) -> None:
     """Export, compile and validate a pipeline for every target; write artifacts, manifest.json and a report."""
-    from diffship.build import build as run_build
     from diffship.recipe import load_recipe, targets_from_cli
 
     wanted = names(targets)
@@ -214,6 +213,7 @@ def build(
                                        "allow_pickle": True if allow_pickle else None, "model_config": model_config,
                                        "variant": variant, "loras": _lora_recipes(lora),
                                        "controlnets": controlnet})
+    from diffship.build import build as run_build  # after the recipe (torch, diffusers: 7 s): a bad one is said at once
     out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
     console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
     result = run_build(recipe, out_path, force=force, say=lambda line: console.print(line, markup=False, highlight=False))
