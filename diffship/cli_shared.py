@@ -28,6 +28,8 @@ def names(values: list[str] | None) -> list[str] | None:
 
 def lora_specs(values: list[str] | None) -> list[Any]:
     """`--lora PATH[:SCALE]` values as LoRA specs."""
+    if not values:  # the module below imports torch (1.8 s): not for a command line without --lora
+        return []
     from diffship.models.lora import LoraSpec
 
     return [LoraSpec.parse(v) for v in values or []]
