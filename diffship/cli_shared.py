@@ -32,4 +32,4 @@ def lora_specs(values: list[str] | None) -> list[Any]:
         return []
     from diffship.models.lora import LoraSpec
 
-    return [LoraSpec.parse(v) for v in values or []]
+    return [LoraSpec.parse(v) for v in values]
