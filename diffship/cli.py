@@ -258,6 +258,15 @@ def compress(
     lora: LoraOption = None,
 ) -> None:
     """Prune, distill or quantize a pipeline's UNet in PyTorch; write the compressed pipeline and a stage table."""
+    from diffship.recipe import load_recipe
+
+    overrides = {"model": model, "allow_pickle": True if allow_pickle else None, "model_config": model_config,
+                 "variant": variant, "loras": _lora_recipes(lora), "compress": [_parse_step(s) for s in steps] if steps else None}
+    recipe = load_recipe(recipe_file, overrides)
+    if not recipe.compress:
+        raise DiffshipError("No compress steps: give --step (e.g. --step prune-channels:ratio=0.3) or a recipe "
+                            "with compress = [...].")
+    # After the recipe, as in `build`: these bring torch and diffusers (7 s), and a bad recipe is said at once.
     from diffship.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
     from diffship.compress.run import RECORD_FILE, settings_for
     from diffship.compress.run import compress as run_compress
@@ -266,15 +275,7 @@ def compress(
     from diffship.models.families import component_config, detect_family
     from diffship.models.lora import LoraSpec
     from diffship.models.source import resolve
-    from diffship.recipe import load_recipe
     from diffship.validation.report import markdown_table
-
-    overrides = {"model": model, "allow_pickle": True if allow_pickle else None, "model_config": model_config,
-                 "variant": variant, "loras": _lora_recipes(lora), "compress": [_parse_step(s) for s in steps] if steps else None}
-    recipe = load_recipe(recipe_file, overrides)
-    if not recipe.compress:
-        raise DiffshipError("No compress steps: give --step (e.g. --step prune-channels:ratio=0.3) or a recipe "
-                            "with compress = [...].")
     out_path = (out_dir or Path("out") / f"{Path(recipe.model.rstrip('/')).name}-compressed").resolve()
     prepare_output_dir(out_path, overwrite=True)
     source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config,
