@@ -30,8 +30,9 @@ def nets(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> list[Pa
 def built(nets, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     out = tmp_path_factory.mktemp("controlnet-build") / "out"
     recipe = out.parent / "fast.toml"
+    # Latency as the default recipe measures it: every component, the ControlNets' included, against PyTorch.
     recipe.write_text('[validation]\nprompts = ["a lighthouse"]\nsteps = 3\nguidance_scale = 6.0\ncontrol_scale = 0.8\n'
-                      'control_start = 0.1\ncontrol_end = 0.9\n[validation.latency]\nenabled = false\n')
+                      'control_start = 0.1\ncontrol_end = 0.9\n')
     result = CliRunner().invoke(app, ["build", str(recipe), "--model", "tiny-sd", "--controlnet", str(nets[0]),
                                       "--controlnet", str(nets[1]), "--targets", "onnxruntime:fp32+int8,openvino:fp32",
                                       "--out", str(out)])
@@ -51,6 +52,12 @@ def test_a_controlnet_build_draws_diffusers_controlnet_pipelines_image(built):
         controlled = r["e2e"]["tasks"]["controlnet"]
         assert controlled["passed"] and controlled["images"] == 1
         assert controlled["min_psnr_db"] is None or controlled["min_psnr_db"] >= 35, controlled
+        # The default recipe's latency step times the ControlNets against their PyTorch modules (it crashed here once:
+        # the baseline pipeline of the main task holds no ControlNet).
+        timed = r["latency"]["components"]
+        assert {"controlnet", "controlnet_1", "controlled_unet", "unet"} <= set(timed), sorted(timed)
+        assert all(timed[c]["baseline"]["p50_s"] > 0 and timed[c]["target"]["p50_s"] > 0 for c in timed)
+        assert r["latency"]["pipeline"]["baseline"]["total"]["p50_s"] > 0
 
 
 def test_int8_calibrates_the_controlled_unet_on_the_controlnets_real_residuals(built):

@@ -156,9 +156,15 @@ def run_baseline(pipe: Any, prompt: str, negative_prompt: str | None, height: in
     return Generation(images, np.empty(0), {"steps": steps_s, "total": total})
 
 
-def component_call(pipe: Any, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
-    """A zero-argument call of one baseline component on fixed inputs, on the baseline's device and dtype."""
-    return module_call(getattr(pipe, spec.module), spec, inputs, pipe.device, pipe.dtype)
+def component_call(pipe: Any, spec: ComponentSpec, inputs: dict[str, np.ndarray], folder: Path,
+                   allow_pickle: bool = False) -> Callable[[], Any]:
+    """A zero-argument call of one baseline component on fixed inputs, on the baseline's device and dtype. A module
+    the main task's pipeline does not hold (a ControlNet: only the controlnet task's pipeline has it) is loaded from
+    `folder`."""
+    module = getattr(pipe, spec.module, None)
+    if not isinstance(module, torch.nn.Module):
+        module = load_component(folder, spec.module, allow_pickle).to(pipe.device, pipe.dtype)
+    return module_call(module, spec, inputs, pipe.device, pipe.dtype)
 
 
 def module_call(module: torch.nn.Module, spec: ComponentSpec, inputs: dict[str, np.ndarray], device: Any,

@@ -156,7 +156,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
         say(f"[{label}] latency not measured: {result['latency_skipped']}")
     elif v.latency.enabled and not reference.staged:
         say(f"[{label}] latency: {v.latency.warmup} warm-up + {v.latency.runs} timed runs per component, interleaved")
-        result["latency"] = measure_latency(deployed, specs, reference.pipe, plan, samples[0], say)
+        result["latency"] = measure_latency(deployed, specs, reference, plan, samples[0], say)
     # What the target's memory options (VAE slicing, offload) change, each measured on and off.
     if hasattr(backend, "option_effects") and (effects := backend.option_effects(deployed, plan, say)):
         result["option_effects"] = effects
@@ -211,9 +211,10 @@ def spec_only_result(artifacts: ArtifactSet, backend: Any, structure: dict[str, 
             "passed": checks_passed and not required}
 
 
-def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe: Any, plan: Plan,
+def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], reference: LiveReference, plan: Plan,
                     sample: Sample, say: Say | None = None) -> dict[str, Any]:
-    """Per component (text encoders, one UNet call under guidance, VAE decode) and per pipeline run, both sides."""
+    """Per component (text encoders, one UNet call under guidance, VAE decode) and per pipeline run, both sides; the
+    baseline's pipeline runs are the task's own pipeline, as its images are."""
     say = say or (lambda _: None)
     lat = plan.validation.latency
     guided = plan.validation.guidance_scale > 1.0
@@ -224,16 +225,15 @@ def measure_latency(deployed: DeployedPipeline, specs: list[ComponentSpec], pipe
         batch = spec.batch_for(1, guided)
         inputs = spec.sample_inputs(batch, plan.height, plan.width)
         runner = deployed.runners[spec.name]
-        times = latency.interleaved({"baseline": component_call(pipe, spec, inputs),
+        baseline = component_call(reference.pipe, spec, inputs, reference.folder, reference.allow_pickle)
+        times = latency.interleaved({"baseline": baseline,
                                      "target": lambda r=runner, x=inputs: r.run(x)}, lat.warmup, lat.runs)
         components[spec.name] = _component_latency(spec.name, batch, times, say)
 
     latents, extra = sample_arguments(sample, deployed, plan.inputs)
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "target": []}
     calls = {
-        "baseline": lambda: runs["baseline"].append(run_baseline(
-            pipe, sample.prompt, sample.negative_prompt, plan.height, plan.width, sample.steps, sample.guidance_scale,
-            sample.seed, latents, task=sample.task, inputs=plan.inputs).timings),
+        "baseline": lambda: runs["baseline"].append(reference.generation(sample, latents).timings),
         "target": lambda: runs["target"].append(deployed(
             sample.prompt, sample.negative_prompt, plan.height, plan.width, sample.steps, sample.guidance_scale,
             sample.seed, latents=latents, **extra).timings),
