@@ -58,10 +58,13 @@ def test_with_both_the_default_weights_load_unless_the_variant_is_asked_for(tmp_
     folder = _variant_folder(tmp_path, keep_default=True)
     assert resolve(str(folder)).variant is None
     original = _unet_weights(builtin_folder("tiny-sd"))
-    assert all(torch.equal(_unet_weights(folder)[k], original[k]) for k in original)
+    default = _unet_weights(folder)
+    assert all(torch.equal(default[k], original[k]) for k in original)
     asked = resolve(str(folder), variant="fp16")
     assert asked.variant == "fp16"
-    assert all(torch.equal(_unet_weights(asked.folder)[k], original[k].half().float()) for k in original)
+    fp16 = _unet_weights(asked.folder)
+    assert all(torch.equal(fp16[k], original[k].half().float()) for k in original)
+    assert not all(torch.equal(fp16[k], original[k]) for k in original)  # the variant's values, not the default's
 
 
 def test_a_variant_the_folder_lacks_exits_2_naming_the_components(tmp_path: Path, model_cache: Path):
