@@ -147,7 +147,8 @@ def test_a_build_that_fails_validation_exits_1_and_still_writes_report_and_manif
     (["--targets", "tensorrt"], "pip install 'diffship[tensorrt]'"),
     (["--targets", "onnxruntime:int4"], "cannot build int4"),
     (["--targets", "tflite"], "Unknown target 'tflite'"),
-    (["--model", "no/such-model-anywhere"], ""),
+    (["--model", "no/such-model-anywhere"], "'no/such-model-anywhere' looks like a hub id, but the hub cannot be "
+                                            "reached from here (HF_HUB_OFFLINE is set) and it is not in the local hub cache"),
 ])
 def test_bad_targets_and_models_exit_2_before_any_work(tmp_path: Path, args: list[str], message: str,
                                                        monkeypatch: pytest.MonkeyPatch):

@@ -66,9 +66,16 @@ def test_int8_auto_meets_its_gate_on_real_steps_on_every_model(builds, label):
         assert steps["min_cosine"] >= threshold, (label, key, steps["min_cosine"])
         assert r["passed"], (label, key)
         search = _search(result, key)
-        assert search["fell_back"] is None and search["chosen_score"] >= search["gate"]["target"]
-        assert search["candidates"][-1]["score"] >= search["gate"]["target"] or any(
-            c["score"] == search["chosen_score"] for c in search["candidates"])
+        gate = search["gate"]
+        assert search["fell_back"] is None and search["chosen_score"] >= gate["target"]
+        # The set ships the candidate with as many sites in float as it reports kept, which met the gate on both
+        # measures, and no candidate with fewer sites in float did (the search's answer is the fewest).
+        kept = len(search["kept_in_float"])
+        chosen = [c for c in search["candidates"] if c["kept"] == kept]
+        assert len(chosen) == 1 and chosen[0]["score"] == search["chosen_score"], (label, key, kept)
+        assert chosen[0]["random_inputs"] >= gate["min_cosine"], (label, key, chosen[0])
+        fewer = [c for c in search["candidates"] if c["kept"] < kept]
+        assert all(c["score"] < gate["target"] or c["random_inputs"] < gate["min_cosine"] for c in fewer), fewer
     assert result.passed
 
 

@@ -308,8 +308,3 @@ def test_a_weight_the_artifact_does_not_hold_is_named_not_patched(exported, tmp_
         patch_onnx(exported("tiny-sd") / "unet" / "model.onnx", tmp_path / "model.onnx",
                    [Change("unet:foo.to_q", stranger, stranger + 1)])
     assert not (tmp_path / "model.onnx").exists()
-
-
-def test_tensorrt_refit_needs_a_gpu():
-    pytest.importorskip("tensorrt", reason="TensorRT refit (lora apply on engines built with refit = true) runs on "
-                                           "an NVIDIA GPU with TensorRT; not installable on this machine")

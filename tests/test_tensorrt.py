@@ -375,6 +375,44 @@ def test_an_engine_moved_to_another_gpu_is_refused_before_tensorrt_reads_it(sd, 
         tensorrt.load(plan)
 
 
+def test_lora_apply_refuses_an_engine_built_without_refit_naming_the_way_out(tmp_path: Path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / tensorrt.ENGINE).write_bytes(b"not refittable")
+    with pytest.raises(DiffshipError, match=r"was not built refittable \(no weights.onnx beside it\).*refit = true"):
+        tensorrt.patch_weights(tmp_path / "unet" / tensorrt.ENGINE, tmp_path / "new" / tensorrt.ENGINE, [])
+    assert not (tmp_path / "new").exists()
+
+
+@gpu
+def test_a_refit_engine_computes_what_an_engine_built_with_the_lora_computes(sd, exported, tmp_path: Path):
+    """`lora apply` on a refittable FP16 engine: TensorRT's Refitter takes the merged weights, and the engine then
+    matches one built from the LoRA-merged export, and no longer the base engine (the check can fail)."""
+    from lora_files import kohya_lora
+
+    from diffship.exporters.pipeline import export_pipeline
+    from diffship.lora_apply import weight_changes
+    from diffship.models.lora import LoraSpec
+
+    folder, specs = sd
+    spec = specs["unet"]
+    lora = [LoraSpec(kohya_lora(folder, tmp_path / "kohya.safetensors"), 0.8)]
+    merged = resolve("tiny-sd", loras=lora)
+    export_pipeline(merged, tmp_path / "merged-onnx", ["unet"])
+    options = TrtOptions(refit=True)
+    base = tensorrt.compile(exported("tiny-sd") / "unet" / "model.onnx", "fp16", options, tmp_path / "base",
+                            _context(spec))
+    rebuilt = tensorrt.compile(tmp_path / "merged-onnx" / "unet" / "model.onnx", "fp16", options, tmp_path / "rebuilt",
+                               _context(spec))
+    changes, _ = weight_changes(folder, merged.folder, lora, ["unet"], False)
+    refit = tmp_path / "refit" / tensorrt.ENGINE
+    refit.parent.mkdir()
+    tensorrt.patch_weights(base, refit, changes["unet"])
+    feed = spec.sample_inputs(2, 64, 64, seed=5)
+    expected = tensorrt.load(rebuilt, precision="fp16").run(feed)["out_sample"]
+    assert _cosine(tensorrt.load(refit, precision="fp16").run(feed)["out_sample"], expected) > 0.999
+    assert _cosine(tensorrt.load(base, precision="fp16").run(feed)["out_sample"], expected) < 0.99
+
+
 @gpu
 def test_tensorrt_build_of_tiny_sd_fp16_and_int8_passes_validation(tmp_path: Path, model_cache: Path):
     recipe = parse_recipe({
