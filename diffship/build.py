@@ -7,7 +7,6 @@ build whose artifacts fail validation still writes its folder, report and manife
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ from diffship.artifacts import MANIFEST_NAME, atomic_write_json, prepare_output_
 from diffship.calibration_stage import Calibration
 from diffship.compile_stage import compile_stage, shapes_fixed
 from diffship.errors import DiffshipError
-from diffship.exporters.pipeline import ModuleLoader, component_entry, export_one, finish_pipeline_folder, select_specs
+from diffship.exporters.pipeline import ModuleLoader, cached_export, component_entry, finish_pipeline_folder, select_specs
 from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec, component_specs, native_size
 from diffship.models.controlnet import controlnets_in
@@ -307,13 +306,10 @@ def _export_stage(c: Context, specs: list[ComponentSpec], export_dir: Path | Non
     opset, say = c.recipe.export.opset, c.say
     entries: dict[str, Any] = {}
     for i, spec in enumerate(specs):
-        entry_key = cache.key(stage="export", component=spec.name, family=c.family, weights=c.module_hashes[spec.module],
-                              opset=opset, **{k: c.versions[k] for k in ("diffship", "diffship_source", "torch", "onnx",
-                                                                          "diffusers", "transformers")})
         prefix = f"[export {i + 1}/{len(specs)}] {spec.name}"
-        done = cache.cached_step("export", entry_key, f"{spec.name} export",
-                                 functools.partial(_export_into, c.source, spec, opset, modules, say, prefix),
-                                 force=c.force, say=say, copy_to=export_dir / spec.name if export_dir else None)
+        done = cached_export(c.source, spec, c.family, c.module_hashes[spec.module], opset, c.versions, modules,
+                             export_dir / spec.name if export_dir else None, c.force, say,
+                             on_export=lambda p=prefix: say(f"{p}: exporting ..."))
         c.hits[f"export:{spec.name}"] = done.hit
         if export_dir is not None:
             entries[spec.name] = component_entry(export_dir, export_dir / spec.name, done.info["seconds"])
@@ -324,13 +320,3 @@ def _export_stage(c: Context, specs: list[ComponentSpec], export_dir: Path | Non
             say(f"{prefix}: done" + (f", {size / 2**20:.1f} MiB" if size else "") + f" in {done.info['seconds']:.1f} s")
     modules.loaded.clear()
     return entries
-
-
-def _export_into(source: ModelSource, spec: ComponentSpec, opset: int, modules: ModuleLoader, say: Say, prefix: str,
-                 staging: Path, info: dict[str, Any]) -> None:
-    say(f"{prefix}: exporting ...")
-    began = time.perf_counter()
-    export_one(source, spec, staging, opset, modules)
-    info |= {"component": spec.name, "seconds": round(time.perf_counter() - began, 2)}
-
-

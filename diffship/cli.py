@@ -55,6 +55,8 @@ def _step_printer(verb: str):
     def on_step(name: str, event: str, detail: dict[str, Any]) -> None:
         if event == "start":
             console.print(f"[cyan][{detail['index']}/{detail['total']}][/] {verb} [bold]{name}[/] ...")
+        elif "bytes" in detail and detail.get("cached"):
+            console.print(f"      [green]cached[/] {name}: {human_bytes(detail['bytes'])} (no work)")
         elif "bytes" in detail:
             console.print(f"      [green]done[/] {name}: {human_bytes(detail['bytes'])} in {detail['seconds']:.1f} s")
         else:
@@ -145,12 +147,15 @@ def export(
     """Export each component of a pipeline to ONNX (checked, shape-inferred) in OUT."""
     from diffship.exporters.pipeline import export_pipeline
     from diffship.models.source import resolve
+    from diffship.provenance import library_versions
 
     wanted = names(components)
     source = resolve(model, allow_pickle=allow_pickle, model_config=model_config, say=console.print,
                      variant=variant, loras=lora_specs(lora), controlnets=controlnet)
     console.print(f"Exporting [bold]{model}[/] to {out_dir} (ONNX opset {opset})")
-    manifest = export_pipeline(source, out_dir, wanted, opset, overwrite, allow_pickle, _step_printer("export"))
+    # Through the cache builds use: a model exported or built before is copied from there, not exported again.
+    manifest = export_pipeline(source, out_dir, wanted, opset, overwrite, allow_pickle, _step_printer("export"),
+                               versions=library_versions())
     total = sum(f["bytes"] for c in manifest["components"].values() for f in c["files"])
     out.print(f"Exported {len(manifest['components'])} component(s), {human_bytes(total)}, to {out_dir}")
 

@@ -1,44 +1,92 @@
-"""Shared fixtures: a private model cache for the session, and tiny pipelines exported once."""
+"""Shared fixtures: a private model cache for the session, tiny pipelines exported once, and tiny builds that share
+every stage through that cache.
+
+Builds of the suite's tiny models start from one recipe (`tiny_recipe`): the same shapes, calibration and validation
+(the default recipe's steps: parity, images and latency), so a set that two modules build (an export, a compile, a
+set's validation) is made once and found in the cache the second time. Each module builds only the sets it reads.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The suite's tiny builds: every shape the tests ask of an artifact, one prompt of 3 steps, and latency on, as the
+# default recipe has it (fewer runs: a tiny model's timings are not what the tests read).
+TINY_SHAPES = {"batch": [1, 2], "height": [64, 128], "width": [64, 128]}
+TINY_VALIDATION = {"prompts": ["a red bicycle"], "seeds": [0], "steps": 3,
+                   "latency": {"enabled": True, "warmup": 1, "runs": 2, "pipeline_runs": 1}}
+TINY_CALIBRATION = {"prompts": ["a cat on a sofa", "a mountain lake"], "samples": 6, "steps": 3}
+
+
+def tiny_recipe(model: str = "tiny-sd", targets: str | list[dict[str, Any]] = "onnxruntime:fp32", **changes: Any):
+    """The suite's recipe for `model`: `targets` as the command line writes them ("onnxruntime:fp32+int8,openvino")
+    or as recipe tables; `changes` replace top-level recipe keys."""
+    from diffship.recipe import parse_recipe, targets_from_cli
+
+    chosen = targets_from_cli(targets.split(",")) if isinstance(targets, str) else targets
+    return parse_recipe({"model": model, "shapes": TINY_SHAPES, "validation": TINY_VALIDATION,
+                         "calibration": TINY_CALIBRATION, "targets": chosen, **changes})
+
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Build built-in models into a fresh cache, so tests never depend on what a machine had."""
+    """Build built-in models into a fresh cache, so tests never depend on what a machine had. TorchInductor's own
+    cache starts empty too: a warm one from an earlier run would hide what a clean machine (CI) pays."""
     cache = tmp_path_factory.mktemp("diffship-cache")
-    previous = os.environ.get("DIFFSHIP_CACHE")
+    saved = {k: os.environ.get(k) for k in ("DIFFSHIP_CACHE", "TORCHINDUCTOR_CACHE_DIR")}
     os.environ["DIFFSHIP_CACHE"] = str(cache)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("torchinductor"))
     yield cache
-    if previous is None:
-        os.environ.pop("DIFFSHIP_CACHE", None)
-    else:
-        os.environ["DIFFSHIP_CACHE"] = previous
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
-    """exported(name) -> folder with every component of built-in `name` exported (once per session)."""
+    """exported(name) -> folder with every component of built-in `name` exported (once per session), through the
+    session's cache: the exports a build of the same model made or will make."""
     from diffship.exporters.pipeline import export_pipeline
     from diffship.models.source import resolve
+    from diffship.provenance import library_versions
 
     done: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in done:
             out = tmp_path_factory.mktemp("export") / name
-            export_pipeline(resolve(name), out)
+            export_pipeline(resolve(name), out, versions=library_versions())
             done[name] = out
         return done[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Callable[..., Any]:
+    """tiny_build(model, targets, **changes) -> the BuildResult of `tiny_recipe(...)`, built once per session per
+    argument list, on first use (a deselected test pays for nothing)."""
+    from diffship.build import build
+
+    done: dict[str, Any] = {}
+
+    def get(model: str = "tiny-sd", targets: str = "onnxruntime:fp32", **changes: Any):
+        key = repr((model, targets, sorted(changes.items())))
+        if key not in done:
+            out = tmp_path_factory.mktemp("tiny-build") / model
+            done[key] = build(tiny_recipe(model, targets, **changes), out)
+        return done[key]
 
     return get
 
@@ -79,26 +127,10 @@ def fast_recipe(tmp_path: Path) -> Path:
     return path
 
 
-FAST_VALIDATION = {"prompts": ["a red bicycle"], "seeds": [0], "steps": 2, "latency": {"enabled": False}}
-
-
 @pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
-    """built(name) -> a `diffship build` output folder of built-in `name` (fast validation, once per session)."""
-    from diffship.build import build
-    from diffship.recipe import parse_recipe
-
-    done: dict[str, object] = {}
-
-    def get(name: str):
-        if name not in done:
-            out = tmp_path_factory.mktemp("build") / name
-            recipe = parse_recipe({"model": name, "shapes": {"batch": [1, 2], "height": [64, 128], "width": [64, 128]},
-                                   "validation": FAST_VALIDATION})
-            done[name] = build(recipe, out)
-        return done[name]
-
-    return get
+def built(tiny_build: Callable[..., Any]):
+    """built(name) -> the suite's build of built-in `name` on ONNX Runtime FP32 (once per session)."""
+    return lambda name: tiny_build(name, "onnxruntime:fp32")
 
 
 @pytest.fixture(scope="session")

@@ -8,21 +8,14 @@ import pytest
 from typer.testing import CliRunner
 
 from diffship.artifacts import sha256_file
-from diffship.build import build
 from diffship.cli import app
-from diffship.recipe import parse_recipe
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def int8_build(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
-    recipe = parse_recipe({
-        "model": "tiny-sd", "shapes": {"batch": [1, 2], "height": [64, 128], "width": [64, 128]},
-        "validation": {"prompts": ["a red bicycle"], "seeds": [0], "steps": 3, "latency": {"enabled": False}},
-        "calibration": {"prompts": ["a cat on a sofa", "a mountain lake"], "samples": 6, "steps": 3},
-        "targets": [{"name": "onnxruntime", "precisions": ["int8"]}]})
-    return build(recipe, tmp_path_factory.mktemp("ort-int8") / "out")
+def int8_build(tiny_build):
+    return tiny_build("tiny-sd", "onnxruntime:int8")
 
 
 def ops(path: Path) -> list[onnx.NodeProto]:

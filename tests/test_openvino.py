@@ -15,21 +15,26 @@ from diffship.recipe import parse_recipe
 from diffship.targets import openvino as target
 
 runner = CliRunner()
-FAST = {"prompts": ["a red bicycle"], "seeds": [0], "steps": 3, "latency": {"enabled": False}}
-SHAPES = {"batch": [1, 2], "height": [64, 128], "width": [64, 128]}
-CALIBRATION = {"prompts": ["a cat on a sofa", "a mountain lake"], "samples": 6, "steps": 3}
+# One precision of each kind in `make test`: the IR as exported, compressed to FP16, weight-only INT8, calibrated
+# INT8; BF16, INT4 weights and int8-full in `make test-all` (the shared ones come from the cache there).
+PRECISIONS = "fp32+fp16+int8-weights+int8-hybrid"
 
 
 @pytest.fixture(scope="module")
-def ov_build(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
-    """tiny-sd built for OpenVINO at every precision but int8-full (tested on its own), once for the module."""
-    recipe = parse_recipe({"model": "tiny-sd", "shapes": SHAPES, "validation": FAST, "calibration": CALIBRATION,
-                           "targets": [{"name": "openvino", "precisions": ["fp32", "fp16", "bf16", "int8-weights",
-                                                                          "int4-weights", "int8-hybrid"]}]})
-    return build(recipe, tmp_path_factory.mktemp("ov") / "out")
+def ov_build(tiny_build):
+    """tiny-sd built for OpenVINO at one precision of each kind."""
+    return tiny_build("tiny-sd", f"openvino:{PRECISIONS}")
 
 
-def test_every_precision_builds_runs_end_to_end_and_passes_its_tolerance(ov_build):
+@pytest.fixture(scope="module")
+def every_precision(tiny_build):
+    """tiny-sd built for OpenVINO at every precision but int8-full and int8-auto (tested on their own)."""
+    return tiny_build("tiny-sd", f"openvino:{PRECISIONS}+bf16+int4-weights")
+
+
+@pytest.mark.parametrize("build_name", ["ov_build", pytest.param("every_precision", marks=pytest.mark.slow)])
+def test_every_precision_builds_runs_end_to_end_and_passes_its_tolerance(build_name: str, request):
+    ov_build = request.getfixturevalue(build_name)
     assert ov_build.passed, {k: v["passed"] for k, v in ov_build.report["sets"].items()}
     for key, result in ov_build.report["sets"].items():
         precision = key.removeprefix("openvino-")
@@ -39,6 +44,7 @@ def test_every_precision_builds_runs_end_to_end_and_passes_its_tolerance(ov_buil
         assert result["parity"]["tolerance"]["min_cosine"] == threshold.min_cosine
         assert set(result["parity"]["components"]) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
         assert len(result["parity"]["unet_steps"]["steps"]) >= 3  # every real denoising step checked
+        assert result["latency"]["components"]["unet"]["target"]["p50_s"] > 0  # the default recipe's latency step
 
 
 def test_the_report_states_what_each_set_really_computes_in(ov_build):
@@ -73,6 +79,7 @@ def test_int8_hybrid_quantizes_the_unet_activations_but_keeps_the_sensitive_laye
     assert not [op for op in encoder.get_ops() if op.get_type_name() == "FakeQuantize"]  # weight-only
 
 
+@pytest.mark.slow
 def test_matmuls_w8_compresses_the_matmul_weights_and_calibrates_only_the_rest(ov_build):
     """optimum-intel's hybrid order: MatMuls with weights get INT8 weights and no activation quantizer; the
     convolutions are still calibrated; the sensitive layers stay float; the output moves, but little."""
@@ -120,24 +127,32 @@ def test_generate_runs_a_chosen_openvino_precision(ov_build, tmp_path: Path):
     assert out.is_file() and "openvino int8-hybrid" in result.stdout
 
 
-def test_int8_full_quantizes_everything_and_is_judged_like_the_rest(tmp_path: Path):
-    recipe = parse_recipe({"model": "tiny-sd", "shapes": SHAPES, "validation": FAST, "calibration": CALIBRATION,
-                           "targets": [{"name": "openvino", "precisions": ["int8-full"]}]})
-    result = build(recipe, tmp_path / "out")
+@pytest.mark.slow
+def test_int8_full_quantizes_everything_and_is_judged_like_the_rest(tiny_build):
+    result = tiny_build("tiny-sd", "openvino:int8-full")
     full = result.report["sets"]["openvino-int8-full"]
     for component in ("text_encoder", "vae_decoder"):
         model = ov.Core().read_model(result.out / "openvino-int8-full" / component / "openvino_model.xml")
         assert [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"], component
-    assert full["passed"] == (full["parity"]["passed"] and full["e2e"]["passed"]) == result.passed
+    # The verdict, worked out here from the measured numbers against the INT8 bar (not from the report's flags): every
+    # output of every parity case and real step inside the tolerance, every image above PSNR and SSIM.
+    bar = parse_recipe({}).threshold("int8-full")
+    outputs = [m for c in full["parity"]["components"].values() for case in c["cases"] for m in case["outputs"].values()]
+    steps = full["parity"]["unet_steps"]["steps"]
+    parity_ok = all(m["finite"] and m["cosine"] >= bar.min_cosine and m["rel_l2"] <= bar.max_rel_l2
+                    for m in [*outputs, *steps])
+    images_ok = all(i["identical"] or (i["psnr_db"] >= bar.min_psnr and i["ssim"] >= bar.min_ssim)
+                    for i in full["e2e"]["samples"])
+    assert full["passed"] == (parity_ok and images_ok) == result.passed
     assert result.manifest["artifacts"]["openvino-int8-full"]["status"] == ("passed" if result.passed else "failed")
-    assert full["e2e"]["samples"][0]["psnr_db"] is None or full["e2e"]["samples"][0]["psnr_db"] > 20
+    # Quantizing everything (the text encoder's and the VAE's activations too) costs real accuracy: the worst output
+    # is measurably off PyTorch, unlike the weights-only and hybrid sets.
+    assert min(m["cosine"] for m in outputs) < 0.9999
 
 
-def test_fixed_shapes_give_static_irs(tmp_path: Path):
-    recipe = parse_recipe({"model": "tiny-sd", "validation": {**FAST, "guidance_scale": 5.0},
-                           "shapes": {"batch": [1, 1], "height": [64, 64], "width": [64, 64]},
-                           "targets": [{"name": "openvino", "precisions": ["fp16"]}]})
-    result = build(recipe, tmp_path / "out")
+@pytest.mark.slow
+def test_fixed_shapes_give_static_irs(tiny_build):
+    result = tiny_build("tiny-sd", "openvino:fp16", shapes={"batch": [1, 1], "height": [64, 64], "width": [64, 64]})
     assert result.passed
     unet = ov.Core().read_model(result.out / "openvino-fp16" / "unet" / "openvino_model.xml")
     shapes = {i.any_name: i.get_partial_shape() for i in unet.inputs}
@@ -223,6 +238,7 @@ def test_generate_runs_artifacts_with_the_options_they_were_built_with(ov_build)
         (ov_build.out / "manifest.json").write_text(original)
 
 
+@pytest.mark.slow
 def test_int8_hybrid_w8_compiles_through_its_scratch_irs_and_leaves_only_the_artifact(exported, tmp_path: Path):
     """The w8 path writes the converted and the compressed IR to scratch folders so each step's input is freed; the
     finished folder holds the IR alone, calibrated on convolution inputs only with `activations = "convolutions"`."""

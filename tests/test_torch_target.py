@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -21,53 +22,55 @@ from diffship.errors import DiffshipError, DiskFull
 from diffship.models.builtin import builtin_folder
 from diffship.models.components import component_specs, run_torch, wrap
 from diffship.models.loading import load_component
-from diffship.recipe import parse_recipe
 from diffship.targets import CompileContext
 from diffship.targets import pytorch as target
 from diffship.validation.parity import compare, validate_folder
 
 runner = CliRunner()
-FAST = {"prompts": ["a red bicycle"], "seeds": [0], "steps": 3,
-        "latency": {"enabled": True, "warmup": 1, "runs": 1, "pipeline_runs": 1}}
 SHAPES = {"batch": [1, 2], "height": [64, 128], "width": [64, 128]}
 NO_GPU = "offload moves weights between CPU memory and a GPU; this machine has no CUDA GPU"
-
-
-def _build(root: Path, model: str, precisions: list[str], options: dict | None = None):
-    recipe = parse_recipe({"model": model, "validation": FAST, "shapes": SHAPES,
-                           "targets": [{"name": "torch", "precisions": precisions, "options": options or {}}]})
-    return build(recipe, root / model)
-
-
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
-    """tiny-sd in every number format eager (diffusers' SDPA attention), and as BF16 AOTInductor packages."""
-    return _build(tmp_path_factory.mktemp("torch"), "tiny-sd",
-                  ["fp32", "fp16", "bf16", "fp16-autocast", "bf16-autocast", "bf16-aoti"])
+# One eager set and one AOTInductor set (a package per component) run in `make test`; the other number formats, the
+# torch.compile options and tiny-sdxl in `make test-all`. The eager number formats share the AOTInductor set's
+# cache entries, so the slow tier adds only what it adds.
+EAGER_FORMATS = "fp16+bf16+fp16-autocast+bf16-autocast"
+TUNED = {"attention": "slicing", "attention_slice": "max", "channels_last": True, "vae_slicing": True,
+         "vae_tiling": True, "compile_mode": "reduce-overhead", "compile_components": ["unet"]}
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+def plain(tiny_build):
+    """tiny-sd eager in FP32 (diffusers' SDPA attention) and as BF16 AOTInductor packages."""
+    return tiny_build("tiny-sd", "torch:fp32+bf16-aoti")
+
+
+@pytest.fixture(scope="module")
+def formats(tiny_build):
+    """tiny-sd eager in every number format."""
+    return tiny_build("tiny-sd", f"torch:fp32+{EAGER_FORMATS}")
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_build):
     """tiny-sd with every other option: sliced attention, channels_last, VAE slicing and tiling, torch.compile of
     the UNet. The VAE decoder's compilation is tested per mode below (compiled, every on / off switch of slicing or
     tiling recompiles it)."""
-    return _build(tmp_path_factory.mktemp("torch"), "tiny-sd", ["fp32", "bf16-autocast-compile"],
-                  {"attention": "slicing", "attention_slice": "max", "channels_last": True, "vae_slicing": True,
-                   "vae_tiling": True, "compile_mode": "reduce-overhead", "compile_components": ["unet"]})
+    return tiny_build("tiny-sd", [{"name": "torch", "precisions": ["fp32", "bf16-autocast-compile"], "options": TUNED}])
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+def sdxl(tiny_build):
     """tiny-sdxl eager in FP16 (its VAE kept FP32) and autocast BF16, and compiled in FP32."""
-    return _build(tmp_path_factory.mktemp("torch"), "tiny-sdxl", ["fp16", "bf16-autocast", "fp32-compile"],
-                  {"compile_components": ["unet"]})
+    return tiny_build("tiny-sdxl", [{"name": "torch", "precisions": ["fp16", "bf16-autocast", "fp32-compile"],
+                                     "options": {"compile_components": ["unet"]}}])
 
 
 def _sets(result) -> dict:
     return {k: r for k, r in result.report["sets"].items() if k.startswith("torch-")}
 
 
-@pytest.mark.parametrize("build_name", ["plain", "tuned", "sdxl"])
+@pytest.mark.parametrize("build_name", ["plain", pytest.param("formats", marks=pytest.mark.slow),
+                                        pytest.param("tuned", marks=pytest.mark.slow),
+                                        pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_every_set_passes_parity_images_and_is_timed_against_the_baseline(build_name: str, request):
     result = request.getfixturevalue(build_name)
     assert result.passed, {k: (r["parity"]["passed"], r["e2e"]["passed"]) for k, r in _sets(result).items()}
@@ -84,27 +87,42 @@ def test_every_set_passes_parity_images_and_is_timed_against_the_baseline(build_
         assert fp32["parity"]["unet_steps"]["min_cosine"] > 0.999999
 
 
-def test_weights_are_shipped_in_the_sets_type_and_hashed_in_the_manifest(plain):
-    out = plain.out
-    stored = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "fp16-autocast": "F32", "bf16-autocast": "F32"}
-    for precision, dtype in stored.items():
-        entry = plain.manifest["artifacts"][f"torch-{precision}"]["components"]["unet"]
-        assert entry["path"].endswith("unet/weights")
-        files = {Path(f["path"]).name: f for f in entry["files"]}
-        assert {"torch.json", "config.json", "diffusion_pytorch_model.safetensors"} <= set(files)
-        with safe_open(out / entry["path"] / "diffusion_pytorch_model.safetensors", "pt") as f:
-            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        assert dtypes == {dtype}, (precision, dtypes)
+@pytest.mark.slow
+def test_a_compiled_set_is_checked_at_the_batch_the_pipeline_calls_it_at_so_each_shape_compiles_once(tuned):
+    """Parity at batch 1 and the images at batch 2 compiled the UNet twice; parity now runs at the pipeline's batch."""
+    compiled = tuned.report["sets"]["torch-bf16-autocast-compile"]
+    cases = compiled["parity"]["components"]["unet"]["cases"]
+    assert cases and {c["batch"] for c in cases} == {2}  # guided: the UNet sees both halves at once
+    assert list(compiled["runtime"]["unet"]["compile_seconds"]) == ["2x4x8x8"]
+    eager = tuned.report["sets"]["torch-fp32"]["parity"]["components"]["unet"]["cases"]
+    assert {c["batch"] for c in eager} == {1, 2}  # eager sets keep every case
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", "F32"), *[pytest.param(p, d, marks=pytest.mark.slow) for p, d in (
+    ("fp16", "F16"), ("bf16", "BF16"), ("fp16-autocast", "F32"), ("bf16-autocast", "F32"))]])
+def test_weights_are_shipped_in_the_sets_type(precision: str, dtype: str, request):
+    result = request.getfixturevalue("plain" if precision == "fp32" else "formats")
+    entry = result.manifest["artifacts"][f"torch-{precision}"]["components"]["unet"]
+    assert entry["path"].endswith("unet/weights")
+    files = {Path(f["path"]).name: f for f in entry["files"]}
+    assert {"torch.json", "config.json", "diffusion_pytorch_model.safetensors"} <= set(files)
+    with safe_open(result.out / entry["path"] / "diffusion_pytorch_model.safetensors", "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert dtypes == {dtype}, (precision, dtypes)
+
+
+def test_a_package_is_shipped_hashed_in_the_manifest_and_described_in_the_report(plain):
     package = plain.manifest["artifacts"]["torch-bf16-aoti"]["components"]["unet"]
     assert package["path"].endswith("unet/model.pt2")
     assert any(f["path"].endswith("model.pt2") and len(f["sha256"]) == 64 for f in package["files"])
-
-
-def test_the_report_says_how_each_set_runs(plain, tuned):
-    runtime = plain.report["sets"]["torch-bf16-autocast"]["runtime"]["unet"]
-    assert "autocast BF16" in runtime["summary"] and runtime["mode"] == "eager"
     aoti = plain.report["sets"]["torch-bf16-aoti"]["runtime"]["unet"]
     assert "AOTInductor package" in aoti["summary"] and "AOTInductor" in aoti["graph"]["conversion"]
+
+
+@pytest.mark.slow
+def test_the_report_says_how_each_set_runs(formats, tuned):
+    runtime = formats.report["sets"]["torch-bf16-autocast"]["runtime"]["unet"]
+    assert "autocast BF16" in runtime["summary"] and runtime["mode"] == "eager"
     compiled = tuned.report["sets"]["torch-bf16-autocast-compile"]["runtime"]
     # Compile time is reported per shape the component was first called at, apart from the timed runs.
     assert compiled["unet"]["compiled"] and compiled["unet"]["compile_seconds"]
@@ -118,6 +136,7 @@ def test_the_report_says_how_each_set_runs(plain, tuned):
     assert "torch.compile mode reduce-overhead, frozen weights, first call per shape" in markdown
 
 
+@pytest.mark.slow
 def test_memory_options_are_measured_on_and_off_in_the_report(tuned):
     for key in ("torch-fp32", "torch-bf16-autocast-compile"):
         effects = {e["option"]: e for e in tuned.report["sets"][key]["option_effects"]}
@@ -136,6 +155,7 @@ def test_memory_options_are_measured_on_and_off_in_the_report(tuned):
     assert "memory options, each measured on and off" in markdown
 
 
+@pytest.mark.slow
 def test_sdxl_vae_stays_fp32_in_fp16_sets_and_the_report_says_why(sdxl):
     runtime = sdxl.report["sets"]["torch-fp16"]["runtime"]
     assert runtime["vae_decoder"]["precision"] == "fp32 (kept)"
@@ -189,13 +209,14 @@ def test_validate_checks_a_package_at_the_shapes_it_takes(plain):
 
 def test_generate_runs_a_torch_set(plain, tmp_path: Path):
     image = tmp_path / "image.png"
-    done = runner.invoke(app, ["generate", str(plain.out), "--backend", "torch", "--precision", "bf16", "-p", "a cat",
-                               "--steps", "2", "--out", str(image)])
+    done = runner.invoke(app, ["generate", str(plain.out), "--backend", "torch", "--precision", "bf16-aoti", "-p",
+                               "a cat", "--steps", "2", "--out", str(image)])
     assert done.exit_code == 0, done.output
-    assert image.is_file() and "torch bf16" in done.output
+    assert image.is_file() and "torch bf16-aoti" in done.output
 
 
-@pytest.mark.parametrize("mode", target.COMPILE_MODES)
+@pytest.mark.parametrize("mode", [target.COMPILE_MODES[0], *[pytest.param(m, marks=pytest.mark.slow)
+                                                               for m in target.COMPILE_MODES[1:]]])
 def test_every_compile_mode_compiles_and_matches_eager(mode: str, tmp_path: Path, model_cache: Path):
     folder = builtin_folder("tiny-sd")
     spec = next(s for s in component_specs(folder) if s.name == "vae_decoder")
@@ -225,6 +246,7 @@ def test_dynamic_compilation_serves_new_batch_sizes(tmp_path: Path, model_cache:
     assert set(compiled.describe()["compile_seconds"]) == {"2x77", "3x77", "4x77"}
 
 
+@pytest.mark.slow
 def test_an_sdxl_unet_exports_as_a_package_with_dynamic_shapes(tmp_path: Path, model_cache: Path):
     folder = builtin_folder("tiny-sdxl")
     spec = next(s for s in component_specs(folder) if s.name == "unet")
@@ -306,7 +328,8 @@ def test_cuda_without_a_gpu_is_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 @pytest.mark.parametrize("offload", ["model", "sequential"])
 def test_offload_on_a_gpu_runs_end_to_end_and_its_effect_is_measured(offload: str, tmp_path: Path, model_cache: Path):
-    result = _build(tmp_path, "tiny-sd", ["fp16"], {"offload": offload})
+    recipe = tiny_recipe("tiny-sd", [{"name": "torch", "precisions": ["fp16"], "options": {"offload": offload}}])
+    result = build(recipe, tmp_path / "out")
     assert result.passed
     effects = result.report["sets"]["torch-fp16"]["option_effects"]
     assert [e["option"] for e in effects] == [f"{offload} offload"]
@@ -359,4 +382,4 @@ def test_precision_names_parse_into_type_autocast_and_mode():
     assert target.variant("fp32") == target.Variant("fp32", False, "eager")
     with pytest.raises(DiffshipError, match="PyTorch precision 'fp32-autocast' is unknown"):
         target.variant("fp32-autocast")
-    assert json.loads(json.dumps(list(target.PRECISIONS)))  # plain strings, for the manifest
+    assert json.loads(json.dumps(list(target.PRECISIONS))) == list(target.PRECISIONS)  # plain strings, for the manifest

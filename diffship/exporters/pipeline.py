@@ -23,7 +23,7 @@ import onnx
 import torch
 import transformers
 
-from diffship import __version__
+from diffship import __version__, cache
 from diffship.artifacts import (
     MANIFEST_NAME,
     atomic_write_json,
@@ -41,6 +41,8 @@ from diffship.models.source import ModelSource
 
 # Called with (component, event, detail): event is "start" or "done".
 StepCallback = Callable[[str, str, dict[str, Any]], None]
+# The library versions an export's bytes depend on (keys of provenance.library_versions).
+EXPORT_VERSIONS = ("diffship", "diffship_source", "torch", "onnx", "diffusers", "transformers")
 
 def select_specs(folder: Path, components: list[str] | None) -> list[ComponentSpec]:
     """The specs to export: all of the pipeline's, or the named ones (unknown names are an error)."""
@@ -77,28 +79,56 @@ def export_one(source: ModelSource, spec: ComponentSpec, dest: Path, opset: int,
     shutil.copy2(source.folder / spec.module / "config.json", dest / "config.json")
 
 
+def cached_export(source: ModelSource, spec: ComponentSpec, family: str, weights: str, opset: int,
+                  versions: dict[str, str], modules: ModuleLoader, dest: Path | None, force: bool = False,
+                  say: Callable[[str], None] | None = None, on_export: Callable[[], None] | None = None) -> cache.Cached:
+    """One component's export through the cache (keyed by its module's content hash `weights`, the opset and the
+    versions its bytes depend on), copied into `dest` unless None; `on_export` is called when it has to be made."""
+
+    def produce(staging: Path, info: dict[str, Any]) -> None:
+        if on_export is not None:
+            on_export()
+        began = time.perf_counter()
+        export_one(source, spec, staging, opset, modules)
+        info |= {"component": spec.name, "seconds": round(time.perf_counter() - began, 2)}
+
+    entry_key = cache.key(stage="export", component=spec.name, family=family, weights=weights, opset=opset,
+                          **{k: versions[k] for k in EXPORT_VERSIONS})
+    return cache.cached_step("export", entry_key, f"{spec.name} export", produce, force=force, say=say, copy_to=dest)
+
+
 def component_entry(root: Path, folder: Path, seconds: float) -> dict[str, Any]:
     """The manifest entry of an exported component folder: files with hashes, inputs and outputs."""
     return {"seconds": round(seconds, 2), "files": file_entries(root, folder), **onnx_io(folder / "model.onnx")}
 
 
 def export_pipeline(source: ModelSource, out: Path, components: list[str] | None = None, opset: int = DEFAULT_OPSET,
-                    overwrite: bool = False, allow_pickle: bool = False,
-                    on_step: StepCallback | None = None) -> dict[str, Any]:
-    """Export `source` into `out` and return the manifest written there."""
+                    overwrite: bool = False, allow_pickle: bool = False, on_step: StepCallback | None = None,
+                    versions: dict[str, str] | None = None, force: bool = False) -> dict[str, Any]:
+    """Export `source` into `out` and return the manifest written there. With `versions` (library_versions()) each
+    component goes through the cache a build's exports share, so a model built or exported before is copied, not
+    exported again (`force` exports anyway); without them every component is exported here (what a benchmark times)."""
     step = on_step or (lambda *_: None)
     out = out.resolve()
     prepare_output_dir(out, overwrite)
     specs = select_specs(source.folder, components)
+    family = detect_family(source.folder).name
     entries: dict[str, Any] = {}
     with staged_dir(out) as tmp:
         modules = ModuleLoader(source.folder, allow_pickle)
         for i, spec in enumerate(specs):
             step(spec.name, "start", {"index": i + 1, "total": len(specs)})
             started = time.perf_counter()
-            export_one(source, spec, tmp / spec.name, opset, modules)
-            entries[spec.name] = component_entry(tmp, tmp / spec.name, time.perf_counter() - started)
-            step(spec.name, "done", {"seconds": entries[spec.name]["seconds"],
+            if versions is None:
+                export_one(source, spec, tmp / spec.name, opset, modules)
+                cached = False
+            else:
+                weights = cache.folder_hash(source.folder / spec.module)
+                done = cached_export(source, spec, family, weights, opset, versions, modules, tmp / spec.name, force)
+                cached = done.hit
+            seconds = done.info["seconds"] if cached else time.perf_counter() - started
+            entries[spec.name] = component_entry(tmp, tmp / spec.name, seconds)
+            step(spec.name, "done", {"seconds": entries[spec.name]["seconds"], "cached": cached,
                                      "bytes": sum(f["bytes"] for f in entries[spec.name]["files"])})
         modules.loaded.clear()
         manifest = finish_pipeline_folder(source, tmp, specs, opset, entries)

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +305,8 @@ def compile(source: Path, precision: str, options: TorchOptions | None = None, d
         artifact = dest / WEIGHTS
         with staged_path(artifact) as tmp:
             save_weights(module, spec, context.model_folder, dtype, tmp)
+        if v.mode == "compile":  # the batch the pipeline calls it at, which parity checks it at (parity_cases)
+            info["call_batch"] = spec.batch_for(1, context.guided)
     info["seconds"] = round(time.perf_counter() - began, 2)
     atomic_write_json(dest / INFO, info)
     return artifact
@@ -424,11 +426,16 @@ def describe_artifact(artifact: Path) -> dict[str, Any]:
 
 
 def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The cases an artifact can take: all of them for weights; for an AOTInductor package, those inside the shapes it
+    """The cases an artifact can take: all of them for eager weights; for a component torch.compile compiles for
+    static shapes, the cases at the batch the pipeline calls it at (each new shape compiles it again: parity at batch
+    1 and the images at batch 2 compiled a tiny UNet twice); for an AOTInductor package, those inside the shapes it
     was exported for (its example shape when it is static or none fits)."""
     from diffship.validation.parity import Case
 
     info = read_info(artifact)
+    chosen = info["options"]
+    if info["mode"] == "compile" and spec.name in chosen["compile_components"] and not chosen["compile_dynamic"]:
+        return tuple(dict.fromkeys(replace(c, batch=info.get("call_batch", c.batch)) for c in cases))
     if info["mode"] != "aoti":
         return cases
     ex = info["example"]
