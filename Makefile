@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench-export bench-build bench-matrix bench-sdxl bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
+.PHONY: setup demo test test-all lint bench-export bench-build bench-matrix bench-sdxl bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
 
 $(BIN)/.installed: pyproject.toml web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/diffship build --model $(MODEL) --out $(OUT)
 
+# `make test`: every feature end to end, within CI's budget (docs/testing.md); `make test-all` adds the exhaustive
+# variants (marker `slow`). Both print the 15 slowest items.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow" --durations=15
+
+test-all: setup
+	$(BIN)/python -m pytest --durations=15
 
 lint: setup
 	$(BIN)/ruff check diffship tests benchmarks
