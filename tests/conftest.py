@@ -8,6 +8,7 @@ set's validation) is made once and found in the cache the second time. Each modu
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -104,24 +105,40 @@ def model_copy(tmp_path: Path, model_cache: Path):
     return get
 
 
-FAST_RECIPE = """
-model = "tiny-sd"
-[shapes]
-batch = [1, 2]
-height = [64, 128]
-width = [64, 128]
-[validation]
-prompts = ["a red bicycle"]
-seeds = [0]
-steps = 2
-[validation.latency]
-enabled = false
-"""
+def toml_lines(data: dict[str, Any]) -> str:
+    """`data` as TOML `key = value` lines, tables inline (enough for the suite's recipes and matrix rows)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v) if isinstance(v, str) else str(v)
+
+    return "".join(f"{k} = {value(v)}\n" for k, v in data.items())
+
+
+# `tiny_recipe("tiny-sd")` as a file, for the command line: a build of it shares every stage with `tiny_build`'s.
+FAST_RECIPE = toml_lines({"model": "tiny-sd", "shapes": TINY_SHAPES, "validation": TINY_VALIDATION,
+                          "calibration": TINY_CALIBRATION})
+
+
+def matrix_text(cache: Path, rows: list[tuple[str, list[str], str | None]], cpus: int = 2) -> str:
+    """A `diffship farm` matrix of tiny-sd builds with the suite's tiny recipe: (name, targets as the command line
+    writes them, GPU kind or None) per row. Each stage gets `cpus` cores (a local build here uses this machine's 2:
+    calibration and INT8 scales follow the thread count)."""
+    text = f'[cache]\npath = "{cache}"\n'
+    for name, targets, kind in rows:
+        text += f'\n[[builds]]\nname = "{name}"\ntargets = {json.dumps(targets)}\n' + FAST_RECIPE
+        text += f"[builds.farm]\ncpus = {cpus}\n" + (f'accelerator_type = "{kind}"\n' if kind else "")
+    return text
 
 
 @pytest.fixture
 def fast_recipe(tmp_path: Path) -> Path:
-    """A recipe file for a quick tiny-sd build: one image of 2 steps, no latency runs."""
+    """A recipe file for a quick tiny-sd build: the suite's tiny recipe (one image of 3 steps, latency on)."""
     path = tmp_path / "fast.toml"
     path.write_text(FAST_RECIPE)
     return path

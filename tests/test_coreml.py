@@ -13,47 +13,44 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffship.build import build
 from diffship.cli import app
 from diffship.errors import DiffshipError
 from diffship.models.builtin import builtin_folder
 from diffship.models.components import ComponentSpec, TensorSpec, component_specs, run_torch, wrap
 from diffship.models.loading import load_component
-from diffship.recipe import parse_recipe
 from diffship.targets import CompileContext, check_available
 from diffship.targets import coreml as target
 from diffship.targets import coreml_attention as attention
 
 runner = CliRunner()
-FAST = {"prompts": ["a red bicycle"], "seeds": [0], "steps": 2, "latency": {"enabled": False}}
 MODES = ["fp16", "int8-weights", "palette6", "palette4"]
-# SDXL adds components (text_encoder_2, a VAE kept FP32), not compression code: FP16 and the strongest palette cover it,
-# and every mode runs on tiny-sd (each mode of a model costs about a minute of the suite).
+# FP16 conversion of tiny-sd runs in `make test`; every compression mode, and tiny-sdxl (components, not compression
+# code: FP16 and the strongest palette cover it), in `make test-all` (each mode of a model costs about a minute).
 MODES_OF = {"tiny-sd": MODES, "tiny-sdxl": ["fp16", "palette4"]}
 EVERY_COMPONENT = ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"]
 STORAGE = {"int8-weights": "constexpr_blockwise_shift_scale.data INT8", "palette6": "constexpr_lut_to_dense.indices UINT6",
            "palette4": "constexpr_lut_to_dense.indices UINT4"}
 NOT_RUN = target.prediction_unavailable()
+SLOW = pytest.mark.slow
+BUILDS = [pytest.param("tiny-sd", ("fp16",), id="tiny-sd-fp16"),
+          pytest.param("tiny-sd", tuple(MODES), id="tiny-sd-every-mode", marks=SLOW),
+          pytest.param("tiny-sdxl", tuple(MODES_OF["tiny-sdxl"]), id="tiny-sdxl", marks=SLOW)]
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict:
-    """tiny-sd built for Core ML in FP16 and every compression mode, tiny-sdxl in FP16 and 4-bit palettes; every
-    component compressed."""
-    done = {}
-    for model in ("tiny-sd", "tiny-sdxl"):
-        recipe = parse_recipe({"model": model, "validation": FAST, "targets": [
-            {"name": "coreml", "precisions": MODES_OF[model], "options": {"compress": EVERY_COMPONENT}}]})
-        done[model] = build(recipe, tmp_path_factory.mktemp("coreml") / model)
-    return done
+def coreml_build(tiny_build):
+    """coreml_build(model, modes) -> the suite's build of `model` for Core ML in `modes`, every component compressed
+    (built once; modes shared between builds come from the cache)."""
+    return lambda model, modes: tiny_build(model, [{"name": "coreml", "precisions": list(modes),
+                                                    "options": {"compress": EVERY_COMPONENT}}])
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
-def test_every_component_converts_in_every_mode_and_passes_its_spec_checks(builds, model: str):
-    result = builds[model]
+@pytest.mark.parametrize(("model", "modes"), BUILDS)
+def test_every_component_converts_in_every_mode_and_passes_its_spec_checks(coreml_build, model: str, modes: tuple):
+    result = coreml_build(model, modes)
     names = [s.name for s in component_specs(builtin_folder(model))]
     assert result.passed
-    for mode in MODES_OF[model]:
+    for mode in modes:
         r = result.report["sets"][f"coreml-{mode}"]
         assert set(r["spec"]["components"]) == set(names)
         for name, checked in r["spec"]["components"].items():
@@ -69,23 +66,22 @@ def test_every_component_converts_in_every_mode_and_passes_its_spec_checks(build
 
 
 @pytest.mark.skipif(NOT_RUN is None, reason="on macOS the sets run parity and are reported as such")
-def test_off_macos_no_parity_is_claimed_and_the_report_says_why(builds):
-    result = builds["tiny-sd"]
-    for mode in MODES:
-        r = result.report["sets"][f"coreml-{mode}"]
-        assert "parity" not in r and "e2e" not in r and "latency" not in r
-        assert "macOS" in r["not_run"]
-        validation = result.manifest["artifacts"][f"coreml-{mode}"]["validation"]
-        assert validation["parity_passed"] is None and validation["spec_passed"] is True
+def test_off_macos_no_parity_is_claimed_and_the_report_says_why(coreml_build):
+    result = coreml_build("tiny-sd", ("fp16",))
+    r = result.report["sets"]["coreml-fp16"]
+    assert "parity" not in r and "e2e" not in r and "latency" not in r
+    assert "macOS" in r["not_run"]
+    validation = result.manifest["artifacts"]["coreml-fp16"]["validation"]
+    assert validation["parity_passed"] is None and validation["spec_passed"] is True
     markdown = (result.out / "report" / "report.md").read_text()
     assert "coreml-fp16: not run here" in markdown and "none is claimed" in markdown
     assert "| coreml-fp16 |" in markdown and "| spec ok | not run |" in markdown
     assert not list((result.out / "report" / "images").glob("grid-coreml*")), "no image grid for a set that never ran"
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
-def test_io_names_dtypes_and_shapes_equal_the_onnx_export(builds, model: str):
-    result = builds[model]
+@pytest.mark.parametrize(("model", "modes"), [BUILDS[0], BUILDS[2]])
+def test_io_names_dtypes_and_shapes_equal_the_onnx_export(coreml_build, model: str, modes: tuple):
+    result = coreml_build(model, modes)
     entry = result.manifest["artifacts"]["coreml-fp16"]
     for name, component in entry["components"].items():
         held = target.inspect_package(result.out / component["path"])
@@ -104,11 +100,11 @@ def test_io_names_dtypes_and_shapes_equal_the_onnx_export(builds, model: str):
     assert unet["outputs"][0]["shape"] == [2, 4, side // 8, side // 8]
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
-def test_compressed_weights_are_stored_as_their_mode_says_and_shrink_the_packages(builds, model: str):
-    result = builds[model]
+@pytest.mark.parametrize(("model", "modes"), BUILDS[1:])
+def test_compressed_weights_are_stored_as_their_mode_says_and_shrink_the_packages(coreml_build, model: str, modes: tuple):
+    result = coreml_build(model, modes)
     sizes = {}
-    for mode in MODES_OF[model]:
+    for mode in modes:
         spec = result.report["sets"][f"coreml-{mode}"]["spec"]["components"]
         sizes[mode] = spec["unet"]["bytes"]
         for name, checked in spec.items():
@@ -125,8 +121,9 @@ def test_compressed_weights_are_stored_as_their_mode_says_and_shrink_the_package
     assert sizes.get("int8-weights", 0) < 0.65 * sizes["fp16"] and sizes["palette4"] < 0.45 * sizes["fp16"]
 
 
-def test_sdxl_vae_stays_fp32_in_fp16_sets_and_the_report_says_why(builds):
-    result = builds["tiny-sdxl"]
+@pytest.mark.slow
+def test_sdxl_vae_stays_fp32_in_fp16_sets_and_the_report_says_why(coreml_build):
+    result = coreml_build("tiny-sdxl", MODES_OF["tiny-sdxl"])
     for name in ("vae_encoder", "vae_decoder"):
         path = result.out / result.manifest["artifacts"]["coreml-fp16"]["components"][name]["path"]
         info = target.read_info(path)
@@ -137,22 +134,26 @@ def test_sdxl_vae_stays_fp32_in_fp16_sets_and_the_report_says_why(builds):
     assert "SDXL's VAE overflows" in (result.out / "report" / "report.md").read_text()
 
 
-def test_packages_carry_metadata_and_descriptions(builds):
-    result = builds["tiny-sd"]
-    path = result.out / result.manifest["artifacts"]["coreml-palette4"]["components"]["unet"]["path"]
+@pytest.mark.parametrize(("mode", "compression"), [("fp16", None), pytest.param("palette4", "palettization", marks=SLOW)])
+def test_packages_carry_metadata_and_descriptions(coreml_build, mode: str, compression: str | None):
+    result = coreml_build("tiny-sd", ("fp16",) if mode == "fp16" else MODES)
+    path = result.out / result.manifest["artifacts"][f"coreml-{mode}"]["components"]["unet"]["path"]
     spec = target._ct().utils.load_spec(str(path))
     meta = dict(spec.description.metadata.userDefined)
-    assert meta["diffship.component"] == "unet" and meta["diffship.precision"] == "palette4"
+    assert meta["diffship.component"] == "unet" and meta["diffship.precision"] == mode
     # Packages are cached by weights, which models share: the model's name is the manifest's to say.
     assert "diffship.source" not in meta
-    assert meta["diffship.attention"] == "split_einsum" and "palettization" in meta["diffship.compression"]
+    assert meta["diffship.attention"] == "split_einsum"
+    assert compression in meta["diffship.compression"] if compression else meta["diffship.compression"] == "none"
     assert spec.description.metadata.author == "diffship"
     assert {f.name: f.shortDescription for f in spec.description.input}["timestep"].startswith("the denoising timestep")
 
 
-def test_a_build_converts_each_component_once_and_compresses_that(builds):
-    infos = [target.read_info(builds["tiny-sd"].out / builds["tiny-sd"].manifest["artifacts"][f"coreml-{m}"]
-                              ["components"]["unet"]["path"]) for m in MODES]
+@pytest.mark.slow
+def test_a_build_converts_each_component_once_and_compresses_that(coreml_build):
+    every = coreml_build("tiny-sd", MODES)
+    infos = [target.read_info(every.out / every.manifest["artifacts"][f"coreml-{m}"]["components"]["unet"]["path"])
+             for m in MODES]
     assert not infos[0]["conversion_reused"] and all(i["conversion_reused"] for i in infos[1:])
 
 
@@ -167,6 +168,7 @@ def _context(model: str, name: str, **kw) -> CompileContext:
                           folder, **kw)
 
 
+@pytest.mark.slow
 def test_enumerated_resolutions_are_accepted_and_nothing_else(exported, tmp_path: Path):
     onnx = exported("tiny-sd") / "unet" / "model.onnx"
     options = target.parse_options({"resolutions": [[64, 128], [128, 64]], "attention": "sdpa"})
@@ -347,7 +349,6 @@ def test_a_missing_coremltools_names_the_extra(monkeypatch):
 def test_require_parity_fails_the_build_here_and_still_writes_the_report(tmp_path: Path, model_cache: Path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('model = "tiny-sd"\n[validation]\nprompts = ["a red bicycle"]\nsteps = 2\n'
-                      '[validation.latency]\nenabled = false\n'
                       '[[targets]]\nname = "coreml"\nprecisions = ["fp16"]\n'
                       'options = { require_parity = true, attention = "sdpa" }\n')
     result = runner.invoke(app, ["build", str(recipe), "--out", str(tmp_path / "out")])
@@ -359,12 +360,13 @@ def test_require_parity_fails_the_build_here_and_still_writes_the_report(tmp_pat
 
 
 @pytest.mark.skipif(NOT_RUN is None, reason="Core ML prediction runs on this Mac")
-def test_running_a_package_off_macos_is_a_clear_error(builds):
-    path = builds["tiny-sd"].out / builds["tiny-sd"].manifest["artifacts"]["coreml-fp16"]["components"]["unet"]["path"]
+def test_running_a_package_off_macos_is_a_clear_error(coreml_build, tmp_path: Path):
+    result = coreml_build("tiny-sd", ("fp16",))
+    path = result.out / result.manifest["artifacts"]["coreml-fp16"]["components"]["unet"]["path"]
     with pytest.raises(DiffshipError, match=f"Core ML prediction needs macOS; this machine runs {platform.system()}"):
         target.load(path)
-    result = runner.invoke(app, ["generate", str(builds["tiny-sd"].out), "--backend", "coreml", "-p", "a cat",
-                                 "--out", str(builds["tiny-sd"].out.parent / "x.png")])
+    result = runner.invoke(app, ["generate", str(result.out), "--backend", "coreml", "-p", "a cat",
+                                 "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "needs macOS" in result.output
 
 
@@ -373,15 +375,15 @@ def test_running_a_package_off_macos_is_a_clear_error(builds):
 
 @pytest.mark.skipif(NOT_RUN is not None, reason=f"{NOT_RUN}: Core ML packages only run on macOS")
 @pytest.mark.parametrize("mode", MODES)
-def test_on_macos_every_package_matches_pytorch_within_its_tolerance(builds, mode: str):
-    result = builds["tiny-sd"]
+def test_on_macos_every_package_matches_pytorch_within_its_tolerance(coreml_build, mode: str):
+    result = coreml_build("tiny-sd", MODES)
     r = result.report["sets"][f"coreml-{mode}"]
     assert r["passed"] and r["parity"]["passed"] and r["e2e"]["passed"]
 
 
 @pytest.mark.skipif(NOT_RUN is not None, reason=f"{NOT_RUN}: Core ML packages only run on macOS")
-def test_on_macos_the_runner_refuses_a_shape_the_package_was_not_built_for(builds):
-    result = builds["tiny-sd"]
+def test_on_macos_the_runner_refuses_a_shape_the_package_was_not_built_for(coreml_build):
+    result = coreml_build("tiny-sd", ("fp16",))
     path = result.out / result.manifest["artifacts"]["coreml-fp16"]["components"]["vae_decoder"]["path"]
     runner_ = target.load(path)
     with pytest.raises(DiffshipError, match="was built for input shapes"):

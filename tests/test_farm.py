@@ -16,37 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from diffship.build import build
-from diffship.errors import DiffshipError
 from diffship.farm.matrix import load_matrix
 from diffship.farm.run import run_farm
-from diffship.recipe import parse_recipe
 
 ray = pytest.importorskip("ray", reason="the farm runs on Ray, the `farm` extra: pip install 'diffship[farm]'")
 pytestmark = pytest.mark.farm
 
+from conftest import matrix_text  # noqa: E402
 from ray_cluster import Cluster, start_head, stop  # noqa: E402 (the cluster helper needs Ray)
 
 CLI = [sys.executable, "-m", "diffship.cli"]
-TINY = {"model": "tiny-sd", "calibration": {"samples": 4},
-        "shapes": {"batch": [1, 2], "height": [64, 128], "width": [64, 128]},
-        "validation": {"prompts": ["a red bicycle"], "seeds": [0], "steps": 2, "latency": {"enabled": False}}}
-BUILD = """
-model = "tiny-sd"
-calibration = {{ samples = 4 }}
-shapes = {{ batch = [1, 2], height = [64, 128], width = [64, 128] }}
-validation = {{ prompts = ["a red bicycle"], seeds = [0], steps = 2, latency = {{ enabled = false }} }}
-"""
-
-
-def matrix_text(cache: Path, rows: list[tuple[str, list[str], str | None]]) -> str:
-    """A matrix of tiny-sd builds: (name, targets as the command line writes them, GPU kind or None). Each stage gets
-    this machine's 2 cores, as a local build does: calibration and INT8 scales follow the thread count."""
-    text = f'[cache]\npath = "{cache}"\n'
-    for name, targets, kind in rows:
-        text += f'\n[[builds]]\nname = "{name}"\ntargets = {json.dumps(targets)}' + BUILD.format()
-        text += "[builds.farm]\ncpus = 2\n" + (f'accelerator_type = "{kind}"\n' if kind else "")
-    return text
 
 
 @pytest.fixture(scope="module")
@@ -77,30 +56,20 @@ def cache_at(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory):
-    """tiny-sd built by `build()` here, with a cache of its own: onnxruntime fp32 + openvino int8-hybrid, on 2 threads
-    as the farm's stages."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the stages' `cpus` in the matrix: calibration's last bits follow the thread count
-    try:
-        with cache_at(tmp_path_factory.mktemp("local-cache")):
-            recipe = parse_recipe({**TINY, "targets": [{"name": "onnxruntime", "precisions": ["fp32"]},
-                                                       {"name": "openvino", "precisions": ["int8-hybrid"]}]})
-            result = build(recipe, tmp_path_factory.mktemp("local") / "tiny-sd")
-    finally:
-        torch.set_num_threads(threads)
+def local(tiny_build):
+    """tiny-sd built by `build()` here for ONNX Runtime FP32, with the session's cache (not the farm's)."""
+    result = tiny_build("tiny-sd", "onnxruntime:fp32")
     assert result.passed
     return result
 
 
 @pytest.fixture(scope="module")
 def on_cluster(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
-    """The matrix on the cluster: tiny-sd (onnxruntime fp32, openvino int8-hybrid) and a TensorRT build for H100s."""
+    """The matrix on the cluster, with a cache of its own: tiny-sd on ONNX Runtime FP32 and a TensorRT build for
+    H100s."""
     root = tmp_path_factory.mktemp("farm")
     (root / "matrix.toml").write_text(matrix_text(root / "cache", [
-        ("tiny-sd", ["onnxruntime:fp32", "openvino:int8-hybrid"], None), ("tiny-sd-trt", ["tensorrt:fp16"], "H100")]))
+        ("tiny-sd", ["onnxruntime:fp32"], None), ("tiny-sd-trt", ["tensorrt:fp16"], "H100")]))
     lines: list[str] = []
     with cache_at(root / "cache"):
         result = run_farm(load_matrix(root / "matrix.toml"), root / "out", lines.append, cluster.address)
@@ -121,7 +90,9 @@ def test_a_matrix_on_the_cluster_gives_the_artifacts_of_a_local_build(on_cluster
     _, out, lines = on_cluster
     farm_manifest = json.loads((out / "tiny-sd" / "manifest.json").read_text())
     local_hashes, farm_hashes = artifact_hashes(local.manifest), artifact_hashes(farm_manifest)
-    assert len(local_hashes) > 20 and farm_hashes == local_hashes
+    assert len(local_hashes) > 10 and farm_hashes == local_hashes
+    report = json.loads((out / "tiny-sd" / "report" / "report.json").read_text())
+    assert report["sets"]["onnxruntime-fp32"]["latency"]["pipeline"]["target"]["total"]["p50_s"] > 0
     onnx = sorted(p.relative_to(local.out) for p in local.out.rglob("*") if p.suffix in (".onnx", ".xml", ".bin"))
     assert onnx and all((out / "tiny-sd" / p).read_bytes() == (local.out / p).read_bytes() for p in onnx)
     summary = json.loads((out / "farm.json").read_text())
@@ -130,7 +101,7 @@ def test_a_matrix_on_the_cluster_gives_the_artifacts_of_a_local_build(on_cluster
     ran = {t["node"] for t in summary["tasks"] if t["row"] == "tiny-sd"}
     assert ran <= set(cluster.workers.values())  # the head runs no task
     assert any("running" in line and "queued" in line for line in lines)  # the live count
-    assert (out / "farm.html").read_text().count("<tr>") > 12
+    assert (out / "farm.html").read_text().count("<tr>") > 8
 
 
 def test_a_tensorrt_stage_runs_only_on_the_node_of_its_gpu_kind(on_cluster, cluster: Cluster) -> None:
@@ -158,9 +129,10 @@ def test_a_resource_no_node_has_fails_at_once_naming_it(cluster: Cluster, tmp_pa
     assert done.returncode == 2, done.stderr
     assert "accelerator_type:A100" in done.stderr and "Nothing was submitted" in done.stderr
     assert not (tmp_path / "out" / "farm.json").exists()
-    assert time.monotonic() - began < 300
+    assert time.monotonic() - began < 120, "refused only after waiting"
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_the_matrix_and_says_what_finished(cluster: Cluster, tmp_path: Path) -> None:
     (tmp_path / "m.toml").write_text(matrix_text(tmp_path / "cache", [("tiny-sd", ["onnxruntime:fp32"], None)]))
     farm = subprocess.Popen([*CLI, "farm", str(tmp_path / "m.toml"), "--out", str(tmp_path / "out"), "--ray",
@@ -188,6 +160,7 @@ def test_ctrl_c_cancels_the_matrix_and_says_what_finished(cluster: Cluster, tmp_
     assert not cluster.running()
 
 
+@pytest.mark.slow
 def test_killing_a_worker_raylet_mid_stage_still_finishes_the_matrix(cluster: Cluster, local, tmp_path: Path) -> None:
     (tmp_path / "m.toml").write_text(matrix_text(tmp_path / "cache", [("tiny-sd", ["onnxruntime:fp32"], None)]))
     farm = subprocess.Popen([*CLI, "farm", str(tmp_path / "m.toml"), "--out", str(tmp_path / "out"), "--ray",
@@ -214,48 +187,21 @@ def test_killing_a_worker_raylet_mid_stage_still_finishes_the_matrix(cluster: Cl
     assert victim not in cluster.node_ids()
 
 
-def test_a_bad_matrix_is_refused_before_any_work(tmp_path: Path) -> None:
-    cases = {
-        "no cache": ('[[builds]]\nmodel = "tiny-sd"\n', "[cache]"),
-        "twice the same name": ('[cache]\npath = "c"\n[[builds]]\nmodel = "tiny-sd"\n[[builds]]\nmodel = "tiny-sd"\n',
-                                "distinct `name`s"),
-        "tensorrt without a GPU kind": ('[cache]\npath = "c"\n[[builds]]\nmodel = "tiny-sd"\ntargets = ["tensorrt:fp16"]\n',
-                                        "accelerator_type"),
-        "a name that leaves the folder": ('[cache]\npath = "c"\n[[builds]]\nname = "../x"\nmodel = "tiny-sd"\n',
-                                          "plain folder name"),
-        "an unknown farm key": ('[cache]\npath = "c"\n[[builds]]\nmodel = "tiny-sd"\nfarm = { gpu = "H100" }\n',
-                                "gpu: unknown key"),
-    }
-    for what, (text, said) in cases.items():
-        (tmp_path / "m.toml").write_text(text)
-        done = subprocess.run([*CLI, "farm", str(tmp_path / "m.toml"), "--out", str(tmp_path / "out")],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and said in done.stderr, (what, done.stderr)
-        assert "Traceback" not in done.stderr and not (tmp_path / "out").exists(), what
-    with pytest.raises(DiffshipError, match="all strings"):
-        (tmp_path / "m.toml").write_text('[cache]\npath = "c"\n[[builds]]\ntargets = ["onnxruntime", {name = "openvino"}]\n')
-        load_matrix(tmp_path / "m.toml")
-
-
-def test_an_output_folder_farm_did_not_write_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "m.toml").write_text(matrix_text(tmp_path / "cache", [("tiny-sd", ["onnxruntime:fp32"], None)]))
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "notes.txt").write_text("mine")
-    done = subprocess.run([*CLI, "farm", str(tmp_path / "m.toml"), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "holds no farm.json" in done.stderr, done.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
-
-
 def test_an_address_where_no_cluster_answers_is_refused_at_once(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from diffship.cli import app
+
     (tmp_path / "m.toml").write_text(matrix_text(tmp_path / "cache", [("tiny-sd", ["onnxruntime:fp32"], None)]))
     with socket.socket() as probe:  # a port nothing listens on: bound, then closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     for address, said in ((f"127.0.0.1:{port}", "nothing answers there"), ("headnode", "is not an address")):
-        # Ray alone retries such an address for over 10 minutes; the timeout fails the test long before that.
-        done = subprocess.run([*CLI, "farm", str(tmp_path / "m.toml"), "--out", str(tmp_path / "out"), "--ray",
-                               address], capture_output=True, text=True, timeout=240)
-        assert done.returncode == 2 and said in done.stderr, (address, done.stderr)
-        assert "Traceback" not in done.stderr and not (tmp_path / "out").exists(), address
+        # Ray alone retries such an address for over 10 minutes; refused before it is asked.
+        began = time.monotonic()
+        done = CliRunner().invoke(app, ["farm", str(tmp_path / "m.toml"), "--out", str(tmp_path / "out"), "--ray",
+                                        address])
+        assert done.exit_code == 2 and said in done.output, (address, done.output)
+        assert time.monotonic() - began < 60, address
+        assert "Traceback" not in done.output and not (tmp_path / "out").exists(), address
         assert not (tmp_path / "cache").exists(), address

@@ -5,6 +5,7 @@ INT8 fails (tiny-sd: real-step cosine 0.978 against the gate's 0.99)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,18 +36,26 @@ def _model(folder: Path, seed: int, factor: float) -> Path:
     return folder
 
 
+class Builds(dict):
+    """label -> the build of that model, made on first use (`make test` reads seed-4 only)."""
+
+    def __init__(self, root: Callable[[str], Path]):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, label: str):
+        seed, factor = MODELS[label]
+        root = self.root(f"int8-auto-{label}")
+        # The default recipe's validation at 20 steps and its calibration, latency on.
+        recipe = parse_recipe({"model": str(_model(root / "model", seed, factor)), "targets": TARGETS,
+                               "validation": {"prompts": ["a red bicycle"], "seeds": [0], "steps": 20}})
+        self[label] = build(recipe, root / "out")
+        return self[label]
+
+
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
-    done = {}
-    for label, (seed, factor) in MODELS.items():
-        root = tmp_path_factory.mktemp(f"int8-auto-{label}")
-        recipe = parse_recipe({
-            "model": str(_model(root / "model", seed, factor)),
-            "validation": {"prompts": ["a red bicycle"], "seeds": [0], "steps": 20,
-                           "latency": {"enabled": label == "seed-4"}},
-            "targets": TARGETS})
-        done[label] = build(recipe, root / "out")
-    return done
+def builds(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Builds:
+    return Builds(tmp_path_factory.mktemp)
 
 
 def _search(result, key: str) -> dict:
@@ -56,7 +65,7 @@ def _search(result, key: str) -> dict:
     return json.loads((unet / "diffship-graph.json").read_text())["search"]
 
 
-@pytest.mark.parametrize("label", list(MODELS))
+@pytest.mark.parametrize("label", ["seed-4", *[pytest.param(m, marks=pytest.mark.slow) for m in MODELS if m != "seed-4"]])
 def test_int8_auto_meets_its_gate_on_real_steps_on_every_model(builds, label):
     result = builds[label]
     for key in SETS:
@@ -79,10 +88,18 @@ def test_int8_auto_meets_its_gate_on_real_steps_on_every_model(builds, label):
     assert result.passed
 
 
-def test_the_search_was_needed_full_int8_misses_the_gate_somewhere(builds):
-    """The check can fail: on these models full static INT8 (the search's first candidate) is below the gate."""
-    first = [_search(r, key)["candidates"][0] for r in builds.values() for key in SETS]
+def test_the_search_was_needed_full_int8_misses_the_gate(builds):
+    """The check can fail: on seed-4 full static INT8 (the search's first candidate) is below the gate on both
+    runtimes, so the search had to keep layers in float to pass."""
+    first = [_search(builds["seed-4"], key)["candidates"][0] for key in SETS]
     assert all(c["label"] == "full INT8" for c in first)
+    target = _search(builds["seed-4"], SETS[0])["gate"]["target"]
+    assert all(c["score"] < target for c in first), [round(c["score"], 5) for c in first]
+
+
+@pytest.mark.slow
+def test_the_search_was_needed_full_int8_misses_the_gate_on_most_models(builds):
+    first = [_search(builds[label], key)["candidates"][0] for label in MODELS for key in SETS]
     target = _search(builds["seed-4"], SETS[0])["gate"]["target"]
     assert sum(c["score"] < target for c in first) >= 3, [round(c["score"], 5) for c in first]
 
