@@ -51,9 +51,19 @@ def build(*args: str):
     return runner.invoke(app, ["build", *args])
 
 
-def test_tiny_sd_builds_validates_and_reports_on_onnxruntime(tmp_path: Path, fresh_cache: Path):
-    out = tmp_path / "out"
-    result = build(str(recipe_file(tmp_path)), "--out", str(out))
+@pytest.fixture(scope="module")
+def first(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, object]:
+    """RECIPE built once from an empty cache of the module's own: (cache, recipe, out, the command's result). The
+    tests after it build again on that cache, each into a folder of its own."""
+    root = tmp_path_factory.mktemp("first")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFSHIP_CACHE", str(root / "cache"))
+        result = build(str(recipe_file(root)), "--out", str(root / "out"))
+    return root / "cache", root / "recipe.toml", root / "out", result
+
+
+def test_tiny_sd_builds_validates_and_reports_on_onnxruntime(first):
+    _, _, out, result = first
     assert result.exit_code == 0, result.output
     for i, name in enumerate(["text_encoder", "unet", "vae_encoder", "vae_decoder"], start=1):
         assert f"[export {i}/4] {name}: exporting" in result.output
@@ -91,22 +101,22 @@ def test_tiny_sd_builds_validates_and_reports_on_onnxruntime(tmp_path: Path, fre
     assert "| img2img | 1 |" in markdown
 
 
-def test_a_second_identical_build_does_no_work_and_says_so(tmp_path: Path, fresh_cache: Path):
-    out, recipe = tmp_path / "out", recipe_file(tmp_path)
-    assert build(str(recipe), "--out", str(out)).exit_code == 0
-    first = json.loads((out / "manifest.json").read_text())
+def test_a_second_identical_build_does_no_work_and_says_so(first, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    cache, recipe, first_out, _ = first
+    monkeypatch.setenv("DIFFSHIP_CACHE", str(cache))
+    out = tmp_path / "out"
     result = build(str(recipe), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "Nothing was rebuilt" in result.stdout
     assert "exporting" not in result.output and "Loading the PyTorch baseline" not in result.output
     second = json.loads((out / "manifest.json").read_text())
     assert set(second["cache"].values()) == {"hit"}
-    assert second["artifacts"] == first["artifacts"]
+    assert second["artifacts"] == json.loads((first_out / "manifest.json").read_text())["artifacts"]
 
 
-def test_changing_one_input_reruns_only_what_depends_on_it(tmp_path: Path, fresh_cache: Path):
+def test_changing_one_input_reruns_only_what_depends_on_it(first, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DIFFSHIP_CACHE", str(first[0]))
     out = tmp_path / "out"
-    assert build(str(recipe_file(tmp_path)), "--out", str(out)).exit_code == 0
     new_prompts = RECIPE.replace('"a bowl of fruit"', '"a green door"')
     result = build(str(recipe_file(tmp_path, new_prompts, "other.toml")), "--out", str(out))
     assert result.exit_code == 0, result.output
@@ -120,13 +130,19 @@ def test_changing_one_input_reruns_only_what_depends_on_it(tmp_path: Path, fresh
     assert set(json.loads((out / "manifest.json").read_text())["cache"].values()) == {"miss"}
 
 
-def test_tiny_sdxl_builds_end_to_end(built):
-    result = built("tiny-sdxl")
-    assert result.passed
+@pytest.mark.parametrize(("model", "encoders", "family"), [
+    ("tiny-sd2", {"text_encoder"}, "sd2"), ("tiny-sdxl", {"text_encoder", "text_encoder_2"}, "sdxl")])
+def test_sd2_and_sdxl_build_end_to_end(built, model: str, encoders: set[str], family: str):
+    """SD 2.x (OpenCLIP encoder, v-prediction) and SDXL (two encoders, text_embeds and time_ids) through the default
+    recipe's validation; SD 1.x is the build above, the refiner and inpainting models are test_task_builds'."""
+    result = built(model)
+    assert result.passed and result.manifest["source"]["family"] == family
     artifacts = result.manifest["artifacts"]["onnxruntime-fp32"]
-    assert {"text_encoder", "text_encoder_2", "unet", "vae_decoder"} <= set(artifacts["components"])
-    e2e = result.report["sets"]["onnxruntime-fp32"]["e2e"]
-    assert e2e["passed"] and (e2e["min_psnr_db"] is None or e2e["min_psnr_db"] >= 40)
+    assert encoders | {"unet", "vae_decoder"} <= set(artifacts["components"])
+    r = result.report["sets"]["onnxruntime-fp32"]
+    assert r["e2e"]["passed"] and (r["e2e"]["min_psnr_db"] is None or r["e2e"]["min_psnr_db"] >= 40)
+    assert set(r["e2e"]["tasks"]) == {"text2img", "img2img"} and r["parity"]["unet_steps"]["passed"]
+    assert r["latency"]["pipeline"]["target"]["total"]["p50_s"] > 0
 
 
 def test_a_build_that_fails_validation_exits_1_and_still_writes_report_and_manifest(tmp_path: Path):

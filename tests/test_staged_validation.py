@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_VALIDATION
 
 from diffship.build import build
 from diffship.models.components import component_specs
@@ -17,23 +18,14 @@ from diffship.validation.parity import Case
 from diffship.validation.reference import LiveReference, RecordedReference, choose_staged
 from diffship.validation.suite import Plan, task_samples
 
-SHAPES = {"batch": [1, 2], "height": [64, 128], "width": [64, 128]}
-LATENCY = {"enabled": True, "warmup": 0, "runs": 2, "pipeline_runs": 1}
-
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
-    """tiny-sd through ONNX Runtime FP32 and INT8, validated interleaved and staged (one export and compile)."""
-    done = {}
-    for staged in (False, True):
-        recipe = parse_recipe({
-            "model": "tiny-sd", "shapes": SHAPES,
-            "validation": {"prompts": ["a red bicycle"], "seeds": [0, 1], "steps": 2, "latency": LATENCY,
-                           "staged": staged},
-            "calibration": {"prompts": ["a cat on a sofa"], "samples": 4, "steps": 2},
-            "targets": [{"name": "onnxruntime", "precisions": ["fp32", "int8"]}]})
-        done[staged] = build(recipe, tmp_path_factory.mktemp("staged") / f"staged-{staged}")
-    return done
+def builds(tiny_build):
+    """tiny-sd through ONNX Runtime FP32 and INT8 (the suite's sets, from the cache), validated interleaved and
+    staged, two images each."""
+    return {staged: tiny_build("tiny-sd", "onnxruntime:fp32+int8",
+                               validation={**TINY_VALIDATION, "seeds": [0, 1], "staged": staged})
+            for staged in (False, True)}
 
 
 def test_staged_validation_gives_the_interleaved_parity_values_and_images(builds):
@@ -54,7 +46,8 @@ def test_staged_latency_is_timed_in_blocks_and_says_so(builds):
     interleaved = builds[False].report["sets"]["onnxruntime-fp32"]
     assert staged["latency"]["method"] == "blocks" and "method" not in interleaved["latency"]
     unet = staged["latency"]["components"]["unet"]
-    assert unet["baseline"]["runs"] == 2 and unet["target"]["runs"] == 2 and unet["speedup"] > 0  # B, T T, B
+    runs = TINY_VALIDATION["latency"]["runs"]
+    assert unet["baseline"]["runs"] == runs and unet["target"]["runs"] == runs and unet["speedup"] > 0  # B, T T, B
     assert set(staged["latency"]["components"]) == set(interleaved["latency"]["components"])
     assert staged["latency"]["pipeline"]["baseline"]["total"]["runs"] == 1
     assert staged["baseline_held"].startswith("recorded once") and "baseline_held" not in interleaved
