@@ -169,7 +169,7 @@ def digits_devices(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
     recipe = parse_recipe({"model": "digits-sd", "targets": targets,
                            "calibration": {"prompts": [seven, "the number three"], "samples": 8, "steps": 8},
                            "validation": {"prompts": [seven], "seeds": [0], "steps": 8, "guidance_scale": 5.0,
-                                          "latency": {"enabled": False}, "quality": {"seeds": [0]}}})
+                                          "latency": TINY_VALIDATION["latency"], "quality": {"seeds": [0]}}})
     out = tmp_path_factory.mktemp("devices") / "digits"
     return build(recipe, out), out
 

@@ -22,7 +22,6 @@ from diffship.models.loading import load_component
 from diffship.models.source import resolve
 
 runner = CliRunner()
-FAST = {"prompts": ["a red bicycle"], "seeds": [0], "steps": 2, "latency": {"enabled": False}}
 
 
 @pytest.fixture
@@ -231,6 +230,7 @@ def test_a_qat_unet_round_trips_through_model_optimizer_state(tiny, tmp_path: Pa
                                run_torch(wrap(spec, unet), spec, feed)["out_sample"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_quanto_unet_round_trips_through_its_quantization_map(tiny, tmp_path: Path):
     from diffship.compress.quantize import quanto
     from diffship.compress.store import write_pipeline
@@ -333,14 +333,15 @@ def test_compress_cli_writes_the_pipeline_and_a_stage_table(tmp_path: Path, mode
 
 
 def test_a_build_exports_and_validates_the_compressed_unet(tmp_path: Path, model_cache: Path):
-    from diffship.build import build
-    from diffship.recipe import parse_recipe
+    from conftest import tiny_recipe
 
-    recipe = parse_recipe({"model": "tiny-sd", "validation": FAST,
-                           "compress": [{"step": "prune-channels", "ratio": 0.3},
-                                        {"step": "distill", "steps": 4, "batch": 4, "images": 4}],
-                           "calibration": {"prompts": ["a red bicycle"], "steps": 3}})
+    from diffship.build import build
+
+    recipe = tiny_recipe("tiny-sd", compress=[{"step": "prune-channels", "ratio": 0.3},
+                                              {"step": "distill", "steps": 4, "batch": 4, "images": 4}],
+                         calibration={"prompts": ["a red bicycle"], "steps": 3})
     result = build(recipe, tmp_path / "out")
+    assert result.passed and result.report["sets"]["onnxruntime-fp32"]["latency"]["components"]["unet"]["speedup"] > 0
     stages = result.report["compress"]["stages"]
     assert [s["stage"].split(" ")[0] for s in stages] == ["original", "prune-channels", "distill"]
     assert result.report["sets"]["onnxruntime-fp32"]["parity"]["passed"]  # the export matches the compressed UNet

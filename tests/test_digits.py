@@ -14,8 +14,9 @@ from diffship.recipe import parse_recipe
 from diffship.validation.baseline import load_baseline
 from diffship.validation.quality import digit_classifier, quality_task, score_digits
 
-QUICK = {"prompts": ["a handwritten digit seven"], "seeds": [0], "steps": 4, "latency": {"enabled": False},
-         "quality": {"seeds": [0]}}
+# The default recipe's validation steps (parity, images, prompt accuracy, latency) at test size.
+QUICK = {"prompts": ["a handwritten digit seven"], "seeds": [0], "steps": 4, "quality": {"seeds": [0]},
+         "latency": {"enabled": True, "warmup": 1, "runs": 2, "pipeline_runs": 1}}
 
 
 def test_digits_sd_is_a_standard_sd_pipeline_with_its_trained_weights_committed(model_cache: Path):
@@ -35,6 +36,7 @@ def test_the_classifier_knows_digits_and_refuses_noise():
     assert score_digits(noise, [i % 10 for i in range(30)])["prompt_accuracy"] < 0.4
 
 
+@pytest.mark.slow
 def test_pytorch_digits_sd_draws_the_digit_its_prompt_names(model_cache: Path):
     from diffship.validation.suite import baseline_quality
 
@@ -58,6 +60,7 @@ def test_a_digits_build_reports_prompt_accuracy_for_every_set(tmp_path: Path, mo
     for key in ("onnxruntime-fp32", "onnxruntime-int8"):
         q = result.report["sets"][key]["quality"]
         assert q["images"] == 10 and q["baseline_prompt_accuracy"] >= 0.8 and q["passed"], q
+        assert result.report["sets"][key]["latency"]["pipeline"]["target"]["total"]["p50_s"] > 0
     assert "prompt accuracy (PyTorch)" in (tmp_path / "out" / "report" / "report.md").read_text()
 
 

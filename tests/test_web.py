@@ -121,6 +121,7 @@ def test_the_page_draws_the_runtimes_image_and_the_digit_its_prompt_names(digits
 
 @needs_runtime
 @needs_browser
+@pytest.mark.slow
 def test_webgpu_runs_the_fp32_graphs_on_swiftshader(digits_web, python_images, tmp_path):
     _, out = digits_web
     images, latents = python_images
