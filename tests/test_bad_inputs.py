@@ -50,7 +50,8 @@ def test_a_broken_manifest_is_refused(export_copy: Path, tmp_path: Path, content
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda text: "model = 'tiny-sd\n[validation\n", "is not valid TOML"),
-    (lambda text: text.replace("steps = 2", "steps = -3"), "validation.steps: Input should be greater than or equal to 1"),
+    (lambda text: text.replace("seeds = [0], steps = 3", "seeds = [0], steps = -3"),
+     "validation.steps: Input should be greater than or equal to 1"),
     (lambda text: text + "[[targets]]\nname = 'tflite'\n", "Unknown target 'tflite'"),
     (lambda text: text.replace("height = [64, 128]", "height = [100, 128]"),
      "shapes.height: Value error, height 100 is not a multiple of 8 pixels"),
@@ -58,10 +59,13 @@ def test_a_broken_manifest_is_refused(export_copy: Path, tmp_path: Path, content
     (lambda text: text + "[int8_auto]\nmargin = 1.5\n", "int8_auto.margin: Input should be less than 1"),
     (lambda text: text + "[int8_auto]\ntime_limit_minutes = 0\n",
      "int8_auto.time_limit_minutes: Input should be greater than 0"),
-    (lambda text: text + "[calibration]\nsteps = 0\n", "calibration.steps: Input should be greater than or equal to 1"),
+    (lambda text: text.replace("samples = 6, steps = 3", "samples = 6, steps = 0"),
+     "calibration.steps: Input should be greater than or equal to 1"),
 ])
 def test_a_bad_recipe_is_refused_before_any_work(tmp_path: Path, fast_recipe: Path, edit, message: str):
-    fast_recipe.write_text(edit(fast_recipe.read_text()))
+    text = fast_recipe.read_text()
+    assert edit(text) != text, "the edit no longer finds what it changes in the suite's recipe"
+    fast_recipe.write_text(edit(text))
     out = tmp_path / "out"
     refused(["build", str(fast_recipe), "--out", str(out)], message)
     assert not out.exists()

@@ -4,6 +4,7 @@ with diffusers' own loader against a shipped or given configuration, weights unc
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import onnx
@@ -91,3 +92,17 @@ def test_bad_single_file_options_exit_2(checkpoint, tmp_path: Path, args: list[s
     result = CliRunner().invoke(app, ["export", "--model", model, *args, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_checkpoint_builds_and_validates_end_to_end(checkpoint, fast_recipe: Path, tmp_path: Path):
+    """`diffship build` of a single file with the suite's recipe (the default recipe's validation, latency on): the
+    converted folder is the baseline and the source of every artifact, recorded as such."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["build", str(fast_recipe), "--model", str(checkpoint("tiny-sd")),
+                                      "--model-config", str(builtin_folder("tiny-sd")), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["passed"] and manifest["source"]["kind"] == "single-file"
+    assert manifest["source"]["model"] == str(checkpoint("tiny-sd"))
+    r = json.loads((out / "report" / "report.json").read_text())["sets"]["onnxruntime-fp32"]
+    assert r["e2e"]["passed"] and r["latency"]["pipeline"]["target"]["total"]["p50_s"] > 0

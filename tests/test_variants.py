@@ -3,6 +3,7 @@ FP32 at load, recorded in the manifest."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -73,3 +74,14 @@ def test_a_variant_the_folder_lacks_exits_2_naming_the_components(tmp_path: Path
         resolve(str(folder), variant="bf16")
     result = CliRunner().invoke(app, ["models", str(folder), "--variant", "bf16"])
     assert result.exit_code == 2 and "variants there: fp16" in result.output
+
+
+def test_a_folder_of_fp16_variants_builds_and_validates_end_to_end(tmp_path: Path, fast_recipe: Path):
+    """The upcast weights are the baseline and the exports' source; the manifest says how they were read."""
+    folder = _variant_folder(tmp_path, keep_default=False)
+    result = CliRunner().invoke(app, ["build", str(fast_recipe), "--model", str(folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["passed"] and manifest["source"]["weights"] == "fp16 variant files, upcast to fp32 at load"
+    r = json.loads((tmp_path / "out" / "report" / "report.json").read_text())["sets"]["onnxruntime-fp32"]
+    assert r["e2e"]["passed"] and r["latency"]["pipeline"]["target"]["total"]["p50_s"] > 0
