@@ -161,6 +161,7 @@ def test_bad_onnxruntime_options_exit_2_before_any_work(tmp_path: Path, options:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_preparation_with_weights_left_on_disk_writes_the_same_graph_and_no_dead_bytes(exported, tmp_path: Path,
                                                                                       monkeypatch):
     # A full-size UNet keeps its weights in model.onnx_data; preparation reads them one tensor at a time, from the

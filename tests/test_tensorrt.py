@@ -455,6 +455,7 @@ def auto_unet(sd, tmp_path_factory: pytest.TempPathFactory):
     return spec, folder, unet, held_out, gate, info, lines, path
 
 
+@pytest.mark.slow
 def test_int8_auto_for_tensorrt_keeps_the_fewest_layers_in_float_that_meet_the_gate(auto_unet):
     spec, folder, unet, held_out, gate, info, lines, _path = auto_unet
     search = info["search"]
@@ -470,6 +471,7 @@ def test_int8_auto_for_tensorrt_keeps_the_fewest_layers_in_float_that_meet_the_g
     assert worst >= gate.min_cosine  # on a trajectory the search never saw
 
 
+@pytest.mark.slow
 def test_the_searched_qdq_export_runs_what_the_search_chose(auto_unet):
     spec, _folder, unet, held_out, _gate, _info, _lines, path = auto_unet
     feed = held_out[3]

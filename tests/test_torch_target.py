@@ -39,8 +39,16 @@ TUNED = {"attention": "slicing", "attention_slice": "max", "channels_last": True
 
 @pytest.fixture(scope="module")
 def plain(tiny_build):
-    """tiny-sd eager in FP32 (diffusers' SDPA attention) and as BF16 AOTInductor packages."""
-    return tiny_build("tiny-sd", "torch:fp32+bf16-aoti")
+    """tiny-sd eager in FP32 (diffusers' SDPA attention), and in BF16 with one AOTInductor package: the VAE decoder
+    (the cheapest C++ build; the rest of that set runs eager)."""
+    return tiny_build("tiny-sd", [{"name": "torch", "precisions": ["fp32", "bf16-aoti"],
+                                   "options": {"aoti_components": ["vae_decoder"]}}])
+
+
+@pytest.fixture(scope="module")
+def packaged(tiny_build):
+    """tiny-sd as BF16 AOTInductor packages, every component (the default)."""
+    return tiny_build("tiny-sd", "torch:bf16-aoti")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +76,8 @@ def _sets(result) -> dict:
     return {k: r for k, r in result.report["sets"].items() if k.startswith("torch-")}
 
 
-@pytest.mark.parametrize("build_name", ["plain", pytest.param("formats", marks=pytest.mark.slow),
+@pytest.mark.parametrize("build_name", ["plain", pytest.param("packaged", marks=pytest.mark.slow),
+                                        pytest.param("formats", marks=pytest.mark.slow),
                                         pytest.param("tuned", marks=pytest.mark.slow),
                                         pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_every_set_passes_parity_images_and_is_timed_against_the_baseline(build_name: str, request):
@@ -112,11 +121,23 @@ def test_weights_are_shipped_in_the_sets_type(precision: str, dtype: str, reques
 
 
 def test_a_package_is_shipped_hashed_in_the_manifest_and_described_in_the_report(plain):
-    package = plain.manifest["artifacts"]["torch-bf16-aoti"]["components"]["unet"]
-    assert package["path"].endswith("unet/model.pt2")
+    components = plain.manifest["artifacts"]["torch-bf16-aoti"]["components"]
+    package = components["vae_decoder"]
+    assert package["path"].endswith("vae_decoder/model.pt2")
     assert any(f["path"].endswith("model.pt2") and len(f["sha256"]) == 64 for f in package["files"])
-    aoti = plain.report["sets"]["torch-bf16-aoti"]["runtime"]["unet"]
+    runtime = plain.report["sets"]["torch-bf16-aoti"]["runtime"]
+    aoti = runtime["vae_decoder"]
     assert "AOTInductor package" in aoti["summary"] and "AOTInductor" in aoti["graph"]["conversion"]
+    # Left out of aoti_components: shipped as BF16 weights and run eager.
+    assert components["unet"]["path"].endswith("unet/weights")
+    assert runtime["unet"]["mode"] == "eager" and "eager, BF16" in runtime["unet"]["summary"]
+
+
+@pytest.mark.slow
+def test_an_aoti_set_packages_every_component_by_default(packaged):
+    components = packaged.manifest["artifacts"]["torch-bf16-aoti"]["components"]
+    assert set(components) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+    assert all(c["path"].endswith("/model.pt2") for c in components.values())
 
 
 @pytest.mark.slow
@@ -168,7 +189,7 @@ def test_sdxl_vae_stays_fp32_in_fp16_sets_and_the_report_says_why(sdxl):
 
 def test_a_package_that_cannot_be_unzipped_into_a_full_temp_folder_is_a_full_disk(plain, tmpfs,
                                                                                    monkeypatch: pytest.MonkeyPatch):
-    package = plain.out / plain.manifest["artifacts"]["torch-bf16-aoti"]["components"]["unet"]["path"]
+    package = plain.out / plain.manifest["artifacts"]["torch-bf16-aoti"]["components"]["vae_decoder"]["path"]
     small = tmpfs("tmp", "1m")  # AOTInductor unzips a package into the temp folder before loading it
     monkeypatch.setenv("TMPDIR", str(small))
     monkeypatch.setattr(tempfile, "tempdir", str(small))
@@ -176,9 +197,13 @@ def test_a_package_that_cannot_be_unzipped_into_a_full_temp_folder_is_a_full_dis
         target.load(package)
 
 
-def test_an_aoti_package_loads_in_a_fresh_process_without_the_models_code_and_matches(plain, tmp_path: Path):
-    package = plain.out / plain.manifest["artifacts"]["torch-bf16-aoti"]["components"]["unet"]["path"]
-    spec = next(s for s in component_specs(builtin_folder("tiny-sd")) if s.name == "unet")
+@pytest.mark.parametrize(("build_name", "component"), [("plain", "vae_decoder"),
+                                                       pytest.param("packaged", "unet", marks=pytest.mark.slow)])
+def test_an_aoti_package_loads_in_a_fresh_process_without_the_models_code_and_matches(build_name: str, component: str,
+                                                                                       request, tmp_path: Path):
+    built = request.getfixturevalue(build_name)
+    package = built.out / built.manifest["artifacts"]["torch-bf16-aoti"]["components"][component]["path"]
+    spec = next(s for s in component_specs(builtin_folder("tiny-sd")) if s.name == component)
     inputs = spec.sample_inputs(2, 128, 64, seed=3)  # a shape inside the exported ranges, not the example's
     np.savez(tmp_path / "inputs.npz", **inputs)
     code = (
@@ -193,18 +218,21 @@ def test_an_aoti_package_loads_in_a_fresh_process_without_the_models_code_and_ma
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"  # nothing of the model's Python code was imported
     fresh = np.load(tmp_path / "out.npy")
-    here = target.load(package).run(inputs)["out_sample"]
+    output = spec.outputs[0].name
+    here = target.load(package).run(inputs)[output]
     np.testing.assert_array_equal(fresh, here)
-    reference = run_torch(wrap(spec, load_component(builtin_folder("tiny-sd"), "unet")), spec, inputs)["out_sample"]
-    assert compare(reference, fresh)["cosine"] > 0.995  # the bf16 bar
+    module = load_component(builtin_folder("tiny-sd"), spec.module)
+    assert compare(run_torch(wrap(spec, module), spec, inputs)[output], fresh)["cosine"] > 0.995  # the bf16 bar
 
 
 def test_validate_checks_a_package_at_the_shapes_it_takes(plain):
     report = validate_folder(plain.out, "torch", ["unet", "vae_decoder"], precision="bf16-aoti")
     assert report["passed"]
-    for result in report["components"].values():
-        for case in result["cases"]:  # the default cases outside the exported ranges are left out
-            assert 1 <= case["batch"] <= 4 and 64 <= case["height"] <= 128 and 64 <= case["width"] <= 128
+    package = report["components"]["vae_decoder"]["cases"]  # the default cases outside its exported ranges left out
+    assert package and all(1 <= c["batch"] <= 4 and 64 <= c["height"] <= 128 and 64 <= c["width"] <= 128
+                           for c in package)
+    eager = report["components"]["unet"]["cases"]  # eager weights take every default case
+    assert any(c["width"] > 128 for c in eager)
 
 
 def test_generate_runs_a_torch_set(plain, tmp_path: Path):
@@ -273,6 +301,7 @@ def test_an_sdxl_unet_exports_as_a_package_with_dynamic_shapes(tmp_path: Path, m
     ({"device": "tpu"}, "Unknown device 'tpu'; choose auto, cpu, cuda"),
     ({"attention_slice": 0}, "attention_slice must be 'auto', 'max' or a positive number"),
     ({"compile_components": ["vae"]}, "compile_components 'vae' unknown"),
+    ({"aoti_components": ["unet", "vae"]}, "aoti_components 'vae' unknown; choose from text_encoder"),
     ({"channels_last": "yes"}, "channels_last must be true or false"),
     ({"threads": 4}, "Unknown PyTorch option(s) threads"),
 ])

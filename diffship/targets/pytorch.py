@@ -3,9 +3,10 @@
 A precision names the number format and how the component runs: `fp32`, `fp16`, `bf16` (weights and activations in
 that type), `fp16-autocast` / `bf16-autocast` (FP32 weights, `torch.autocast` picks the op precision and keeps norms
 and softmax in FP32), each eager or with `-compile` (`torch.compile`, compiled on the first call at each shape), and
-`fp32-aoti` / `fp16-aoti` / `bf16-aoti`: each component exported with `torch.export` and compiled ahead of time by
-AOTInductor into a package that loads and runs without diffusers or transformers. Eager and compiled sets ship the
-component's weights (`save_pretrained`, in the set's type); AOTInductor sets ship the package. The scheduler step
+`fp32-aoti` / `fp16-aoti` / `bf16-aoti`: each component (or those in `aoti_components`) exported with
+`torch.export` and compiled ahead of time by AOTInductor into a package that loads and runs without diffusers or
+transformers. Eager and compiled sets ship the component's weights (`save_pretrained`, in the set's type);
+AOTInductor sets ship the package (a component left out of `aoti_components`: its weights, run eager). The scheduler step
 always runs in FP32 (the runtime pipeline's own), as diffusers does.
 
 The module is `pytorch`, not `torch`, so that nothing can mistake it for the library.
@@ -82,6 +83,9 @@ class TorchOptions:
     channels_last: UNet and VAE weights and activations in NHWC memory format.
     compile_mode / compile_components / compile_dynamic: for `-compile` precisions, `torch.compile(mode=...)` on those
     components (the UNet, called every step, and the VAE decoder by default), specialized per shape unless dynamic.
+    aoti_components: for `-aoti` precisions, the components packaged with AOTInductor (None: every one, so the set
+    runs without diffusers or transformers); the others ship their weights and run eager. Each package costs a
+    C++ build (about 20 s for a tiny model's text encoder, minutes at full size).
     freezing: Inductor treats the weights as constants (folds them, pre-packs them for oneDNN) in compiled sets and
     packages; "auto" turns it on for the CPU, where it made the sd15-arch UNet 1.24x (FP32) faster than without.
     vae_slicing / vae_tiling: diffusers' VAE memory savers (one image at a time; tiles for large images).
@@ -96,6 +100,7 @@ class TorchOptions:
     compile_mode: str = "default"
     compile_components: tuple[str, ...] = ("unet", "vae_decoder")
     compile_dynamic: bool = False
+    aoti_components: tuple[str, ...] | None = None
     freezing: bool | str = "auto"
     vae_slicing: bool = False
     vae_tiling: bool = False
@@ -109,15 +114,17 @@ def parse_options(options: dict[str, Any]) -> TorchOptions:
     if unknown := sorted(set(options) - known):
         raise DiffshipError(f"Unknown PyTorch option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
     values = dict(options)
-    if "compile_components" in values:
-        values["compile_components"] = tuple(values["compile_components"])
+    for name in ("compile_components", "aoti_components"):
+        if values.get(name) is not None:
+            values[name] = tuple(values[name])
     parsed = TorchOptions(**values)
     for name, allowed in (("device", DEVICES), ("attention", ATTENTION), ("compile_mode", COMPILE_MODES),
                           ("offload", OFFLOAD), ("vae_precision", VAE_MODES)):
         if getattr(parsed, name) not in allowed:
             raise DiffshipError(f"Unknown {name} {getattr(parsed, name)!r}; choose {', '.join(allowed)}.")
-    if bad := [c for c in parsed.compile_components if c not in COMPONENTS]:
-        raise DiffshipError(f"compile_components {', '.join(map(repr, bad))} unknown; choose from {', '.join(COMPONENTS)}.")
+    for name in ("compile_components", "aoti_components"):
+        if bad := [c for c in getattr(parsed, name) or () if c not in COMPONENTS]:
+            raise DiffshipError(f"{name} {', '.join(map(repr, bad))} unknown; choose from {', '.join(COMPONENTS)}.")
     slice_ok = parsed.attention_slice in ("auto", "max") or (
         isinstance(parsed.attention_slice, int) and not isinstance(parsed.attention_slice, bool)
         and parsed.attention_slice >= 1)
@@ -283,11 +290,12 @@ def compile(source: Path, precision: str, options: TorchOptions | None = None, d
     device = resolve_device(options)
     began = time.perf_counter()
     module = load_component(context.model_folder, spec.module, context.allow_pickle)
+    mode = "eager" if v.mode == "aoti" and not packaged(spec.name, options) else v.mode
     info: dict[str, Any] = {"component": spec.name, "precision": precision, "dtype": dtype,
                             "autocast": v.autocast and reason is None,
-                            "mode": v.mode, "kept_reason": reason, "spec": asdict(spec), "options": asdict(options),
+                            "mode": mode, "kept_reason": reason, "spec": asdict(spec), "options": asdict(options),
                             "onnx_io": onnx_io(source) if source.is_file() else None, "environment": environment(options)}
-    if v.mode == "aoti":
+    if mode == "aoti":
         artifact = dest / PACKAGE
         applied = apply_options(module, spec, options)
         dims = export_dims(spec, context)
@@ -310,6 +318,11 @@ def compile(source: Path, precision: str, options: TorchOptions | None = None, d
     info["seconds"] = round(time.perf_counter() - began, 2)
     atomic_write_json(dest / INFO, info)
     return artifact
+
+
+def packaged(component: str, options: TorchOptions) -> bool:
+    """Whether an `-aoti` set packages `component` (every one unless `aoti_components` names some)."""
+    return options.aoti_components is None or component in options.aoti_components
 
 
 def save_weights(module: nn.Module, spec: ComponentSpec, model_folder: Path, dtype: str, dest: Path) -> None:
@@ -553,7 +566,7 @@ class TorchRunner:
         self.module: nn.Module | None = None
         # Whether torch.compile runs this component, and with Inductor's freezing: set where the function is made.
         self.compiled = self.frozen = False
-        if self.variant.mode == "aoti":
+        if self.info["mode"] == "aoti":
             self.fn = self._load_package()
         else:
             self.fn = self._load_module()
