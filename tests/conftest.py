@@ -168,8 +168,10 @@ def digits_devices(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
     seven = "a handwritten digit seven"
     recipe = parse_recipe({"model": "digits-sd", "targets": targets,
                            "calibration": {"prompts": [seven, "the number three"], "samples": 8, "steps": 8},
+                           # Prompt accuracy (40 more generations) is test_digits'; these sets are judged on parity,
+                           # images, the page's image and latency.
                            "validation": {"prompts": [seven], "seeds": [0], "steps": 8, "guidance_scale": 5.0,
-                                          "latency": TINY_VALIDATION["latency"], "quality": {"seeds": [0]}}})
+                                          "latency": TINY_VALIDATION["latency"], "quality": {"enabled": False}}})
     out = tmp_path_factory.mktemp("devices") / "digits"
     return build(recipe, out), out
 

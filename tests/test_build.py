@@ -193,6 +193,7 @@ def test_bad_recipes_exit_2_with_the_reason(tmp_path: Path, text: str, message: 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_build_killed_midway_leaves_nothing_half_done_and_the_next_one_finishes(tmp_path: Path, fresh_cache: Path):
     out, recipe = tmp_path / "out", recipe_file(tmp_path)
     env = {**os.environ, "DIFFSHIP_CACHE": str(fresh_cache)}

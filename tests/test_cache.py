@@ -167,6 +167,7 @@ def _spawn(recipe: Path, out: Path, cache_dir: Path, log: Path) -> subprocess.Po
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_three_builds_started_together_on_a_cold_cache_all_succeed_and_do_the_work_once(tmp_path: Path, fast_recipe: Path):
     """Two into the same output folder and one into another, as parallel release jobs do."""
     cold = tmp_path / "cache"

@@ -345,6 +345,7 @@ def test_a_missing_coremltools_names_the_extra(monkeypatch):
 # --- a build whose parity cannot run here ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NOT_RUN is None, reason="Core ML prediction runs on this Mac, so parity is not missing")
 def test_require_parity_fails_the_build_here_and_still_writes_the_report(tmp_path: Path, model_cache: Path):
     recipe = tmp_path / "recipe.toml"

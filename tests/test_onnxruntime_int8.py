@@ -67,6 +67,7 @@ def test_an_unknown_calibration_method_exits_2(tmp_path: Path):
     assert result.exit_code == 2 and "Unknown calibration_method 'kl'" in result.output
 
 
+@pytest.mark.slow
 def test_calibrating_in_chunks_gives_the_ranges_of_one_pass(exported, tmp_path: Path):
     """calib_max_intermediate_outputs bounds what calibration holds, not what it sees: every chunk's minima and
     maxima count (onnxruntime's own option of that name kept only the last partial chunk's)."""
