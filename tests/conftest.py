@@ -28,6 +28,18 @@ TINY_VALIDATION = {"prompts": ["a red bicycle"], "seeds": [0], "steps": 3,
 TINY_CALIBRATION = {"prompts": ["a cat on a sofa", "a mountain lake"], "samples": 6, "steps": 3}
 
 
+class Lazy(dict):
+    """key -> make(key), made on first use: a fixture holding several builds pays only for those its tests read."""
+
+    def __init__(self, make: Callable[[Any], Any]):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: Any) -> Any:
+        self[key] = value = self.make(key)
+        return value
+
+
 def tiny_recipe(model: str = "tiny-sd", targets: str | list[dict[str, Any]] = "onnxruntime:fp32", **changes: Any):
     """The suite's recipe for `model`: `targets` as the command line writes them ("onnxruntime:fp32+int8,openvino")
     or as recipe tables; `changes` replace top-level recipe keys."""
@@ -134,6 +146,16 @@ def matrix_text(cache: Path, rows: list[tuple[str, list[str], str | None]], cpus
         text += f'\n[[builds]]\nname = "{name}"\ntargets = {json.dumps(targets)}\n' + FAST_RECIPE
         text += f"[builds.farm]\ncpus = {cpus}\n" + (f'accelerator_type = "{kind}"\n' if kind else "")
     return text
+
+
+def artifact_hashes(manifest: dict) -> dict[str, str]:
+    """Every artifact file the manifest records (each set's components and pipeline files), path -> sha256."""
+    files: dict[str, str] = {}
+    for artifact_set in manifest["artifacts"].values():
+        for component in artifact_set["components"].values():
+            files |= {f["path"]: f["sha256"] for f in component["files"]}
+        files |= {f["path"]: f["sha256"] for f in artifact_set["pipeline_files"]}
+    return files
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from diffship.farm.run import run_farm
 ray = pytest.importorskip("ray", reason="the farm runs on Ray, the `farm` extra: pip install 'diffship[farm]'")
 pytestmark = pytest.mark.farm
 
-from conftest import matrix_text  # noqa: E402
+from conftest import artifact_hashes, matrix_text  # noqa: E402
 from ray_cluster import Cluster, start_head, stop  # noqa: E402 (the cluster helper needs Ray)
 
 CLI = [sys.executable, "-m", "diffship.cli"]
@@ -81,16 +81,6 @@ def _run_on(cluster: Cluster, root: Path, rows: list[tuple[str, list[str], str |
     with cache_at(root / "cache"):
         result = run_farm(load_matrix(root / "matrix.toml"), root / "out", lines.append, cluster.address)
     return result, root / "out", lines
-
-
-def artifact_hashes(manifest: dict) -> dict[str, str]:
-    """Every artifact file the manifest records (each set's components and pipeline files), path -> sha256."""
-    files: dict[str, str] = {}
-    for artifact_set in manifest["artifacts"].values():
-        for component in artifact_set["components"].values():
-            files |= {f["path"]: f["sha256"] for f in component["files"]}
-        files |= {f["path"]: f["sha256"] for f in artifact_set["pipeline_files"]}
-    return files
 
 
 def test_a_matrix_on_the_cluster_gives_the_artifacts_of_a_local_build(on_cluster, local, cluster: Cluster) -> None:

@@ -7,23 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import matrix_text
+from conftest import artifact_hashes, matrix_text
 from typer.testing import CliRunner
 
 from diffship.cli import app
 from diffship.farm.matrix import load_matrix
 
 runner = CliRunner()
-
-
-def artifact_hashes(manifest: dict) -> dict[str, str]:
-    """Every artifact file the manifest records (each set's components and pipeline files), path -> sha256."""
-    files: dict[str, str] = {}
-    for artifact_set in manifest["artifacts"].values():
-        for component in artifact_set["components"].values():
-            files |= {f["path"]: f["sha256"] for f in component["files"]}
-        files |= {f["path"]: f["sha256"] for f in artifact_set["pipeline_files"]}
-    return files
 
 
 def test_a_matrix_run_here_builds_each_row_as_diffship_build_does(tiny_build, model_cache: Path, tmp_path: Path,

@@ -5,11 +5,11 @@ INT8 fails (tiny-sd: real-step cosine 0.978 against the gate's 0.99)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import Lazy
 from safetensors.torch import load_file, save_file
 
 from diffship.build import build
@@ -36,26 +36,19 @@ def _model(folder: Path, seed: int, factor: float) -> Path:
     return folder
 
 
-class Builds(dict):
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Lazy:
     """label -> the build of that model, made on first use (`make test` reads seed-4 only)."""
 
-    def __init__(self, root: Callable[[str], Path]):
-        super().__init__()
-        self.root = root
-
-    def __missing__(self, label: str):
+    def make(label: str):
         seed, factor = MODELS[label]
-        root = self.root(f"int8-auto-{label}")
+        root = tmp_path_factory.mktemp(f"int8-auto-{label}")
         # The default recipe's validation at 20 steps and its calibration, latency on.
         recipe = parse_recipe({"model": str(_model(root / "model", seed, factor)), "targets": TARGETS,
                                "validation": {"prompts": ["a red bicycle"], "seeds": [0], "steps": 20}})
-        self[label] = build(recipe, root / "out")
-        return self[label]
+        return build(recipe, root / "out")
 
-
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Builds:
-    return Builds(tmp_path_factory.mktemp)
+    return Lazy(make)
 
 
 def _search(result, key: str) -> dict:
