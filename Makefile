@@ -20,6 +20,8 @@ $(BIN)/.installed: pyproject.toml web/package-lock.json
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev,openvino,compress,coreml,web,farm]"
 	scripts/install_web_runtime.sh
+	# OpenVINO GenAI, optimum-intel and optimum-onnx, each in its own environment (diffship/clients says why)
+	$(BIN)/diffship clients install
 	touch $@
 
 setup: $(BIN)/.installed

@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from diffship import __version__
 from diffship.cli_cache import cache_app
+from diffship.cli_clients import clients_app
 from diffship.cli_farm import farm
 from diffship.cli_lora import lora_app
 from diffship.cli_shared import console, human_bytes, lora_specs, names, out
@@ -444,6 +445,7 @@ def _controls(images: list[Path] | None, scales: list[float] | None, start: floa
 app.command("farm")(farm)
 app.add_typer(lora_app, name="lora")
 app.add_typer(cache_app, name="cache")
+app.add_typer(clients_app, name="clients")
 
 
 def run() -> None:

@@ -146,11 +146,14 @@ def _pipeline_files(root: Path, folder: Path, components: dict[str, Any]) -> lis
                       if p.is_file() and p.name != "manifest.json")]  # an export folder's own, made anew each build
 
 
-def _copy_pipeline_folder(export_dir: Path, set_dir: Path, components: list[str], index: dict[str, Any]) -> None:
+def _copy_pipeline_folder(export_dir: Path, set_dir: Path, components: list[str], index: dict[str, Any] | None) -> None:
     """Tokenizers, scheduler and a model_index.json beside a target's own artifacts, so the folder loads alone."""
     for folder in export_dir.iterdir():
         if folder.is_dir() and folder.name not in components:
             shutil.copytree(folder, set_dir / folder.name)
     exported = json.loads((export_dir / "model_index.json").read_text(encoding="utf-8"))
-    merged = {k: v for k, v in exported.items() if k not in components and k != "_class_name"} | index
+    if index is None:  # the export's own index: a folder in diffusers' form, which clients load
+        merged = exported
+    else:  # the target's own pipeline classes for its components
+        merged = {k: v for k, v in exported.items() if k not in components and k != "_class_name"} | index
     atomic_write_json(set_dir / "model_index.json", merged)

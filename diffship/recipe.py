@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffship.clients import NAMES as CLIENT_NAMES
 from diffship.compress.steps import Step
 from diffship.errors import DiffshipError
 
@@ -145,6 +146,16 @@ class ValidationRecipe(_Strict):
     # The PyTorch baseline beside each artifact set (false), or recorded once and freed before the sets load, with
     # latency timed in blocks (true: a full-size SDXL on 24 GiB); "auto" stages when both would not fit in memory.
     staged: bool | Literal["auto"] = "auto"
+    # Where the sets ship: each named client loads the sets of its target and draws the first sample there
+    # (diffship/clients); [] leaves the step out.
+    clients: list[str] = Field(default_factory=lambda: list(CLIENT_NAMES))
+
+    @field_validator("clients")
+    @classmethod
+    def _known_clients(cls, value: list[str]) -> list[str]:
+        if unknown := [c for c in value if c not in CLIENT_NAMES]:
+            raise ValueError(f"unknown client(s) {', '.join(unknown)}; choose from {', '.join(CLIENT_NAMES)}")
+        return value
 
     @field_validator("prompts")
     @classmethod

@@ -23,8 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite's tiny builds: every shape the tests ask of an artifact, one prompt of 3 steps, and latency on, as the
 # default recipe has it (fewer runs: a tiny model's timings are not what the tests read).
 TINY_SHAPES = {"batch": [1, 2], "height": [64, 128], "width": [64, 128]}
+# The clients step (each set drawn again in OpenVINO GenAI and optimum) is on where a test asks for it: test_clients.
 TINY_VALIDATION = {"prompts": ["a red bicycle"], "seeds": [0], "steps": 3,
-                   "latency": {"enabled": True, "warmup": 1, "runs": 2, "pipeline_runs": 1}}
+                   "latency": {"enabled": True, "warmup": 1, "runs": 2, "pipeline_runs": 1}, "clients": []}
 TINY_CALIBRATION = {"prompts": ["a cat on a sofa", "a mountain lake"], "samples": 6, "steps": 3}
 
 

@@ -92,8 +92,14 @@ def test_tiny_sd_builds_validates_and_reports_on_onnxruntime(first):
     assert latency["components"]["unet"]["target"]["runs"] == 2 and latency["pipeline"]["target"]["total"]["p50_s"] > 0
     assert report["sets"]["onnxruntime-fp32"]["memory"]["peak_rss_bytes"] > 0
 
+    # the default recipe's clients step: optimum-onnx draws the first sample from the folder (a skip that says why
+    # where its environment is not made)
+    [client] = report["sets"]["onnxruntime-fp32"]["clients"]["rows"]
+    assert client["client"] == "optimum-onnx" and (client["status"] == "pass" or "not installed" in client["reason"])
+    drawn = client["status"] == "pass"
     html = (out / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "PASSED" in html  # a grid per task, the latency chart
+    # a grid per task, the client's grid, the latency chart
+    assert html.count("data:image/png;base64,") == 3 + drawn and "PASSED" in html
     markdown = (out / "report" / "report.md").read_text()
     assert "| component | batch | resolution | output |" in markdown and "images/latency.png" in markdown
     assert (out / "report" / "images" / "grid-onnxruntime-fp32.png").stat().st_size > 1000

@@ -13,7 +13,7 @@ import torch
 import diffship
 from diffship.models.builtin import BUILTINS, builtin_folder
 from diffship.models.components import component_specs
-from diffship.models.families import FAMILIES, detect_family
+from diffship.models.families import FAMILIES, component_config, detect_family
 from diffship.validation.baseline import load_baseline
 
 TINY = ["tiny-sd", "tiny-sd2", "tiny-sdxl", "tiny-sdxl-refiner"]
@@ -65,8 +65,11 @@ def test_the_refiner_is_its_own_family_with_only_the_second_encoder():
     assert "text2img" not in family.tasks  # diffusers' refiner pipeline takes an image
     specs = {s.name: s for s in component_specs(folder)}
     assert list(specs) == ["text_encoder_2", "unet", "vae_encoder", "vae_decoder"]
-    assert [o.name for o in specs["text_encoder_2"].outputs] == ["text_embeds", "penultimate_hidden_state",
-                                                                  "last_hidden_state"]
+    layers = component_config(folder, "text_encoder_2")["num_hidden_layers"]
+    # optimum's order (GenAI reads hidden_states[-2] at position layers + 1), then diffship's name for that state
+    assert [o.name for o in specs["text_encoder_2"].outputs] == [
+        "text_embeds", "last_hidden_state", *(f"hidden_states.{i}" for i in range(layers + 1)),
+        "penultimate_hidden_state"]
     assert specs["unet"].sample_inputs(1, 64, 64)["time_ids"].tolist() == [[64, 64, 0, 0, 6.0]]
 
 

@@ -56,15 +56,26 @@ def test_the_report_states_what_each_set_really_computes_in(ov_build):
     assert "OpenVINO CPU f32" in html
 
 
-def test_sets_follow_optimum_intels_layout_and_shrink_with_precision(ov_build):
+def test_sets_are_in_the_clients_layout_and_shrink_with_precision(ov_build):
     sizes = {}
     for key in ov_build.manifest["artifacts"]:
         folder = ov_build.out / key
         index = json.loads((folder / "model_index.json").read_text())
-        assert index["_class_name"] == "OVStableDiffusionPipeline" and index["unet"] == ["optimum", "OVModelUnet"]
+        # diffusers' own names (GenAI refuses optimum's), each model in optimum-intel's files
+        assert index["_class_name"] == "StableDiffusionPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+        assert index["text_encoder"] == ["transformers", "CLIPTextModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
         for component in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
             assert (folder / component / "openvino_model.xml").is_file() and (folder / component / "config.json").is_file()
         assert (folder / "tokenizer" / "vocab.json").is_file() and (folder / "scheduler" / "scheduler_config.json").is_file()
+        assert (folder / "tokenizer" / "openvino_tokenizer.xml").is_file()
+        assert (folder / "tokenizer" / "openvino_detokenizer.xml").is_file()
+        unet = ov.Core().read_model(folder / "unet" / "openvino_model.xml")
+        types = {p.get_any_name(): p.get_element_type().get_type_name() for p in unet.inputs}
+        assert types["timestep"] == "i64" and types["sample"] == "f32"  # as GenAI feeds them
+        encoder = ov.Core().read_model(folder / "text_encoder" / "openvino_model.xml")
+        assert encoder.inputs[0].get_element_type().get_type_name() == "i64"
+        recorded = unet.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str)
+        assert recorded == ("f32" if key in ("openvino-fp32", "openvino-fp16") else "bf16"), key
         sizes[key] = (folder / "unet" / "openvino_model.bin").stat().st_size
     assert sizes["openvino-fp16"] < 0.6 * sizes["openvino-fp32"]
     assert sizes["openvino-int8-weights"] < 0.8 * sizes["openvino-fp16"]

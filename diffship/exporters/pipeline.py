@@ -2,8 +2,8 @@
 
 The folder is built under a temporary name and renamed into place only when every requested
 component has exported and passed the checker, so a failed or interrupted export leaves nothing
-where a finished one would be. Its layout is diffusers' ONNX pipeline layout (`unet/model.onnx`, ...),
-which diffusers' `OnnxStableDiffusionPipeline` (SD 1.x / 2.x) loads unchanged.
+where a finished one would be. Its layout is optimum's ONNX pipeline layout (`unet/model.onnx`, ...) under a
+model_index.json in diffusers' own form, which optimum-onnx's `ORTDiffusionPipeline` loads unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from diffship.errors import DiffshipError
 from diffship.exporters.onnx import DEFAULT_OPSET, export_component, onnx_io
 from diffship.manifest import MANIFEST_SCHEMA
 from diffship.models.components import ComponentSpec, component_specs, wrap
-from diffship.models.families import detect_family, family_named, prediction_type, read_model_index
+from diffship.models.families import detect_family, family_named, prediction_type, read_model_index, tasks_of
 from diffship.models.loading import load_component
 from diffship.models.source import ModelSource
 
@@ -140,7 +140,7 @@ def finish_pipeline_folder(source: ModelSource, root: Path, specs: list[Componen
     """Add tokenizers, scheduler, model_index.json and manifest.json beside the exported components."""
     family = detect_family(source.folder)
     _copy_pipeline_files(source.folder, root, family.tokenizers)
-    _write_model_index(source.folder, root, family.name, [s.name for s in specs], family.tokenizers)
+    _write_model_index(source.folder, root, family.name, {s.module for s in specs}, family.tokenizers)
     manifest = _manifest(source, family.name, prediction_type(source.folder), opset, entries, root)
     atomic_write_json(root / MANIFEST_NAME, manifest)
     return manifest
@@ -151,13 +151,30 @@ def _copy_pipeline_files(src: Path, dst: Path, tokenizers: tuple[str, ...]) -> N
         if not (src / name).is_dir():
             raise DiffshipError(f"{src} is missing the `{name}` folder a deployed pipeline needs.")
         shutil.copytree(src / name, dst / name)
+        if name != "scheduler":
+            _write_bpe_files(dst / name)
 
 
-def _write_model_index(src: Path, dst: Path, family: str, exported: list[str], tokenizers: tuple[str, ...]) -> None:
+def _write_bpe_files(folder: Path) -> None:
+    """vocab.json + merges.txt beside a tokenizer.json that lacks them: transformers 5 saves CLIP tokenizers as
+    tokenizer.json only, and the clients' transformers 4 builds CLIPTokenizer from those two files."""
+    if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer
+
+    Tokenizer.from_file(str(folder / "tokenizer.json")).model.save(str(folder))  # a BPE model writes both files
+
+
+def _write_model_index(src: Path, dst: Path, family: str, modules: set[str], tokenizers: tuple[str, ...]) -> None:
+    """model_index.json in diffusers' own form, which every client of the folder reads: OpenVINO GenAI accepts only
+    diffusers' class names, optimum's OV / ORT pipelines choose their class from `_class_name` and load each model
+    from its files. Component entries are the source's (`vae` for both VAE halves, as diffusers names it)."""
     index = read_model_index(src)
-    new: dict[str, Any] = {"_class_name": family_named(family).layouts["onnx"], "_diffusers_version": diffusers.__version__}
-    for name in exported:
-        new[name] = ["diffusers", "OnnxRuntimeModel"]
+    new: dict[str, Any] = {"_class_name": family_named(family).pipelines[tasks_of(src)[0]],
+                           "_diffusers_version": diffusers.__version__}
+    for name in sorted(modules):  # a ControlNet diffship attached has no entry in the source's index
+        if index.get(name):
+            new[name] = index[name]
     for name in (*tokenizers, "scheduler"):
         new[name] = index.get(name)
     new |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}

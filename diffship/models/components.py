@@ -114,8 +114,8 @@ def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, spe
         for row, end in enumerate(ends):
             ids[row, 0], ids[row, end:] = spec.vocab_size - 2, spec.vocab_size - 1
         return ids.astype(t.dtype)
-    if t.name == "timestep":
-        return rng.uniform(0, 1000, size=shape).astype(t.dtype)
+    if t.name == "timestep":  # whole steps, as schedulers give them and as i64 timesteps (optimum, GenAI) carry
+        return rng.integers(0, 1000, size=shape).astype(t.dtype)
     if t.name == "time_ids":  # as the family's pipeline builds them for this size
         return np.tile(np.array(family_named(spec.family).time_id_values(height, width), dtype=t.dtype), (shape[0], 1))
     if t.name == "sample" and spec.role == "vae_encoder":  # an image in [-1, 1]
@@ -145,17 +145,20 @@ def component_specs(folder: Path, family: Family | None = None) -> list[Componen
         te = component_config(folder, name)
         hidden = te["hidden_size"]
         projected = name == family.pooled_from
-        outputs = [
-            TensorSpec("text_embeds" if projected else "pooler_output", "float32",
-                       ("batch", te.get("projection_dim", hidden) if projected else hidden)),
-            TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden)),
-        ]
+        pooled = TensorSpec("text_embeds" if projected else "pooler_output", "float32",
+                            ("batch", te.get("projection_dim", hidden) if projected else hidden))
+        states = ("batch", "sequence", hidden)
+        last = TensorSpec("last_hidden_state", "float32", states)
+        # optimum's order, which its pipelines read by name and OpenVINO GenAI by position: CLIPTextModel gives
+        # last_hidden_state, pooler_output; the projection model text_embeds first (diffusers' SDXL takes a 2-D
+        # first output as the pooled embedding).
+        outputs = [pooled, last] if projected else [last, pooled]
         if penultimate:
-            # SDXL conditions its UNet on the penultimate hidden state. Order: pooled, penultimate,
-            # last, so positional readers that take outputs [0] and [-2] (as optimum's SDXL does) see the right ones.
-            outputs.insert(1, TensorSpec("penultimate_hidden_state", "float32", ("batch", "sequence", hidden)))
-        else:
-            outputs.reverse()  # SD 1.x/2.x: last_hidden_state, pooler_output, as optimum exports them
+            # SDXL conditions on hidden_states[-2]: every layer's state as optimum exports them (GenAI reads output
+            # num_hidden_layers + 1), then diffship's own name for the one it uses, last so no position moves.
+            layers = te.get("num_hidden_layers", 12)
+            outputs += [TensorSpec(f"hidden_states.{i}", "float32", states) for i in range(layers + 1)]
+            outputs.append(TensorSpec("penultimate_hidden_state", "float32", states))
         specs.append(ComponentSpec(name, name, (TensorSpec("input_ids", "int32", ("batch", "sequence")),),
                                    tuple(outputs), scale, vocab_size=te.get("vocab_size", 49408),
                                    role="text_encoder", family=family.name))
@@ -232,9 +235,11 @@ class TextEncoder(nn.Module):
             "last_hidden_state": lambda: out.last_hidden_state,
             "pooler_output": lambda: out.pooler_output,
             "text_embeds": lambda: out.text_embeds,
-            "penultimate_hidden_state": lambda: out.hidden_states[-2],
+            # a copy: ONNX needs each graph output to be its own value
+            "penultimate_hidden_state": lambda: out.hidden_states[-2].clone(),
         }
-        return tuple(values[name]() for name in self.outputs)
+        return tuple(values[name]() if name in values else out.hidden_states[int(name.split(".")[1])]
+                     for name in self.outputs)
 
 
 class UNet(nn.Module):

@@ -133,11 +133,9 @@ def needs_calibration(precision: str) -> bool:
     return precision in INT8
 
 
-def model_index(family: str, components: list[str]) -> dict[str, Any]:
-    """model_index.json entries of diffusers' / optimum's ONNX pipelines for this folder."""
-    from diffship.models.families import family_named
-
-    return {"_class_name": family_named(family).layouts["onnx"], **{c: ["diffusers", "OnnxRuntimeModel"] for c in components}}
+def model_index(family: str, components: list[str]) -> dict[str, Any] | None:
+    """None: the export's own model_index.json (diffusers' form), which optimum-onnx's ORTDiffusionPipeline loads."""
+    return None
 
 
 def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = None, dest: Path | None = None,

@@ -3,7 +3,8 @@
 The IR is converted from the ONNX export rather than traced again from torch: it is the graph that
 already passed parity, OpenVINO's ONNX frontend reads it (external data included) without Python model
 code, and every target then starts from the same bytes. Files follow optimum-intel's layout
-(`<component>/openvino_model.xml` + `.bin`), so its OVStableDiffusionPipeline can load the folder.
+(`<component>/openvino_model.xml` + `.bin`) under diffusers' model_index.json, so its OVDiffusionPipeline and
+OpenVINO GenAI's pipelines load the folder.
 
 The CPU plugin runs an FP32 IR in bf16 on CPUs with AVX-512 BF16 unless told otherwise, so each
 precision sets `INFERENCE_PRECISION_HINT` explicitly and the Runner reports the one actually used.
@@ -79,15 +80,10 @@ def needs_calibration(precision: str) -> bool:
     return precision in CALIBRATED
 
 
-def model_index(family: str, components: list[str]) -> dict[str, Any]:
-    """model_index.json entries optimum-intel's OVDiffusionPipeline reads for this folder."""
-    classes = {"text_encoder": "OVModelTextEncoder", "text_encoder_2": "OVModelTextEncoder", "unet": "OVModelUnet",
-               "vae_encoder": "OVModelVaeEncoder", "vae_decoder": "OVModelVaeDecoder"}
-    from diffship.models.families import family_named
-
-    # optimum-intel has no ControlNet class: those components are diffship's own.
-    return {"_class_name": family_named(family).layouts["openvino"],
-            **{c: ["optimum", classes[c]] if c in classes else ["diffship", "OVModel"] for c in components}}
+def model_index(family: str, components: list[str]) -> dict[str, Any] | None:
+    """None: the export's own model_index.json (diffusers' form): OpenVINO GenAI reads only diffusers' class names, and
+    optimum-intel's OVDiffusionPipeline picks its class from `_class_name` and loads `<component>/openvino_model.xml`."""
+    return None
 
 
 def parse_options(options: dict[str, Any]) -> OvOptions:
@@ -165,12 +161,41 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         model = nncf.compress_weights(
             model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=options.int4_group_size,
             advanced_parameters=nncf.AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
+    model = as_clients_feed(model)
+    # Where OpenVINO keeps a model's runtime options. The CPU plugin of 2026.4 applies only its KV-cache and
+    # dynamic-quantization keys from there (Config::applyRtInfo), so clients pass this hint themselves
+    # (docs/deploy.md); it is recorded here so the IR says what it was validated in.
+    model.set_rt_info(inference_precision(precision, options), ["runtime_options", "INFERENCE_PRECISION_HINT"])
     dest.mkdir(parents=True, exist_ok=True)
     xml = dest / XML
     save_ir(model, xml, compress_to_fp16=precision != "fp32")
     for scratch in dest.glob("scratch-*"):  # _through_disk's IRs, not part of the artifact
         shutil.rmtree(scratch, ignore_errors=True)
     return xml
+
+
+def inference_precision(precision: str | None, options: OvOptions | None = None) -> str | None:
+    """What a set at `precision` computes its float ops in: the options' choice, else the precision's own."""
+    return (options.inference_precision if options else None) or INFERENCE_PRECISION.get(precision or "")
+
+
+# Inputs in the element type OpenVINO GenAI feeds them (it writes its tokenizer's i64 ids and an i64 timestep
+# straight into the request); optimum-intel and diffship's runtime are cast by OpenVINO's Python dispatcher.
+CLIENT_INPUT_TYPES = {"input_ids": ov.Type.i64, "timestep": ov.Type.i64}
+
+
+def as_clients_feed(model: ov.Model) -> ov.Model:
+    """`model` taking `input_ids` and `timestep` as i64 (a Convert to the graph's own type goes in front)."""
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    changed = False
+    for port in model.inputs:
+        wanted = CLIENT_INPUT_TYPES.get(port.get_any_name())
+        if wanted is not None and port.get_element_type() != wanted:
+            ppp.input(port.get_any_name()).tensor().set_element_type(wanted)
+            changed = True
+    return ppp.build() if changed else model
 
 
 def compress_matmul_weights(model: ov.Model, sensitive: tuple[str, ...] = ()) -> tuple[ov.Model, list[str]]:
@@ -304,7 +329,7 @@ class OvRunner:
         check_device(options.device, core)
         cache = default_cache_dir() if options.cache_dir is None else (Path(options.cache_dir) if options.cache_dir else None)
         config: dict[str, Any] = {"PERFORMANCE_HINT": options.performance_hint.upper()}
-        inference = options.inference_precision or INFERENCE_PRECISION.get(precision or "")
+        inference = inference_precision(precision, options)
         if inference:
             config["INFERENCE_PRECISION_HINT"] = inference
         if cache is not None:
@@ -375,3 +400,12 @@ def load_with_changes(artifact: Path, options: OvOptions | None, precision: str 
 
     return OvRunner(artifact, options or OvOptions(), precision, ir_replacements(artifact, changes))
 
+
+
+def finish_set(set_dir: Path, components: dict[str, Path], precision: str, options: OvOptions, family: str,
+               say: Any) -> None:
+    """OpenVINO tokenizer models beside the set's tokenizers (OpenVINO GenAI tokenizes with them)."""
+    from diffship.models.families import family_named
+    from diffship.targets.ov_tokenizers import write_tokenizer_models
+
+    write_tokenizer_models(set_dir, family_named(family).tokenizers, say)

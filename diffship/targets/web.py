@@ -71,7 +71,7 @@ def needs_calibration(precision: str) -> bool:
     return precision == "int8"
 
 
-def model_index(family: str, components: list[str]) -> dict[str, Any]:
+def model_index(family: str, components: list[str]) -> dict[str, Any] | None:
     """The folder's model_index.json: the same ONNX pipeline layout as the ONNX Runtime target's."""
     from diffship.targets import onnxruntime
 

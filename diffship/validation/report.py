@@ -143,6 +143,8 @@ def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
                                                                                  "min SSIM", "max pixel diff", ""], rows))
     tables.append((f"{key}: end-to-end images (pass: PSNR >= {th['min_psnr_db']} dB and SSIM >= {th['min_ssim']})",
                    ["task", "prompt", "seed", "PSNR", "SSIM", "max pixel diff", ""], e2e))
+    if shipped := r.get("clients"):
+        tables.append(client_table(key, shipped))
     if q := r.get("quality"):
         rows = [["PyTorch baseline", f"{q['baseline_prompt_accuracy']:.3f}", f"{q['baseline_fd_digits']:.1f}", "", ""],
                 [key, f"{q['prompt_accuracy']:.3f}", f"{q['fd_digits']:.1f}", f"{q['drop_points']:+.1f}",
@@ -184,6 +186,24 @@ def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
         rows.append(["peak GPU memory (torch)", _mib(mem["peak_gpu_bytes"]), ""])
     tables.append((f"{key}: memory", ["", "size", "session load"], rows))
     return tables
+
+
+def client_table(key: str, shipped: dict[str, Any]) -> Table:
+    """Where the set ships: each client's version, pipeline, precision and PSNR against diffusers, or why not."""
+    th = shipped["threshold"]
+    rows = []
+    for row in shipped["rows"]:
+        if row["status"] in ("pass", "FAIL"):
+            rows.append([row["title"], row.get("version", ""), row.get("pipeline", ""), row.get("computes_in", "-"),
+                         _psnr(row["psnr_db"]), f"{row['ssim']:.4f}", str(row["max_abs_diff"]),
+                         f"{row['seconds']:.1f} s", _verdict(row["status"] == "pass")])
+        else:
+            note = row.get("reason") or row.get("error", "")
+            rows.append([row["title"], row.get("version", ""), "", "", "", "", "", "",
+                         f"{row['status']}: {note[:300]}"])
+    return (f"{key}: where it ships, each client loading the folder as built and drawing the first sample from the "
+            f"same seed, against diffusers (pass: PSNR >= {th['min_psnr_db']} dB and SSIM >= {th['min_ssim']})",
+            ["client", "version", "pipeline", "computes in", "PSNR", "SSIM", "max pixel diff", "time", ""], rows)
 
 
 def all_tables(report: dict[str, Any]) -> list[Table]:

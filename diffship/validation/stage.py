@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from diffship import cache
+from diffship.clients import installed_versions
 from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec
 from diffship.models.source import ModelSource
@@ -130,7 +131,8 @@ def validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpe
         entry_key = cache.key(not_run=not_run,
             stage="validate", artifacts={c: [f["sha256"] for f in e["files"]] for c, e in recorded["components"].items()},
             pipeline=[f["sha256"] for f in recorded["pipeline_files"]], options=repr(options),
-            validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(), **compared)
+            validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(),
+            clients=installed_versions(recipe.validation.clients), **compared)
         done = cache.cached_step("validate", entry_key, f"{set_key} validation",
                                  functools.partial(_validate_into, runs, artifact_set, options, set_plan, not_run),
                                  force=force, say=say)

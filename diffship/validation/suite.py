@@ -23,6 +23,7 @@ from diffship.targets import get_target
 from diffship.targets.calibration import capture
 from diffship.validation import latency, quality
 from diffship.validation.baseline import baseline_device, component_call, module_call, reference_module, run_baseline
+from diffship.validation.clients import clients_check
 from diffship.validation.e2e import Sample, run_e2e, sample_arguments
 from diffship.validation.parity import Case, Tolerance, artifact_cases, check_component, compare, within
 from diffship.validation.reference import LiveReference, RecordedReference
@@ -139,6 +140,15 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
         if pair:  # its image beside the runtime's goes into the report's grids after the e2e samples'
             pairs = [*pairs, pair]
             result["extra_pairs"] = [{k: v for k, v in pair.items() if k not in ("baseline", "target")}]
+    # Where the set ships: each client that loads it draws the first sample, against diffusers' image of it.
+    if v.clients and pairs and (shipped := clients_check(
+            artifacts, samples[0], pairs[0]["baseline"], t.min_psnr, t.min_ssim, plan.inputs, v.clients, v.scheduler,
+            say)):
+        result["clients"], client_pairs = shipped
+        pairs = [*pairs, *client_pairs]
+        result["extra_pairs"] = [*result.get("extra_pairs", []),
+                                 *({k: val for k, val in pair.items() if k not in ("baseline", "target")}
+                                   for pair in client_pairs)]
     if quality_baseline is not None:
         q = v.quality
         say(f"[{label}] quality: prompt accuracy over {10 * len(q.seeds)} digits at {q.steps} steps")
@@ -181,7 +191,8 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
                                                          say)
     result["memory"] |= {"peak_rss_bytes": latency.peak_rss_bytes(), "peak_gpu_bytes": latency.peak_gpu_bytes()}
     result["passed"] = (result["parity"]["passed"] and e2e["passed"] and result.get("quality", {}).get("passed", True)
-                        and result.get("spec", {}).get("passed", True) and result.get("app", {}).get("passed", True))
+                        and result.get("spec", {}).get("passed", True) and result.get("app", {}).get("passed", True)
+                        and result.get("clients", {}).get("passed", True))
     deployed = None
     release_freed()
     return result, pairs

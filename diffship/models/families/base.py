@@ -1,8 +1,8 @@
 """What a pipeline family declares, and the folder readers every family's detection uses.
 
-A family is data: its text encoders and tokenizers, the diffusers pipeline that is its baseline per task, the
-pipeline classes its output layouts name, and how its denoiser is conditioned. Runtime, baseline, capture,
-validation and targets read these fields; none of them names a family.
+A family is data: its text encoders and tokenizers, the diffusers pipeline that is its baseline per task (and the
+`_class_name` its deployed folders declare), the pipeline classes that may name it in model_index.json, and how its
+denoiser is conditioned. Runtime, baseline, capture, validation and targets read these fields; none names a family.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ class Family:
     text_encoders: tuple[str, ...]  # pipeline folders, in the order their hidden states are concatenated
     tokenizers: tuple[str, ...]  # one per text encoder
     pipelines: Mapping[str, str]  # task -> the diffusers pipeline class that is the baseline for it
-    layouts: Mapping[str, str]  # output layout ("onnx", "openvino") -> the pipeline class model_index.json names
     declared_by: frozenset[str]  # model_index.json `_class_name`s that may hold this kind
     matches: Callable[[Path, dict[str, Any]], bool] = field(repr=False)  # (folder, model_index) -> is this kind
     hidden_state: str = "last_hidden_state"  # the text encoder output the denoiser cross-attends to

@@ -12,7 +12,6 @@ DECLARED_BY = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipel
                          "StableDiffusionInpaintPipeline", "OVStableDiffusionInpaintPipeline"})
 PIPELINES = {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
              "inpaint": "StableDiffusionInpaintPipeline"}
-LAYOUTS = {"onnx": "OnnxStableDiffusionPipeline", "openvino": "OVStableDiffusionPipeline"}
 
 
 def _is_sd2(folder: Path, index: dict[str, Any]) -> bool:
@@ -24,7 +23,7 @@ def _is_sd2(folder: Path, index: dict[str, Any]) -> bool:
 
 
 CONTROLNET = "StableDiffusionControlNetPipeline"
-SD2 = Family("sd2", "Stable Diffusion 2.x", "SD 2.x", ("text_encoder",), ("tokenizer",), PIPELINES, LAYOUTS, DECLARED_BY,
+SD2 = Family("sd2", "Stable Diffusion 2.x", "SD 2.x", ("text_encoder",), ("tokenizer",), PIPELINES, DECLARED_BY,
              matches=_is_sd2, controlnet_pipeline=CONTROLNET)
-SD1 = Family("sd1", "Stable Diffusion 1.x", "SD 1.x", ("text_encoder",), ("tokenizer",), PIPELINES, LAYOUTS, DECLARED_BY,
+SD1 = Family("sd1", "Stable Diffusion 1.x", "SD 1.x", ("text_encoder",), ("tokenizer",), PIPELINES, DECLARED_BY,
              matches=lambda folder, index: index.get("_class_name") in DECLARED_BY, controlnet_pipeline=CONTROLNET)

@@ -14,7 +14,6 @@ from diffship.models.families.base import Family, component_config, has_componen
 
 DECLARED_BY = frozenset({"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
                          "ORTStableDiffusionXLPipeline", "OVStableDiffusionXLPipeline"})
-LAYOUTS = {"onnx": "ORTStableDiffusionXLPipeline", "openvino": "OVStableDiffusionXLPipeline"}
 
 
 def _xl_unet(folder: Path) -> dict[str, Any]:
@@ -46,12 +45,12 @@ def _is_base(folder: Path, index: dict[str, Any]) -> bool:
 REFINER = Family(
     "sdxl-refiner", "Stable Diffusion XL refiner", "SDXL refiner", ("text_encoder_2",), ("tokenizer_2",),
     {"img2img": "StableDiffusionXLImg2ImgPipeline", "inpaint": "StableDiffusionXLInpaintPipeline"},
-    LAYOUTS, DECLARED_BY, matches=_is_refiner, hidden_state="penultimate_hidden_state",
+    DECLARED_BY, matches=_is_refiner, hidden_state="penultimate_hidden_state",
     pooled_from="text_encoder_2", time_ids=5, vae_overflows_fp16=True)
 SDXL = Family(
     "sdxl", "Stable Diffusion XL", "SDXL", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"),
     {"text2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
      "inpaint": "StableDiffusionXLInpaintPipeline"},
-    LAYOUTS, DECLARED_BY, matches=_is_base, hidden_state="penultimate_hidden_state",
+    DECLARED_BY, matches=_is_base, hidden_state="penultimate_hidden_state",
     pooled_from="text_encoder_2", time_ids=6, vae_overflows_fp16=True,
     controlnet_pipeline="StableDiffusionXLControlNetPipeline")

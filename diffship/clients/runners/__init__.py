@@ -1,0 +1,1 @@
+"""Scripts run inside each client's own environment: they import the client, never diffship."""
