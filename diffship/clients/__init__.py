@@ -32,6 +32,8 @@ class Client:
     remove: tuple[str, ...] = ()  # packages a requirement drags in that the client does not import and that break
     # (the set's model_index `_class_name`, task) -> why this client cannot run that pipeline, or None
     refuses: Callable[[str, str], str | None] = lambda index_class, task: None
+    # the set's folder -> why this client cannot load it, or None
+    refuses_folder: Callable[[Path], str | None] = lambda folder: None
 
 
 # The `_class_name`s OpenVINO GenAI 2026.4's pipelines accept (text2image_pipeline.cpp, image2image_pipeline.cpp,
@@ -53,6 +55,17 @@ def _genai_refuses(index_class: str, task: str) -> str | None:
     return None
 
 
+def _genai_refuses_folder(folder: Path) -> str | None:
+    import openvino as ov
+
+    unet = ov.Core().read_model(str(folder / "unet" / "openvino_model.xml"))
+    shape = next(p.get_partial_shape() for p in unet.inputs if p.get_any_name() == "timestep")
+    if shape.is_static and shape.to_shape()[0] != 1:
+        return (f"the set's UNet is static with {shape.to_shape()[0]} timesteps per call (the recipe fixes batch and "
+                "size), and OpenVINO GenAI feeds one: build with the openvino option static_shapes = false for GenAI")
+    return None
+
+
 def _optimum_refuses(index_class: str, task: str) -> str | None:
     return "optimum has no ControlNet pipeline for these folders" if task == "controlnet" else None
 
@@ -60,7 +73,7 @@ def _optimum_refuses(index_class: str, task: str) -> str | None:
 GENAI = Client("genai", "OpenVINO GenAI", "openvino-genai", "openvino", "genai_client",
                # GenAI itself needs no torch; its TorchGenerator, which draws diffusers' latents for a seed, does
                (f"{TORCH} openvino-genai==2026.4.1.* openvino-tokenizers==2026.4.1.* numpy pillow",),
-               refuses=_genai_refuses)
+               refuses=_genai_refuses, refuses_folder=_genai_refuses_folder)
 OPTIMUM_INTEL = Client(
     "optimum-intel", "optimum-intel", "optimum-intel", "openvino", "optimum_client",
     (f"{TORCH} optimum-intel[openvino]==2.2.0 transformers<5.6 huggingface-hub<1.22 diffusers<=0.39 pillow",),

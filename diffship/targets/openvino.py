@@ -404,8 +404,12 @@ def load_with_changes(artifact: Path, options: OvOptions | None, precision: str 
 
 def finish_set(set_dir: Path, components: dict[str, Path], precision: str, options: OvOptions, family: str,
                say: Any) -> None:
-    """OpenVINO tokenizer models beside the set's tokenizers (OpenVINO GenAI tokenizes with them)."""
+    """OpenVINO tokenizer models beside the set's tokenizers (OpenVINO GenAI tokenizes with them), and OpenVINO Model
+    Server's graph.pbtxt with the set's inference precision."""
     from diffship.models.families import family_named
     from diffship.targets.ov_tokenizers import write_tokenizer_models
+    from diffship.targets.ovms import write_graph
 
     write_tokenizer_models(set_dir, family_named(family).tokenizers, say)
+    inference = inference_precision(precision, options)
+    write_graph(set_dir, {"INFERENCE_PRECISION_HINT": inference} if inference else {}, options.device)

@@ -17,7 +17,12 @@ import numpy as np
 from diffship.artifacts import read_json
 from diffship.clients import CLIENTS, missing_reason
 from diffship.clients.environments import run_jobs
+from diffship.targets.ovms import GRAPH
 from diffship.validation.e2e import Sample, compare_images, passes
+
+OVMS = ("not run here: OpenVINO Model Server is not on PyPI. Its image endpoint runs OpenVINO GenAI's pipeline on "
+        "this folder with the set's graph.pbtxt (whose plugin_config carries the precision), so GenAI's row stands "
+        "for it")
 
 
 def clients_check(artifacts: Any, sample: Sample, baseline: np.ndarray, min_psnr: float, min_ssim: float,
@@ -39,7 +44,8 @@ def clients_check(artifacts: Any, sample: Sample, baseline: np.ndarray, min_psnr
         index_class = read_json(artifacts.pipeline / "model_index.json").get("_class_name", "")
         for client in clients:
             row: dict[str, Any] = {"client": client.name, "title": client.title}
-            reason = (client.refuses(index_class, sample.task) or missing_reason(client)
+            reason = (client.refuses(index_class, sample.task) or client.refuses_folder(artifacts.pipeline)
+                      or missing_reason(client)
                       or (f"validation runs the {scheduler} scheduler; clients run the folder's own" if scheduler
                           else None))
             if reason:
@@ -70,6 +76,8 @@ def clients_check(artifacts: Any, sample: Sample, baseline: np.ndarray, min_psnr
                 + " against diffusers" + (f", computing in {result['computes_in']}" if result.get("computes_in") else ""))
             pairs.append({"baseline": baseline, "target": image, "task": f"{client.name}", "prompt": sample.prompt,
                           "seed": sample.seed, "baseline_name": "diffusers (PyTorch)", **metrics, "passed": ok})
+        if "genai" in names and (artifacts.pipeline / GRAPH).is_file():
+            rows.append({"client": "ovms", "title": "OpenVINO Model Server", "status": "skipped", "reason": OVMS})
     return {"threshold": {"min_psnr_db": min_psnr, "min_ssim": min_ssim}, "rows": rows,
             "passed": all(r["status"] in ("pass", "skipped") for r in rows)}, pairs
 
