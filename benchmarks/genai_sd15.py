@@ -44,7 +44,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench-genai"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    args.out = args.out.resolve()  # the client runs in a folder of its own
     if reason := missing_reason(GENAI):
         raise SystemExit(reason)
 

@@ -131,12 +131,12 @@ def _psnr(reference: np.ndarray, image: np.ndarray) -> float:
     return float("inf") if metrics["identical"] else metrics["psnr_db"]
 
 
-def _client_image(build, key: str, client: str, tmp_path: Path) -> Path:
-    """The client's image of the first sample, drawn again by the client."""
-    out = tmp_path / f"{client}-{key}.npy"
+def _client_image(build, key: str, client: str, tmp_path: Path, seed: int = 0) -> Path:
+    """The client's image of the first sample (from another seed if given), drawn again by the client."""
+    out = tmp_path / f"{client}-{key}-{seed}.npy"
     folder = build.out / build.manifest["artifacts"][key]["pipeline"]  # ONNX Runtime FP32 is the export itself
-    [result] = run_jobs(next(c for c in CLIENTS if c.name == client), [_job(folder, out, "recorded")],
-                        tmp_path / client)
+    [result] = run_jobs(next(c for c in CLIENTS if c.name == client), [_job(folder, out, "recorded", seed)],
+                        tmp_path / f"{client}-{seed}")
     assert result["ok"], result
     return out
 
@@ -151,7 +151,7 @@ def test_a_client_that_draws_another_image_or_cannot_load_fails_the_set(shipped,
     build = shipped("digits-sd", "onnxruntime:fp32,openvino:fp32")
     sample = Sample("a handwritten digit seven", 0, None, 32, 32, TINY_VALIDATION["steps"], 7.5)
     image = np.load(_client_image(build, "openvino-fp32", "optimum-intel", tmp_path))
-    other = np.load(_client_image_seed(build, tmp_path, seed=1))
+    other = np.load(_client_image(build, "openvino-fp32", "optimum-intel", tmp_path, seed=1))
     assert _psnr(image, other) < 30  # the check below is not vacuous
     folder = tmp_path / "broken"
     shutil.copytree(build.out / "openvino-fp32", folder)
@@ -163,13 +163,6 @@ def test_a_client_that_draws_another_image_or_cannot_load_fails_the_set(shipped,
     assert result["passed"] is False
     assert rows["genai"]["status"] == "failed" and "tokenizer" in rows["genai"]["error"].lower()
     assert rows["optimum-intel"]["status"] == "FAIL" and rows["optimum-intel"]["psnr_db"] < 30
-
-
-def _client_image_seed(build, tmp_path: Path, seed: int) -> Path:
-    out = tmp_path / f"seed{seed}.npy"
-    [result] = run_jobs(OPTIMUM_INTEL, [_job(build.out / "openvino-fp32", out, "recorded", seed)], tmp_path / "s")
-    assert result["ok"], result
-    return out
 
 
 def test_a_client_not_installed_is_a_skip_with_its_reason_never_a_pass(tiny_build, tmp_path: Path, monkeypatch):

@@ -30,6 +30,7 @@ class Client:
     runner: str  # diffship/clients/runners/<runner>.py
     requirements: tuple[str, ...]  # pip arguments, one pip call per entry (space-separated requirements)
     remove: tuple[str, ...] = ()  # packages a requirement drags in that the client does not import and that break
+    runner_args: tuple[str, ...] = ()  # what the runner is told before the job files (optimum's: which library)
     # (the set's model_index `_class_name`, task) -> why this client cannot run that pipeline, or None
     refuses: Callable[[str, str], str | None] = lambda index_class, task: None
     # the set's folder -> why this client cannot load it, or None
@@ -78,9 +79,10 @@ OPTIMUM_INTEL = Client(
     "optimum-intel", "optimum-intel", "optimum-intel", "openvino", "optimum_client",
     (f"{TORCH} optimum-intel[openvino]==2.2.0 transformers<5.6 huggingface-hub<1.22 diffusers<=0.39 pillow",),
     # PyPI's torchvision for torch 2.13 fails to import beside the CPU torch; optimum's diffusion path never uses it.
-    remove=("torchvision",), refuses=_optimum_refuses)
+    remove=("torchvision",), runner_args=("intel",), refuses=_optimum_refuses)
 OPTIMUM_ONNX = Client("optimum-onnx", "optimum-onnx", "optimum-onnx", "onnxruntime", "optimum_client",
-                      (f"{TORCH} optimum-onnx[onnxruntime]==0.1.0 diffusers pillow",), refuses=_optimum_refuses)
+                      (f"{TORCH} optimum-onnx[onnxruntime]==0.1.0 diffusers pillow",), runner_args=("onnx",),
+                      refuses=_optimum_refuses)
 CLIENTS = (GENAI, OPTIMUM_INTEL, OPTIMUM_ONNX)
 NAMES = tuple(c.name for c in CLIENTS)
 

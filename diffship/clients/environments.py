@@ -56,11 +56,11 @@ def run_jobs(client: Client, jobs: list[dict[str, Any]], work: Path) -> list[dic
     work.mkdir(parents=True, exist_ok=True)
     jobs_file, results_file, log = work / "jobs.json", work / "results.json", work / "client.log"
     jobs_file.write_text(json.dumps(jobs, indent=1), encoding="utf-8")
-    library = [] if client.runner == "genai_client" else ["intel" if client.target == "openvino" else "onnx"]
-    command = [str(python_of(client)), str(runner_path(client)), *library, str(jobs_file), str(results_file)]
+    command = [str(python_of(client)), str(runner_path(client)), *client.runner_args, str(jobs_file),
+               str(results_file)]
     with log.open("w", encoding="utf-8") as out:
         try:
-            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S, cwd=work)
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
             status = f"exit code {done.returncode}"
         except subprocess.TimeoutExpired:
             status = f"no answer within {RUN_TIMEOUT_S} s"
