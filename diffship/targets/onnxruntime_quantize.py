@@ -43,7 +43,7 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
     calibration cache file (`ranges`, by default beside the model).
     """
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
 
     # One batch item per sample: the ranges are the same, the calibration session needs half the memory.
     samples = [{k: v[i:i + 1] for k, v in call.items()}
@@ -78,7 +78,8 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
                                                         providers=["CPUExecutionProvider"])
         for start in range(0, len(samples), chunk):
             calibrator.collect_data(Reader(samples[start:start + chunk]))
-        save_tensors_data(calibrator.compute_data(), ranges)
+        computed = calibrator.compute_data()  # in the order of a set's iteration: sorted, so the file is reproducible
+        save_tensors_data(TensorsData(computed.calibration_method, dict(sorted(computed.data.items()))), ranges)
         del calibrator
         release_freed()
     excluded = []
