@@ -20,7 +20,7 @@ from diffship.artifacts import atomic_write_json, file_entries
 from diffship.calibration_stage import Calibration
 from diffship.isolation import compile_isolated, should_isolate
 from diffship.manifest import ArtifactSet
-from diffship.models.components import ComponentSpec
+from diffship.models.components import CLIENT_OUTPUTS, ComponentSpec
 from diffship.recipe import Recipe
 from diffship.targets import CompileContext, get_target
 from diffship.targets.accuracy_gate import Gate
@@ -95,7 +95,9 @@ def compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Comp
                 backend.finish_set(set_dir, components, precision, options, family, say)
             recorded = {name: {"path": path.relative_to(root).as_posix(), "precision": precision,
                                "files": _artifact_files(root, export_dir, path, entries[name]["files"]),
-                               "inputs": entries[name]["inputs"], "outputs": entries[name]["outputs"]}
+                               "inputs": entries[name]["inputs"], "outputs": [
+                                   o for o in entries[name]["outputs"]
+                                   if getattr(backend, "CLIENT_OUTPUTS_KEPT", True) or not o["name"].startswith(CLIENT_OUTPUTS)]}
                         for name, path in components.items()}
             artifact_set = ArtifactSet(root, set_dir, target.name, precision, components, shapes, "unvalidated",
                                        family=family)

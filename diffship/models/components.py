@@ -7,7 +7,7 @@ these declarations, so a component is described once. Names follow optimum's ONN
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,8 @@ from diffship.models.controlnet import controlnets_in
 from diffship.models.families import Family, Role, component_config, detect_family, family_named
 
 Dim = int | str
+# Outputs a component has for the clients' layout only (optimum, GenAI); diffship's pipeline never reads them.
+CLIENT_OUTPUTS = "hidden_states."
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,11 @@ class ComponentSpec:
     def batch_for(self, batch: int, guided: bool) -> int:
         """The batch one call sees for `batch` images: the denoising loop runs both halves of guidance at once."""
         return batch * (2 if guided and self.in_denoising_loop else 1)
+
+    def pipeline_outputs(self) -> ComponentSpec:
+        """This spec without the outputs only the clients read (a text encoder's per-layer `hidden_states.N`, in
+        optimum's layout): what a target builds whose sets no client loads (Core ML)."""
+        return replace(self, outputs=tuple(o for o in self.outputs if not o.name.startswith(CLIENT_OUTPUTS)))
 
 
 def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, spec: ComponentSpec,

@@ -47,6 +47,9 @@ COMPRESSION: dict[str, dict[str, Any] | None] = {
     "palette4": {"kind": "palette", "nbits": 4},
 }
 PRECISIONS = tuple(COMPRESSION)
+# No client loads a Core ML package in optimum's layout: a text encoder's package holds the outputs the pipeline reads
+# (`ComponentSpec.pipeline_outputs`); per-layer hidden states also break its naming (dots, one value twice).
+CLIENT_OUTPUTS_KEPT = False
 VAE_MODES = ("auto", "fp16", "fp32")
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 OLDEST_TARGETS = {"iOS": 16, "macOS": 13, "tvOS": 16, "watchOS": 9}  # compressed weights (constexpr ops) need these
@@ -363,11 +366,11 @@ def compile(source: Path, precision: str, options: CoremlOptions | None = None, 
         raise DiffshipError(f"No ONNX export at {source}: Core ML packages are checked against it.")
     support = check_torch(options)
     target_spec = spec_version(options.minimum_deployment_target)
-    spec = context.spec
+    spec = context.spec.pipeline_outputs()  # no client loads a Core ML package in optimum's layout
     shape_sets = package_shapes(context, options)
     compute, reason = compute_precision(precision, spec, options)
 
-    base, converted = converted_package(context, compute, shape_sets, options)
+    base, converted = converted_package(context, spec, compute, shape_sets, options)
     mlmodel = _ct().models.MLModel(str(base / PACKAGE), skip_model_load=True)
     compression = None
     if COMPRESSION[precision] and spec.name in options.compress:
@@ -393,15 +396,21 @@ def compile(source: Path, precision: str, options: CoremlOptions | None = None, 
         "minimum_deployment_target": options.minimum_deployment_target, "specification_version": target_spec,
         "attention": options.attention, "attention_layers": converted["attention_layers"],
         "shapes": [{k: list(v) for k, v in s.items()} for s in shape_sets],
-        "onnx_io": onnx_io(source), "compression": compression, "convert_seconds": converted["seconds"],
+        "onnx_io": _held_io(onnx_io(source), spec), "compression": compression, "convert_seconds": converted["seconds"],
         "conversion_reused": converted["reused"],
         "versions": support, "options": asdict(options), "package": inspect_package(package),
     })
     return package
 
 
-def converted_package(context: CompileContext, compute: str, shape_sets: list[dict[str, tuple[int, ...]]],
-                      options: CoremlOptions) -> tuple[Path, dict[str, Any]]:
+def _held_io(io: dict[str, Any], spec: ComponentSpec) -> dict[str, Any]:
+    """The ONNX export's I/O less the outputs the package leaves out (`ComponentSpec.pipeline_outputs`)."""
+    kept = {o.name for o in spec.outputs}
+    return {**io, "outputs": [f for f in io["outputs"] if f["name"] in kept]}
+
+
+def converted_package(context: CompileContext, spec: ComponentSpec, compute: str,
+                      shape_sets: list[dict[str, tuple[int, ...]]], options: CoremlOptions) -> tuple[Path, dict[str, Any]]:
     """The component converted from PyTorch (no compression, no diffship metadata), kept in the diffship cache so
     every precision of a build converts it once and compresses that, as Apple's flow does. Returns the cache entry
     holding model.mlpackage, and how long the conversion took, whether it was reused and how many attention layers
@@ -411,10 +420,10 @@ def converted_package(context: CompileContext, compute: str, shape_sets: list[di
     from diffship.models.loading import load_component
     from diffship.provenance import source_fingerprint
 
-    spec = context.spec
     assert context.model_folder is not None
     entry_key = cache.key(stage="coreml-convert", weights=cache.folder_hash(context.model_folder / spec.module),
-                          component=spec.name, compute=compute, shapes=[{k: list(v) for k, v in s.items()} for s in shape_sets],
+                          component=spec.name, outputs=[o.name for o in spec.outputs], compute=compute,
+                          shapes=[{k: list(v) for k, v in s.items()} for s in shape_sets],
                           attention=options.attention, target=options.minimum_deployment_target,
                           versions=[torch_support(), source_fingerprint()])
 
