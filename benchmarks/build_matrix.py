@@ -47,7 +47,7 @@ STAGE_LINES = [
 
 def cpu_name() -> str:
     """The CPU model and the instruction sets that decide BF16 / INT8 speed (AVX-512 VNNI / BF16, AMX)."""
-    from diffship.cpu import describe
+    from diffship.host.cpu import describe
 
     return describe()
 
@@ -139,7 +139,7 @@ def main() -> None:
             if s["seconds"] >= 0.5:
                 print(f"  {name:44} {s['seconds']:7.0f}s {s['peak_bytes'] / gib:9.2f}G")
     if args.json:
-        from diffship.cpu import cpu_facts
+        from diffship.host.cpu import cpu_facts
 
         args.json.write_text(json.dumps({"recipe": str(args.recipe), "cpu": cpu_facts(), "date": str(date.today()),
                                          "builds": results}, indent=2))

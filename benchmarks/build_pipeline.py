@@ -15,13 +15,13 @@ import time
 from datetime import date
 from pathlib import Path
 
-from diffship.build import build
 from diffship.recipe import load_recipe
+from diffship.stages.build import build
 from diffship.validation.latency import peak_rss_bytes
 
 
 def cpu_description() -> str:
-    from diffship.cpu import describe
+    from diffship.host.cpu import describe
 
     return describe()
 

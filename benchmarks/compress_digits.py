@@ -93,7 +93,7 @@ def run_compress(steps: list[Any], work: Path, name: str, settings: Settings) ->
     dest = work / name
     if (dest / "compress.json").is_file():  # reuse a finished run (delete the folder to redo it)
         return json.loads((dest / "compress.json").read_text()), dest / "model"
-    from diffship import cache
+    from diffship.store import cache
 
     # Checkpoints keyed by the steps and settings: an interrupted run resumes, a changed one starts over.
     checkpoints = work / f"{name}-checkpoints" / cache.key(steps=[s.model_dump() for s in steps], settings=settings.__dict__)
@@ -137,8 +137,8 @@ def part_magnitude(args: argparse.Namespace, settings: Settings, results: dict[s
 
 
 def part_qat(args: argparse.Namespace, settings: Settings, results: dict[str, Any]) -> None:
-    from diffship.build import build
     from diffship.recipe import parse_recipe
+    from diffship.stages.build import build
 
     base = {"model": "digits-sd",
             "calibration": {"prompts": settings.prompts, "steps": settings.denoise_steps, "samples": args.samples},

@@ -24,12 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from controlnet_files import tiny_controlnet
 
-from diffship.compile_stage import static_shapes
-from diffship.cpu import cpu_facts, describe
 from diffship.exporters.pipeline import export_pipeline
+from diffship.host.cpu import cpu_facts, describe
 from diffship.models.components import component_specs, run_torch, wrap
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
+from diffship.stages.compile import static_shapes
 from diffship.targets import CompileContext, get_target
 
 COMPONENTS = ["unet", "controlnet", "controlled_unet"]

@@ -23,13 +23,13 @@ from pathlib import Path
 
 from unet_capture import child
 
-from diffship.cpu import describe
+from diffship.host.cpu import describe
 
 COMPILE = r"""
 import json, resource, shutil, sys, time
 from pathlib import Path
-from diffship import cache
-from diffship.compile_stage import static_shapes
+from diffship.store import cache
+from diffship.stages.compile import static_shapes
 from diffship.models.components import component_specs
 from diffship.models.source import resolve
 from diffship.targets import CompileContext, coreml

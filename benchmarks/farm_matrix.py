@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny-sd", "tiny-sdxl"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from diffship.cpu import describe
+    from diffship.host.cpu import describe
 
     root = args.out.resolve()
     shutil.rmtree(root, ignore_errors=True)

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from diffship.build import build
 from diffship.clients import GENAI, missing_reason
 from diffship.clients.environments import run_jobs
-from diffship.cpu import describe
+from diffship.host.cpu import describe
 from diffship.recipe import load_recipe
 from diffship.runtime.pipeline import DeployedPipeline
+from diffship.stages.build import build
 from diffship.validation.e2e import compare_images
 
 HERE = Path(__file__).parent

@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffship.compile_stage import static_shapes
 from diffship.exporters.onnx import export_component
 from diffship.models.components import component_specs, wrap
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
 from diffship.recipe import DEFAULT_CALIBRATION_PROMPTS
+from diffship.stages.compile import static_shapes
 from diffship.targets import CompileContext, tensorrt
 from diffship.targets.calibration import capture
 from diffship.validation.baseline import load_baseline

@@ -24,7 +24,7 @@ import numpy as np
 import openvino as ov
 import torch
 
-from diffship.cpu import cpu_facts, describe
+from diffship.host.cpu import cpu_facts, describe
 
 
 def probe(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:

@@ -3,7 +3,7 @@ other random weights, each through `diffship build` with OpenVINO and ONNX Runti
 
 For each model and set it prints the UNet speedup over PyTorch FP32 eager (measured by the build's own interleaved
 latency runs, in the same process), the worst UNet cosine on the real 20-step trajectory, the layers kept in float
-and the search's time, with the CPU model and instruction sets read from the system (`diffship.cpu`).
+and the search's time, with the CPU model and instruction sets read from the system (`diffship.host.cpu`).
 
     python benchmarks/int8_auto.py [--recipe benchmarks/recipes/sd15-int8-auto.toml] [--out out/bench-int8-auto]
                                    [--seed 7] [--model sd15-arch] [--json FILE]
@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 from build_matrix import run_group
 
-from diffship.cpu import cpu_facts, describe
+from diffship.host.cpu import cpu_facts, describe
 
 HERE = Path(__file__).parent
 GROUP = "openvino:int8-auto,onnxruntime:int8-auto,torch:bf16"

@@ -18,10 +18,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from diffship.cpu import describe
-from diffship.manifest import open_artifacts, read_manifest
+from diffship.host.cpu import describe
 from diffship.models.components import component_specs
 from diffship.models.loading import load_component
+from diffship.store.manifest import open_artifacts, read_manifest
 from diffship.targets import get_target
 from diffship.validation import latency
 from diffship.validation.baseline import module_call

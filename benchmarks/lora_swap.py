@@ -29,7 +29,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from lora_files import kohya_lora
 
-from diffship.cpu import cpu_facts, describe
+from diffship.host.cpu import cpu_facts, describe
 from diffship.models.source import resolve
 
 RECIPE = Path(__file__).parent / "recipes" / "sd15-onnxruntime.toml"

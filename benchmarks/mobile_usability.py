@@ -15,9 +15,9 @@ from pathlib import Path
 
 import onnx
 
-from diffship.cpu import describe
-from diffship.manifest import read_manifest
+from diffship.host.cpu import describe
 from diffship.models.components import component_specs
+from diffship.store.manifest import read_manifest
 from diffship.targets import mobile, onnx_graph, web
 from diffship.targets.mobile_check import usability
 

@@ -147,7 +147,7 @@ def main() -> None:
             done = g.get("quantization") or f"fused {g.get('fused')}, {g.get('nodes_before')} -> {g.get('nodes_after')} nodes"
             print(f"{variant}: prepared in {compiled['seconds']:.0f} s, peak {compiled['peak_rss_bytes'] / 2**30:.2f} GiB;"
                   f" {done}" + (f"; kept {g['kept']}: {g['reason']}" if g.get("kept") else ""))
-    from diffship.cpu import cpu_facts, describe
+    from diffship.host.cpu import cpu_facts, describe
 
     print(describe())
     if args.json:

@@ -27,7 +27,7 @@ def quantize(onnx_path: Path, variant: str, size: int, samples: int) -> None:
     import numpy as np
     import openvino as ov
 
-    from diffship.memory import release_freed
+    from diffship.host.memory import release_freed
     from diffship.targets.openvino import UNET_SENSITIVE, OvOptions, _through_disk, compress_matmul_weights, quantize_calibrated
 
     peak = PeakRss().start()

@@ -23,7 +23,7 @@ from unet_capture import add_arguments, child, prepare, trajectory_and_pytorch
 COMPILE = r"""
 import json, resource, sys, time
 from pathlib import Path
-from diffship.compile_stage import static_shapes
+from diffship.stages.compile import static_shapes
 from diffship.models.components import component_specs
 from diffship.models.source import resolve
 from diffship.targets import CompileContext, openvino
@@ -98,7 +98,7 @@ def main() -> None:
         e = figures["modes"][mode]
         print(f"{mode}: IR in {e['compile']['seconds']:.0f} s, peak {e['compile']['peak_rss_bytes'] / 2**30:.2f} GiB; "
               f"load cold {e['load_cold_s']:.1f} s, warm {e['load_warm_s']:.1f} s")
-    from diffship.cpu import cpu_facts, describe
+    from diffship.host.cpu import cpu_facts, describe
 
     print(describe())
     if args.json:

@@ -23,8 +23,8 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ldm_checkpoint import write_ldm_checkpoint
 
-from diffship.cpu import cpu_facts, describe
 from diffship.exporters.pipeline import export_pipeline
+from diffship.host.cpu import cpu_facts, describe
 from diffship.models.single_file import detect_config
 from diffship.models.source import resolve
 

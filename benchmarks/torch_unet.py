@@ -32,12 +32,12 @@ from pathlib import Path
 
 from unet_capture import child
 
-from diffship.cpu import describe
+from diffship.host.cpu import describe
 
 BUILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from diffship.compile_stage import static_shapes
+from diffship.stages.compile import static_shapes
 from diffship.models.components import component_specs
 from diffship.models.source import resolve
 from diffship.targets import CompileContext, get_target

@@ -48,9 +48,9 @@ def load_side(side: str, build: Path | None, model_folder: Path | None, artifact
     """A function from named inputs to the UNet's output array, for one side; and the spec of the UNet."""
     import torch
 
-    from diffship.manifest import open_artifacts, read_manifest
     from diffship.models.components import component_specs, wrap
     from diffship.models.loading import load_component
+    from diffship.store.manifest import open_artifacts, read_manifest
     from diffship.targets import get_target
 
     folder = model_folder or Path(read_manifest(build).source.folder)
@@ -131,8 +131,8 @@ def main() -> None:
                           args.outputs)
         print("RESULT " + json.dumps(result), flush=True)
         return
-    from diffship.cpu import describe
-    from diffship.manifest import read_manifest
+    from diffship.host.cpu import describe
+    from diffship.store.manifest import read_manifest
 
     sets = list(named) if named else args.sets or list(read_manifest(args.build).sets())
     where = (["--model-folder", str(args.model_folder), *(f"--artifact={a}" for a in args.artifact)] if named

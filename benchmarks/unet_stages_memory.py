@@ -47,7 +47,7 @@ def calls(spec: Any, size: int, samples: int) -> list[dict]:
 
 def run_stage(stage: str, export: Path, model_folder: Path, size: int, samples: int, ov_options: dict) -> dict:
     """One stage as the build runs it; its peak RSS (this process), seconds and artifact bytes."""
-    from diffship.memory import release_freed
+    from diffship.host.memory import release_freed
     from diffship.targets import CompileContext
     from diffship.targets.calibration import CalibrationData
 
@@ -119,7 +119,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_stage(args.stage, args.export.resolve(), args.model_folder, args.size,
                                                  args.samples, json.loads(args.ov_options))), flush=True)
         return
-    from diffship.cpu import describe
+    from diffship.host.cpu import describe
 
     print(f"{describe()}; UNet of {args.model_folder.name} at {args.size}x{args.size}, batch 2, {args.samples} calls")
     for stage in args.stages:

@@ -73,7 +73,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
     session's cache: the exports a build of the same model made or will make."""
     from diffship.exporters.pipeline import export_pipeline
     from diffship.models.source import resolve
-    from diffship.provenance import library_versions
+    from diffship.store.versions import library_versions
 
     done: dict[str, Path] = {}
 
@@ -91,7 +91,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
 def tiny_build(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Callable[..., Any]:
     """tiny_build(model, targets, **changes) -> the BuildResult of `tiny_recipe(...)`, built once per session per
     argument list, on first use (a deselected test pays for nothing)."""
-    from diffship.build import build
+    from diffship.stages.build import build
 
     done: dict[str, Any] = {}
 
@@ -177,9 +177,9 @@ def built(tiny_build: Callable[..., Any]):
 def digits_devices(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
     """digits-sd built once for the browser (web fp32 + fp16) and the phone (mobile fp32 + int8): one export, one
     recorded baseline. Without the web runtime's npm files the build is mobile only (test_web skips)."""
-    from diffship.build import build
     from diffship.errors import DiffshipError
     from diffship.recipe import parse_recipe
+    from diffship.stages.build import build
     from diffship.web.bundle import runtime_folder
 
     targets = [{"name": "mobile", "precisions": ["fp32", "int8"]}]

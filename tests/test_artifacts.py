@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from diffship.artifacts import MANIFEST_NAME, atomic_write_text, prepare_output_dir, staged_dir
 from diffship.errors import DiffshipError
+from diffship.store.artifacts import MANIFEST_NAME, atomic_write_text, prepare_output_dir, staged_dir
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temporaries(tmp_path: Path):

@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.errors import DiffshipError
-from diffship.manifest import open_artifacts, read_manifest
 from diffship.recipe import DEFAULT_THRESHOLDS, load_recipe, parse_recipe
+from diffship.store.manifest import open_artifacts, read_manifest
 
 runner = CliRunner()
 
@@ -120,12 +120,12 @@ def test_a_ten_thousand_character_prompt_is_cut_like_diffusers_does_with_a_warni
 
 def test_an_unexpected_exception_is_an_internal_error_with_its_traceback_in_a_log(tmp_path: Path,
                                                                                     monkeypatch: pytest.MonkeyPatch):
-    import diffship.build
+    import diffship.stages.build
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in a stage")
 
-    monkeypatch.setattr(diffship.build, "build", broken)
+    monkeypatch.setattr(diffship.stages.build, "build", broken)
     result = runner.invoke(app, ["build", "--out", str(tmp_path / "out")])
     assert result.exit_code == 3, result.output
     line = next(line for line in result.output.splitlines() if line.startswith("internal error:"))

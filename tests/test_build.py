@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from diffship.cli import app
-from diffship.manifest import open_artifacts
+from diffship.cli.main import app
+from diffship.store.manifest import open_artifacts
 
 runner = CliRunner()
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffship.artifacts import sha256_file
 from diffship.models.builtin import BUILTINS, builtin_folder, write_builtin
 from diffship.models.families import detect_family
+from diffship.store.artifacts import sha256_file
 
 
 @pytest.mark.parametrize(("name", "family"), [("tiny-sd", "sd1"), ("tiny-sd2", "sd2"), ("tiny-sdxl", "sdxl"),

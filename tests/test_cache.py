@@ -16,9 +16,9 @@ import pytest
 from conftest import FAST_RECIPE
 from typer.testing import CliRunner
 
-from diffship import cache
-from diffship.cli import app
-from diffship.manifest import open_artifacts
+from diffship.cli.main import app
+from diffship.store import cache
+from diffship.store.manifest import open_artifacts
 
 runner = CliRunner()
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 
 runner = CliRunner()
 

@@ -144,7 +144,7 @@ def _client_image(build, key: str, client: str, tmp_path: Path, seed: int = 0) -
 def test_a_client_that_draws_another_image_or_cannot_load_fails_the_set(shipped, tmp_path: Path):
     """The step can fail: another seed's image is far from diffusers', and a folder without GenAI's tokenizer
     model does not load there. Either fails the set (validation exits 1)."""
-    from diffship.manifest import ArtifactSet
+    from diffship.store.manifest import ArtifactSet
     from diffship.validation.clients import clients_check
     from diffship.validation.e2e import Sample
 

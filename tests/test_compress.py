@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.compress import measure, prune
 from diffship.compress.distill import distill
 from diffship.errors import DiffshipError
@@ -335,7 +335,7 @@ def test_compress_cli_writes_the_pipeline_and_a_stage_table(tmp_path: Path, mode
 def test_a_build_exports_and_validates_the_compressed_unet(tmp_path: Path, model_cache: Path):
     from conftest import tiny_recipe
 
-    from diffship.build import build
+    from diffship.stages.build import build
 
     recipe = tiny_recipe("tiny-sd", compress=[{"step": "prune-channels", "ratio": 0.3},
                                               {"step": "distill", "steps": 4, "batch": 4, "images": 4}],
@@ -353,8 +353,8 @@ def test_a_build_exports_and_validates_the_compressed_unet(tmp_path: Path, model
 
 
 def test_a_build_refuses_to_quantize_a_qat_unet_again(tmp_path: Path, model_cache: Path):
-    from diffship.build import build
     from diffship.recipe import parse_recipe
+    from diffship.stages.build import build
 
     recipe = parse_recipe({"model": "tiny-sd", "compress": [{"step": "qat", "steps": 0}],
                            "targets": [{"name": "onnxruntime", "precisions": ["fp32", "int8"]}]})
@@ -363,8 +363,8 @@ def test_a_build_refuses_to_quantize_a_qat_unet_again(tmp_path: Path, model_cach
 
 
 def test_a_build_refuses_torch_only_steps_before_any_work(tmp_path: Path, model_cache: Path):
-    from diffship.build import build
     from diffship.recipe import parse_recipe
+    from diffship.stages.build import build
 
     recipe = parse_recipe({"model": "tiny-sd", "compress": [{"step": "quantize", "weights": "int4"}]})
     with pytest.raises(DiffshipError, match="PyTorch-only"):

@@ -9,11 +9,11 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from diffship.artifacts import sha256_file
-from diffship.cli import app
-from diffship.confinement import check_artifact
+from diffship.cli.main import app
 from diffship.errors import DiffshipError
-from diffship.manifest import open_artifacts
+from diffship.store.artifacts import sha256_file
+from diffship.store.confinement import check_artifact
+from diffship.store.manifest import open_artifacts
 
 runner = CliRunner()
 

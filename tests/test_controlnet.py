@@ -12,7 +12,7 @@ import torch
 from controlnet_files import tiny_controlnet
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.models.builtin import builtin_folder
 from diffship.runtime.control import Control
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.errors import DiffshipError
 from diffship.models.builtin import builtin_folder
 from diffship.models.components import ComponentSpec, TensorSpec, component_specs, run_torch, wrap

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from diffship.cpu import cpu_facts, describe
+from diffship.host.cpu import cpu_facts, describe
 
 ZEN5 = "processor\t: 0\nmodel name\t: AMD EPYC 9R45\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n"
 SAPPHIRE = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"

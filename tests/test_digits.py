@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffship.build import build
 from diffship.models.source import resolve
 from diffship.recipe import parse_recipe
+from diffship.stages.build import build
 from diffship.validation.baseline import load_baseline
 from diffship.validation.quality import digit_classifier, quality_task, score_digits
 
@@ -42,8 +42,8 @@ def test_pytorch_digits_sd_draws_the_digit_its_prompt_names(model_cache: Path):
 
     folder = resolve("digits-sd").folder
     recipe = parse_recipe({"model": "digits-sd", "validation": {"quality": {"seeds": [0, 1, 2], "steps": 20}}})
-    from diffship.build import plan_shapes
     from diffship.models.components import component_specs
+    from diffship.stages.build import plan_shapes
 
     unet = next(s for s in component_specs(folder) if s.name == "unet")
     _, plan = plan_shapes(recipe, unet, folder)

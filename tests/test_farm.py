@@ -188,7 +188,7 @@ def test_killing_a_worker_raylet_mid_stage_still_finishes_the_matrix(cluster: Cl
 def test_an_address_where_no_cluster_answers_is_refused_at_once(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from diffship.cli import app
+    from diffship.cli.main import app
 
     (tmp_path / "m.toml").write_text(matrix_text(tmp_path / "cache", [("tiny-sd", ["onnxruntime:fp32"], None)]))
     with socket.socket() as probe:  # a port nothing listens on: bound, then closed

@@ -10,7 +10,7 @@ import pytest
 from conftest import artifact_hashes, matrix_text
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.farm.matrix import load_matrix
 
 runner = CliRunner()

@@ -72,7 +72,7 @@ def test_generate_with_an_init_image_writes_an_image_of_its_size(exported, tmp_p
     from PIL import Image
     from typer.testing import CliRunner
 
-    from diffship.cli import app
+    from diffship.cli.main import app
 
     init = tmp_path / "init.png"
     Image.fromarray((_image(3, 128)[:64] * 255).astype(np.uint8)).save(init)  # 128 wide, 64 high
@@ -94,7 +94,7 @@ def test_generate_refuses_bad_img2img_requests(exported, tmp_path, monkeypatch, 
     from PIL import Image
     from typer.testing import CliRunner
 
-    from diffship.cli import app
+    from diffship.cli.main import app
 
     monkeypatch.chdir(tmp_path)
     Image.fromarray((_image(3) * 255).astype(np.uint8)).save("init.png")

@@ -64,7 +64,7 @@ def test_an_inpainting_model_only_inpaints_and_a_mask_must_match_the_image(expor
 def test_generate_inpaints_from_the_command_line_and_refuses_a_mismatched_mask(exported, tmp_path):
     from typer.testing import CliRunner
 
-    from diffship.cli import app
+    from diffship.cli.main import app
 
     _image(1).save(tmp_path / "in.png")
     _mask(True).save(tmp_path / "mask.png")

@@ -12,9 +12,9 @@ import pytest
 from conftest import Lazy
 from safetensors.torch import load_file, save_file
 
-from diffship.build import build
 from diffship.models.builtin import BUILTINS, write_builtin
 from diffship.recipe import parse_recipe
+from diffship.stages.build import build
 from diffship.targets.accuracy_gate import Clock, Gate
 from diffship.targets.int8_search import Site, _fewest, search
 

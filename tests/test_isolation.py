@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from diffship.errors import DiffshipError
-from diffship.isolation import ISOLATE_ABOVE, compile_isolated, should_isolate
 from diffship.models.components import component_specs
 from diffship.models.source import resolve
+from diffship.stages.isolation import ISOLATE_ABOVE, compile_isolated, should_isolate
 from diffship.targets import CompileContext, onnxruntime, openvino
 from diffship.targets.calibration import CalibrationData, CalibrationFile
 
@@ -75,7 +75,7 @@ def test_auto_isolates_components_of_2_gib_or_more(tmp_path: Path):
 def test_a_build_with_isolate_true_compiles_every_component_in_a_child(tmp_path: Path, model_cache: Path):
     from conftest import tiny_recipe
 
-    from diffship.build import build
+    from diffship.stages.build import build
 
     lines: list[str] = []
     # A calibration of its own, so no other test's compiles are found in the cache: every one must run, in a child.

@@ -13,7 +13,7 @@ from lora_files import kohya_lora, peft_lora
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.errors import DiffshipError
 from diffship.models.builtin import builtin_folder
 from diffship.models.loading import load_component
@@ -281,8 +281,9 @@ def test_generate_with_a_lora_at_run_time_draws_the_rebuilt_builds_image(base_bu
 
 
 def test_lora_apply_refuses_quantized_and_unpatchable_sets_and_names_the_way_out():
-    from diffship.lora_apply import choose_sets, patch_refusal
-    from diffship.manifest import SetRecord
+    from diffship.stages.lora_apply import choose_sets
+    from diffship.store.manifest import SetRecord
+    from diffship.targets.weight_patch import patch_refusal
 
     assert "re-quantize: rebuild with --lora" in patch_refusal("onnxruntime", "int8")
     assert "re-quantize: rebuild with --lora" in patch_refusal("openvino", "int8-hybrid")

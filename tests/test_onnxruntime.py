@@ -8,12 +8,13 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.errors import DiffshipError
 from diffship.models.components import component_specs
 from diffship.models.source import resolve
 from diffship.targets import CompileContext, onnxruntime
-from diffship.targets.onnxruntime import GRAPH_FILE, OrtOptions
+from diffship.targets.onnx_graph import GRAPH_FILE
+from diffship.targets.onnxruntime import OrtOptions
 from diffship.validation.parity import compare
 
 runner = CliRunner()

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from diffship.artifacts import sha256_file
-from diffship.cli import app
+from diffship.cli.main import app
+from diffship.store.artifacts import sha256_file
 
 runner = CliRunner()
 

@@ -8,10 +8,10 @@ import openvino as ov
 import pytest
 from typer.testing import CliRunner
 
-from diffship.build import build
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.errors import DiffshipError
 from diffship.recipe import parse_recipe
+from diffship.stages.build import build
 from diffship.targets import openvino as target
 
 runner = CliRunner()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.errors import DiffshipError
 from diffship.models.source import resolve
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents

@@ -14,7 +14,7 @@ from ldm_checkpoint import write_ldm_checkpoint
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.errors import DiffshipError
 from diffship.models.builtin import builtin_folder
 from diffship.models.single_file import detect_config, standard_config_names

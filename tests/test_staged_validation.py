@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import TINY_VALIDATION, Lazy
 
-from diffship.build import build
 from diffship.models.components import component_specs
 from diffship.models.source import resolve
 from diffship.recipe import Recipe, ValidationRecipe, parse_recipe
+from diffship.stages.build import build
 from diffship.validation.baseline import Baseline
 from diffship.validation.e2e import LatentSpace, sample_arguments
 from diffship.validation.parity import Case

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 
 VALIDATION = {"prompts": ["a lighthouse at dusk"], "seeds": [0], "steps": 4, "guidance_scale": 6.0,
               "latency": {"enabled": True, "warmup": 1, "runs": 2, "pipeline_runs": 1}}

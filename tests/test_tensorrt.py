@@ -18,13 +18,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from diffship.build import build
-from diffship.compile_stage import static_shapes
 from diffship.errors import DiffshipError
 from diffship.models.components import component_specs, run_torch, wrap
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
 from diffship.recipe import parse_recipe
+from diffship.stages.build import build
+from diffship.stages.compile import static_shapes
 from diffship.targets import CompileContext, check_available, qdq_unet, tensorrt
 from diffship.targets.tensorrt import TrtOptions
 
@@ -390,8 +390,8 @@ def test_a_refit_engine_computes_what_an_engine_built_with_the_lora_computes(sd,
     from lora_files import kohya_lora
 
     from diffship.exporters.pipeline import export_pipeline
-    from diffship.lora_apply import weight_changes
     from diffship.models.lora import LoraSpec
+    from diffship.stages.lora_apply import weight_changes
 
     folder, specs = sd
     spec = specs["unet"]

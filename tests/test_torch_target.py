@@ -16,12 +16,12 @@ from conftest import tiny_recipe
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from diffship.build import build
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.errors import DiffshipError, DiskFull
 from diffship.models.builtin import builtin_folder
 from diffship.models.components import component_specs, run_torch, wrap
 from diffship.models.loading import load_component
+from diffship.stages.build import build
 from diffship.targets import CompileContext
 from diffship.targets import pytorch as target
 from diffship.validation.parity import compare, validate_folder

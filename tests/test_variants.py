@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffship.cli import app
+from diffship.cli.main import app
 from diffship.errors import DiffshipError
 from diffship.models.builtin import builtin_folder
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
-from diffship.provenance import weights_of
+from diffship.stages.provenance import weights_of
 
 WEIGHTS = ("unet", "vae", "text_encoder")
 

@@ -197,7 +197,7 @@ console.log(JSON.stringify({{ ids: {json.dumps(texts)}.map((t) => Array.from(tok
 def test_a_web_build_without_the_npm_runtime_exits_2_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from typer.testing import CliRunner
 
-    from diffship.cli import app
+    from diffship.cli.main import app
 
     monkeypatch.setenv("DIFFSHIP_WEB_RUNTIME", str(tmp_path / "empty"))
     result = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--targets", "web:fp32", "--out",
@@ -210,7 +210,7 @@ def test_a_web_build_without_the_npm_runtime_exits_2_before_any_work(tmp_path: P
 def test_a_web_build_of_an_sdxl_model_exits_2_before_any_export(tmp_path: Path):
     from typer.testing import CliRunner
 
-    from diffship.cli import app
+    from diffship.cli.main import app
 
     result = CliRunner().invoke(app, ["build", "--model", "tiny-sdxl", "--targets", "web:fp32", "--out",
                                       str(tmp_path / "out")])

@@ -76,7 +76,7 @@ def load_unet(component_folder: Path, allow_pickle: bool) -> nn.Module:
     meta = json.loads((component_folder / MARKER).read_text(encoding="utf-8"))
     quantizer = meta.get("quantizer")
     if meta["structure"] == "module":
-        from diffship.cache import scratch_root, store_root
+        from diffship.store.cache import scratch_root, store_root
 
         # A pickle inside diffship's own cache (or its scratch folder) was written by diffship's compress stage.
         where = component_folder.resolve()

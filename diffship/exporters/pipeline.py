@@ -23,25 +23,26 @@ import onnx
 import torch
 import transformers
 
-from diffship import __version__, cache
-from diffship.artifacts import (
+from diffship import __version__
+from diffship.errors import DiffshipError
+from diffship.exporters.onnx import DEFAULT_OPSET, export_component, onnx_io
+from diffship.models.components import ComponentSpec, component_specs, wrap
+from diffship.models.families import detect_family, family_named, prediction_type, read_model_index, tasks_of
+from diffship.models.loading import load_component
+from diffship.models.source import ModelSource
+from diffship.store import cache
+from diffship.store.artifacts import (
     MANIFEST_NAME,
     atomic_write_json,
     file_entries,
     prepare_output_dir,
     staged_dir,
 )
-from diffship.errors import DiffshipError
-from diffship.exporters.onnx import DEFAULT_OPSET, export_component, onnx_io
-from diffship.manifest import MANIFEST_SCHEMA
-from diffship.models.components import ComponentSpec, component_specs, wrap
-from diffship.models.families import detect_family, family_named, prediction_type, read_model_index, tasks_of
-from diffship.models.loading import load_component
-from diffship.models.source import ModelSource
+from diffship.store.manifest import MANIFEST_SCHEMA
 
 # Called with (component, event, detail): event is "start" or "done".
 StepCallback = Callable[[str, str, dict[str, Any]], None]
-# The library versions an export's bytes depend on (keys of provenance.library_versions).
+# The library versions an export's bytes depend on (keys of store.versions.library_versions).
 EXPORT_VERSIONS = ("diffship", "diffship_source", "torch", "onnx", "diffusers", "transformers")
 
 def select_specs(folder: Path, components: list[str] | None) -> list[ComponentSpec]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diffship.build import check_targets, outline
 from diffship.errors import DiffshipError
 from diffship.farm.matrix import Matrix, Row
-from diffship.stage_unit import Stage, Unit
+from diffship.stages.build import check_targets, outline
+from diffship.stages.unit import Stage, Unit
 from diffship.targets import get_target
 from diffship.validation.reference import weights_bytes
 

@@ -8,13 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffship.artifacts import prepare_output_dir
 from diffship.errors import DiffshipError
 from diffship.farm.matrix import Matrix
 from diffship.farm.plan import Task, plan_matrix
 from diffship.farm.summary import FARM_JSON, write_summary
 from diffship.farm.task import Cancelled, Outcome, execute
 from diffship.recipe import Recipe
+from diffship.store.artifacts import prepare_output_dir
 
 Say = Callable[[str], None]
 LOGS = "farm-logs"

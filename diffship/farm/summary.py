@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from diffship.artifacts import atomic_write_json, atomic_write_text
-from diffship.cpu import describe
 from diffship.farm.matrix import Matrix
 from diffship.farm.plan import Task
 from diffship.farm.task import Outcome
+from diffship.host.cpu import describe
+from diffship.store.artifacts import atomic_write_json, atomic_write_text
 
 FARM_JSON, FARM_HTML = "farm.json", "farm.html"
 STAGE_COLORS = {"compress": "#8e6c8a", "export": "#4c78a8", "calibrate": "#f58518", "compile": "#54a24b",

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffship.build import build, run_unit
 from diffship.errors import DiffshipError
 from diffship.farm.plan import Task
 from diffship.recipe import Recipe
+from diffship.stages.build import build, run_unit
 from diffship.validation.report import summary_table
 
 # Task outcomes: "done" (made), "cached" (found in the cache: no work), "passed" / "failed" (a build folder assembled,

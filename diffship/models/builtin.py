@@ -22,11 +22,11 @@ import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffship import cache
-from diffship.artifacts import staged_dir
 from diffship.errors import DiffshipError
 from diffship.models.digits import DIGITS_TEXT_ENCODER, DIGITS_UNET, DIGITS_VAE, TRAIN_SCHEDULER
 from diffship.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
+from diffship.store import cache
+from diffship.store.artifacts import staged_dir
 
 # Bump when a built-in's definition changes, so cached copies are rebuilt instead of reused.
 BUILTIN_REVISION = 1

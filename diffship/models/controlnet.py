@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffship.artifacts import read_json
 from diffship.errors import DiffshipError
+from diffship.store.artifacts import read_json
 
 CONTROLNET = "controlnet"
 REVISION = 1
@@ -45,9 +45,9 @@ def check_controlnet(path: Path, unet: dict[str, Any]) -> dict[str, Any]:
 
 def with_controlnets(folder: Path, locations: list[Path], say: Callable[[str], None] | None = None) -> Path:
     """A cached pipeline folder holding `folder`'s files (linked) and each ControlNet as `controlnet`, `controlnet_1`..."""
-    from diffship import cache
-    from diffship.artifacts import staged_dir
     from diffship.models.variants import link_tree
+    from diffship.store import cache
+    from diffship.store.artifacts import staged_dir
 
     unet = read_json(folder / "unet" / "config.json")
     for path in locations:

@@ -190,11 +190,11 @@ def with_loras(folder: Path, specs: list[LoraSpec], allow_pickle: bool = False,
                say: Callable[[str], None] | None = None) -> tuple[Path, list[dict[str, Any]]]:
     """A cached diffusers folder holding `folder`'s pipeline with `specs` merged in order, and what was merged (file
     hashes, scales, layers per component) for the manifest. Components no LoRA touches are linked, not copied."""
-    from diffship import cache
-    from diffship.artifacts import staged_dir
     from diffship.models.families import detect_family
     from diffship.models.loading import load_component
     from diffship.models.variants import link_tree
+    from diffship.store import cache
+    from diffship.store.artifacts import staged_dir
 
     say = say or (lambda _: None)
     for spec in specs:  # before any work: a missing file or a refused pickle

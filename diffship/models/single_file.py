@@ -15,9 +15,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from diffship import cache
-from diffship.artifacts import read_json, staged_dir
 from diffship.errors import DiffshipError
+from diffship.store import cache
+from diffship.store.artifacts import read_json, staged_dir
 
 STANDARD_CONFIGS = Path(__file__).parent / "standard_configs"
 SAFE_SUFFIXES = (".safetensors",)

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffship.errors import DiffshipError
 from diffship.models.builtin import BUILTINS, builtin_folder
@@ -16,6 +16,9 @@ from diffship.models.controlnet import with_controlnets
 from diffship.models.lora import LoraSpec, with_loras
 from diffship.models.single_file import convert, is_checkpoint_file
 from diffship.models.variants import choose_variant, with_variant
+
+if TYPE_CHECKING:
+    from diffship.recipe import Recipe
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_HOST = "huggingface.co"
@@ -121,3 +124,10 @@ def _from_hub(repo_id: str, allow_pickle: bool) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except HfHubHTTPError as exc:
         raise DiffshipError(f"Could not download {repo_id!r} from the hub: {exc}") from exc
+
+
+def recipe_source(recipe: Recipe, loras: list[LoraSpec], say: Callable[[str], None] | None = None) -> ModelSource:
+    """The model a build was made from (with the LoRAs its recipe merged), and `loras` merged after them."""
+    return resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config, say=say,
+                   variant=recipe.variant, loras=[LoraSpec(x.path, x.scale) for x in recipe.loras] + loras,
+                   controlnets=recipe.controlnets)

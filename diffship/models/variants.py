@@ -14,9 +14,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from diffship import cache
-from diffship.artifacts import staged_dir
 from diffship.errors import DiffshipError
+from diffship.store import cache
+from diffship.store.artifacts import staged_dir
 
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # diffusion_pytorch_model.fp16.safetensors, model.fp16.safetensors, model-00001-of-00002.fp16.safetensors,

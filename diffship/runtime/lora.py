@@ -9,22 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from diffship.artifacts import MANIFEST_NAME, read_json
 from diffship.errors import DiffshipError
-from diffship.manifest import ArtifactSet
 from diffship.models.components import component_specs
 from diffship.models.loading import load_component
 from diffship.models.lora import LoraSpec, lora_targets, merge
+from diffship.models.source import recipe_source
 from diffship.recipe import Recipe
+from diffship.store.artifacts import MANIFEST_NAME, read_json
+from diffship.store.manifest import ArtifactSet
 from diffship.targets import get_target
-from diffship.targets.weight_patch import Change
+from diffship.targets.weight_patch import Change, patch_refusal
 
 
 def runtime_changes(artifacts: ArtifactSet, loras: list[LoraSpec],
                     say: Callable[[str], None] | None = None) -> dict[str, list[Change]]:
     """Component name -> its weights before and after merging `loras` over the build's own weights (in memory)."""
-    from diffship.lora_apply import patch_refusal, recorded_source
-
     backend = get_target(artifacts.target)
     if not hasattr(backend, "load_with_changes"):
         raise DiffshipError(f"{artifacts.target} cannot take new weights when it loads; write a new build with "
@@ -32,7 +31,7 @@ def runtime_changes(artifacts: ArtifactSet, loras: list[LoraSpec],
     if reason := patch_refusal(artifacts.target, artifacts.precision):
         raise DiffshipError(f"No LoRA at run time for {artifacts.target} {artifacts.precision}: {reason}.")
     recipe = Recipe.model_validate(read_json(artifacts.root / MANIFEST_NAME)["recipe"])
-    folder = recorded_source(recipe, [], say).folder
+    folder = recipe_source(recipe, [], say).folder
     weighted = ("denoiser", "controlled_denoiser", "text_encoder")  # what LoRAs patch (never the VAE or ControlNets)
     specs = [s for s in component_specs(folder) if s.name in artifacts.components and s.role in weighted]
     modules = {s.module: load_component(folder, s.module, recipe.allow_pickle) for s in specs}

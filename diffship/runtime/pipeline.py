@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffship.artifacts import atomic_write_bytes, read_json
 from diffship.errors import DiffshipError
-from diffship.manifest import ArtifactSet, open_artifacts
 from diffship.models.components import native_size
 from diffship.models.controlnet import controlnet_names
 from diffship.models.families import Family, family_named
 from diffship.runtime import inpaint
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
 from diffship.runtime.schedulers import make_scheduler
+from diffship.store.artifacts import atomic_write_bytes, read_json
+from diffship.store.manifest import ArtifactSet, open_artifacts
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffship.artifacts import atomic_write_json, staged_path
 from diffship.errors import DiffshipError
+from diffship.store.artifacts import atomic_write_json, staged_path
 from diffship.targets import CompileContext
 from diffship.targets.coreml_attention import IMPLEMENTATIONS, use_attention
 from diffship.targets.onnx_graph import vae_fp32_reason
@@ -415,10 +415,10 @@ def converted_package(context: CompileContext, spec: ComponentSpec, compute: str
     every precision of a build converts it once and compresses that, as Apple's flow does. Returns the cache entry
     holding model.mlpackage, and how long the conversion took, whether it was reused and how many attention layers
     the options changed."""
-    from diffship import cache
     from diffship.models.components import wrap
     from diffship.models.loading import load_component
-    from diffship.provenance import source_fingerprint
+    from diffship.store import cache
+    from diffship.store.versions import source_fingerprint
 
     assert context.model_folder is not None
     entry_key = cache.key(stage="coreml-convert", weights=cache.folder_hash(context.model_folder / spec.module),

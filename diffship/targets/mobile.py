@@ -20,14 +20,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from diffship.artifacts import atomic_write_json, read_json
 from diffship.errors import DiffshipError
+from diffship.store.artifacts import atomic_write_json, read_json
 from diffship.targets import CompileContext, calibration_inputs, mobile_graph, onnx_graph, web
 
 NAME = "mobile"
 PRECISIONS = ("fp32", "int8")
 ACTIVATION_TYPES = ("uint16", "uint8")
-GRAPH_FILE = "diffship-graph.json"
 MODEL = "model.ort"
 OPERATORS = "required_operators.config"
 PATCH_REFUSAL = "ORT-format models are written whole: rebuild with --lora"
@@ -104,7 +103,7 @@ def compile(source: Path, precision: str = "fp32", options: MobileOptions | None
                                                  "lose too much in QNN's all-tensor INT8"}
     record["usability"] = _usability(onnx_path)
     _to_ort(onnx_path, dest)
-    atomic_write_json(dest / GRAPH_FILE, record)
+    atomic_write_json(dest / onnx_graph.GRAPH_FILE, record)
     return dest / MODEL
 
 
@@ -199,7 +198,7 @@ class MobileRunner:
     def __init__(self, artifact: Path, precision: str):
         from diffship.targets import onnxruntime
 
-        self.record = read_json(artifact.parent / GRAPH_FILE)
+        self.record = read_json(artifact.parent / onnx_graph.GRAPH_FILE)
         self.rewrites = self.record.get("rewrites", {})
         self.runner = onnxruntime.OrtRunner(artifact, onnxruntime.OrtOptions(providers=("CPUExecutionProvider",)),
                                             "fp32")

@@ -28,6 +28,8 @@ MODEL_TYPES = {"denoiser": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "
 GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
                     "enable_packed_qkv", "enable_packed_kv", "enable_bias_add", "group_norm_channels_last")
 TWO_GB = 2**31
+# Beside each compiled ONNX graph of the ONNX Runtime, web and mobile targets: how it was made (its pinned shapes).
+GRAPH_FILE = "diffship-graph.json"
 
 
 def weight_bytes(source: Path) -> int:
@@ -227,3 +229,11 @@ def vae_fp32_reason(spec: ComponentSpec, mode: str, option: str) -> str | None:
 def summary(before: dict[str, int], after: dict[str, int], fused: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:
     """What preparation did to a graph, for the report: node counts before/after and the fusions that applied."""
     return {"nodes_before": sum(before.values()), "nodes_after": sum(after.values()), "fused": fused, **extra}
+
+
+def input_shapes(artifact: Path) -> dict[str, tuple[int, ...]]:
+    """The pinned input shapes recorded beside a compiled graph (web and mobile graphs)."""
+    import json
+
+    record = json.loads((artifact.parent / GRAPH_FILE).read_text(encoding="utf-8"))
+    return {k: tuple(v) for k, v in record["shapes"].items()}

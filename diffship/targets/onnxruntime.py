@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from diffship.artifacts import atomic_write_json
 from diffship.errors import DiffshipError
+from diffship.store.artifacts import atomic_write_json
 from diffship.targets import CompileContext, onnx_graph
 
 NAME = "onnxruntime"
@@ -40,7 +40,6 @@ EXECUTION_MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": o
 FP16_NATIVE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider")
 GPU_PROVIDERS = FP16_NATIVE
 VAE_MODES = ("auto", "fp16", "fp32")
-GRAPH_FILE = "diffship-graph.json"
 # Precisions whose weights a LoRA swap can overwrite in place (the quantized ones need re-quantizing).
 PATCHABLE = ("fp32", "fp16")
 
@@ -189,7 +188,7 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
                 "vae") else "ControlNet components are not calibrated yet (their residual inputs are not captured)"}
     else:
         record = _prepare(source, out, name, precision, options, context)
-    atomic_write_json(dest / GRAPH_FILE, {"precision": precision, **record})
+    atomic_write_json(dest / onnx_graph.GRAPH_FILE, {"precision": precision, **record})
     return out
 
 
@@ -291,7 +290,7 @@ class OrtRunner:
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self._input_types = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in self.session.get_inputs()}
-        sidecar = path.parent / GRAPH_FILE
+        sidecar = path.parent / onnx_graph.GRAPH_FILE
         self.graph = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else None
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from diffship.errors import DiffshipError
-from diffship.memory import release_freed
+from diffship.host.memory import release_freed
 from diffship.targets import CompileContext, calibration_inputs, onnx_graph
 from diffship.targets.accuracy_gate import Clock, evaluate, probe_inputs, worst
 from diffship.targets.int8_search import SQNR_CALLS, SUSPECTS, Site, search, sqnr_db

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from diffship.artifacts import atomic_write_json, read_json
 from diffship.errors import DiffshipError, DiskFull
-from diffship.memory import release_freed
+from diffship.host.memory import release_freed
+from diffship.store.artifacts import atomic_write_json, read_json
 from diffship.targets import CompileContext, calibration_inputs
 from diffship.targets.ir_names import stable_names
 
@@ -311,7 +311,7 @@ def _public_name(port: Any) -> str:
 
 def default_cache_dir() -> Path | None:
     """OpenVINO's compiled-model cache under diffship's cache folder; none when that cannot be written."""
-    from diffship.cache import cache_root, unwritable_reason
+    from diffship.store.cache import cache_root, unwritable_reason
 
     return cache_root() / "openvino-model-cache" if unwritable_reason() is None else None
 

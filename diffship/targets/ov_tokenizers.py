@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffship import cache
-from diffship.artifacts import file_entries
+from diffship.store import cache
+from diffship.store.artifacts import file_entries
 
 FILES = ("openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml", "openvino_detokenizer.bin")
 

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffship.artifacts import atomic_write_json, staged_path
 from diffship.errors import DiffshipError, DiskFull
 from diffship.models.components import ComponentSpec, TensorSpec, wrap
+from diffship.store.artifacts import atomic_write_json, staged_path
 from diffship.targets import CompileContext
 
 NAME = "torch"

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from diffship.artifacts import atomic_write_bytes, atomic_write_json
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec
+from diffship.store.artifacts import atomic_write_bytes, atomic_write_json
 from diffship.targets import CompileContext, calibration_inputs, onnx_graph
 
 NAME = "tensorrt"
@@ -265,7 +265,7 @@ def prepare_onnx(source: Path, out: Path, compute: str) -> dict[str, Any]:
 
 def default_timing_cache(env: dict[str, str]) -> Path:
     """One timing cache per GPU model and TensorRT version in diffship's cache (timings are only valid there)."""
-    from diffship.cache import cache_root
+    from diffship.store.cache import cache_root
 
     slug = "-".join(env[k] for k in ("gpu", "compute_capability", "tensorrt", "cuda"))
     return cache_root() / "tensorrt-timing" / ("".join(c if c.isalnum() or c in ".-" else "_" for c in slug) + ".cache")
@@ -277,7 +277,7 @@ def timing_cache_path(options: TrtOptions, env: dict[str, str]) -> Path | None:
         return None
     if options.timing_cache:
         return Path(options.timing_cache)
-    from diffship.cache import unwritable_reason
+    from diffship.store.cache import unwritable_reason
 
     return default_timing_cache(env) if unwritable_reason() is None else None
 

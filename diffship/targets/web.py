@@ -16,15 +16,14 @@ from typing import Any
 
 import onnx
 
-from diffship.artifacts import atomic_write_json, read_json
 from diffship.errors import DiffshipError
 from diffship.exporters import precise_norms
+from diffship.store.artifacts import atomic_write_json, read_json
 from diffship.targets import CompileContext, onnx_graph
 
 NAME = "web"
 PRECISIONS = ("fp32", "fp16", "int8")
 VAE_MODES = ("auto", "fp16", "fp32")
-GRAPH_FILE = "diffship-graph.json"
 # The largest ArrayBuffer (and protobuf message) Chromium and Firefox allocate: each model file is fetched into one.
 FILE_LIMIT = 2**31 - 1
 # wasm32's address space: a session's weights and activations live in it.
@@ -131,7 +130,7 @@ def compile(source: Path, precision: str = "fp32", options: WebOptions | None = 
 
             # ONNX Runtime's own INT8 (static QDQ UNet, dynamic text encoders, VAE kept), on the unfused export.
             source = onnxruntime.compile(source, "int8", onnxruntime.OrtOptions(optimize=False), Path(tmp), context)
-            record |= {k: v for k, v in read_json(Path(tmp) / GRAPH_FILE).items() if k != "precision"}
+            record |= {k: v for k, v in read_json(Path(tmp) / onnx_graph.GRAPH_FILE).items() if k != "precision"}
         model = onnx.load(str(source))
         shapes = pinned_shapes(context)
         pin(model, shapes)  # before FP16: the converter's casts leave the graph unsorted for onnx's checker
@@ -152,7 +151,7 @@ def compile(source: Path, precision: str = "fp32", options: WebOptions | None = 
         for name in written:
             (dest / name).unlink()
         raise
-    atomic_write_json(dest / GRAPH_FILE, record | {"shapes": {k: list(v) for k, v in shapes.items()},
+    atomic_write_json(dest / onnx_graph.GRAPH_FILE, record | {"shapes": {k: list(v) for k, v in shapes.items()},
                                                    "bytes": sum(written.values())})
     return out
 
@@ -172,16 +171,11 @@ def pin(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
         fix_output_shapes(model)
 
 
-def input_shapes(artifact: Path) -> dict[str, tuple[int, ...]]:
-    """The pinned input shapes recorded beside a compiled graph."""
-    return {k: tuple(v) for k, v in read_json(artifact.parent / GRAPH_FILE)["shapes"].items()}
-
-
 def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
     """The one case a graph was built for: its batch and the image size its first input stands for."""
     from diffship.validation.parity import Case
 
-    shape = input_shapes(artifact)[spec.inputs[0].name]
+    shape = onnx_graph.input_shapes(artifact)[spec.inputs[0].name]
     return (Case(shape[0], *(spec.image_size(shape) or (cases[0].height, cases[0].width))),)
 
 

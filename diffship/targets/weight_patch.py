@@ -21,8 +21,24 @@ from pathlib import Path
 import numpy as np
 
 from diffship.errors import DiffshipError
+from diffship.targets import get_target
 
 IR_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+
+
+QUANTIZED = ("int8", "int4", "fp8")  # precisions whose weights were quantized against the old values
+
+
+def patch_refusal(target: str, precision: str) -> str | None:
+    """Why a set of `target` / `precision` cannot take new weights in place, or None when it can."""
+    if any(q in precision for q in QUANTIZED):
+        return "its weights are quantized: re-quantize: rebuild with --lora"
+    backend = get_target(target)
+    if not hasattr(backend, "patch_weights"):
+        return getattr(backend, "PATCH_REFUSAL", "this target cannot patch weights in place: rebuild with --lora")
+    if precision not in backend.PATCHABLE:
+        return f"{target} patches {', '.join(backend.PATCHABLE)} sets only: rebuild with --lora"
+    return None
 
 
 @dataclass(frozen=True)

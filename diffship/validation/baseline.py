@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffship.artifacts import read_json
-from diffship.memory import release_freed
+from diffship.host.memory import release_freed
 from diffship.models.components import ComponentSpec, wrap
 from diffship.models.families import Family, detect_family, tasks_of
 from diffship.models.loading import load_component
 from diffship.runtime.pipeline import Generation
 from diffship.runtime.schedulers import make_scheduler
 from diffship.runtime.tasks import TaskInputs, accepted_by
+from diffship.store.artifacts import read_json
 
 
 class Baseline:

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from diffship.artifacts import read_json
 from diffship.clients import CLIENTS, missing_reason
 from diffship.clients.environments import run_jobs
+from diffship.store.artifacts import read_json
 from diffship.targets.ovms import GRAPH
 from diffship.validation.e2e import Sample, compare_images, passes
 

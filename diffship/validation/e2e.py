@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from diffship.artifacts import read_json
 from diffship.runtime.pipeline import DeployedPipeline, Generation, initial_latents
 from diffship.runtime.tasks import TaskInputs
+from diffship.store.artifacts import read_json
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffship.validation.charts import png
+
 Table = tuple[str, list[str], list[list[str]]]
 REDUCED = ("int8", "int4", "bf16", "fp8")
 
@@ -43,8 +45,6 @@ def chart(report: dict[str, Any]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffship.validation.report import _png
-
     fig, ax = plt.subplots(figsize=(8, 5))
     for p in found:
         for c in (p["search"] or {}).get("candidates", []):
@@ -63,7 +63,7 @@ def chart(report: dict[str, Any]) -> bytes | None:
     ax.set_title("speed / quality frontier of the reduced-precision sets")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def kept_tables(report: dict[str, Any]) -> list[Table]:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 import psutil
 
-from diffship.memory import release_freed
+from diffship.host.memory import release_freed
 
 T = TypeVar("T")
 

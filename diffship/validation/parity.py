@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from diffship import __version__
-from diffship.artifacts import atomic_write_json
 from diffship.errors import DiffshipError
-from diffship.manifest import open_artifacts, read_manifest
 from diffship.models.components import ComponentSpec, component_specs, run_torch, wrap
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
 from diffship.recipe import Recipe, Threshold
+from diffship.store.artifacts import atomic_write_json
+from diffship.store.manifest import open_artifacts, read_manifest
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
 

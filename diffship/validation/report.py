@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffship.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
-from diffship.cpu import describe
+from diffship.host.cpu import describe
+from diffship.store.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+from diffship.validation.charts import png
 from diffship.validation.frontier import chart as frontier_chart
 from diffship.validation.frontier import kept_tables
 
@@ -325,7 +325,7 @@ def image_grid(key: str, pairs: list[dict[str, Any]], baseline_name: str) -> byt
         prompt = pair["prompt"] if len(pair["prompt"]) <= 60 else pair["prompt"][:57] + "..."
         row[0].set_ylabel(f"{prompt}\nseed {pair['seed']}: {metrics}", fontsize=8, rotation=0, ha="right", va="center")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def latency_chart(report: dict[str, Any]) -> bytes | None:
@@ -367,16 +367,7 @@ def latency_chart(report: dict[str, Any]) -> bytes | None:
         ax.set_title(f"{key} vs baseline (label: speedup)")
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, fontsize=8)
     fig.tight_layout()
-    return _png(fig)
-
-
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png(fig)
 
 
 def write_report(report: dict[str, Any], pairs: dict[str, list[dict[str, Any]]], folder: Path) -> dict[str, Path]:
@@ -398,9 +389,9 @@ def write_report(report: dict[str, Any], pairs: dict[str, list[dict[str, Any]]],
 
         pictures["compression"] = stage_chart(report["compress"])
     files = {}
-    for name, png in pictures.items():
+    for name, data in pictures.items():
         path = folder / "images" / (name.replace("images: ", "grid-").replace(" ", "_") + ".png")
-        atomic_write_bytes(path, png)
+        atomic_write_bytes(path, data)
         files[name] = path
     atomic_write_json(folder / "report.json", report)
     atomic_write_text(folder / "report.md", to_markdown(report, {n: p.relative_to(folder).as_posix() for n, p in files.items()}))

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffship.manifest import ArtifactSet
-from diffship.memory import release_freed
+from diffship.host.memory import release_freed
 from diffship.models.components import ComponentSpec, run_torch
 from diffship.models.loading import load_component
 from diffship.recipe import Threshold, ValidationRecipe
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents
 from diffship.runtime.schedulers import describe_scheduler
 from diffship.runtime.tasks import TaskInputs
+from diffship.store.manifest import ArtifactSet
 from diffship.targets import get_target
 from diffship.targets.calibration import capture
 from diffship.validation import latency, quality

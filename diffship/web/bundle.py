@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from diffship.artifacts import atomic_write_json, read_json
 from diffship.errors import DiffshipError
+from diffship.store.artifacts import atomic_write_json, read_json
 
 APP = Path(__file__).parent / "app"
 CONFIG = "diffship-web.json"
@@ -72,8 +72,7 @@ def check_family(family_name: str) -> None:
 def app_config(set_dir: Path, components: dict[str, Path], precision: str, family_name: str) -> dict[str, Any]:
     """What the page needs to know: the graphs and their pinned shapes, the tokenizer, scheduler and VAE settings."""
     from diffship.models.families import family_named
-    from diffship.targets.onnx_graph import weight_bytes
-    from diffship.targets.web import input_shapes
+    from diffship.targets.onnx_graph import input_shapes, weight_bytes
 
     check_family(family_name)
     family = family_named(family_name)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from diffship.artifacts import read_json
 from diffship.errors import DiffshipError
+from diffship.store.artifacts import read_json
 
 Role = Literal["text_encoder", "denoiser", "vae_encoder", "vae_decoder", "controlnet", "controlled_denoiser"]
 Task = Literal["text2img", "img2img", "inpaint", "controlnet"]

@@ -34,7 +34,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from diffship.artifacts import atomic_write_json, clone_tree, sha256_file, staged_dir
+from diffship.store.artifacts import atomic_write_json, clone_tree, sha256_file, staged_dir
 
 ENTRY_FILE = "entry.json"
 MEMO_FILE = "file-hashes.json"

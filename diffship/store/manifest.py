@@ -9,9 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from diffship.artifacts import MANIFEST_NAME, read_json, sha256_file
-from diffship.confinement import check_artifact, check_links, inside
 from diffship.errors import DiffshipError
+from diffship.store.artifacts import MANIFEST_NAME, read_json, sha256_file
+from diffship.store.confinement import check_artifact, check_links, inside
 
 MANIFEST_SCHEMA = 1
 

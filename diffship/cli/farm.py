@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from diffship.cli_shared import console, out
-from diffship.failures import EXIT_FAILED
+from diffship.cli.failures import EXIT_FAILED
+from diffship.cli.shared import console, out
 
 EXIT_CANCELLED = 130  # the shell's code for a run stopped by Ctrl-C
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from diffship.errors import DiffshipError
-from diffship.memory import release_freed
+from diffship.host.memory import release_freed
 from diffship.targets import CompileContext
 from diffship.targets.onnx_graph import weight_bytes
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from diffship import cache
 from diffship.clients import installed_versions
-from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec
 from diffship.models.source import ModelSource
 from diffship.recipe import Recipe
 from diffship.runtime.tasks import inputs_digest
+from diffship.store import cache
+from diffship.store.manifest import ArtifactSet
 from diffship.targets import get_target
 from diffship.validation.baseline import Baseline, baseline_device
 from diffship.validation.quality import quality_task

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diffship import cache
 from diffship.models.families import detect_family
 from diffship.recipe import Recipe
 from diffship.runtime.tasks import inputs_digest
+from diffship.store import cache
 from diffship.targets.calibration import CalibrationData, CalibrationFile, capture
 from diffship.validation.baseline import Baseline
 from diffship.validation.suite import Plan

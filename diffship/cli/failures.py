@@ -37,7 +37,7 @@ def user_error(exc: BaseException) -> DiffshipError | None:
 
 def crash_log(exc: BaseException) -> Path:
     """Write the traceback, the command line and the versions to a log file, and return its path."""
-    from diffship.cache import cache_root, unwritable_reason
+    from diffship.store.cache import cache_root, unwritable_reason
 
     folder = cache_root() / "logs" if unwritable_reason() is None else Path(tempfile.gettempdir())
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

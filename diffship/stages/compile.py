@@ -15,13 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffship import cache
-from diffship.artifacts import atomic_write_json, file_entries
-from diffship.calibration_stage import Calibration
-from diffship.isolation import compile_isolated, should_isolate
-from diffship.manifest import ArtifactSet
 from diffship.models.components import CLIENT_OUTPUTS, ComponentSpec
 from diffship.recipe import Recipe
+from diffship.stages.calibrate import Calibration
+from diffship.stages.isolation import compile_isolated, should_isolate
+from diffship.store import cache
+from diffship.store.artifacts import atomic_write_json, file_entries
+from diffship.store.manifest import ArtifactSet
 from diffship.targets import CompileContext, get_target
 from diffship.targets.accuracy_gate import Gate
 

@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from diffship.cli_shared import console, lora_specs, names, out
-from diffship.failures import EXIT_FAILED
+from diffship.cli.failures import EXIT_FAILED
+from diffship.cli.shared import console, lora_specs, names, out
 
 lora_app = typer.Typer(no_args_is_help=True, help="Swap LoRAs into an existing build without rebuilding it.")
 
@@ -25,8 +25,8 @@ def lora_apply(
 ) -> None:
     """Write a new build with LoRAs merged by patching the build's FP32 / FP16 / BF16 weights in place (ONNX Runtime,
     OpenVINO, refittable TensorRT engines), each patched component checked against the merged PyTorch one."""
-    from diffship.lora_apply import apply_loras
     from diffship.recipe import targets_from_cli
+    from diffship.stages.lora_apply import apply_loras
 
     wanted = names(targets)
     result = apply_loras(build_dir, lora_specs(lora), out_dir, targets_from_cli(wanted) if wanted else None,

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from diffship.cli_shared import out
+from diffship.cli.shared import out
 
 clients_app = typer.Typer(no_args_is_help=True, help="The clients each set is loaded in (OpenVINO GenAI, optimum).")
 

@@ -16,8 +16,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from diffship import cache
-from diffship.artifacts import (
+from diffship.errors import DiffshipError
+from diffship.models.components import ComponentSpec, component_specs, wrap
+from diffship.models.loading import load_component
+from diffship.models.lora import LoraSpec, check_file, lora_targets
+from diffship.models.source import ModelSource, recipe_source
+from diffship.recipe import LoraRecipe, Recipe
+from diffship.stages.provenance import weights_of
+from diffship.store import cache
+from diffship.store.artifacts import (
     MANIFEST_NAME,
     atomic_write_json,
     atomic_write_text,
@@ -27,20 +34,12 @@ from diffship.artifacts import (
     sha256_file,
     staged_dir,
 )
-from diffship.errors import DiffshipError
-from diffship.manifest import SetRecord, open_artifacts, read_manifest
-from diffship.models.components import ComponentSpec, component_specs, wrap
-from diffship.models.loading import load_component
-from diffship.models.lora import LoraSpec, check_file, lora_targets
-from diffship.models.source import ModelSource, resolve
-from diffship.provenance import weights_of
-from diffship.recipe import LoraRecipe, Recipe
+from diffship.store.manifest import SetRecord, open_artifacts, read_manifest
 from diffship.targets import get_target
-from diffship.targets.weight_patch import Change
+from diffship.targets.weight_patch import Change, patch_refusal
 from diffship.validation.parity import Tolerance, artifact_cases, check_component, module_reference
 
 Say = Callable[[str], None]
-QUANTIZED = ("int8", "int4", "fp8")  # precisions whose weights were quantized against the old values
 REPORT_FOLDER = "report"
 
 
@@ -52,18 +51,6 @@ class ApplyResult:
     manifest: dict[str, Any]
     report: dict[str, Any]
     passed: bool
-
-
-def patch_refusal(target: str, precision: str) -> str | None:
-    """Why a set of `target` / `precision` cannot take new weights in place, or None when it can."""
-    if any(q in precision for q in QUANTIZED):
-        return "its weights are quantized: re-quantize: rebuild with --lora"
-    backend = get_target(target)
-    if not hasattr(backend, "patch_weights"):
-        return getattr(backend, "PATCH_REFUSAL", "this target cannot patch weights in place: rebuild with --lora")
-    if precision not in backend.PATCHABLE:
-        return f"{target} patches {', '.join(backend.PATCHABLE)} sets only: rebuild with --lora"
-    return None
 
 
 def choose_sets(sets: dict[str, SetRecord], wanted: list[dict[str, Any]] | None) -> dict[str, SetRecord]:
@@ -79,13 +66,6 @@ def choose_sets(sets: dict[str, SetRecord], wanted: list[dict[str, Any]] | None)
         hint = f" Pass --targets {','.join(able)} to patch the others." if able else ""
         raise DiffshipError("Cannot swap LoRAs into " + "; ".join(f"{k} ({r})" for k, r in refused.items()) + "." + hint)
     return chosen
-
-
-def recorded_source(recipe: Recipe, loras: list[LoraSpec], say: Say | None = None) -> ModelSource:
-    """The model a build was made from (with the LoRAs its recipe merged), and `loras` merged after them."""
-    return resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config, say=say,
-                   variant=recipe.variant, loras=[LoraSpec(x.path, x.scale) for x in recipe.loras] + loras,
-                   controlnets=recipe.controlnets)
 
 
 def weight_changes(before: Path, after: Path, loras: list[LoraSpec], components: list[str],
@@ -139,14 +119,14 @@ def apply_loras(build: Path, loras: list[LoraSpec], out: Path, wanted: list[dict
     opened = {k: open_artifacts(build, s.target, s.precision, verify=True) for k, s in sets.items()}
     prepare_output_dir(out, overwrite=False)
 
-    before, after = recorded_source(recipe, [], say), recorded_source(recipe, loras, say)
+    before, after = recipe_source(recipe, [], say), recipe_source(recipe, loras, say)
     specs = {s.name: s for s in component_specs(after.folder)}
     weighted = [m for m in dict.fromkeys(s.module for s in specs.values() if s.role in ("denoiser", "text_encoder"))]
     say(f"Finding the weights {len(loras)} LoRA(s) change ...")
     changes, merged = weight_changes(before.folder, after.folder, loras, weighted, recipe.allow_pickle)
     new_recipe = recipe.model_copy(update={"loras": [*recipe.loras, *(LoraRecipe(path=s.path, scale=s.scale)
                                                                          for s in loras)]})
-    from diffship.build import plan_shapes
+    from diffship.stages.build import plan_shapes
 
     _, plan = plan_shapes(new_recipe, next(iter(specs.values())), after.folder)
     results: dict[str, Any] = {}

@@ -16,28 +16,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffship import cache
-from diffship.artifacts import MANIFEST_NAME, atomic_write_json, prepare_output_dir, staged_dir
-from diffship.calibration_stage import Calibration
-from diffship.compile_stage import compile_stage, shapes_fixed
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import ModuleLoader, cached_export, component_entry, finish_pipeline_folder, select_specs
-from diffship.manifest import ArtifactSet
 from diffship.models.components import ComponentSpec, component_specs, native_size
 from diffship.models.controlnet import controlnets_in
 from diffship.models.families import Family, component_config, detect_family, tasks_of
 from diffship.models.lora import LoraSpec
 from diffship.models.source import ModelSource, resolve
-from diffship.provenance import build_manifest, library_versions, report_data
 from diffship.recipe import Recipe
 from diffship.runtime.tasks import task_inputs, validated_tasks
-from diffship.stage_unit import Unit
+from diffship.stages.calibrate import Calibration
+from diffship.stages.compile import compile_stage, shapes_fixed
+from diffship.stages.provenance import build_manifest, report_data
+from diffship.stages.unit import Unit
+from diffship.stages.validate import validate_stage
+from diffship.store import cache
+from diffship.store.artifacts import MANIFEST_NAME, atomic_write_json, prepare_output_dir, staged_dir
+from diffship.store.manifest import ArtifactSet
+from diffship.store.versions import library_versions
 from diffship.targets import get_target
 from diffship.targets.calibration import check_calibration
 from diffship.validation.baseline import Baseline
 from diffship.validation.parity import Case
 from diffship.validation.report import write_report
-from diffship.validation.stage import validate_stage
 from diffship.validation.suite import Plan
 
 Say = Callable[[str], None]

@@ -8,8 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from diffship.cli_shared import human_bytes, out
-from diffship.failures import EXIT_FAILED
+from diffship.cli.failures import EXIT_FAILED
+from diffship.cli.shared import human_bytes, out
 
 cache_app = typer.Typer(no_args_is_help=True, help="Check and bound diffship's cache ($DIFFSHIP_CACHE).")
 
@@ -28,8 +28,8 @@ def cache_verify(
     evict: Annotated[bool, typer.Option(help="Remove the entries whose files differ from their record.")] = False,
 ) -> None:
     """Re-hash every cached entry against its recorded sha256s (every byte); exit 1 when any differs and is kept."""
-    from diffship.cache import cache_root
-    from diffship.cache_maintenance import verify
+    from diffship.store.cache import cache_root
+    from diffship.store.maintenance import verify
 
     checked = verify(evict)
     stages = sorted({c.entry.stage for c in checked})
@@ -59,8 +59,8 @@ def cache_prune(
                                                         "most GB gigabytes (10^9 bytes).")] = None,
 ) -> None:
     """Remove cached entries by age and total size (least recently used first), and what killed runs left behind."""
-    from diffship.cache import cache_root
-    from diffship.cache_maintenance import by_stage, prune
+    from diffship.store.cache import cache_root
+    from diffship.store.maintenance import by_stage, prune
 
     result = prune(older_than, None if max_size is None else int(max_size * 1e9))
     removed, kept, busy = by_stage(result.removed), by_stage(result.kept + result.in_use), by_stage(result.in_use)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from diffship import cache
-from diffship.artifacts import atomic_write_json
+from diffship.store import cache
+from diffship.store.artifacts import atomic_write_json
 
 MODELS = "models"  # built-in models, rebuilt on demand like any entry
 # OpenVINO's compiled-model cache (targets/openvino.py sets it as CACHE_DIR). OpenVINO keys a blob by the IR's path,

@@ -1,4 +1,4 @@
-"""The command line: parses, calls one stage function, prints. Exit codes (see `diffship.failures`): 0 ok, 1 validation
+"""The command line: parses, calls one stage function, prints. Exit codes (see `diffship.cli.failures`): 0 ok, 1 validation
 failed, 2 bad input or a full disk, 3 internal error (traceback in a log file)."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from diffship import __version__
-from diffship.cli_cache import cache_app
-from diffship.cli_clients import clients_app
-from diffship.cli_farm import farm
-from diffship.cli_lora import lora_app
-from diffship.cli_shared import console, human_bytes, lora_specs, names, out
+from diffship.cli.cache import cache_app
+from diffship.cli.clients import clients_app
+from diffship.cli.failures import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, crash_log, user_error
+from diffship.cli.farm import farm
+from diffship.cli.lora import lora_app
+from diffship.cli.shared import console, human_bytes, lora_specs, names, out
 from diffship.errors import DiffshipError
-from diffship.failures import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, crash_log, user_error
 
 # typer re-raises click's usage errors (or, in typer 0.2x, its vendored copy's) and its own Exit / Abort: they pass through.
 _CLICK_ERRORS = (typer.Exit, typer.Abort, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
@@ -148,7 +148,7 @@ def export(
     """Export each component of a pipeline to ONNX (checked, shape-inferred) in OUT."""
     from diffship.exporters.pipeline import export_pipeline
     from diffship.models.source import resolve
-    from diffship.provenance import library_versions
+    from diffship.store.versions import library_versions
 
     wanted = names(components)
     source = resolve(model, allow_pickle=allow_pickle, model_config=model_config, say=console.print,
@@ -219,7 +219,7 @@ def build(
                                        "allow_pickle": True if allow_pickle else None, "model_config": model_config,
                                        "variant": variant, "loras": _lora_recipes(lora),
                                        "controlnets": controlnet})
-    from diffship.build import build as run_build  # after the recipe (torch, diffusers: 7 s): a bad one is said at once
+    from diffship.stages.build import build as run_build  # after the recipe (torch, diffusers: 7 s): a bad one is said at once
     out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
     console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
     result = run_build(recipe, out_path, force=force, say=lambda line: console.print(line, markup=False, highlight=False))
@@ -273,7 +273,6 @@ def compress(
         raise DiffshipError("No compress steps: give --step (e.g. --step prune-channels:ratio=0.3) or a recipe "
                             "with compress = [...].")
     # After the recipe, as in `build`: these bring torch and diffusers (7 s), and a bad recipe is said at once.
-    from diffship.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
     from diffship.compress.run import RECORD_FILE, settings_for
     from diffship.compress.run import compress as run_compress
     from diffship.compress.table import stage_chart, stage_table
@@ -281,6 +280,7 @@ def compress(
     from diffship.models.families import component_config, detect_family
     from diffship.models.lora import LoraSpec
     from diffship.models.source import resolve
+    from diffship.store.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
     from diffship.validation.report import markdown_table
     out_path = (out_dir or Path("out") / f"{Path(recipe.model.rstrip('/')).name}-compressed").resolve()
     prepare_output_dir(out_path, overwrite=True)
@@ -295,7 +295,7 @@ def compress(
     settings, measure_quality = settings_for(recipe, source.folder, recipe.validation.height or native,
                                              recipe.validation.width or native)
     say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
-    from diffship import cache
+    from diffship.store import cache
 
     checkpoints = out_path.parent / f".{out_path.name}-checkpoints"
     keyed = checkpoints / cache.key(weights=cache.folder_hash(source.folder), settings=settings.__dict__,
@@ -378,10 +378,10 @@ def generate(
     """Generate images with a folder of deployed artifacts (hashes checked against its manifest first)."""
     from rich.progress import Progress
 
-    from diffship.manifest import read_manifest
     from diffship.runtime.pipeline import DeployedPipeline, save_images
     from diffship.runtime.schedulers import parse_scheduler
     from diffship.runtime.tasks import read_image
+    from diffship.store.manifest import read_manifest
 
     if out_file.suffix.lower() != ".png":
         raise DiffshipError(f"--out {out_file} must be a .png file.")

@@ -1,4 +1,4 @@
-"""What a build records about itself: library versions, the machine, the report's data and the manifest.
+"""What a build records about itself: the machine, the report's data and the manifest.
 
 Kept apart from the stages so the record of a build is read in one place: everything that ends up in
 report.json and manifest.json, and nothing that does work.
@@ -6,50 +6,21 @@ report.json and manifest.json, and nothing that does work.
 
 from __future__ import annotations
 
-import hashlib
 import platform
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from diffship import __version__, cache
-from diffship.manifest import MANIFEST_SCHEMA, ArtifactSet
+from diffship import __version__
 from diffship.models.families import prediction_type
 from diffship.models.source import ModelSource
 from diffship.recipe import Recipe
+from diffship.store import cache
+from diffship.store.manifest import MANIFEST_SCHEMA, ArtifactSet
 from diffship.validation.suite import Plan
 
 REPORT_SCHEMA = 1
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of everything an artifact's bytes or numbers depend on."""
-    import diffusers
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "diffship": __version__, "diffship_source": source_fingerprint(),
-            "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__, **target_library_versions()}
-
-
-def target_library_versions() -> dict[str, str]:
-    """Versions of the optional target libraries that are installed (read from their metadata, not imported)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("openvino", "nncf", "coremltools", "tensorrt", "nvidia-modelopt"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found
 
 
 def weights_of(source: ModelSource) -> dict[str, Any]:
@@ -71,21 +42,12 @@ def weights_of(source: ModelSource) -> dict[str, Any]:
     return said
 
 
-def source_fingerprint() -> str:
-    """Hash of diffship's own code, so a changed exporter or validator never reuses results cached by the old one."""
-    package = Path(__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     import psutil
     import torch
 
-    from diffship.cpu import cpu_facts
+    from diffship.host.cpu import cpu_facts
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": psutil.cpu_count(logical=True), "memory_bytes": psutil.virtual_memory().total, "cpu": cpu_facts()}

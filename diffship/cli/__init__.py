@@ -1,0 +1,1 @@
+"""The command line: `diffship` and its sub-commands (typer + rich)."""
