@@ -43,7 +43,7 @@ def test_pytorch_digits_sd_draws_the_digit_its_prompt_names(model_cache: Path):
     folder = resolve("digits-sd").folder
     recipe = parse_recipe({"model": "digits-sd", "validation": {"quality": {"seeds": [0, 1, 2], "steps": 20}}})
     from diffship.models.components import component_specs
-    from diffship.stages.build import plan_shapes
+    from diffship.stages.context import plan_shapes
 
     unet = next(s for s in component_specs(folder) if s.name == "unet")
     _, plan = plan_shapes(recipe, unet, folder)

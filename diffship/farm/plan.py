@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from diffship.errors import DiffshipError
 from diffship.farm.matrix import Matrix, Row
-from diffship.stages.build import check_targets, outline
+from diffship.stages.context import check_targets, outline
 from diffship.stages.unit import Stage, Unit
 from diffship.targets import get_target
 from diffship.validation.reference import weights_bytes

@@ -17,7 +17,7 @@ from typing import Any
 
 from diffship.models.components import CLIENT_OUTPUTS, ComponentSpec
 from diffship.recipe import Recipe
-from diffship.stages.calibrate import Calibration
+from diffship.stages.context import Context, shapes_fixed
 from diffship.stages.isolation import compile_isolated, should_isolate
 from diffship.store import cache
 from diffship.store.artifacts import atomic_write_json, file_entries
@@ -26,11 +26,6 @@ from diffship.targets import CompileContext, get_target
 from diffship.targets.accuracy_gate import Gate
 
 Say = Callable[[str], None]
-
-
-def shapes_fixed(shapes: dict[str, list[int]]) -> bool:
-    """Whether the recipe pins batch, height and width to one value each (static artifacts are then possible)."""
-    return all(low == high for low, high in shapes.values())
 
 
 def static_shapes(spec: ComponentSpec, shapes: dict[str, list[int]], guidance: bool) -> dict[str, tuple[int, ...]] | None:
@@ -42,16 +37,16 @@ def static_shapes(spec: ComponentSpec, shapes: dict[str, list[int]], guidance: b
     return {t.name: t.concrete(sizes) for t in spec.inputs}
 
 
-def compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[ComponentSpec], entries: dict[str, Any],
-                   shapes: dict[str, list[int]], family: str, calibration: Calibration, versions: dict[str, str],
-                   force: bool, hits: dict[str, bool], say: Say, model_folder: Path | None = None,
-                   opt_size: tuple[int, int] | None = None,
-                   unet_probes: tuple[tuple[int, int, int], ...] = (),
-                   assemble: bool = True) -> dict[str, tuple[ArtifactSet, Any, dict[str, Any]]]:
+def compile_stage(c: Context, root: Path, export_dir: Path, entries: dict[str, Any],
+                  assemble: bool = True) -> dict[str, tuple[ArtifactSet, Any, dict[str, Any]]]:
     """One artifact set per target and precision: (the set, the target's options, its manifest entry). Without
     `assemble`, only the components are compiled into the cache (a farm's compile task): no set is returned."""
+    recipe, shapes, say = c.recipe, c.shapes, c.say
+    opt_size = (c.plan.height, c.plan.width)
+    # The UNet parity cases validation will check: what an accuracy-aware precision probes.
+    unet_probes = tuple((x.batch, x.height, x.width) for x in c.plan.unet_cases or c.plan.cases)
     sets = {}
-    by_name = {s.name: s for s in specs}
+    by_name = {s.name: s for s in c.specs}
     guided = recipe.validation.guidance_scale > 1.0
     for target in recipe.targets:
         backend = get_target(target.name)
@@ -70,29 +65,29 @@ def compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Comp
                     components[name] = backend.compile(source, precision, options)
                     continue
                 context = CompileContext(by_name[name], static_shapes(by_name[name], shapes, guided),
-                                         calibration if backend.needs_calibration(precision) else None,
+                                         c.calibration if backend.needs_calibration(precision) else None,
                                          (shapes["height"][0], shapes["width"][0]), shapes, opt_size, guided,
-                                         model_folder, recipe.allow_pickle, recipe.export.opset,
+                                         c.source.folder, recipe.allow_pickle, recipe.export.opset,
                                          _gate(recipe, precision, unet_probes), say)
                 entry_key = cache.key(stage="compile", target=target.name, precision=precision, options=repr(options),
                                       source=[f["sha256"] for f in entries[name]["files"]], static=context.static_shapes,
-                                      calibration=calibration.key if context.calibration else None,
+                                      calibration=c.calibration.key if context.calibration else None,
                                       probe=context.probe_size, ranges=shapes, opt=opt_size, guided=guided,
-                                      environment=environment, gate=repr(context.gate), versions=versions)
+                                      environment=environment, gate=repr(context.gate), versions=c.versions)
                 done = cache.cached_step("compile", entry_key, f"{name} {set_key} compile",
                                          functools.partial(_compile_into, backend, source, precision, options, context,
                                                            say, prefix, should_isolate(recipe.compile.isolate, source)),
-                                         force=force, say=say, copy_to=set_dir / name)
-                hits[f"compile:{set_key}:{name}"] = done.hit
+                                         force=c.force, say=say, copy_to=set_dir / name)
+                c.hits[f"compile:{set_key}:{name}"] = done.hit
                 say(f"{prefix}: cached (no work)" if done.hit else f"{prefix}: done in {done.info['seconds']:.1f} s")
                 shutil.copy2(export_dir / name / "config.json", set_dir / name / "config.json")
                 components[name] = set_dir / name / done.info["artifact"]
             if not assemble:
                 continue
             if set_dir != export_dir:
-                _copy_pipeline_folder(export_dir, set_dir, list(entries), backend.model_index(family, list(entries)))
+                _copy_pipeline_folder(export_dir, set_dir, list(entries), backend.model_index(c.family, list(entries)))
             if hasattr(backend, "finish_set"):  # what a set needs beside its components (the web target's app)
-                backend.finish_set(set_dir, components, precision, options, family, say)
+                backend.finish_set(set_dir, components, precision, options, c.family, say)
             recorded = {name: {"path": path.relative_to(root).as_posix(), "precision": precision,
                                "files": _artifact_files(root, export_dir, path, entries[name]["files"]),
                                "inputs": entries[name]["inputs"], "outputs": [
@@ -100,7 +95,7 @@ def compile_stage(recipe: Recipe, root: Path, export_dir: Path, specs: list[Comp
                                    if getattr(backend, "CLIENT_OUTPUTS_KEPT", True) or not o["name"].startswith(CLIENT_OUTPUTS)]}
                         for name, path in components.items()}
             artifact_set = ArtifactSet(root, set_dir, target.name, precision, components, shapes, "unvalidated",
-                                       family=family)
+                                       family=c.family)
             sets[set_key] = (artifact_set, options, {"target": target.name, "precision": precision,
                                                       **({"environment": environment} if environment else {}),
                                                       "pipeline": set_dir.relative_to(root).as_posix(),

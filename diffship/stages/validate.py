@@ -20,6 +20,7 @@ from diffship.models.components import ComponentSpec
 from diffship.models.source import ModelSource
 from diffship.recipe import Recipe
 from diffship.runtime.tasks import inputs_digest
+from diffship.stages.context import Context
 from diffship.store import cache
 from diffship.store.manifest import ArtifactSet
 from diffship.targets import get_target
@@ -103,24 +104,26 @@ def _validate_into(runs: BaselineRuns, artifact_set: ArtifactSet, options: Any, 
     info |= {"set": f"{artifact_set.target}-{artifact_set.precision}"}
 
 
-def validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpec],
-                    sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]], plan: Plan, module_hashes: dict[str, str],
-                    versions: dict[str, str], baseline: Baseline, force: bool, hits: dict[str, bool],
-                    say: Say, int8_bar: bool = False) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """Validate every set; a UNet that QAT made INT8 QDQ is judged by the int8 bar whatever the set's name."""
+def validate_stage(c: Context, sets: dict[str, tuple[ArtifactSet, Any, dict[str, Any]]]
+                   ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Validate every set; a UNet that QAT made INT8 QDQ (modelopt) is judged by the int8 bar whatever the set's
+    name."""
+    recipe, source, specs, plan, say = c.recipe, c.source, c.specs, c.plan, c.say
+    int8_bar = c.compressed is not None and c.compressed["quantizer"] == "modelopt"
     staged, why = choose_staged(recipe.validation.staged, source.folder)
     if staged:
         say(f"[validate] staged: the baseline is recorded once and freed before each set loads ({why})")
     device, dtype = baseline_device()
     # What the baseline's outputs and every set's results both depend on.
-    compared = {"weights": module_hashes, "resolution": [plan.height, plan.width], "cases": [asdict(c) for c in plan.cases],
+    compared = {"weights": c.module_hashes, "resolution": [plan.height, plan.width],
+                "cases": [asdict(case) for case in plan.cases],
                 "tasks": list(plan.tasks), "task_inputs": inputs_digest(plan.inputs) if plan.inputs else None,
-                "baseline": [device, str(dtype)], "versions": versions}
+                "baseline": [device, str(dtype)], "versions": c.versions}
     # Not the latency settings: the recording does not keep the pipeline's timings.
     record_key = cache.key(stage="baseline", components=[s.name for s in specs],
                            validation=recipe.validation.model_dump(mode="json", exclude={"latency", "staged"}),
-                           unet_cases=[asdict(c) for c in plan.unet_cases or ()], **compared)
-    runs = BaselineRuns(recipe, source, specs, plan, baseline, say, record_key if staged else None, force)
+                           unet_cases=[asdict(case) for case in plan.unet_cases or ()], **compared)
+    runs = BaselineRuns(recipe, source, specs, plan, c.baseline, say, record_key if staged else None, c.force)
     results: dict[str, Any] = {}
     pairs: dict[str, list[dict[str, Any]]] = {}
     for set_key, (artifact_set, options, recorded) in sets.items():
@@ -129,19 +132,19 @@ def validate_stage(recipe: Recipe, source: ModelSource, specs: list[ComponentSpe
         # A set that cannot run on this machine (Core ML off macOS) is checked without the baseline's help.
         not_run = backend.prediction_unavailable() if hasattr(backend, "prediction_unavailable") else None
         entry_key = cache.key(not_run=not_run,
-            stage="validate", artifacts={c: [f["sha256"] for f in e["files"]] for c, e in recorded["components"].items()},
+            stage="validate", artifacts={n: [f["sha256"] for f in e["files"]] for n, e in recorded["components"].items()},
             pipeline=[f["sha256"] for f in recorded["pipeline_files"]], options=repr(options),
             validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(),
             clients=installed_versions(recipe.validation.clients), **compared)
         done = cache.cached_step("validate", entry_key, f"{set_key} validation",
                                  functools.partial(_validate_into, runs, artifact_set, options, set_plan, not_run),
-                                 force=force, say=say)
+                                 force=c.force, say=say)
         result = json.loads((done.path / "result.json").read_text(encoding="utf-8"))
         with np.load(done.path / "images.npz") as images:
             pairs[set_key] = [{"baseline": images["baseline"][i], "target": images["target"][i], **sample}
                               for i, sample in enumerate([*result.get("e2e", {}).get("samples", []),
                                                           *result.get("extra_pairs", [])])]
-        hits[f"validate:{set_key}"] = done.hit
+        c.hits[f"validate:{set_key}"] = done.hit
         if done.hit:
             say(f"[validate {set_key}] cached (no work): results of {done.info['created']}")
         results[set_key] = {**result, "cached": done.hit}
