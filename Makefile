@@ -37,8 +37,11 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest --durations=15
 
+# ruff, the layers contract (pyproject's [tool.importlinter]) and no import cycle between modules
 lint: setup
-	$(BIN)/ruff check diffship tests benchmarks
+	$(BIN)/ruff check diffship tests benchmarks scripts
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/check_import_cycles.py
 
 bench-export: setup
 	$(BIN)/python benchmarks/export_unet.py

@@ -26,10 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffship.compress.run import Settings, compress  # noqa: E402
 from diffship.compress.steps import ChannelStep, DistillStep, HeadStep, MagnitudeStep  # noqa: E402
 from diffship.compress.table import stage_table  # noqa: E402
 from diffship.models.digits import prompt_for  # noqa: E402
+from diffship.stages.compress_run import Settings, compress  # noqa: E402
 from diffship.validation.report import markdown_table  # noqa: E402
 
 

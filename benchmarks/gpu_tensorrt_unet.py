@@ -29,8 +29,8 @@ from diffship.models.source import resolve
 from diffship.recipe import DEFAULT_CALIBRATION_PROMPTS
 from diffship.stages.compile import static_shapes
 from diffship.targets import CompileContext, tensorrt
-from diffship.targets.calibration import capture
 from diffship.validation.baseline import load_baseline
+from diffship.validation.capture import capture
 
 
 def _p50(call, repeats: int) -> float:

@@ -15,11 +15,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffship.compress.measure import unet_latency
 from diffship.compress.quantize import bitsandbytes_unet
 from diffship.models.components import component_specs
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
+from diffship.stages.compress_measure import unet_latency
 
 
 def main() -> None:

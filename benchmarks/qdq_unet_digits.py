@@ -26,8 +26,8 @@ from diffship.models.loading import load_component
 from diffship.models.source import resolve
 from diffship.recipe import DEFAULT_CALIBRATION_PROMPTS
 from diffship.targets import qdq_unet, tensorrt
-from diffship.targets.calibration import capture
 from diffship.validation.baseline import load_baseline
+from diffship.validation.capture import capture
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from diffship.models.components import component_specs, run_torch, wrap
 from diffship.models.source import resolve
-from diffship.targets.calibration import capture
+from diffship.validation.capture import capture
 from diffship.validation.baseline import load_baseline
 model, work, samples, steps, size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 folder = resolve(model).folder

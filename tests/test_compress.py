@@ -13,13 +13,14 @@ import torch
 from typer.testing import CliRunner
 
 from diffship.cli.main import app
-from diffship.compress import measure, prune
+from diffship.compress import prune
 from diffship.compress.distill import distill
 from diffship.errors import DiffshipError
 from diffship.exporters.onnx import export_component
 from diffship.models.components import component_specs, run_torch, wrap
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
+from diffship.stages import compress_measure as measure
 
 runner = CliRunner()
 
@@ -112,8 +113,8 @@ def test_distillation_brings_a_pruned_student_toward_its_teacher_and_resumes(tin
     import copy
 
     from diffship.compress.distill import sample_set
-    from diffship.targets.calibration import capture
     from diffship.validation.baseline import load_baseline
+    from diffship.validation.capture import capture
 
     _, unet, calls = tiny
     pipe = load_baseline(resolve("tiny-sd").folder, device="cpu", dtype=torch.float32)
@@ -186,7 +187,7 @@ def test_quanto_int8_weights_and_calibrated_activations_shrink_the_unet(tiny):
 
 
 def test_a_pruned_pipeline_folder_round_trips_and_guards_its_pickle(tiny, tmp_path: Path):
-    from diffship.compress.store import write_pipeline
+    from diffship.models.compressed import write_pipeline
 
     spec, unet, calls = tiny
     prune.prune_channels(unet, 0.3, calls[0])
@@ -201,7 +202,7 @@ def test_a_pruned_pipeline_folder_round_trips_and_guards_its_pickle(tiny, tmp_pa
 
 
 def test_a_magnitude_pruned_unet_is_saved_as_plain_diffusers_weights(tiny, tmp_path: Path):
-    from diffship.compress.store import write_pipeline
+    from diffship.models.compressed import write_pipeline
 
     spec, unet, _ = tiny
     prune.prune_magnitude(unet, 0.5)
@@ -217,7 +218,7 @@ def test_a_magnitude_pruned_unet_is_saved_as_plain_diffusers_weights(tiny, tmp_p
 
 def test_a_qat_unet_round_trips_through_model_optimizer_state(tiny, tmp_path: Path):
     from diffship.compress.qat import quantize_int8
-    from diffship.compress.store import write_pipeline
+    from diffship.models.compressed import write_pipeline
 
     spec, unet, calls = tiny
     quantize_int8(unet, calls)
@@ -233,7 +234,7 @@ def test_a_qat_unet_round_trips_through_model_optimizer_state(tiny, tmp_path: Pa
 @pytest.mark.slow
 def test_a_quanto_unet_round_trips_through_its_quantization_map(tiny, tmp_path: Path):
     from diffship.compress.quantize import quanto
-    from diffship.compress.store import write_pipeline
+    from diffship.models.compressed import write_pipeline
 
     spec, unet, calls = tiny
     quanto(unet, "int4", "none", calls)
@@ -248,14 +249,15 @@ def test_a_quanto_unet_round_trips_through_its_quantization_map(tiny, tmp_path: 
 
 def test_precision_casts_components_and_keeps_the_sdxl_vae_in_fp32_under_fp16(model_cache: Path):
     from diffship.compress.precision import cast_pipeline
+    from diffship.models.families import family_named
     from diffship.validation.baseline import load_baseline
 
     pipe = load_baseline(resolve("tiny-sdxl").folder, device="cpu", dtype=torch.float32)
-    info = cast_pipeline(pipe, "fp16", "auto", "sdxl")
+    info = cast_pipeline(pipe, "fp16", "auto", family_named("sdxl"))
     assert pipe.unet.dtype == torch.float16 and pipe.text_encoder_2.dtype == torch.float16
     assert pipe.vae.dtype == torch.float32 and "overflows" in info["kept_fp32"]["vae"]
     pipe = load_baseline(resolve("tiny-sd").folder, device="cpu", dtype=torch.float32)
-    cast_pipeline(pipe, "bf16", "auto", "sd1")
+    cast_pipeline(pipe, "bf16", "auto", family_named("sd1"))
     assert pipe.vae.dtype == torch.bfloat16
 
 

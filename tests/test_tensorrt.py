@@ -437,8 +437,8 @@ def auto_unet(sd, tmp_path_factory: pytest.TempPathFactory):
     from diffusers import DiffusionPipeline
 
     from diffship.targets.accuracy_gate import Gate, probe_inputs
-    from diffship.targets.calibration import capture
     from diffship.targets.tensorrt_auto import search_unet
+    from diffship.validation.capture import capture
 
     folder, specs = sd
     spec = specs["unet"]

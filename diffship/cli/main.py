@@ -273,13 +273,13 @@ def compress(
         raise DiffshipError("No compress steps: give --step (e.g. --step prune-channels:ratio=0.3) or a recipe "
                             "with compress = [...].")
     # After the recipe, as in `build`: these bring torch and diffusers (7 s), and a bad recipe is said at once.
-    from diffship.compress.run import RECORD_FILE, settings_for
-    from diffship.compress.run import compress as run_compress
     from diffship.compress.table import stage_chart, stage_table
     from diffship.models.components import native_size
     from diffship.models.families import component_config, detect_family
     from diffship.models.lora import LoraSpec
     from diffship.models.source import resolve
+    from diffship.stages.compress_run import RECORD_FILE, settings_for
+    from diffship.stages.compress_run import compress as run_compress
     from diffship.store.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
     from diffship.validation.report import markdown_table
     out_path = (out_dir or Path("out") / f"{Path(recipe.model.rstrip('/')).name}-compressed").resolve()

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffship.models.families import family_named
+if TYPE_CHECKING:
+    from diffship.models.families import Family
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def cast_pipeline(pipe: Any, dtype: str, vae: str, family: str) -> dict[str, Any]:
+def cast_pipeline(pipe: Any, dtype: str, vae: str, declared: Family) -> dict[str, Any]:
     """Cast the text encoders and UNet to `dtype`; the VAE too unless it is known to overflow there.
 
     The scheduler step always runs in FP32: diffusers' schedulers upcast the sample for the update.
@@ -22,7 +23,6 @@ def cast_pipeline(pipe: Any, dtype: str, vae: str, family: str) -> dict[str, Any
         module = getattr(pipe, name, None)
         if module is not None:
             module.to(target)
-    declared = family_named(family)
     keep_vae = vae == "fp32" or (vae == "auto" and dtype == "fp16" and declared.vae_overflows_fp16)
     if keep_vae:
         kept["vae"] = ("the recipe asks for it" if vae == "fp32" else

@@ -67,7 +67,7 @@ def check_loading_info(info: dict[str, Any], where: str) -> None:
 def load_component(folder: Path, component: str, allow_pickle: bool = False) -> torch.nn.Module:
     """Load `component` (unet, vae, text_encoder, text_encoder_2) in FP32 eval mode, strictly."""
     quiet_libraries()
-    from diffship.compress.store import is_compressed, load_unet
+    from diffship.models.compressed import is_compressed, load_unet
 
     if is_compressed(folder / component):  # only a denoiser is ever stored compressed
         return load_unet(folder / component, allow_pickle)

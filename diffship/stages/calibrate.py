@@ -11,8 +11,9 @@ from diffship.models.families import detect_family
 from diffship.recipe import Recipe
 from diffship.runtime.tasks import inputs_digest
 from diffship.store import cache
-from diffship.targets.calibration import CalibrationData, CalibrationFile, capture
+from diffship.targets.calibration import CalibrationData, CalibrationFile
 from diffship.validation.baseline import Baseline
+from diffship.validation.capture import capture
 from diffship.validation.suite import Plan
 
 

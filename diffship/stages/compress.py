@@ -23,7 +23,7 @@ Say = Callable[[str], None]
 def compress_stage(recipe: Recipe, source: ModelSource, family: str, plan: Plan, force: bool, hits: dict[str, bool],
                     say: Say) -> tuple[ModelSource, dict[str, Any]]:
     """Run the recipe's compression steps (cached), and hand the compressed pipeline to the stages after."""
-    from diffship.compress.run import RECORD_FILE, check_exportable, compress, settings_for
+    from diffship.stages.compress_run import RECORD_FILE, check_exportable, compress, settings_for
 
     check_exportable(recipe.compress)
     quantized = [f"{t.name}:{p}" for t in recipe.targets for p in t.precisions if p.startswith(("int8", "fp8"))]

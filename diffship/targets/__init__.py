@@ -40,6 +40,16 @@ TARGETS = {
 
 
 @dataclass(frozen=True)
+class Case:
+    """One parity input: batch size and image resolution in pixels (validation's cases; a target with pinned shapes
+    says which it can take)."""
+
+    batch: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
 class CompileContext:
     """What a compile may need beyond the ONNX file: the component, fixed shapes, calibration data (lazily), and
     the smallest built resolution (height, width) for a quick probe run. Engines with shape

@@ -26,7 +26,7 @@ import numpy as np
 
 from diffship.errors import DiffshipError
 from diffship.store.artifacts import atomic_write_json, staged_path
-from diffship.targets import CompileContext
+from diffship.targets import Case, CompileContext
 from diffship.targets.coreml_attention import IMPLEMENTATIONS, use_attention
 from diffship.targets.onnx_graph import vae_fp32_reason
 
@@ -625,8 +625,6 @@ def describe_artifact(package: Path) -> dict[str, Any]:
 def parity_cases(spec: Any, package: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
     """Parity cases at exactly the shapes a package was built for (batch, and the image size its first input means);
     text encoders do not depend on the image size, so they keep the given cases' first resolution."""
-    from diffship.validation.parity import Case
-
     built = []
     for shapes in read_info(package)["shapes"]:
         shape = shapes[spec.inputs[0].name]

@@ -31,7 +31,7 @@ from torch import nn
 from diffship.errors import DiffshipError, DiskFull
 from diffship.models.components import ComponentSpec, TensorSpec, wrap
 from diffship.store.artifacts import atomic_write_json, staged_path
-from diffship.targets import CompileContext
+from diffship.targets import Case, CompileContext
 
 NAME = "torch"
 INFO = "torch.json"
@@ -328,7 +328,7 @@ def packaged(component: str, options: TorchOptions) -> bool:
 def save_weights(module: nn.Module, spec: ComponentSpec, model_folder: Path, dtype: str, dest: Path) -> None:
     """The component's module as `save_pretrained` writes it (safetensors), in `dtype`. A compressed UNet's folder is
     copied as it is: its structure is not the config's, and diffship's loader rebuilds it."""
-    from diffship.compress.store import is_compressed
+    from diffship.models.compressed import is_compressed
 
     if spec.is_denoiser and is_compressed(model_folder / spec.module):
         shutil.copytree(model_folder / spec.module, dest)
@@ -443,8 +443,6 @@ def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any
     static shapes, the cases at the batch the pipeline calls it at (each new shape compiles it again: parity at batch
     1 and the images at batch 2 compiled a tiny UNet twice); for an AOTInductor package, those inside the shapes it
     was exported for (its example shape when it is static or none fits)."""
-    from diffship.validation.parity import Case
-
     info = read_info(artifact)
     chosen = info["options"]
     if info["mode"] == "compile" and spec.name in chosen["compile_components"] and not chosen["compile_dynamic"]:
@@ -590,7 +588,7 @@ class TorchRunner:
             raise
 
     def _load_module(self) -> Any:
-        from diffship.compress.store import is_compressed, load_unet
+        from diffship.models.compressed import is_compressed, load_unet
         from diffship.models.loading import load_folder
 
         name, weights = self.spec.name, self.artifact

@@ -19,7 +19,7 @@ import onnx
 from diffship.errors import DiffshipError
 from diffship.exporters import precise_norms
 from diffship.store.artifacts import atomic_write_json, read_json
-from diffship.targets import CompileContext, onnx_graph
+from diffship.targets import Case, CompileContext, onnx_graph
 
 NAME = "web"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -173,8 +173,6 @@ def pin(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
 
 def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
     """The one case a graph was built for: its batch and the image size its first input stands for."""
-    from diffship.validation.parity import Case
-
     shape = onnx_graph.input_shapes(artifact)[spec.inputs[0].name]
     return (Case(shape[0], *(spec.image_size(shape) or (cases[0].height, cases[0].width))),)
 

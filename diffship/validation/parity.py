@@ -25,7 +25,7 @@ from diffship.models.source import resolve
 from diffship.recipe import Recipe, Threshold
 from diffship.store.artifacts import atomic_write_json
 from diffship.store.manifest import open_artifacts, read_manifest
-from diffship.targets import get_target
+from diffship.targets import Case, get_target
 from diffship.targets.runner import Runner
 
 PARITY_FILE = "parity.json"
@@ -40,15 +40,6 @@ class Tolerance:
     max_rel_l2: float
 
 
-
-
-@dataclass(frozen=True)
-class Case:
-    """One parity input: batch size and image resolution in pixels."""
-
-    batch: int
-    height: int
-    width: int
 
 
 DEFAULT_CASES = (Case(1, 64, 64), Case(2, 128, 192))

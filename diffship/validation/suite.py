@@ -20,9 +20,9 @@ from diffship.runtime.schedulers import describe_scheduler
 from diffship.runtime.tasks import TaskInputs
 from diffship.store.manifest import ArtifactSet
 from diffship.targets import get_target
-from diffship.targets.calibration import capture
 from diffship.validation import latency, quality
 from diffship.validation.baseline import baseline_device, component_call, module_call, reference_module, run_baseline
+from diffship.validation.capture import capture
 from diffship.validation.clients import clients_check
 from diffship.validation.e2e import Sample, run_e2e, sample_arguments
 from diffship.validation.parity import Case, Tolerance, artifact_cases, check_component, compare, within

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from diffship.compress import measure, prune
+from diffship.compress import prune
 from diffship.compress.steps import TORCH_ONLY, Step
 from diffship.errors import DiffshipError
-from diffship.models.families import tasks_of
+from diffship.models.families import family_named, tasks_of
+from diffship.stages import compress_measure as measure
 
 Say = Callable[[str], None]
 RECORD_FILE = "compress.json"
@@ -66,9 +67,9 @@ def check_exportable(steps: Sequence[Step]) -> None:
 def compress(folder: Path, family: str, steps: Sequence[Step], settings: Settings, dest: Path, checkpoints: Path,
              allow_pickle: bool = False, quality: bool = False, say: Say | None = None) -> dict[str, Any]:
     """Apply `steps` in order to the pipeline in `folder`, write the result to `dest`, return the stage table."""
-    from diffship.compress.store import write_pipeline
-    from diffship.targets.calibration import capture
+    from diffship.models.compressed import write_pipeline
     from diffship.validation.baseline import load_baseline
+    from diffship.validation.capture import capture
 
     say = say or (lambda _: None)
     if not steps:
@@ -128,7 +129,7 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
         if step.step == "precision":
             from diffship.compress.precision import cast_pipeline
 
-            info = cast_pipeline(pipe, step.dtype, step.vae, family)
+            info = cast_pipeline(pipe, step.dtype, step.vae, family_named(family))
         elif step.step == "prune-magnitude":
             info = prune.prune_magnitude(pipe.unet, step.sparsity, step.scope)
         elif step.step == "prune-channels":
