@@ -171,3 +171,13 @@ def test_a_client_not_installed_is_a_skip_with_its_reason_never_a_pass(tiny_buil
     [row] = build.report["sets"]["onnxruntime-fp32"]["clients"]["rows"]
     assert row["status"] == "skipped" and "not installed" in row["reason"] and "psnr_db" not in row
     assert json.loads((build.out / "report" / "report.json").read_text())["sets"]["onnxruntime-fp32"]["clients"]
+
+
+def test_genai_says_where_its_sdxl_pipeline_differs_from_diffusers():
+    from diffship.clients import GENAI, OPTIMUM_INTEL
+
+    # GenAI's SDXL time_ids are (width, height, ...): only a non-square SDXL image is affected
+    assert "time_ids" in GENAI.differs("StableDiffusionXLPipeline", 64, 128)
+    assert GENAI.differs("StableDiffusionXLPipeline", 64, 64) is None
+    assert GENAI.differs("StableDiffusionPipeline", 64, 128) is None
+    assert OPTIMUM_INTEL.differs("StableDiffusionXLPipeline", 64, 128) is None

@@ -35,6 +35,9 @@ class Client:
     refuses: Callable[[str, str], str | None] = lambda index_class, task: None
     # the set's folder -> why this client cannot load it, or None
     refuses_folder: Callable[[Path], str | None] = lambda folder: None
+    # (`_class_name`, height, width) -> how the client's own pipeline differs from diffusers' there, or None: said
+    # beside its figure in the report (the threshold still judges the image)
+    differs: Callable[[str, int, int], str | None] = lambda index_class, height, width: None
 
 
 # The `_class_name`s OpenVINO GenAI 2026.4's pipelines accept (text2image_pipeline.cpp, image2image_pipeline.cpp,
@@ -67,6 +70,13 @@ def _genai_refuses_folder(folder: Path) -> str | None:
     return None
 
 
+def _genai_differs(index_class: str, height: int, width: int) -> str | None:
+    if "XL" in index_class and height != width:  # stable_diffusion_xl_pipeline.hpp, GenAI 2026.4
+        return ("GenAI conditions SDXL on time_ids (width, height, 0, 0, width, height), diffusers on (height, width, "
+                "...): a non-square image differs by that")
+    return None
+
+
 def _optimum_refuses(index_class: str, task: str) -> str | None:
     return "optimum has no ControlNet pipeline for these folders" if task == "controlnet" else None
 
@@ -74,7 +84,7 @@ def _optimum_refuses(index_class: str, task: str) -> str | None:
 GENAI = Client("genai", "OpenVINO GenAI", "openvino-genai", "openvino", "genai_client",
                # GenAI itself needs no torch; its TorchGenerator, which draws diffusers' latents for a seed, does
                (f"{TORCH} openvino-genai==2026.4.1.* openvino-tokenizers==2026.4.1.* numpy pillow",),
-               refuses=_genai_refuses, refuses_folder=_genai_refuses_folder)
+               refuses=_genai_refuses, refuses_folder=_genai_refuses_folder, differs=_genai_differs)
 OPTIMUM_INTEL = Client(
     "optimum-intel", "optimum-intel", "optimum-intel", "openvino", "optimum_client",
     (f"{TORCH} optimum-intel[openvino]==2.2.0 transformers<5.6 huggingface-hub<1.22 diffusers<=0.39 pillow",),

@@ -70,6 +70,9 @@ def clients_check(artifacts: Any, sample: Sample, baseline: np.ndarray, min_psnr
                 continue
             metrics = compare_images(baseline, image)
             ok = passes(metrics, min_psnr, min_ssim)
+            if differs := client.differs(index_class, sample.height, sample.width):
+                row["differs"] = differs
+                say(f"{label} {client.title}: {differs}")
             rows.append(row | metrics | {"status": "pass" if ok else "FAIL"})
             say(f"{label} {client.title} {result.get('version', '')}: {'pass' if ok else 'FAIL'}, "
                 + ("identical" if metrics["identical"] else f"PSNR {metrics['psnr_db']:.1f} dB")

@@ -196,7 +196,8 @@ def client_table(key: str, shipped: dict[str, Any]) -> Table:
         if row["status"] in ("pass", "FAIL"):
             rows.append([row["title"], row.get("version", ""), row.get("pipeline", ""), row.get("computes_in", "-"),
                          _psnr(row["psnr_db"]), f"{row['ssim']:.4f}", str(row["max_abs_diff"]),
-                         f"{row['seconds']:.1f} s", _verdict(row["status"] == "pass")])
+                         f"{row['seconds']:.1f} s",
+                         _verdict(row["status"] == "pass") + (f" ({row['differs']})" if row.get("differs") else "")])
         else:
             note = row.get("reason") or row.get("error", "")
             rows.append([row["title"], row.get("version", ""), "", "", "", "", "", "",
