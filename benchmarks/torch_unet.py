@@ -55,7 +55,7 @@ if backend.writes_artifacts(precision, options):
     artifact = backend.compile(onnx, precision, options, work / variant.replace(":", "-"), context)
 else:  # ONNX Runtime FP32 on the CPU runs the export itself
     artifact = backend.compile(onnx, precision, options)
-info = backend.read_info(artifact) if name in ("", "torch") else {}
+info = backend.module.read_info(artifact) if name in ("", "torch") else {}
 files = [artifact] if artifact.is_file() else list(artifact.rglob("*"))
 if name not in ("", "torch"):
     files = [p for p in artifact.parent.iterdir() if p.name.startswith(artifact.stem)]

@@ -106,7 +106,7 @@ def plan_row(row: Row) -> list[Task]:
 
 def _resources(row: Row, target: str, stage: Stage) -> dict[str, float]:
     """Custom resources a target declares for a stage (`STAGE_RESOURCES`): the build's GPU kind, or `macos`."""
-    needs = getattr(get_target(target, installed=False), "STAGE_RESOURCES", {}).get(stage)
+    needs = get_target(target, installed=False).STAGE_RESOURCES.get(stage)
     if needs == "accelerator":
         if not row.farm.accelerator_type:
             raise DiffshipError(f"Build {row.name!r} builds {target}, whose engines run only on the GPU kind that built "

@@ -25,7 +25,7 @@ def runtime_changes(artifacts: ArtifactSet, loras: list[LoraSpec],
                     say: Callable[[str], None] | None = None) -> dict[str, list[Change]]:
     """Component name -> its weights before and after merging `loras` over the build's own weights (in memory)."""
     backend = get_target(artifacts.target)
-    if not hasattr(backend, "load_with_changes"):
+    if not backend.can_load_with_changes:
         raise DiffshipError(f"{artifacts.target} cannot take new weights when it loads; write a new build with "
                             "`diffship lora apply` instead.")
     if reason := patch_refusal(artifacts.target, artifacts.precision):

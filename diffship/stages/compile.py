@@ -52,7 +52,7 @@ def compile_stage(c: Context, root: Path, export_dir: Path, entries: dict[str, A
         backend = get_target(target.name)
         options = backend.parse_options(target.options)
         # Engines are tied to the GPU and library versions that built them: a different one is a different key.
-        environment = backend.environment(options) if hasattr(backend, "environment") else None
+        environment = backend.environment(options)
         for precision in target.precisions:
             set_key = f"{target.name}-{precision}"
             writes = backend.writes_artifacts(precision, options)
@@ -86,13 +86,12 @@ def compile_stage(c: Context, root: Path, export_dir: Path, entries: dict[str, A
                 continue
             if set_dir != export_dir:
                 _copy_pipeline_folder(export_dir, set_dir, list(entries), backend.model_index(c.family, list(entries)))
-            if hasattr(backend, "finish_set"):  # what a set needs beside its components (the web target's app)
-                backend.finish_set(set_dir, components, precision, options, c.family, say)
+            backend.finish_set(set_dir, components, precision, options, c.family, say)  # e.g. the web target's app
             recorded = {name: {"path": path.relative_to(root).as_posix(), "precision": precision,
                                "files": _artifact_files(root, export_dir, path, entries[name]["files"]),
                                "inputs": entries[name]["inputs"], "outputs": [
                                    o for o in entries[name]["outputs"]
-                                   if getattr(backend, "CLIENT_OUTPUTS_KEPT", True) or not o["name"].startswith(CLIENT_OUTPUTS)]}
+                                   if backend.CLIENT_OUTPUTS_KEPT or not o["name"].startswith(CLIENT_OUTPUTS)]}
                         for name, path in components.items()}
             artifact_set = ArtifactSet(root, set_dir, target.name, precision, components, shapes, "unvalidated",
                                        family=c.family)
@@ -118,7 +117,7 @@ def _compile_into(backend: Any, source: Path, precision: str, options: Any, cont
     say(f"{prefix}: compiling ..." + (" (in a child process)" if isolate else ""))
     began = time.perf_counter()
     if isolate:
-        artifact, _ = compile_isolated(backend.__name__, source, precision, options, staging, context)
+        artifact, _ = compile_isolated(backend.module.__name__, source, precision, options, staging, context)
     else:
         artifact = backend.compile(source, precision, options, staging, context)
     info |= {"artifact": artifact.name, "seconds": round(time.perf_counter() - began, 2)}

@@ -48,7 +48,7 @@ def check_targets(recipe: Recipe, installed: bool = True) -> None:
         if unknown:
             raise DiffshipError(f"Target {target.name!r} cannot build {', '.join(unknown)} yet; it offers "
                                 f"{', '.join(backend.PRECISIONS)}.")
-        if installed and hasattr(backend, "preflight"):  # hardware the target needs (a GPU, FP8 kernels), checked before any work
+        if installed:  # hardware the target needs (a GPU, FP8 kernels), checked before any work
             backend.preflight(target.precisions, backend.parse_options(target.options))
 
 
@@ -136,8 +136,8 @@ def outline(recipe: Recipe, say: Say | None = None, installed: bool = True) -> O
                      controlnets=recipe.controlnets)
     family = detect_family(source.folder)
     for target in recipe.targets:  # what a target cannot make for this family, said before any work
-        if hasattr(backend := get_target(target.name, installed), "check_family"):
-            backend.check_family(family.name, backend.parse_options(target.options))
+        backend = get_target(target.name, installed)
+        backend.check_family(family.name, backend.parse_options(target.options))
     specs = select_specs(source.folder, recipe.components)
     needed = [s.name for s in component_specs(source.folder, family) if s.role in GENERATES]
     if missing := [c for c in needed if c not in {s.name for s in specs}]:

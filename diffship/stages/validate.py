@@ -130,7 +130,7 @@ def validate_stage(c: Context, sets: dict[str, tuple[ArtifactSet, Any, dict[str,
         set_plan = replace(plan, threshold=recipe.threshold("int8" if int8_bar else artifact_set.precision))
         backend = get_target(artifact_set.target)
         # A set that cannot run on this machine (Core ML off macOS) is checked without the baseline's help.
-        not_run = backend.prediction_unavailable() if hasattr(backend, "prediction_unavailable") else None
+        not_run = backend.prediction_unavailable()
         entry_key = cache.key(not_run=not_run,
             stage="validate", artifacts={n: [f["sha256"] for f in e["files"]] for n, e in recorded["components"].items()},
             pipeline=[f["sha256"] for f in recorded["pipeline_files"]], options=repr(options),

@@ -1,4 +1,6 @@
-"""Targets: one module per backend, each with `compile(source, precision, options) -> Path` and `load(artifact) -> Runner`."""
+"""Targets: one module per backend, registered in `TARGETS`; `targets/base.py` is the protocol each follows
+(`compile(source, precision, options, dest, context) -> Path`, `load(artifact, options, precision) -> Runner`, and
+optional hooks with defaults)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,10 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from diffship.errors import DiffshipError
+from diffship.targets.base import Target
 
 if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
@@ -97,11 +99,12 @@ def check_available(name: str) -> TargetInfo:
     return info
 
 
-def get_target(name: str, installed: bool = True) -> ModuleType:
-    """The module implementing target `name`, imported on first use (backends are optional extras). With `installed`
-    false its package need not be here: a farm's driver plans stages that other nodes run."""
+def get_target(name: str, installed: bool = True) -> Target:
+    """Target `name` (its module imported on first use: backends are optional extras), with the protocol's defaults
+    for the hooks it does not define (`targets/base.py`). With `installed` false its package need not be here: a
+    farm's driver plans stages that other nodes run."""
     if installed:
-        return importlib.import_module(check_available(name).module)
+        return Target(name, importlib.import_module(check_available(name).module))
     if name not in TARGETS:
         raise DiffshipError(f"Unknown target {name!r}; available: {', '.join(TARGETS)}.")
-    return importlib.import_module(TARGETS[name].module)
+    return Target(name, importlib.import_module(TARGETS[name].module))

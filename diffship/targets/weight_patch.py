@@ -34,8 +34,8 @@ def patch_refusal(target: str, precision: str) -> str | None:
     if any(q in precision for q in QUANTIZED):
         return "its weights are quantized: re-quantize: rebuild with --lora"
     backend = get_target(target)
-    if not hasattr(backend, "patch_weights"):
-        return getattr(backend, "PATCH_REFUSAL", "this target cannot patch weights in place: rebuild with --lora")
+    if not backend.can_patch:
+        return backend.PATCH_REFUSAL
     if precision not in backend.PATCHABLE:
         return f"{target} patches {', '.join(backend.PATCHABLE)} sets only: rebuild with --lora"
     return None

@@ -101,7 +101,7 @@ def check_component(spec: ComponentSpec, reference: Reference, runner: Runner, t
 def artifact_cases(backend: Any, spec: ComponentSpec, artifact: Path, cases: tuple[Case, ...]) -> tuple[Case, ...]:
     """The cases an artifact is checked at: the target's choice where it was built for a few exact shapes (Core ML
     packages, static AOTInductor packages), else `cases`."""
-    return backend.parity_cases(spec, artifact, cases) if hasattr(backend, "parity_cases") else cases
+    return backend.parity_cases(spec, artifact, cases)
 
 
 def validate_folder(folder: Path, target: str | None = None, components: list[str] | None = None,

@@ -82,12 +82,12 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
     label = f"{artifacts.target} {artifacts.precision}"
     backend = get_target(artifacts.target)
     # Targets whose artifacts can be checked without running them (Core ML's package specs) are, everywhere.
-    structure = backend.verify(artifacts.components) if hasattr(backend, "verify") else None
+    structure = backend.verify(artifacts.components)
     if structure is not None:
         say(f"[{label}] spec checks: {'pass' if structure['passed'] else 'FAIL'} "
             f"({sum(len(c['checks']) for c in structure['components'].values())} checks on "
             f"{len(structure['components'])} packages)")
-    not_run = backend.prediction_unavailable() if hasattr(backend, "prediction_unavailable") else None
+    not_run = backend.prediction_unavailable()
     if not_run is not None:
         say(f"[{label}] parity, images and latency not run: {not_run}")
         return spec_only_result(artifacts, backend, structure, not_run, options), []
@@ -134,7 +134,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
                          plan.inputs)
     result["e2e"] = e2e
     # A set that carries its own app (the web target's page) is also run there, from the same initial latents.
-    if hasattr(backend, "app_check") and pairs and (app := backend.app_check(
+    if pairs and (app := backend.app_check(
             artifacts, deployed, samples[0], pairs[0]["target"], t.min_psnr, options or backend.parse_options({}), say)):
         result["app"], pair = app
         if pair:  # its image beside the runtime's goes into the report's grids after the e2e samples'
@@ -168,7 +168,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
         say(f"[{label}] latency: {v.latency.warmup} warm-up + {v.latency.runs} timed runs per component, interleaved")
         result["latency"] = measure_latency(deployed, specs, reference, plan, samples[0], say)
     # What the target's memory options (VAE slicing, offload) change, each measured on and off.
-    if hasattr(backend, "option_effects") and (effects := backend.option_effects(deployed, plan, say)):
+    if effects := backend.option_effects(deployed, plan, say):
         result["option_effects"] = effects
     # Described again after running: what was learned by running (torch.compile's time per shape) is in it now.
     result["runtime"] = {n: r.describe() for n, r in deployed.runners.items()}
