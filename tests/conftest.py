@@ -180,7 +180,7 @@ def digits_devices(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
     from diffship.errors import DiffshipError
     from diffship.recipe import parse_recipe
     from diffship.stages.build import build
-    from diffship.web.bundle import runtime_folder
+    from diffship.targets.webapp.bundle import runtime_folder
 
     targets = [{"name": "mobile", "precisions": ["fp32", "int8"]}]
     try:

@@ -39,10 +39,10 @@ def test_a_target_without_a_hook_gets_the_protocols_default():
     bare = ModuleType("bare")
     target = Target("bare", bare)
     assert target.parity_cases(None, None, ("a", "b")) == ("a", "b")
-    assert target.option_effects(None, None, print) == []
+    target.release_resident()  # nothing resident: nothing to do
     assert target.prediction_unavailable() is None and target.environment(None) is None
     assert target.STAGE_RESOURCES == {} and target.CLIENT_OUTPUTS_KEPT is True and not target.can_patch
     assert DECLARATIONS["PATCH_REFUSAL"] == target.PATCH_REFUSAL
     with pytest.raises(NotImplementedError):
         target.patch_weights(None, None, [])
-    assert set(HOOKS) >= {"finish_set", "app_check", "parity_cases"}
+    assert set(HOOKS) >= {"finish_set", "app_run", "parity_cases"}

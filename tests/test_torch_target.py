@@ -24,6 +24,7 @@ from diffship.models.loading import load_component
 from diffship.stages.build import build
 from diffship.targets import CompileContext
 from diffship.targets import pytorch as target
+from diffship.targets import pytorch_options as torch_options
 from diffship.validation.parity import compare, validate_folder
 
 runner = CliRunner()
@@ -243,8 +244,8 @@ def test_generate_runs_a_torch_set(plain, tmp_path: Path):
     assert image.is_file() and "torch bf16-aoti" in done.output
 
 
-@pytest.mark.parametrize("mode", [target.COMPILE_MODES[0], *[pytest.param(m, marks=pytest.mark.slow)
-                                                               for m in target.COMPILE_MODES[1:]]])
+@pytest.mark.parametrize("mode", [torch_options.COMPILE_MODES[0], *[pytest.param(m, marks=pytest.mark.slow)
+                                                               for m in torch_options.COMPILE_MODES[1:]]])
 def test_every_compile_mode_compiles_and_matches_eager(mode: str, tmp_path: Path, model_cache: Path):
     folder = builtin_folder("tiny-sd")
     spec = next(s for s in component_specs(folder) if s.name == "vae_decoder")
@@ -328,9 +329,9 @@ def test_an_unknown_precision_names_the_ones_offered(tmp_path: Path):
 
 def test_bf16_on_hardware_without_it_is_refused_with_the_reason(monkeypatch):
     expected = None if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no BF16 instructions"
-    reason = target.bf16_unsupported("cpu")
+    reason = torch_options.bf16_unsupported("cpu")
     assert reason is None if expected is None else expected in reason  # what this machine really has
-    monkeypatch.setattr(target, "bf16_unsupported", lambda device: "this CPU has no BF16 instructions (AVX-512 BF16 "
+    monkeypatch.setattr(torch_options, "bf16_unsupported", lambda device: "this CPU has no BF16 instructions (AVX-512 BF16 "
                                                                    "or AMX), so PyTorch would emulate BF16")
     with pytest.raises(DiffshipError, match=r"BF16 requested \(bf16, bf16-autocast-compile\) but this CPU has no BF16"):
         target.preflight(["fp32", "bf16", "bf16-autocast-compile"], target.TorchOptions(device="cpu"))
@@ -366,13 +367,13 @@ def test_offload_on_a_gpu_runs_end_to_end_and_its_effect_is_measured(offload: st
 
 
 def test_offload_cannot_be_combined_with_compiled_sets(monkeypatch):
-    monkeypatch.setattr(target, "resolve_device", lambda options: "cuda")  # the check after the GPU check
+    monkeypatch.setattr(torch_options, "resolve_device", lambda options: "cuda")  # the check after the GPU check
     with pytest.raises(DiffshipError, match="cannot be combined with fp16-compile, fp16-aoti"):
         target.preflight(["fp16", "fp16-compile", "fp16-aoti"], target.TorchOptions(offload="model"))
 
 
 def test_compiled_sets_without_a_cxx_compiler_are_refused(monkeypatch):
-    monkeypatch.setattr(target, "_cxx_compiler", lambda: None)
+    monkeypatch.setattr(torch_options, "_cxx_compiler", lambda: None)
     with pytest.raises(DiffshipError, match="need a C\\+\\+ compiler"):
         target.preflight(["fp32", "fp32-aoti"], target.TorchOptions(device="cpu"))
     target.preflight(["fp32", "bf16-autocast"], target.TorchOptions(device="cpu"))  # eager needs none
@@ -406,9 +407,9 @@ def test_an_artifact_without_its_record_is_refused(tmp_path: Path):
 
 
 def test_precision_names_parse_into_type_autocast_and_mode():
-    assert target.variant("bf16-autocast-compile") == target.Variant("bf16", True, "compile")
-    assert target.variant("fp16-aoti") == target.Variant("fp16", False, "aoti")
-    assert target.variant("fp32") == target.Variant("fp32", False, "eager")
+    assert target.variant("bf16-autocast-compile") == torch_options.Variant("bf16", True, "compile")
+    assert target.variant("fp16-aoti") == torch_options.Variant("fp16", False, "aoti")
+    assert target.variant("fp32") == torch_options.Variant("fp32", False, "eager")
     with pytest.raises(DiffshipError, match="PyTorch precision 'fp32-autocast' is unknown"):
         target.variant("fp32-autocast")
     assert json.loads(json.dumps(list(target.PRECISIONS))) == list(target.PRECISIONS)  # plain strings, for the manifest

@@ -18,14 +18,14 @@ from PIL import Image
 from diffship.errors import DiffshipError
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents
 from diffship.targets import web
+from diffship.targets.webapp.browser import browser_unavailable, run_page
 from diffship.validation.e2e import compare_images
 from diffship.validation.quality import score_digits
-from diffship.web.browser import browser_unavailable, run_page
 
 SEVEN, THREE = "a handwritten digit seven", "a handwritten digit three"
 STEPS, GUIDANCE = 8, 5.0
 try:
-    from diffship.web.bundle import runtime_folder
+    from diffship.targets.webapp.bundle import runtime_folder
 
     runtime_folder()
     NO_RUNTIME = None
@@ -167,7 +167,7 @@ def test_the_pages_tokenizer_and_npy_reader_match_python(tmp_path: Path, exporte
     folder = exported("tiny-sd") / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     texts = ["a handwritten digit seven", "", "An ASTRONAUT, riding a horse!! " * 12]
-    app = Path(web.__file__).parents[1] / "web" / "app"
+    app = Path(web.__file__).parent / "webapp" / "app"
     np.save(tmp_path / "x.npy", np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7)
     script = tmp_path / "probe.mjs"
     script.write_text(f"""

@@ -1,4 +1,4 @@
-"""The browser app's scheduler ports (diffship/web/app/schedulers/*.js) against diffusers: the same fake denoising
+"""The browser app's scheduler ports (diffship/targets/webapp/app/schedulers/*.js) against diffusers: the same fake denoising
 loop in both, for each scheduler and a matrix of folder configs and step counts, must give the same timesteps, initial
 noise scale and samples at every step. All JS runs in one `node` invocation (tests/web/scheduler_harness.mjs)."""
 
@@ -190,6 +190,6 @@ def test_unsupported_options_throw(js: dict[str, Any], case: str) -> None:
 
 def test_names_follow_the_python_runtime() -> None:
     """The ported names are the Python runtime's, with the same classes."""
-    source = (Path(__file__).parents[1] / "diffship" / "web" / "app" / "schedulers" / "index.js").read_text()
+    source = (Path(__file__).parents[1] / "diffship" / "targets" / "webapp" / "app" / "schedulers" / "index.js").read_text()
     for name in PORTED:
         assert f'"{name}": ["{NAMES[name][0]}"' in source or f'{name}: ["{NAMES[name][0]}"' in source

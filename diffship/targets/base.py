@@ -33,8 +33,8 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "prediction_unavailable": (),  # why its artifacts cannot run on this machine, or None
     "describe_artifact": ("artifact",),  # what an artifact is, without loading it
     "parity_cases": ("spec", "artifact", "cases"),  # the parity cases an artifact with pinned shapes can take
-    "option_effects": ("deployed", "plan", "say"),  # measured effect of its memory options, on against off
-    "app_check": ("artifacts", "deployed", "sample", "image", "min_psnr", "options", "say"),  # its app's own run
+    "release_resident": (),  # what its Runners keep on a device between calls, back to the host (model offload)
+    "app_run": ("artifacts", "sample", "latents", "options", "say"),  # its app's image of a sample (validation judges)
     "patch_weights": ("artifact", "dest", "changes"),  # a copy with new weights (LoRA), no recompiling
     "load_with_changes": ("artifact", "options", "precision", "changes"),  # new weights patched in as it loads
 }
@@ -141,13 +141,13 @@ class Target:
     def parity_cases(self, spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
         return hook(spec, artifact, cases) if (hook := self._hook("parity_cases")) else cases
 
-    def option_effects(self, deployed: Any, plan: Any, say: Callable[[str], None]) -> list[dict[str, Any]]:
-        return hook(deployed, plan, say) if (hook := self._hook("option_effects")) else []
+    def release_resident(self) -> None:
+        if hook := self._hook("release_resident"):
+            hook()
 
-    def app_check(self, artifacts: Any, deployed: Any, sample: Any, image: Any, min_psnr: float, options: Any,
-                  say: Callable[[str], None]) -> Any:
-        hook = self._hook("app_check")
-        return hook(artifacts, deployed, sample, image, min_psnr, options, say) if hook else None
+    def app_run(self, artifacts: Any, sample: Any, latents: Any, options: Any,
+                say: Callable[[str], None]) -> tuple[dict[str, Any], Any] | None:
+        return hook(artifacts, sample, latents, options, say) if (hook := self._hook("app_run")) else None
 
     def patch_weights(self, artifact: Path, dest: Path, changes: list[Any]) -> dict[str, str]:
         if not (hook := self._hook("patch_weights")):

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,190 +32,26 @@ from diffship.errors import DiffshipError, DiskFull
 from diffship.models.components import ComponentSpec, TensorSpec, wrap
 from diffship.store.artifacts import atomic_write_json, staged_path
 from diffship.targets import Case, CompileContext
-
-NAME = "torch"
-INFO = "torch.json"
-WEIGHTS = "weights"
-PACKAGE = "model.pt2"
-PATCH_REFUSAL = ("PyTorch sets compile the weights into an AOTInductor package or trace them with torch.compile; "
-                 "diffship does not patch them in place: rebuild with --lora")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-MODES = ("eager", "compile", "aoti")
-PRECISIONS = (*DTYPES, "fp16-autocast", "bf16-autocast",
-              *(f"{d}-compile" for d in DTYPES), "fp16-autocast-compile", "bf16-autocast-compile",
-              *(f"{d}-aoti" for d in DTYPES))
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-ATTENTION = ("sdpa", "slicing")
-OFFLOAD = ("none", "model", "sequential")
-DEVICES = ("auto", "cpu", "cuda")
-VAE_MODES = ("auto", "fp16", "fp32")
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
-# Inputs that stay FP32 whatever the set's type: diffusers embeds the timestep in FP32 and casts after (in BF16,
-# timestep 999 would round to 1000).
-FP32_INPUTS = ("timestep",)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """What a precision name means: the number format, whether autocast chooses op precision, and how it runs."""
-
-    dtype: str
-    autocast: bool
-    mode: str  # eager, compile, aoti
-
-
-def variant(precision: str) -> Variant:
-    """Parse a precision of this target (`bf16-autocast-compile` -> bf16, autocast, compile)."""
-    if precision not in PRECISIONS:
-        raise DiffshipError(f"PyTorch precision {precision!r} is unknown; choose {', '.join(PRECISIONS)}.")
-    parts = precision.split("-")
-    mode = parts[-1] if parts[-1] in MODES else "eager"
-    return Variant(parts[0], "autocast" in parts, mode)
-
-
-@dataclass(frozen=True)
-class TorchOptions:
-    """PyTorch settings from the recipe's `[targets.options]`.
-
-    device: "auto" (CUDA when present, else the CPU), "cpu" or "cuda".
-    attention: "sdpa" (PyTorch's fused scaled-dot-product attention, diffusers' default) or "slicing" (the UNet's
-    attention computed in slices of `attention_slice` heads: "auto" halves them, "max" one at a time, or a number).
-    channels_last: UNet and VAE weights and activations in NHWC memory format.
-    compile_mode / compile_components / compile_dynamic: for `-compile` precisions, `torch.compile(mode=...)` on those
-    components (the UNet, called every step, and the VAE decoder by default), specialized per shape unless dynamic.
-    aoti_components: for `-aoti` precisions, the components packaged with AOTInductor (None: every one, so the set
-    runs without diffusers or transformers); the others ship their weights and run eager. Each package costs a
-    C++ build (about 20 s for a tiny model's text encoder, minutes at full size).
-    freezing: Inductor treats the weights as constants (folds them, pre-packs them for oneDNN) in compiled sets and
-    packages; "auto" turns it on for the CPU, where it made the sd15-arch UNet 1.24x (FP32) faster than without.
-    vae_slicing / vae_tiling: diffusers' VAE memory savers (one image at a time; tiles for large images).
-    offload: "model" (one component on the GPU at a time) or "sequential" (layer by layer) CPU offload; GPU only.
-    vae_precision: "auto" keeps SDXL's VAE in FP32 in FP16 sets (it overflows in FP16); "fp16" / "fp32" force it.
-    """
-
-    device: str = "auto"
-    attention: str = "sdpa"
-    attention_slice: str | int = "auto"
-    channels_last: bool = False
-    compile_mode: str = "default"
-    compile_components: tuple[str, ...] = ("unet", "vae_decoder")
-    compile_dynamic: bool = False
-    aoti_components: tuple[str, ...] | None = None
-    freezing: bool | str = "auto"
-    vae_slicing: bool = False
-    vae_tiling: bool = False
-    offload: str = "none"
-    vae_precision: str = "auto"
-
-
-def parse_options(options: dict[str, Any]) -> TorchOptions:
-    """The recipe's `[targets.options]` for PyTorch, with unknown keys and values named with their choices."""
-    known = {f.name for f in fields(TorchOptions)}
-    if unknown := sorted(set(options) - known):
-        raise DiffshipError(f"Unknown PyTorch option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    values = dict(options)
-    for name in ("compile_components", "aoti_components"):
-        if values.get(name) is not None:
-            values[name] = tuple(values[name])
-    parsed = TorchOptions(**values)
-    for name, allowed in (("device", DEVICES), ("attention", ATTENTION), ("compile_mode", COMPILE_MODES),
-                          ("offload", OFFLOAD), ("vae_precision", VAE_MODES)):
-        if getattr(parsed, name) not in allowed:
-            raise DiffshipError(f"Unknown {name} {getattr(parsed, name)!r}; choose {', '.join(allowed)}.")
-    for name in ("compile_components", "aoti_components"):
-        if bad := [c for c in getattr(parsed, name) or () if c not in COMPONENTS]:
-            raise DiffshipError(f"{name} {', '.join(map(repr, bad))} unknown; choose from {', '.join(COMPONENTS)}.")
-    slice_ok = parsed.attention_slice in ("auto", "max") or (
-        isinstance(parsed.attention_slice, int) and not isinstance(parsed.attention_slice, bool)
-        and parsed.attention_slice >= 1)
-    if not slice_ok:
-        raise DiffshipError(f"attention_slice must be 'auto', 'max' or a positive number of heads, not "
-                            f"{parsed.attention_slice!r}.")
-    if parsed.freezing not in (True, False, "auto"):
-        raise DiffshipError(f"freezing must be true, false or 'auto', not {parsed.freezing!r}.")
-    for name in ("channels_last", "compile_dynamic", "vae_slicing", "vae_tiling"):
-        if not isinstance(getattr(parsed, name), bool):
-            raise DiffshipError(f"{name} must be true or false, not {getattr(parsed, name)!r}.")
-    return parsed
-
-
-def writes_artifacts(precision: str, options: Any = None) -> bool:
-    """Every set writes its own files: the weights in the set's type, or the AOTInductor package."""
-    return True
-
-
-def needs_calibration(precision: str) -> bool:
-    """No precision of this target is calibrated."""
-    return False
-
-
-def model_index(family: str, components: list[str]) -> dict[str, Any]:
-    """model_index.json entries for a PyTorch set's folder (diffship's pipeline loads it)."""
-    return {"_class_name": "DiffshipTorchPipeline", **{c: ["diffship", "TorchComponent"] for c in components}}
-
-
-# --- hardware ------------------------------------------------------------------------------------------------
-
-
-def resolve_device(options: TorchOptions) -> str:
-    """The device the options ask for: CUDA when present under "auto"; a clear error for CUDA without a GPU."""
-    if options.device == "cuda" and not torch.cuda.is_available():
-        raise DiffshipError("device = 'cuda' but PyTorch sees no CUDA GPU here (torch "
-                            f"{torch.__version__}); use device = 'cpu' or 'auto'.")
-    if options.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return options.device
-
-
-def bf16_unsupported(device: str) -> str | None:
-    """Why BF16 cannot run fast on `device`, or None: CUDA needs compute capability 8.0 (Ampere) or newer, the CPU
-    AVX-512 BF16 or AMX (oneDNN's check). Elsewhere PyTorch emulates it, slower than FP32."""
-    if device == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return None
-        major, minor = torch.cuda.get_device_capability()
-        return f"{torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no BF16 kernels; 8.0 or newer does"
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return None
-    return "this CPU has no BF16 instructions (AVX-512 BF16 or AMX), so PyTorch would emulate BF16, slower than FP32"
-
-
-def environment(options: TorchOptions) -> dict[str, Any]:
-    """What a compiled package is tied to: the device (GPU name, or the CPU's vector ISA) and the torch build."""
-    device = resolve_device(options)
-    return {"device": device, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            **({"gpu": torch.cuda.get_device_name()} if device == "cuda" else {})}
-
-
-def preflight(precisions: list[str], options: TorchOptions) -> None:
-    """Refuse, before any work, what this machine cannot run: CUDA or offload without a GPU, BF16 without BF16
-    kernels, compiled code without a C++ compiler, and offload mixed with compilation."""
-    device = resolve_device(options)
-    variants = [variant(p) for p in precisions]
-    if options.offload != "none":
-        if device != "cuda":
-            raise DiffshipError(f"offload = {options.offload!r} moves weights between CPU memory and a GPU; there is no "
-                                "CUDA GPU here (set offload = 'none').")
-        if compiled := [p for p, v in zip(precisions, variants, strict=True) if v.mode != "eager"]:
-            raise DiffshipError(f"offload = {options.offload!r} cannot be combined with {', '.join(compiled)}: compiled "
-                                "code fixes where each weight lives. Build an eager precision to offload.")
-    if any(v.dtype == "bf16" for v in variants) and (reason := bf16_unsupported(device)):
-        raise DiffshipError(f"BF16 requested ({', '.join(p for p in precisions if p.startswith('bf16'))}) but {reason}. "
-                            "Build fp32 (or fp16 on a GPU) instead.")
-    if device == "cpu" and any(v.mode != "eager" for v in variants) and not _cxx_compiler():
-        raise DiffshipError("torch.compile and AOTInductor on the CPU generate C++ and need a C++ compiler (g++ or "
-                            "clang++); none is on PATH. Install one (apt install g++) or build eager precisions.")
-
-
-def freezing(options: TorchOptions, device: str) -> bool:
-    """Whether Inductor freezes the weights: as the option says; "auto" on the CPU (PyTorch's advice for CPU
-    inference, measured in docs/performance.md), off on CUDA."""
-    return device == "cpu" if options.freezing == "auto" else bool(options.freezing)
-
-
-def _cxx_compiler() -> str | None:
-    return shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
-
+from diffship.targets.pytorch_options import (
+    DTYPES,
+    FP32_INPUTS,
+    INFO,
+    NAME,
+    PACKAGE,
+    WEIGHTS,
+    TorchOptions,
+    freezing,
+    resolve_device,
+    variant,
+)
+from diffship.targets.pytorch_options import PATCH_REFUSAL as PATCH_REFUSAL
+from diffship.targets.pytorch_options import PRECISIONS as PRECISIONS
+from diffship.targets.pytorch_options import environment as environment
+from diffship.targets.pytorch_options import model_index as model_index
+from diffship.targets.pytorch_options import needs_calibration as needs_calibration
+from diffship.targets.pytorch_options import parse_options as parse_options
+from diffship.targets.pytorch_options import preflight as preflight
+from diffship.targets.pytorch_options import writes_artifacts as writes_artifacts
 
 # --- preparing a module ----------------------------------------------------------------------------------------
 
@@ -459,92 +295,15 @@ def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any
     return inside or (example,)
 
 
-def option_effects(deployed: Any, plan: Any, say: Any = None) -> list[dict[str, Any]]:
-    """The measured effect of each memory option a set uses, on against off, on the call it changes: VAE slicing on
-    the VAE decoder at batch 2 and the validation resolution, tiling on one image at the largest size the set serves,
-    offload on a whole generation. Peak memory is
-    what the call adds (GPU: allocated by torch; CPU: resident high-water mark). Options baked into a package, or
-    not set, are not measured."""
-    from dataclasses import replace
-
-    from diffship.runtime.pipeline import DeployedPipeline
-    from diffship.validation import latency
-
-    say = say or (lambda _: None)
-    runners = deployed.runners
-    options = next(iter(runners.values())).options
-    lat = plan.validation.latency
-    effects = []
-    vae = runners.get("vae_decoder")
-    for flag, attribute in (("vae_slicing", "use_slicing"), ("vae_tiling", "use_tiling")):
-        if not getattr(options, flag) or vae is None or vae.module is None:
-            continue
-        shapes = deployed.artifacts.shapes or {}
-        # Slicing decodes a batch one image at a time: measured on two images. Tiling matters for large images:
-        # measured on the largest the set serves, one image.
-        batch = max(1, min(2, shapes.get("batch", [1, 2])[1])) if flag == "vae_slicing" else 1
-        height, width = (plan.height, plan.width) if flag == "vae_slicing" else \
-            (shapes.get("height", [0, plan.height])[1], shapes.get("width", [0, plan.width])[1])
-        inputs = vae.spec.sample_inputs(batch, height, width)
-        runs: dict[str, Any] = {}
-        for state in (True, False):
-            setattr(vae.module, attribute, state)
-            vae.run(inputs)  # warm-up; under torch.compile the switch recompiles here
-            out: dict[str, Any] = {}
-            runs[state] = {"peak": _peak(vae, lambda v=vae, x=inputs, o=out: o.update(v.run(x)))}
-            runs[state] |= {"output": out["sample"],
-                            "times": latency.interleaved({"call": lambda v=vae, x=inputs: v.run(x)}, 0, lat.runs)["call"]}
-        setattr(vae.module, attribute, True)
-        call = f"vae_decoder, batch {batch}, {height}x{width}"
-        if flag == "vae_tiling":
-            tile = vae.module.tile_sample_min_size
-            engaged = height > tile or width > tile
-            call += f" ({'tiles' if engaged else 'no tiles: not above'} {tile}x{tile} px)"
-        effects.append(_effect(flag, call, runs))
-        say(f"      {flag}: peak {_gib(runs[True]['peak'])} on, {_gib(runs[False]['peak'])} off")
-    if options.offload != "none":
-        v = plan.validation
-        sample = (v.prompts[0], v.negative_prompt, plan.height, plan.width, v.steps, v.guidance_scale, v.seeds[0])
-        plain = DeployedPipeline(deployed.artifacts, {n: load(r.artifact, replace(r.options, offload="none"))
-                                                      for n, r in runners.items()}, {})
-        runs = {}
-        for state, pipe in ((True, deployed), (False, plain)):
-            if _RESIDENT:
-                _RESIDENT.pop().to("cpu")
-            pipe(*sample)
-            generated: list[Any] = []
-            runs[state] = {"peak": latency.peak_gpu_during(lambda p=pipe, g=generated: g.append(p(*sample)))}
-            runs[state] |= {"output": generated[0].images.astype(np.float32),
-                            "times": latency.interleaved({"call": lambda p=pipe: p(*sample)}, 0,
-                                                         lat.pipeline_runs)["call"]}
-        del plain
-        effects.append(_effect(f"{options.offload} offload", f"whole pipeline, {v.steps} steps", runs))
-    return effects
-
-
-def _peak(runner: TorchRunner, call: Any) -> int | None:
-    from diffship.validation import latency
-
-    return latency.peak_gpu_during(call) if runner.device == "cuda" else latency.peak_rss_during(call)
-
-
-def _gib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
-
-
-def _effect(option: str, call: str, runs: dict[bool, dict[str, Any]]) -> dict[str, Any]:
-    from diffship.validation import latency
-    from diffship.validation.parity import compare
-
-    on, off = runs[True], runs[False]
-    return {"option": option, "call": call, "peak_on_bytes": on["peak"], "peak_off_bytes": off["peak"],
-            "on": latency.summarize(on["times"]), "off": latency.summarize(off["times"]),
-            "cosine_on_vs_off": compare(off["output"], on["output"])["cosine"]}
-
-
 # --- running --------------------------------------------------------------------------------------------------
 
 _RESIDENT: list[nn.Module] = []  # model offload: the one module on the GPU now
+
+
+def release_resident() -> None:
+    """Model offload: the module on the GPU back to CPU memory (a measurement starts from nothing resident)."""
+    if _RESIDENT:
+        _RESIDENT.pop().to("cpu")
 
 
 class TorchRunner:

@@ -209,7 +209,7 @@ class WebRunner:
 def preflight(precisions: list[str], options: WebOptions) -> None:
     """Before any work: the app's runtime files are where they are copied from."""
     if options.app:
-        from diffship.web.bundle import runtime_folder
+        from diffship.targets.webapp.bundle import runtime_folder
 
         runtime_folder()
 
@@ -217,26 +217,26 @@ def preflight(precisions: list[str], options: WebOptions) -> None:
 def check_family(family: str, options: WebOptions) -> None:
     """Once the model is known, before any work: the app runs this family's pipeline."""
     if options.app:
-        from diffship.web.bundle import check_family as app_runs
+        from diffship.targets.webapp.bundle import check_family as app_runs
 
         app_runs(family)
 
 
 def finish_set(set_dir: Path, components: dict[str, Path], precision: str, options: WebOptions, family: str,
                say: Any) -> None:
-    """The static web app beside the graphs (see diffship/web/bundle.py)."""
+    """The static web app beside the graphs (see diffship/targets/webapp/bundle.py)."""
     if options.app:
-        from diffship.web.bundle import write_app
+        from diffship.targets.webapp.bundle import write_app
 
         write_app(set_dir, components, precision, family, say)
 
 
-def app_check(artifacts: Any, deployed: Any, sample: Any, image: Any, min_psnr: float, options: WebOptions,
-              say: Any) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-    """Validation's run of the page itself in headless Chromium, against the runtime's `image` of `sample` (see
-    diffship/web/check.py)."""
+def app_run(artifacts: Any, sample: Any, latents: Any, options: WebOptions,
+            say: Any) -> tuple[dict[str, Any], Any] | None:
+    """The page itself in headless Chromium for `sample` from `latents` (diffship/targets/webapp/run.py); None when the
+    set carries no app. Validation judges its image (validation/app.py)."""
     if not options.app:
         return None
-    from diffship.web.check import app_check as check
+    from diffship.targets.webapp.run import run_app
 
-    return check(artifacts.pipeline, artifacts.precision, deployed, sample, image, min_psnr, say)
+    return run_app(artifacts.pipeline, artifacts.precision, sample, latents, say)

@@ -21,10 +21,12 @@ from diffship.runtime.tasks import TaskInputs
 from diffship.store.manifest import ArtifactSet
 from diffship.targets import get_target
 from diffship.validation import latency, quality
+from diffship.validation.app import app_check
 from diffship.validation.baseline import baseline_device, component_call, module_call, reference_module, run_baseline
 from diffship.validation.capture import capture
 from diffship.validation.clients import clients_check
 from diffship.validation.e2e import Sample, run_e2e, sample_arguments
+from diffship.validation.option_effects import option_effects
 from diffship.validation.parity import Case, Tolerance, artifact_cases, check_component, compare, within
 from diffship.validation.reference import LiveReference, RecordedReference
 
@@ -134,8 +136,8 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
                          plan.inputs)
     result["e2e"] = e2e
     # A set that carries its own app (the web target's page) is also run there, from the same initial latents.
-    if pairs and (app := backend.app_check(
-            artifacts, deployed, samples[0], pairs[0]["target"], t.min_psnr, options or backend.parse_options({}), say)):
+    if pairs and (app := app_check(backend, artifacts, deployed, samples[0], pairs[0]["target"], t.min_psnr,
+                                   options or backend.parse_options({}), say)):
         result["app"], pair = app
         if pair:  # its image beside the runtime's goes into the report's grids after the e2e samples'
             pairs = [*pairs, pair]
@@ -168,7 +170,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
         say(f"[{label}] latency: {v.latency.warmup} warm-up + {v.latency.runs} timed runs per component, interleaved")
         result["latency"] = measure_latency(deployed, specs, reference, plan, samples[0], say)
     # What the target's memory options (VAE slicing, offload) change, each measured on and off.
-    if effects := backend.option_effects(deployed, plan, say):
+    if effects := option_effects(deployed, plan, say):
         result["option_effects"] = effects
     # Described again after running: what was learned by running (torch.compile's time per shape) is in it now.
     result["runtime"] = {n: r.describe() for n, r in deployed.runners.items()}

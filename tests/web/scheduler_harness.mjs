@@ -6,7 +6,7 @@
 //   "error"    the message makeScheduler + setTimesteps(steps) throws (null when nothing throws)
 // A case that throws otherwise gets {failed: stack}.
 
-import { makeScheduler } from "../../diffship/web/app/schedulers/index.js";
+import { makeScheduler } from "../../diffship/targets/webapp/app/schedulers/index.js";
 
 const f32 = Math.fround;
 

@@ -1,4 +1,4 @@
-"""The static web app a `web-<precision>/` set carries: the page and its modules (`diffship/web/app/`), the runtime
+"""The static web app a `web-<precision>/` set carries: the page and its modules (`diffship/targets/webapp/app/`), the runtime
 libraries copied from their npm packages, and `diffship-web.json`, which tells the page what the folder holds.
 
 The runtime is onnxruntime-web (its WebGPU build, which also runs the WASM provider) and Hugging Face's tokenizers.js
@@ -33,7 +33,7 @@ APP_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 def runtime_folder() -> Path:
     """The node_modules folder the runtime files are copied from, or an error saying how to install them."""
-    default = Path(__file__).resolve().parents[2] / "web" / "node_modules"
+    default = Path(__file__).resolve().parents[3] / "web" / "node_modules"
     folder = Path(os.environ.get("DIFFSHIP_WEB_RUNTIME") or default)
     missing = [name for name in RUNTIME_FILES if not (folder / name).is_file()]
     if missing:
