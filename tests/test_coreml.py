@@ -318,7 +318,7 @@ def test_a_component_that_fails_conversion_names_the_op(tmp_path: Path):
 
     spec = ComponentSpec("probe", "probe", (TensorSpec("x", "float32", (1, 4)),), (TensorSpec("y", "float32", (1, 4)),), 8)
     with pytest.raises(DiffshipError, match=r"Core ML could not convert probe: .*'erfinv'"):
-        target.convert(Erfinv(), spec, [{"x": (1, 4)}], "fp16", "iOS18")
+        target.convert(Erfinv(), spec, [{"x": (1, 4)}], "fp16", "iOS18", target.torch_support())
 
 
 def test_torch_outside_what_coremltools_supports_is_refused_with_the_range(monkeypatch):

@@ -13,11 +13,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import platform
 import time
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,24 +25,24 @@ from diffship.errors import DiffshipError
 from diffship.store.artifacts import atomic_write_json, staged_path
 from diffship.targets import Case, CompileContext
 from diffship.targets.coreml_attention import IMPLEMENTATIONS, use_attention
+from diffship.targets.coreml_convert import compress_weights, convert
+from diffship.targets.coreml_package import (
+    COMPRESSION,
+    INFO,
+    PACKAGE,
+    _ct,
+    check_package,
+    inspect_package,
+    read_info,
+)
 from diffship.targets.onnx_graph import vae_fp32_reason
 
 if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
 
 NAME = "coreml"
-PACKAGE = "model.mlpackage"
-INFO = "coreml.json"
 PATCH_REFUSAL = ("Core ML packages keep their weights in the package's own weight blob, converted (and often "
                  "compressed) by coremltools, which offers no in-place update of converted weights: rebuild with --lora")
-# What each precision does to the weights of the components named in the `compress` option (the rest are FP16).
-COMPRESSION: dict[str, dict[str, Any] | None] = {
-    "fp16": None,
-    "fp32": None,
-    "int8-weights": {"kind": "linear", "nbits": 8},
-    "palette6": {"kind": "palette", "nbits": 6},
-    "palette4": {"kind": "palette", "nbits": 4},
-}
 PRECISIONS = tuple(COMPRESSION)
 # No client loads a Core ML package in optimum's layout: a text encoder's package holds the outputs the pipeline reads
 # (`ComponentSpec.pipeline_outputs`); per-layer hidden states also break its naming (dots, one value twice).
@@ -53,13 +50,8 @@ CLIENT_OUTPUTS_KEPT = False
 VAE_MODES = ("auto", "fp16", "fp32")
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 OLDEST_TARGETS = {"iOS": 16, "macOS": 13, "tvOS": 16, "watchOS": 9}  # compressed weights (constexpr ops) need these
-GROUPED_PALETTE_SPEC = 9  # per-grouped-channel look-up tables: iOS 18 / macOS 15
 TORCH_MIN = "2.1.0"  # coremltools' own floor for its torch integration (_CT_OPTIMIZE_TORCH_MIN_VERSION)
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
-# The consumers whose constant inputs are compressed: layer weights and embedding tables. Other constants (the
-# text encoder's causal mask, which holds -inf in FP16) must stay exact.
-WEIGHT_CONSUMERS = ("linear", "conv", "conv_transpose", "matmul", "gather")
-WEIGHT_ROLES = {"linear.weight", "conv.weight", "conv_transpose.weight", "matmul.x", "matmul.y", "gather.x"}
 
 
 @dataclass(frozen=True)
@@ -131,13 +123,6 @@ def model_index(family: str, components: list[str]) -> dict[str, Any]:
 # --- coremltools, torch versions and deployment targets -------------------------------------------------------
 
 
-def _ct() -> Any:
-    """coremltools, imported without its import-time chatter (native proxies missing off macOS, untested torch),
-    which diffship reports itself."""
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    import coremltools
-
-    return coremltools
 
 
 def torch_support() -> dict[str, Any]:
@@ -237,117 +222,18 @@ def compute_precision(precision: str, spec: ComponentSpec, options: CoremlOption
     return ("fp32", reason) if reason else ("fp16", None)
 
 
-def convert(wrapper: Any, spec: Any, shape_sets: list[dict[str, tuple[int, ...]]], compute: str, target: str) -> Any:
-    """Trace `wrapper` on inputs of the first shape set and convert it to an ML program: inputs and outputs named as
-    in the ONNX export, float32 I/O, enumerated shapes where the sets differ. Errors name the op that failed."""
-    import torch
-
-    ct = _ct()
-    rng = np.random.default_rng(0)
-    example = {t.name: _example(t, shape_sets[0][t.name], rng, spec) for t in spec.inputs}
-    inputs = []
-    for t in spec.inputs:
-        shapes = [s[t.name] for s in shape_sets]
-        shape: Any = shapes[0] if len(set(shapes)) == 1 else ct.EnumeratedShapes(shapes=shapes, default=shapes[0])
-        inputs.append(ct.TensorType(name=t.name, shape=shape, dtype=np.dtype(t.dtype).type))
-    outputs = [ct.TensorType(name=o.name, dtype=np.float32) for o in spec.outputs]
-    args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
-    # coremltools prints tqdm bars for every pass; the build prints its own step line per component.
-    with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-        traced = torch.jit.trace(wrapper, args, strict=False, check_trace=False)
-        try:
-            return ct.convert(traced, inputs=inputs, outputs=outputs, convert_to="mlprogram",
-                              compute_precision=ct.precision.FLOAT16 if compute == "fp16" else ct.precision.FLOAT32,
-                              minimum_deployment_target=getattr(ct.target, target))
-        except Exception as exc:  # coremltools raises NotImplementedError, ValueError, RuntimeError... naming the op
-            support = torch_support()
-            hint = "" if support["tested"] else (
-                f" (torch {support['torch']} is newer than coremltools {support['coremltools']} has tested, "
-                f"{support['minimum']} to {support['newest_tested']}; a torch in that range may convert it)")
-            raise DiffshipError(f"Core ML could not convert {spec.name}: {type(exc).__name__}: {exc}{hint}") from exc
 
 
-def _example(t: Any, shape: tuple[int, ...], rng: np.random.Generator, spec: Any) -> np.ndarray:
-    if t.dtype.startswith("int"):
-        return rng.integers(0, max(spec.vocab_size - 1, 2), size=shape).astype(t.dtype)
-    return rng.standard_normal(size=shape).astype(t.dtype)
 
 
-def compress_weights(mlmodel: Any, precision: str, options: CoremlOptions, spec_ver: int) -> tuple[Any, dict[str, Any]]:
-    """8-bit symmetric per-channel linear quantization, or k-means palettization with one look-up table per group
-    of output channels (iOS 18+; one per tensor before): the compressed model and what was done."""
-    import coremltools.optimize.coreml as cto
-
-    mode = COMPRESSION[precision]
-    if mode is None:
-        raise DiffshipError(f"Core ML precision {precision!r} does not compress weights.")
-    # Constants that feed no layer weight stay exact. Keyed by name: MIL merges identical constants, so one
-    # zero vector can be a layer norm's beta and a linear's bias at once, and a per-op-type rule would conflict.
-    keep = dict.fromkeys(_non_weight_constants(mlmodel.get_spec()))
-
-    def only_weights(config: Any) -> Any:
-        return cto.OptimizationConfig(global_config=config, op_name_configs=keep)
-
-    if mode["kind"] == "linear":
-        config: Any = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
-                                                  weight_threshold=options.weight_threshold)
-        record = {"method": "linear_symmetric int8", "granularity": "per_channel"}
-    else:
-        grouped = spec_ver >= GROUPED_PALETTE_SPEC
-        config = cto.OpPalettizerConfig(
-            mode="kmeans", nbits=mode["nbits"], granularity="per_grouped_channel" if grouped else "per_tensor",
-            group_size=options.palette_group_size, weight_threshold=options.weight_threshold)
-        record = {"method": f"k-means palettization, {mode['nbits']}-bit",
-                  "granularity": f"per_grouped_channel ({options.palette_group_size} channels)" if grouped else
-                  "per_tensor (per grouped channel needs iOS18 / macOS15)"}
-    began = time.perf_counter()
-    # One process: coremltools' k-means worker pool forks, which hangs in a process whose PyTorch threads are up.
-    optimize = cto.linear_quantize_weights if mode["kind"] == "linear" else cto.palettize_weights
-    with contextlib.redirect_stderr(io.StringIO()):
-        compressed = optimize(mlmodel, only_weights(config))
-        if mode["kind"] == "palette" and grouped:
-            # coremltools skips weights whose output channels are not a multiple of the group size; they get one
-            # table per tensor in a second pass, so every weight above the threshold is compressed.
-            before = _op_counts(compressed.get_spec())["constexpr_lut_to_dense"]
-            compressed = optimize(compressed, only_weights(cto.OpPalettizerConfig(
-                mode="kmeans", nbits=mode["nbits"], granularity="per_tensor", weight_threshold=options.weight_threshold)))
-            record["per_tensor_fallback"] = _op_counts(compressed.get_spec())["constexpr_lut_to_dense"] - before
-    return compressed, {**record, "weight_threshold": options.weight_threshold,
-                        "seconds": round(time.perf_counter() - began, 2)}
 
 
-def _operations(spec: Any) -> Iterator[Any]:
-    """Every operation of an ML program spec, nested blocks included."""
-    def walk(block: Any) -> Iterator[Any]:
-        for op in block.operations:
-            yield op
-            for inner in op.blocks:
-                yield from walk(inner)
-
-    for function in spec.mlProgram.functions.values():
-        yield from walk(function.block_specializations[function.opset])
 
 
-def _feeds(spec: Any) -> dict[str, set[str]]:
-    """For each value name, the op inputs it feeds, as "linear.weight", "layer_norm.beta"..."""
-    feeds: dict[str, set[str]] = {}
-    for op in _operations(spec):
-        for role, value in op.inputs.items():
-            for argument in value.arguments:
-                if argument.WhichOneof("binding") == "name":
-                    feeds.setdefault(argument.name, set()).add(f"{op.type}.{role}")
-    return feeds
 
 
-def _non_weight_constants(spec: Any) -> list[str]:
-    """Names of the const ops whose values feed no layer weight or embedding table (masks, biases, norm scales)."""
-    feeds = _feeds(spec)
-    return [op.attributes["name"].immediateValue.tensor.strings.values[0] for op in _operations(spec)
-            if op.type == "const" and not feeds.get(op.outputs[0].name, set()) & WEIGHT_ROLES]
 
 
-def _op_counts(spec: Any) -> Counter[str]:
-    return Counter(op.type for op in _operations(spec))
 
 
 def compile(source: Path, precision: str, options: CoremlOptions | None = None, dest: Path | None = None,
@@ -431,7 +317,8 @@ def converted_package(context: CompileContext, spec: ComponentSpec, compute: str
         began = time.perf_counter()
         module = load_component(context.model_folder, spec.module, context.allow_pickle)
         layers = use_attention(module, options.attention)
-        mlmodel = convert(wrap(spec, module), spec, shape_sets, compute, options.minimum_deployment_target)
+        mlmodel = convert(wrap(spec, module), spec, shape_sets, compute, options.minimum_deployment_target,
+                          torch_support())
         del module
         with contextlib.redirect_stderr(io.StringIO()):
             mlmodel.save(str(staging / PACKAGE))
@@ -462,146 +349,16 @@ _DESCRIPTIONS: dict[Any, str] = {
 # --- what a package holds, and checks against the ONNX export --------------------------------------------------
 
 
-def inspect_package(package: Path) -> dict[str, Any]:
-    """Read a package's spec (no Core ML runtime needed): I/O with dtypes and shapes, op counts, how its weights are
-    stored (dtype of each weight blob), the largest weight still in float, and the size on disk."""
-    ct = _ct()
-    from coremltools.proto import MIL_pb2
-
-    spec = ct.utils.load_spec(str(package))
-    storage: Counter[str] = Counter()
-    float_consts: dict[str, int] = {}  # const output name -> elements, for consts stored in float
-    compressed: list[str] = []  # outputs of constexpr (decompressing) ops
-    lut_entries: Counter[int] = Counter()  # look-up table sizes: 2 ** bits
-    dtype_name = MIL_pb2.DataType.Name
-    for op in _operations(spec):
-        for role, value in [*((k, a.value) for k, v in op.inputs.items() for a in v.arguments
-                              if a.WhichOneof("binding") == "value"), *op.attributes.items()]:
-            if value.HasField("blobFileValue"):
-                dtype = dtype_name(value.type.tensorType.dataType)
-                storage[f"{op.type}.{role} {dtype}"] += 1
-                dims = [d.constant.size for d in value.type.tensorType.dimensions]
-                if op.type == "constexpr_lut_to_dense" and role == "lut":  # (..., entries, 1) from iOS 18, (entries,)
-                    lut_entries[dims[-2] if len(dims) > 1 else dims[0]] += 1
-                if op.type == "const" and dtype.startswith("FLOAT"):
-                    float_consts[op.outputs[0].name] = int(np.prod(dims))
-        if op.type.startswith("constexpr_"):
-            compressed.append(op.outputs[0].name)
-    roles = _feeds(spec)
-    ops = _op_counts(spec)
-    return {
-        "specification_version": spec.specificationVersion, "ml_program": spec.WhichOneof("Type") == "mlProgram",
-        "functions": {name: f.opset for name, f in spec.mlProgram.functions.items()},
-        "inputs": [_feature(f) for f in spec.description.input],
-        "outputs": [_feature(f) for f in spec.description.output], "metadata": dict(spec.description.metadata.userDefined),
-        "ops": dict(ops.most_common()), "op_count": sum(ops.values()), "weights": dict(storage.most_common()),
-        # Biases and normalization scales are never compressed; what compression must reach are the layers' weights.
-        "largest_float_weight": max((n for name, n in float_consts.items()
-                                     if any(r.endswith(".weight") for r in roles.get(name, ()))), default=0),
-        "lut_entries": {str(k): n for k, n in sorted(lut_entries.items())},
-        "compressed_feeds": sorted({r for name in compressed for r in roles.get(name, ())}),
-        "bytes": sum(p.stat().st_size for p in package.rglob("*") if p.is_file()),
-    }
 
 
-_ARRAY_DTYPES = {0x10000 | 32: "float32", 0x10000 | 16: "float16", 0x10000 | 64: "float64", 0x20000 | 32: "int32",
-                 0x20000 | 8: "int8"}
 
 
-def _feature(f: Any) -> dict[str, Any]:
-    array = f.type.multiArrayType
-    return {"name": f.name, "dtype": _ARRAY_DTYPES.get(array.dataType, str(array.dataType)), "shape": list(array.shape),
-            "enumerated": [list(s.shape) for s in array.enumeratedShapes.shapes]}
 
 
-def check_package(package: Path) -> dict[str, Any]:
-    """Verify a converted package against what it had to be: the ONNX export's input and output names and dtypes,
-    the shapes it was built for (and none beyond), the deployment target, the weights' storage for its precision,
-    and its metadata. Each check with its detail; `passed` when all pass."""
-    info = read_info(package)
-    held = inspect_package(package)
-    checks: list[dict[str, Any]] = []
-
-    def check(name: str, ok: bool, detail: str) -> None:
-        checks.append({"check": name, "passed": bool(ok), "detail": detail})
-
-    check("ML program", held["ml_program"] and held["specification_version"] == info["specification_version"],
-          f"specification {held['specification_version']} ({info['minimum_deployment_target']} needs "
-          f"{info['specification_version']})")
-    expected_in, expected_out = info["onnx_io"]["inputs"], info["onnx_io"]["outputs"]
-    for role, have, want in (("inputs", held["inputs"], expected_in), ("outputs", held["outputs"], expected_out)):
-        names = [f["name"] for f in have]
-        check(f"{role}: names", names == [f["name"] for f in want], f"{names} (ONNX: {[f['name'] for f in want]})")
-        dtypes = {f["name"]: f["dtype"] for f in have}
-        wrong = {f["name"]: (dtypes.get(f["name"]), f["dtype"]) for f in want if dtypes.get(f["name"]) != f["dtype"]}
-        check(f"{role}: dtypes", not wrong, "as ONNX" if not wrong else
-              "; ".join(f"{n}: {h} (ONNX {w})" for n, (h, w) in wrong.items()))
-    built = info["shapes"]
-    problems = []
-    for f, onnx_f in zip(held["inputs"], expected_in, strict=False):
-        accepts = f["enumerated"] or [f["shape"]]
-        wanted = [s[f["name"]] for s in built if f["name"] in s]
-        if sorted(map(tuple, accepts)) != sorted(set(map(tuple, wanted))):
-            problems.append(f"{f['name']} accepts {accepts}, built for {wanted}")
-        for shape in accepts:
-            fixed = [(i, d) for i, d in enumerate(onnx_f["shape"]) if isinstance(d, int) and d > 0]
-            if len(shape) != len(onnx_f["shape"]) or any(shape[i] != d for i, d in fixed):
-                problems.append(f"{f['name']} shape {shape} does not fit the ONNX input {onnx_f['shape']}")
-    check("inputs: shapes", not problems, "; ".join(problems) or
-          ", ".join(f"{f['name']} {f['enumerated'] or f['shape']}" for f in held["inputs"]))
-    out_problems = []
-    for f, onnx_f in zip(held["outputs"], expected_out, strict=False):
-        if f["shape"] and len(f["shape"]) != len(onnx_f["shape"]):
-            out_problems.append(f"{f['name']} has rank {len(f['shape'])}, ONNX {len(onnx_f['shape'])}")
-        elif f["shape"] and any(isinstance(d, int) and d > 0 and f["shape"][i] != d for i, d in enumerate(onnx_f["shape"])):
-            out_problems.append(f"{f['name']} shape {f['shape']} does not fit the ONNX output {onnx_f['shape']}")
-    check("outputs: shapes", not out_problems, "; ".join(out_problems) or
-          ", ".join(f"{f['name']} {f['shape'] or 'follows the input shape'}" for f in held["outputs"]))
-    check("weights", *_storage_verdict(info, held))
-    meta = held["metadata"]
-    check("metadata", meta.get("diffship.precision") == info["precision"] and "diffship.component" in meta
-          and "diffship.version" in meta, f"precision {meta.get('diffship.precision')}, "
-          f"component {meta.get('diffship.component')}")
-    return {"checks": checks, "passed": all(c["passed"] for c in checks), "op_count": held["op_count"],
-            "ops": held["ops"], "weights": held["weights"], "bytes": held["bytes"]}
 
 
-def _storage_verdict(info: dict[str, Any], held: dict[str, Any]) -> tuple[bool, str]:
-    """Whether the weights are stored as the precision says: all float in the compute precision when uncompressed;
-    compressed (int8 data, or uint4 / uint6 look-up indices) above the size threshold when compressed."""
-    weights, compression = held["weights"], info["compression"]
-    floats = {k: n for k, n in weights.items() if k.startswith("const.")}
-    summary = ", ".join(f"{n} x {k}" for k, n in weights.items())
-    if compression is None:
-        want = "FLOAT16" if info["compute_precision"] == "fp16" else "FLOAT32"
-        ok = bool(floats) and all(k.endswith(want) for k in floats) and all(k.startswith("const.") for k in weights)
-        return ok, f"{summary} (expected every weight {want}, none compressed)"
-    precision, ios18 = info["precision"], info["specification_version"] >= GROUPED_PALETTE_SPEC
-    bits = (COMPRESSION.get(precision) or {}).get("nbits", 0)
-    if precision == "int8-weights":
-        want = "constexpr_blockwise_shift_scale.data INT8" if ios18 else "constexpr_affine_dequantize.quantized_data INT8"
-    else:  # n-bit indices from iOS 18 on; packed into bytes before, where the table size tells the bits
-        want = f"constexpr_lut_to_dense.indices UINT{bits if ios18 else 8}"
-    tables = held.get("lut_entries", {})
-    wrong_tables = precision != "int8-weights" and set(tables) != {str(2**bits)}
-    threshold = compression["weight_threshold"]
-    stray = [r for r in held["compressed_feeds"] if r.split(".")[0] not in WEIGHT_CONSUMERS]
-    ok = weights.get(want, 0) > 0 and held["largest_float_weight"] <= threshold and not stray and not wrong_tables
-    if precision != "int8-weights":
-        want += f", look-up tables of {2**bits} entries (found {', '.join(tables) or 'none'})"
-    return ok, (f"{summary}; largest weight left in float: {held['largest_float_weight']} elements "
-                f"(threshold {threshold}; expected {want}); compressed values feed "
-                f"{', '.join(held['compressed_feeds'])}" + (f" (not layer weights: {', '.join(stray)})" if stray else ""))
 
 
-def read_info(package: Path) -> dict[str, Any]:
-    """The coreml.json beside a package, or a clear error when the package or its record is missing."""
-    if not package.is_dir():
-        raise DiffshipError(f"No Core ML package at {package}.")
-    path = package.parent / INFO
-    if not path.is_file():
-        raise DiffshipError(f"{package} has no {INFO} beside it, so what it was converted from is unknown; rebuild it.")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def describe_artifact(package: Path) -> dict[str, Any]:
