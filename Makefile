@@ -37,11 +37,13 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest --durations=15
 
-# ruff, the layers contract (pyproject's [tool.importlinter]) and no import cycle between modules
+# ruff, the layers contract (pyproject's [tool.importlinter]), no import cycle between modules, and mypy on the target
+# protocol and the stages
 lint: setup
 	$(BIN)/ruff check diffship tests benchmarks scripts
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/check_import_cycles.py
+	$(BIN)/mypy diffship/targets/base.py diffship/stages
 
 bench-export: setup
 	$(BIN)/python benchmarks/export_unet.py

@@ -23,14 +23,15 @@ class Calibration:
     def __init__(self, recipe: Recipe, plan: Plan, baseline: Baseline, module_hashes: dict[str, str],
                  versions: dict[str, str], force: bool, hits: dict[str, bool]):
         c = recipe.calibration
-        self.settings = {"prompts": c.prompts, "samples": c.samples, "steps": c.steps_for(recipe.validation.steps),
-                         "height": plan.height, "width": plan.width, "guidance_scale": plan.validation.guidance_scale,
-                         "task": plan.tasks[0], "scheduler": [recipe.validation.scheduler,
-                                                              recipe.validation.scheduler_config]}
+        self.settings: dict[str, Any] = {
+            "prompts": c.prompts, "samples": c.samples, "steps": c.steps_for(recipe.validation.steps),
+            "height": plan.height, "width": plan.width, "guidance_scale": plan.validation.guidance_scale,
+            "task": plan.tasks[0], "scheduler": [recipe.validation.scheduler, recipe.validation.scheduler_config]}
         self.key = cache.key(stage="calibration", weights=module_hashes, **self.settings, versions=versions,
-                             task_inputs=inputs_digest(plan.inputs) if plan.task_kwargs() or "controlnet" in plan.tasks
-                             else None)
-        self.baseline, self.force, self.hits, self.data, self.plan = baseline, force, hits, None, plan
+                             task_inputs=inputs_digest(plan.inputs) if plan.inputs is not None and (
+                                 plan.task_kwargs() or "controlnet" in plan.tasks) else None)
+        self.baseline, self.force, self.hits, self.plan = baseline, force, hits, plan
+        self.data: CalibrationData | None = None
 
     def __call__(self) -> CalibrationData:
         if self.data is not None:
@@ -41,13 +42,13 @@ class Calibration:
             self.baseline.say("[calibration] cached (no work)")
         self.hits["calibration"] = done.hit
         self.path = done.path / "inputs.npz"
-        self.data = CalibrationData.load(self.path, done.info)
-        return self.data
+        data = self.data = CalibrationData.load(self.path, done.info)
+        return data
 
     def as_file(self) -> CalibrationFile:
         """The captured inputs by their cache file (captured first if need be), for a compile in a child process."""
-        self()
-        return CalibrationFile(self.path, self.data.info)
+        data = self()
+        return CalibrationFile(self.path, data.info)
 
     def _capture(self, staging: Path, info: dict[str, Any]) -> None:
         s = self.settings

@@ -141,6 +141,7 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
         elif step.step == "distill":
             from diffship.compress.distill import distill
 
+            assert teacher is not None and samples is not None  # made above when a step distills
             info = distill(pipe.unet, teacher, samples, step.steps, step.batch, step.lr, checkpoints / f"step{i + 1}",
                            step.checkpoint_every, say=say)
         elif step.step == "quantize":
@@ -153,6 +154,7 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
             info = quantize_int8(pipe.unet, calls)
             quantizer = "modelopt"
             if step.steps:
+                assert teacher is not None and samples is not None
                 stages.append(stage("qat: calibrated only (PTQ)", dump, info))
                 info = {**info, "training": distill(pipe.unet, teacher, samples, step.steps, step.batch, step.lr,
                                                     checkpoints / f"step{i + 1}", step.checkpoint_every, say=say)}

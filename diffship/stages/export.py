@@ -3,6 +3,7 @@ shares."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ def export_stage(c: Context, specs: list[ComponentSpec], export_dir: Path | None
         prefix = f"[export {i + 1}/{len(specs)}] {spec.name}"
         done = cached_export(c.source, spec, c.family, c.module_hashes[spec.module], opset, c.versions, modules,
                              export_dir / spec.name if export_dir else None, c.force, say,
-                             on_export=lambda p=prefix: say(f"{p}: exporting ..."))
+                             on_export=functools.partial(say, f"{prefix}: exporting ..."))
         c.hits[f"export:{spec.name}"] = done.hit
         if export_dir is not None:
             entries[spec.name] = component_entry(export_dir, export_dir / spec.name, done.info["seconds"])

@@ -22,6 +22,7 @@ from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.host.memory import release_freed
+from diffship.stages.calibrate import Calibration
 from diffship.targets import CompileContext
 from diffship.targets.onnx_graph import weight_bytes
 
@@ -50,7 +51,7 @@ def compile_isolated(backend: str, source: Path, precision: str, options: Any, d
     A DiffshipError in the child is raised here with its message (exit 2 stays exit 2); any other failure says the
     child failed and why."""
     calibration = context.calibration
-    if hasattr(calibration, "as_file"):  # the build's capture: by its cache file, never the pipeline it came from
+    if isinstance(calibration, Calibration):  # the build's capture: by its cache file, never the pipeline it came from
         calibration = calibration.as_file()
     elif calibration is not None and not _picklable(calibration):
         raise DiffshipError("This compile needs calibration data that cannot be handed to a child process.")

@@ -16,6 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec, component_specs, wrap
 from diffship.models.loading import load_component
@@ -68,6 +71,12 @@ def choose_sets(sets: dict[str, SetRecord], wanted: list[dict[str, Any]] | None)
     return chosen
 
 
+def _weight(module: torch.nn.Module, name: str) -> np.ndarray:
+    weight = module.get_submodule(name).weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.detach().numpy()
+
+
 def weight_changes(before: Path, after: Path, loras: list[LoraSpec], components: list[str],
                    allow_pickle: bool) -> tuple[dict[str, list[Change]], dict[str, Any]]:
     """Per component, each weight the new LoRAs touch, before (the build's model) and after (merged); and the merged
@@ -77,12 +86,12 @@ def weight_changes(before: Path, after: Path, loras: list[LoraSpec], components:
     for spec in loras:
         for component, name, _ in lora_targets(modules, spec, allow_pickle):
             touched.setdefault(component, set()).add(name)
-    old = {c: {n: modules[c].get_submodule(n).weight.detach().numpy().copy() for n in names}
+    old = {c: {n: _weight(modules[c], n).copy() for n in names}
            for c, names in touched.items()}
     del modules
     gc.collect()
     merged = {c: load_component(after, c, allow_pickle) for c in touched}
-    changes = {c: [Change(f"{c}:{n}", old[c][n], merged[c].get_submodule(n).weight.detach().numpy())
+    changes = {c: [Change(f"{c}:{n}", old[c][n], _weight(merged[c], n))
                    for n in sorted(names)] for c, names in touched.items()}
     return changes, merged
 
