@@ -23,6 +23,16 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from diffship.errors import DiffshipError
+from diffship.models.builtin_configs import (
+    CLIP_IDS,
+    CLIP_L,
+    OPENCLIP_BIGG,
+    SD_SCHEDULER,
+    SD_VAE,
+    TINY_SD_UNET,
+    TINY_SDXL_UNET,
+    TINY_VAE,
+)
 from diffship.models.digits import DIGITS_TEXT_ENCODER, DIGITS_UNET, DIGITS_VAE, TRAIN_SCHEDULER
 from diffship.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
 from diffship.store import cache
@@ -31,7 +41,6 @@ from diffship.store.artifacts import staged_dir
 # Bump when a built-in's definition changes, so cached copies are rebuilt instead of reused.
 BUILTIN_REVISION = 1
 
-CLIP_IDS = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407}
 
 
 @dataclass(frozen=True)
@@ -57,78 +66,11 @@ class BuiltinModel:
     text_encoder_folders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
 
 
-SD_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-}
 
-TINY_SD_UNET = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64, 64],
-    "layers_per_block": 1,
-    "attention_head_dim": 4,
-    "cross_attention_dim": 32,
-    "norm_num_groups": 8,
-}
 
-TINY_SDXL_UNET = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64, 64],
-    "layers_per_block": 1,
-    "transformer_layers_per_block": [1, 1, 2],
-    "attention_head_dim": [2, 4, 4],
-    "use_linear_projection": True,
-    "cross_attention_dim": 64,
-    "norm_num_groups": 8,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    # 6 time ids x addition_time_embed_dim + the second encoder's projection (32)
-    "projection_class_embeddings_input_dim": 6 * 8 + 32,
-}
 
-TINY_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    # Four levels, like SD's VAE, so the latent is 1/8 of the image as in the real models.
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [16, 16, 32, 32],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 64,
-}
 
-SD_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
 
-CLIP_L = {**CLIP_IDS, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-          "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768}
-OPENCLIP_BIGG = {**CLIP_IDS, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                 "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280, "with_projection": True}
 
 BUILTINS: dict[str, BuiltinModel] = {
     m.name: m

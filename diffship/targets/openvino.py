@@ -12,10 +12,7 @@ precision sets `INFERENCE_PRECISION_HINT` explicitly and the Runner reports the 
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,9 @@ from diffship.host.memory import release_freed
 from diffship.store.artifacts import atomic_write_json, read_json
 from diffship.targets import CompileContext, calibration_inputs
 from diffship.targets.ir_names import stable_names
+from diffship.targets.openvino_nncf import compress_matmul_weights as compress_matmul_weights
+from diffship.targets.openvino_nncf import quantize_calibrated as quantize_calibrated
+from diffship.targets.openvino_nncf import quantize_kwargs
 
 NAME = "openvino"
 XML = "openvino_model.xml"
@@ -198,15 +198,6 @@ def as_clients_feed(model: ov.Model) -> ov.Model:
     return ppp.build() if changed else model
 
 
-def compress_matmul_weights(model: ov.Model, sensitive: tuple[str, ...] = ()) -> tuple[ov.Model, list[str]]:
-    """INT8 weights, data-free, for the MatMuls with weights but the `sensitive` ones; return the model and their
-    names (optimum-intel's first hybrid step: convolutions are left to calibration)."""
-    import nncf
-
-    weighted = weighted_matmuls(model)
-    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=nncf.IgnoredScope(
-        patterns=list(sensitive), types=["Convolution"], validate=False))
-    return model, weighted
 
 
 def _through_disk(model: ov.Model, folder: Path) -> ov.Model:
@@ -227,57 +218,12 @@ def save_ir(model: ov.Model, xml: Path, compress_to_fp16: bool) -> None:
         raise
 
 
-def quantize_calibrated(model: ov.Model, calls: list[dict[str, np.ndarray]], options: OvOptions,
-                        sensitive: tuple[str, ...] = (), compressed: list[str] | tuple[str, ...] = ()) -> ov.Model:
-    """NNCF post-training quantization of `model` on `calls`, the `sensitive` layers kept in float and the
-    `compressed` MatMuls (weights already INT8) left out, with SmoothQuant off for them as optimum-intel does."""
-    import nncf
-
-    settings = _quantize_kwargs(options)
-    advanced = settings.pop("advanced_quantization_parameters")
-    types = sorted({op.get_type_name() for op in model.get_ops()} - {"Convolution", "Parameter", "Result", "Constant"}) \
-        if options.activations == "convolutions" else []
-    ignored = nncf.IgnoredScope(names=list(compressed), patterns=list(sensitive), types=types, validate=False) \
-        if sensitive or compressed or types else None
-    if compressed:
-        advanced.smooth_quant_alphas = nncf.AdvancedSmoothQuantParameters(matmul=-1)
-    with _nncf_quiet():
-        return nncf.quantize(model, nncf.Dataset(calls), subset_size=len(calls), ignored_scope=ignored,
-                             advanced_parameters=advanced, **settings)
 
 
-@contextlib.contextmanager
-def _nncf_quiet() -> Iterator[None]:
-    """NNCF logs one INFO line per operation it leaves unquantized (hundreds with an ignored scope): warnings only."""
-    from nncf.common.logging import nncf_logger
-
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        nncf_logger.setLevel(level)
 
 
-def weighted_matmuls(model: ov.Model) -> list[str]:
-    """Friendly names of the MatMuls fed a constant (through Convert / Transpose / Reshape), the ones weight
-    compression takes."""
-    def constant_behind(node: Any) -> bool:
-        while node.get_type_name() in ("Convert", "Transpose", "Reshape"):
-            node = node.input_value(0).get_node()
-        return node.get_type_name() == "Constant"
-
-    return [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"
-            and any(constant_behind(op.input_value(i).get_node()) for i in (0, 1))]
 
 
-def _quantize_kwargs(options: OvOptions) -> dict[str, Any]:
-    import nncf
-
-    return {"model_type": nncf.ModelType.TRANSFORMER, "preset": nncf.QuantizationPreset(options.preset),
-            "advanced_quantization_parameters": nncf.AdvancedQuantizationParameters(
-                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=options.smooth_quant_alpha),
-                disable_bias_correction=not options.bias_correction)}
 
 
 def _auto(model: ov.Model, context: CompileContext, options: OvOptions) -> tuple[ov.Model, dict[str, Any]]:
@@ -293,7 +239,7 @@ def _auto(model: ov.Model, context: CompileContext, options: OvOptions) -> tuple
     say = context.say or (lambda _: None)
     config = {"INFERENCE_PRECISION_HINT": options.inference_precision or INFERENCE_PRECISION["int8-auto"]}
     probes = probe_inputs(context.spec, context.gate)
-    quantized, record = quantize_auto(model, calls, probes, context.gate, _quantize_kwargs(options), config, say)
+    quantized, record = quantize_auto(model, calls, probes, context.gate, quantize_kwargs(options), config, say)
     if quantized is None:
         say(f"      int8-auto fell back to weight-only INT8: {record['fell_back']}")
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM), record
