@@ -18,7 +18,7 @@ from diffship.errors import DiffshipError
 from diffship.models.builtin import builtin_folder
 from diffship.models.components import ComponentSpec, TensorSpec, component_specs, run_torch, wrap
 from diffship.models.loading import load_component
-from diffship.targets import CompileContext, check_available
+from diffship.targets import CompileContext, check_available, coreml_package
 from diffship.targets import coreml as target
 from diffship.targets import coreml_attention as attention
 
@@ -84,7 +84,7 @@ def test_io_names_dtypes_and_shapes_equal_the_onnx_export(coreml_build, model: s
     result = coreml_build(model, modes)
     entry = result.manifest["artifacts"]["coreml-fp16"]
     for name, component in entry["components"].items():
-        held = target.inspect_package(result.out / component["path"])
+        held = coreml_package.inspect_package(result.out / component["path"])
         onnx = result.manifest["artifacts"]["coreml-fp16"]["components"][name]
         assert [f["name"] for f in held["inputs"]] == [f["name"] for f in onnx["inputs"]]
         assert [f["name"] for f in held["outputs"]] == [f["name"] for f in onnx["outputs"]]
@@ -94,7 +94,7 @@ def test_io_names_dtypes_and_shapes_equal_the_onnx_export(coreml_build, model: s
         for have, want in zip(held["inputs"], onnx["inputs"], strict=True):
             assert len(have["shape"]) == len(want["shape"])
             assert all(h == w for h, w in zip(have["shape"], want["shape"], strict=True) if isinstance(w, int))
-    unet = target.inspect_package(result.out / entry["components"]["unet"]["path"])
+    unet = coreml_package.inspect_package(result.out / entry["components"]["unet"]["path"])
     side = result.report["validation"]["height"]  # fixed at the validation resolution, one image under guidance
     assert unet["inputs"][0]["shape"] == [2, 4, side // 8, side // 8]
     assert unet["outputs"][0]["shape"] == [2, 4, side // 8, side // 8]
@@ -108,7 +108,8 @@ def test_compressed_weights_are_stored_as_their_mode_says_and_shrink_the_package
         spec = result.report["sets"][f"coreml-{mode}"]["spec"]["components"]
         sizes[mode] = spec["unet"]["bytes"]
         for name, checked in spec.items():
-            info = target.read_info(result.out / result.manifest["artifacts"][f"coreml-{mode}"]["components"][name]["path"])
+            path = result.out / result.manifest["artifacts"][f"coreml-{mode}"]["components"][name]["path"]
+            info = coreml_package.read_info(path)
             if mode == "fp16":
                 assert info["compression"] is None
                 assert all(k.startswith("const.val FLOAT") for k in checked["weights"])
@@ -126,11 +127,11 @@ def test_sdxl_vae_stays_fp32_in_fp16_sets_and_the_report_says_why(coreml_build):
     result = coreml_build("tiny-sdxl", MODES_OF["tiny-sdxl"])
     for name in ("vae_encoder", "vae_decoder"):
         path = result.out / result.manifest["artifacts"]["coreml-fp16"]["components"][name]["path"]
-        info = target.read_info(path)
+        info = coreml_package.read_info(path)
         assert info["compute_precision"] == "fp32" and "overflows in FP16" in info["kept_fp32_reason"]
-        assert set(target.inspect_package(path)["weights"]) == {"const.val FLOAT32"}
+        assert set(coreml_package.inspect_package(path)["weights"]) == {"const.val FLOAT32"}
     unet = result.out / result.manifest["artifacts"]["coreml-fp16"]["components"]["unet"]["path"]
-    assert set(target.inspect_package(unet)["weights"]) == {"const.val FLOAT16"}
+    assert set(coreml_package.inspect_package(unet)["weights"]) == {"const.val FLOAT16"}
     assert "SDXL's VAE overflows" in (result.out / "report" / "report.md").read_text()
 
 
@@ -138,7 +139,7 @@ def test_sdxl_vae_stays_fp32_in_fp16_sets_and_the_report_says_why(coreml_build):
 def test_packages_carry_metadata_and_descriptions(coreml_build, mode: str, compression: str | None):
     result = coreml_build("tiny-sd", ("fp16",) if mode == "fp16" else MODES)
     path = result.out / result.manifest["artifacts"][f"coreml-{mode}"]["components"]["unet"]["path"]
-    spec = target._ct().utils.load_spec(str(path))
+    spec = coreml_package._ct().utils.load_spec(str(path))
     meta = dict(spec.description.metadata.userDefined)
     assert meta["diffship.component"] == "unet" and meta["diffship.precision"] == mode
     # Packages are cached by weights, which models share: the model's name is the manifest's to say.
@@ -152,7 +153,7 @@ def test_packages_carry_metadata_and_descriptions(coreml_build, mode: str, compr
 @pytest.mark.slow
 def test_a_build_converts_each_component_once_and_compresses_that(coreml_build):
     every = coreml_build("tiny-sd", MODES)
-    infos = [target.read_info(every.out / every.manifest["artifacts"][f"coreml-{m}"]["components"]["unet"]["path"])
+    infos = [coreml_package.read_info(every.out / every.manifest["artifacts"][f"coreml-{m}"]["components"]["unet"]["path"])
              for m in MODES]
     assert not infos[0]["conversion_reused"] and all(i["conversion_reused"] for i in infos[1:])
 
@@ -173,12 +174,12 @@ def test_enumerated_resolutions_are_accepted_and_nothing_else(exported, tmp_path
     onnx = exported("tiny-sd") / "unet" / "model.onnx"
     options = target.parse_options({"resolutions": [[64, 128], [128, 64]], "attention": "sdpa"})
     package = target.compile(onnx, "fp16", options, tmp_path / "unet", _context("tiny-sd", "unet"))
-    held = target.inspect_package(package)
+    held = coreml_package.inspect_package(package)
     sample = held["inputs"][0]
     assert sorted(map(tuple, sample["enumerated"])) == [(2, 4, 8, 8), (2, 4, 8, 16), (2, 4, 16, 8)]
     assert sample["shape"] == [2, 4, 8, 8]  # the default: the validation resolution
     assert held["inputs"][1]["enumerated"] == [] and held["inputs"][1]["shape"] == [2]
-    checked = target.check_package(package)
+    checked = coreml_package.check_package(package)
     assert checked["passed"], [c for c in checked["checks"] if not c["passed"]]
     cases = target.parity_cases(_context("tiny-sd", "unet").spec, package, ())
     assert [(c.batch, c.height, c.width) for c in cases] == [(2, 64, 64), (2, 64, 128), (2, 128, 64)]
@@ -229,23 +230,23 @@ def test_the_converted_graph_carries_the_chosen_attention(exported, tmp_path: Pa
     options = target.parse_options({"attention": implementation, "minimum_deployment_target": deployment})
     package = target.compile(exported("tiny-sd") / "vae_decoder" / "model.onnx", "fp16", options, tmp_path / "vae",
                              _context("tiny-sd", "vae_decoder"))
-    ops = target.inspect_package(package)["ops"]
+    ops = coreml_package.inspect_package(package)["ops"]
     assert present in ops and absent not in ops, ops
-    assert target.read_info(package)["specification_version"] == {"iOS18": 9, "iOS17": 8}[deployment]
-    assert target.check_package(package)["passed"]
+    assert coreml_package.read_info(package)["specification_version"] == {"iOS18": 9, "iOS17": 8}[deployment]
+    assert coreml_package.check_package(package)["passed"]
 
 
 def test_per_grouped_channel_palettes_need_ios18_and_fall_back_to_one_table_per_tensor(exported, tmp_path: Path):
     options = target.parse_options({"minimum_deployment_target": "iOS17", "compress": ["vae_decoder"]})
     package = target.compile(exported("tiny-sd") / "vae_decoder" / "model.onnx", "palette4", options, tmp_path / "v",
                              _context("tiny-sd", "vae_decoder"))
-    info = target.read_info(package)
+    info = coreml_package.read_info(package)
     assert info["compression"]["granularity"].startswith("per_tensor")
-    checked = target.check_package(package)
+    checked = coreml_package.check_package(package)
     # before iOS 18 the 4-bit indices are packed into bytes; the 16-entry tables say they are 4-bit
     assert checked["passed"], [c for c in checked["checks"] if not c["passed"]]
     assert checked["weights"]["constexpr_lut_to_dense.indices UINT8"] > 0
-    assert set(target.inspect_package(package)["lut_entries"]) == {"16"}
+    assert set(coreml_package.inspect_package(package)["lut_entries"]) == {"16"}
 
 
 def test_the_spec_check_catches_a_package_that_does_not_match(exported, tmp_path: Path):
@@ -253,13 +254,13 @@ def test_the_spec_check_catches_a_package_that_does_not_match(exported, tmp_path
     package = target.compile(onnx, "fp16", target.parse_options({}), tmp_path / "v", _context("tiny-sd", "vae_decoder"))
     info_path = package.parent / target.INFO
     info = json.loads(info_path.read_text())
-    assert target.check_package(package)["passed"]
+    assert coreml_package.check_package(package)["passed"]
 
     def failed_after(edit) -> set[str]:
         changed = copy.deepcopy(info)
         edit(changed)
         info_path.write_text(json.dumps(changed))
-        return {c["check"] for c in target.check_package(package)["checks"] if not c["passed"]}
+        return {c["check"] for c in coreml_package.check_package(package)["checks"] if not c["passed"]}
 
     assert failed_after(lambda i: i["onnx_io"]["inputs"][0].update(name="latents")) >= {"inputs: names"}
     assert failed_after(lambda i: i["onnx_io"]["outputs"][0].update(dtype="float16")) == {"outputs: dtypes"}

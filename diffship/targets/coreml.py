@@ -31,11 +31,12 @@ from diffship.targets.coreml_package import (
     INFO,
     PACKAGE,
     _ct,
-    check_package,
+    held_io,
     inspect_package,
     read_info,
 )
-from diffship.targets.onnx_graph import vae_fp32_reason
+from diffship.targets.coreml_package import verify as verify
+from diffship.targets.coreml_shapes import compute_precision, package_shapes
 
 if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
@@ -193,33 +194,8 @@ def prediction_unavailable() -> str | None:
 # --- conversion -----------------------------------------------------------------------------------------------
 
 
-def package_shapes(context: CompileContext, options: CoremlOptions) -> list[dict[str, tuple[int, ...]]]:
-    """The input shapes each package accepts: the validation resolution first (the default), then the extra
-    resolutions from the options. Batch is the recipe's smallest; the UNet's is doubled under guidance."""
-    spec = context.spec
-    if context.static_shapes:
-        first = dict(context.static_shapes)
-        batch = next(iter(first.values()))[0]
-    else:
-        batch = spec.batch_for((context.shape_ranges or {"batch": [1, 1]})["batch"][0], context.guided)
-        height, width = context.opt_size or context.probe_size
-        sizes = spec.axis_sizes(batch, height, width)
-        first = {t.name: t.concrete(sizes) for t in spec.inputs}
-    sets = [first]
-    for height, width in options.resolutions:
-        sizes = spec.axis_sizes(batch, height, width)  # refuses a resolution this model cannot take
-        shapes = {t.name: t.concrete(sizes) for t in spec.inputs}
-        if shapes not in sets:
-            sets.append(shapes)
-    return sets
 
 
-def compute_precision(precision: str, spec: ComponentSpec, options: CoremlOptions) -> tuple[str, str | None]:
-    """What a component computes in ("fp16" / "fp32") and, when an FP16 set keeps it FP32, why."""
-    if precision == "fp32":
-        return "fp32", None
-    reason = vae_fp32_reason(spec, options.vae_precision, "vae_precision")
-    return ("fp32", reason) if reason else ("fp16", None)
 
 
 
@@ -282,17 +258,13 @@ def compile(source: Path, precision: str, options: CoremlOptions | None = None, 
         "minimum_deployment_target": options.minimum_deployment_target, "specification_version": target_spec,
         "attention": options.attention, "attention_layers": converted["attention_layers"],
         "shapes": [{k: list(v) for k, v in s.items()} for s in shape_sets],
-        "onnx_io": _held_io(onnx_io(source), spec), "compression": compression, "convert_seconds": converted["seconds"],
+        "onnx_io": held_io(onnx_io(source), spec), "compression": compression, "convert_seconds": converted["seconds"],
         "conversion_reused": converted["reused"],
         "versions": support, "options": asdict(options), "package": inspect_package(package),
     })
     return package
 
 
-def _held_io(io: dict[str, Any], spec: ComponentSpec) -> dict[str, Any]:
-    """The ONNX export's I/O less the outputs the package leaves out (`ComponentSpec.pipeline_outputs`)."""
-    kept = {o.name for o in spec.outputs}
-    return {**io, "outputs": [f for f in io["outputs"] if f["name"] in kept]}
 
 
 def converted_package(context: CompileContext, spec: ComponentSpec, compute: str,
@@ -389,10 +361,6 @@ def parity_cases(spec: Any, package: Path, cases: tuple[Any, ...]) -> tuple[Any,
     return tuple(built)
 
 
-def verify(components: dict[str, Path]) -> dict[str, Any]:
-    """Spec checks of every package of a set (runs anywhere): per component, and whether all passed."""
-    results = {name: check_package(path) for name, path in components.items()}
-    return {"components": results, "passed": all(r["passed"] for r in results.values())}
 
 
 # --- running (macOS only) --------------------------------------------------------------------------------------

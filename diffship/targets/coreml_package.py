@@ -8,11 +8,14 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from diffship.errors import DiffshipError
+
+if TYPE_CHECKING:
+    from diffship.models.components import ComponentSpec
 
 # What each precision does to the weights of the components named in the `compress` option (the rest are FP16).
 COMPRESSION: dict[str, dict[str, Any] | None] = {
@@ -218,3 +221,15 @@ def read_info(package: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DiffshipError(f"{package} has no {INFO} beside it, so what it was converted from is unknown; rebuild it.")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def held_io(io: dict[str, Any], spec: ComponentSpec) -> dict[str, Any]:
+    """The ONNX export's I/O less the outputs the package leaves out (`ComponentSpec.pipeline_outputs`)."""
+    kept = {o.name for o in spec.outputs}
+    return {**io, "outputs": [f for f in io["outputs"] if f["name"] in kept]}
+
+
+def verify(components: dict[str, Path]) -> dict[str, Any]:
+    """Spec checks of every package of a set (runs anywhere): per component, and whether all passed."""
+    results = {name: check_package(path) for name, path in components.items()}
+    return {"components": results, "passed": all(r["passed"] for r in results.values())}

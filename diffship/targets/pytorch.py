@@ -34,7 +34,6 @@ from diffship.store.artifacts import atomic_write_json, staged_path
 from diffship.targets import Case, CompileContext
 from diffship.targets.pytorch_options import (
     DTYPES,
-    FP32_INPUTS,
     INFO,
     NAME,
     PACKAGE,
@@ -52,59 +51,15 @@ from diffship.targets.pytorch_options import needs_calibration as needs_calibrat
 from diffship.targets.pytorch_options import parse_options as parse_options
 from diffship.targets.pytorch_options import preflight as preflight
 from diffship.targets.pytorch_options import writes_artifacts as writes_artifacts
+from diffship.targets.pytorch_prepare import CastIO, apply_options, effective_dtype
 
 # --- preparing a module ----------------------------------------------------------------------------------------
 
 
-def effective_dtype(precision: str, spec: ComponentSpec, options: TorchOptions) -> tuple[str, str | None]:
-    """The type component `spec` keeps its weights in for `precision` (FP32 under autocast), and why a component
-    leaves the set's precision when it does (SDXL's VAE: no FP16, not even under autocast)."""
-    from diffship.targets.onnx_graph import vae_fp32_reason
-
-    v = variant(precision)
-    if v.dtype == "fp16" and (reason := vae_fp32_reason(spec, options.vae_precision, "vae_precision")):
-        return "fp32", reason
-    return "fp32" if v.autocast else v.dtype, None
 
 
-def apply_options(module: nn.Module, spec: ComponentSpec, options: TorchOptions) -> dict[str, Any]:
-    """Set attention, memory format and VAE slicing / tiling on a loaded diffusers module; return what was set."""
-    applied: dict[str, Any] = {}
-    if spec.is_denoiser:
-        if options.attention == "slicing":
-            module.set_attention_slice(options.attention_slice)
-            applied["attention"] = f"sliced ({options.attention_slice})"
-        else:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            module.set_attn_processor(AttnProcessor2_0())
-            applied["attention"] = "sdpa"
-    if spec.role != "text_encoder" and options.channels_last:
-        module.to(memory_format=torch.channels_last)
-        applied["channels_last"] = True
-    if spec.role in ("vae_encoder", "vae_decoder"):
-        if options.vae_slicing:
-            module.enable_slicing()
-            applied["vae_slicing"] = True
-        if options.vae_tiling:
-            module.enable_tiling()
-            applied["vae_tiling"] = True
-    return applied
 
 
-class CastIO(nn.Module):
-    """A component wrapper with FP32 inputs and outputs whatever its own type, like the ONNX export's: float inputs are
-    cast to `dtype` (the timestep stays FP32), outputs back to FP32. Baked into AOTInductor packages."""
-
-    def __init__(self, wrapper: nn.Module, spec: ComponentSpec, dtype: torch.dtype):
-        super().__init__()
-        self.wrapper, self.dtype = wrapper, dtype
-        self.cast = tuple(t.dtype.startswith("float") and t.name not in FP32_INPUTS for t in spec.inputs)
-
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        args = tuple(a.to(self.dtype) if cast else a for a, cast in zip(args, self.cast, strict=True))
-        out = self.wrapper(*args)
-        return tuple(o.float() for o in (out if isinstance(out, tuple) else (out,)))
 
 
 # --- compile: the artifact -------------------------------------------------------------------------------------
