@@ -139,7 +139,7 @@ def test_sdxl_vae_stays_fp32_in_fp16_sets_and_the_report_says_why(coreml_build):
 def test_packages_carry_metadata_and_descriptions(coreml_build, mode: str, compression: str | None):
     result = coreml_build("tiny-sd", ("fp16",) if mode == "fp16" else MODES)
     path = result.out / result.manifest["artifacts"][f"coreml-{mode}"]["components"]["unet"]["path"]
-    spec = coreml_package._ct().utils.load_spec(str(path))
+    spec = coreml_package.load_coremltools().utils.load_spec(str(path))
     meta = dict(spec.description.metadata.userDefined)
     assert meta["diffship.component"] == "unet" and meta["diffship.precision"] == mode
     # Packages are cached by weights, which models share: the model's name is the manifest's to say.

@@ -156,7 +156,7 @@ def test_compile_refuses_bad_requests_before_touching_tensorrt(sd, exported, tmp
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_no_cuda_device_is_named():
     with pytest.raises(DiffshipError, match="PyTorch sees no CUDA device"):
-        tensorrt._cuda_device(0)
+        tensorrt.cuda_device(0)
 
 
 def test_an_engine_tensor_type_diffship_cannot_feed_is_named():

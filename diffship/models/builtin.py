@@ -42,7 +42,6 @@ from diffship.store.artifacts import staged_dir
 BUILTIN_REVISION = 1
 
 
-
 @dataclass(frozen=True)
 class BuiltinModel:
     """A built-in model: its diffusers pipeline class, component configs, scheduler and seed."""
@@ -64,12 +63,6 @@ class BuiltinModel:
     weights: str | None = None
     # The pipeline folder of each text encoder (and its tokenizer); an SDXL refiner has only the second.
     text_encoder_folders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
-
-
-
-
-
-
 
 
 BUILTINS: dict[str, BuiltinModel] = {

@@ -1,8 +1,8 @@
 """The compile stage: one artifact set per target and precision, each component compiled (or reused from the cache)
 from its export, then the set's folder assembled beside it (tokenizers, scheduler, model_index.json).
 
-`only` narrows the stage to one unit (one component of one set, compiled into the cache without assembling the set):
-what a farm task runs.
+With `assemble` false the stage only compiles components into the cache, without assembling the sets: what a farm's
+compile task runs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffship.models.components import CLIENT_OUTPUTS, ComponentSpec
+from diffship.models.components import ComponentSpec
 from diffship.recipe import Recipe
 from diffship.stages.context import Context, shapes_fixed
 from diffship.stages.isolation import compile_isolated, should_isolate
@@ -53,6 +53,8 @@ def compile_stage(c: Context, root: Path, export_dir: Path, entries: dict[str, A
         options = backend.parse_options(target.options)
         # Engines are tied to the GPU and library versions that built them: a different one is a different key.
         environment = backend.environment(options)
+        # What the target's sets hold of each component: all its outputs, or those the pipeline reads (Core ML)
+        held = {n: s if backend.CLIENT_OUTPUTS_KEPT else s.pipeline_outputs() for n, s in by_name.items()}
         for precision in target.precisions:
             set_key = f"{target.name}-{precision}"
             writes = backend.writes_artifacts(precision, options)
@@ -64,7 +66,7 @@ def compile_stage(c: Context, root: Path, export_dir: Path, entries: dict[str, A
                 if not writes:
                     components[name] = backend.compile(source, precision, options)
                     continue
-                context = CompileContext(by_name[name], static_shapes(by_name[name], shapes, guided),
+                context = CompileContext(held[name], static_shapes(held[name], shapes, guided),
                                          c.calibration if backend.needs_calibration(precision) else None,
                                          (shapes["height"][0], shapes["width"][0]), shapes, opt_size, guided,
                                          c.source.folder, recipe.allow_pickle, recipe.export.opset,
@@ -90,8 +92,7 @@ def compile_stage(c: Context, root: Path, export_dir: Path, entries: dict[str, A
             recorded = {name: {"path": path.relative_to(root).as_posix(), "precision": precision,
                                "files": _artifact_files(root, export_dir, path, entries[name]["files"]),
                                "inputs": entries[name]["inputs"], "outputs": [
-                                   o for o in entries[name]["outputs"]
-                                   if backend.CLIENT_OUTPUTS_KEPT or not o["name"].startswith(CLIENT_OUTPUTS)]}
+                                   o for o in entries[name]["outputs"] if o["name"] in {t.name for t in held[name].outputs}]}
                         for name, path in components.items()}
             artifact_set = ArtifactSet(root, set_dir, target.name, precision, components, shapes, "unvalidated",
                                        family=c.family)

@@ -30,9 +30,9 @@ from diffship.targets.coreml_package import (
     COMPRESSION,
     INFO,
     PACKAGE,
-    _ct,
     held_io,
     inspect_package,
+    load_coremltools,
     read_info,
 )
 from diffship.targets.coreml_package import verify as verify
@@ -124,14 +124,12 @@ def model_index(family: str, components: list[str]) -> dict[str, Any]:
 # --- coremltools, torch versions and deployment targets -------------------------------------------------------
 
 
-
-
 def torch_support() -> dict[str, Any]:
     """The torch in use against the range coremltools supports: floor, newest tested, and whether it is inside."""
     import torch
     from packaging.version import Version
 
-    ct = _ct()
+    ct = load_coremltools()
     from coremltools import _deps
 
     newest = getattr(_deps, "_TORCH_MAX_VERSION", None)
@@ -157,7 +155,7 @@ def check_torch(options: CoremlOptions) -> dict[str, Any]:
 def spec_version(target: str) -> int:
     """The Core ML specification version a deployment target name (iOS18, macOS15...) stands for; unknown or too
     old names are refused."""
-    members = _ct().target.__members__
+    members = load_coremltools().target.__members__
     if target not in members:
         names = [n for n in members if _platform_version(n)[1] >= OLDEST_TARGETS.get(_platform_version(n)[0], 99)]
         raise DiffshipError(f"Unknown Core ML minimum_deployment_target {target!r}; choose one of {', '.join(names)}.")
@@ -184,7 +182,7 @@ def prediction_unavailable() -> str | None:
     if platform.system() != "Darwin":
         return f"Core ML prediction needs macOS; this machine runs {platform.system()}"
     try:
-        _ct()
+        load_coremltools()
         import coremltools.libcoremlpython  # noqa: F401  (the native runtime bridge, built only for macOS)
     except ImportError as exc:
         return f"coremltools' runtime bridge is missing ({exc})"
@@ -192,24 +190,6 @@ def prediction_unavailable() -> str | None:
 
 
 # --- conversion -----------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def compile(source: Path, precision: str, options: CoremlOptions | None = None, dest: Path | None = None,
@@ -228,12 +208,12 @@ def compile(source: Path, precision: str, options: CoremlOptions | None = None, 
         raise DiffshipError(f"No ONNX export at {source}: Core ML packages are checked against it.")
     support = check_torch(options)
     target_spec = spec_version(options.minimum_deployment_target)
-    spec = context.spec.pipeline_outputs()  # no client loads a Core ML package in optimum's layout
+    spec = context.spec.pipeline_outputs()  # as the compile stage hands it (CLIENT_OUTPUTS_KEPT); so for direct calls
     shape_sets = package_shapes(context, options)
     compute, reason = compute_precision(precision, spec, options)
 
     base, converted = converted_package(context, spec, compute, shape_sets, options)
-    mlmodel = _ct().models.MLModel(str(base / PACKAGE), skip_model_load=True)
+    mlmodel = load_coremltools().models.MLModel(str(base / PACKAGE), skip_model_load=True)
     compression = None
     if COMPRESSION[precision] and spec.name in options.compress:
         mlmodel, compression = compress_weights(mlmodel, precision, options, target_spec)
@@ -263,8 +243,6 @@ def compile(source: Path, precision: str, options: CoremlOptions | None = None, 
         "versions": support, "options": asdict(options), "package": inspect_package(package),
     })
     return package
-
-
 
 
 def converted_package(context: CompileContext, spec: ComponentSpec, compute: str,
@@ -318,19 +296,7 @@ _DESCRIPTIONS: dict[Any, str] = {
 }
 
 
-# --- what a package holds, and checks against the ONNX export --------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
+# --- describing a package and its parity cases (the checks are in coreml_package) -------------------------------
 
 
 def describe_artifact(package: Path) -> dict[str, Any]:
@@ -361,8 +327,6 @@ def parity_cases(spec: Any, package: Path, cases: tuple[Any, ...]) -> tuple[Any,
     return tuple(built)
 
 
-
-
 # --- running (macOS only) --------------------------------------------------------------------------------------
 
 
@@ -373,7 +337,7 @@ class CoremlRunner:
         if reason := prediction_unavailable():
             raise DiffshipError(f"Cannot run {package}: {reason}. The package is converted and spec-checked; run it "
                                 "on a Mac (macOS 13 or newer).")
-        ct = _ct()
+        ct = load_coremltools()
         self.info = read_info(package)
         self.package, self.options, self.precision = package, options, precision
         self.model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, options.compute_units))

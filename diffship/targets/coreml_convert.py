@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffship.errors import DiffshipError
-from diffship.targets.coreml_package import COMPRESSION, GROUPED_PALETTE_SPEC, _ct, _non_weight_constants, _op_counts
+from diffship.targets.coreml_package import COMPRESSION, GROUPED_PALETTE_SPEC, load_coremltools, non_weight_constants, op_counts
 
 if TYPE_CHECKING:
     from diffship.targets.coreml import CoremlOptions
@@ -22,7 +22,7 @@ def convert(wrapper: Any, spec: Any, shape_sets: list[dict[str, tuple[int, ...]]
     in the ONNX export, float32 I/O, enumerated shapes where the sets differ. Errors name the op that failed."""
     import torch
 
-    ct = _ct()
+    ct = load_coremltools()
     rng = np.random.default_rng(0)
     example = {t.name: _example(t, shape_sets[0][t.name], rng, spec) for t in spec.inputs}
     inputs = []
@@ -62,7 +62,7 @@ def compress_weights(mlmodel: Any, precision: str, options: CoremlOptions, spec_
         raise DiffshipError(f"Core ML precision {precision!r} does not compress weights.")
     # Constants that feed no layer weight stay exact. Keyed by name: MIL merges identical constants, so one
     # zero vector can be a layer norm's beta and a linear's bias at once, and a per-op-type rule would conflict.
-    keep = dict.fromkeys(_non_weight_constants(mlmodel.get_spec()))
+    keep = dict.fromkeys(non_weight_constants(mlmodel.get_spec()))
 
     def only_weights(config: Any) -> Any:
         return cto.OptimizationConfig(global_config=config, op_name_configs=keep)
@@ -87,9 +87,9 @@ def compress_weights(mlmodel: Any, precision: str, options: CoremlOptions, spec_
         if mode["kind"] == "palette" and grouped:
             # coremltools skips weights whose output channels are not a multiple of the group size; they get one
             # table per tensor in a second pass, so every weight above the threshold is compressed.
-            before = _op_counts(compressed.get_spec())["constexpr_lut_to_dense"]
+            before = op_counts(compressed.get_spec())["constexpr_lut_to_dense"]
             compressed = optimize(compressed, only_weights(cto.OpPalettizerConfig(
                 mode="kmeans", nbits=mode["nbits"], granularity="per_tensor", weight_threshold=options.weight_threshold)))
-            record["per_tensor_fallback"] = _op_counts(compressed.get_spec())["constexpr_lut_to_dense"] - before
+            record["per_tensor_fallback"] = op_counts(compressed.get_spec())["constexpr_lut_to_dense"] - before
     return compressed, {**record, "weight_threshold": options.weight_threshold,
                         "seconds": round(time.perf_counter() - began, 2)}

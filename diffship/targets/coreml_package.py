@@ -42,7 +42,7 @@ INFO = "coreml.json"
 WEIGHT_ROLES = {"linear.weight", "conv.weight", "conv_transpose.weight", "matmul.x", "matmul.y", "gather.x"}
 
 
-def _ct() -> Any:
+def load_coremltools() -> Any:
     """coremltools, imported without its import-time chatter (native proxies missing off macOS, untested torch),
     which diffship reports itself."""
     logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -74,21 +74,21 @@ def _feeds(spec: Any) -> dict[str, set[str]]:
     return feeds
 
 
-def _non_weight_constants(spec: Any) -> list[str]:
+def non_weight_constants(spec: Any) -> list[str]:
     """Names of the const ops whose values feed no layer weight or embedding table (masks, biases, norm scales)."""
     feeds = _feeds(spec)
     return [op.attributes["name"].immediateValue.tensor.strings.values[0] for op in _operations(spec)
             if op.type == "const" and not feeds.get(op.outputs[0].name, set()) & WEIGHT_ROLES]
 
 
-def _op_counts(spec: Any) -> Counter[str]:
+def op_counts(spec: Any) -> Counter[str]:
     return Counter(op.type for op in _operations(spec))
 
 
 def inspect_package(package: Path) -> dict[str, Any]:
     """Read a package's spec (no Core ML runtime needed): I/O with dtypes and shapes, op counts, how its weights are
     stored (dtype of each weight blob), the largest weight still in float, and the size on disk."""
-    ct = _ct()
+    ct = load_coremltools()
     from coremltools.proto import MIL_pb2
 
     spec = ct.utils.load_spec(str(package))
@@ -111,7 +111,7 @@ def inspect_package(package: Path) -> dict[str, Any]:
         if op.type.startswith("constexpr_"):
             compressed.append(op.outputs[0].name)
     roles = _feeds(spec)
-    ops = _op_counts(spec)
+    ops = op_counts(spec)
     return {
         "specification_version": spec.specificationVersion, "ml_program": spec.WhichOneof("Type") == "mlProgram",
         "functions": {name: f.opset for name, f in spec.mlProgram.functions.items()},

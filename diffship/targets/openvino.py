@@ -198,8 +198,6 @@ def as_clients_feed(model: ov.Model) -> ov.Model:
     return ppp.build() if changed else model
 
 
-
-
 def _through_disk(model: ov.Model, folder: Path) -> ov.Model:
     """`model` saved as an IR and read back: its weights then map from the file instead of living on the heap."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -216,14 +214,6 @@ def save_ir(model: ov.Model, xml: Path, compress_to_fp16: bool) -> None:
         if "iostream" in str(exc) and shutil.disk_usage(xml.parent).free < 256 * 2**20:
             raise DiskFull(xml.parent) from exc
         raise
-
-
-
-
-
-
-
-
 
 
 def _auto(model: ov.Model, context: CompileContext, options: OvOptions) -> tuple[ov.Model, dict[str, Any]]:
@@ -345,7 +335,6 @@ def load_with_changes(artifact: Path, options: OvOptions | None, precision: str 
     from diffship.targets.weight_patch import ir_replacements
 
     return OvRunner(artifact, options or OvOptions(), precision, ir_replacements(artifact, changes))
-
 
 
 def finish_set(set_dir: Path, components: dict[str, Path], precision: str, options: OvOptions, family: str,

@@ -53,15 +53,6 @@ from diffship.targets.pytorch_options import preflight as preflight
 from diffship.targets.pytorch_options import writes_artifacts as writes_artifacts
 from diffship.targets.pytorch_prepare import CastIO, apply_options, effective_dtype
 
-# --- preparing a module ----------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
 # --- compile: the artifact -------------------------------------------------------------------------------------
 
 

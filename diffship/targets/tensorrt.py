@@ -39,11 +39,11 @@ from diffship.targets.tensorrt_options import (
     REFIT_WEIGHTS,
     Shape,
     TrtOptions,
-    _cuda_device,
-    _trt,
     check_compatible,
     check_fp8,
     check_shape,
+    cuda_device,
+    load_tensorrt,
     profile_shapes,
 )
 from diffship.targets.tensorrt_options import PATCHABLE as PATCHABLE
@@ -58,43 +58,6 @@ from diffship.targets.tensorrt_options import writes_artifacts as writes_artifac
 # What a farm task of each stage needs besides CPU and memory: an engine is built and timed on the GPU kind it will
 # run on (the build's [builds.farm] accelerator_type).
 STAGE_RESOURCES = {"compile": "accelerator", "validate": "accelerator"}
-
-
-
-
-
-
-
-
-# --- what TensorRT is and where it runs ---------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --- optimization profiles ----------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-# --- preparing the ONNX -------------------------------------------------------------------------------------
-
-
-
-
 
 
 # --- building -----------------------------------------------------------------------------------------------
@@ -122,7 +85,7 @@ def timing_cache_path(options: TrtOptions, env: dict[str, str]) -> Path | None:
 def build_engine(onnx_path: Path, compute: str, profile: dict[str, tuple[Shape, Shape, Shape]],
                  options: TrtOptions, cache_file: Path | None) -> bytes:
     """Parse `onnx_path` and build a serialized engine with one optimization profile (TensorRT's Python API)."""
-    trt = _trt()
+    trt = load_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     weakly_typed = compute == "bf16"
@@ -207,7 +170,7 @@ def _quantized_unet(folder: Path, mode: str, options: TrtOptions, context: Compi
     if context.calibration is None or context.model_folder is None:
         raise DiffshipError(f"TensorRT {mode} needs the UNet's calibration inputs and its PyTorch weights.")
     calls = calibration_inputs(context, mode)
-    unet = load_component(context.model_folder, "unet", context.allow_pickle).to(_cuda_device(options.device))
+    unet = load_component(context.model_folder, "unet", context.allow_pickle).to(cuda_device(options.device))
     settings = (mode, options.smoothquant_alpha, options.conv_percentile)
     if auto:
         from diffship.targets.accuracy_gate import probe_inputs
@@ -244,8 +207,8 @@ class TrtRunner:
 
         self.info = read_engine_info(plan)
         check_compatible(self.info["environment"], environment(options), plan)
-        trt = _trt()
-        self.device = _cuda_device(options.device)
+        trt = load_tensorrt()
+        self.device = cuda_device(options.device)
         torch.cuda.set_device(self.device)
         # The logger and runtime must outlive the engine they deserialized.
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -374,7 +337,7 @@ def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, s
                             "or build with [targets.options] refit = true to swap LoRAs later.")
     landed = patch_onnx(weights, dest.parent / REFIT_WEIGHTS, changes)
     values = onnx_replacements(weights, changes)
-    trt = _trt()
+    trt = load_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(artifact.read_bytes())

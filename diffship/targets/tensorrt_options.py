@@ -111,7 +111,7 @@ def model_index(family: str, components: list[str]) -> dict[str, Any]:
     return {"_class_name": "DiffshipTensorRTPipeline", **{c: ["diffship", "TensorRTEngine"] for c in components}}
 
 
-def _trt() -> Any:
+def load_tensorrt() -> Any:
     """The tensorrt module, or a DiffshipError that says what to install."""
     try:
         import tensorrt
@@ -122,7 +122,7 @@ def _trt() -> Any:
     return tensorrt
 
 
-def _cuda_device(device: int) -> Any:
+def cuda_device(device: int) -> Any:
     import torch
 
     if not torch.cuda.is_available():
@@ -138,8 +138,8 @@ def environment(options: TrtOptions | None = None) -> dict[str, str]:
     import torch
 
     options = options or TrtOptions()
-    trt = _trt()
-    device = _cuda_device(options.device)
+    trt = load_tensorrt()
+    device = cuda_device(options.device)
     major, minor = torch.cuda.get_device_capability(device)
     return {"gpu": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}",
             "tensorrt": trt.__version__, "cuda": str(torch.version.cuda)}
@@ -166,7 +166,7 @@ def check_fp8(compute_capability: str, gpu: str = "this GPU") -> None:
 
 def preflight(precisions: list[str], options: TrtOptions) -> None:
     """Before any work: TensorRT loads, a GPU is present, and it can run every precision asked for."""
-    trt = _trt()
+    trt = load_tensorrt()
     env = environment(options)
     if "fp8" in precisions:
         check_fp8(env["compute_capability"], env["gpu"])

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from diffship.runtime.pipeline import DeployedPipeline, initial_latents
+from diffship.runtime.pipeline import DeployedPipeline
 from diffship.store.manifest import ArtifactSet
 from diffship.targets.base import Target
-from diffship.validation.e2e import Sample, compare_images
+from diffship.validation.e2e import Sample, compare_images, sample_latents
 
 
 def app_check(backend: Target, artifacts: ArtifactSet, deployed: DeployedPipeline, sample: Sample,
@@ -19,9 +19,7 @@ def app_check(backend: Target, artifacts: ArtifactSet, deployed: DeployedPipelin
               say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
     """The set's app result (None: the set has no app) and, when the app drew an image, the pair (Python runtime |
     app) for the report's grids. The app passes at `min_psnr` against the runtime's `python` image."""
-    channels = deployed.vae_config.get("latent_channels", 4)
-    latents = initial_latents(sample.seed, 1, channels, sample.height // deployed.vae_scale,
-                              sample.width // deployed.vae_scale).numpy()
+    latents = sample_latents(sample, deployed).numpy()
     ran = backend.app_run(artifacts, sample, latents, options, say)
     if ran is None:
         return None

@@ -102,9 +102,13 @@ def sample_arguments(s: Sample, deployed: DeployedPipeline | LatentSpace,
     strength (everything else drawn from the seed on both sides)."""
     if s.task not in ("text2img", "controlnet"):
         return None, inputs.deployed_kwargs(s.task) if inputs is not None else {}
+    return sample_latents(s, deployed), inputs.deployed_kwargs(s.task) if inputs is not None and s.task == "controlnet" else {}
+
+
+def sample_latents(s: Sample, deployed: DeployedPipeline | LatentSpace) -> Any:
+    """The initial latents diffusers draws for the sample's seed and size (torch, before init_noise_sigma)."""
     channels = deployed.vae_config.get("latent_channels", 4)
-    latents = initial_latents(s.seed, 1, channels, s.height // deployed.vae_scale, s.width // deployed.vae_scale)
-    return latents, inputs.deployed_kwargs(s.task) if inputs is not None and s.task == "controlnet" else {}
+    return initial_latents(s.seed, 1, channels, s.height // deployed.vae_scale, s.width // deployed.vae_scale)
 
 
 def _summarize(results: list[dict[str, Any]]) -> dict[str, Any]:

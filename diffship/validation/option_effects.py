@@ -25,10 +25,6 @@ def option_effects(deployed: DeployedPipeline, plan: Any,
     say = say or (lambda _: None)
     runners = deployed.runners
     options = getattr(next(iter(runners.values())), "options", None)
-    if not any(getattr(options, flag, False) for flag in ("vae_slicing", "vae_tiling")) and \
-            getattr(options, "offload", "none") == "none":
-        return []
-    backend = get_target(deployed.artifacts.target)
     lat = plan.validation.latency
     effects = []
     vae = runners.get("vae_decoder")
@@ -59,6 +55,7 @@ def option_effects(deployed: DeployedPipeline, plan: Any,
         effects.append(_effect(flag, call, runs))
         say(f"      {flag}: peak {_gib(runs[True]['peak'])} on, {_gib(runs[False]['peak'])} off")
     if getattr(options, "offload", "none") != "none":
+        backend = get_target(deployed.artifacts.target)
         v = plan.validation
         sample = (v.prompts[0], v.negative_prompt, plan.height, plan.width, v.steps, v.guidance_scale, v.seeds[0])
         plain = DeployedPipeline(deployed.artifacts, {n: backend.load(r.artifact, replace(r.options, offload="none"))

@@ -40,8 +40,6 @@ class Tolerance:
     max_rel_l2: float
 
 
-
-
 DEFAULT_CASES = (Case(1, 64, 64), Case(2, 128, 192))
 
 

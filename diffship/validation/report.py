@@ -299,10 +299,6 @@ def to_html(report: dict[str, Any], pictures: dict[str, bytes]) -> str:
     return "\n".join(parts)
 
 
-
-
-
-
 def write_report(report: dict[str, Any], pairs: dict[str, list[dict[str, Any]]], folder: Path) -> dict[str, Path]:
     """Write report.json, the PNGs, report.md and report.html into `folder`; return their paths by kind."""
     baseline = f"baseline ({report['baseline']['precision']} {report['baseline']['device']})"
