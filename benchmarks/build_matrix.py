@@ -101,7 +101,7 @@ def run_group(recipe: Path, group: str, out: Path, env: dict[str, str]) -> dict:
         manifest = json.loads((out / "manifest.json").read_text())
         report = json.loads((out / manifest["report"]["json"]).read_text())
         for key, result in report["sets"].items():
-            trajectory = ((result.get("parity") or {}).get("unet_steps") or {}).get("min_cosine")
+            trajectory = ((result.get("parity") or {}).get("denoiser_steps") or {}).get("min_cosine")
             verdicts[key] = {"passed": result["passed"], "min_psnr_db": (result.get("e2e") or {}).get("min_psnr_db"),
                              "unet_real_steps_min_cosine": trajectory}
     return {"group": group, "exit_code": child.returncode, "wall_seconds": round(wall, 1),

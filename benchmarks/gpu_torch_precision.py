@@ -19,7 +19,7 @@ from diffship.compress.quantize import bitsandbytes_unet
 from diffship.models.components import component_specs
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
-from diffship.stages.compress_measure import unet_latency
+from diffship.stages.compress_measure import denoiser_latency
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     variants = [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]
     for name, dtype in variants:
         unet = base.to(dtype)
-        seconds = unet_latency(unet, call, args.repeats)
+        seconds = denoiser_latency(unet, call, args.repeats)
         with torch.inference_mode():
             out = unet(inputs["sample"].to(dtype), inputs["timestep"], inputs["encoder_hidden_states"].to(dtype)).sample
         out = out.float().flatten()
@@ -56,7 +56,7 @@ def main() -> None:
         except Exception as exc:  # report and go on: one missing kernel should not hide the other rows
             print(f"bitsandbytes {weights}: {type(exc).__name__}: {exc}")
             continue
-        seconds = unet_latency(unet, call, args.repeats)
+        seconds = denoiser_latency(unet, call, args.repeats)
         with torch.inference_mode():
             out = unet(inputs["sample"].half(), inputs["timestep"], inputs["encoder_hidden_states"].half()).sample
         rows.append((f"bitsandbytes {weights} (fp16 compute)", seconds,

@@ -52,7 +52,7 @@ def figures(out: Path) -> dict[str, dict]:
                      # each side's fastest call: the uncontended ratio on a shared host (benchmarks/host_noise.py)
                      "unet_speedup_fastest_calls": unet["baseline"]["min_s"] / unet["target"]["min_s"] if unet else None,
                      "unet_step_in_pipeline_speedup": _step_speedup(r),
-                     "unet_real_steps_min_cosine": ((r.get("parity") or {}).get("unet_steps") or {}).get("min_cosine"),
+                     "unet_real_steps_min_cosine": ((r.get("parity") or {}).get("denoiser_steps") or {}).get("min_cosine"),
                      "min_psnr_db": (r.get("e2e") or {}).get("min_psnr_db"),
                      "computes_in": ((r.get("runtime") or {}).get("unet") or {}).get("summary"),
                      "kept_in_float": [k["layer"] for k in search.get("kept_in_float", [])],

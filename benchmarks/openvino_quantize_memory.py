@@ -28,7 +28,11 @@ def quantize(onnx_path: Path, variant: str, size: int, samples: int) -> None:
     import openvino as ov
 
     from diffship.host.memory import release_freed
-    from diffship.targets.openvino import UNET_SENSITIVE, OvOptions, _through_disk, compress_matmul_weights, quantize_calibrated
+    from diffship.models.families.unet import UNET
+    from diffship.targets.openvino import OvOptions, _through_disk, compress_matmul_weights, quantize_calibrated
+    from diffship.targets.openvino_nncf import ignored_patterns
+
+    UNET_SENSITIVE = ignored_patterns(UNET.sensitive.kept_float)
 
     peak = PeakRss().start()
     began = time.perf_counter()

@@ -22,6 +22,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffship.models.components import component_specs, run_torch, wrap
+from diffship.models.families.unet import UNET
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
 from diffship.recipe import DEFAULT_CALIBRATION_PROMPTS
@@ -54,9 +55,9 @@ def main() -> None:
             if mode == "int8-max":
                 from diffship.compress.qat import quantize_int8
 
-                quantize_int8(unet, calls)
+                quantize_int8(unet, calls, UNET.sensitive.trained_float)
             else:
-                qdq_unet.quantize_unet(unet, calls, mode, 0.8, percentile or 100.0)
+                qdq_unet.quantize_unet(unet, calls, mode, 0.8, percentile or 100.0, keep_float=UNET.sensitive.trained_float)
             seconds = time.perf_counter() - began
             fake = [_cosine(run_torch(wrap(spec, unet), spec, c)["out_sample"], e)
                     for c, e in zip(held_out, expected, strict=True)]

@@ -94,9 +94,9 @@ def main() -> None:
     unet = UNet2DConditionModel(**DIGITS_UNET)
     noise_scheduler = DDPMScheduler(**TRAIN_SCHEDULER)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.unet_steps, eta_min=1e-5)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.denoiser_steps, eta_min=1e-5)
     unet_began = time.perf_counter()
-    for step in range(args.unet_steps):
+    for step in range(args.denoiser_steps):
         idx = torch.randint(0, len(images), (args.batch,), generator=generator)
         with torch.no_grad():
             latents = vae.encode(shifted(images[idx])).latent_dist.sample(generator=generator) * scaling
@@ -112,9 +112,9 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         schedule.step()
-        if step % 500 == 0 or step == args.unet_steps - 1:
+        if step % 500 == 0 or step == args.denoiser_steps - 1:
             print(f"unet step {step}: loss {loss.item():.5f} ({time.perf_counter() - began:.0f} s)", flush=True)
-    log |= {"unet_steps": args.unet_steps, "unet_loss": loss.item(), "unet_seconds": time.perf_counter() - unet_began,
+    log |= {"denoiser_steps": args.denoiser_steps, "unet_loss": loss.item(), "unet_seconds": time.perf_counter() - unet_began,
             "total_seconds": time.perf_counter() - began, "batch": args.batch, "torch": torch.__version__}
 
     args.out.mkdir(parents=True, exist_ok=True)

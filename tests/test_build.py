@@ -147,7 +147,7 @@ def test_sd2_and_sdxl_build_end_to_end(built, model: str, encoders: set[str], fa
     assert encoders | {"unet", "vae_decoder"} <= set(artifacts["components"])
     r = result.report["sets"]["onnxruntime-fp32"]
     assert r["e2e"]["passed"] and (r["e2e"]["min_psnr_db"] is None or r["e2e"]["min_psnr_db"] >= 40)
-    assert set(r["e2e"]["tasks"]) == {"text2img", "img2img"} and r["parity"]["unet_steps"]["passed"]
+    assert set(r["e2e"]["tasks"]) == {"text2img", "img2img"} and r["parity"]["denoiser_steps"]["passed"]
     assert r["latency"]["pipeline"]["target"]["total"]["p50_s"] > 0
 
 

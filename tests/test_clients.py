@@ -101,7 +101,7 @@ def _job(folder: Path, out: Path, precision: str, seed: int = 0) -> dict:
     """Draw digits-sd's first validation sample (32x32) from `folder`."""
     return {"folder": str(folder), "task": "text2img", "prompt": "a handwritten digit seven", "negative_prompt": None,
             "seed": seed, "steps": TINY_VALIDATION["steps"], "guidance": 7.5, "height": 32, "width": 32,
-            "precision": precision, "out": str(out)}
+            "precision": precision, "out": str(out), "denoiser": "unet"}
 
 
 def test_an_openvino_fp32_set_runs_in_fp32_in_a_client_only_with_its_recorded_precision(shipped, tmp_path: Path):

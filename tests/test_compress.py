@@ -18,6 +18,7 @@ from diffship.compress.distill import distill
 from diffship.errors import DiffshipError
 from diffship.exporters.onnx import export_component
 from diffship.models.components import component_specs, run_torch, wrap
+from diffship.models.families.unet import UNET
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
 from diffship.stages import compress_measure as measure
@@ -119,7 +120,7 @@ def test_distillation_brings_a_pruned_student_toward_its_teacher_and_resumes(tin
     _, unet, calls = tiny
     pipe = load_baseline(resolve("tiny-sd").folder, device="cpu", dtype=torch.float32)
     captured = capture(pipe, ["a red bicycle", "a blue car"], 4 * 3, 3, 64, 64, 7.5, with_vae=False)
-    data = sample_set(captured, 3, pipe.vae.config.scaling_factor, pipe.scheduler.alphas_cumprod, 7.5)
+    data = sample_set(captured, "unet", 3, pipe.vae.config.scaling_factor, pipe.scheduler.alphas_cumprod, 7.5)
     assert data.latents.shape == (4, 4, 8, 8) and data.conditioning["encoder_hidden_states"].shape[:2] == (4, 2)
     assert data.paired  # unconditional and conditional rows kept together, so the guided direction is learned
     teacher = copy.deepcopy(unet)
@@ -139,7 +140,7 @@ def test_qat_int8_exports_qdq_that_onnx_runtime_and_openvino_run(tiny, tmp_path:
     from diffship.compress.qat import quantize_int8
 
     spec, unet, calls = tiny
-    info = quantize_int8(unet, calls)
+    info = quantize_int8(unet, calls, UNET.sensitive.trained_float)
     assert info["enabled"] > 0
     model = _onnx_matches_torch(spec, unet, tmp_path / "qat", min_cosine=0.999)
     ops = [n.op_type for n in model.graph.node]
@@ -160,7 +161,7 @@ def test_qat_trains_through_the_fake_quantizers(tiny, tmp_path: Path):
 
     _, unet, calls = tiny
     teacher = copy.deepcopy(unet)
-    quantize_int8(unet, calls)
+    quantize_int8(unet, calls, UNET.sensitive.trained_float)
     generator = torch.Generator().manual_seed(0)
     data = SampleSet(torch.randn(4, 4, 8, 8, generator=generator),
                      {"encoder_hidden_states": torch.randn(4, 2, 77, 32, generator=generator)},
@@ -179,7 +180,7 @@ def test_quanto_int8_weights_and_calibrated_activations_shrink_the_unet(tiny):
     args = prune.example_inputs(calls[0])[:3]
     expected = unet(*args).sample
     before = measure.weight_stats(unet)["bytes"]
-    info = quanto(unet, "int8", "int8", calls)
+    info = quanto(unet, "int8", "int8", calls, UNET.sensitive.trained_float)
     assert info["layers"] > 10 and info["calibration_calls"] == len(calls)
     assert measure.weight_stats(unet)["bytes"] < 0.5 * before
     got = unet(*args).sample
@@ -192,7 +193,7 @@ def test_a_pruned_pipeline_folder_round_trips_and_guards_its_pickle(tiny, tmp_pa
     spec, unet, calls = tiny
     prune.prune_channels(unet, 0.3, calls[0])
     folder = tmp_path / "pruned"
-    write_pipeline(resolve("tiny-sd").folder, folder, unet, None, None, {"reshaped": True, "steps": []})
+    write_pipeline(resolve("tiny-sd").folder, folder, "unet", unet, None, None, {"reshaped": True, "steps": []})
     with pytest.raises(DiffshipError, match="--allow-pickle"):
         load_component(folder, "unet")
     loaded = load_component(folder, "unet", allow_pickle=True)
@@ -207,7 +208,7 @@ def test_a_magnitude_pruned_unet_is_saved_as_plain_diffusers_weights(tiny, tmp_p
     spec, unet, _ = tiny
     prune.prune_magnitude(unet, 0.5)
     folder = tmp_path / "sparse"
-    write_pipeline(resolve("tiny-sd").folder, folder, unet, None, None, {"steps": []})
+    write_pipeline(resolve("tiny-sd").folder, folder, "unet", unet, None, None, {"steps": []})
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = load_component(folder, "unet")  # no pickle: shapes are diffusers' own
     assert measure.weight_stats(loaded)["nonzero"] == measure.weight_stats(unet)["nonzero"]
@@ -221,9 +222,9 @@ def test_a_qat_unet_round_trips_through_model_optimizer_state(tiny, tmp_path: Pa
     from diffship.models.compressed import write_pipeline
 
     spec, unet, calls = tiny
-    quantize_int8(unet, calls)
+    quantize_int8(unet, calls, UNET.sensitive.trained_float)
     folder = tmp_path / "qat"
-    write_pipeline(resolve("tiny-sd").folder, folder, unet, None, "modelopt", {"steps": []})
+    write_pipeline(resolve("tiny-sd").folder, folder, "unet", unet, None, "modelopt", {"steps": []})
     assert not (folder / "unet" / "diffship_unet.pt").exists()  # no pickle needed: the structure is diffusers'
     loaded = load_component(folder, "unet")
     feed = spec.sample_inputs(2, 64, 64, seed=3)
@@ -237,9 +238,9 @@ def test_a_quanto_unet_round_trips_through_its_quantization_map(tiny, tmp_path: 
     from diffship.models.compressed import write_pipeline
 
     spec, unet, calls = tiny
-    quanto(unet, "int4", "none", calls)
+    quanto(unet, "int4", "none", calls, UNET.sensitive.trained_float)
     folder = tmp_path / "quanto"
-    write_pipeline(resolve("tiny-sd").folder, folder, unet, None, "quanto", {"steps": []})
+    write_pipeline(resolve("tiny-sd").folder, folder, "unet", unet, None, "quanto", {"steps": []})
     loaded = load_component(folder, "unet")
     assert any("QLinear" in type(m).__name__ for m in loaded.modules())
     args = prune.example_inputs(spec.sample_inputs(2, 64, 64, seed=3))[:3]
@@ -263,10 +264,10 @@ def test_precision_casts_components_and_keeps_the_sdxl_vae_in_fp32_under_fp16(mo
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 8-bit and NF4 kernels need a CUDA GPU")
 def test_bitsandbytes_loads_the_unet_in_nf4_on_cuda(model_cache: Path):
-    from diffship.compress.quantize import bitsandbytes_unet
+    from diffship.compress.quantize import bitsandbytes_denoiser
 
     folder = resolve("tiny-sd").folder
-    unet, info = bitsandbytes_unet(folder, "nf4")
+    unet, info = bitsandbytes_denoiser(folder, "unet", "nf4")
     assert info["weights"] == "nf4"
     assert any("Linear4bit" in type(m).__name__ for m in unet.modules())
 
@@ -274,10 +275,10 @@ def test_bitsandbytes_loads_the_unet_in_nf4_on_cuda(model_cache: Path):
 def test_bitsandbytes_without_cuda_is_refused_with_the_alternative(model_cache: Path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the refusal is for CPU-only machines")
-    from diffship.compress.quantize import bitsandbytes_unet
+    from diffship.compress.quantize import bitsandbytes_denoiser
 
     with pytest.raises(DiffshipError, match="needs a CUDA GPU.*quanto"):
-        bitsandbytes_unet(resolve("tiny-sd").folder, "int8")
+        bitsandbytes_denoiser(resolve("tiny-sd").folder, "unet", "int8")
 
 
 @pytest.mark.parametrize(("step", "message"), [
@@ -301,7 +302,7 @@ def test_compress_cli_refuses_too_many_heads_without_writing_output(tmp_path: Pa
 
 @pytest.mark.parametrize(("steps", "message"), [
     (["quantize:weights='int8'", "prune-magnitude:sparsity=0.5"], "comes after quantization; quantize last"),
-    (["prune-magnitude:sparsity=0.5", "quantize:library='bitsandbytes'"], "must be the only UNet step"),
+    (["prune-magnitude:sparsity=0.5", "quantize:library='bitsandbytes'"], "must be the only step"),
 ])
 def test_compress_cli_refuses_steps_in_an_order_it_cannot_honour(steps: list[str], message: str, tmp_path: Path,
                                                                   model_cache: Path):

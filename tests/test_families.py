@@ -3,6 +3,7 @@ pipeline feeds its UNet, and no module outside `models/families` naming a family
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -19,18 +20,18 @@ from diffship.validation.baseline import load_baseline
 TINY = ["tiny-sd", "tiny-sd2", "tiny-sdxl", "tiny-sdxl-refiner"]
 
 
-def _fed_to_unet(pipe, **call) -> dict[str, torch.Tensor]:
-    """The tensors diffusers' pipeline passes its UNet on the first step."""
+def _fed_to_denoiser(pipe, denoiser, **call) -> dict[str, torch.Tensor]:
+    """The tensors diffusers' pipeline passes its denoiser on the first step, read by the denoiser's declared
+    `call_inputs` (what calibration and real-step capture record)."""
     seen: dict[str, torch.Tensor] = {}
 
     def hook(_module, args, kwargs):
         if not seen:
-            names = ("sample", "timestep", "encoder_hidden_states")
-            given = dict(zip(names, args, strict=False)) | {k: kwargs[k] for k in names if k in kwargs}
-            seen.update(sample=given["sample"], encoder_hidden_states=given["encoder_hidden_states"],
-                        **(kwargs.get("added_cond_kwargs") or {}))
+            inputs, residuals = denoiser.call_inputs(args, kwargs)
+            assert not residuals
+            seen.update({k: v for k, v in inputs.items() if k != "timestep"})
 
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = getattr(pipe, denoiser.component).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         pipe(**call, num_inference_steps=2, output_type="np")
     finally:
@@ -39,17 +40,18 @@ def _fed_to_unet(pipe, **call) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_the_specs_a_family_declares_are_what_its_diffusers_pipeline_feeds_the_unet(name: str):
+def test_the_specs_a_family_declares_are_what_its_diffusers_pipeline_feeds_its_denoiser(name: str):
     folder = builtin_folder(name)
     family = detect_family(folder)
-    unet = next(s for s in component_specs(folder) if s.is_denoiser)
+    denoiser = next(s for s in component_specs(folder) if s.is_denoiser)
+    assert denoiser.name == family.denoiser.component and denoiser.denoiser is family.denoiser
     pipe = load_baseline(folder, device="cpu", dtype=torch.float32)
     assert type(pipe).__name__ == family.pipelines[family.tasks[0]]
     call = {"prompt": "a red bicycle", "height": 64, "width": 64, "generator": torch.Generator().manual_seed(0)}
     if family.tasks[0] == "img2img":
         call |= {"image": np.full((1, 64, 64, 3), 0.5, dtype=np.float32), "strength": 0.9}
-    fed = _fed_to_unet(pipe, **call)
-    declared = unet.sample_inputs(2, 64, 64)
+    fed = _fed_to_denoiser(pipe, family.denoiser, **call)
+    declared = denoiser.sample_inputs(2, 64, 64)
     assert set(fed) == set(declared) - {"timestep"}
     for key, value in fed.items():
         assert tuple(value.shape) == declared[key].shape, key
@@ -90,3 +92,44 @@ def test_no_module_outside_the_families_names_a_family():
              if "families" not in path.parts and path not in allowed
              for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if FAMILY_LITERAL.search(line)]
     assert not named, named
+
+
+def _code_names(tree: ast.AST) -> list[tuple[int, str]]:
+    """Names, attributes, parameters, imports and string constants (docstrings aside) of a module, with their line."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            found.append((node.lineno, node.value))
+        elif isinstance(node, ast.Name | ast.Attribute | ast.arg | ast.alias):
+            name = {ast.Name: "id", ast.Attribute: "attr", ast.arg: "arg", ast.alias: "name"}[type(node)]
+            found.append((getattr(node, "lineno", 0), getattr(node, name)))
+    return found
+
+
+# The UNet as a component (its folder, attribute or name), its config, its class, its variant taking ControlNet
+# residuals; a path piece counts ("unet/config.json"); LoRA key prefixes ("lora_unet_", "unet.") are a file format's.
+UNET_NAME = re.compile(r"^(unet|unet_config|controlled_unet|UNet2DConditionModel)$|(^|/)(controlled_)?unet/|/unet$")
+
+
+def test_no_module_outside_the_families_names_the_unet():
+    """The denoiser is a role the family declares (`models/families/unet.py`): runtime, capture, calibration,
+    validation, report, compression and targets ask `family.denoiser` / `spec.denoiser`, so a family with a
+    transformer for a denoiser is one new declaration. The built-in models' own declarations may name it."""
+    root = Path(diffship.__file__).parent
+    allowed = {root / "models" / "builtin.py", root / "models" / "builtin_configs.py"}
+    named = [f"{path.relative_to(root)}:{line} {value!r}" for path in sorted(root.rglob("*.py"))
+             if "families" not in path.parts and path not in allowed
+             for line, value in _code_names(ast.parse(path.read_text(encoding="utf-8"))) if UNET_NAME.search(value)]
+    assert not named, named
+
+
+def test_the_unet_guard_catches_each_way_of_naming_it():
+    code = ast.parse('"""The module\'s docstring may say unet/."""\nx = pipe.unet\n'
+                     'def f(unet): return "unet/config.json", "controlled_unet"\n'
+                     'from diffusers import UNet2DConditionModel\n')
+    caught = sorted(value for _, value in _code_names(code) if UNET_NAME.search(value))
+    assert caught == ["UNet2DConditionModel", "controlled_unet", "unet", "unet", "unet/config.json"]
+    assert not [v for _, v in _code_names(ast.parse('p = ("lora_unet_", "unet.", "denoiser")')) if UNET_NAME.search(v)]

@@ -63,7 +63,7 @@ def test_int8_auto_meets_its_gate_on_real_steps_on_every_model(builds, label):
     result = builds[label]
     for key in SETS:
         r = result.report["sets"][key]
-        steps = r["parity"]["unet_steps"]
+        steps = r["parity"]["denoiser_steps"]
         threshold = r["parity"]["tolerance"]["min_cosine"]
         assert steps["min_cosine"] >= threshold, (label, key, steps["min_cosine"])
         assert r["passed"], (label, key)

@@ -54,7 +54,7 @@ def test_the_unet_merge_equals_diffusers_and_peft_fusing_the_same_file(files, la
     pipe.unload_lora_weights()  # the fused weights stay, peft's wrappers go
     theirs = pipe.unet.state_dict()
     modules = _modules()
-    counts = merge(modules, LoraSpec(files[layout], 0.8))
+    counts = merge(modules, LoraSpec(files[layout], 0.8), "unet")
     ours = modules["unet"].state_dict()
     original = load_component(builtin_folder("tiny-sd"), "unet").state_dict()
     changed = [k for k in ours if not torch.equal(ours[k], original[k])]
@@ -71,7 +71,7 @@ def test_the_text_encoder_merge_is_w_plus_scale_alpha_over_rank_b_a(files):
     down, up, alpha = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"], float(tensors[f"{key}.alpha"])
     modules = _modules()
     before = modules["text_encoder"].get_submodule("encoder.layers.0.self_attn.q_proj").weight.clone()
-    counts = merge(modules, LoraSpec(files["kohya"], 0.5))
+    counts = merge(modules, LoraSpec(files["kohya"], 0.5), "unet")
     after = modules["text_encoder"].get_submodule("encoder.layers.0.self_attn.q_proj").weight
     torch.testing.assert_close(after, before + 0.5 * alpha / down.shape[0] * up @ down)
     assert counts == _layers(tensors)
@@ -82,7 +82,7 @@ def test_a_lora_that_matches_nothing_or_only_part_is_refused(tmp_path: Path, fil
     save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 32),
                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(32, 2)}, str(stranger))
     with pytest.raises(DiffshipError, match="none of its layers match; no module for text_encoder_2:"):
-        merge(_modules(), LoraSpec(stranger))
+        merge(_modules(), LoraSpec(stranger), "unet")
     from safetensors.torch import load_file
 
     partial = dict(load_file(str(files["kohya"])))
@@ -91,10 +91,10 @@ def test_a_lora_that_matches_nothing_or_only_part_is_refused(tmp_path: Path, fil
     save_file(partial, str(tmp_path / "partial.safetensors"))
     total = sum(_layers(partial).values())
     with pytest.raises(DiffshipError, match=rf"{total - 1} of {total} of its layers match; no module for unet:down_blocks_9"):
-        merge(_modules(), LoraSpec(tmp_path / "partial.safetensors"))
+        merge(_modules(), LoraSpec(tmp_path / "partial.safetensors"), "unet")
     save_file({"model.weight": torch.ones(2)}, str(tmp_path / "junk.safetensors"))
     with pytest.raises(DiffshipError, match="not LoRA weights diffship reads"):
-        merge(_modules(), LoraSpec(tmp_path / "junk.safetensors"))
+        merge(_modules(), LoraSpec(tmp_path / "junk.safetensors"), "unet")
 
 
 def test_a_merged_model_is_a_cached_folder_recorded_with_hashes_and_scales(files, model_cache: Path):

@@ -76,8 +76,8 @@ def test_int8_is_qnn_qdq_on_the_unet_with_uint16_activations(digits_mobile):
     model = onnx.load(str(out / "mobile-int8" / "unet" / "model.onnx"))
     ops = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert len(ops) > 100
-    steps = result.report["sets"]["mobile-int8"]["parity"]["unet_steps"]
-    fp32 = result.report["sets"]["mobile-fp32"]["parity"]["unet_steps"]
+    steps = result.report["sets"]["mobile-int8"]["parity"]["denoiser_steps"]
+    fp32 = result.report["sets"]["mobile-fp32"]["parity"]["denoiser_steps"]
     assert steps["passed"] and steps["min_cosine"] < fp32["min_cosine"]  # INT8 is not FP32: the check can tell
     kept = json.loads((out / "mobile-int8" / "text_encoder" / "diffship-graph.json").read_text())
     assert kept["kept"] == "fp32" and "text encoder" in kept["reason"]

@@ -67,7 +67,7 @@ def test_fp16_halves_the_weights_keeps_fp32_io_and_passes_the_fp16_bar(sd_build)
     result = sd_build.report["sets"]["onnxruntime-fp16"]
     assert result["parity"]["tolerance"] == {"min_cosine": 0.999, "max_rel_l2": 0.05}
     assert result["passed"], result["parity"]
-    assert result["parity"]["unet_steps"]["min_cosine"] > 0.999
+    assert result["parity"]["denoiser_steps"]["min_cosine"] > 0.999
 
 
 def test_fp16_on_the_cpu_is_checked_for_parity_but_not_timed_and_the_report_says_why(sd_build):
@@ -89,7 +89,7 @@ def test_tiny_sdxl_is_built_and_judged_in_fp32_and_fp16(sdxl_build):
 @pytest.mark.slow
 def test_tiny_sdxl_int8_quantizes_both_text_encoders_and_is_judged(sdxl_int8):
     int8 = sdxl_int8.report["sets"]["onnxruntime-int8"]
-    assert int8["parity"]["unet_steps"]["min_cosine"] > 0.98 and int8["e2e"]["min_psnr_db"] > 25
+    assert int8["parity"]["denoiser_steps"]["min_cosine"] > 0.98 and int8["e2e"]["min_psnr_db"] > 25
     assert int8["passed"] == (int8["parity"]["passed"] and int8["e2e"]["passed"])
     encoder_2 = onnx.load(str(sdxl_int8.out / "onnxruntime-int8" / "text_encoder_2" / "model.onnx"))
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in encoder_2.graph.node)

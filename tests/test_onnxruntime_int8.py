@@ -57,7 +57,7 @@ def test_int8_passes_the_int8_bar_on_every_real_step_and_draws_a_close_image(int
     assert result["passed"], result["parity"]
     assert result["runtime"]["unet"]["summary"] == "ONNX Runtime CPU int8"
     assert result["e2e"]["min_psnr_db"] > 30
-    assert result["parity"]["unet_steps"]["min_cosine"] > 0.995
+    assert result["parity"]["denoiser_steps"]["min_cosine"] > 0.995
 
 
 def test_an_unknown_calibration_method_exits_2(tmp_path: Path):

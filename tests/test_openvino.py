@@ -10,9 +10,13 @@ from typer.testing import CliRunner
 
 from diffship.cli.main import app
 from diffship.errors import DiffshipError
+from diffship.models.families.unet import UNET
 from diffship.recipe import parse_recipe
 from diffship.stages.build import build
 from diffship.targets import openvino as target
+from diffship.targets.openvino_nncf import ignored_patterns
+
+SENSITIVE = ignored_patterns(UNET.sensitive.kept_float)
 
 runner = CliRunner()
 # One precision of each kind in `make test`: the IR as exported, compressed to FP16, weight-only INT8, calibrated
@@ -43,7 +47,7 @@ def test_every_precision_builds_runs_end_to_end_and_passes_its_tolerance(build_n
         assert set(result["e2e"]["tasks"]) == {"text2img", "img2img"}
         assert result["parity"]["tolerance"]["min_cosine"] == threshold.min_cosine
         assert set(result["parity"]["components"]) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
-        assert len(result["parity"]["unet_steps"]["steps"]) >= 3  # every real denoising step checked
+        assert len(result["parity"]["denoiser_steps"]["steps"]) >= 3  # every real denoising step checked
         assert result["latency"]["components"]["unet"]["target"]["p50_s"] > 0  # the default recipe's latency step
 
 
@@ -101,9 +105,9 @@ def test_matmuls_w8_compresses_the_matmul_weights_and_calibrates_only_the_rest(o
     shapes = {k: [2, 4, 8, 8] if k == "sample" else v for k, v in shapes.items()}
     calls = [{k: (np.full(v, 900.0 - 300 * i, np.float32) if k == "timestep" else
                   rng.standard_normal(v).astype(np.float32)) for k, v in shapes.items()} for i in range(4)]
-    compressed, weighted = target.compress_matmul_weights(fp32.clone(), target.UNET_SENSITIVE)
+    compressed, weighted = target.compress_matmul_weights(fp32.clone(), SENSITIVE)
     assert weighted and not [n for n in weighted if "conv" in n.lower()]
-    model = target.quantize_calibrated(compressed, calls, target.OvOptions(), target.UNET_SENSITIVE, weighted)
+    model = target.quantize_calibrated(compressed, calls, target.OvOptions(), SENSITIVE, weighted)
     ops = {op.get_friendly_name(): op for op in model.get_ops()}
     fed_by_fq = {name for name, op in ops.items() if op.get_type_name() in ("MatMul", "Convolution")
                  and any(op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in (0, 1))}
@@ -121,9 +125,9 @@ def test_matmuls_w8_compresses_the_matmul_weights_and_calibrates_only_the_rest(o
 
     # activations = "convolutions": the calibrated pass quantizes convolution inputs only (the attention products and
     # everything else keep their float activations), the MatMul weights still INT8
-    convs_only = target.quantize_calibrated(target.compress_matmul_weights(fp32.clone(), target.UNET_SENSITIVE)[0],
+    convs_only = target.quantize_calibrated(target.compress_matmul_weights(fp32.clone(), SENSITIVE)[0],
                                             calls, target.OvOptions(activations="convolutions"),
-                                            target.UNET_SENSITIVE, weighted)
+                                            SENSITIVE, weighted)
     quantizers = [op for op in convs_only.get_ops() if op.get_type_name() == "FakeQuantize"]
     consumers = {t.get_node().get_type_name() for q in quantizers for t in q.output(0).get_target_inputs()}
     assert quantizers and consumers <= {"Convolution", "Convert"}, consumers
@@ -149,7 +153,7 @@ def test_int8_full_quantizes_everything_and_is_judged_like_the_rest(tiny_build):
     # output of every parity case and real step inside the tolerance, every image above PSNR and SSIM.
     bar = parse_recipe({}).threshold("int8-full")
     outputs = [m for c in full["parity"]["components"].values() for case in c["cases"] for m in case["outputs"].values()]
-    steps = full["parity"]["unet_steps"]["steps"]
+    steps = full["parity"]["denoiser_steps"]["steps"]
     parity_ok = all(m["finite"] and m["cosine"] >= bar.min_cosine and m["rel_l2"] <= bar.max_rel_l2
                     for m in [*outputs, *steps])
     images_ok = all(i["identical"] or (i["psnr_db"] >= bar.min_psnr and i["ssim"] >= bar.min_ssim)
@@ -207,7 +211,7 @@ def test_bad_openvino_options_are_refused(options: dict, message: str):
 
 
 @pytest.mark.parametrize(("calibration", "message"), [
-    ({"samples": 2}, "needs at least 4 UNet calls"),
+    ({"samples": 2}, "needs at least 4 denoiser calls"),
     ({"prompts": []}, "calibration.prompts"),
 ])
 def test_int8_with_too_little_calibration_exits_2_before_any_work(tmp_path: Path, calibration: dict, message: str):

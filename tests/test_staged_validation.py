@@ -36,7 +36,7 @@ def test_staged_validation_gives_the_interleaved_parity_values_and_images(builds
         grid = Path("report") / "images" / f"grid-{key}.png"
         assert (interleaved.out / grid).read_bytes() == (staged.out / grid).read_bytes()
     # INT8 differs from PyTorch, so equal values above are not two identical-image shortcuts.
-    assert staged.report["sets"]["onnxruntime-int8"]["parity"]["unet_steps"]["min_cosine"] < 0.99999
+    assert staged.report["sets"]["onnxruntime-int8"]["parity"]["denoiser_steps"]["min_cosine"] < 0.99999
     assert not staged.report["sets"]["onnxruntime-int8"]["e2e"]["samples"][0]["identical"]
 
 
@@ -62,7 +62,7 @@ def test_a_later_build_reads_the_recorded_baseline_from_the_cache_and_times_the_
     lines: list[str] = []
     again = build(recipe, tmp_path / "again", say=lines.append)
     assert any("recorded by an earlier run" in line for line in lines), lines
-    assert not any("recording the baseline" in line or "capturing the UNet's inputs" in line for line in lines)
+    assert not any("recording the baseline" in line or "capturing the unet's inputs" in line for line in lines)
     for key in ("onnxruntime-fp32", "onnxruntime-int8"):
         a, b = first.report["sets"][key], again.report["sets"][key]
         assert not b["cached"] and a["parity"] == b["parity"] and a["e2e"]["samples"] == b["e2e"]["samples"]

@@ -35,7 +35,7 @@ def test_a_build_validates_the_task_the_model_is_for(tiny_build, name: str, task
         assert list(e2e["tasks"]) == [task] and all(s["task"] == task for s in e2e["samples"])
         # The UNet's real steps come from the task's own run: strength 0.75 of 4 steps is 3 calls (PNDM adds one
         # more for a full text-to-image run), and an inpainting UNet's sample has the mask and masked latents beside it.
-        steps = r["parity"]["unet_steps"]["steps"]
+        steps = r["parity"]["denoiser_steps"]["steps"]
         assert len(steps) == 3 if task == "img2img" else len(steps) >= 3
         assert r["latency"]["pipeline"]["task"] == task and r["latency"]["pipeline"]["target"]["total"]["p50_s"] > 0
         grid = result.out / "report" / "images" / f"grid-{key}.png"

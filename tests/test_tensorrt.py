@@ -20,6 +20,7 @@ import torch
 
 from diffship.errors import DiffshipError
 from diffship.models.components import component_specs, run_torch, wrap
+from diffship.models.families.unet import UNET
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
 from diffship.recipe import parse_recipe
@@ -27,6 +28,8 @@ from diffship.stages.build import build
 from diffship.stages.compile import static_shapes
 from diffship.targets import CompileContext, check_available, qdq_unet, tensorrt
 from diffship.targets.tensorrt import TrtOptions
+
+KEEP = UNET.sensitive.trained_float
 
 RANGES = {"batch": [1, 4], "height": [64, 128], "width": [64, 128]}
 ENV = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt": "10.13.3", "cuda": "12.8"}
@@ -190,7 +193,7 @@ def test_what_each_component_computes_in(sd):
     opts = TrtOptions()
     assert tensorrt.computes_in(specs["unet"], "int8", opts) == ("int8", None)
     lowered, reason = tensorrt.computes_in(specs["text_encoder"], "int8", opts)
-    assert lowered == "fp16" and "quantizes the UNet" in reason
+    assert lowered == "fp16" and "quantizes the denoiser" in reason
     assert tensorrt.computes_in(specs["vae_decoder"], "fp16", opts) == ("fp16", None)
     assert tensorrt.computes_in(xl["vae_decoder"], "fp16", opts)[0] == "fp32"  # overflows in FP16
     assert tensorrt.computes_in(xl["vae_decoder"], "int8", TrtOptions(vae_precision="fp16"))[0] == "fp16"
@@ -245,7 +248,7 @@ def unet_int8(sd, tmp_path_factory: pytest.TempPathFactory):
     spec = specs["unet"]
     calls = [spec.sample_inputs(2, 64, 64, seed=i) for i in range(6)]
     float_unet, unet = load_component(folder, "unet"), load_component(folder, "unet")
-    info = qdq_unet.quantize_unet(unet, calls, "int8", alpha=0.8, percentile=99.9)
+    info = qdq_unet.quantize_unet(unet, calls, "int8", alpha=0.8, percentile=99.9, keep_float=KEEP)
     path = qdq_unet.export_qdq(unet, spec, tmp_path_factory.mktemp("qdq"))
     return spec, float_unet, unet, calls, info, path
 
@@ -269,7 +272,8 @@ def test_percentile_ranges_clip_below_the_max_ranges(sd, unet_int8):
     folder, _specs = sd
     _, _, unet, calls, _, _ = unet_int8
     max_unet = load_component(folder, "unet")
-    qdq_unet.quantize_unet(max_unet, calls, "int8", alpha=0.8, percentile=100.0)  # 100: keep the max ranges
+    # 100: keep the max ranges
+    qdq_unet.quantize_unet(max_unet, calls, "int8", alpha=0.8, percentile=100.0, keep_float=KEEP)
     pairs = [(float(a.input_quantizer.amax), float(b.input_quantizer.amax))
              for a, b in zip(unet.modules(), max_unet.modules(), strict=True)
              if isinstance(a, torch.nn.Conv2d) and hasattr(a, "input_quantizer") and a.input_quantizer.is_enabled]
@@ -302,10 +306,11 @@ def test_fp8_unet_exports_tensorrt_fp8_quantizers(sd, tmp_path: Path):
     folder, specs = sd
     spec = specs["unet"]
     unet = load_component(folder, "unet")
-    info = qdq_unet.quantize_unet(unet, [spec.sample_inputs(2, 64, 64, seed=i) for i in range(3)], "fp8")
+    info = qdq_unet.quantize_unet(unet, [spec.sample_inputs(2, 64, 64, seed=i) for i in range(3)], "fp8",
+                                  keep_float=KEEP)
     assert info["mode"] == "fp8"
     path = qdq_unet.export_qdq(unet, spec, tmp_path / "fp8")
-    tensorrt.prepare_onnx(path, tmp_path / "prepared" / "model.onnx", "fp8")
+    tensorrt.prepare_onnx(path, tmp_path / "prepared" / "model.onnx", "fp8", keep_float=KEEP)
     nodes = onnx.load(str(tmp_path / "prepared" / "model.onnx")).graph.node
     fp8 = [n for n in nodes if n.op_type == "TRT_FP8QuantizeLinear"]
     assert len(fp8) > 50 and {n.domain for n in fp8} == {"trt"}
@@ -315,9 +320,9 @@ def test_quantizing_without_calls_or_with_bad_settings_is_refused(sd):
     folder, _ = sd
     unet = load_component(folder, "unet")
     with pytest.raises(DiffshipError, match="needs calibration calls"):
-        qdq_unet.quantize_unet(unet, [], "int8")
+        qdq_unet.quantize_unet(unet, [], "int8", keep_float=KEEP)
     with pytest.raises(DiffshipError, match="percentile"):
-        qdq_unet.quantize_unet(unet, [{}], "int8", percentile=0)
+        qdq_unet.quantize_unet(unet, [{}], "int8", percentile=0, keep_float=KEEP)
     with pytest.raises(DiffshipError, match="alpha"):
         qdq_unet.quant_config("int8", 1.5)
     with pytest.raises(DiffshipError, match="Unknown QDQ mode"):
@@ -449,8 +454,8 @@ def auto_unet(sd, tmp_path_factory: pytest.TempPathFactory):
     unet = load_component(folder, "unet")
     lines: list[str] = []
     info = search_unet(unet, calls, probe_inputs(spec, gate), gate,
-                       lambda u: qdq_unet.quantize_unet(u, calls, "int8", 0.8, 99.99, keep_sensitive=False),
-                       lines.append)
+                       lambda u: qdq_unet.quantize_unet(u, calls, "int8", 0.8, 99.99, keep_float=()),
+                       lines.append, UNET.sensitive.searched_first)
     path = qdq_unet.export_qdq(unet, spec, tmp_path_factory.mktemp("qdq-auto"))
     return spec, folder, unet, held_out, gate, info, lines, path
 

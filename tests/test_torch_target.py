@@ -85,7 +85,7 @@ def test_every_set_passes_parity_images_and_is_timed_against_the_baseline(build_
     result = request.getfixturevalue(build_name)
     assert result.passed, {k: (r["parity"]["passed"], r["e2e"]["passed"]) for k, r in _sets(result).items()}
     for key, r in _sets(result).items():
-        assert r["parity"]["unet_steps"]["passed"], key
+        assert r["parity"]["denoiser_steps"]["passed"], key
         assert r["e2e"]["passed"] and r["e2e"]["images"] >= 1, key
         assert set(r["latency"]["components"]) >= {"unet", "vae_decoder"}, key
         assert r["latency"]["pipeline"]["target"]["total"]["p50_s"] > 0, key
@@ -94,7 +94,7 @@ def test_every_set_passes_parity_images_and_is_timed_against_the_baseline(build_
     fp32 = result.report["sets"].get("torch-fp32")
     if fp32 is not None and build_name == "plain":
         assert fp32["e2e"]["identical"]
-        assert fp32["parity"]["unet_steps"]["min_cosine"] > 0.999999
+        assert fp32["parity"]["denoiser_steps"]["min_cosine"] > 0.999999
 
 
 @pytest.mark.slow

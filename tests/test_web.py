@@ -58,7 +58,7 @@ def test_web_sets_hold_pinned_graphs_the_app_and_a_manifest_that_covers_them(dig
                      "runtime/ort-wasm-simd-threaded.asyncify.wasm", "runtime/tokenizers.min.mjs", "diffship-web.json"):
             assert (folder / name).is_file(), name
         config = json.loads((folder / "diffship-web.json").read_text())
-        assert config["latents"] == [1, 4, 8, 8] and config["unet_batch"] == 2 and config["image"] == [32, 32]
+        assert config["latents"] == [1, 4, 8, 8] and config["denoiser_batch"] == 2 and config["image"] == [32, 32]
         assert config["scheduler"]["_class_name"] == "DDIMScheduler"
         model = onnx.load(str(folder / "unet" / "model.onnx"), load_external_data=False)
         dims = [d for i in model.graph.input for d in i.type.tensor_type.shape.dim]

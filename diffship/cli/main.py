@@ -81,8 +81,8 @@ ModelConfigOption = Annotated[str | None, typer.Option(
 VariantOption = Annotated[str | None, typer.Option(
     help="Load a weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors), upcast to FP32.")]
 ControlnetOption = Annotated[list[str] | None, typer.Option(
-    "--controlnet", help="A ControlNet (diffusers ControlNetModel folder or hub id) exported beside the UNet, with a UNet "
-                         "that takes its residuals; repeat for several.")]
+    "--controlnet", help="A ControlNet (diffusers ControlNetModel folder or hub id) exported beside the denoiser, with "
+                         "a variant of the denoiser that takes its residuals; repeat for several.")]
 LoraOption = Annotated[list[str] | None, typer.Option(
     help="A LoRA to merge before export, PATH[:SCALE] (diffusers / PEFT, kohya or LoCon .safetensors); repeat for "
          "several, merged in order.")]
@@ -274,8 +274,7 @@ def compress(
                             "with compress = [...].")
     # After the recipe, as in `build`: these bring torch and diffusers (7 s), and a bad recipe is said at once.
     from diffship.compress.table import stage_chart, stage_table
-    from diffship.models.components import native_size
-    from diffship.models.families import component_config, detect_family
+    from diffship.models.families import detect_family
     from diffship.models.lora import LoraSpec
     from diffship.models.source import resolve
     from diffship.stages.compress_run import RECORD_FILE, settings_for
@@ -290,8 +289,8 @@ def compress(
     family = detect_family(source.folder)
     from diffship.exporters.pipeline import select_specs
 
-    spec = select_specs(source.folder, ["unet"])[0]
-    native = native_size(component_config(source.folder, "unet"), spec.vae_scale)
+    spec = select_specs(source.folder, [family.denoiser.component])[0]
+    native = family.denoiser.native_size(family.denoiser_config(source.folder), spec.vae_scale)
     settings, measure_quality = settings_for(recipe, source.folder, recipe.validation.height or native,
                                              recipe.validation.width or native)
     say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731

@@ -34,7 +34,7 @@ class Client:
     # (the set's model_index `_class_name`, task) -> why this client cannot run that pipeline, or None
     refuses: Callable[[str, str], str | None] = lambda index_class, task: None
     # the set's folder -> why this client cannot load it, or None
-    refuses_folder: Callable[[Path], str | None] = lambda folder: None
+    refuses_folder: Callable[[Path, str], str | None] = lambda folder, denoiser: None  # (set folder, denoiser)
     # (`_class_name`, height, width) -> how the client's own pipeline differs from diffusers' there, or None: said
     # beside its figure in the report (the threshold still judges the image)
     differs: Callable[[str, int, int], str | None] = lambda index_class, height, width: None
@@ -59,13 +59,13 @@ def _genai_refuses(index_class: str, task: str) -> str | None:
     return None
 
 
-def _genai_refuses_folder(folder: Path) -> str | None:
+def _genai_refuses_folder(folder: Path, denoiser: str) -> str | None:
     import openvino as ov
 
-    unet = ov.Core().read_model(str(folder / "unet" / "openvino_model.xml"))
-    shape = next(p.get_partial_shape() for p in unet.inputs if p.get_any_name() == "timestep")
+    model = ov.Core().read_model(str(folder / denoiser / "openvino_model.xml"))
+    shape = next(p.get_partial_shape() for p in model.inputs if p.get_any_name() == "timestep")
     if shape.is_static and shape.to_shape()[0] != 1:
-        return (f"the set's UNet is static with {shape.to_shape()[0]} timesteps per call (the recipe fixes batch and "
+        return (f"the set's {denoiser} is static with {shape.to_shape()[0]} timesteps per call (the recipe fixes batch and "
                 "size), and OpenVINO GenAI feeds one: build with the openvino option static_shapes = false for GenAI")
     return None
 

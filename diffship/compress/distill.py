@@ -26,20 +26,20 @@ from torch import nn
 CHECKPOINT = "distill-checkpoint.pt"
 
 
-def predict(unet: nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+def predict(denoiser: nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
     """The UNet's noise prediction for one minibatch of captured inputs, on the UNet's device."""
-    device = next(unet.parameters()).device
+    device = next(denoiser.parameters()).device
     rows = {k: v.to(device) for k, v in rows.items()}
     added = {k: rows[k] for k in ("text_embeds", "time_ids") if k in rows}
     kwargs = {"added_cond_kwargs": added} if added else {}
-    return unet(rows["sample"], rows["timestep"], rows["encoder_hidden_states"], **kwargs).sample
+    return denoiser(rows["sample"], rows["timestep"], rows["encoder_hidden_states"], **kwargs).sample
 
 
-def run_calls(unet: nn.Module, calls: list[dict[str, np.ndarray]]) -> None:
+def run_calls(denoiser: nn.Module, calls: list[dict[str, np.ndarray]]) -> None:
     """Run the UNet on every captured call without gradients: what calibration observes."""
     with torch.no_grad():
         for call in calls:
-            predict(unet, {k: torch.from_numpy(v) for k, v in call.items()})
+            predict(denoiser, {k: torch.from_numpy(v) for k, v in call.items()})
 
 
 @dataclass
@@ -57,10 +57,10 @@ class SampleSet:
         return self.guidance_scale > 1.0 and self.conditioning["encoder_hidden_states"].shape[1] == 2
 
 
-def sample_set(captured: Any, steps: int, scaling_factor: float, alphas_cumprod: torch.Tensor,
+def sample_set(captured: Any, denoiser: str, steps: int, scaling_factor: float, alphas_cumprod: torch.Tensor,
                guidance_scale: float) -> SampleSet:
-    """A SampleSet from `targets.calibration.capture` output that kept every call of every generation."""
-    calls = captured.inputs["unet"]
+    """A SampleSet from `validation.capture` output that kept every call of every generation of `denoiser`."""
+    calls = captured.inputs[denoiser]
     firsts = calls[::steps]  # the first call of each generation carries its conditioning
     conditioning = {k: torch.from_numpy(np.stack([c[k] for c in firsts])) for k in firsts[0]
                     if k not in ("sample", "timestep")}

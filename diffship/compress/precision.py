@@ -13,13 +13,13 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def cast_pipeline(pipe: Any, dtype: str, vae: str, declared: Family) -> dict[str, Any]:
-    """Cast the text encoders and UNet to `dtype`; the VAE too unless it is known to overflow there.
+    """Cast the text encoders and the denoiser to `dtype`; the VAE too unless it is known to overflow there.
 
     The scheduler step always runs in FP32: diffusers' schedulers upcast the sample for the update.
     """
     target = DTYPES[dtype]
     kept: dict[str, str] = {"scheduler step": "diffusers' schedulers compute the update in FP32"}
-    for name in ("text_encoder", "text_encoder_2", "unet"):
+    for name in (*declared.text_encoders, declared.denoiser.component):
         module = getattr(pipe, name, None)
         if module is not None:
             module.to(target)

@@ -20,19 +20,19 @@ from diffship.errors import DiffshipError
 PRUNABLE = (nn.Conv2d, nn.Linear)
 
 
-def weight_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+def weight_layers(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
     """The conv and linear layers whose weights the pruning passes act on."""
-    return [(name, m) for name, m in unet.named_modules() if isinstance(m, PRUNABLE)]
+    return [(name, m) for name, m in denoiser.named_modules() if isinstance(m, PRUNABLE)]
 
 
-def prune_magnitude(unet: nn.Module, sparsity: float, scope: str = "global") -> dict[str, Any]:
+def prune_magnitude(denoiser: nn.Module, sparsity: float, scope: str = "global") -> dict[str, Any]:
     """Zero the smallest-magnitude weights of every conv and linear layer, then make the zeros permanent.
 
     `global` ranks all weights together (layers lose different shares); `layer` takes `sparsity` of each layer.
     """
     if not 0.0 < sparsity < 1.0:
         raise DiffshipError(f"prune-magnitude: sparsity must be between 0 and 1 (exclusive), not {sparsity}.")
-    layers = weight_layers(unet)
+    layers = weight_layers(denoiser)
     if scope == "global":
         torch_prune.global_unstructured([(m, "weight") for _, m in layers], torch_prune.L1Unstructured, amount=sparsity)
     elif scope == "layer":
@@ -76,14 +76,14 @@ def _group_norm_pruner() -> Any:
 class _Forward(nn.Module):
     """The UNet as tensors in, tensor out, which is what torch-pruning traces."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, denoiser: nn.Module):
         super().__init__()
-        self.unet = unet
+        self.denoiser = denoiser
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added: dict[str, torch.Tensor]) -> torch.Tensor:
         kwargs = {"added_cond_kwargs": added} if added else {}
-        return self.unet(sample, timestep, encoder_hidden_states, **kwargs).sample
+        return self.denoiser(sample, timestep, encoder_hidden_states, **kwargs).sample
 
 
 def example_inputs(call: dict[str, Any], device: torch.device | str = "cpu") -> tuple[Any, ...]:
@@ -93,7 +93,7 @@ def example_inputs(call: dict[str, Any], device: torch.device | str = "cpu") -> 
     return tensors["sample"], tensors["timestep"], tensors["encoder_hidden_states"], added
 
 
-def prune_channels(unet: nn.Module, ratio: float, call: dict[str, Any], round_to: int | None = None) -> dict[str, Any]:
+def prune_channels(denoiser: nn.Module, ratio: float, call: dict[str, Any], round_to: int | None = None) -> dict[str, Any]:
     """Physically remove `ratio` of the channels of every prunable group (L2 magnitude importance).
 
     Kept whole: conv_out (the model's output), and the q/k/v projections, whose width is heads x head size
@@ -105,35 +105,35 @@ def prune_channels(unet: nn.Module, ratio: float, call: dict[str, Any], round_to
 
     if not 0.0 < ratio < 1.0:
         raise DiffshipError(f"prune-channels: ratio must be between 0 and 1 (exclusive), not {ratio}.")
-    ignored: list[nn.Module] = [unet.conv_out]
-    for m in unet.modules():
+    ignored: list[nn.Module] = [denoiser.conv_out]
+    for m in denoiser.modules():
         if isinstance(m, Attention):
             ignored += [m.to_q, m.to_k, m.to_v]
-    before = _widths(unet)
-    unet.requires_grad_(True)  # torch-pruning traces the graph through autograd
+    before = _widths(denoiser)
+    denoiser.requires_grad_(True)  # torch-pruning traces the graph through autograd
     try:
         pruner = tp.pruner.MetaPruner(
-            _Forward(unet), example_inputs(call, next(unet.parameters()).device),
+            _Forward(denoiser), example_inputs(call, next(denoiser.parameters()).device),
             importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to,
             customized_pruners={nn.GroupNorm: _group_norm_pruner()})
         pruner.step()
     finally:
-        unet.requires_grad_(False)
-    sync_attributes(unet)
-    _as_leaves(unet)
-    after = _widths(unet)
+        denoiser.requires_grad_(False)
+    sync_attributes(denoiser)
+    _as_leaves(denoiser)
+    after = _widths(denoiser)
     changed = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
     kept = sum(a for _, a in changed.values()) / max(1, sum(b for b, _ in changed.values()))
     return {"ratio": ratio, "round_to": round_to, "layers_changed": len(changed), "channels_kept": kept,
             "examples": dict(list(changed.items())[:4])}
 
 
-def sync_attributes(unet: nn.Module) -> None:
+def sync_attributes(denoiser: nn.Module) -> None:
     """Update the channel counts diffusers' blocks keep beside their layers (they assert on them in forward)."""
     from diffusers.models.downsampling import Downsample2D
     from diffusers.models.upsampling import Upsample2D
 
-    for m in unet.modules():
+    for m in denoiser.modules():
         if isinstance(m, (Downsample2D, Upsample2D)) and getattr(m, "conv", None) is not None:
             m.channels, m.out_channels = m.conv.in_channels, m.conv.out_channels
 
@@ -147,20 +147,20 @@ def _as_leaves(module: nn.Module) -> None:
                 m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
 
 
-def _widths(unet: nn.Module) -> dict[str, int]:
-    return {name: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features) for name, m in weight_layers(unet)}
+def _widths(denoiser: nn.Module) -> dict[str, int]:
+    return {name: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features) for name, m in weight_layers(denoiser)}
 
 
-def prune_heads(unet: nn.Module, heads: int) -> dict[str, Any]:
+def prune_heads(denoiser: nn.Module, heads: int) -> dict[str, Any]:
     """Remove the `heads` least important heads of every attention layer (L2 norm of the head's q/k/v rows and
     output-projection columns), shrinking the projections and the layer's head count."""
     from diffusers.models.attention_processor import Attention
 
     tp = import_extra("torch_pruning")
 
-    layers = [(name, m) for name, m in unet.named_modules() if isinstance(m, Attention)]
+    layers = [(name, m) for name, m in denoiser.named_modules() if isinstance(m, Attention)]
     if not layers:
-        raise DiffshipError("prune-heads: this UNet has no attention layers.")
+        raise DiffshipError("prune-heads: this denoiser has no attention layers.")
     for name, m in layers:
         if heads >= m.heads:
             raise DiffshipError(f"prune-heads: heads = {heads}, but attention layer {name} has {m.heads} heads; "
@@ -182,5 +182,5 @@ def prune_heads(unet: nn.Module, heads: int) -> dict[str, Any]:
         removed[name] = drop
         m.heads -= heads
         m.inner_dim = m.inner_kv_dim = m.to_q.out_features
-    _as_leaves(unet)
+    _as_leaves(denoiser)
     return {"heads_removed_per_layer": heads, "layers": len(layers), "removed": removed}

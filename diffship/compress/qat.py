@@ -21,7 +21,6 @@ from diffship.compress import import_extra
 
 # Kept in float, as the ONNX Runtime INT8 path does: the time embedding, the first and last convs, and the
 # shortcut convs on the up blocks' unnormalised skip concatenations (they carried the whole INT8 loss there).
-SENSITIVE = ("*time_embedding*", "*conv_in*", "*conv_out*", "*conv_shortcut*", "*time_emb_proj*")
 STATE_FILE = "modelopt_state.pth"
 
 
@@ -56,37 +55,44 @@ def plain_attention() -> Iterator[None]:
         registry.register({Attention: key})(wrapper)
 
 
-def int8_config() -> dict[str, Any]:
-    """Model Optimizer's INT8 configuration with diffship's sensitive UNet layers left in float."""
+def kept_float(parts: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Model Optimizer quantizer entries that leave every module whose name holds one of `parts` in float."""
+    return [{"quantizer_name": f"*{p}*", "enable": False} for p in parts]
+
+
+def int8_config(keep_float: tuple[str, ...]) -> dict[str, Any]:
+    """Model Optimizer's INT8 configuration with the denoiser's declared sensitive layers (`keep_float`, name parts)
+    left in float."""
     config = copy.deepcopy(modelopt_quantization().INT8_DEFAULT_CFG)
-    config["quant_cfg"] = [*config["quant_cfg"], *({"quantizer_name": p, "enable": False} for p in SENSITIVE)]
+    config["quant_cfg"] = [*config["quant_cfg"], *kept_float(keep_float)]
     return config
 
 
-def quantize_int8(unet: nn.Module, calls: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Insert INT8 quantizers into `unet` in place and calibrate them (max) on the captured calls."""
+def quantize_int8(denoiser: nn.Module, calls: list[dict[str, np.ndarray]], keep_float: tuple[str, ...]) -> dict[str, Any]:
+    """Insert INT8 quantizers into the denoiser `denoiser` in place, the layers named by `keep_float` left in float, and
+    calibrate them (max) on the captured calls."""
     from diffship.compress.distill import run_calls
 
-    config = int8_config()
+    config = int8_config(keep_float)
     with plain_attention():
-        modelopt_quantization().quantize(unet, config, lambda model: run_calls(model, calls))
-    quantizers = [m for name, m in unet.named_modules() if name.endswith(("weight_quantizer", "input_quantizer"))]
+        modelopt_quantization().quantize(denoiser, config, lambda model: run_calls(model, calls))
+    quantizers = [m for name, m in denoiser.named_modules() if name.endswith(("weight_quantizer", "input_quantizer"))]
     enabled = sum(1 for q in quantizers if getattr(q, "is_enabled", False))
     return {"library": "nvidia-modelopt", "quantizers": len(quantizers), "enabled": enabled,
-            "calibration_calls": len(calls), "kept_float": list(SENSITIVE)}
+            "calibration_calls": len(calls), "kept_float": [f"*{p}*" for p in keep_float]}
 
 
-def save_state(unet: nn.Module, path: Any) -> None:
+def save_state(denoiser: nn.Module, path: Any) -> None:
     """Model Optimizer's own checkpoint: its quantizer placement and ranges plus the weights."""
     import modelopt.torch.opt as mto
 
-    mto.save(unet, path)
+    mto.save(denoiser, path)
 
 
-def restore_state(unet: nn.Module, path: Any) -> nn.Module:
+def restore_state(denoiser: nn.Module, path: Any) -> nn.Module:
     """Re-insert the saved quantizers into a float UNet of the same structure and load the weights."""
     modelopt_quantization()
     import modelopt.torch.opt as mto
 
     with plain_attention():
-        return mto.restore(unet, path)
+        return mto.restore(denoiser, path)

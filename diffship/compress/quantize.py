@@ -16,13 +16,13 @@ from torch import nn
 
 from diffship.compress import import_extra
 from diffship.errors import DiffshipError
-
-# Same layers kept in float as the INT8 ONNX path (see qat.SENSITIVE); quanto takes module-name globs.
-QUANTO_EXCLUDE = ["time_embedding*", "conv_in", "conv_out", "*conv_shortcut", "*time_emb_proj"]
+from diffship.store.artifacts import read_json
 
 
-def quanto(unet: nn.Module, weights: str, activations: str, calls: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Quantize conv and linear layers in place; INT8 activations are calibrated on the captured UNet calls."""
+def quanto(denoiser: nn.Module, weights: str, activations: str, calls: list[dict[str, np.ndarray]],
+           keep_float: tuple[str, ...]) -> dict[str, Any]:
+    """Quantize the denoiser's conv and linear layers in place, except those whose names hold a part of `keep_float`
+    (the denoiser's declared sensitive layers); INT8 activations are calibrated on its captured calls."""
     from diffship.compress.distill import run_calls
 
     q = import_extra("optimum.quanto")
@@ -32,38 +32,39 @@ def quanto(unet: nn.Module, weights: str, activations: str, calls: list[dict[str
         raise DiffshipError(f"quantize: optimum-quanto quantizes weights to int8 or int4, not {weights!r} "
                             "(nf4 is bitsandbytes').")
     acts = q.qint8 if activations == "int8" else None
-    q.quantize(unet, weights=kinds[weights], activations=acts, exclude=QUANTO_EXCLUDE)
+    q.quantize(denoiser, weights=kinds[weights], activations=acts, exclude=[f"*{p}*" for p in keep_float])
     if acts is not None:
         with q.Calibration():
-            run_calls(unet, calls)
-    q.freeze(unet)
+            run_calls(denoiser, calls)
+    q.freeze(denoiser)
     return {"library": "optimum-quanto", "weights": weights, "activations": activations,
-            "layers": len(q.quantization_map(unet)), "calibration_calls": len(calls) if acts else 0}
+            "layers": len(q.quantization_map(denoiser)), "calibration_calls": len(calls) if acts else 0}
 
 
-def quanto_map(unet: nn.Module) -> dict[str, Any]:
+def quanto_map(denoiser: nn.Module) -> dict[str, Any]:
     """quanto's record of which layer was quantized how, saved beside the weights to re-quantize on load."""
     from optimum.quanto import quantization_map
 
-    return quantization_map(unet)
+    return quantization_map(denoiser)
 
 
-def requanto(unet: nn.Module, state: dict[str, torch.Tensor], qmap: dict[str, Any]) -> nn.Module:
+def requanto(denoiser: nn.Module, state: dict[str, torch.Tensor], qmap: dict[str, Any]) -> nn.Module:
     """Rebuild a quanto-quantized UNet from its float structure, saved state and quantization map."""
     from optimum.quanto import requantize
 
-    requantize(unet, state, qmap, device=torch.device("cpu"))
-    return unet
+    requantize(denoiser, state, qmap, device=torch.device("cpu"))
+    return denoiser
 
 
-def bitsandbytes_unet(folder: Path, weights: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Load the UNet with bitsandbytes 8-bit or NF4 linear layers through diffusers (CUDA only)."""
+def bitsandbytes_denoiser(folder: Path, component: str, weights: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Load the denoiser `component` with bitsandbytes 8-bit or NF4 linear layers through diffusers (CUDA only)."""
     if not torch.cuda.is_available():
         raise DiffshipError("quantize with library = 'bitsandbytes' needs a CUDA GPU (bitsandbytes' 8-bit and NF4 "
                             "kernels); on a CPU use library = 'quanto'.")
     try:
         import bitsandbytes  # noqa: F401
-        from diffusers import BitsAndBytesConfig, UNet2DConditionModel
+        import diffusers
+        from diffusers import BitsAndBytesConfig
     except ImportError as exc:
         raise DiffshipError("quantize with library = 'bitsandbytes' needs the bitsandbytes package: "
                             "pip install 'diffship[cuda]'.") from exc
@@ -73,6 +74,7 @@ def bitsandbytes_unet(folder: Path, weights: str) -> tuple[nn.Module, dict[str, 
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
     else:
         raise DiffshipError(f"quantize: bitsandbytes loads weights as int8 or nf4, not {weights!r}.")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", quantization_config=config,
-                                                torch_dtype=torch.float16)
-    return unet.eval().requires_grad_(False), {"library": "bitsandbytes", "weights": weights}
+    model_class = getattr(diffusers, read_json(folder / component / "config.json")["_class_name"])
+    model = model_class.from_pretrained(folder, subfolder=component, quantization_config=config,
+                                        torch_dtype=torch.float16)
+    return model.eval().requires_grad_(False), {"library": "bitsandbytes", "weights": weights}

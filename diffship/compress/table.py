@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-COLUMNS = ["stage", "parameters", "non-zero", "size", "UNet call (PyTorch)", "speedup", "prompt accuracy", "FD-digits"]
+COLUMNS = ["stage", "parameters", "non-zero", "size", "denoiser call (PyTorch)", "speedup", "prompt accuracy", "FD-digits"]
 
 
 def stage_table(record: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
@@ -14,16 +14,16 @@ def stage_table(record: dict[str, Any]) -> tuple[str, list[str], list[list[str]]
         q = s.get("quality") or {}
         rows.append([
             s["stage"], f"{s['params']:,} ({s['params_ratio']:.0%})", f"{s['nonzero']:,} ({s['nonzero'] / s['params']:.0%})",
-            f"{s['bytes'] / 2**20:.2f} MiB", f"{s['unet_seconds'] * 1000:.2f} ms", f"{s['speedup']:.2f}x",
+            f"{s['bytes'] / 2**20:.2f} MiB", f"{s['denoiser_seconds'] * 1000:.2f} ms", f"{s['speedup']:.2f}x",
             f"{q['prompt_accuracy']:.3f}" if q else "-", f"{q['fd_digits']:.1f}" if q else "-"])
     settings = record["settings"]
-    title = (f"compression stages (PyTorch on {record['device']}; UNet call = batch 2 at "
+    title = (f"compression stages (PyTorch on {record['device']}; denoiser call = batch 2 at "
              f"{settings['height']}x{settings['width']}, median of {settings['latency_repeats']})")
     return title, COLUMNS, rows
 
 
 def stage_chart(record: dict[str, Any]) -> bytes:
-    """PNG: UNet call latency and prompt accuracy per stage, so the trade-off reads at a glance."""
+    """PNG: denoiser call latency and prompt accuracy per stage, so the trade-off reads at a glance."""
     import io
 
     import matplotlib
@@ -34,8 +34,8 @@ def stage_chart(record: dict[str, Any]) -> bytes:
     stages = record["stages"]
     labels = [s["stage"] for s in stages]
     fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(stages) + 1.8), sharey=True)
-    axes[0].barh(labels, [s["unet_seconds"] * 1000 for s in stages], color="#2a7")
-    axes[0].set_xlabel("UNet call, ms (PyTorch)")
+    axes[0].barh(labels, [s["denoiser_seconds"] * 1000 for s in stages], color="#2a7")
+    axes[0].set_xlabel("denoiser call, ms (PyTorch)")
     axes[1].barh(labels, [s["params"] / 1e6 for s in stages], color="#47a", label="parameters")
     axes[1].barh(labels, [s["nonzero"] / 1e6 for s in stages], color="#9be", label="non-zero", height=0.4)
     axes[1].set_xlabel("millions")

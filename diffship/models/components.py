@@ -7,6 +7,7 @@ these declarations, so a component is described once. Names follow optimum's ONN
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,36 +16,29 @@ import torch
 from torch import nn
 
 from diffship.errors import DiffshipError
-from diffship.models.controlnet import controlnets_in
-from diffship.models.families import Family, Role, component_config, detect_family, family_named
+from diffship.models.families import (
+    Denoiser,
+    Family,
+    Role,
+    component_config,
+    controlnets_in,
+    detect_family,
+    family_named,
+)
+from diffship.models.specs import Dim, TensorSpec
 
-Dim = int | str
+__all__ = ["CLIENT_OUTPUTS", "ComponentSpec", "Dim", "TensorSpec", "component_specs", "run_torch", "wrap"]
+
 # Outputs a component has for the clients' layout only (optimum, GenAI); diffship's pipeline never reads them.
 CLIENT_OUTPUTS = "hidden_states."
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One named input or output: dtype and shape, strings being named dynamic axes."""
-
-    name: str
-    dtype: str  # numpy dtype name
-    shape: tuple[Dim, ...]
-
-    @property
-    def dynamic_axes(self) -> dict[int, str]:
-        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
-
-    def concrete(self, sizes: dict[str, int]) -> tuple[int, ...]:
-        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
 
 
 @dataclass(frozen=True)
 class ComponentSpec:
     """An exportable component: which pipeline module it wraps, its inputs, outputs and spatial scale."""
 
-    name: str  # text_encoder, text_encoder_2, unet, vae_encoder, vae_decoder
-    module: str  # folder in the pipeline: text_encoder, text_encoder_2, unet, vae
+    name: str  # text_encoder, text_encoder_2, the denoiser's component, vae_encoder, vae_decoder
+    module: str  # folder in the pipeline: text_encoder, text_encoder_2, the denoiser's, vae
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     vae_scale: int  # image pixels per latent pixel
@@ -52,6 +46,12 @@ class ComponentSpec:
     latent_axes: bool = False  # True for the denoiser: its height/width axes count latent pixels
     role: Role = "text_encoder"  # what the pipeline uses it for; code asks the role, never the name
     family: str = ""  # the family that declared it (how its conditioning inputs are made)
+    latent_multiple: int = 8  # the denoiser's: every image side is a multiple of vae_scale x this
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The denoiser of the family that declared this component (how its pipeline's denoiser is wrapped, fed)."""
+        return family_named(self.family).denoiser
 
     @property
     def is_denoiser(self) -> bool:
@@ -59,7 +59,7 @@ class ComponentSpec:
 
     @property
     def denoises(self) -> bool:
-        """The UNet, plain or taking ControlNet residuals: what INT8 calibrates on its captured real inputs."""
+        """The denoiser, plain or taking ControlNet residuals: what INT8 calibrates on its captured real inputs."""
         return self.role in ("denoiser", "controlled_denoiser")
 
     @property
@@ -75,7 +75,7 @@ class ComponentSpec:
 
     def axis_sizes(self, batch: int, height: int, width: int, sequence: int = 77) -> dict[str, int]:
         """Sizes of the named axes for an image of height x width pixels."""
-        multiple = self.vae_scale * 8  # the VAE factor x SD 1.x's three UNet downsamplings
+        multiple = self.vae_scale * self.latent_multiple
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise DiffshipError(f"Resolution {height}x{width} must be positive multiples of {multiple} pixels.")
         latent_h, latent_w = height // self.vae_scale, width // self.vae_scale
@@ -84,7 +84,7 @@ class ComponentSpec:
         sizes = {"batch": batch, "sequence": sequence, "height": height, "width": width,
                  "latent_height": latent_h, "latent_width": latent_w,
                  "image_height": latent_h * self.vae_scale, "image_width": latent_w * self.vae_scale}
-        # the down-sampled sides of a UNet's residuals (ControlNet outputs), latent pixels / 2, 4, 8
+        # the down-sampled sides of a denoiser's residuals (ControlNet outputs), latent pixels / 2, 4, 8
         sizes |= {f"{side}_{f}": value // f for side, value in (("height", latent_h), ("width", latent_w))
                   for f in (2, 4, 8)}
         return sizes
@@ -105,6 +105,10 @@ class ComponentSpec:
     def batch_for(self, batch: int, guided: bool) -> int:
         """The batch one call sees for `batch` images: the denoising loop runs both halves of guidance at once."""
         return batch * (2 if guided and self.in_denoising_loop else 1)
+
+    def named_in(self, names: tuple[str, ...] | list[str]) -> bool:
+        """Whether an option's component list names this one: by its name, or the denoiser by its role."""
+        return self.name in names or (self.is_denoiser and "denoiser" in names)
 
     def pipeline_outputs(self) -> ComponentSpec:
         """This spec without the outputs only the clients read (a text encoder's per-layer `hidden_states.N`, in
@@ -134,15 +138,11 @@ def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, spe
     return rng.standard_normal(size=shape).astype(t.dtype)
 
 
-def native_size(unet_config: dict, vae_scale: int) -> int:
-    """The image side (pixels) a pipeline was trained at: the UNet's latent sample size times the VAE's scale."""
-    return unet_config.get("sample_size", 64) * vae_scale
-
-
 def component_specs(folder: Path, family: Family | None = None) -> list[ComponentSpec]:
     """The exportable components of the pipeline in `folder`, read from its configs (no weights loaded)."""
     family = family or detect_family(folder)
-    unet = component_config(folder, "unet")
+    denoiser = family.denoiser
+    config = family.denoiser_config(folder)
     vae = component_config(folder, "vae")
     scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     latent = vae.get("latent_channels", 4)
@@ -168,62 +168,34 @@ def component_specs(folder: Path, family: Family | None = None) -> list[Componen
             outputs.append(TensorSpec("penultimate_hidden_state", "float32", states))
         specs.append(ComponentSpec(name, name, (TensorSpec("input_ids", "int32", ("batch", "sequence")),),
                                    tuple(outputs), scale, vocab_size=te.get("vocab_size", 49408),
-                                   role="text_encoder", family=family.name))
-    unet_inputs = [
-        TensorSpec("sample", "float32", ("batch", unet.get("in_channels", 4), "height", "width")),
-        TensorSpec("timestep", "float32", ("batch",)),
-        TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", unet["cross_attention_dim"])),
-    ]
-    if family.time_ids:
-        text_embeds = unet["projection_class_embeddings_input_dim"] - family.time_ids * unet["addition_time_embed_dim"]
-        unet_inputs += [TensorSpec("text_embeds", "float32", ("batch", text_embeds)),
-                        TensorSpec("time_ids", "float32", ("batch", family.time_ids))]
-    # The UNet works on latents: its height/width axes are latent pixels.
-    unet_out = TensorSpec("out_sample", "float32", ("batch", unet.get("out_channels", 4), "height", "width"))
-    specs.append(ComponentSpec("unet", "unet", tuple(unet_inputs), (unet_out,), scale, latent_axes=True,
-                               role="denoiser", family=family.name))
-    if controlnets := controlnets_in(folder):
-        residuals = residual_specs(unet)
+                                   role="text_encoder", family=family.name, latent_multiple=denoiser.latent_multiple))
+    inputs, outputs = denoiser.inputs(config, family), denoiser.outputs(config)
+    on_latents = {"vae_scale": scale, "latent_axes": True, "family": family.name,
+                  "latent_multiple": denoiser.latent_multiple}  # its height/width axes are latent pixels
+    specs.append(ComponentSpec(denoiser.component, denoiser.component, inputs, outputs, role="denoiser", **on_latents))
+    if denoiser.residuals and (controlnets := controlnets_in(folder)):
+        residuals = denoiser.residuals(config)
         for name in controlnets:
             net = component_config(folder, name)
             cond = TensorSpec("controlnet_cond", "float32",
                               ("batch", net.get("conditioning_channels", 3), "image_height", "image_width"))
-            inputs = (*unet_inputs[:3], cond, TensorSpec("conditioning_scale", "float32", (1,)), *unet_inputs[3:])
-            specs.append(ComponentSpec(name, name, inputs, residuals, scale, latent_axes=True, role="controlnet",
-                                       family=family.name))
-        specs.append(ComponentSpec("controlled_unet", "unet", (*unet_inputs, *residuals), (unet_out,), scale,
-                                   latent_axes=True, role="controlled_denoiser", family=family.name))
+            net_inputs = (*inputs[:3], cond, TensorSpec("conditioning_scale", "float32", (1,)), *inputs[3:])
+            specs.append(ComponentSpec(name, name, net_inputs, residuals, role="controlnet", **on_latents))
+        specs.append(ComponentSpec(denoiser.controlled, denoiser.component, (*inputs, *residuals), outputs,
+                                   role="controlled_denoiser", **on_latents))
     specs.append(ComponentSpec(
         "vae_encoder", "vae",
         (TensorSpec("sample", "float32", ("batch", vae.get("in_channels", 3), "height", "width")),),
         (TensorSpec("latent_parameters", "float32", ("batch", 2 * latent, "latent_height", "latent_width")),),
-        scale, role="vae_encoder", family=family.name,
+        scale, role="vae_encoder", family=family.name, latent_multiple=denoiser.latent_multiple,
     ))
     specs.append(ComponentSpec(
         "vae_decoder", "vae",
         (TensorSpec("latent_sample", "float32", ("batch", latent, "latent_height", "latent_width")),),
         (TensorSpec("sample", "float32", ("batch", vae.get("out_channels", 3), "height", "width")),),
-        scale, role="vae_decoder", family=family.name,
+        scale, role="vae_decoder", family=family.name, latent_multiple=denoiser.latent_multiple,
     ))
     return specs
-
-
-def residual_specs(unet: dict) -> tuple[TensorSpec, ...]:
-    """The residuals a ControlNet adds to a UNet of config `unet`: one per down-block output (conv_in, each layer of
-    each block, each downsampler), then the mid block's, as diffusers' ControlNetModel returns them."""
-    channels, layers = unet["block_out_channels"], unet.get("layers_per_block", 2)
-    found = [(channels[0], 1)]
-    for i, width in enumerate(channels):
-        found += [(width, 2 ** i)] * (layers[i] if isinstance(layers, list) else layers)
-        if i < len(channels) - 1:
-            found.append((width, 2 ** (i + 1)))
-    found.append((channels[-1], 2 ** (len(channels) - 1)))
-
-    def side(name: str, factor: int) -> str:
-        return name if factor == 1 else f"{name}_{factor}"
-
-    return tuple(TensorSpec("mid_block" if i == len(found) - 1 else f"down_block_{i}", "float32",
-                            ("batch", width, side("height", f), side("width", f))) for i, (width, f) in enumerate(found))
 
 
 # --- wrappers: tensor-only forward functions over the diffusers / transformers modules ---------------
@@ -249,53 +221,6 @@ class TextEncoder(nn.Module):
                      for name in self.outputs)
 
 
-class UNet(nn.Module):
-    """UNet2DConditionModel: (sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> out_sample."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
-
-
-class ControlNet(nn.Module):
-    """ControlNetModel: (sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale[, text_embeds,
-    time_ids]) -> the down-block residuals and the mid-block residual, already scaled (guess mode off)."""
-
-    def __init__(self, controlnet: nn.Module):
-        super().__init__()
-        self.controlnet = controlnet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                controlnet_cond: torch.Tensor, conditioning_scale: torch.Tensor, text_embeds: torch.Tensor | None = None,
-                time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
-                                    conditioning_scale=conditioning_scale, added_cond_kwargs=added, return_dict=False)
-        return (*down, mid)
-
-
-class ControlledUNet(nn.Module):
-    """UNet2DConditionModel taking ControlNet residuals: (sample, timestep, encoder_hidden_states[, text_embeds,
-    time_ids], down_block_0 ... mid_block) -> out_sample; several ControlNets compose by summing residuals first."""
-
-    def __init__(self, unet: nn.Module, conditioned: bool):
-        super().__init__()
-        self.unet, self.conditioned = unet, conditioned
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *rest: torch.Tensor) -> torch.Tensor:
-        added = {"text_embeds": rest[0], "time_ids": rest[1]} if self.conditioned else None
-        residuals = rest[2:] if self.conditioned else rest
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
-                         down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
-                         return_dict=False)[0]
-
-
 class VaeEncoder(nn.Module):
     """AutoencoderKL encoder: image -> latent distribution parameters (mean and log-variance)."""
 
@@ -318,15 +243,32 @@ class VaeDecoder(nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+def _denoiser_side(side: str) -> Callable[[nn.Module, ComponentSpec], nn.Module]:
+    """The wrapper the spec's denoiser declares for `side` (its own, its ControlNets', its controlled variant)."""
+    def build(module: nn.Module, spec: ComponentSpec) -> nn.Module:
+        declared = getattr(spec.denoiser, side)
+        if declared is None:
+            raise DiffshipError(f"The {spec.denoiser.title} takes no ControlNets; {spec.name!r} cannot be wrapped.")
+        return declared(module, tuple(t.name for t in spec.inputs))
+    return build
+
+
+# role -> (pipeline module, its spec) -> tensor-only wrapper; the denoising roles ask the family's denoiser
+WRAPPERS: dict[str, Callable[[nn.Module, ComponentSpec], nn.Module]] = {
+    "text_encoder": lambda module, spec: TextEncoder(module, tuple(o.name for o in spec.outputs)),
+    "vae_encoder": lambda module, spec: VaeEncoder(module),
+    "vae_decoder": lambda module, spec: VaeDecoder(module),
+    "denoiser": _denoiser_side("wrap"),
+    "controlnet": _denoiser_side("wrap_controlnet"),
+    "controlled_denoiser": _denoiser_side("wrap_controlled"),
+}
+
+
 def wrap(spec: ComponentSpec, module: nn.Module) -> nn.Module:
     """The tensor-only wrapper for `spec` around its loaded pipeline module, in eval mode."""
-    wrappers = {"text_encoder": lambda: TextEncoder(module, tuple(o.name for o in spec.outputs)),
-                "denoiser": lambda: UNet(module), "vae_encoder": lambda: VaeEncoder(module),
-                "vae_decoder": lambda: VaeDecoder(module), "controlnet": lambda: ControlNet(module),
-                "controlled_denoiser": lambda: ControlledUNet(module, any(t.name == "time_ids" for t in spec.inputs))}
-    if spec.role not in wrappers:
+    if spec.role not in WRAPPERS:
         raise DiffshipError(f"No wrapper for component {spec.name!r} (role {spec.role!r}).")
-    return wrappers[spec.role]().eval()
+    return WRAPPERS[spec.role](module, spec).eval()
 
 
 def run_torch(wrapper: nn.Module, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

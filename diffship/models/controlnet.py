@@ -11,35 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from diffship.errors import DiffshipError
+from diffship.models.families import Denoiser, controlnet_names, detect_family
 from diffship.store.artifacts import read_json
 
-CONTROLNET = "controlnet"
 REVISION = 1
 
 
-def controlnet_names(count: int) -> list[str]:
-    """The pipeline folders of `count` ControlNets, as diffusers' MultiControlNetModel saves them."""
-    return [CONTROLNET if i == 0 else f"{CONTROLNET}_{i}" for i in range(count)]
-
-
-def controlnets_in(folder: Path) -> list[str]:
-    """The ControlNet folders of a pipeline folder, in order."""
-    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    return [name for name in controlnet_names(len(index)) if name in index]
-
-
-def check_controlnet(path: Path, unet: dict[str, Any]) -> dict[str, Any]:
-    """A ControlNet folder's config, or an error when it is not one or does not fit the pipeline's UNet."""
+def check_controlnet(path: Path, denoiser: Denoiser, denoiser_config: dict[str, Any]) -> dict[str, Any]:
+    """A ControlNet folder's config, or an error when it is not the kind `denoiser` takes or does not fit it."""
+    kind = denoiser.controlnet_class
+    if kind is None:
+        raise DiffshipError(f"This pipeline's {denoiser.title} takes no ControlNets; diffship cannot add {path}.")
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise DiffshipError(f"ControlNet {path} is not a diffusers ControlNetModel folder (no config.json).")
+        raise DiffshipError(f"ControlNet {path} is not a diffusers {kind} folder (no config.json).")
     config = read_json(config_path)
-    if config.get("_class_name") != "ControlNetModel":
-        raise DiffshipError(f"{path} holds a {config.get('_class_name')!r}, not a ControlNetModel.")
-    for key in ("cross_attention_dim", "block_out_channels", "layers_per_block", "in_channels"):
-        if key in unet and config.get(key) != unet[key]:
-            raise DiffshipError(f"ControlNet {path} does not fit this pipeline's UNet: its {key} is {config.get(key)}, "
-                                f"the UNet's {unet[key]}.")
+    if config.get("_class_name") != kind:
+        raise DiffshipError(f"{path} holds a {config.get('_class_name')!r}, not a {kind}.")
+    for key in denoiser.controlnet_fits:
+        if key in denoiser_config and config.get(key) != denoiser_config[key]:
+            raise DiffshipError(f"ControlNet {path} does not fit this pipeline's {denoiser.title}: its {key} is "
+                                f"{config.get(key)}, the {denoiser.title}'s {denoiser_config[key]}.")
     return config
 
 
@@ -49,9 +41,9 @@ def with_controlnets(folder: Path, locations: list[Path], say: Callable[[str], N
     from diffship.store import cache
     from diffship.store.artifacts import staged_dir
 
-    unet = read_json(folder / "unet" / "config.json")
+    family = detect_family(folder)
     for path in locations:
-        check_controlnet(path, unet)
+        check_controlnet(path, family.denoiser, family.denoiser_config(folder))
     key = cache.key(stage="controlnets", folder=cache.folder_hash(folder),
                     controlnets=[cache.folder_hash(p) for p in locations], revision=REVISION)
     root = cache.scratch_root() if cache.unwritable_reason() is not None else cache.cache_root()

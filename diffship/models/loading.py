@@ -14,6 +14,7 @@ import torch
 
 from diffship.errors import DiffshipError
 from diffship.models.families import read_model_index
+from diffship.store.artifacts import read_json
 
 SAFE_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -64,13 +65,23 @@ def check_loading_info(info: dict[str, Any], where: str) -> None:
         )
 
 
+def _diffusers_model(name: str, path: Path) -> type:
+    """diffusers' model class `name`, refusing anything that is not one (the name comes from a user's file)."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise DiffshipError(f"{path / 'config.json'} names {name!r}, which is not a diffusers model class.")
+    return cls
+
+
 def load_component(folder: Path, component: str, allow_pickle: bool = False) -> torch.nn.Module:
-    """Load `component` (unet, vae, text_encoder, text_encoder_2) in FP32 eval mode, strictly."""
+    """Load `component` (the denoiser, vae, text_encoder, text_encoder_2, a ControlNet) in FP32 eval mode, strictly."""
     quiet_libraries()
-    from diffship.models.compressed import is_compressed, load_unet
+    from diffship.models.compressed import is_compressed, load_compressed
 
     if is_compressed(folder / component):  # only a denoiser is ever stored compressed
-        return load_unet(folder / component, allow_pickle)
+        return load_compressed(folder / component, allow_pickle)
     check_weight_files(folder, component, allow_pickle)
     class_name = (read_model_index(folder).get(component) or [None, None])[1]
     return load_folder(folder / component, component, class_name, allow_pickle)
@@ -78,16 +89,14 @@ def load_component(folder: Path, component: str, allow_pickle: bool = False) -> 
 
 def load_folder(path: Path, component: str, class_name: str | None = None, allow_pickle: bool = False,
                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load one module saved by `save_pretrained` at `path` (a UNet, a VAE, or the CLIP text encoder `class_name`) in
-    `dtype`, eval mode, failing on any missing, unexpected or mismatched weight."""
+    """Load one module saved by `save_pretrained` at `path` (a diffusers model, the class its config.json names, or
+    the CLIP text encoder `class_name`) in `dtype`, eval mode, failing on any missing, unexpected or mismatched
+    weight."""
     quiet_libraries()
     use_safetensors = None if allow_pickle else True
     try:
-        if component.startswith(("unet", "vae", "controlnet")):
-            import diffusers
-
-            cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
-                   "controlnet": diffusers.ControlNetModel}[component.split("_")[0]]
+        if diffusers_class := read_json(path / "config.json").get("_class_name"):  # diffusers writes it in each
+            cls = _diffusers_model(diffusers_class, path)
             model, info = cls.from_pretrained(path, output_loading_info=True, use_safetensors=use_safetensors,
                                               torch_dtype=dtype, low_cpu_mem_usage=True)
         else:

@@ -24,9 +24,11 @@ from diffship.errors import DiffshipError
 LORA_RECORD = "diffship_loras.json"  # in a merged folder: what was merged into it
 REVISION = 2  # 2: merged components keep the base's config.json
 
-# file prefix -> the pipeline component it patches (kohya underscore names, diffusers / PEFT dotted names)
-PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-            ("lora_te_", "text_encoder"), ("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"),
+DENOISER = "denoiser"  # stands for the family's denoiser component, whatever its folder is called
+# file prefix -> the pipeline component it patches (kohya underscore names, diffusers / PEFT dotted names); both
+# layouts write the denoiser's keys under the UNet's name
+PREFIXES = (("lora_unet_", DENOISER), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+            ("lora_te_", "text_encoder"), ("unet.", DENOISER), ("text_encoder_2.", "text_encoder_2"),
             ("text_encoder.", "text_encoder"))
 # tensor suffix -> which matrix it is
 PARTS = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
@@ -99,8 +101,9 @@ def read_lora(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]
         raise DiffshipError(f"LoRA {path} is not a readable .safetensors file: {exc}") from None
 
 
-def group_layers(tensors: dict[str, torch.Tensor], source: str) -> dict[tuple[str, str], LoraLayer]:
-    """(component, module name as written in the file) -> its layer; unknown keys are an error."""
+def group_layers(tensors: dict[str, torch.Tensor], source: str, denoiser: str) -> dict[tuple[str, str], LoraLayer]:
+    """(component, module name as written in the file) -> its layer, the denoiser's keys under its component name
+    `denoiser`; unknown keys are an error."""
     layers: dict[tuple[str, str], LoraLayer] = {}
     unknown = []
     for key, tensor in tensors.items():
@@ -109,7 +112,7 @@ def group_layers(tensors: dict[str, torch.Tensor], source: str) -> dict[tuple[st
         if component is None or part is None:
             unknown.append(key)
             continue
-        layer = layers.setdefault((component, module), LoraLayer())
+        layer = layers.setdefault((denoiser if component == DENOISER else component, module), LoraLayer())
         layer.keys.append(key)
         if part == "alpha":
             layer.alpha = float(tensor)
@@ -149,11 +152,11 @@ def _resolve(written: str, index: dict[str, str]) -> str | None:
     return None
 
 
-def lora_targets(modules: dict[str, torch.nn.Module], spec: LoraSpec,
+def lora_targets(modules: dict[str, torch.nn.Module], spec: LoraSpec, denoiser: str,
                  allow_pickle: bool = False) -> list[tuple[str, str, LoraLayer]]:
-    """(component, module name, layer) for every layer of one LoRA; a LoRA for a component the pipeline lacks, or
-    with modules it does not have, is an error listing them."""
-    layers = group_layers(read_lora(spec.path, allow_pickle), str(spec.path))
+    """(component, module name, layer) for every layer of one LoRA (`denoiser`: the family's denoiser component); a
+    LoRA for a component the pipeline lacks, or with modules it does not have, is an error listing them."""
+    layers = group_layers(read_lora(spec.path, allow_pickle), str(spec.path), denoiser)
     indexes = {name: module_index(module) for name, module in modules.items()}
     missing, targets = [], []
     for (component, written), layer in layers.items():
@@ -170,9 +173,10 @@ def lora_targets(modules: dict[str, torch.nn.Module], spec: LoraSpec,
     return targets
 
 
-def merge(modules: dict[str, torch.nn.Module], spec: LoraSpec, allow_pickle: bool = False) -> dict[str, int]:
+def merge(modules: dict[str, torch.nn.Module], spec: LoraSpec, denoiser: str,
+          allow_pickle: bool = False) -> dict[str, int]:
     """Merge one LoRA into `modules` (component -> loaded module) in place; the count of patched layers per component."""
-    targets = lora_targets(modules, spec, allow_pickle)
+    targets = lora_targets(modules, spec, denoiser, allow_pickle)
     counts: dict[str, int] = {}
     with torch.no_grad():
         for component, name, layer in targets:
@@ -208,11 +212,11 @@ def with_loras(folder: Path, specs: list[LoraSpec], allow_pickle: bool = False,
     if (merged / "model_index.json").is_file():
         return merged, _record(merged)
     family = detect_family(folder)
-    names = ["unet", *family.text_encoders]
+    names = [family.denoiser.component, *family.text_encoders]
     modules = {name: load_component(folder, name, allow_pickle) for name in names}
     for spec, entry in zip(specs, record, strict=True):
         say(f"Merging LoRA {spec.path.name} at scale {spec.scale:g} ...")
-        entry["layers"] = merge(modules, spec, allow_pickle)
+        entry["layers"] = merge(modules, spec, family.denoiser.component, allow_pickle)
     with cache.locked(merged, say, "LoRA merge"), staged_dir(merged, owned=True) as staging:
         touched = {c for entry in record for c in entry["layers"]}
         link_tree(folder, staging, skip=touched)

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffship.errors import DiffshipError
+from diffship.models.families import detect_family
 from diffship.store import cache
 from diffship.store.artifacts import staged_dir
 
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # diffusion_pytorch_model.fp16.safetensors, model.fp16.safetensors, model-00001-of-00002.fp16.safetensors,
 # diffusion_pytorch_model.safetensors.index.fp16.json
 VARIANT_FILE = re.compile(r"^(?P<stem>.+?)\.(?P<variant>[A-Za-z0-9_]+)\.(?P<ext>safetensors|bin)$")
@@ -35,10 +35,16 @@ def _split(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def weight_components(folder: Path) -> list[str]:
+    """The model folders diffship loads from the pipeline: its family's denoiser, the VAE and the text encoders."""
+    family = detect_family(folder)
+    return [family.denoiser.component, "vae", *family.text_encoders]
+
+
 def variants_in(folder: Path) -> dict[str, tuple[set[str], bool]]:
     """Per weight component: the variants it has, and whether it has default (variant-less) weights."""
     found = {}
-    for component in WEIGHT_COMPONENTS:
+    for component in weight_components(folder):
         sub = folder / component
         if not sub.is_dir():
             continue
@@ -79,11 +85,12 @@ def with_variant(folder: Path, variant: str, say: Callable[[str], None] | None =
     if (linked / "model_index.json").is_file():
         return linked
     say(f"Loading the {variant} variant of {folder} (*.{variant}.safetensors), upcast to FP32 at load.")
+    weighted = set(weight_components(folder))
     with cache.locked(linked, say, f"{variant} variant of {folder.name}"), staged_dir(linked, owned=True) as staging:
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             relative = path.relative_to(folder)
             name, found = _split(path.name)
-            if relative.parts[0] in WEIGHT_COMPONENTS and (found != variant if found else _has_variant(path, variant)):
+            if relative.parts[0] in weighted and (found != variant if found else _has_variant(path, variant)):
                 continue  # another variant's file, or the default weights the variant replaces
             target = staging / relative.parent / name
             target.parent.mkdir(parents=True, exist_ok=True)

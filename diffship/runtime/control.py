@@ -1,7 +1,7 @@
 """ControlNets in the deployed pipeline, step by step as diffusers' ControlNet pipelines run them (guess mode off):
 each ControlNet sees the guided latents, the text states and its control image, scaled by its conditioning scale
 inside its control-guidance window and by zero outside it; the residuals of all of them are summed and handed to
-the UNet variant that takes them.
+the denoiser variant that takes them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from diffship.errors import DiffshipError
+from diffship.models.specs import TensorSpec
 from diffship.targets.runner import Runner
 
 
@@ -46,10 +47,10 @@ def keep(control: Control, step: int, steps: int) -> float:
 
 
 class ControlledDenoiser:
-    """The denoising call with ControlNets: their summed residuals, then the UNet variant that takes them."""
+    """The denoising call with ControlNets: their summed residuals, then the denoiser variant that takes them."""
 
-    def __init__(self, nets: list[Runner], unet: Runner, controls: list[Control], images: list[np.ndarray],
-                 unet_config: dict[str, Any]):
+    def __init__(self, nets: list[Runner], denoiser: Runner, controls: list[Control], images: list[np.ndarray],
+                 residuals: tuple[TensorSpec, ...]):
         if len(controls) != len(nets):
             raise DiffshipError(f"{len(controls)} control image(s) for {len(nets)} ControlNet(s) in these artifacts; "
                                 "give one --control-image per ControlNet, in the build's order.")
@@ -57,8 +58,8 @@ class ControlledDenoiser:
             if not 0.0 <= control.start < control.end <= 1.0:
                 raise DiffshipError(f"Control guidance must satisfy 0 <= start < end <= 1, got {control.start} and "
                                     f"{control.end}.")
-        self.nets, self.unet, self.controls, self.images = nets, unet, controls, images
-        self.unet_config = unet_config
+        self.nets, self.denoiser, self.controls, self.images = nets, denoiser, controls, images
+        self.residuals = residuals  # what the denoiser's declaration says a ControlNet adds
 
     def run(self, feed: dict[str, np.ndarray], step: int, steps: int) -> np.ndarray:
         total: dict[str, np.ndarray] | None = None
@@ -70,18 +71,16 @@ class ControlledDenoiser:
             residuals = net.run(given | {"controlnet_cond": image, "conditioning_scale": np.asarray([scale], np.float32)})
             total = residuals if total is None else {k: total[k] + v for k, v in residuals.items()}
         if total is None:
-            shapes = _residual_shapes(self.unet_config, feed)
+            shapes = _residual_shapes(self.residuals, feed)
             total = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
-        return self.unet.run(feed | total)["out_sample"]
+        return self.denoiser.run(feed | total)["out_sample"]
 
 
-def _residual_shapes(unet_config: dict[str, Any], feed: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """The residual inputs' shapes for this call, from the UNet variant's declared channels and the latents' size."""
-    from diffship.models.components import residual_specs
-
+def _residual_shapes(residuals: tuple[TensorSpec, ...], feed: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The residual inputs' shapes for this call, from their declared channels and the latents' size."""
     batch, _, height, width = feed["sample"].shape
     shapes = {}
-    for spec in residual_specs(unet_config):
+    for spec in residuals:
         _, channels, h, _ = spec.shape
         factor = 1 if h == "height" else int(str(h).split("_")[1])
         shapes[spec.name] = (batch, channels, height // factor, width // factor)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from diffship.errors import DiffshipError
 from diffship.models.components import component_specs
+from diffship.models.families import detect_family
 from diffship.models.loading import load_component
 from diffship.models.lora import LoraSpec, lora_targets, merge
 from diffship.models.source import recipe_source
@@ -35,11 +36,12 @@ def runtime_changes(artifacts: ArtifactSet, loras: list[LoraSpec],
     weighted = ("denoiser", "controlled_denoiser", "text_encoder")  # what LoRAs patch (never the VAE or ControlNets)
     specs = [s for s in component_specs(folder) if s.name in artifacts.components and s.role in weighted]
     modules = {s.module: load_component(folder, s.module, recipe.allow_pickle) for s in specs}
+    denoiser = detect_family(folder).denoiser.component
     before: dict[tuple[str, str], object] = {}
     for spec in loras:
-        for module, name, _ in lora_targets(modules, spec, recipe.allow_pickle):
+        for module, name, _ in lora_targets(modules, spec, denoiser, recipe.allow_pickle):
             before.setdefault((module, name), modules[module].get_submodule(name).weight.detach().numpy().copy())
-        merge(modules, spec, recipe.allow_pickle)
+        merge(modules, spec, denoiser, recipe.allow_pickle)
     by_component: dict[str, list[Change]] = {}
     for s in specs:
         changed = [Change(f"{s.module}:{name}", old, modules[s.module].get_submodule(name).weight.detach().numpy())

@@ -21,9 +21,7 @@ import numpy as np
 import torch
 
 from diffship.errors import DiffshipError
-from diffship.models.components import native_size
-from diffship.models.controlnet import controlnet_names
-from diffship.models.families import Family, family_named
+from diffship.models.families import Family, controlnet_names, family_named
 from diffship.runtime import inpaint
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
 from diffship.runtime.schedulers import make_scheduler
@@ -32,7 +30,7 @@ from diffship.store.manifest import ArtifactSet, open_artifacts
 from diffship.targets import get_target
 from diffship.targets.runner import Runner
 
-DENOISER, DECODER, ENCODER, CONTROLLED = "unet", "vae_decoder", "vae_encoder", "controlled_unet"
+DECODER, ENCODER = "vae_decoder", "vae_encoder"
 
 
 @dataclass
@@ -77,19 +75,21 @@ class DeployedPipeline:
     def __init__(self, artifacts: ArtifactSet, runners: dict[str, Runner], load_seconds: dict[str, float],
                  changes: dict[str, list[Any]] | None = None):
         import diffusers
-        from transformers import CLIPTokenizer
+        import transformers
 
         self.artifacts, self.runners, self.load_seconds = artifacts, runners, load_seconds
         self.changes = changes or {}  # weight changes (a LoRA at run time) for components loaded later
         folder = artifacts.pipeline
         self.family = pipeline_family(artifacts)
-        self.tokenizers = [CLIPTokenizer.from_pretrained(folder / name) for name in self.family.tokenizers]
+        self.tokenizers = [getattr(transformers, kind).from_pretrained(folder / name)
+                           for name, kind in zip(self.family.tokenizers, self.family.tokenizer_classes, strict=True)]
         scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
         scheduler_class = getattr(diffusers, scheduler_config["_class_name"], None)
         if scheduler_class is None:
             raise DiffshipError(f"Unknown scheduler {scheduler_config['_class_name']!r} in {folder / 'scheduler'}.")
         self.scheduler = scheduler_class.from_config(scheduler_config)
-        self.unet_config = read_json(folder / "unet" / "config.json")
+        self.denoiser = self.family.denoiser
+        self.denoiser_config = read_json(folder / self.denoiser.component / "config.json")
         self.vae_config = read_json(folder / "vae_decoder" / "config.json")
         self.force_zeros = bool(read_json(folder / "model_index.json").get("force_zeros_for_empty_prompt", False))
         self.vae_scale = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
@@ -122,7 +122,8 @@ class DeployedPipeline:
                        changes: dict[str, list[Any]] | None = None) -> DeployedPipeline:
         """Load one Runner per component the pipeline needs, timing each load (with the build's options by default);
         components with weight `changes` (a LoRA at run time, `runtime.lora`) load with them."""
-        needed = [*pipeline_family(artifacts).text_encoders, DENOISER, DECODER]
+        family = pipeline_family(artifacts)
+        needed = [*family.text_encoders, family.denoiser.component, DECODER]
         missing = [c for c in needed if c not in artifacts.components]
         if missing:
             raise DiffshipError(f"{artifacts.root} cannot generate images: it has no {', '.join(missing)} artifact.")
@@ -142,12 +143,12 @@ class DeployedPipeline:
 
     @property
     def native_resolution(self) -> tuple[int, int]:
-        side = native_size(self.unet_config, self.vae_scale)
+        side = self.denoiser.native_size(self.denoiser_config, self.vae_scale)
         return side, side
 
     def check_request(self, batch: int, height: int, width: int) -> None:
         """Refuse a batch or resolution the artifacts were not built for, before any work."""
-        multiple = self.vae_scale * 8
+        multiple = self.vae_scale * self.denoiser.latent_multiple
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise DiffshipError(f"Resolution {height}x{width} must be positive multiples of {multiple} pixels for this model.")
         shapes = self.artifacts.shapes
@@ -245,7 +246,7 @@ class DeployedPipeline:
         elif task == "inpaint":
             latents, inpainting = inpaint.prepare(
                 self.runners[ENCODER], as_array(image), as_array(mask), height, width, n, guidance, self.vae_scale,
-                self.vae_config, self.scheduler, timesteps, strength, self.unet_config.get("in_channels", 4), generator)
+                self.vae_config, self.scheduler, timesteps, strength, self.in_channels, generator)
         else:
             if latents is None:
                 latents = torch.randn(shape, generator=generator, dtype=torch.float32)
@@ -254,7 +255,7 @@ class DeployedPipeline:
             latents = latents.to(torch.float32) * self.scheduler.init_noise_sigma
             timesteps = self.scheduler.timesteps
         extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in self.step_takes}
-        unet = self.runners[DENOISER]
+        denoiser = self.runners[self.denoiser.component]
         controlled = self._controlled(controls, task, height, width, n, guidance) if controls else None
         for i, t in enumerate(timesteps):
             step_started = time.perf_counter()
@@ -264,7 +265,7 @@ class DeployedPipeline:
                 model_input = inpainting.denoiser_input(model_input)
             feed = {"sample": model_input.numpy(), "timestep": np.full(model_input.shape[0], float(t), np.float32),
                     **conditioning}
-            noise = torch.from_numpy(controlled.run(feed, i, len(timesteps)) if controlled else unet.run(feed)["out_sample"])
+            noise = torch.from_numpy(controlled.run(feed, i, len(timesteps)) if controlled else denoiser.run(feed)["out_sample"])
             if guidance:
                 uncond, text = noise.chunk(2)
                 noise = uncond + guidance_scale * (text - uncond)
@@ -288,7 +289,8 @@ class DeployedPipeline:
         return [c for c in controlnet_names(len(self.artifacts.components)) if c in self.artifacts.components]
 
     def _controlled(self, controls: list[Any], task: str, height: int, width: int, n: int, guidance: bool) -> Any:
-        """The ControlNets' denoising call for this request, their runners and the UNet variant loaded on first use."""
+        """The ControlNets' denoising call for this request, their runners and the denoiser variant loaded on first
+        use."""
         from diffship.runtime.control import ControlledDenoiser, control_images
 
         if not self.controlnets:
@@ -297,7 +299,7 @@ class DeployedPipeline:
             raise DiffshipError("Control images condition text-to-image generation; not with --image / --mask.")
         backend = get_target(self.artifacts.target)
         options = backend.parse_options(self.artifacts.options) if self.artifacts.options else None
-        for name in [*self.controlnets, CONTROLLED]:
+        for name in [*self.controlnets, self.denoiser.controlled]:
             if name not in self.runners:
                 started = time.perf_counter()
                 artifact = self.artifacts.components[name]
@@ -306,13 +308,19 @@ class DeployedPipeline:
                     backend.load(artifact, options, self.artifacts.precision)
                 self.load_seconds[name] = time.perf_counter() - started
         images = control_images(controls, height, width, self.vae_scale, n, guidance)
-        return ControlledDenoiser([self.runners[c] for c in self.controlnets], self.runners[CONTROLLED], controls,
-                                  images, self.unet_config)
+        residuals = self.denoiser.residuals(self.denoiser_config) if self.denoiser.residuals else ()
+        return ControlledDenoiser([self.runners[c] for c in self.controlnets], self.runners[self.denoiser.controlled],
+                                  controls, images, residuals)
 
     @property
     def tasks(self) -> tuple[str, ...]:
         """What these artifacts can do (an inpainting denoiser only inpaints)."""
-        return self.family.tasks_for(self.unet_config.get("in_channels", 4), self.vae_config.get("latent_channels", 4))
+        return self.family.tasks_for(self.in_channels, self.vae_config.get("latent_channels", 4))
+
+    @property
+    def in_channels(self) -> int:
+        """The denoiser's input channels (an inpainting one takes the mask and the masked image's latents too)."""
+        return self.denoiser.in_channels(self.denoiser_config)
 
     def _task(self, image: Any, mask: Any, latents: torch.Tensor | None) -> str:
         """text2img, img2img or inpaint, from what was given; an error when this model cannot do it."""

@@ -52,7 +52,7 @@ class Calibration:
 
     def _capture(self, staging: Path, info: dict[str, Any]) -> None:
         s = self.settings
-        self.baseline.say(f"[calibration] capturing {s['samples']} UNet calls from {s['steps']}-step generations "
+        self.baseline.say(f"[calibration] capturing {s['samples']} denoiser calls from {s['steps']}-step generations "
                           f"of {len(s['prompts'])} prompt(s) at {s['height']}x{s['width']} ...")
         began = time.perf_counter()
         data = capture(self.baseline.get(), s["prompts"], s["samples"], s["steps"], s["height"], s["width"],
@@ -60,12 +60,13 @@ class Calibration:
         if "controlnet" in self.plan.tasks:  # the UNet variant's inputs with the ControlNets' residuals
             from diffship.validation.baseline import task_pipeline
 
-            self.baseline.say("[calibration] and the controlled UNet's, with the ControlNets' residuals ...")
+            self.baseline.say("[calibration] and the controlled denoiser's, with the ControlNets' residuals ...")
             controlled = task_pipeline(self.baseline.get(), detect_family(self.baseline.folder), "controlnet",
                                        self.baseline.folder, self.baseline.allow_pickle)
             more = capture(controlled, s["prompts"], s["samples"], s["steps"], s["height"], s["width"],
                            s["guidance_scale"], with_vae=False, task_kwargs=self.plan.task_kwargs("controlnet"))
-            data.inputs["controlled_unet"] = more.inputs["controlled_unet"]
+            controlled_name = detect_family(self.baseline.folder).denoiser.controlled
+            data.inputs[controlled_name] = more.inputs[controlled_name]
         data.save(staging / "inputs.npz")
         info |= {**data.info, "task": s["task"], "seconds": round(time.perf_counter() - began, 1)}
         self.baseline.say(f"[calibration] captured in {info['seconds']:.0f} s")

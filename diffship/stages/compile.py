@@ -44,7 +44,7 @@ def compile_stage(c: Context, root: Path, export_dir: Path, entries: dict[str, A
     recipe, shapes, say = c.recipe, c.shapes, c.say
     opt_size = (c.plan.height, c.plan.width)
     # The UNet parity cases validation will check: what an accuracy-aware precision probes.
-    unet_probes = tuple((x.batch, x.height, x.width) for x in c.plan.unet_cases or c.plan.cases)
+    denoiser_probes = tuple((x.batch, x.height, x.width) for x in c.plan.denoiser_cases or c.plan.cases)
     sets = {}
     by_name = {s.name: s for s in c.specs}
     guided = recipe.validation.guidance_scale > 1.0
@@ -70,7 +70,7 @@ def compile_stage(c: Context, root: Path, export_dir: Path, entries: dict[str, A
                                          c.calibration if backend.needs_calibration(precision) else None,
                                          (shapes["height"][0], shapes["width"][0]), shapes, opt_size, guided,
                                          c.source.folder, recipe.allow_pickle, recipe.export.opset,
-                                         _gate(recipe, precision, unet_probes), say)
+                                         _gate(recipe, precision, denoiser_probes), say)
                 entry_key = cache.key(stage="compile", target=target.name, precision=precision, options=repr(options),
                                       source=[f["sha256"] for f in entries[name]["files"]], static=context.static_shapes,
                                       calibration=c.calibration.key if context.calibration else None,

@@ -29,7 +29,7 @@ def compress_stage(recipe: Recipe, source: ModelSource, family: str, plan: Plan,
     quantized = [f"{t.name}:{p}" for t in recipe.targets for p in t.precisions if p.startswith(("int8", "fp8"))]
     if quantized and any(s.step == "qat" for s in recipe.compress):
         raise DiffshipError(
-            f"A qat step already makes the UNet INT8 (QDQ); {', '.join(quantized)} would quantize it again. "
+            f"A qat step already makes the denoiser INT8 (QDQ); {', '.join(quantized)} would quantize it again. "
             "Build the targets' fp32 precision: it runs the QDQ graph with INT8 kernels.")
     settings, measure_quality = settings_for(recipe, source.folder, plan.height, plan.width)
     entry_key = cache.key(stage="compress", weights=cache.folder_hash(source.folder),

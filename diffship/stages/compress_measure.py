@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffship.models.families import denoiser_of
+
 
 def weight_stats(module: nn.Module) -> dict[str, int]:
     """Parameter count, truly non-zero parameters, and bytes held by the module's state (quantized data included)."""
@@ -38,9 +40,9 @@ def _bytes(t: Any) -> int:
     return t.numel() * t.element_size()
 
 
-def unet_latency(unet: nn.Module, call: dict[str, np.ndarray], repeats: int = 20, warmup: int = 3) -> float:
+def denoiser_latency(denoiser: nn.Module, call: dict[str, np.ndarray], repeats: int = 20, warmup: int = 3) -> float:
     """Median seconds of one UNet call on a captured input, on the module's own device and dtype."""
-    p = next(unet.parameters())
+    p = next(denoiser.parameters())
     device = p.device
     dtype = p.dtype if p.is_floating_point() else torch.float32
     args = {k: torch.from_numpy(v).to(device) for k, v in call.items()}
@@ -53,7 +55,7 @@ def unet_latency(unet: nn.Module, call: dict[str, np.ndarray], repeats: int = 20
             if device.type == "cuda":
                 torch.cuda.synchronize()
             began = time.perf_counter()
-            unet(args["sample"], args["timestep"], args["encoder_hidden_states"], **kwargs)
+            denoiser(args["sample"], args["timestep"], args["encoder_hidden_states"], **kwargs)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
@@ -63,15 +65,16 @@ def unet_latency(unet: nn.Module, call: dict[str, np.ndarray], repeats: int = 20
 
 def digits_quality(pipe: Any, seeds: list[int], steps: int, guidance_scale: float, height: int, width: int,
                    say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Prompt accuracy of the pipeline as it stands (with the compressed UNet), over every digit and seed."""
+    """Prompt accuracy of the pipeline as it stands (with the compressed denoiser), over every digit and seed."""
     from diffship.runtime.pipeline import initial_latents
     from diffship.validation import quality
     from diffship.validation.baseline import run_baseline
 
     scale = pipe.vae_scale_factor
+    channels = getattr(pipe, denoiser_of(pipe).component).config.in_channels
 
     def generate(prompt: str, seed: int) -> np.ndarray:
-        latents = initial_latents(seed, 1, pipe.unet.config.in_channels, height // scale, width // scale)
+        latents = initial_latents(seed, 1, channels, height // scale, width // scale)
         return run_baseline(pipe, prompt, None, height, width, steps, guidance_scale, seed, latents).images[0]
 
     scores = quality.measure(generate, seeds, say)

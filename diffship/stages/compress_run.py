@@ -80,12 +80,17 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
     device = "cuda" if torch.cuda.is_available() else "cpu"
     say(f"[compress] loading {folder.name} (PyTorch FP32, {device}) ...")
     pipe = load_baseline(folder, allow_pickle, device, torch.float32)
-    teacher = copy.deepcopy(pipe.unet) if any(s.step in ("distill", "qat") for s in steps) else None
+    component, sensitive = family_named(family).denoiser.component, family_named(family).denoiser.sensitive
+
+    def net() -> Any:  # the denoiser as it stands (bitsandbytes replaces the module)
+        return getattr(pipe, component)
+
+    teacher = copy.deepcopy(net()) if any(s.step in ("distill", "qat") for s in steps) else None
     full = needs_data(steps)
-    say(f"[compress] capturing the UNet's inputs over {settings.denoise_steps}-step generations of "
+    say(f"[compress] capturing the {component}'s inputs over {settings.denoise_steps}-step generations of "
         f"{len(settings.prompts) if full else 1} prompt(s) at {settings.height}x{settings.width} ...")
     calls = capture(pipe, settings.prompts if full else settings.prompts[:1], None, settings.denoise_steps,
-                    settings.height, settings.width, settings.guidance_scale, with_vae=False).inputs["unet"]
+                    settings.height, settings.width, settings.guidance_scale, with_vae=False).inputs[component]
     samples = None
     if trains := [s for s in steps if s.step in ("distill", "qat") and s.steps]:
         from diffship.compress.distill import sample_set
@@ -94,27 +99,27 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
         say(f"[compress] generating {images} images with the original as distillation data ...")
         captured = capture(pipe, settings.prompts, images * settings.denoise_steps, settings.denoise_steps,
                            settings.height, settings.width, settings.guidance_scale, seed=10_000, with_vae=False)
-        samples = sample_set(captured, settings.denoise_steps, pipe.vae.config.scaling_factor,
+        samples = sample_set(captured, component, settings.denoise_steps, pipe.vae.config.scaling_factor,
                              pipe.scheduler.alphas_cumprod, settings.guidance_scale)
         del captured
 
     baseline: dict[str, Any] = {}
 
     def stage(label: str, step: dict[str, Any] | None, info: dict[str, Any]) -> dict[str, Any]:
-        row: dict[str, Any] = {"stage": label, "step": step, **measure.weight_stats(pipe.unet),
-                               "unet_seconds": measure.unet_latency(pipe.unet, calls[0], settings.latency_repeats),
+        row: dict[str, Any] = {"stage": label, "step": step, **measure.weight_stats(net()),
+                               "denoiser_seconds": measure.denoiser_latency(net(), calls[0], settings.latency_repeats),
                                "info": info}
         if quality:
             row["quality"] = measure.digits_quality(pipe, settings.quality_seeds, settings.quality_steps,
                                                     settings.quality_guidance, settings.height, settings.width)
         if not baseline:
             baseline.update(row)
-        row["speedup"] = baseline["unet_seconds"] / row["unet_seconds"]
+        row["speedup"] = baseline["denoiser_seconds"] / row["denoiser_seconds"]
         row["params_ratio"] = row["params"] / baseline["params"]
         accuracy = row.get("quality", {}).get("prompt_accuracy")
         shown = f", prompt accuracy {accuracy:.3f}" if accuracy is not None else ""
         say(f"      {label}: {row['params']:,} params ({row['nonzero']:,} non-zero), {row['bytes'] / 2**20:.2f} MiB, "
-            f"UNet call {row['unet_seconds'] * 1000:.2f} ms ({row['speedup']:.2f}x){shown}")
+            f"{component} call {row['denoiser_seconds'] * 1000:.2f} ms ({row['speedup']:.2f}x){shown}")
         return row
 
     stages = [stage("original", None, {})]
@@ -125,38 +130,38 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
         if quantizer is not None:
             raise DiffshipError(f"compress step {i + 1} ({step.step}) comes after quantization; quantize last.")
         if step.step in ("quantize", "qat") and reshaped:
-            structure = copy.deepcopy(pipe.unet)  # the pruned float shape the saved quantizer state is rebuilt on
+            structure = copy.deepcopy(net())  # the pruned float shape the saved quantizer state is rebuilt on
         if step.step == "precision":
             from diffship.compress.precision import cast_pipeline
 
             info = cast_pipeline(pipe, step.dtype, step.vae, family_named(family))
         elif step.step == "prune-magnitude":
-            info = prune.prune_magnitude(pipe.unet, step.sparsity, step.scope)
+            info = prune.prune_magnitude(net(), step.sparsity, step.scope)
         elif step.step == "prune-channels":
-            info = prune.prune_channels(pipe.unet, step.ratio, calls[0], step.round_to)
+            info = prune.prune_channels(net(), step.ratio, calls[0], step.round_to)
             reshaped = True
         elif step.step == "prune-heads":
-            info = prune.prune_heads(pipe.unet, step.heads)
+            info = prune.prune_heads(net(), step.heads)
             reshaped = True
         elif step.step == "distill":
             from diffship.compress.distill import distill
 
             assert teacher is not None and samples is not None  # made above when a step distills
-            info = distill(pipe.unet, teacher, samples, step.steps, step.batch, step.lr, checkpoints / f"step{i + 1}",
+            info = distill(net(), teacher, samples, step.steps, step.batch, step.lr, checkpoints / f"step{i + 1}",
                            step.checkpoint_every, say=say)
         elif step.step == "quantize":
-            info = _quantize(pipe, step, folder, changed, calls)
+            info = _quantize(pipe, component, step, folder, changed, calls, sensitive.trained_float)
             quantizer = "quanto" if step.library == "quanto" else "bitsandbytes"
         elif step.step == "qat":
             from diffship.compress.distill import distill
             from diffship.compress.qat import quantize_int8
 
-            info = quantize_int8(pipe.unet, calls)
+            info = quantize_int8(net(), calls, sensitive.trained_float)
             quantizer = "modelopt"
             if step.steps:
                 assert teacher is not None and samples is not None
                 stages.append(stage("qat: calibrated only (PTQ)", dump, info))
-                info = {**info, "training": distill(pipe.unet, teacher, samples, step.steps, step.batch, step.lr,
+                info = {**info, "training": distill(net(), teacher, samples, step.steps, step.batch, step.lr,
                                                     checkpoints / f"step{i + 1}", step.checkpoint_every, say=say)}
         else:  # pragma: no cover - the recipe's discriminated union admits no other step
             raise DiffshipError(f"Unknown compress step {step.step!r}.")
@@ -169,7 +174,7 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
     # PyTorch use) although ONNX export cannot take them.
     if quantizer != "bitsandbytes" and not any(s.step == "precision" for s in steps):
         say(f"[compress] writing the compressed pipeline to {dest} ...")
-        write_pipeline(folder, dest, pipe.unet.cpu(), structure, quantizer, record)
+        write_pipeline(folder, dest, component, net().cpu(), structure, quantizer, record)
     return record
 
 
@@ -178,19 +183,20 @@ def _label(step: Step) -> str:
     return f"{step.step} (" + ", ".join(f"{k} {v}" for k, v in details.items()) + ")"
 
 
-def _quantize(pipe: Any, step: Any, folder: Path, changed: bool, calls: list[Any]) -> dict[str, Any]:
+def _quantize(pipe: Any, component: str, step: Any, folder: Path, changed: bool, calls: list[Any],
+              keep_float: tuple[str, ...]) -> dict[str, Any]:
     from diffship.compress import quantize
 
     if step.library == "quanto":
         if step.weights == "nf4":
             raise DiffshipError("quantize: nf4 is a bitsandbytes format; optimum-quanto offers int8 and int4.")
-        return quantize.quanto(pipe.unet, step.weights, step.activations, calls)
+        return quantize.quanto(getattr(pipe, component), step.weights, step.activations, calls, keep_float)
     if changed:
-        raise DiffshipError("quantize with bitsandbytes loads the original UNet's weights, so it must be the only "
-                            "UNet step (bitsandbytes quantizes while loading).")
+        raise DiffshipError("quantize with bitsandbytes loads the original denoiser's weights, so it must be the only "
+                            "step (bitsandbytes quantizes while loading).")
     if step.activations != "none":
         raise DiffshipError("bitsandbytes quantizes weights only: set activations = 'none'.")
-    unet, info = quantize.bitsandbytes_unet(folder, step.weights)
+    model, info = quantize.bitsandbytes_denoiser(folder, component, step.weights)
     pipe.to(torch.float16)
-    pipe.unet = unet
+    setattr(pipe, component, model)
     return info

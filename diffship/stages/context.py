@@ -13,9 +13,8 @@ from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import select_specs
-from diffship.models.components import ComponentSpec, component_specs, native_size
-from diffship.models.controlnet import controlnets_in
-from diffship.models.families import Family, component_config, detect_family, tasks_of
+from diffship.models.components import ComponentSpec, component_specs
+from diffship.models.families import Family, component_config, controlnets_in, detect_family, tasks_of
 from diffship.models.lora import LoraSpec
 from diffship.models.source import ModelSource, resolve
 from diffship.recipe import Recipe
@@ -59,8 +58,8 @@ def shapes_fixed(shapes: dict[str, list[int]]) -> bool:
 
 def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict[str, list[int]], Plan]:
     """The shape ranges to record, and the resolution and parity cases validation uses (model defaults filled in)."""
-    multiple = spec.vae_scale * 8
-    native = native_size(component_config(folder, "unet"), spec.vae_scale)
+    multiple = spec.vae_scale * spec.latent_multiple
+    native = spec.denoiser.native_size(component_config(folder, spec.denoiser.component), spec.vae_scale)
     shapes: dict[str, list[int]] = {"batch": list(recipe.shapes.batch)}
     for side in ("height", "width"):
         low, high = getattr(recipe.shapes, side) or (multiple, 2 * native)
@@ -85,13 +84,13 @@ def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict
         first = Case(shapes["batch"][0], height, width)
         second = Case(min(2, shapes["batch"][1]), shapes["height"][0], shapes["width"][0])
         cases = (first,) if second == first else (first, second)
-    unet_cases = None
+    denoiser_cases = None
     if shapes_fixed(shapes) and v.guidance_scale > 1.0:
-        unet_cases = tuple(Case(2 * c.batch, c.height, c.width) for c in cases)
+        denoiser_cases = tuple(Case(2 * c.batch, c.height, c.width) for c in cases)
     inputs = task_inputs(height, width, v.image, v.mask, v.strength, control=v.control_image,
                          control_scale=v.control_scale, control_window=(v.control_start, v.control_end),
                          controlnets=len(controlnets_in(folder)))
-    return shapes, Plan(height, width, cases, v, recipe.threshold("fp32"), unet_cases,
+    return shapes, Plan(height, width, cases, v, recipe.threshold("fp32"), denoiser_cases,
                         validated_tasks(tasks_of(folder)), inputs)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec, component_specs, wrap
+from diffship.models.families import detect_family
 from diffship.models.loading import load_component
 from diffship.models.lora import LoraSpec, check_file, lora_targets
 from diffship.models.source import ModelSource, recipe_source
@@ -82,9 +83,10 @@ def weight_changes(before: Path, after: Path, loras: list[LoraSpec], components:
     """Per component, each weight the new LoRAs touch, before (the build's model) and after (merged); and the merged
     PyTorch components, the reference the patched artifacts are checked against."""
     modules = {name: load_component(before, name, allow_pickle) for name in components}
+    denoiser = detect_family(before).denoiser.component
     touched: dict[str, set[str]] = {}
     for spec in loras:
-        for component, name, _ in lora_targets(modules, spec, allow_pickle):
+        for component, name, _ in lora_targets(modules, spec, denoiser, allow_pickle):
             touched.setdefault(component, set()).add(name)
     old = {c: {n: _weight(modules[c], n).copy() for n in names}
            for c, names in touched.items()}
@@ -180,7 +182,7 @@ def apply_loras(build: Path, loras: list[LoraSpec], out: Path, wanted: list[dict
 def _check(spec: ComponentSpec, module: Any, backend: Any, artifact: Path, options: Any, precision: str,
            tolerance: Tolerance, plan: Any) -> dict[str, Any]:
     """Parity of one patched component against its merged PyTorch module at the build's validation resolution."""
-    cases = (plan.unet_cases or plan.cases)[:1] if spec.is_denoiser else plan.cases[:1]
+    cases = (plan.denoiser_cases or plan.cases)[:1] if spec.is_denoiser else plan.cases[:1]
     runner = backend.load(artifact, options, precision)
     try:
         return check_component(spec, module_reference(spec, wrap(spec, module)), runner, tolerance,

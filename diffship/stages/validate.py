@@ -28,7 +28,7 @@ from diffship.validation.baseline import Baseline, baseline_device
 from diffship.validation.quality import quality_task
 from diffship.validation.recorded_store import load_record, save_record
 from diffship.validation.reference import LiveReference, RecordedReference, choose_staged
-from diffship.validation.suite import Plan, baseline_quality, task_samples, unet_trajectory, validate_set
+from diffship.validation.suite import Plan, baseline_quality, denoiser_trajectory, task_samples, validate_set
 
 Say = Callable[[str], None]
 
@@ -72,11 +72,11 @@ class BaselineRuns:
 
     def trajectory(self) -> dict[str, Any]:
         if self._trajectory is None:
-            self.say(f"[validate] capturing the UNet's inputs over {self.plan.validation.steps} denoising steps of the "
-                     "baseline")
-            unet = next(s for s in self.specs if s.is_denoiser)
-            self._trajectory = unet_trajectory(self.baseline.get(), unet, self.plan, self.source.folder,
-                                               self.recipe.allow_pickle)
+            denoiser = next(s for s in self.specs if s.is_denoiser)
+            self.say(f"[validate] capturing the {denoiser.name}'s inputs over {self.plan.validation.steps} denoising "
+                     "steps of the baseline")
+            self._trajectory = denoiser_trajectory(self.baseline.get(), denoiser, self.plan, self.source.folder,
+                                                   self.recipe.allow_pickle)
         return self._trajectory
 
     def quality(self) -> dict[str, Any] | None:
@@ -122,7 +122,7 @@ def validate_stage(c: Context, sets: dict[str, tuple[ArtifactSet, Any, dict[str,
     # Not the latency settings: the recording does not keep the pipeline's timings.
     record_key = cache.key(stage="baseline", components=[s.name for s in specs],
                            validation=recipe.validation.model_dump(mode="json", exclude={"latency", "staged"}),
-                           unet_cases=[asdict(case) for case in plan.unet_cases or ()], **compared)
+                           denoiser_cases=[asdict(case) for case in plan.denoiser_cases or ()], **compared)
     runs = BaselineRuns(recipe, source, specs, plan, c.baseline, say, record_key if staged else None, c.force)
     results: dict[str, Any] = {}
     pairs: dict[str, list[dict[str, Any]]] = {}

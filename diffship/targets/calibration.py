@@ -62,4 +62,4 @@ def check_calibration(prompts: list[str], samples: int) -> None:
     if not prompts:
         raise DiffshipError("INT8 needs calibration prompts: set [calibration] prompts in the recipe.")
     if samples < MIN_SAMPLES:
-        raise DiffshipError(f"calibration.samples is {samples}; INT8 calibration needs at least {MIN_SAMPLES} UNet calls.")
+        raise DiffshipError(f"calibration.samples is {samples}; INT8 calibration needs at least {MIN_SAMPLES} denoiser calls.")

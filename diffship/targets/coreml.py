@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffship.errors import DiffshipError
+from diffship.models.families import component_names
 from diffship.store.artifacts import atomic_write_json, staged_path
 from diffship.targets import Case, CompileContext
 from diffship.targets.coreml_attention import IMPLEMENTATIONS, use_attention
@@ -52,7 +53,6 @@ VAE_MODES = ("auto", "fp16", "fp32")
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 OLDEST_TARGETS = {"iOS": 16, "macOS": 13, "tvOS": 16, "watchOS": 9}  # compressed weights (constexpr ops) need these
 TORCH_MIN = "2.1.0"  # coremltools' own floor for its torch integration (_CT_OPTIMIZE_TORCH_MIN_VERSION)
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class CoremlOptions:
     attention: str = "split_einsum"  # Apple's converter's default, for the Neural Engine
     resolutions: tuple[tuple[int, int], ...] = ()  # more (height, width) the packages accept, as enumerated shapes
     vae_precision: str = "auto"  # auto: SDXL's VAE in FP32, the others FP16
-    compress: tuple[str, ...] = ("unet",)  # the components the compressed precisions compress
+    compress: tuple[str, ...] = ("denoiser",)  # the components the compressed precisions compress (or their role)
     palette_group_size: int = 16  # output channels sharing one look-up table (per grouped channel, iOS 18+)
     weight_threshold: int = 2048  # weights with at most this many elements stay FP16 (coremltools' default)
     compute_units: str = "ALL"  # for prediction on macOS
@@ -91,8 +91,9 @@ def parse_options(options: dict[str, Any]) -> CoremlOptions:
         raise DiffshipError(f"Unknown Core ML compute_units {parsed.compute_units!r}; choose {', '.join(COMPUTE_UNITS)}.")
     if parsed.untested_torch not in ("warn", "refuse"):
         raise DiffshipError(f"Core ML untested_torch must be 'warn' or 'refuse', got {parsed.untested_torch!r}.")
-    if bad := [c for c in parsed.compress if c not in COMPONENTS]:
-        raise DiffshipError(f"Core ML compress names unknown component(s) {', '.join(bad)}; choose from {', '.join(COMPONENTS)}.")
+    if bad := [c for c in parsed.compress if c not in component_names()]:
+        raise DiffshipError(f"Core ML compress names unknown component(s) {', '.join(bad)}; choose from "
+                            f"{', '.join(component_names())}.")
     if any(h <= 0 or w <= 0 for h, w in parsed.resolutions):
         raise DiffshipError(f"Core ML resolutions must be positive, got {list(parsed.resolutions)}.")
     if parsed.palette_group_size < 1 or parsed.weight_threshold < 0:
@@ -215,7 +216,7 @@ def compile(source: Path, precision: str, options: CoremlOptions | None = None, 
     base, converted = converted_package(context, spec, compute, shape_sets, options)
     mlmodel = load_coremltools().models.MLModel(str(base / PACKAGE), skip_model_load=True)
     compression = None
-    if COMPRESSION[precision] and spec.name in options.compress:
+    if COMPRESSION[precision] and spec.named_in(options.compress):
         mlmodel, compression = compress_weights(mlmodel, precision, options, target_spec)
 
     mlmodel.author = "diffship"
@@ -224,7 +225,7 @@ def compile(source: Path, precision: str, options: CoremlOptions | None = None, 
     mlmodel.short_description = f"{spec.name} of a Stable Diffusion pipeline, converted by diffship {__version__}"
     for tensors, described in ((spec.inputs, mlmodel.input_description), (spec.outputs, mlmodel.output_description)):
         for t in tensors:
-            described[t.name] = _DESCRIPTIONS.get((spec.name, t.name)) or _DESCRIPTIONS.get(t.name, t.name)
+            described[t.name] = _DESCRIPTIONS.get((spec.role, t.name)) or _DESCRIPTIONS.get(t.name, t.name)
     mlmodel.user_defined_metadata.update({
         "diffship.version": __version__,
         "diffship.component": spec.name, "diffship.precision": precision, "diffship.compute_precision": compute,
@@ -280,18 +281,18 @@ def converted_package(context: CompileContext, spec: ComponentSpec, compute: str
 
 _DESCRIPTIONS: dict[Any, str] = {
     "input_ids": "CLIP token ids (start, prompt, end, padding), int32",
-    ("unet", "sample"): "noisy latents, scaled for the current timestep",
+    ("denoiser", "sample"): "noisy latents, scaled for the current timestep",
     ("vae_encoder", "sample"): "image, channels first, in [-1, 1]",
     ("vae_decoder", "sample"): "image, channels first, in about [-1, 1]",
     "timestep": "the denoising timestep, one per batch row",
     "encoder_hidden_states": "the text encoder's hidden states (SDXL: both encoders', concatenated)",
     "text_embeds": "SDXL: the second text encoder's pooled, projected embedding",
     "time_ids": "SDXL: original size, crop top-left and target size",
-    "out_sample": "the UNet's prediction (noise or v, as the scheduler expects)",
+    "out_sample": "the denoiser's prediction (noise or v, as the scheduler expects)",
     "latent_sample": "unscaled latents (divide by the VAE's scaling factor first)",
     "latent_parameters": "mean and log-variance of the latent distribution, concatenated on channels",
     "last_hidden_state": "the text encoder's last hidden state",
-    "penultimate_hidden_state": "the hidden state before the last layer (what SDXL feeds its UNet)",
+    "penultimate_hidden_state": "the hidden state before the last layer (what SDXL feeds its denoiser)",
     "pooler_output": "the pooled output at the end-of-text token",
 }
 

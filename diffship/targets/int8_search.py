@@ -4,10 +4,10 @@ with the worst local error in float, as few as the real-step gate allows.
 Written here, not taken from NNCF's `quantize_with_accuracy_control` (which the first version used): its ranking
 compiles the model once per quantizer group (111 groups at about 2.3 s each for tiny-sd's UNet, 4 to 6 min; hours
 for a full-size one), and ONNX Runtime has no such search at all. Instead every quantized activation is ranked in
-one pass (the inputs of the layers diffusion recipes keep in float, `SUSPECTS`, first; then by signal-to-noise
-ratio on captured real steps, the `qdq_err` of onnxruntime's `qdq_loss_debug`), and how many of the first are kept
-in float is found by doubling then bisection: about 2·log2(sites) candidates, each one compile and one pass over
-the real steps.
+one pass (the inputs of the layers diffusion recipes keep in float, the denoiser's declared `searched_first`, first;
+then by signal-to-noise ratio on captured real steps, the `qdq_err` of onnxruntime's `qdq_loss_debug`), and how
+many of the first are kept in float is found by doubling then bisection: about 2·log2(sites) candidates, each one
+compile and one pass over the real steps.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ from typing import Any
 from diffship.targets.accuracy_gate import Clock, Gate, SearchTimeUp
 
 Say = Callable[[str], None]
-# Layers optimum-intel's and NVIDIA's diffusion recipes keep in float: the timestep embedding, the first and last
-# convolutions, and the 1x1 shortcuts over unnormalized skip concatenations. Local SQNR alone misses them: on
-# tiny-sd at 20 steps the latent input ranks 15th of 125 (30.8 dB) yet is the one whose noise reaches the output,
-# so ranking by SQNR alone kept 15 sites in float where these first kept 2 (NNCF's own ranker found the same 2).
-SUSPECTS = ("conv_in", "conv_out", "time_embedding", "time_proj", "conv_shortcut")
 SQNR_CALLS = 4  # real steps the one-pass ranking runs on
 
 
@@ -49,13 +44,13 @@ def sqnr_db(signal_energy: float, noise_energy: float) -> float:
     return 10.0 * math.log10(max(signal_energy, 1e-30) / noise_energy)
 
 
-def search(sites: list[Site], trial: Trial, gate: Gate, clock: Clock, fp32_seconds: float,
-           say: Say) -> tuple[list[Site] | None, dict[str, Any]]:
+def search(sites: list[Site], trial: Trial, gate: Gate, clock: Clock, fp32_seconds: float, say: Say,
+           suspects: tuple[str, ...] = ()) -> tuple[list[Site] | None, dict[str, Any]]:
     """The fewest worst-SQNR sites whose float copy meets `gate.target` (None: not even all of them), and the record
     of every candidate tried. A time-out keeps the best passing candidate found so far, if any."""
     # A site whose probe measured no noise at all is unknown, not safe: on digits-sd the one site the gate needed
     # (an upsampler conv's input) measured none in the f32 probe and, ranked last, left every site in float.
-    ranked = sorted(sites, key=lambda s: (not _suspect(s), not math.isinf(s.sqnr_db), s.sqnr_db))
+    ranked = sorted(sites, key=lambda s: (not _suspect(s, suspects), not math.isinf(s.sqnr_db), s.sqnr_db))
     results: dict[int, float] = {}
     passing: set[int] = set()
 
@@ -84,7 +79,7 @@ def search(sites: list[Site], trial: Trial, gate: Gate, clock: Clock, fp32_secon
     fell_back = None
     if kept is None:
         fell_back = stopped or "even with every quantized activation in float the gate was not met"
-    return kept, _record(ranked, kept, results, gate, clock, fell_back, stopped)
+    return kept, _record(ranked, kept, results, gate, clock, fell_back, stopped, suspects)
 
 
 def _db(site: Site) -> float | None:
@@ -98,8 +93,9 @@ def _noise(site: Site) -> str:
     return f"input SQNR {site.sqnr_db:.1f} dB on real steps"
 
 
-def _suspect(site: Site) -> bool:
-    return any(part in layer for layer in site.consumers for part in SUSPECTS)
+def _suspect(site: Site, suspects: tuple[str, ...]) -> bool:
+    """Whether a layer reading the site is one the denoiser declares is searched first (`suspects`, name parts)."""
+    return any(part in layer for layer in site.consumers for part in suspects)
 
 
 def _fewest(n: int, passes: Callable[[int], bool]) -> int | None:
@@ -122,10 +118,10 @@ def _fewest(n: int, passes: Callable[[int], bool]) -> int | None:
 
 
 def _record(ranked: list[Site], kept: list[Site] | None, results: dict[int, float], gate: Gate, clock: Clock,
-            fell_back: str | None, stopped: str | None) -> dict[str, Any]:
+            fell_back: str | None, stopped: str | None, suspects: tuple[str, ...]) -> dict[str, Any]:
     n = len(kept or [])
     rows = [{"layer": ", ".join(s.consumers) or s.name, "quantizer": s.name, "sqnr_db": _db(s),
-             "why": f"{'a layer recipes keep in float; ' if _suspect(s) else ''}{_noise(s)}, rank {i + 1} of "
+             "why": f"{'a layer recipes keep in float; ' if _suspect(s, suspects) else ''}{_noise(s)}, rank {i + 1} of "
                     f"{len(ranked)}; {n - 1} in float scored "
                     f"{results.get(n - 1, float('nan')):.5f}, {n} scored {results[n]:.5f}"}
             for i, s in enumerate(kept or [])]

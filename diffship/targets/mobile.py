@@ -99,7 +99,7 @@ def compile(source: Path, precision: str = "fp32", options: MobileOptions | None
         if spec.denoises:
             record["quantization"] = _quantize_qnn(onnx_path, context, options, record.get("rewrites", {}))
         else:  # QNN's all-tensor QDQ destroys CLIP's additive causal mask (cosine 0.14 on tiny CLIP), and the VAE's range
-            record |= {"kept": "fp32", "reason": "the UNet is what runs every step; text encoder and VAE activations "
+            record |= {"kept": "fp32", "reason": "the denoiser is what runs every step; text encoder and VAE activations "
                                                  "lose too much in QNN's all-tensor INT8"}
     record["usability"] = _usability(onnx_path)
     _to_ort(onnx_path, dest)
@@ -107,11 +107,11 @@ def compile(source: Path, precision: str = "fp32", options: MobileOptions | None
     return dest / MODEL
 
 
-def rewrite(model: onnx.ModelProto, unet_config: Path | None) -> dict[str, Any]:
+def rewrite(model: onnx.ModelProto, denoiser_config: Path | None) -> dict[str, Any]:
     """The phone-provider rewrites of `mobile_graph`, in place; what each did."""
     done: dict[str, Any] = {}
-    if unet_config is not None and (width := mobile_graph.host_timestep_embedding(model)):
-        config = read_json(unet_config)
+    if denoiser_config is not None and (width := mobile_graph.host_timestep_embedding(model)):
+        config = read_json(denoiser_config)
         done["timestep_embedding"] = {"dim": width, "flip_sin_to_cos": config.get("flip_sin_to_cos", True),
                                       "freq_shift": config.get("freq_shift", 0)}
     from polygraphy.backend.onnx import fold_constants

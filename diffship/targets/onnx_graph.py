@@ -21,9 +21,8 @@ from diffship.models.families import family_named
 if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
 
-# The optimizer's model types per component role.
-MODEL_TYPES = {"denoiser": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip",
-               "controlnet": "unet", "controlled_denoiser": "unet"}
+# The optimizer's model types per component role; the denoising roles take their denoiser's declared type.
+MODEL_TYPES = {"vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
 # Fusions whose ops only CUDA (or DirectML) implements; on a CPU session they would fail to load.
 GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
                     "enable_packed_qkv", "enable_packed_kv", "enable_bias_add", "group_norm_channels_last")
@@ -60,7 +59,12 @@ def load_graph(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=False)
 
 
-def prepare(model: onnx.ModelProto, folder: Path, role: str, gpu: bool) -> tuple[onnx.ModelProto, dict[str, int]]:
+def model_type(spec: ComponentSpec) -> str | None:
+    """onnxruntime.transformers' optimizer model type for `spec`'s graph (None: no fusions for it)."""
+    return spec.denoiser.onnx_model_type if spec.in_denoising_loop else MODEL_TYPES.get(spec.role)
+
+
+def prepare(model: onnx.ModelProto, folder: Path, kind: str | None, gpu: bool) -> tuple[onnx.ModelProto, dict[str, int]]:
     """A graph from `load_graph` (its weights in `folder`) fused (`fuse`) and folded (`fold_constants`), its
     weights left on disk.
 
@@ -69,7 +73,7 @@ def prepare(model: onnx.ModelProto, folder: Path, role: str, gpu: bool) -> tuple
     (benchmarks/ort_prepare_memory.py). The passes resolve external data against the working directory (the
     optimizer's checker, onnx-graphsurgeon's lazy values), so they run from the model's folder."""
     with contextlib.chdir(folder.resolve()):
-        model, fused = fuse(model, role, gpu)
+        model, fused = fuse(model, kind, gpu)
         return fold_constants(model), fused
 
 
@@ -114,17 +118,17 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(node.op_type for node in model.graph.node))
 
 
-def fuse(model: onnx.ModelProto, role: str, gpu: bool) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """ONNX Runtime's transformer fusions for a component of `role`; only ops the CPU provider runs unless `gpu`.
+def fuse(model: onnx.ModelProto, kind: str | None, gpu: bool) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """ONNX Runtime's transformer fusions for a graph of optimizer model type `kind` (`model_type`); only ops the CPU
+    provider runs unless `gpu`.
 
     Returns the fused model and the number of fused nodes per fused op type (the ones that applied)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model_type = MODEL_TYPES.get(role)
-    if model_type is None:
+    if kind is None:
         return model, {}
-    options = FusionOptions(model_type)
+    options = FusionOptions(kind)
     if not gpu:
         for name in GPU_ONLY_FUSIONS:
             setattr(options, name, False)
@@ -134,7 +138,7 @@ def fuse(model: onnx.ModelProto, role: str, gpu: bool) -> tuple[onnx.ModelProto,
     for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
-        optimized = optimize_model(model, model_type=model_type, optimization_options=options, opt_level=0,
+        optimized = optimize_model(model, model_type=kind, optimization_options=options, opt_level=0,
                                    use_gpu=gpu)
     finally:
         for logger, level in zip(quiet, levels, strict=True):

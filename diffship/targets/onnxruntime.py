@@ -212,7 +212,7 @@ def _prepare(source: Path, out: Path, name: str, precision: str, options: OrtOpt
     before = onnx_graph.op_counts(model)
     if prepared:
         gpu = _providers(options)[0] in GPU_PROVIDERS
-        model, fused = onnx_graph.prepare(model, source.parent, context.spec.role, gpu)  # weights stay on disk
+        model, fused = onnx_graph.prepare(model, source.parent, onnx_graph.model_type(context.spec), gpu)  # weights stay on disk
         record["prepared_for"] = "gpu" if gpu else "cpu"
     keep_fp32 = (onnx_graph.vae_fp32_reason(context.spec, options.fp16_vae, "fp16_vae")
                  if precision == "fp16" else None)

@@ -24,13 +24,9 @@ from diffship.errors import DiffshipError
 from diffship.host.memory import release_freed
 from diffship.targets import CompileContext, calibration_inputs, onnx_graph
 from diffship.targets.accuracy_gate import Clock, evaluate, probe_inputs, worst
-from diffship.targets.int8_search import SQNR_CALLS, SUSPECTS, Site, search, sqnr_db
+from diffship.targets.int8_search import SQNR_CALLS, Site, search, sqnr_db
 
 QUANTIZED_OPS = ("Conv", "MatMul")
-# UNet layers INT8 hurts most and speeds up least: timestep embedding, first and last convolutions, and the
-# 1x1 shortcut convolutions whose inputs are the unnormalized skip concatenations (on SD 1.5 they alone took the
-# UNet's cosine from 0.9988 to 0.9918).
-UNET_SENSITIVE = SUSPECTS
 WEIGHTS = "weights.bin"  # the one external data file the search's candidate graphs share
 
 
@@ -83,16 +79,17 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
         del calibrator
         release_freed()
     excluded = []
-    if keep_sensitive:
+    if keep_sensitive:  # the denoiser's declared layers INT8 hurts most and speeds up least
+        sensitive = context.spec.denoiser.sensitive.searched_first
         graph = onnx.load(str(source), load_external_data=False).graph
         excluded = [n.name for n in graph.node
-                    if n.op_type in QUANTIZED_OPS and any(part in n.name for part in UNET_SENSITIVE)]
+                    if n.op_type in QUANTIZED_OPS and any(part in n.name for part in sensitive)]
         del graph
     with quiet_root_logger():
         _quantize_static(source, out, excluded, large, method, ranges)
     kept = f"; {len(excluded)} sensitive Conv/MatMul kept float" if keep_sensitive else "; every Conv/MatMul quantized"
     return {"quantization": f"static QDQ S8S8, per-channel weights, {method_name} calibration on "
-                            f"{len(samples)} captured UNet inputs{kept}",
+                            f"{len(samples)} captured denoiser inputs{kept}",
             "excluded_nodes": len(excluded), "calibration_samples": len(samples)}
 
 
@@ -136,7 +133,7 @@ def quantize_auto(source: Path, out: Path, context: CompileContext, method_name:
 
     runner(path, precision): a Runner made the way the build will load the artifact."""
     if context.gate is None:
-        raise DiffshipError("int8-auto needs the recipe's INT8 gate for the UNet.")
+        raise DiffshipError("int8-auto needs the recipe's INT8 gate for the denoiser.")
     gate, say, calls = context.gate, context.say or (lambda _: None), calibration_inputs(context, "int8-auto")
     clock = Clock(gate)
     fp32 = runner(source, "fp32")
@@ -166,7 +163,8 @@ def quantize_auto(source: Path, out: Path, context: CompileContext, method_name:
             scores, seconds = evaluate(lambda c: candidate.run(c)[name], calls, references, gate)
             return min(scores), worst(lambda c: candidate.run(c)[name], probes, probe_references, gate), seconds
 
-        kept, found = search(sites, trial, gate, clock, fp32_seconds, say)
+        kept, found = search(sites, trial, gate, clock, fp32_seconds, say,
+                             context.spec.denoiser.sensitive.searched_first)
         if kept is None:
             say(f"      int8-auto fell back to weight-only INT8: {found['fell_back']}")
         else:

@@ -26,8 +26,8 @@ from diffship.store.artifacts import atomic_write_json, read_json
 from diffship.targets import CompileContext, calibration_inputs
 from diffship.targets.ir_names import stable_names
 from diffship.targets.openvino_nncf import compress_matmul_weights as compress_matmul_weights
+from diffship.targets.openvino_nncf import ignored_patterns, quantize_kwargs
 from diffship.targets.openvino_nncf import quantize_calibrated as quantize_calibrated
-from diffship.targets.openvino_nncf import quantize_kwargs
 
 NAME = "openvino"
 XML = "openvino_model.xml"
@@ -41,9 +41,6 @@ INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "bf16": "bf16", "int8-weigh
                        "int8-hybrid": "bf16", "int8-full": "bf16", "int8-auto": "bf16"}
 SEARCH_FILE = "diffship-search.json"  # what int8-auto's search tried and kept, beside the IR
 PATCHABLE = ("fp32", "fp16", "bf16")  # precisions whose IR constants a LoRA swap can overwrite in place
-# The UNet layers that quantization hurts most and speeds up least: the timestep embedding MLP and the
-# first and last convolutions (as in optimum-intel's and NVIDIA's diffusion recipes).
-UNET_SENSITIVE = (r".*time_embedding.*", r".*time_proj.*", r".*conv_in.*", r".*conv_out.*")
 MATMUL_MODES = ("w8a8", "w8")
 ACTIVATION_MODES = ("all", "convolutions")
 
@@ -140,7 +137,8 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         atomic_write_json(dest / SEARCH_FILE, search)
     elif quantize:
         calls = calibration_inputs(context, precision)
-        sensitive, compressed = (UNET_SENSITIVE if precision == "int8-hybrid" else ()), []
+        kept = context.spec.denoiser.sensitive.kept_float if precision == "int8-hybrid" else ()
+        sensitive, compressed = ignored_patterns(kept), []
         if precision == "int8-hybrid" and options.matmuls == "w8":
             # Each step reads the last one's IR back and frees its input: the converter holds up to 1.9x the FP32
             # weights, and compressing beside it would add the INT8 copies and the writer's buffers on top.
@@ -224,12 +222,13 @@ def _auto(model: ov.Model, context: CompileContext, options: OvOptions) -> tuple
     from diffship.targets.openvino_auto import quantize_auto
 
     if context.gate is None:
-        raise DiffshipError("int8-auto needs the recipe's INT8 gate for the UNet.")
+        raise DiffshipError("int8-auto needs the recipe's INT8 gate for the denoiser.")
     calls = calibration_inputs(context, "int8-auto")
     say = context.say or (lambda _: None)
     config = {"INFERENCE_PRECISION_HINT": options.inference_precision or INFERENCE_PRECISION["int8-auto"]}
     probes = probe_inputs(context.spec, context.gate)
-    quantized, record = quantize_auto(model, calls, probes, context.gate, quantize_kwargs(options), config, say)
+    quantized, record = quantize_auto(model, calls, probes, context.gate, quantize_kwargs(options), config, say,
+                                     context.spec.denoiser.sensitive.searched_first)
     if quantized is None:
         say(f"      int8-auto fell back to weight-only INT8: {record['fell_back']}")
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM), record

@@ -21,9 +21,10 @@ Say = Callable[[str], None]
 
 
 def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], probes: list[dict[str, np.ndarray]],
-                  gate: Gate, quantize_kwargs: dict[str, Any], config: dict[str, Any],
-                  say: Say) -> tuple[ov.Model | None, dict[str, Any]]:
-    """The accuracy-aware INT8 UNet and what the search did; (None, record) when it fell back.
+                  gate: Gate, quantize_kwargs: dict[str, Any], config: dict[str, Any], say: Say,
+                  suspects: tuple[str, ...] = ()) -> tuple[ov.Model | None, dict[str, Any]]:
+    """The accuracy-aware INT8 denoiser and what the search did; (None, record) when it fell back; `suspects`: the
+    layer-name parts the denoiser declares are searched first.
 
     calls: captured real steps; probes: validation's random-input parity cases (see `Gate.probes`).
     config: how the runtime compiles the result (its inference precision), so the gate scores what will run."""
@@ -47,7 +48,7 @@ def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], probes: l
         scores, seconds = evaluate(lambda c: compiled(c)[0], calls, references, gate)
         return min(scores), worst(lambda c: compiled(c)[0], probes, probe_references, gate), seconds
 
-    kept, record = search(sites, trial, gate, clock, fp32_seconds, say)
+    kept, record = search(sites, trial, gate, clock, fp32_seconds, say, suspects)
     record["library"] = f"NNCF {nncf.__version__} quantize (full static INT8); OpenVINO {ov.__version__}"
     return (None if kept is None else _without(full, {s.name for s in kept})), record
 

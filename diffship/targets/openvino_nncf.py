@@ -14,6 +14,11 @@ import openvino as ov
 if TYPE_CHECKING:
     from diffship.targets.openvino import OvOptions
 
+def ignored_patterns(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """NNCF ignored-scope regexes for the layers whose names hold one of `parts` (a denoiser's declared names)."""
+    return tuple(f".*{p}.*" for p in parts)
+
+
 def compress_matmul_weights(model: ov.Model, sensitive: tuple[str, ...] = ()) -> tuple[ov.Model, list[str]]:
     """INT8 weights, data-free, for the MatMuls with weights but the `sensitive` ones; return the model and their
     names (optimum-intel's first hybrid step: convolutions are left to calibration)."""

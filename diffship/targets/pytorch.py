@@ -72,7 +72,7 @@ def compile(source: Path, precision: str, options: TorchOptions | None = None, d
     device = resolve_device(options)
     began = time.perf_counter()
     module = load_component(context.model_folder, spec.module, context.allow_pickle)
-    mode = "eager" if v.mode == "aoti" and not packaged(spec.name, options) else v.mode
+    mode = "eager" if v.mode == "aoti" and not packaged(spec, options) else v.mode
     info: dict[str, Any] = {"component": spec.name, "precision": precision, "dtype": dtype,
                             "autocast": v.autocast and reason is None,
                             "mode": mode, "kept_reason": reason, "spec": asdict(spec), "options": asdict(options),
@@ -102,9 +102,9 @@ def compile(source: Path, precision: str, options: TorchOptions | None = None, d
     return artifact
 
 
-def packaged(component: str, options: TorchOptions) -> bool:
-    """Whether an `-aoti` set packages `component` (every one unless `aoti_components` names some)."""
-    return options.aoti_components is None or component in options.aoti_components
+def packaged(spec: ComponentSpec, options: TorchOptions) -> bool:
+    """Whether an `-aoti` set packages `spec`'s component (every one unless `aoti_components` names some)."""
+    return options.aoti_components is None or spec.named_in(options.aoti_components)
 
 
 def save_weights(module: nn.Module, spec: ComponentSpec, model_folder: Path, dtype: str, dest: Path) -> None:
@@ -227,7 +227,7 @@ def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any
     was exported for (its example shape when it is static or none fits)."""
     info = read_info(artifact)
     chosen = info["options"]
-    if info["mode"] == "compile" and spec.name in chosen["compile_components"] and not chosen["compile_dynamic"]:
+    if info["mode"] == "compile" and spec.named_in(chosen["compile_components"]) and not chosen["compile_dynamic"]:
         return tuple(dict.fromkeys(replace(c, batch=info.get("call_batch", c.batch)) for c in cases))
     if info["mode"] != "aoti":
         return cases
@@ -293,12 +293,12 @@ class TorchRunner:
             raise
 
     def _load_module(self) -> Any:
-        from diffship.models.compressed import is_compressed, load_unet
+        from diffship.models.compressed import is_compressed, load_compressed
         from diffship.models.loading import load_folder
 
-        name, weights = self.spec.name, self.artifact
+        weights = self.artifact
         if self.spec.is_denoiser and is_compressed(weights):
-            module = load_unet(weights, False)
+            module = load_compressed(weights, False)
         else:
             config = json.loads((weights / "config.json").read_text(encoding="utf-8"))
             class_name = (config.get("architectures") or [config.get("_class_name")])[0]
@@ -314,7 +314,7 @@ class TorchRunner:
             cpu_offload(module, execution_device=torch.device("cuda"))
         elif offload == "none":
             wrapper.to(self.device)
-        if self.variant.mode == "compile" and name in self.options.compile_components:
+        if self.variant.mode == "compile" and self.spec.named_in(self.options.compile_components):
             self.compiled, self.frozen = True, freezing(self.options, self.device)
             return torch.compile(wrapper, mode=self.options.compile_mode, dynamic=self.options.compile_dynamic)
         return wrapper

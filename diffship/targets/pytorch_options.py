@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from diffship.errors import DiffshipError
+from diffship.models.families import component_names
 
 NAME = "torch"
 INFO = "torch.json"
@@ -26,7 +27,6 @@ ATTENTION = ("sdpa", "slicing")
 OFFLOAD = ("none", "model", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
 VAE_MODES = ("auto", "fp16", "fp32")
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 # Inputs that stay FP32 whatever the set's type: diffusers embeds the timestep in FP32 and casts after (in BF16,
 # timestep 999 would round to 1000).
 FP32_INPUTS = ("timestep",)
@@ -75,7 +75,7 @@ class TorchOptions:
     attention_slice: str | int = "auto"
     channels_last: bool = False
     compile_mode: str = "default"
-    compile_components: tuple[str, ...] = ("unet", "vae_decoder")
+    compile_components: tuple[str, ...] = ("denoiser", "vae_decoder")  # names, or "denoiser" for the model's
     compile_dynamic: bool = False
     aoti_components: tuple[str, ...] | None = None
     freezing: bool | str = "auto"
@@ -100,8 +100,8 @@ def parse_options(options: dict[str, Any]) -> TorchOptions:
         if getattr(parsed, name) not in allowed:
             raise DiffshipError(f"Unknown {name} {getattr(parsed, name)!r}; choose {', '.join(allowed)}.")
     for name in ("compile_components", "aoti_components"):
-        if bad := [c for c in getattr(parsed, name) or () if c not in COMPONENTS]:
-            raise DiffshipError(f"{name} {', '.join(map(repr, bad))} unknown; choose from {', '.join(COMPONENTS)}.")
+        if bad := [c for c in getattr(parsed, name) or () if c not in component_names()]:
+            raise DiffshipError(f"{name} {', '.join(map(repr, bad))} unknown; choose from {', '.join(component_names())}.")
     slice_ok = parsed.attention_slice in ("auto", "max") or (
         isinstance(parsed.attention_slice, int) and not isinstance(parsed.attention_slice, bool)
         and parsed.attention_slice >= 1)

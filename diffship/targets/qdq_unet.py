@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from diffship.compress.qat import SENSITIVE, modelopt_quantization, plain_attention
+from diffship.compress.qat import kept_float, modelopt_quantization, plain_attention
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec, wrap
 
 MODES = ("int8", "fp8")
 
 
-def quant_config(mode: str, alpha: float, keep_sensitive: bool = True) -> dict[str, Any]:
-    """Model Optimizer's INT8 SmoothQuant (with `alpha`) or FP8 configuration, diffship's sensitive layers in float
-    unless `keep_sensitive` is off (int8-auto's search starts from every layer quantized)."""
+def quant_config(mode: str, alpha: float, keep_float: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Model Optimizer's INT8 SmoothQuant (with `alpha`) or FP8 configuration, the layers named by `keep_float` in
+    float (none for int8-auto, whose search starts from every layer quantized)."""
     mtq = modelopt_quantization()
     if mode not in MODES:
         raise DiffshipError(f"Unknown QDQ mode {mode!r}; choose {', '.join(MODES)}.")
@@ -36,18 +36,17 @@ def quant_config(mode: str, alpha: float, keep_sensitive: bool = True) -> dict[s
     config = copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG if mode == "int8" else mtq.FP8_DEFAULT_CFG)
     if mode == "int8":
         config["algorithm"] = {"method": "smoothquant", "alpha": alpha}
-    if keep_sensitive:
-        config["quant_cfg"] = [*config["quant_cfg"], *({"quantizer_name": p, "enable": False} for p in SENSITIVE)]
+    config["quant_cfg"] = [*config["quant_cfg"], *kept_float(keep_float)]
     return config
 
 
-def _percentile_conv_inputs(unet: nn.Module, calls: list[dict[str, np.ndarray]], percentile: float) -> int:
+def _percentile_conv_inputs(denoiser: nn.Module, calls: list[dict[str, np.ndarray]], percentile: float) -> int:
     """Re-calibrate every quantized convolution input to the `percentile` of its absolute values; the count."""
     from modelopt.torch.quantization.calib import HistogramCalibrator
 
     from diffship.compress.distill import run_calls
 
-    quantizers = [m.input_quantizer for m in unet.modules()
+    quantizers = [m.input_quantizer for m in denoiser.modules()
                   if isinstance(m, nn.Conv2d) and getattr(m, "input_quantizer", None) is not None
                   and m.input_quantizer.is_enabled]
     # mtq.quantize runs one algorithm for every layer (SmoothQuant's max ranges here), so the convolutions get
@@ -56,7 +55,7 @@ def _percentile_conv_inputs(unet: nn.Module, calls: list[dict[str, np.ndarray]],
         q._calibrator = HistogramCalibrator(num_bits=8, axis=None, unsigned=False)
         q.disable_quant()
         q.enable_calib()
-    run_calls(unet, calls)
+    run_calls(denoiser, calls)
     for q in quantizers:
         q.load_calib_amax("percentile", percentile=percentile)
         q.enable_quant()
@@ -64,35 +63,36 @@ def _percentile_conv_inputs(unet: nn.Module, calls: list[dict[str, np.ndarray]],
     return len(quantizers)
 
 
-def quantize_unet(unet: nn.Module, calls: list[dict[str, np.ndarray]], mode: str = "int8", alpha: float = 0.8,
-                  percentile: float = 99.99, keep_sensitive: bool = True) -> dict[str, Any]:
-    """Insert and calibrate `mode` quantizers in `unet` (FP32, on the CPU or a GPU) in place; what was done."""
+def quantize_unet(denoiser: nn.Module, calls: list[dict[str, np.ndarray]], mode: str = "int8", alpha: float = 0.8,
+                  percentile: float = 99.99, *, keep_float: tuple[str, ...]) -> dict[str, Any]:
+    """Insert and calibrate `mode` quantizers in the denoiser `denoiser` (FP32, on the CPU or a GPU) in place, the layers
+    named by `keep_float` left in float; what was done."""
     from diffship.compress.distill import run_calls
 
     if not calls:
-        raise DiffshipError("Quantizing the UNet needs calibration calls; none were captured.")
+        raise DiffshipError("Quantizing the denoiser needs calibration calls; none were captured.")
     if not 0.0 < percentile <= 100.0:
         raise DiffshipError(f"Convolution calibration percentile must be within (0, 100], got {percentile}.")
-    config = quant_config(mode, alpha, keep_sensitive)
+    config = quant_config(mode, alpha, keep_float)
     with plain_attention(), warnings.catch_warnings():
         # SmoothQuant warns once per layer kept in float ("not calibrated, skip smoothing"): that is the intent.
         warnings.filterwarnings("ignore", message=".*is not calibrated, skip smoothing")
-        modelopt_quantization().quantize(unet, config, lambda model: run_calls(model, calls))
-    convs = _percentile_conv_inputs(unet, calls, percentile) if mode == "int8" and percentile < 100.0 else 0
-    quantizers = [m for name, m in unet.named_modules() if name.endswith(("weight_quantizer", "input_quantizer"))]
+        modelopt_quantization().quantize(denoiser, config, lambda model: run_calls(model, calls))
+    convs = _percentile_conv_inputs(denoiser, calls, percentile) if mode == "int8" and percentile < 100.0 else 0
+    quantizers = [m for name, m in denoiser.named_modules() if name.endswith(("weight_quantizer", "input_quantizer"))]
     enabled = sum(1 for q in quantizers if getattr(q, "is_enabled", False))
     if not enabled:
-        raise DiffshipError("Model Optimizer inserted no enabled quantizer into the UNet; nothing would run in "
+        raise DiffshipError("Model Optimizer inserted no enabled quantizer into the denoiser; nothing would run in "
                             f"{mode.upper()}.")
     return {"library": "nvidia-modelopt", "mode": mode, "quantizers_enabled": enabled, "calibration_calls": len(calls),
             "linear": f"SmoothQuant alpha {alpha}" if mode == "int8" else "FP8 E4M3 max",
             "conv_inputs": f"percentile {percentile}" if convs else "max",
-            "kept_float": list(SENSITIVE) if keep_sensitive else [],
+            "kept_float": [f"*{p}*" for p in keep_float],
             "attention_matmuls": "float"}
 
 
-def export_qdq(unet: nn.Module, spec: ComponentSpec, dest: Path, opset: int = 17) -> Path:
-    """Export the quantized `unet` as QDQ ONNX into `dest`; the model.onnx path."""
+def export_qdq(denoiser: nn.Module, spec: ComponentSpec, dest: Path, opset: int = 17) -> Path:
+    """Export the quantized `denoiser` as QDQ ONNX into `dest`; the model.onnx path."""
     from diffship.exporters.onnx import export_component
 
-    return export_component(spec, wrap(spec, unet), dest, opset, {"diffship.quantized": "modelopt"})
+    return export_component(spec, wrap(spec, denoiser), dest, opset, {"diffship.quantized": "modelopt"})

@@ -168,22 +168,23 @@ def _quantized_unet(folder: Path, mode: str, options: TrtOptions, context: Compi
     from diffship.targets import qdq_unet
 
     if context.calibration is None or context.model_folder is None:
-        raise DiffshipError(f"TensorRT {mode} needs the UNet's calibration inputs and its PyTorch weights.")
+        raise DiffshipError(f"TensorRT {mode} needs the denoiser's calibration inputs and its PyTorch weights.")
     calls = calibration_inputs(context, mode)
-    unet = load_component(context.model_folder, "unet", context.allow_pickle).to(cuda_device(options.device))
+    denoiser = load_component(context.model_folder, context.spec.module, context.allow_pickle)
+    denoiser = denoiser.to(cuda_device(options.device))
     settings = (mode, options.smoothquant_alpha, options.conv_percentile)
     if auto:
         from diffship.targets.accuracy_gate import probe_inputs
         from diffship.targets.tensorrt_auto import search_unet
 
         if context.gate is None:
-            raise DiffshipError("int8-auto needs the recipe's INT8 gate for the UNet.")
-        info = search_unet(unet, calls, probe_inputs(context.spec, context.gate), context.gate,
-                           lambda u: qdq_unet.quantize_unet(u, calls, *settings, keep_sensitive=False),
-                           context.say or (lambda _: None))
+            raise DiffshipError("int8-auto needs the recipe's INT8 gate for the denoiser.")
+        info = search_unet(denoiser, calls, probe_inputs(context.spec, context.gate), context.gate,
+                           lambda u: qdq_unet.quantize_unet(u, calls, *settings, keep_float=()),
+                           context.say or (lambda _: None), context.spec.denoiser.sensitive.searched_first)
     else:
-        info = qdq_unet.quantize_unet(unet, calls, *settings)
-    return qdq_unet.export_qdq(unet.cpu(), context.spec, folder, context.opset), info
+        info = qdq_unet.quantize_unet(denoiser, calls, *settings, keep_float=context.spec.denoiser.sensitive.trained_float)
+    return qdq_unet.export_qdq(denoiser.cpu(), context.spec, folder, context.opset), info
 
 
 # --- running ------------------------------------------------------------------------------------------------

@@ -22,22 +22,22 @@ from diffship.targets.int8_search import SQNR_CALLS, Site, search, sqnr_db
 Say = Callable[[str], None]
 
 
-def _outputs(unet: nn.Module, calls: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+def _outputs(denoiser: nn.Module, calls: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     from diffship.compress.distill import predict
 
-    device = next(unet.parameters()).device
+    device = next(denoiser.parameters()).device
     with torch.no_grad():
-        return [predict(unet, {k: torch.from_numpy(v).to(device) for k, v in c.items()}).float().cpu().numpy()
+        return [predict(denoiser, {k: torch.from_numpy(v).to(device) for k, v in c.items()}).float().cpu().numpy()
                 for c in calls]
 
 
-def _input_quantizers(unet: nn.Module) -> dict[str, Any]:
-    return {name: m.input_quantizer for name, m in unet.named_modules()
+def _input_quantizers(denoiser: nn.Module) -> dict[str, Any]:
+    return {name: m.input_quantizer for name, m in denoiser.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and getattr(m, "input_quantizer", None) is not None
             and m.input_quantizer.is_enabled}
 
 
-def _sites(unet: nn.Module, quantizers: dict[str, Any], calls: list[dict[str, np.ndarray]]) -> list[Site]:
+def _sites(denoiser: nn.Module, quantizers: dict[str, Any], calls: list[dict[str, np.ndarray]]) -> list[Site]:
     energies = {name: [0.0, 0.0] for name in quantizers}
 
     def hook(name: str) -> Callable[..., None]:
@@ -51,22 +51,23 @@ def _sites(unet: nn.Module, quantizers: dict[str, Any], calls: list[dict[str, np
 
     handles = [q.register_forward_hook(hook(name)) for name, q in quantizers.items()]
     try:
-        _outputs(unet, calls)
+        _outputs(denoiser, calls)
     finally:
         for h in handles:
             h.remove()
     return [Site(name, (name,), sqnr_db(*energies[name])) for name in quantizers]
 
 
-def search_unet(unet: nn.Module, calls: list[dict[str, np.ndarray]], probes: list[dict[str, np.ndarray]],
-                gate: Gate, quantize: Callable[[nn.Module], dict[str, Any]], say: Say) -> dict[str, Any]:
-    """Quantize `unet` in place with `quantize` (every layer), then disable the input quantizers the search keeps
+def search_unet(denoiser: nn.Module, calls: list[dict[str, np.ndarray]], probes: list[dict[str, np.ndarray]],
+                gate: Gate, quantize: Callable[[nn.Module], dict[str, Any]], say: Say,
+                suspects: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Quantize `denoiser` in place with `quantize` (every layer), then disable the input quantizers the search keeps
     in float (all of them when it falls back: weight-only INT8); the search's record."""
     clock = Clock(gate)
-    references, probe_references = _outputs(unet, calls), _outputs(unet, probes)
-    info = quantize(unet)
-    quantizers = _input_quantizers(unet)
-    sites = _sites(unet, quantizers, calls[:SQNR_CALLS])
+    references, probe_references = _outputs(denoiser, calls), _outputs(denoiser, probes)
+    info = quantize(denoiser)
+    quantizers = _input_quantizers(denoiser)
+    sites = _sites(denoiser, quantizers, calls[:SQNR_CALLS])
     say(f"      int8-auto: {len(sites)} quantized layer inputs ranked by SQNR on {min(len(calls), SQNR_CALLS)} real "
         f"steps in {clock.elapsed():.0f} s")
 
@@ -80,12 +81,12 @@ def search_unet(unet: nn.Module, calls: list[dict[str, np.ndarray]], probes: lis
 
     def trial(kept: list[Site]) -> tuple[float, float, float]:
         apply(kept)
-        run = lambda call: _outputs(unet, [call])[0]  # noqa: E731
+        run = lambda call: _outputs(denoiser, [call])[0]  # noqa: E731
         return worst(run, calls, references, gate), worst(run, probes, probe_references, gate), 0.0
 
-    kept, record = search(sites, trial, gate, clock, 0.0, say)
+    kept, record = search(sites, trial, gate, clock, 0.0, say, suspects)
     apply(sites if kept is None else kept)
-    record["library"] = "nvidia-modelopt (fake-quantized UNet; speed unknown until the engine is built)"
+    record["library"] = "nvidia-modelopt (fake-quantized denoiser; speed unknown until the engine is built)"
     if kept is None:
         record["fell_back_to"] = "weight-only INT8: every input quantizer disabled, INT8 weights kept"
     return {**info, "kept_float": [s.name for s in (sites if kept is None else kept)], "search": record}

@@ -15,7 +15,7 @@ def computes_in(spec: ComponentSpec, precision: str, options: TrtOptions) -> tup
     """What component `spec` of a `precision` set computes in, and why when that differs from the set's."""
     if precision in CALIBRATED and not spec.is_denoiser:
         lowered = "fp16"
-        reason = f"{precision.upper()} quantizes the UNet; the other components run in FP16"
+        reason = f"{precision.upper()} quantizes the denoiser; the other components run in FP16"
     else:
         lowered, reason = ("int8" if precision == "int8-auto" else precision), None
     if lowered in ("fp16", "bf16") and (kept := onnx_graph.vae_fp32_reason(spec, options.vae_precision,

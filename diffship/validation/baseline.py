@@ -67,16 +67,16 @@ def load_baseline(folder: Path, allow_pickle: bool = False, device: str | None =
     """diffusers' pipeline for `task` (the family's first by default) over the model in `folder`, every module loaded
     strictly."""
     import diffusers
-    from transformers import CLIPTokenizer
+    import transformers
 
     default_device, default_dtype = baseline_device()
     device, dtype = device or default_device, dtype or default_dtype
     family = detect_family(folder)
     task = task or tasks_of(folder)[0]
     modules: dict[str, Any] = {name: load_component(folder, name, allow_pickle)
-                               for name in ("unet", "vae", *family.text_encoders)}
-    for name in family.tokenizers:
-        modules[name] = CLIPTokenizer.from_pretrained(folder / name)
+                               for name in (family.denoiser.component, "vae", *family.text_encoders)}
+    for name, kind in zip(family.tokenizers, family.tokenizer_classes, strict=True):
+        modules[name] = getattr(transformers, kind).from_pretrained(folder / name)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     modules["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     pipeline_class = getattr(diffusers, family.pipelines[task])
@@ -91,7 +91,7 @@ def task_pipeline(pipe: Any, family: Family, task: str, folder: Path | None = No
     import diffusers
 
     if task == "controlnet":
-        from diffship.models.controlnet import controlnets_in
+        from diffship.models.families import controlnets_in
 
         nets = [load_component(folder, name, allow_pickle).to(pipe.device, pipe.dtype) for name in controlnets_in(folder)]
         other = getattr(diffusers, family.controlnet_pipeline).from_pipe(

@@ -16,6 +16,7 @@ import numpy as np
 
 from diffship.clients import CLIENTS, missing_reason
 from diffship.clients.environments import run_jobs
+from diffship.models.families import family_named
 from diffship.store.artifacts import read_json
 from diffship.targets.ovms import GRAPH
 from diffship.validation.e2e import Sample, compare_images, passes
@@ -40,11 +41,12 @@ def clients_check(artifacts: Any, sample: Sample, baseline: np.ndarray, min_psnr
         # optimum reads an "@" in a path as a hub revision, and a build's staging folder has one: the clients get
         # the set through a plain name
         (work / "set").symlink_to(artifacts.pipeline.resolve(), target_is_directory=True)
-        job = _job(work / "set", sample, inputs, work)
+        denoiser = family_named(artifacts.family).denoiser.component
+        job = _job(work / "set", sample, inputs, work) | {"denoiser": denoiser}
         index_class = read_json(artifacts.pipeline / "model_index.json").get("_class_name", "")
         for client in clients:
             row: dict[str, Any] = {"client": client.name, "title": client.title}
-            reason = (client.refuses(index_class, sample.task) or client.refuses_folder(artifacts.pipeline)
+            reason = (client.refuses(index_class, sample.task) or client.refuses_folder(artifacts.pipeline, denoiser)
                       or missing_reason(client)
                       or (f"validation runs the {scheduler} scheduler; clients run the folder's own" if scheduler
                           else None))

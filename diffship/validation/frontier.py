@@ -1,4 +1,4 @@
-"""The speed / quality frontier of the reduced-precision sets: UNet speedup against real-step cosine, the gate's
+"""The speed / quality frontier of the reduced-precision sets: denoiser speedup against real-step cosine, the gate's
 threshold, the point `int8-auto` chose, and the layers its search kept in float."""
 
 from __future__ import annotations
@@ -11,31 +11,31 @@ Table = tuple[str, list[str], list[list[str]]]
 REDUCED = ("int8", "int4", "bf16", "fp8")
 
 
-def _unet_speedup(r: dict[str, Any]) -> float | None:
-    unet = (r.get("latency") or {}).get("components", {}).get("unet")
-    if not unet or not unet["target"]["p50_s"]:
+def _denoiser_speedup(r: dict[str, Any]) -> float | None:
+    timed = (r.get("latency") or {}).get("components", {}).get(r.get("denoiser"))
+    if not timed or not timed["target"]["p50_s"]:
         return None
-    return unet["baseline"]["p50_s"] / unet["target"]["p50_s"]
+    return timed["baseline"]["p50_s"] / timed["target"]["p50_s"]
 
 
 def points(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One point per reduced-precision set that ran its UNet on real steps: speedup (None: not timed), cosine."""
+    """One point per reduced-precision set that ran its denoiser on real steps: speedup (None: not timed), cosine."""
     found = []
     for key, r in report["sets"].items():
-        steps = (r.get("parity") or {}).get("unet_steps")
+        steps = (r.get("parity") or {}).get("denoiser_steps")
         if steps is None or not r.get("precision", "").startswith(REDUCED):
             continue
-        found.append({"set": key, "speedup": _unet_speedup(r), "cosine": steps["min_cosine"],
+        found.append({"set": key, "speedup": _denoiser_speedup(r), "cosine": steps["min_cosine"],
                       "threshold": r["parity"]["tolerance"]["min_cosine"], "search": _search(r)})
     return found
 
 
 def _search(r: dict[str, Any]) -> dict[str, Any] | None:
-    return ((r.get("runtime") or {}).get("unet") or {}).get("search")
+    return ((r.get("runtime") or {}).get(r.get("denoiser")) or {}).get("search")
 
 
 def chart(report: dict[str, Any]) -> bytes | None:
-    """PNG: each set's UNet speedup over the baseline against its worst real-step cosine; the search's candidates
+    """PNG: each set's denoiser speedup over the baseline against its worst real-step cosine; the search's candidates
     (timed against the FP32 model inside the search) in grey; the threshold line; the chosen int8-auto point."""
     found = [p for p in points(report) if p["speedup"] is not None]
     if not found:
@@ -58,8 +58,8 @@ def chart(report: dict[str, Any]) -> bytes | None:
         ax.axhline(threshold, color="#b00", linestyle="--", linewidth=1)
         ax.text(ax.get_xlim()[0], threshold, f" gate {threshold}", color="#b00", fontsize=8, va="bottom")
     ax.scatter([], [], s=14, color="#bbb", label="int8-auto search candidates (speedup vs the FP32 model in the search)")
-    ax.set_xlabel(f"UNet speedup over the baseline ({report['baseline']['precision']} {report['baseline']['device']})")
-    ax.set_ylabel("worst UNet cosine on real denoising steps")
+    ax.set_xlabel(f"denoiser speedup over the baseline ({report['baseline']['precision']} {report['baseline']['device']})")
+    ax.set_ylabel("worst denoiser cosine on real denoising steps")
     ax.set_title("speed / quality frontier of the reduced-precision sets")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()

@@ -75,7 +75,7 @@ class RecordedReference:
         live = self._live()
         say(f"[validate] recording the baseline: parity cases of {len(specs)} components, {len(samples)} image(s)")
         for spec in specs:
-            cases = self.plan.unet_cases if spec.is_denoiser and self.plan.unet_cases else self.plan.cases
+            cases = self.plan.denoiser_cases if spec.is_denoiser and self.plan.denoiser_cases else self.plan.cases
             for i, case in enumerate(cases):
                 self._outputs[(spec.name, case, i)] = live.outputs(spec, case, i)
         space = LatentSpace.of_folder(self.folder)

@@ -44,23 +44,23 @@ def summary_table(report: dict[str, Any]) -> Table:
     """One row per artifact set: the verdict and the numbers that decided it."""
     rows = []
     for key, r in report["sets"].items():
-        runs_in = (r["runtime"].get("unet") or next(iter(r["runtime"].values()))).get("summary", "")
+        runs_in = (r["runtime"].get(r.get("denoiser")) or next(iter(r["runtime"].values()))).get("summary", "")
         if "not_run" in r:
             rows.append([key, f"{runs_in} (not run here)", "spec ok" if r["passed"] else "FAIL", "not run",
                          *["-"] * 8, "cached" if r.get("cached") else "measured"])
             continue
         outputs = [m for c in r["parity"]["components"].values() for case in c["cases"] for m in case["outputs"].values()]
         lat = r.get("latency")
-        unet = lat["components"].get("unet") if lat else None
-        steps = r["parity"].get("unet_steps")
+        denoiser = lat["components"].get(r.get("denoiser")) if lat else None
+        steps = r["parity"].get("denoiser_steps")
         rows.append([key, runs_in, _verdict(r["passed"]), f"{min(m['cosine'] for m in outputs):.7f}",
                      f"{steps['min_cosine']:.6f}" if steps else "-",
                      f"{max(m['rel_l2'] for m in outputs):.2e}", _psnr(r["e2e"]["min_psnr_db"]), f"{r['e2e']['min_ssim']:.4f}",
-                     str(r["e2e"]["max_abs_diff"]), f"{unet['speedup']:.2f}x" if unet else "-",
+                     str(r["e2e"]["max_abs_diff"]), f"{denoiser['speedup']:.2f}x" if denoiser else "-",
                      f"{lat['pipeline']['speedup']:.2f}x" if lat else "-", _accuracy(r.get("quality")),
                      "cached" if r.get("cached") else "measured"])
-    return ("Summary", ["artifacts", "runs as", "verdict", "worst cosine", "UNet cos, real steps", "worst rel L2",
-                        "min PSNR", "min SSIM", "max pixel diff", "UNet speedup", "pipeline speedup",
+    return ("Summary", ["artifacts", "runs as", "verdict", "worst cosine", "denoiser cos, real steps", "worst rel L2",
+                        "min PSNR", "min SSIM", "max pixel diff", "denoiser speedup", "pipeline speedup",
                         "prompt accuracy (PyTorch)", "results"], rows)
 
 
@@ -123,10 +123,10 @@ def set_tables(key: str, r: dict[str, Any]) -> list[Table]:
               for out, m in case["outputs"].items()]
     tables: list[Table] = [(f"{key}: component parity (pass: cosine >= {tol['min_cosine']}, rel L2 <= {tol['max_rel_l2']})",
                             ["component", "batch", "resolution", "output", "cosine", "rel L2", "max abs", ""], parity)]
-    if steps := r["parity"].get("unet_steps"):
+    if steps := r["parity"].get("denoiser_steps"):
         rows = [[str(s["step"]), f"{s['timestep']:.0f}", f"{s['cosine']:.7f}", f"{s['rel_l2']:.2e}", f"{s['max_abs']:.2e}",
                  _verdict(s["passed"])] for s in steps["steps"]]
-        tables.append((f"{key}: UNet on the baseline's real inputs at each denoising step ({steps['prompt']!r}, "
+        tables.append((f"{key}: {r.get('denoiser')} on the baseline's real inputs at each denoising step ({steps['prompt']!r}, "
                        f"seed {steps['seed']})", ["step", "timestep", "cosine", "rel L2", "max abs", ""], rows))
     if rows := runtime_rows(r["runtime"]):
         tables.append((f"{key}: how each component runs", ["component", "runs as", "graph preparation", "note"], rows))

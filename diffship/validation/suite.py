@@ -13,9 +13,10 @@ from typing import Any
 
 from diffship.host.memory import release_freed
 from diffship.models.components import ComponentSpec, run_torch
+from diffship.models.families import denoiser_of
 from diffship.models.loading import load_component
 from diffship.recipe import Threshold, ValidationRecipe
-from diffship.runtime.pipeline import DeployedPipeline, initial_latents
+from diffship.runtime.pipeline import DeployedPipeline, initial_latents, pipeline_family
 from diffship.runtime.schedulers import describe_scheduler
 from diffship.runtime.tasks import TaskInputs
 from diffship.store.manifest import ArtifactSet
@@ -42,7 +43,7 @@ class Plan:
     cases: tuple[Case, ...]
     validation: ValidationRecipe
     threshold: Threshold
-    unet_cases: tuple[Case, ...] | None = None  # when shapes are fixed, the UNet's batch is doubled under guidance
+    denoiser_cases: tuple[Case, ...] | None = None  # when shapes are fixed, the UNet's batch is doubled under guidance
     tasks: tuple[str, ...] = ("text2img",)  # what the model is for, its main task first (`validated_tasks`)
     inputs: TaskInputs | None = None  # the init image, mask and strength of img2img and inpaint
 
@@ -52,20 +53,21 @@ class Plan:
         return self.inputs.diffusers_kwargs(task) if self.inputs and task != "text2img" else {}
 
 
-def unet_trajectory(pipe: Any, spec: ComponentSpec, plan: Plan, source_folder: Path,
+def denoiser_trajectory(pipe: Any, spec: ComponentSpec, plan: Plan, source_folder: Path,
                     allow_pickle: bool = False) -> dict[str, Any]:
-    """The UNet's real inputs at every denoising step of one baseline generation, with the FP32 UNet's output on each."""
+    """The denoiser's real inputs at every denoising step of one baseline generation, with the FP32 denoiser's output
+    on each."""
     v = plan.validation
     data = capture(pipe, [v.prompts[0]], None, v.steps, plan.height, plan.width, v.guidance_scale, v.seeds[0],
                    with_vae=False, task_kwargs=plan.task_kwargs())
     reference = reference_module(pipe, spec, source_folder, allow_pickle)
-    calls = data.inputs["unet"]
+    calls = data.inputs[spec.name]
     return {"prompt": v.prompts[0], "seed": v.seeds[0], "timesteps": data.info["timesteps"], "inputs": calls,
             "outputs": [run_torch(reference, spec, call)["out_sample"] for call in calls]}
 
 
-def unet_step_parity(runner: Any, trajectory: dict[str, Any], tolerance: Tolerance) -> dict[str, Any]:
-    """The artifact's UNet against the FP32 UNet on each denoising step's real inputs (where INT8 error shows)."""
+def denoiser_step_parity(runner: Any, trajectory: dict[str, Any], tolerance: Tolerance) -> dict[str, Any]:
+    """The artifact's denoiser against the FP32 one on each denoising step's real inputs (where INT8 error shows)."""
     steps = []
     for i, (call, expected) in enumerate(zip(trajectory["inputs"], trajectory["outputs"], strict=True)):
         metrics = compare(expected, runner.run(call)["out_sample"])
@@ -98,6 +100,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
     load_rss = latency.rss_bytes() - rss_before  # weights as the runtime holds them, before any activation memory
     deployed.use_scheduler(plan.validation.scheduler, plan.validation.scheduler_config)
     result: dict[str, Any] = {"target": artifacts.target, "precision": artifacts.precision,
+                              "denoiser": deployed.denoiser.component,
                               "scheduler": describe_scheduler(deployed.scheduler),
                               "runtime": {n: r.describe() for n, r in deployed.runners.items()}}
     if structure is not None:
@@ -112,17 +115,19 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
         say(f"[{label}] parity {spec.name}")
         runner = deployed.runners.get(spec.name) or backend.load(artifacts.components[spec.name], options, artifacts.precision)
         cases = artifact_cases(backend, spec, artifacts.components[spec.name],
-                               plan.unet_cases if spec.is_denoiser and plan.unet_cases else plan.cases)
+                               plan.denoiser_cases if spec.is_denoiser and plan.denoiser_cases else plan.cases)
         parity[spec.name] = check_component(spec, lambda case, seed, s=spec: reference.outputs(s, case, seed), runner,
                                             tolerance, cases)
         say(f"      {'pass' if parity[spec.name]['passed'] else 'FAIL'} {spec.name}")
     result["parity"] = {"tolerance": {"min_cosine": t.min_cosine, "max_rel_l2": t.max_rel_l2},
                         "passed": all(p["passed"] for p in parity.values()), "components": parity}
-    if trajectory is not None and "unet" in deployed.runners:
-        steps = unet_step_parity(deployed.runners["unet"], trajectory, tolerance)
-        result["parity"]["unet_steps"] = steps
+    denoiser = deployed.denoiser
+    if trajectory is not None and denoiser.component in deployed.runners:
+        steps = denoiser_step_parity(deployed.runners[denoiser.component], trajectory, tolerance)
+        result["parity"]["denoiser_steps"] = steps
         result["parity"]["passed"] = result["parity"]["passed"] and steps["passed"]
-        say(f"      {'pass' if steps['passed'] else 'FAIL'} unet on {len(steps['steps'])} real denoising steps: "
+        say(f"      {'pass' if steps['passed'] else 'FAIL'} {denoiser.component} on {len(steps['steps'])} real denoising "
+            "steps: "
             f"min cosine {steps['min_cosine']:.6f}")
 
     v = plan.validation
@@ -217,6 +222,7 @@ def spec_only_result(artifacts: ArtifactSet, backend: Any, structure: dict[str, 
     required = bool(getattr(options, "require_parity", False))
     checks_passed = structure is not None and structure["passed"]
     return {"target": artifacts.target, "precision": artifacts.precision,
+            "denoiser": pipeline_family(artifacts).denoiser.component,
             "runtime": {c: backend.describe_artifact(p) for c, p in artifacts.components.items()},
             "spec": structure, "not_run": not_run, "require_parity": required,
             "memory": {"artifact_bytes": {c: sum(f.stat().st_size for f in _files_of(p))
@@ -332,7 +338,7 @@ def _files_of(artifact: Path) -> list[Path]:
 
 def quality_image(deployed: DeployedPipeline, prompt: str, seed: int, plan: Plan, q: Any) -> Any:
     """One quality-check image from the deployed artifacts, from the same initial latents as the baseline's."""
-    latents = initial_latents(seed, 1, deployed.unet_config.get("in_channels", 4), plan.height // deployed.vae_scale,
+    latents = initial_latents(seed, 1, deployed.in_channels, plan.height // deployed.vae_scale,
                               plan.width // deployed.vae_scale)
     return deployed(prompt, None, plan.height, plan.width, q.steps, q.guidance_scale, seed, latents=latents).images[0]
 
@@ -340,7 +346,7 @@ def quality_image(deployed: DeployedPipeline, prompt: str, seed: int, plan: Plan
 def baseline_quality(pipe: Any, plan: Plan, say: Say) -> dict[str, Any]:
     """The PyTorch pipeline's prompt accuracy, which every artifact set is judged against."""
     q = plan.validation.quality
-    channels = pipe.unet.config.in_channels
+    channels = getattr(pipe, denoiser_of(pipe).component).config.in_channels
     scale = pipe.vae_scale_factor
 
     def generate(prompt: str, seed: int) -> Any:

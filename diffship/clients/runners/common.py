@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 
-def recorded_properties(folder: Path) -> dict[str, str]:
+def recorded_properties(folder: Path, denoiser: str) -> dict[str, str]:
     """The runtime options an OpenVINO set records in its denoiser's IR (`rt_info/runtime_options`): what it was
     validated with, and what a client passes when it compiles the folder (docs/deploy.md has the same lines)."""
     import openvino as ov
 
-    model = ov.Core().read_model(str(folder / "unet" / "openvino_model.xml"))
+    model = ov.Core().read_model(str(folder / denoiser / "openvino_model.xml"))
     if not model.has_rt_info(["runtime_options"]):
         return {}
     keys = model.get_rt_info(["runtime_options"]).astype(dict)

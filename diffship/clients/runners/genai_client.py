@@ -29,7 +29,7 @@ def picture(path: str) -> ov.Tensor:
 
 def run(job: dict[str, Any]) -> dict[str, Any]:
     folder = Path(job["folder"])
-    properties = recorded_properties(folder) if job["precision"] == "recorded" else {}
+    properties = recorded_properties(folder, job["denoiser"]) if job["precision"] == "recorded" else {}
     pipe = PIPELINES[job["task"]](str(folder), "CPU", **properties)
     kwargs: dict[str, Any] = {"width": job["width"], "height": job["height"], "num_inference_steps": job["steps"],
                               "guidance_scale": job["guidance"], "generator": og.TorchGenerator(job["seed"]),

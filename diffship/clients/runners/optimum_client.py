@@ -39,7 +39,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     load: dict[str, Any] = {}
     properties: dict[str, str] = {}
     if LIBRARY == "intel" and job["precision"] == "recorded":
-        properties = recorded_properties(folder)
+        properties = recorded_properties(folder, job["denoiser"])
         load["ov_config"] = properties
     pipe = PIPELINES[job["task"]].from_pretrained(folder, **load)
     kwargs: dict[str, Any] = {"height": job["height"], "width": job["width"], "num_inference_steps": job["steps"],
@@ -55,7 +55,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     found = {"image": (image * 255).round().astype(np.uint8), "pipeline": type(pipe).__name__,
              "properties": properties, "version": version(PACKAGE)}
     if LIBRARY == "intel":
-        found["computes_in"] = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        denoiser = getattr(pipe, job["denoiser"])
+        found["computes_in"] = denoiser.request.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     return found
 
 

@@ -6,13 +6,18 @@ Adding a family is one module declaring a `Family` plus its entry in `FAMILIES`;
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.models.families.base import (
+    Denoiser,
     Family,
     Role,
+    SensitiveLayers,
     Task,
     component_config,
+    controlnet_names,
+    controlnets_in,
     has_component,
     prediction_type,
     read_model_index,
@@ -23,8 +28,33 @@ from diffship.models.families.sdxl import REFINER, SDXL
 # Most specific first: a refiner is an SDXL folder without the first text encoder; SD 2.x is SD with OpenCLIP.
 FAMILIES: dict[str, Family] = {f.name: f for f in (REFINER, SDXL, SD2, SD1)}
 
-__all__ = ["FAMILIES", "Family", "Role", "Task", "component_config", "detect_family", "family_named",
-           "has_component", "prediction_type", "read_model_index", "tasks_of"]
+__all__ = [
+    "FAMILIES",
+    "Denoiser",
+    "Family",
+    "Role",
+    "SensitiveLayers",
+    "Task",
+    "component_config",
+    "component_names",
+    "controlnet_names",
+    "controlnets_in",
+    "denoiser_of",
+    "detect_family",
+    "family_named",
+    "has_component",
+    "prediction_type",
+    "read_model_index",
+    "tasks_of",
+]
+
+
+def component_names() -> tuple[str, ...]:
+    """Every name a target option may give a component by: each family's text encoders and denoiser, the VAE's two
+    halves, and "denoiser", which names whichever the model has."""
+    encoders = sorted({name for f in FAMILIES.values() for name in f.text_encoders})
+    denoisers = list(dict.fromkeys(f.denoiser.component for f in FAMILIES.values()))
+    return (*encoders, *denoisers, "vae_encoder", "vae_decoder", "denoiser")
 
 
 def family_named(name: str) -> Family:
@@ -32,6 +62,15 @@ def family_named(name: str) -> Family:
     if name not in FAMILIES:
         raise DiffshipError(f"Unknown model family {name!r}; known: {', '.join(FAMILIES)}.")
     return FAMILIES[name]
+
+
+def denoiser_of(pipe: Any) -> Denoiser:
+    """The denoiser a loaded diffusers pipeline runs, from its class (families sharing a class share a denoiser)."""
+    name = type(pipe).__name__
+    for family in FAMILIES.values():
+        if name in (*family.pipelines.values(), family.controlnet_pipeline):
+            return family.denoiser
+    raise DiffshipError(f"diffship knows no family that runs a {name}.")
 
 
 def detect_family(folder: Path) -> Family:
@@ -42,7 +81,7 @@ def detect_family(folder: Path) -> Family:
         supported = sorted(set().union(*(f.declared_by for f in FAMILIES.values())))
         raise DiffshipError(f"{folder} holds a `{index.get('_class_name', '')}`; diffship supports Stable Diffusion "
                             f"1.x, 2.x and XL pipelines ({', '.join(supported)}).")
-    for name in ("unet", "vae", *family.text_encoders):
+    for name in (family.denoiser.component, "vae", *family.text_encoders):
         component_config(folder, name)
     return family
 
@@ -50,10 +89,8 @@ def detect_family(folder: Path) -> Family:
 def tasks_of(folder: Path) -> tuple[str, ...]:
     """What the model in `folder` can do, its main task first (an inpainting UNet only inpaints; ControlNets beside
     the model add the "controlnet" task: text-to-image conditioned on control images)."""
-    from diffship.models.controlnet import controlnets_in
-
     family = detect_family(folder)
-    tasks = family.tasks_for(component_config(folder, "unet").get("in_channels", 4),
+    tasks = family.tasks_for(family.denoiser.in_channels(family.denoiser_config(folder)),
                              component_config(folder, "vae").get("latent_channels", 4))
     controlled = family.controlnet_pipeline and controlnets_in(folder) and "text2img" in tasks
     return (*tasks, "controlnet") if controlled else tasks

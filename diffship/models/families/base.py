@@ -1,8 +1,9 @@
 """What a pipeline family declares, and the folder readers every family's detection uses.
 
 A family is data: its text encoders and tokenizers, the diffusers pipeline that is its baseline per task (and the
-`_class_name` its deployed folders declare), the pipeline classes that may name it in model_index.json, and how its
-denoiser is conditioned. Runtime, baseline, capture, validation and targets read these fields; none names a family.
+`_class_name` its deployed folders declare), the pipeline classes that may name it in model_index.json, its denoiser
+(a `Denoiser`: which component, how it is wrapped, fed and sized) and how that denoiser is conditioned. Runtime,
+baseline, capture, validation and targets read these fields; none names a family or a denoiser.
 """
 
 from __future__ import annotations
@@ -10,13 +11,62 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from diffship.errors import DiffshipError
 from diffship.store.artifacts import read_json
 
+if TYPE_CHECKING:
+    from diffship.models.specs import TensorSpec
+
 Role = Literal["text_encoder", "denoiser", "vae_encoder", "vae_decoder", "controlnet", "controlled_denoiser"]
 Task = Literal["text2img", "img2img", "inpaint", "controlnet"]
+
+
+@dataclass(frozen=True)
+class SensitiveLayers:
+    """Layer-name fragments INT8 treats with care, by what each quantizer does with them (each list is what its
+    consumer was validated with; a new denoiser declares its own)."""
+
+    kept_float: tuple[str, ...]  # fixed recipes keep them in float (OpenVINO int8-hybrid's ignored scope)
+    searched_first: tuple[str, ...]  # int8-auto's search and ONNX Runtime's static INT8 try these first
+    trained_float: tuple[str, ...]  # QAT and quanto leave these unquantized
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """The model that denoises the latents, as its family declares it: the component (its pipeline folder and the
+    pipeline's attribute), how diffship wraps, feeds and sizes it, and what INT8 keeps in float."""
+
+    component: str  # folder, pipeline attribute and component name
+    title: str  # for messages and the report
+    inputs: Callable[[dict[str, Any], Family], tuple[TensorSpec, ...]] = field(repr=False)  # (config, family)
+    outputs: Callable[[dict[str, Any]], tuple[TensorSpec, ...]] = field(repr=False)
+    wrap: Callable[[Any, tuple[str, ...]], Any] = field(repr=False)  # (module, input names) -> tensor-only wrapper
+    # one call diffusers' pipelines make to it (args, kwargs) -> its named inputs, and the ControlNet residuals given
+    call_inputs: Callable[[tuple[Any, ...], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] = field(repr=False)
+    sensitive: SensitiveLayers
+    latent_multiple: int  # its height and width in latent pixels must divide by this
+    default_sample_size: int  # latent side when its config names none
+    onnx_model_type: str  # onnxruntime.transformers' optimizer model type for its graph
+    # ControlNets, where the denoiser takes them: the residuals one adds and the wrappers of both sides.
+    residuals: Callable[[dict[str, Any]], tuple[TensorSpec, ...]] | None = field(default=None, repr=False)
+    wrap_controlled: Callable[[Any, tuple[str, ...]], Any] | None = field(default=None, repr=False)
+    wrap_controlnet: Callable[[Any, tuple[str, ...]], Any] | None = field(default=None, repr=False)
+    controlnet_class: str | None = None  # the diffusers class of its ControlNets
+    controlnet_fits: tuple[str, ...] = ()  # config keys a ControlNet must share with it
+
+    @property
+    def controlled(self) -> str:
+        """The component name of its variant taking ControlNet residuals."""
+        return f"controlled_{self.component}"
+
+    def in_channels(self, config: dict[str, Any]) -> int:
+        return int(config.get("in_channels", 4))
+
+    def native_size(self, config: dict[str, Any], vae_scale: int) -> int:
+        """The image side (pixels) its pipeline was trained at: the latent sample size times the VAE's scale."""
+        return int(config.get("sample_size") or self.default_sample_size) * vae_scale
 
 
 @dataclass(frozen=True)
@@ -31,6 +81,8 @@ class Family:
     pipelines: Mapping[str, str]  # task -> the diffusers pipeline class that is the baseline for it
     declared_by: frozenset[str]  # model_index.json `_class_name`s that may hold this kind
     matches: Callable[[Path, dict[str, Any]], bool] = field(repr=False)  # (folder, model_index) -> is this kind
+    denoiser: Denoiser
+    tokenizer_classes: tuple[str, ...]  # the transformers class of each tokenizer
     hidden_state: str = "last_hidden_state"  # the text encoder output the denoiser cross-attends to
     pooled_from: str | None = None  # the text encoder whose projected pooled output is the denoiser's text_embeds
     time_ids: int = 0  # SDXL micro-conditioning values per sample (6: sizes and crop; 5: the refiner's aesthetics)
@@ -46,6 +98,10 @@ class Family:
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.pipelines)
 
+    def denoiser_config(self, folder: Path) -> dict[str, Any]:
+        """config.json of the folder's denoiser."""
+        return component_config(folder, self.denoiser.component)
+
     def tasks_for(self, denoiser_channels: int, latent_channels: int) -> tuple[str, ...]:
         """What a model of this family can do: an inpainting denoiser (latents + mask + masked-image latents as
         input channels) only inpaints."""
@@ -58,6 +114,20 @@ class Family:
         if self.time_ids == 5:
             return [height, width, 0, 0, aesthetic_score]
         return []
+
+
+CONTROLNET = "controlnet"
+
+
+def controlnet_names(count: int) -> list[str]:
+    """The pipeline folders of `count` ControlNets, as diffusers' MultiControlNetModel saves them."""
+    return [CONTROLNET if i == 0 else f"{CONTROLNET}_{i}" for i in range(count)]
+
+
+def controlnets_in(folder: Path) -> list[str]:
+    """The ControlNet folders of a pipeline folder, in order."""
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    return [name for name in controlnet_names(len(index)) if name in index]
 
 
 def read_model_index(folder: Path) -> dict[str, Any]:

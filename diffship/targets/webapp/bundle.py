@@ -28,7 +28,7 @@ RUNTIME_FILES = {
     "onnxruntime-web/dist/ort-wasm-simd-threaded.asyncify.wasm": "runtime/ort-wasm-simd-threaded.asyncify.wasm",
     "@huggingface/tokenizers/dist/tokenizers.min.mjs": "runtime/tokenizers.min.mjs",
 }
-APP_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+APP_ROLES = ("text_encoder", "denoiser", "vae_decoder")  # the graphs the page runs, by role
 
 
 def runtime_folder() -> Path:
@@ -76,19 +76,21 @@ def app_config(set_dir: Path, components: dict[str, Path], precision: str, famil
 
     check_family(family_name)
     family = family_named(family_name)
-    missing = [c for c in APP_COMPONENTS if c not in components]
+    # role -> the component the page runs in it, keyed by role in diffship-web.json so the page names no model
+    chosen = dict(zip(APP_ROLES, (family.text_encoders[0], family.denoiser.component, "vae_decoder"), strict=True))
+    missing = [c for c in chosen.values() if c not in components]
     if missing:
         raise DiffshipError(f"The web app needs the {', '.join(missing)} component(s); the build made "
                             f"{', '.join(components)}.")
     graphs = {}
-    for name in APP_COMPONENTS:
+    for role, name in chosen.items():
         path = components[name]
-        graphs[name] = {"path": path.relative_to(set_dir).as_posix(),
+        graphs[role] = {"path": path.relative_to(set_dir).as_posix(),
                         "external_data": sorted(p.name for p in path.parent.iterdir()
                                                 if p.name.startswith(f"{path.name}_data")),
                         "inputs": {k: list(v) for k, v in input_shapes(path).items()},
                         "bytes": weight_bytes(path)}
-    unet = graphs["unet"]["inputs"]["sample"]
+    sample = graphs["denoiser"]["inputs"]["sample"]
     vae = read_json(components["vae_decoder"].parent / "config.json")
     scale = vae.get("scaling_factor", 0.18215)
     return {"precision": precision, "family": family.name, "title": family.title,
@@ -96,7 +98,8 @@ def app_config(set_dir: Path, components: dict[str, Path], precision: str, famil
             "components": graphs, "hidden_state": family.hidden_state,
             "tokenizer": tokenizer_config(set_dir / family.tokenizers[0]),
             "scheduler": finite(read_json(set_dir / "scheduler" / _scheduler_file(set_dir))),
-            "latents": [1, *unet[1:]], "unet_batch": unet[0], "image": [unet[2] * _vae_scale(vae), unet[3] * _vae_scale(vae)],
+            "latents": [1, *sample[1:]], "denoiser_batch": sample[0],
+            "image": [sample[2] * _vae_scale(vae), sample[3] * _vae_scale(vae)],
             "vae": {"scaling_factor": scale, "shift_factor": vae.get("shift_factor")},
             "runtime": {"onnxruntime": "runtime/ort.webgpu.min.mjs", "wasm_paths": "runtime/",
                         "tokenizers": "runtime/tokenizers.min.mjs", "onnxruntime_version": _npm_version(

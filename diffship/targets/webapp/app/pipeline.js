@@ -16,7 +16,7 @@ export async function loadPipeline(base, ort, Tokenizer, ep, onStatus = () => {}
   const tok = config.tokenizer;
   const tokenizer = new Tokenizer(await fetchJson(base + tok.json), await fetchJson(base + tok.config));
   const sessions = {};
-  for (const name of ["text_encoder", "unet", "vae_decoder"]) {
+  for (const name of ["text_encoder", "denoiser", "vae_decoder"]) {
     const c = config.components[name];
     onStatus(`loading ${name} (${(c.bytes / 1e6).toFixed(1)} MB) on ${ep} ...`);
     const folder = c.path.slice(0, c.path.lastIndexOf("/") + 1);
@@ -64,7 +64,7 @@ export async function generate(pipeline, { prompt, negativePrompt = "", steps, g
   const started = performance.now();
   const shape = config.latents;
   const size = shape.reduce((a, b) => a * b, 1);
-  const guided = config.unet_batch === 2 * shape[0];
+  const guided = config.denoiser_batch === 2 * shape[0];
   const cond = await encodeText(pipeline, prompt);
   const hidden = guided
     ? new ort.Tensor("float32", concat((await encodeText(pipeline, negativePrompt)).data, cond.data),
@@ -78,8 +78,8 @@ export async function generate(pipeline, { prompt, negativePrompt = "", steps, g
   for (const [i, t] of scheduler.timesteps.entries()) {
     const began = performance.now();
     const scaled = scheduler.scaleModelInput(sample, t);
-    const batch = config.unet_batch;
-    const out = await sessions.unet.run({
+    const batch = config.denoiser_batch;
+    const out = await sessions.denoiser.run({
       sample: new ort.Tensor("float32", guided ? concat(scaled, scaled) : scaled, [batch, ...shape.slice(1)]),
       timestep: new ort.Tensor("float32", new Float32Array(batch).fill(t), [batch]),
       encoder_hidden_states: hidden,
