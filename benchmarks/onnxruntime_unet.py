@@ -98,7 +98,7 @@ def main() -> None:
         before, began = rss_bytes(), time.perf_counter()
         runner = onnxruntime.load(paths[variant], options, precision)
         figures["variants"][variant] |= {"load_s": time.perf_counter() - began, "load_rss_bytes": rss_bytes() - before,
-                                         "runtime": runner.describe()}
+                                         "runtime": runner.describe().record()}
         return runner
 
     def cosines(runner: onnxruntime.OrtRunner) -> list[float]:

@@ -72,7 +72,7 @@ def main() -> None:
         began = time.perf_counter()
         runners[mode] = openvino.load(work / mode / openvino.XML, options, mode)
         figures["modes"][mode] |= {"load_cold_s": cold, "load_warm_s": time.perf_counter() - began,
-                                   "runtime": runners[mode].describe()}
+                                   "runtime": runners[mode].describe().record()}
 
     calls_by_name = {"pytorch-fp32": torch_call, **{m: (lambda r=r: r.run(calls[0])) for m, r in runners.items()}}
     print(f"timing one UNet call, {args.runs} runs each, taking turns ...", flush=True)

@@ -18,6 +18,10 @@ class DiffshipError(Exception):
     """A user-facing error: the message says what was wrong and what to do. The CLI maps it to exit 2."""
 
 
+class DiffshipDeprecation(FutureWarning):
+    """Input diffship still reads under an old name but will drop (a recipe option); the CLI prints it as one line."""
+
+
 class DiskFull(DiffshipError):
     """No space left where diffship was writing: says where, what is free there, and what was needed when known."""
 

@@ -283,7 +283,7 @@ def test_the_spec_check_catches_a_package_that_does_not_match(exported, tmp_path
     ({"resolutions": [[0, 64]]}, "must be positive"),
     ({"compute_units": "GPU"}, "Unknown Core ML compute_units 'GPU'"),
     ({"vae_precision": "bf16"}, "Unknown Core ML vae_precision"),
-    ({"untested_torch": "ignore"}, "untested_torch must be 'warn' or 'refuse'"),
+    ({"untested_torch": "ignore"}, "Unknown Core ML untested_torch 'ignore'; choose warn or refuse"),
     ({"palette_group_size": 0}, "palette_group_size must be at least 1"),
     ({"nbits": 3}, "Unknown Core ML option(s) nbits"),
 ])

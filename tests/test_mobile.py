@@ -87,7 +87,7 @@ def test_mobile_options_are_checked():
     assert mobile.parse_options({"int8_activations": "uint8"}).int8_activations == "uint8"
     with pytest.raises(DiffshipError, match="Unknown mobile option"):
         mobile.parse_options({"npu": True})
-    with pytest.raises(DiffshipError, match="Unknown int8_activations"):
+    with pytest.raises(DiffshipError, match="Unknown mobile int8_activations 'int4'; choose uint16 or uint8"):
         mobile.parse_options({"int8_activations": "int4"})
 
 

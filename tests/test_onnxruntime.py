@@ -144,16 +144,16 @@ def test_a_provider_that_is_not_installed_is_refused_not_silently_replaced(expor
 
 def test_cpu_sessions_record_the_provider_and_settings_they_ran_with(exported):
     options = OrtOptions(intra_op_threads=1, graph_optimization="basic", execution_mode="sequential")
-    described = onnxruntime.load(exported("tiny-sd") / "unet" / "model.onnx", options).describe()
+    described = onnxruntime.load(exported("tiny-sd") / "unet" / "model.onnx", options).describe().record()
     assert described["providers"] == ["CPUExecutionProvider"] and described["graph_optimization"] == "basic"
     assert described["threads"] == {"intra_op": 1, "inter_op": 0}
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ("{ fp16_vae = 'bf16' }", "Unknown fp16_vae 'bf16'"),
+    ("{ vae_precision = 'bf16' }", "Unknown ONNX Runtime vae_precision 'bf16'; choose auto, fp16 or fp32"),
     ("{ optimize = 'yes' }", "optimize must be true, false or 'auto'"),
-    ("{ execution_mode = 'async' }", "Unknown execution_mode 'async'"),
-    ("{ graph_optimization = 'max' }", "Unknown graph_optimization 'max'"),
+    ("{ execution_mode = 'async' }", "Unknown ONNX Runtime execution_mode 'async'"),
+    ("{ graph_optimization = 'max' }", "Unknown ONNX Runtime graph_optimization 'max'"),
 ])
 def test_bad_onnxruntime_options_exit_2_before_any_work(tmp_path: Path, options: str, message: str):
     (tmp_path / "r.toml").write_text(f"[[targets]]\nname = 'onnxruntime'\nprecisions = ['fp16']\noptions = {options}\n")

@@ -200,7 +200,7 @@ def test_a_second_build_reuses_every_compiled_ir(ov_build):
     ({"device": "TPU"}, "Unknown OpenVINO device 'TPU'"),
     ({"device": "NPU"}, "is not present on this machine; available: CPU"),
     ({"performance_hint": "FAST"}, "Unknown OpenVINO performance_hint"),
-    ({"inference_precision": "int8"}, "Unknown inference_precision"),
+    ({"inference_precision": "int8"}, "Unknown OpenVINO inference_precision 'int8'; choose f32, bf16 or f16"),
     ({"threads": 2}, "Unknown OpenVINO option(s) threads"),
     ({"matmuls": "w4a8"}, "Unknown OpenVINO matmuls 'w4a8'; choose w8a8 or w8"),
     ({"activations": "attention"}, "Unknown OpenVINO activations 'attention'; choose all or convolutions"),
@@ -248,7 +248,7 @@ def test_generate_runs_artifacts_with_the_options_they_were_built_with(ov_build)
     (ov_build.out / "manifest.json").write_text(json.dumps(manifest))
     try:
         pipe = DeployedPipeline.load(ov_build.out, "openvino", "int8-hybrid")
-        assert pipe.runners["unet"].describe()["inference_precision"] == "f32"  # the recorded option, not the default
+        assert pipe.runners["unet"].describe().details["inference_precision"] == "f32"  # the recorded option, not the default
     finally:
         (ov_build.out / "manifest.json").write_text(original)
 

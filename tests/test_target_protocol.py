@@ -4,12 +4,14 @@ hooks a target does not define."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from diffship.targets import TARGETS, get_target
 from diffship.targets.base import DECLARATIONS, HOOKS, Target, conformance
+from diffship.targets.records import Description
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
@@ -46,3 +48,14 @@ def test_a_target_without_a_hook_gets_the_protocols_default():
     with pytest.raises(NotImplementedError):
         target.patch_weights(None, None, [])
     assert set(HOOKS) >= {"finish_set", "app_run", "parity_cases"}
+    described = target.describe_artifact(Path("set/unet/model.onnx"))
+    assert isinstance(described, Description) and described.record() == {
+        "target": "bare", "summary": "bare artifact (not loaded)", "path": "set/unet/model.onnx"}
+
+
+def test_a_description_keeps_the_fields_the_report_reads_beside_the_targets_own():
+    described = Description("onnxruntime", "ONNX Runtime CPU int8", "int8", {"fused": {"Attention": 2}},
+                            search={"kept_in_float": []}, details={"providers": ["CPUExecutionProvider"]})
+    assert described.record() == {"target": "onnxruntime", "precision": "int8", "graph": {"fused": {"Attention": 2}},
+                                  "search": {"kept_in_float": []}, "summary": "ONNX Runtime CPU int8",
+                                  "providers": ["CPUExecutionProvider"]}

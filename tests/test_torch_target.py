@@ -256,7 +256,7 @@ def test_every_compile_mode_compiles_and_matches_eager(mode: str, tmp_path: Path
     inputs = spec.sample_inputs(1, 64, 64)
     reference = run_torch(wrap(spec, load_component(folder, "vae")), spec, inputs)["sample"]
     assert compare(reference, compiled.run(inputs)["sample"])["cosine"] > 0.99999
-    assert compiled.describe()["compile_seconds"] and f"mode {mode}" in compiled.describe()["graph"]["conversion"]
+    assert compiled.describe().details["compile_seconds"] and f"mode {mode}" in compiled.describe().graph["conversion"]
 
 
 def test_dynamic_compilation_serves_new_batch_sizes(tmp_path: Path, model_cache: Path):
@@ -272,7 +272,7 @@ def test_dynamic_compilation_serves_new_batch_sizes(tmp_path: Path, model_cache:
         expected = run_torch(reference, spec, inputs)
         got = compiled.run(inputs)
         assert all(compare(expected[k], got[k])["cosine"] > 0.99999 for k in expected)
-    assert set(compiled.describe()["compile_seconds"]) == {"2x77", "3x77", "4x77"}
+    assert set(compiled.describe().details["compile_seconds"]) == {"2x77", "3x77", "4x77"}
 
 
 @pytest.mark.slow
@@ -296,10 +296,10 @@ def test_an_sdxl_unet_exports_as_a_package_with_dynamic_shapes(tmp_path: Path, m
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"compile_mode": "fastest"}, "Unknown compile_mode 'fastest'; choose default, reduce-overhead, max-autotune"),
-    ({"attention": "flash"}, "Unknown attention 'flash'; choose sdpa, slicing"),
-    ({"offload": "disk"}, "Unknown offload 'disk'; choose none, model, sequential"),
-    ({"device": "tpu"}, "Unknown device 'tpu'; choose auto, cpu, cuda"),
+    ({"compile_mode": "fastest"}, "Unknown PyTorch compile_mode 'fastest'; choose default, reduce-overhead, max-autotune"),
+    ({"attention": "flash"}, "Unknown PyTorch attention 'flash'; choose sdpa or slicing"),
+    ({"offload": "disk"}, "Unknown PyTorch offload 'disk'; choose none, model or sequential"),
+    ({"device": "tpu"}, "Unknown PyTorch device 'tpu'; choose auto, cpu or cuda"),
     ({"attention_slice": 0}, "attention_slice must be 'auto', 'max' or a positive number"),
     ({"compile_components": ["vae"]}, "compile_components 'vae' unknown"),
     ({"aoti_components": ["unet", "vae"]}, "aoti_components 'vae' unknown; choose from text_encoder"),

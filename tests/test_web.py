@@ -153,11 +153,11 @@ def test_components_over_the_browsers_limits_are_refused_with_their_size(tmp_pat
 
 
 def test_web_options_are_checked():
-    assert web.parse_options({"fp16_vae": "fp32"}).fp16_vae == "fp32"
+    assert web.parse_options({"vae_precision": "fp32"}).vae_precision == "fp32"
     with pytest.raises(DiffshipError, match="Unknown web option"):
         web.parse_options({"shader": "f16"})
-    with pytest.raises(DiffshipError, match="Unknown fp16_vae"):
-        web.parse_options({"fp16_vae": "bf16"})
+    with pytest.raises(DiffshipError, match="Unknown web vae_precision 'bf16'; choose auto, fp16 or fp32"):
+        web.parse_options({"vae_precision": "bf16"})
 
 
 @pytest.mark.skipif(shutil.which("node") is None or NO_RUNTIME is not None, reason="needs node and the web runtime")

@@ -20,7 +20,7 @@ from diffship.cli.failures import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, cr
 from diffship.cli.farm import farm
 from diffship.cli.generate import generate
 from diffship.cli.lora import lora_app
-from diffship.cli.shared import console, human_bytes, lora_specs, names, out
+from diffship.cli.shared import console, human_bytes, lora_specs, names, out, show_deprecations
 from diffship.errors import DiffshipError
 
 # typer re-raises click's usage errors (or, in typer 0.2x, its vendored copy's) and its own Exit / Abort: they pass through.
@@ -48,6 +48,7 @@ class GuardedGroup(TyperGroup):
             raise typer.Exit(EXIT_INTERNAL) from None
 
 
+show_deprecations()
 app = typer.Typer(cls=GuardedGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stable Diffusion pipelines in, validated deployment artifacts out.")
 

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 from rich.console import Console
 
+from diffship.errors import DiffshipDeprecation
+
 console = Console(stderr=True, soft_wrap=True)
 # Tables are wide: in logs and pipes (no terminal) use 180 columns instead of rich's 80.
 out = Console(width=None if sys.stdout.isatty() else 180)
+
+
+def show_deprecations() -> None:
+    """Print diffship's deprecation warnings (an option's old name) as one plain line on stderr, not in Python's
+    file:line form; other warnings are shown as before."""
+    previous = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if issubclass(category, DiffshipDeprecation):
+            console.print(f"deprecated: {message}", markup=False, highlight=False)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def human_bytes(n: float) -> str:

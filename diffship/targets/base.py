@@ -12,7 +12,12 @@ import inspect
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from diffship.targets.records import Description
+
+if TYPE_CHECKING:
+    from diffship.targets.options import TargetOptions
 
 # What each target module must define.
 REQUIRED = ("PRECISIONS", "parse_options", "compile", "load", "needs_calibration", "writes_artifacts", "model_index")
@@ -61,9 +66,10 @@ class Target:
     def PRECISIONS(self) -> tuple[str, ...]:
         return tuple(self.module.PRECISIONS)
 
-    def parse_options(self, options: dict[str, Any]) -> Any:
-        """The recipe's options for this target, validated into its options object."""
-        return self.module.parse_options(options)
+    def parse_options(self, options: dict[str, Any]) -> TargetOptions:
+        """The recipe's options for this target, validated into its options model (`targets/options.py`)."""
+        parsed: TargetOptions = self.module.parse_options(options)
+        return parsed
 
     def compile(self, source: Path, precision: str, options: Any, dest: Path | None = None,
                 context: Any = None) -> Path:
@@ -135,8 +141,11 @@ class Target:
     def prediction_unavailable(self) -> str | None:
         return hook() if (hook := self._hook("prediction_unavailable")) else None
 
-    def describe_artifact(self, artifact: Path) -> dict[str, Any]:
-        return hook(artifact) if (hook := self._hook("describe_artifact")) else {"path": str(artifact)}
+    def describe_artifact(self, artifact: Path) -> Description:
+        if hook := self._hook("describe_artifact"):
+            described: Description = hook(artifact)
+            return described
+        return Description(self.name, f"{self.name} artifact (not loaded)", details={"path": str(artifact)})
 
     def parity_cases(self, spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
         return hook(spec, artifact, cases) if (hook := self._hook("parity_cases")) else cases

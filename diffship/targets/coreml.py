@@ -15,11 +15,12 @@ import io
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import BeforeValidator, Field, field_validator
 
 from diffship.errors import DiffshipError
 from diffship.models.families import component_names
@@ -38,6 +39,8 @@ from diffship.targets.coreml_package import (
 )
 from diffship.targets.coreml_package import verify as verify
 from diffship.targets.coreml_shapes import compute_precision, package_shapes
+from diffship.targets.options import Names, VaeOptions, VaePrecision
+from diffship.targets.records import Description
 
 if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
@@ -49,55 +52,63 @@ PRECISIONS = tuple(COMPRESSION)
 # No client loads a Core ML package in optimum's layout: a text encoder's package holds the outputs the pipeline reads
 # (`ComponentSpec.pipeline_outputs`); per-layer hidden states also break its naming (dots, one value twice).
 CLIENT_OUTPUTS_KEPT = False
-VAE_MODES = ("auto", "fp16", "fp32")
-COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 OLDEST_TARGETS = {"iOS": 16, "macOS": 13, "tvOS": 16, "watchOS": 9}  # compressed weights (constexpr ops) need these
 TORCH_MIN = "2.1.0"  # coremltools' own floor for its torch integration (_CT_OPTIMIZE_TORCH_MIN_VERSION)
 
 
-@dataclass(frozen=True)
-class CoremlOptions:
+def _pairs(value: Any) -> Any:
+    """TOML's [[h, w], ...] as ((h, w), ...); anything else is said as what the option takes."""
+    try:
+        return tuple((int(h), int(w)) for h, w in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Core ML resolutions must be [height, width] pairs, got {value!r}.") from None
+
+
+class CoremlOptions(VaeOptions):
     """Deployment target, attention, extra resolutions, what to compress and how, and how packages are run on a Mac."""
+
+    title: ClassVar[str] = "Core ML"
 
     minimum_deployment_target: str = "iOS18"
     attention: str = "split_einsum"  # Apple's converter's default, for the Neural Engine
-    resolutions: tuple[tuple[int, int], ...] = ()  # more (height, width) the packages accept, as enumerated shapes
-    vae_precision: str = "auto"  # auto: SDXL's VAE in FP32, the others FP16
-    compress: tuple[str, ...] = ("denoiser",)  # the components the compressed precisions compress (or their role)
-    palette_group_size: int = 16  # output channels sharing one look-up table (per grouped channel, iOS 18+)
-    weight_threshold: int = 2048  # weights with at most this many elements stay FP16 (coremltools' default)
-    compute_units: str = "ALL"  # for prediction on macOS
-    untested_torch: str = "warn"  # torch newer than coremltools has tested: "warn" and convert, or "refuse"
+    # more (height, width) the packages accept, as enumerated shapes
+    resolutions: Annotated[tuple[tuple[int, int], ...], BeforeValidator(_pairs)] = ()
+    vae_precision: VaePrecision = "auto"  # auto: SDXL's VAE in FP32, the others FP16
+    compress: Names = ("denoiser",)  # the components the compressed precisions compress (or their role)
+    palette_group_size: int = Field(16, ge=1)  # output channels sharing one look-up table (per grouped channel, iOS 18+)
+    weight_threshold: int = Field(2048, ge=0)  # weights with at most this many elements stay FP16 (coremltools')
+    compute_units: Literal["ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"] = "ALL"  # for prediction on macOS
+    # torch newer than coremltools has tested: "warn" and convert, or "refuse"
+    untested_torch: Literal["warn", "refuse"] = "warn"
     require_parity: bool = False  # fail a set whose parity cannot run here (not on macOS) instead of spec-checking it
+
+    @field_validator("attention")
+    @classmethod
+    def _attention(cls, value: str) -> str:
+        if value not in IMPLEMENTATIONS:
+            raise ValueError(f"Unknown Core ML attention {value!r}; choose {', '.join(IMPLEMENTATIONS)}.")
+        return value
+
+    @field_validator("compress")
+    @classmethod
+    def _components(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if bad := [c for c in value if c not in component_names()]:
+            raise ValueError(f"Core ML compress names unknown component(s) {', '.join(bad)}; choose from "
+                             f"{', '.join(component_names())}.")
+        return value
+
+    @field_validator("resolutions")
+    @classmethod
+    def _positive(cls, value: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+        if any(h <= 0 or w <= 0 for h, w in value):
+            raise ValueError(f"Core ML resolutions must be positive, got {[list(r) for r in value]}.")
+        return value
 
 
 def parse_options(options: dict[str, Any]) -> CoremlOptions:
-    """The recipe's Core ML options, with unknown keys and bad values named."""
-    known = {f.name for f in fields(CoremlOptions)}
-    if unknown := sorted(set(options) - known):
-        raise DiffshipError(f"Unknown Core ML option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    values = dict(options)
-    try:
-        values["resolutions"] = tuple((int(h), int(w)) for h, w in values.get("resolutions", ()))
-    except (TypeError, ValueError):
-        raise DiffshipError(f"Core ML resolutions must be [height, width] pairs, got {options['resolutions']!r}.") from None
-    values["compress"] = tuple(values.get("compress", CoremlOptions.compress))
-    parsed = CoremlOptions(**values)
-    if parsed.attention not in IMPLEMENTATIONS:
-        raise DiffshipError(f"Unknown Core ML attention {parsed.attention!r}; choose {', '.join(IMPLEMENTATIONS)}.")
-    if parsed.vae_precision not in VAE_MODES:
-        raise DiffshipError(f"Unknown Core ML vae_precision {parsed.vae_precision!r}; choose {', '.join(VAE_MODES)}.")
-    if parsed.compute_units not in COMPUTE_UNITS:
-        raise DiffshipError(f"Unknown Core ML compute_units {parsed.compute_units!r}; choose {', '.join(COMPUTE_UNITS)}.")
-    if parsed.untested_torch not in ("warn", "refuse"):
-        raise DiffshipError(f"Core ML untested_torch must be 'warn' or 'refuse', got {parsed.untested_torch!r}.")
-    if bad := [c for c in parsed.compress if c not in component_names()]:
-        raise DiffshipError(f"Core ML compress names unknown component(s) {', '.join(bad)}; choose from "
-                            f"{', '.join(component_names())}.")
-    if any(h <= 0 or w <= 0 for h, w in parsed.resolutions):
-        raise DiffshipError(f"Core ML resolutions must be positive, got {list(parsed.resolutions)}.")
-    if parsed.palette_group_size < 1 or parsed.weight_threshold < 0:
-        raise DiffshipError("Core ML palette_group_size must be at least 1 and weight_threshold at least 0.")
+    """The recipe's Core ML options, with unknown keys and bad values named (the deployment target against the
+    installed coremltools)."""
+    parsed = CoremlOptions.parse(options)
     spec_version(parsed.minimum_deployment_target)
     return parsed
 
@@ -241,7 +252,7 @@ def compile(source: Path, precision: str, options: CoremlOptions | None = None, 
         "shapes": [{k: list(v) for k, v in s.items()} for s in shape_sets],
         "onnx_io": held_io(onnx_io(source), spec), "compression": compression, "convert_seconds": converted["seconds"],
         "conversion_reused": converted["reused"],
-        "versions": support, "options": asdict(options), "package": inspect_package(package),
+        "versions": support, "options": options.model_dump(), "package": inspect_package(package),
     })
     return package
 
@@ -300,7 +311,7 @@ _DESCRIPTIONS: dict[Any, str] = {
 # --- describing a package and its parity cases (the checks are in coreml_package) -------------------------------
 
 
-def describe_artifact(package: Path) -> dict[str, Any]:
+def describe_artifact(package: Path) -> Description:
     """What a package is, for the report's 'how each component runs' table (read from coreml.json, no runtime)."""
     info = read_info(package)
     c = info["compression"]
@@ -311,11 +322,11 @@ def describe_artifact(package: Path) -> dict[str, Any]:
              "quantization": f"{c['method']}, {c['granularity']}" if c else "",
              "reason": info["kept_fp32_reason"] or ""}
     shapes = "fixed" if len(info["shapes"]) == 1 else f"{len(info['shapes'])} enumerated shapes"
-    return {"target": NAME, "precision": info["compute_precision"] + (" (kept)" if info["kept_fp32_reason"] else ""),
-            "minimum_deployment_target": info["minimum_deployment_target"], "attention": info["attention"],
-            "shapes": shapes, "graph": graph,
-            "summary": f"Core ML ML program, {info['minimum_deployment_target']}, {info['compute_precision'].upper()}, "
-                       f"{shapes}"}
+    return Description(NAME, f"Core ML ML program, {info['minimum_deployment_target']}, "
+                             f"{info['compute_precision'].upper()}, {shapes}",
+                       info["compute_precision"] + (" (kept)" if info["kept_fp32_reason"] else ""), graph,
+                       details={"minimum_deployment_target": info["minimum_deployment_target"],
+                                "attention": info["attention"], "shapes": shapes})
 
 
 def parity_cases(spec: Any, package: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -355,9 +366,10 @@ class CoremlRunner:
         out = self.model.predict({k: np.ascontiguousarray(v) for k, v in inputs.items()})
         return {name: np.asarray(out[name], dtype=np.float32) for name in self.output_names}
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> Description:
         """The package's description plus the compute units it was loaded for."""
-        return {**describe_artifact(self.package), "compute_units": self.options.compute_units}
+        described = describe_artifact(self.package)
+        return replace(described, details=described.details | {"compute_units": self.options.compute_units})
 
 
 def load(artifact: Path, options: CoremlOptions | None = None, precision: str | None = None) -> CoremlRunner:

@@ -3,7 +3,6 @@ against the ONNX export it must match."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffship.errors import DiffshipError
+from diffship.targets.records import read_record
 
 if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
@@ -215,12 +214,7 @@ def _storage_verdict(info: dict[str, Any], held: dict[str, Any]) -> tuple[bool, 
 
 def read_info(package: Path) -> dict[str, Any]:
     """The coreml.json beside a package, or a clear error when the package or its record is missing."""
-    if not package.is_dir():
-        raise DiffshipError(f"No Core ML package at {package}.")
-    path = package.parent / INFO
-    if not path.is_file():
-        raise DiffshipError(f"{package} has no {INFO} beside it, so what it was converted from is unknown; rebuild it.")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_record(package, INFO, "Core ML package")
 
 
 def held_io(io: dict[str, Any], spec: ComponentSpec) -> dict[str, Any]:

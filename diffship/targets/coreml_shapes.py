@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from diffship.targets import CompileContext
-from diffship.targets.onnx_graph import vae_fp32_reason
+from diffship.targets.options import vae_fp32_reason
 
 if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
@@ -36,5 +36,5 @@ def compute_precision(precision: str, spec: ComponentSpec, options: CoremlOption
     """What a component computes in ("fp16" / "fp32") and, when an FP16 set keeps it FP32, why."""
     if precision == "fp32":
         return "fp32", None
-    reason = vae_fp32_reason(spec, options.vae_precision, "vae_precision")
+    reason = vae_fp32_reason(spec, options.vae_precision)
     return ("fp32", reason) if reason else ("fp16", None)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -23,36 +23,32 @@ import onnx
 from diffship.errors import DiffshipError
 from diffship.store.artifacts import atomic_write_json, read_json
 from diffship.targets import CompileContext, calibration_inputs, mobile_graph, onnx_graph, web
+from diffship.targets.options import TargetOptions
+from diffship.targets.records import Description
 
 NAME = "mobile"
 PRECISIONS = ("fp32", "int8")
-ACTIVATION_TYPES = ("uint16", "uint8")
 MODEL = "model.ort"
 OPERATORS = "required_operators.config"
 PATCH_REFUSAL = "ORT-format models are written whole: rebuild with --lora"
 
 
-@dataclass(frozen=True)
-class MobileOptions:
+class MobileOptions(TargetOptions):
     """The recipe's `[targets.options]` for phones.
 
     int8_activations: the QNN QDQ activation type, "uint16" (default; Stable Diffusion on Qualcomm's HTP) or "uint8".
     rewrite: apply the graph rewrites for NNAPI / Core ML (false: pinned shapes only, for comparison).
     """
 
-    int8_activations: str = "uint16"
+    title: ClassVar[str] = "mobile"
+
+    int8_activations: Literal["uint16", "uint8"] = "uint16"
     rewrite: bool = True
 
 
 def parse_options(options: dict[str, Any]) -> MobileOptions:
     """The recipe's options for the mobile target, with unknown keys and values named."""
-    known = {f.name for f in fields(MobileOptions)}
-    if unknown := sorted(set(options) - known):
-        raise DiffshipError(f"Unknown mobile option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    parsed = MobileOptions(**options)
-    if parsed.int8_activations not in ACTIVATION_TYPES:
-        raise DiffshipError(f"Unknown int8_activations {parsed.int8_activations!r}; choose {', '.join(ACTIVATION_TYPES)}.")
-    return parsed
+    return MobileOptions.parse(options)
 
 
 def writes_artifacts(precision: str, options: MobileOptions | None = None) -> bool:
@@ -209,20 +205,21 @@ class MobileRunner:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.runner.run(_feed(inputs, self.rewrites))
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> Description:
         described = self.runner.describe()
         usable = {ep: f"{u['supported_nodes']}/{u['nodes']} nodes, {u['partitions']} partition(s), {u['verdict']}"
                   for ep, u in self.record.get("usability", {}).items()}
         rewrites, q = self.rewrites, self.record.get("quantization")
         done = [*(["timestep embedding on the host"] if "timestep_embedding" in rewrites else []),
                 *(f"{op} {n} decomposed" for op, n in sorted(rewrites.get("decomposed", {}).items()))]
-        described["graph"] = {"conversion": "ORT format" + (f"; {', '.join(done)}" if done else ""),
-                              "quantization": f"{q['format']}, {q['activations']} activations, {q['weights']} weights, "
-                                              f"{q['calibration_calls']} calls" if q else "",
-                              "reason": self.record.get("reason", "")}
-        return described | {"target": NAME, "precision": self.precision, "usability": usable,
-                            "summary": f"ORT format ({self.precision}) on ONNX Runtime CPU; NNAPI / Core ML / QNN "
-                                       "cannot run here: usability checked"}
+        graph = {"conversion": "ORT format" + (f"; {', '.join(done)}" if done else ""),
+                 "quantization": f"{q['format']}, {q['activations']} activations, {q['weights']} weights, "
+                                 f"{q['calibration_calls']} calls" if q else "",
+                 "reason": self.record.get("reason", "")}
+        return replace(described, target=NAME, precision=self.precision, graph=graph,
+                       details=described.details | {"usability": usable},
+                       summary=f"ORT format ({self.precision}) on ONNX Runtime CPU; NNAPI / Core ML / QNN cannot run "
+                               "here: usability checked")
 
 
 def load(artifact: Path, options: MobileOptions | None = None, precision: str | None = None) -> MobileRunner:

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from diffship.models.families import family_named
-
 if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
 
@@ -216,18 +214,6 @@ def to_fp16(model: onnx.ModelProto, keep_io_types: bool, op_block_list: list[str
     # Its shape inference serializes the model, which protobuf refuses above 2 GB (a full-size UNet).
     return convert_float_to_float16(model, keep_io_types=keep_io_types, op_block_list=blocked,
                                     disable_shape_infer=not small_enough_to_measure(model))
-
-
-def vae_fp32_reason(spec: ComponentSpec, mode: str, option: str) -> str | None:
-    """Why component `name` stays FP32 where a set converts to FP16, or None. `mode` is the recipe's VAE setting
-    ("auto": SDXL's VAE, which overflows in FP16, stays FP32; "fp16" / "fp32" force it), named `option` there."""
-    if spec.role not in ("vae_encoder", "vae_decoder") or mode == "fp16":
-        return None
-    if mode == "fp32":
-        return f"the recipe keeps the VAE in FP32 ({option} = 'fp32')"
-    if (declared := family_named(spec.family)).vae_overflows_fp16:
-        return f"{declared.short}'s VAE overflows in FP16 ({option} = 'auto'; set 'fp16' to convert it anyway)"
-    return None
 
 
 def summary(before: dict[str, int], after: dict[str, int], fused: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:

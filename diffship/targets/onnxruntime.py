@@ -10,9 +10,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -21,6 +20,8 @@ import onnxruntime as ort
 from diffship.errors import DiffshipError
 from diffship.store.artifacts import atomic_write_json
 from diffship.targets import CompileContext, onnx_graph
+from diffship.targets.options import Names, VaeOptions, VaePrecision, vae_fp32_reason
+from diffship.targets.records import Description
 
 NAME = "onnxruntime"
 PRECISIONS = ("fp32", "fp16", "int8", "int8-auto")
@@ -28,7 +29,6 @@ INT8 = ("int8", "int8-auto")
 # Optimizers that undo what INT8 needs: common-subexpression elimination merges the dedicated Q/DQ pairs again,
 # leaving q/k/v projections in float (SD 1.5 UNet: 2.61 s with it, 2.25 s without).
 INT8_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 GRAPH_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -39,13 +39,11 @@ EXECUTION_MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": o
 # Providers that run FP16 kernels natively; on the others an FP16 model is checked for parity, not timed.
 FP16_NATIVE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider")
 GPU_PROVIDERS = FP16_NATIVE
-VAE_MODES = ("auto", "fp16", "fp32")
 # Precisions whose weights a LoRA swap can overwrite in place (the quantized ones need re-quantizing).
 PATCHABLE = ("fp32", "fp16")
 
 
-@dataclass(frozen=True)
-class OrtOptions:
+class OrtOptions(VaeOptions):
     """ONNX Runtime settings from the recipe's `[targets.options]`.
 
     providers: execution providers in order (None: TensorRT, CUDA, DirectML, CPU, as installed).
@@ -54,25 +52,28 @@ class OrtOptions:
     true, false, or "auto": on for GPU providers, whose fused kernels it targets, and for INT8 on the CPU (the
     quantized SD 1.5 UNet runs 1.10x faster from the prepared graph); off for FP32/FP16 on the CPU, where it
     measured no faster (docs/performance.md).
-    fp16_keep_io_types: FP16 models keep FP32 inputs and outputs. fp16_vae: "auto" keeps SDXL's VAE in FP32 (it
-    overflows in FP16), "fp16"/"fp32" force it; any FP16 component whose probe output is not finite falls back to FP32.
+    fp16_keep_io_types: FP16 models keep FP32 inputs and outputs. vae_precision (`VaeOptions`; it was `fp16_vae`):
+    "auto" keeps SDXL's VAE in FP32 (it overflows in FP16), "fp16"/"fp32" force it; any FP16 component whose probe
+    output is not finite falls back to FP32.
     fp16_op_block_list: op types kept in FP32 besides ONNX Runtime's defaults.
-    calibration_method / calib_max_intermediate_outputs: the UNet's INT8 calibration.
+    calibration_method / calib_max_intermediate_outputs: the denoiser's INT8 calibration.
     cpu_mem_arena: ONNX Runtime's CPU memory arena. Off, a session's activation memory is freed after each run
     instead of kept and grown: sd15-arch's FP32 UNet at 512x512, batch 2, held 5.63 GiB after two runs with it and
     3.48 without, at the same speed (issue 23; the 24 GiB recipes turn it off).
     """
 
-    providers: tuple[str, ...] | None = None
-    graph_optimization: str = "all"
+    title: ClassVar[str] = "ONNX Runtime"
+
+    providers: Names | None = None
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    execution_mode: str = "sequential"
-    optimize: bool | str = "auto"
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    optimize: bool | Literal["auto"] = "auto"
     fp16_keep_io_types: bool = True
-    fp16_vae: str = "auto"
-    fp16_op_block_list: tuple[str, ...] = ()
-    calibration_method: str = "minmax"
+    vae_precision: VaePrecision = "auto"
+    fp16_op_block_list: Names = ()
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     # Reduce calibration statistics every this many samples (0: at the end), bounding what is held in memory.
     calib_max_intermediate_outputs: int = 0
     cpu_mem_arena: bool = True
@@ -80,22 +81,7 @@ class OrtOptions:
 
 def parse_options(options: dict[str, Any]) -> OrtOptions:
     """The recipe's `[targets.options]` for ONNX Runtime, with unknown keys and values named."""
-    known = {f.name for f in fields(OrtOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise DiffshipError(f"Unknown ONNX Runtime option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    values = dict(options)
-    for name in ("providers", "fp16_op_block_list"):
-        if values.get(name) is not None:
-            values[name] = tuple(values[name])
-    parsed = OrtOptions(**values)
-    if parsed.optimize not in (True, False, "auto"):
-        raise DiffshipError(f"optimize must be true, false or 'auto', not {parsed.optimize!r}.")
-    for name, allowed in (("graph_optimization", GRAPH_LEVELS), ("execution_mode", EXECUTION_MODES),
-                          ("calibration_method", CALIBRATION_METHODS), ("fp16_vae", VAE_MODES)):
-        if getattr(parsed, name) not in allowed:
-            raise DiffshipError(f"Unknown {name} {getattr(parsed, name)!r}; choose {', '.join(allowed)}.")
-    return parsed
+    return OrtOptions.parse(options)
 
 
 def default_providers() -> tuple[str, ...]:
@@ -214,7 +200,7 @@ def _prepare(source: Path, out: Path, name: str, precision: str, options: OrtOpt
         gpu = _providers(options)[0] in GPU_PROVIDERS
         model, fused = onnx_graph.prepare(model, source.parent, onnx_graph.model_type(context.spec), gpu)  # weights stay on disk
         record["prepared_for"] = "gpu" if gpu else "cpu"
-    keep_fp32 = (onnx_graph.vae_fp32_reason(context.spec, options.fp16_vae, "fp16_vae")
+    keep_fp32 = (vae_fp32_reason(context.spec, options.vae_precision)
                  if precision == "fp16" else None)
     if keep_fp32:
         record |= {"kept": "fp32", "reason": keep_fp32}
@@ -302,25 +288,23 @@ class OrtRunner:
         return {n: v.astype(np.float32) if v.dtype == np.float16 else v
                 for n, v in zip(self.output_names, outputs, strict=True)}
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> Description:
         providers = self.session.get_providers()
         precision = self.precision
         if self.graph and self.graph.get("kept"):
             precision = f"{self.graph['kept']} (kept)"
-        described: dict[str, object] = {
-            "target": NAME, "onnxruntime": ort.__version__, "providers": providers,
-            "graph_optimization": self.options.graph_optimization, "precision": precision,
-            "threads": {"intra_op": self.options.intra_op_threads, "inter_op": self.options.inter_op_threads},
-            "disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS) if self.precision in INT8 else [],
-            "summary": f"ONNX Runtime {providers[0].removesuffix('ExecutionProvider')} {self.precision}"}
-        if self.graph:
-            described["graph"] = {k: v for k, v in self.graph.items() if k != "search"}
-            if self.graph.get("search"):
-                described["search"] = self.graph["search"]
+        skipped = None
         if self.precision == "fp16" and providers[0] not in FP16_NATIVE:
-            described["latency_skipped"] = (f"{providers[0]} has no native FP16 kernels for most ops, so FP16 "
-                                            "latency here says nothing about a GPU; parity only")
-        return described
+            skipped = (f"{providers[0]} has no native FP16 kernels for most ops, so FP16 latency here says nothing "
+                       "about a GPU; parity only")
+        return Description(
+            NAME, f"ONNX Runtime {providers[0].removesuffix('ExecutionProvider')} {self.precision}", precision,
+            graph={k: v for k, v in (self.graph or {}).items() if k != "search"},
+            search=(self.graph or {}).get("search") or None, latency_skipped=skipped,
+            details={"onnxruntime": ort.__version__, "providers": providers,
+                     "graph_optimization": self.options.graph_optimization,
+                     "threads": {"intra_op": self.options.intra_op_threads, "inter_op": self.options.inter_op_threads},
+                     "disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS) if self.precision in INT8 else []})
 
 
 def load(artifact: Path, options: OrtOptions | None = None, precision: str | None = None) -> OrtRunner:

@@ -13,12 +13,12 @@ precision sets `INFERENCE_PRECISION_HINT` explicitly and the Runner reports the 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import openvino as ov
+from pydantic import field_validator
 
 from diffship.errors import DiffshipError, DiskFull
 from diffship.host.memory import release_freed
@@ -28,6 +28,8 @@ from diffship.targets.ir_names import stable_names
 from diffship.targets.openvino_nncf import compress_matmul_weights as compress_matmul_weights
 from diffship.targets.openvino_nncf import ignored_patterns, quantize_kwargs
 from diffship.targets.openvino_nncf import quantize_calibrated as quantize_calibrated
+from diffship.targets.options import TargetOptions
+from diffship.targets.records import Description
 
 NAME = "openvino"
 XML = "openvino_model.xml"
@@ -41,30 +43,36 @@ INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "bf16": "bf16", "int8-weigh
                        "int8-hybrid": "bf16", "int8-full": "bf16", "int8-auto": "bf16"}
 SEARCH_FILE = "diffship-search.json"  # what int8-auto's search tried and kept, beside the IR
 PATCHABLE = ("fp32", "fp16", "bf16")  # precisions whose IR constants a LoRA swap can overwrite in place
-MATMUL_MODES = ("w8a8", "w8")
-ACTIVATION_MODES = ("all", "convolutions")
 
 
-@dataclass(frozen=True)
-class OvOptions:
+class OvOptions(TargetOptions):
     """Device, performance hint, inference precision (None: per precision), compiled-model cache, NNCF settings."""
+
+    title: ClassVar[str] = "OpenVINO"
 
     device: str = "CPU"
     performance_hint: str = "LATENCY"
-    inference_precision: str | None = None
+    inference_precision: Literal["f32", "bf16", "f16"] | None = None
     cache_dir: str | None = None  # None: the diffship cache; "" turns OpenVINO's model cache off
     int4_group_size: int = 128
     smooth_quant_alpha: float = 0.15
-    preset: str = "mixed"  # NNCF preset: "mixed" (asymmetric activations) or "performance" (symmetric)
+    preset: Literal["mixed", "performance"] = "mixed"  # NNCF: asymmetric activations, or symmetric
     bias_correction: bool = False  # NNCF's fast bias correction: +1.4 GiB peak on the SD 1.5 UNet for no gain seen
     static_shapes: bool = True  # reshape to static shapes when the recipe fixes batch and resolution
-    # int8-hybrid's UNet MatMuls with weights: "w8a8" quantizes their activations too; "w8" compresses their weights
-    # data-free first and calibrates only the rest (optimum-intel's hybrid order, SmoothQuant off): less memory.
-    matmuls: str = "w8a8"
+    # int8-hybrid's denoiser MatMuls with weights: "w8a8" quantizes their activations too; "w8" compresses their
+    # weights data-free first and calibrates only the rest (optimum-intel's hybrid order, SmoothQuant off): less memory.
+    matmuls: Literal["w8a8", "w8"] = "w8a8"
     # What the calibrated pass quantizes the activations of: "all" it can, or only "convolutions". Its statistics
     # reducers keep tensors alive and break the CPU plugin's fusions: on sdxl-arch at 1024x1024 with w8, "all" holds
     # 20.8 GiB, "convolutions" 12.0 (docs/performance.md).
-    activations: str = "all"
+    activations: Literal["all", "convolutions"] = "all"
+
+    @field_validator("performance_hint")
+    @classmethod
+    def _hint(cls, value: str) -> str:
+        if value.upper() not in HINTS:
+            raise ValueError(f"Unknown OpenVINO performance_hint {value!r}; choose {', '.join(HINTS)}.")
+        return value
 
 
 def writes_artifacts(precision: str, options: Any = None) -> bool:
@@ -84,21 +92,8 @@ def model_index(family: str, components: list[str]) -> dict[str, Any] | None:
 
 
 def parse_options(options: dict[str, Any]) -> OvOptions:
-    """The recipe's OpenVINO options, with unknown keys and values named."""
-    known = {f.name for f in fields(OvOptions)}
-    if unknown := sorted(set(options) - known):
-        raise DiffshipError(f"Unknown OpenVINO option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    parsed = OvOptions(**options)
-    if parsed.performance_hint.upper() not in HINTS:
-        raise DiffshipError(f"Unknown OpenVINO performance_hint {parsed.performance_hint!r}; choose {', '.join(HINTS)}.")
-    if parsed.preset not in ("mixed", "performance"):
-        raise DiffshipError(f"Unknown NNCF preset {parsed.preset!r}; choose mixed or performance.")
-    if parsed.activations not in ACTIVATION_MODES:
-        raise DiffshipError(f"Unknown OpenVINO activations {parsed.activations!r}; choose {' or '.join(ACTIVATION_MODES)}.")
-    if parsed.matmuls not in MATMUL_MODES:
-        raise DiffshipError(f"Unknown OpenVINO matmuls {parsed.matmuls!r}; choose {' or '.join(MATMUL_MODES)}.")
-    if parsed.inference_precision not in (None, "f32", "bf16", "f16"):
-        raise DiffshipError(f"Unknown inference_precision {parsed.inference_precision!r}; choose f32, bf16 or f16.")
+    """The recipe's OpenVINO options, with unknown keys and values named, and the device checked on this machine."""
+    parsed = OvOptions.parse(options)
     check_device(parsed.device)
     return parsed
 
@@ -291,20 +286,21 @@ class OvRunner:
         result = self.request.infer({ports[name]: value for name, value in inputs.items()}, share_outputs=False)
         return {name: np.asarray(result[o]) for name, o in zip(self.output_names, self.compiled.outputs, strict=True)}
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> Description:
         """Device, what it computes in (read back from the compiled model, not assumed), hint and versions."""
         prop = self.compiled.get_property
         computes_in = prop("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16", "f16": what really runs
         devices = list(prop("EXECUTION_DEVICES"))
-        return {"target": NAME, "openvino": ov.__version__, "device": self.options.device, "execution_devices": devices,
-                "inference_precision": computes_in, "performance_hint": str(prop("PERFORMANCE_HINT")),
-                "ir_precision": self.precision, **_search_of(self.path),
-                "summary": f"OpenVINO {'+'.join(devices)} {computes_in}"}
+        return Description(NAME, f"OpenVINO {'+'.join(devices)} {computes_in}", search=_search_of(self.path),
+                           details={"openvino": ov.__version__, "device": self.options.device,
+                                    "execution_devices": devices, "inference_precision": computes_in,
+                                    "performance_hint": str(prop("PERFORMANCE_HINT")), "ir_precision": self.precision})
 
 
-def _search_of(path: Path) -> dict[str, Any]:
+def _search_of(path: Path) -> dict[str, Any] | None:
+    """int8-auto's record beside the IR, where a search chose it."""
     sidecar = path.parent / SEARCH_FILE
-    return {"search": read_json(sidecar)} if sidecar.is_file() else {}
+    return read_json(sidecar) if sidecar.is_file() else None
 
 
 def load(artifact: Path, options: OvOptions | None = None, precision: str | None = None) -> OvRunner:

@@ -52,6 +52,7 @@ from diffship.targets.pytorch_options import parse_options as parse_options
 from diffship.targets.pytorch_options import preflight as preflight
 from diffship.targets.pytorch_options import writes_artifacts as writes_artifacts
 from diffship.targets.pytorch_prepare import CastIO, apply_options, effective_dtype
+from diffship.targets.records import Description, read_record
 
 # --- compile: the artifact -------------------------------------------------------------------------------------
 
@@ -75,7 +76,7 @@ def compile(source: Path, precision: str, options: TorchOptions | None = None, d
     mode = "eager" if v.mode == "aoti" and not packaged(spec, options) else v.mode
     info: dict[str, Any] = {"component": spec.name, "precision": precision, "dtype": dtype,
                             "autocast": v.autocast and reason is None,
-                            "mode": mode, "kept_reason": reason, "spec": asdict(spec), "options": asdict(options),
+                            "mode": mode, "kept_reason": reason, "spec": asdict(spec), "options": options.model_dump(),
                             "onnx_io": onnx_io(source) if source.is_file() else None, "environment": environment(options)}
     if mode == "aoti":
         artifact = dest / PACKAGE
@@ -189,12 +190,7 @@ def export_package(module: nn.Module, spec: ComponentSpec, dtype: str, device: s
 
 def read_info(artifact: Path) -> dict[str, Any]:
     """torch.json beside a set's weights folder or package, with a clear error when it is missing."""
-    path = artifact.parent / INFO
-    if not artifact.exists():
-        raise DiffshipError(f"No PyTorch artifact at {artifact}.")
-    if not path.is_file():
-        raise DiffshipError(f"{artifact} has no {INFO} beside it; it was not written by diffship's torch target.")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_record(artifact, INFO, "PyTorch artifact")
 
 
 def component_spec(info: dict[str, Any]) -> ComponentSpec:
@@ -205,19 +201,17 @@ def component_spec(info: dict[str, Any]) -> ComponentSpec:
     return ComponentSpec(**s)
 
 
-def describe_artifact(artifact: Path) -> dict[str, Any]:
+def describe_artifact(artifact: Path) -> Description:
     """What an artifact is, for the report (read from torch.json)."""
     info = read_info(artifact)
     how = {"eager": "eager", "compile": "torch.compile", "aoti": "AOTInductor package"}[info["mode"]]
     dtype = "autocast " + info["precision"].split("-")[0].upper() if info["autocast"] else info["dtype"].upper()
-    return {"target": NAME, "precision": info["dtype"] + (" (kept)" if info["kept_reason"] else ""), "mode": info["mode"],
-            "summary": f"PyTorch {torch.__version__} {how}, {dtype}",
-            "graph": {"conversion": (f"torch.export {info['export_seconds']:.1f} s + AOTInductor "
-                                     f"{info['aoti_seconds']:.1f} s, "
-                                     + ("static shapes" if info["dynamic"] is None else "dynamic shapes")
-                                     + (", frozen weights" if info.get("freezing") else "")
-                                     if info["mode"] == "aoti" else ""),
-                      "reason": info["kept_reason"] or ""}}
+    conversion = (f"torch.export {info['export_seconds']:.1f} s + AOTInductor {info['aoti_seconds']:.1f} s, "
+                  + ("static shapes" if info["dynamic"] is None else "dynamic shapes")
+                  + (", frozen weights" if info.get("freezing") else "") if info["mode"] == "aoti" else "")
+    return Description(NAME, f"PyTorch {torch.__version__} {how}, {dtype}",
+                       info["dtype"] + (" (kept)" if info["kept_reason"] else ""),
+                       {"conversion": conversion, "reason": info["kept_reason"] or ""}, details={"mode": info["mode"]})
 
 
 def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -354,10 +348,10 @@ class TorchRunner:
             self.compile_seconds[shape_key] = round(time.perf_counter() - began, 2)
         return result
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> Description:
         """The artifact's description plus what this run applied: device, attention, offload, compile times."""
         d = describe_artifact(self.artifact)
-        conversion = d["graph"]["conversion"]
+        conversion = d.graph["conversion"]
         if self.variant.mode == "compile":
             conversion = (f"torch.compile mode {self.options.compile_mode}{', frozen weights' if self.frozen else ''}"
                           ", first call per shape "
@@ -366,10 +360,11 @@ class TorchRunner:
         extras = [f"{k} {v}" if not isinstance(v, bool) else k for k, v in self.applied.items()]
         if self.options.offload != "none":
             extras.append(f"{self.options.offload} CPU offload")
-        d["summary"] = f"{d['summary']} on {self.device}" + (f" ({', '.join(extras)})" if extras else "")
-        d["graph"] = {**d["graph"], "conversion": conversion}
-        return {**d, "device": self.device, "compiled": self.compiled, "compile_seconds": dict(self.compile_seconds),
-                "applied": self.applied, "offload": self.options.offload}
+        return replace(d, summary=f"{d.summary} on {self.device}" + (f" ({', '.join(extras)})" if extras else ""),
+                       graph={**d.graph, "conversion": conversion},
+                       details={**d.details, "device": self.device, "compiled": self.compiled,
+                                "compile_seconds": dict(self.compile_seconds), "applied": self.applied,
+                                "offload": self.options.offload})
 
 
 def load(artifact: Path, options: TorchOptions | None = None, precision: str | None = None) -> TorchRunner:

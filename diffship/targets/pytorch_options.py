@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
+from pydantic import ValidationInfo, field_validator
 
 from diffship.errors import DiffshipError
 from diffship.models.families import component_names
+from diffship.targets.options import Names, VaeOptions, VaePrecision
 
 NAME = "torch"
 INFO = "torch.json"
@@ -22,11 +24,6 @@ MODES = ("eager", "compile", "aoti")
 PRECISIONS = (*DTYPES, "fp16-autocast", "bf16-autocast",
               *(f"{d}-compile" for d in DTYPES), "fp16-autocast-compile", "bf16-autocast-compile",
               *(f"{d}-aoti" for d in DTYPES))
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-ATTENTION = ("sdpa", "slicing")
-OFFLOAD = ("none", "model", "sequential")
-DEVICES = ("auto", "cpu", "cuda")
-VAE_MODES = ("auto", "fp16", "fp32")
 # Inputs that stay FP32 whatever the set's type: diffusers embeds the timestep in FP32 and casts after (in BF16,
 # timestep 999 would round to 1000).
 FP32_INPUTS = ("timestep",)
@@ -50,8 +47,7 @@ def variant(precision: str) -> Variant:
     return Variant(parts[0], "autocast" in parts, mode)
 
 
-@dataclass(frozen=True)
-class TorchOptions:
+class TorchOptions(VaeOptions):
     """PyTorch settings from the recipe's `[targets.options]`.
 
     device: "auto" (CUDA when present, else the CPU), "cpu" or "cuda".
@@ -70,50 +66,44 @@ class TorchOptions:
     vae_precision: "auto" keeps SDXL's VAE in FP32 in FP16 sets (it overflows in FP16); "fp16" / "fp32" force it.
     """
 
-    device: str = "auto"
-    attention: str = "sdpa"
-    attention_slice: str | int = "auto"
+    title: ClassVar[str] = "PyTorch"
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attention: Literal["sdpa", "slicing"] = "sdpa"
+    attention_slice: Literal["auto", "max"] | int = "auto"
     channels_last: bool = False
-    compile_mode: str = "default"
-    compile_components: tuple[str, ...] = ("denoiser", "vae_decoder")  # names, or "denoiser" for the model's
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_components: Names = ("denoiser", "vae_decoder")  # names, or "denoiser" for the model's
     compile_dynamic: bool = False
-    aoti_components: tuple[str, ...] | None = None
-    freezing: bool | str = "auto"
+    aoti_components: Names | None = None
+    freezing: bool | Literal["auto"] = "auto"
     vae_slicing: bool = False
     vae_tiling: bool = False
-    offload: str = "none"
-    vae_precision: str = "auto"
+    offload: Literal["none", "model", "sequential"] = "none"
+    vae_precision: VaePrecision = "auto"
+
+    @field_validator("compile_components", "aoti_components")
+    @classmethod
+    def _known_components(cls, value: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
+        if bad := [c for c in value or () if c not in component_names()]:
+            raise ValueError(f"{info.field_name} {', '.join(map(repr, bad))} unknown; choose from "
+                             f"{', '.join(component_names())}.")
+        return value
+
+    @field_validator("attention_slice", mode="before")
+    @classmethod
+    def _slice(cls, value: Any) -> str | int:
+        if value in ("auto", "max") or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"attention_slice must be 'auto', 'max' or a positive number of heads, not {value!r}.")
+
+
+COMPILE_MODES: tuple[str, ...] = get_args(TorchOptions.model_fields["compile_mode"].annotation)
 
 
 def parse_options(options: dict[str, Any]) -> TorchOptions:
     """The recipe's `[targets.options]` for PyTorch, with unknown keys and values named with their choices."""
-    known = {f.name for f in fields(TorchOptions)}
-    if unknown := sorted(set(options) - known):
-        raise DiffshipError(f"Unknown PyTorch option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    values = dict(options)
-    for name in ("compile_components", "aoti_components"):
-        if values.get(name) is not None:
-            values[name] = tuple(values[name])
-    parsed = TorchOptions(**values)
-    for name, allowed in (("device", DEVICES), ("attention", ATTENTION), ("compile_mode", COMPILE_MODES),
-                          ("offload", OFFLOAD), ("vae_precision", VAE_MODES)):
-        if getattr(parsed, name) not in allowed:
-            raise DiffshipError(f"Unknown {name} {getattr(parsed, name)!r}; choose {', '.join(allowed)}.")
-    for name in ("compile_components", "aoti_components"):
-        if bad := [c for c in getattr(parsed, name) or () if c not in component_names()]:
-            raise DiffshipError(f"{name} {', '.join(map(repr, bad))} unknown; choose from {', '.join(component_names())}.")
-    slice_ok = parsed.attention_slice in ("auto", "max") or (
-        isinstance(parsed.attention_slice, int) and not isinstance(parsed.attention_slice, bool)
-        and parsed.attention_slice >= 1)
-    if not slice_ok:
-        raise DiffshipError(f"attention_slice must be 'auto', 'max' or a positive number of heads, not "
-                            f"{parsed.attention_slice!r}.")
-    if parsed.freezing not in (True, False, "auto"):
-        raise DiffshipError(f"freezing must be true, false or 'auto', not {parsed.freezing!r}.")
-    for name in ("channels_last", "compile_dynamic", "vae_slicing", "vae_tiling"):
-        if not isinstance(getattr(parsed, name), bool):
-            raise DiffshipError(f"{name} must be true or false, not {getattr(parsed, name)!r}.")
-    return parsed
+    return TorchOptions.parse(options)
 
 
 def writes_artifacts(precision: str, options: Any = None) -> bool:

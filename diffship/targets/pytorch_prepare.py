@@ -15,10 +15,10 @@ from diffship.targets.pytorch_options import FP32_INPUTS, TorchOptions, variant
 def effective_dtype(precision: str, spec: ComponentSpec, options: TorchOptions) -> tuple[str, str | None]:
     """The type component `spec` keeps its weights in for `precision` (FP32 under autocast), and why a component
     leaves the set's precision when it does (SDXL's VAE: no FP16, not even under autocast)."""
-    from diffship.targets.onnx_graph import vae_fp32_reason
+    from diffship.targets.options import vae_fp32_reason
 
     v = variant(precision)
-    if v.dtype == "fp16" and (reason := vae_fp32_reason(spec, options.vae_precision, "vae_precision")):
+    if v.dtype == "fp16" and (reason := vae_fp32_reason(spec, options.vae_precision)):
         return "fp32", reason
     return "fp32" if v.autocast else v.dtype, None
 

@@ -6,6 +6,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from diffship.targets.records import Description
+
 
 @runtime_checkable
 class Runner(Protocol):
@@ -16,6 +18,6 @@ class Runner(Protocol):
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> Description:
         """What actually runs (device, provider, precision), for the report."""
         ...

@@ -16,11 +16,9 @@ check and option parsing work (and are tested) on machines without it.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import numpy as np
 from diffship.errors import DiffshipError
 from diffship.store.artifacts import atomic_write_bytes, atomic_write_json
 from diffship.targets import CompileContext, calibration_inputs, onnx_graph
+from diffship.targets.records import Description, read_record
 from diffship.targets.tensorrt_onnx import computes_in as computes_in
 from diffship.targets.tensorrt_onnx import prepare_onnx as prepare_onnx
 from diffship.targets.tensorrt_options import (
@@ -156,7 +155,7 @@ def compile(source: Path, precision: str, options: TrtOptions | None = None, des
         "environment": env, **record, "build_seconds": round(time.perf_counter() - began, 2),
         "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
         "static": static is not None, "timing_cache": str(cache_file) if cache_file else None,
-        "options": asdict(options)})
+        "options": options.model_dump()})
     return plan
 
 
@@ -192,12 +191,7 @@ def _quantized_unet(folder: Path, mode: str, options: TrtOptions, context: Compi
 
 def read_engine_info(plan: Path) -> dict[str, Any]:
     """The engine.json beside a plan, or a clear error when the plan or its record is missing."""
-    if not plan.is_file():
-        raise DiffshipError(f"No TensorRT engine at {plan}.")
-    info_path = plan.parent / ENGINE_INFO
-    if not info_path.is_file():
-        raise DiffshipError(f"{plan} has no {ENGINE_INFO} beside it, so where it was built is unknown; rebuild it.")
-    return json.loads(info_path.read_text(encoding="utf-8"))
+    return read_record(plan, ENGINE_INFO, "TensorRT engine")
 
 
 class TrtRunner:
@@ -295,20 +289,20 @@ class TrtRunner:
         self.graph.replay()
         return {n: t.clone() for n, t in self.outputs.items()}
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> Description:
         """What runs: TensorRT version, GPU, what the component computes in, its profile and CUDA graph use."""
         env = self.info["environment"]
         q = self.info.get("quantization")
         graph = {**self.info.get("prepare", {}), "reason": self.info.get("reason", ""),
                  "quantization": f"Model Optimizer {q['mode'].upper()}: linear {q['linear']}, conv inputs "
                                  f"{q['conv_inputs']}, {len(q['kept_float'])} layer(s) or patterns in float" if q else ""}
-        return {"target": NAME, "graph": graph, "tensorrt": env["tensorrt"], "gpu": env["gpu"],
-                "compute_capability": env["compute_capability"], "cuda": env["cuda"],
-                "precision": self.precision, "computes_in": self.info.get("computes_in"),
-                "reason": self.info.get("reason"), "static_profile": self.static, "cuda_graph": self.graph_note,
-                "summary": f"TensorRT {env['tensorrt']} {env['gpu']} {self.info.get('computes_in', '')}, "
-                           f"{'static' if self.static else 'dynamic'} profile, CUDA graph {self.graph_note}",
-                **({"search": q["search"]} if q and q.get("search") else {})}
+        return Description(
+            NAME, f"TensorRT {env['tensorrt']} {env['gpu']} {self.info.get('computes_in', '')}, "
+                  f"{'static' if self.static else 'dynamic'} profile, CUDA graph {self.graph_note}",
+            self.precision, graph, search=(q or {}).get("search") or None,
+            details={"tensorrt": env["tensorrt"], "gpu": env["gpu"], "compute_capability": env["compute_capability"],
+                     "cuda": env["cuda"], "computes_in": self.info.get("computes_in"), "reason": self.info.get("reason"),
+                     "static_profile": self.static, "cuda_graph": self.graph_note})
 
 
 def _torch_dtype(trt_dtype: Any) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 
 from diffship.models.components import ComponentSpec
 from diffship.targets import onnx_graph
+from diffship.targets.options import vae_fp32_reason
 from diffship.targets.tensorrt_options import CALIBRATED, QDQ_OPS, TrtOptions
 
 
@@ -18,8 +19,7 @@ def computes_in(spec: ComponentSpec, precision: str, options: TrtOptions) -> tup
         reason = f"{precision.upper()} quantizes the denoiser; the other components run in FP16"
     else:
         lowered, reason = ("int8" if precision == "int8-auto" else precision), None
-    if lowered in ("fp16", "bf16") and (kept := onnx_graph.vae_fp32_reason(spec, options.vae_precision,
-                                                                          "vae_precision")):
+    if lowered in ("fp16", "bf16") and (kept := vae_fp32_reason(spec, options.vae_precision)):
         return "fp32", kept
     return lowered, reason
 

@@ -3,12 +3,14 @@ tied to), the checks made before any work, and the optimization profiles an engi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import Field
 
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec
+from diffship.targets.options import VaeOptions, VaePrecision
 
 Shape = tuple[int, ...]
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper onwards
@@ -34,9 +36,6 @@ ENGINE = "model.plan"
 ENGINE_INFO = "engine.json"
 
 
-VAE_MODES = ("auto", "fp16", "fp32")
-
-
 # Kept in FP32 when the rest of a graph is converted to FP16: the quantize / dequantize pairs carry FP32 scales
 # at opset 17, and Model Optimizer's FP8 pairs are TensorRT plugin ops the converter must not retype.
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear")
@@ -46,8 +45,7 @@ INSTALL = ("pip install 'diffship[tensorrt]' on a machine with an NVIDIA GPU and
            "(or build docker/Dockerfile.tensorrt)")
 
 
-@dataclass(frozen=True)
-class TrtOptions:
+class TrtOptions(VaeOptions):
     """The recipe's `[targets.options]` for TensorRT.
 
     device: CUDA device index. optimization_level: the builder's 0-5 (higher searches longer for faster
@@ -55,45 +53,30 @@ class TrtOptions:
     timing_cache: file of measured kernel timings reused across builds (None: one per GPU and TensorRT
     version in diffship's cache; "" off). static_shapes: build a static profile when the recipe fixes batch
     and resolution. opt_batch: the batch the dynamic profile is tuned for (None: the smallest).
-    cuda_graph: replay a captured CUDA graph for static engines. vae_precision: "auto" keeps SDXL's VAE in
-    FP32 (it overflows in FP16) and converts others; "fp16" / "fp32" force it. smoothquant_alpha and
-    conv_percentile: the INT8 UNet's SmoothQuant migration strength and convolution-input percentile.
-    refit: build refittable engines and keep the ONNX they were parsed from beside them (`weights.onnx`, its
-    initializers name the engine's weights), so `diffship lora apply` can refit new weights without a rebuild.
+    cuda_graph: replay a captured CUDA graph for static engines. vae_precision: see `VaeOptions`.
+    smoothquant_alpha and conv_percentile: the INT8 denoiser's SmoothQuant migration strength and convolution-input
+    percentile. refit: build refittable engines and keep the ONNX they were parsed from beside them (`weights.onnx`,
+    its initializers name the engine's weights), so `diffship lora apply` can refit new weights without a rebuild.
     """
 
+    title: ClassVar[str] = "TensorRT"
+
     device: int = 0
-    optimization_level: int = 3
-    workspace_gib: float | None = None
+    optimization_level: int = Field(3, ge=0, le=5)
+    workspace_gib: float | None = Field(None, gt=0)
     timing_cache: str | None = None
     static_shapes: bool = True
-    opt_batch: int | None = None
+    opt_batch: int | None = Field(None, ge=1)
     cuda_graph: bool = True
-    vae_precision: str = "auto"
-    smoothquant_alpha: float = 0.8
-    conv_percentile: float = 99.99
+    vae_precision: VaePrecision = "auto"
+    smoothquant_alpha: float = Field(0.8, ge=0.0, le=1.0)
+    conv_percentile: float = Field(99.99, gt=0.0, le=100.0)
     refit: bool = False
 
 
 def parse_options(options: dict[str, Any]) -> TrtOptions:
     """The recipe's TensorRT options, with unknown keys and bad values named."""
-    known = {f.name for f in fields(TrtOptions)}
-    if unknown := sorted(set(options) - known):
-        raise DiffshipError(f"Unknown TensorRT option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    parsed = TrtOptions(**options)
-    if not 0 <= parsed.optimization_level <= 5:
-        raise DiffshipError(f"TensorRT optimization_level must be 0 to 5, got {parsed.optimization_level}.")
-    if parsed.workspace_gib is not None and parsed.workspace_gib <= 0:
-        raise DiffshipError(f"TensorRT workspace_gib must be positive, got {parsed.workspace_gib}.")
-    if parsed.vae_precision not in VAE_MODES:
-        raise DiffshipError(f"Unknown TensorRT vae_precision {parsed.vae_precision!r}; choose {', '.join(VAE_MODES)}.")
-    if parsed.opt_batch is not None and parsed.opt_batch < 1:
-        raise DiffshipError(f"TensorRT opt_batch must be at least 1, got {parsed.opt_batch}.")
-    if not 0.0 <= parsed.smoothquant_alpha <= 1.0:
-        raise DiffshipError(f"TensorRT smoothquant_alpha must be within [0, 1], got {parsed.smoothquant_alpha}.")
-    if not 0.0 < parsed.conv_percentile <= 100.0:
-        raise DiffshipError(f"TensorRT conv_percentile must be within (0, 100], got {parsed.conv_percentile}.")
-    return parsed
+    return TrtOptions.parse(options)
 
 
 def writes_artifacts(precision: str, options: Any = None) -> bool:

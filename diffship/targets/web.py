@@ -10,9 +10,9 @@ In Python the same files run on ONNX Runtime's CPU provider, so they are validat
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx
 
@@ -20,10 +20,11 @@ from diffship.errors import DiffshipError
 from diffship.exporters import precise_norms
 from diffship.store.artifacts import atomic_write_json, read_json
 from diffship.targets import Case, CompileContext, onnx_graph
+from diffship.targets.options import Names, VaeOptions, VaePrecision, vae_fp32_reason
+from diffship.targets.records import Description
 
 NAME = "web"
 PRECISIONS = ("fp32", "fp16", "int8")
-VAE_MODES = ("auto", "fp16", "fp32")
 # The largest ArrayBuffer (and protobuf message) Chromium and Firefox allocate: each model file is fetched into one.
 FILE_LIMIT = 2**31 - 1
 # wasm32's address space: a session's weights and activations live in it.
@@ -32,32 +33,25 @@ BYTES_PER_WEIGHT = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}
 PATCH_REFUSAL = "web graphs have pinned shapes and a bundled app: rebuild with --lora"
 
 
-@dataclass(frozen=True)
-class WebOptions:
+class WebOptions(VaeOptions):
     """The recipe's `[targets.options]` for the browser.
 
-    fp16_vae: "auto" keeps a VAE that overflows in FP16 (SDXL's) in FP32; "fp16" / "fp32" force it.
+    vae_precision (`VaeOptions`; it was `fp16_vae`): "auto" keeps a VAE that overflows in FP16 (SDXL's) in FP32;
+    "fp16" / "fp32" force it.
     fp16_op_block_list: op types kept in FP32 besides ONNX Runtime's converter's defaults.
     app: write the static web app beside the models (false: the graphs only).
     """
 
-    fp16_vae: str = "auto"
-    fp16_op_block_list: tuple[str, ...] = ()
+    title: ClassVar[str] = "web"
+
+    vae_precision: VaePrecision = "auto"
+    fp16_op_block_list: Names = ()
     app: bool = True
 
 
 def parse_options(options: dict[str, Any]) -> WebOptions:
     """The recipe's options for the web target, with unknown keys and values named."""
-    known = {f.name for f in fields(WebOptions)}
-    if unknown := sorted(set(options) - known):
-        raise DiffshipError(f"Unknown web option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    values = dict(options)
-    if values.get("fp16_op_block_list") is not None:
-        values["fp16_op_block_list"] = tuple(values["fp16_op_block_list"])
-    parsed = WebOptions(**values)
-    if parsed.fp16_vae not in VAE_MODES:
-        raise DiffshipError(f"Unknown fp16_vae {parsed.fp16_vae!r}; choose {', '.join(VAE_MODES)}.")
-    return parsed
+    return WebOptions.parse(options)
 
 
 def writes_artifacts(precision: str, options: WebOptions | None = None) -> bool:
@@ -118,7 +112,7 @@ def compile(source: Path, precision: str = "fp32", options: WebOptions | None = 
     if dest is None or context is None:
         raise DiffshipError("The web target needs an output folder and the component it prepares.")
     spec = context.spec
-    kept = onnx_graph.vae_fp32_reason(spec, options.fp16_vae, "fp16_vae") if precision == "fp16" else None
+    kept = vae_fp32_reason(spec, options.vae_precision) if precision == "fp16" else None
     kept = kept or (_int8_kept(spec) if precision == "int8" else None)
     check_size(spec.name, precision, _estimate(source, precision, kept is not None))  # before any conversion work
     dest.mkdir(parents=True, exist_ok=True)
@@ -197,13 +191,12 @@ class WebRunner:
     def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return self.runner.run(inputs)
 
-    def describe(self) -> dict[str, object]:
-        described = self.runner.describe()
-        described |= {"target": NAME, "summary": f"onnxruntime-web graph ({self.precision}), checked on ONNX Runtime "
-                                                 "CPU; the browser test runs it in Chromium"}
-        if self.precision == "fp16":
-            described["latency_skipped"] = "FP16 graphs are for WebGPU; the CPU has no FP16 kernels: parity only"
-        return described
+    def describe(self) -> Description:
+        skipped = "FP16 graphs are for WebGPU; the CPU has no FP16 kernels: parity only" if self.precision == "fp16" \
+            else self.runner.describe().latency_skipped
+        return replace(self.runner.describe(), target=NAME, latency_skipped=skipped,
+                       summary=f"onnxruntime-web graph ({self.precision}), checked on ONNX Runtime CPU; the browser "
+                               "test runs it in Chromium")
 
 
 def preflight(precisions: list[str], options: WebOptions) -> None:

@@ -4,7 +4,6 @@ and offload (the torch target's options; a set whose runners have none of them g
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -58,8 +57,9 @@ def option_effects(deployed: DeployedPipeline, plan: Any,
         backend = get_target(deployed.artifacts.target)
         v = plan.validation
         sample = (v.prompts[0], v.negative_prompt, plan.height, plan.width, v.steps, v.guidance_scale, v.seeds[0])
-        plain = DeployedPipeline(deployed.artifacts, {n: backend.load(r.artifact, replace(r.options, offload="none"))
-                                                      for n, r in runners.items()}, {})
+        without = {n: backend.load(r.artifact, r.options.model_copy(update={"offload": "none"}))
+                   for n, r in runners.items()}
+        plain = DeployedPipeline(deployed.artifacts, without, {})
         runs = {}
         for state, pipe in ((True, deployed), (False, plain)):
             backend.release_resident()

@@ -147,7 +147,7 @@ def validate_folder(folder: Path, target: str | None = None, components: list[st
             loaded = {spec.module: load_component(model_folder, spec.module, allow_pickle)}
             gc.collect()
         runner = backend.load(artifacts.components[spec.name], options, artifacts.precision)
-        report["target"] = runner.describe()
+        report["target"] = runner.describe().record()
         result = check_component(spec, module_reference(spec, wrap(spec, loaded[spec.module])), runner, tolerance,
                                  artifact_cases(backend, spec, artifacts.components[spec.name], cases))
         report["components"][spec.name] = result

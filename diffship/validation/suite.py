@@ -102,7 +102,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
     result: dict[str, Any] = {"target": artifacts.target, "precision": artifacts.precision,
                               "denoiser": deployed.denoiser.component,
                               "scheduler": describe_scheduler(deployed.scheduler),
-                              "runtime": {n: r.describe() for n, r in deployed.runners.items()}}
+                              "runtime": {n: r.describe().record() for n, r in deployed.runners.items()}}
     if structure is not None:
         result["spec"] = structure
     t = plan.threshold
@@ -178,7 +178,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
     if effects := option_effects(deployed, plan, say):
         result["option_effects"] = effects
     # Described again after running: what was learned by running (torch.compile's time per shape) is in it now.
-    result["runtime"] = {n: r.describe() for n, r in deployed.runners.items()}
+    result["runtime"] = {n: r.describe().record() for n, r in deployed.runners.items()}
     result["memory"] = {
         "artifact_bytes": {c: sum(f.stat().st_size for f in _files_of(p)) for c, p in artifacts.components.items()},
         "load_seconds": deployed.load_seconds,
@@ -223,7 +223,7 @@ def spec_only_result(artifacts: ArtifactSet, backend: Any, structure: dict[str, 
     checks_passed = structure is not None and structure["passed"]
     return {"target": artifacts.target, "precision": artifacts.precision,
             "denoiser": pipeline_family(artifacts).denoiser.component,
-            "runtime": {c: backend.describe_artifact(p) for c, p in artifacts.components.items()},
+            "runtime": {c: backend.describe_artifact(p).record() for c, p in artifacts.components.items()},
             "spec": structure, "not_run": not_run, "require_parity": required,
             "memory": {"artifact_bytes": {c: sum(f.stat().st_size for f in _files_of(p))
                                           for c, p in artifacts.components.items()}},
