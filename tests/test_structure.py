@@ -34,3 +34,15 @@ def test_a_cycle_closed_by_an_import_inside_a_function_is_found(tmp_path: Path, 
     finally:
         for name in [m for m in sys.modules if m == "cyclic" or m.startswith("cyclic.")]:
             del sys.modules[name]
+
+
+def test_every_import_inside_a_function_says_why():
+    assert _checker().unexplained_late_imports(Path(__file__).parents[1] / "diffship") == []
+
+
+def test_an_import_inside_a_function_without_a_reason_is_found(tmp_path: Path):
+    (tmp_path / "m.py").write_text(
+        "import json\n\n\ndef f():\n    import torch  # start-up time: torch\n    import json as j\n"
+        "    from openvino import Core  # optional: openvino\n    from x import (\n        y,  # a comment, no reason\n"
+        "    )\n    return j, y, Core, torch\n")
+    assert _checker().unexplained_late_imports(tmp_path) == [f"{tmp_path / 'm.py'}:6", f"{tmp_path / 'm.py'}:8"]

@@ -10,6 +10,8 @@ from rich.table import Table
 
 from diffship.cli.failures import EXIT_FAILED
 from diffship.cli.shared import human_bytes, out
+from diffship.store.cache import cache_root
+from diffship.store.maintenance import by_stage, prune, verify
 
 cache_app = typer.Typer(no_args_is_help=True, help="Check and bound diffship's cache ($DIFFSHIP_CACHE).")
 
@@ -28,9 +30,6 @@ def cache_verify(
     evict: Annotated[bool, typer.Option(help="Remove the entries whose files differ from their record.")] = False,
 ) -> None:
     """Re-hash every cached entry against its recorded sha256s (every byte); exit 1 when any differs and is kept."""
-    from diffship.store.cache import cache_root
-    from diffship.store.maintenance import verify
-
     checked = verify(evict)
     stages = sorted({c.entry.stage for c in checked})
     rows = []
@@ -59,9 +58,6 @@ def cache_prune(
                                                         "most GB gigabytes (10^9 bytes).")] = None,
 ) -> None:
     """Remove cached entries by age and total size (least recently used first), and what killed runs left behind."""
-    from diffship.store.cache import cache_root
-    from diffship.store.maintenance import by_stage, prune
-
     result = prune(older_than, None if max_size is None else int(max_size * 1e9))
     removed, kept, busy = by_stage(result.removed), by_stage(result.kept + result.in_use), by_stage(result.in_use)
     rows = [[stage, str(removed.get(stage, (0, 0))[0]), human_bytes(removed.get(stage, (0, 0))[1]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
@@ -9,6 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from diffship.cli.shared import out
+from diffship.clients import CLIENTS, NAMES, client_named, clients_root, missing_reason
+from diffship.clients.environments import install
+from diffship.errors import DiffshipError
 
 clients_app = typer.Typer(no_args_is_help=True, help="The clients each set is loaded in (OpenVINO GenAI, optimum).")
 
@@ -16,9 +20,6 @@ clients_app = typer.Typer(no_args_is_help=True, help="The clients each set is lo
 @clients_app.command("list")
 def clients_list() -> None:
     """Each client: what it loads, where its environment is, its version or why it cannot run."""
-    import json
-
-    from diffship.clients import CLIENTS, clients_root, missing_reason
 
     table = Table(title=f"clients ($DIFFSHIP_CLIENTS: {escape(str(clients_root()))})")
     for column in ("client", "loads", "version", "status"):
@@ -37,10 +38,6 @@ def clients_install(
     force: Annotated[bool, typer.Option(help="Make the environments again even when they are up to date.")] = False,
 ) -> None:
     """Make each client's own environment (venv + pip, from the client's declaration in diffship/clients)."""
-    from diffship.clients import CLIENTS, NAMES, client_named
-    from diffship.clients.environments import install
-    from diffship.errors import DiffshipError
-
     if unknown := [n for n in names or [] if n not in NAMES]:
         raise DiffshipError(f"Unknown client(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}.")
     for client in [client_named(n) for n in names] if names else CLIENTS:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from diffship import __version__
 from diffship.errors import DiffshipError, disk_full
+from diffship.store.cache import cache_root, unwritable_reason
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -37,8 +38,6 @@ def user_error(exc: BaseException) -> DiffshipError | None:
 
 def crash_log(exc: BaseException) -> Path:
     """Write the traceback, the command line and the versions to a log file, and return its path."""
-    from diffship.store.cache import cache_root, unwritable_reason
-
     folder = cache_root() / "logs" if unwritable_reason() is None else Path(tempfile.gettempdir())
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     text = (f"diffship {__version__} internal error at {stamp}\ncommand: {' '.join(sys.argv)}\n"

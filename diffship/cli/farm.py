@@ -25,11 +25,11 @@ def farm(
                       "it the matrix runs here, one stage at a time.")] = None,
 ) -> None:
     """Build a matrix of models x targets x precisions: each stage a task, every build validated and reported."""
-    from diffship.farm.matrix import load_matrix
+    from diffship.farm.matrix import load_matrix  # start-up time: pydantic
 
     matrix = load_matrix(matrix_file)  # before the imports below (7 s of torch and diffusers): a bad file says so at once
-    from diffship.farm.run import run_farm
-    from diffship.farm.task import Cancelled
+    from diffship.farm.run import run_farm  # start-up time: torch
+    from diffship.farm.task import Cancelled  # start-up time: torch
 
     say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
     try:

@@ -8,9 +8,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from rich.progress import Progress
 
 from diffship.cli.shared import console, lora_specs, out
 from diffship.errors import DiffshipError
+from diffship.runtime.schedulers import parse_scheduler
 
 
 def generate(
@@ -52,12 +54,9 @@ def generate(
     control_end: Annotated[float, typer.Option(help="Fraction of the steps after which they stop.")] = 1.0,
 ) -> None:
     """Generate images with a folder of deployed artifacts (hashes checked against its manifest first)."""
-    from rich.progress import Progress
-
-    from diffship.runtime.pipeline import DeployedPipeline, save_images
-    from diffship.runtime.schedulers import parse_scheduler
-    from diffship.runtime.tasks import read_image
-    from diffship.store.manifest import read_manifest
+    from diffship.runtime.pipeline import DeployedPipeline, save_images  # start-up time: torch
+    from diffship.runtime.tasks import read_image  # start-up time: numpy
+    from diffship.store.manifest import read_manifest  # start-up time: pydantic
 
     if out_file.suffix.lower() != ".png":
         raise DiffshipError(f"--out {out_file} must be a .png file.")
@@ -106,8 +105,8 @@ def generate(
 
 def _controls(images: list[Path] | None, scales: list[float] | None, start: float, end: float) -> list[Any] | None:
     """`--control-image` / `--control-scale` pairs as the pipeline's controls (None without images)."""
-    from diffship.runtime.control import Control
-    from diffship.runtime.tasks import read_image
+    from diffship.runtime.control import Control  # start-up time: numpy
+    from diffship.runtime.tasks import read_image  # start-up time: numpy
 
     scales = list(scales or [])
     if scales and not images:

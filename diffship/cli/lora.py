@@ -25,8 +25,8 @@ def lora_apply(
 ) -> None:
     """Write a new build with LoRAs merged by patching the build's FP32 / FP16 / BF16 weights in place (ONNX Runtime,
     OpenVINO, refittable TensorRT engines), each patched component checked against the merged PyTorch one."""
-    from diffship.recipe import targets_from_cli
-    from diffship.stages.lora_apply import apply_loras
+    from diffship.recipe import targets_from_cli  # start-up time: pydantic
+    from diffship.stages.lora_apply import apply_loras  # start-up time: torch
 
     wanted = names(targets)
     result = apply_loras(build_dir, lora_specs(lora), out_dir, targets_from_cli(wanted) if wanted else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +22,11 @@ from diffship.cli.farm import farm
 from diffship.cli.generate import generate
 from diffship.cli.lora import lora_app
 from diffship.cli.shared import console, human_bytes, lora_specs, names, out, show_deprecations
+from diffship.compress.table import stage_chart, stage_table
 from diffship.errors import DiffshipError
+from diffship.models.families import detect_family, prediction_type
+from diffship.store import cache
+from diffship.store.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
 
 # typer re-raises click's usage errors (or, in typer 0.2x, its vendored copy's) and its own Exit / Abort: they pass through.
 _CLICK_ERRORS = (typer.Exit, typer.Abort, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
@@ -98,7 +103,7 @@ def models(
     lora: LoraOption = None,
 ) -> None:
     """List the built-in models, or describe what a given model folder contains."""
-    from diffship.models.builtin import BUILTINS, DEFAULT_MODEL
+    from diffship.models.builtin import BUILTINS, DEFAULT_MODEL  # start-up time: torch
 
     if folder is None:
         table = Table(title="Built-in models (offline, seeded random weights)")
@@ -109,10 +114,9 @@ def models(
             table.add_row(name, m.family, m.approx_size, m.description)
         out.print(table)
         return
-    from diffship.models.components import component_specs
-    from diffship.models.families import detect_family, prediction_type
-    from diffship.models.loading import check_weight_files
-    from diffship.models.source import resolve
+    from diffship.models.components import component_specs  # start-up time: torch
+    from diffship.models.loading import check_weight_files  # start-up time: torch
+    from diffship.models.source import resolve  # start-up time: torch
 
     source = resolve(folder, allow_pickle=allow_pickle, model_config=model_config, say=console.print,
                      variant=variant, loras=lora_specs(lora))
@@ -147,9 +151,9 @@ def export(
     controlnet: ControlnetOption = None,
 ) -> None:
     """Export each component of a pipeline to ONNX (checked, shape-inferred) in OUT."""
-    from diffship.exporters.pipeline import export_pipeline
-    from diffship.models.source import resolve
-    from diffship.store.versions import library_versions
+    from diffship.exporters.pipeline import export_pipeline  # start-up time: torch
+    from diffship.models.source import resolve  # start-up time: torch
+    from diffship.store.versions import library_versions  # start-up time: numpy
 
     wanted = names(components)
     source = resolve(model, allow_pickle=allow_pickle, model_config=model_config, say=console.print,
@@ -172,7 +176,7 @@ def validate(
     json_out: Annotated[bool, typer.Option("--json", help="Also print the parity report as JSON.")] = False,
 ) -> None:
     """Compare each exported component with PyTorch at two batch sizes and resolutions; write parity.json."""
-    from diffship.validation.parity import PARITY_FILE, Tolerance, validate_folder, within
+    from diffship.validation.parity import PARITY_FILE, Tolerance, validate_folder, within  # start-up time: torch
 
     wanted = names(components)
     report = validate_folder(folder, target, wanted, allow_pickle=allow_pickle, on_step=_step_printer("check"),
@@ -213,14 +217,14 @@ def build(
     controlnet: ControlnetOption = None,
 ) -> None:
     """Export, compile and validate a pipeline for every target; write artifacts, manifest.json and a report."""
-    from diffship.recipe import load_recipe, targets_from_cli
+    from diffship.recipe import load_recipe, targets_from_cli  # start-up time: pydantic
 
     wanted = names(targets)
     recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None,
                                        "allow_pickle": True if allow_pickle else None, "model_config": model_config,
                                        "variant": variant, "loras": _lora_recipes(lora),
                                        "controlnets": controlnet})
-    from diffship.stages.build import build as run_build  # after the recipe (torch, diffusers: 7 s): a bad one is said at once
+    from diffship.stages.build import build as run_build  # start-up time: after the recipe (torch, diffusers: 7 s)
     out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
     console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
     result = run_build(recipe, out_path, force=force, say=lambda line: console.print(line, markup=False, highlight=False))
@@ -245,7 +249,7 @@ def _lora_recipes(values: list[str] | None) -> list[dict[str, Any]] | None:
 
 def _parse_step(text: str) -> dict[str, Any]:
     """`prune-channels:ratio=0.3,round_to=8` as a step dict."""
-    from diffship.recipe import named_settings
+    from diffship.recipe import named_settings  # start-up time: pydantic
 
     name, settings = named_settings(text, "--step")
     return {"step": name, **settings}
@@ -265,7 +269,7 @@ def compress(
     lora: LoraOption = None,
 ) -> None:
     """Prune, distill or quantize a pipeline's UNet in PyTorch; write the compressed pipeline and a stage table."""
-    from diffship.recipe import load_recipe
+    from diffship.recipe import load_recipe  # start-up time: pydantic
 
     overrides = {"model": model, "allow_pickle": True if allow_pickle else None, "model_config": model_config,
                  "variant": variant, "loras": _lora_recipes(lora), "compress": [_parse_step(s) for s in steps] if steps else None}
@@ -274,28 +278,24 @@ def compress(
         raise DiffshipError("No compress steps: give --step (e.g. --step prune-channels:ratio=0.3) or a recipe "
                             "with compress = [...].")
     # After the recipe, as in `build`: these bring torch and diffusers (7 s), and a bad recipe is said at once.
-    from diffship.compress.table import stage_chart, stage_table
-    from diffship.models.families import detect_family
-    from diffship.models.lora import LoraSpec
-    from diffship.models.source import resolve
-    from diffship.stages.compress_run import RECORD_FILE, settings_for
-    from diffship.stages.compress_run import compress as run_compress
-    from diffship.store.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
-    from diffship.validation.report import markdown_table
+    from diffship.models.lora import LoraSpec  # start-up time: torch
+    from diffship.models.source import resolve  # start-up time: torch
+    from diffship.stages.compress_run import RECORD_FILE, settings_for  # start-up time: torch
+    from diffship.stages.compress_run import compress as run_compress  # start-up time: torch
+    from diffship.validation.report import markdown_table  # start-up time: numpy
     out_path = (out_dir or Path("out") / f"{Path(recipe.model.rstrip('/')).name}-compressed").resolve()
     prepare_output_dir(out_path, overwrite=True)
     source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config,
                      say=console.print, variant=recipe.variant,
                      loras=[LoraSpec(x.path, x.scale) for x in recipe.loras])
     family = detect_family(source.folder)
-    from diffship.exporters.pipeline import select_specs
+    from diffship.exporters.pipeline import select_specs  # start-up time: torch
 
     spec = select_specs(source.folder, [family.denoiser.component])[0]
     native = family.denoiser.native_size(family.denoiser_config(source.folder), spec.vae_scale)
     settings, measure_quality = settings_for(recipe, source.folder, recipe.validation.height or native,
                                              recipe.validation.width or native)
     say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
-    from diffship.store import cache
 
     checkpoints = out_path.parent / f".{out_path.name}-checkpoints"
     keyed = checkpoints / cache.key(weights=cache.folder_hash(source.folder), settings=settings.__dict__,
@@ -309,7 +309,6 @@ def compress(
         markdown = [f"# {title}", "", *markdown_table(columns, rows), "", "![compression](compression.png)", ""]
         atomic_write_text(tmp / "compress.md", "\n".join(markdown))
         (tmp / "compression.png").write_bytes(stage_chart(record))
-    import shutil
 
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: a rerun has nothing to resume
     table = Table(title=title)
@@ -324,7 +323,7 @@ def compress(
 
 
 def _print_summary(report: dict[str, Any]) -> None:
-    from diffship.validation.report import summary_table
+    from diffship.validation.report import summary_table  # start-up time: numpy
 
     title, columns, rows = summary_table(report)
     table = Table(title=f"{title}: {report['model']['spec']} vs {report['baseline']['note']}")

@@ -48,6 +48,6 @@ def lora_specs(values: list[str] | None) -> list[Any]:
     """`--lora PATH[:SCALE]` values as LoRA specs."""
     if not values:  # the module below imports torch (1.8 s): not for a command line without --lora
         return []
-    from diffship.models.lora import LoraSpec
+    from diffship.models.lora import LoraSpec  # start-up time: torch
 
     return [LoraSpec.parse(v) for v in values]

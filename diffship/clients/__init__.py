@@ -10,6 +10,7 @@ it); a client whose environment is missing is a skip with that reason, never a p
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ def _genai_refuses(index_class: str, task: str) -> str | None:
 
 
 def _genai_refuses_folder(folder: Path, denoiser: str) -> str | None:
-    import openvino as ov
+    import openvino as ov  # optional: openvino
 
     model = ov.Core().read_model(str(folder / denoiser / "openvino_model.xml"))
     shape = next(p.get_partial_shape() for p in model.inputs if p.get_any_name() == "timestep")
@@ -130,8 +131,6 @@ def missing_reason(client: Client) -> str | None:
 def installed_versions(names: list[str]) -> dict[str, str]:
     """What each named client's environment holds ("missing" where none is made): part of a validation's cache key,
     so a client installed or upgraded since is run again."""
-    import json
-
     found = {}
     for name in names:
         marker = clients_root() / name / ".installed"

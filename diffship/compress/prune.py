@@ -99,7 +99,7 @@ def prune_channels(denoiser: nn.Module, ratio: float, call: dict[str, Any], roun
     Kept whole: conv_out (the model's output), and the q/k/v projections, whose width is heads x head size
     (`prune-heads` removes whole heads instead).
     """
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import Attention  # start-up time: diffusers
 
     tp = import_extra("torch_pruning")
 
@@ -130,8 +130,8 @@ def prune_channels(denoiser: nn.Module, ratio: float, call: dict[str, Any], roun
 
 def sync_attributes(denoiser: nn.Module) -> None:
     """Update the channel counts diffusers' blocks keep beside their layers (they assert on them in forward)."""
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.upsampling import Upsample2D
+    from diffusers.models.downsampling import Downsample2D  # start-up time: diffusers
+    from diffusers.models.upsampling import Upsample2D  # start-up time: diffusers
 
     for m in denoiser.modules():
         if isinstance(m, (Downsample2D, Upsample2D)) and getattr(m, "conv", None) is not None:
@@ -154,7 +154,7 @@ def _widths(denoiser: nn.Module) -> dict[str, int]:
 def prune_heads(denoiser: nn.Module, heads: int) -> dict[str, Any]:
     """Remove the `heads` least important heads of every attention layer (L2 norm of the head's q/k/v rows and
     output-projection columns), shrinking the projections and the layer's head count."""
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import Attention  # start-up time: diffusers
 
     tp = import_extra("torch_pruning")
 

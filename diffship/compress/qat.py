@@ -18,6 +18,7 @@ import numpy as np
 from torch import nn
 
 from diffship.compress import import_extra
+from diffship.compress.distill import run_calls
 
 # Kept in float, as the ONNX Runtime INT8 path does: the time embedding, the first and last convs, and the
 # shortcut convs on the up blocks' unnormalised skip concatenations (they carried the whole INT8 loss there).
@@ -40,7 +41,7 @@ def plain_attention() -> Iterator[None]:
     recipes leave in float anyway. Quantize and restore must run inside the same block, so that they convert the
     same modules; the wrapper is registered again on exit, for anyone else in the process.
     """
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import Attention  # start-up time: diffusers
 
     registry = import_extra("modelopt.torch.quantization.nn").QuantModuleRegistry
     if Attention not in registry:
@@ -71,8 +72,6 @@ def int8_config(keep_float: tuple[str, ...]) -> dict[str, Any]:
 def quantize_int8(denoiser: nn.Module, calls: list[dict[str, np.ndarray]], keep_float: tuple[str, ...]) -> dict[str, Any]:
     """Insert INT8 quantizers into the denoiser `denoiser` in place, the layers named by `keep_float` left in float, and
     calibrate them (max) on the captured calls."""
-    from diffship.compress.distill import run_calls
-
     config = int8_config(keep_float)
     with plain_attention():
         modelopt_quantization().quantize(denoiser, config, lambda model: run_calls(model, calls))
@@ -84,7 +83,7 @@ def quantize_int8(denoiser: nn.Module, calls: list[dict[str, np.ndarray]], keep_
 
 def save_state(denoiser: nn.Module, path: Any) -> None:
     """Model Optimizer's own checkpoint: its quantizer placement and ranges plus the weights."""
-    import modelopt.torch.opt as mto
+    import modelopt.torch.opt as mto  # optional: tensorrt
 
     mto.save(denoiser, path)
 
@@ -92,7 +91,7 @@ def save_state(denoiser: nn.Module, path: Any) -> None:
 def restore_state(denoiser: nn.Module, path: Any) -> nn.Module:
     """Re-insert the saved quantizers into a float UNet of the same structure and load the weights."""
     modelopt_quantization()
-    import modelopt.torch.opt as mto
+    import modelopt.torch.opt as mto  # optional: tensorrt
 
     with plain_attention():
         return mto.restore(denoiser, path)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from diffship.compress import import_extra
+from diffship.compress.distill import run_calls
 from diffship.errors import DiffshipError
 from diffship.store.artifacts import read_json
 
@@ -23,8 +24,6 @@ def quanto(denoiser: nn.Module, weights: str, activations: str, calls: list[dict
            keep_float: tuple[str, ...]) -> dict[str, Any]:
     """Quantize the denoiser's conv and linear layers in place, except those whose names hold a part of `keep_float`
     (the denoiser's declared sensitive layers); INT8 activations are calibrated on its captured calls."""
-    from diffship.compress.distill import run_calls
-
     q = import_extra("optimum.quanto")
 
     kinds = {"int8": q.qint8, "int4": q.qint4}
@@ -43,14 +42,14 @@ def quanto(denoiser: nn.Module, weights: str, activations: str, calls: list[dict
 
 def quanto_map(denoiser: nn.Module) -> dict[str, Any]:
     """quanto's record of which layer was quantized how, saved beside the weights to re-quantize on load."""
-    from optimum.quanto import quantization_map
+    from optimum.quanto import quantization_map  # optional: compress
 
     return quantization_map(denoiser)
 
 
 def requanto(denoiser: nn.Module, state: dict[str, torch.Tensor], qmap: dict[str, Any]) -> nn.Module:
     """Rebuild a quanto-quantized UNet from its float structure, saved state and quantization map."""
-    from optimum.quanto import requantize
+    from optimum.quanto import requantize  # optional: compress
 
     requantize(denoiser, state, qmap, device=torch.device("cpu"))
     return denoiser
@@ -62,9 +61,9 @@ def bitsandbytes_denoiser(folder: Path, component: str, weights: str) -> tuple[n
         raise DiffshipError("quantize with library = 'bitsandbytes' needs a CUDA GPU (bitsandbytes' 8-bit and NF4 "
                             "kernels); on a CPU use library = 'quanto'.")
     try:
-        import bitsandbytes  # noqa: F401
-        import diffusers
-        from diffusers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401  optional: cuda
+        import diffusers  # start-up time: diffusers
+        from diffusers import BitsAndBytesConfig  # start-up time: diffusers
     except ImportError as exc:
         raise DiffshipError("quantize with library = 'bitsandbytes' needs the bitsandbytes package: "
                             "pip install 'diffship[cuda]'.") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 COLUMNS = ["stage", "parameters", "non-zero", "size", "denoiser call (PyTorch)", "speedup", "prompt accuracy", "FD-digits"]
@@ -24,12 +25,10 @@ def stage_table(record: dict[str, Any]) -> tuple[str, list[str], list[list[str]]
 
 def stage_chart(record: dict[str, Any]) -> bytes:
     """PNG: denoiser call latency and prompt accuracy per stage, so the trade-off reads at a glance."""
-    import io
-
-    import matplotlib
+    import matplotlib  # start-up time: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up time: matplotlib
 
     stages = record["stages"]
     labels = [s["stage"] for s in stages]

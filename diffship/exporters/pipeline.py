@@ -161,7 +161,7 @@ def _write_bpe_files(folder: Path) -> None:
     tokenizer.json only, and the clients' transformers 4 builds CLIPTokenizer from those two files."""
     if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
         return
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # start-up time: tokenizers
 
     Tokenizer.from_file(str(folder / "tokenizer.json")).model.save(str(folder))  # a BPE model writes both files
 

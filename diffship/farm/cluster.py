@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch  # loaded by every stage anyway; its thread count is the task's CPU share, as Ray's OMP_NUM_THREADS
 from ray.exceptions import RayError
 
 from diffship.errors import DiffshipError
@@ -87,8 +88,6 @@ def check_feasible(tasks: list[Task], nodes: list[dict[str, float]]) -> None:
 
 @ray.remote(max_calls=1)
 def _run(task: Task, recipe: Recipe, cache: Path, out: Path, *inputs: Outcome) -> Outcome:
-    import torch  # loaded by every stage anyway; its thread count is the task's CPU share, as Ray's OMP_NUM_THREADS
-
     torch.set_num_threads(task.cpus)
     return execute(task, recipe, cache, out, ray.get_runtime_context().get_node_id(), *inputs)
 
@@ -129,7 +128,7 @@ def _submit_and_gather(tasks: list[Task], recipes: dict[str, Recipe], cache: Pat
 def _running() -> int:
     """How many of this job's tasks run now (Ray's state API; 0 when it cannot say)."""
     try:
-        from ray.util.state import list_tasks
+        from ray.util.state import list_tasks  # optional: farm
 
         job = ray.get_runtime_context().get_job_id()
         return len(list_tasks(filters=[("job_id", "=", job), ("state", "=", "RUNNING")], limit=1000,

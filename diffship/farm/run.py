@@ -57,8 +57,8 @@ def run_farm(matrix: Matrix, out: Path, say: Say, address: str | None = None) ->
     on_ray = None
     if address is not None:
         try:
-            from diffship.farm.cluster import check_reachable
-            from diffship.farm.cluster import run_on_ray as on_ray
+            from diffship.farm.cluster import check_reachable  # optional: farm
+            from diffship.farm.cluster import run_on_ray as on_ray  # optional: farm
         except ImportError:
             raise DiffshipError("diffship farm --ray needs Ray: pip install 'diffship[farm]'.") from None
         check_reachable(address)

@@ -103,10 +103,10 @@ def _timeline(tasks: list[dict[str, Any]]) -> str | None:
     ran = [t for t in tasks if t.get("started")]
     if not ran:
         return None
-    import matplotlib
+    import matplotlib  # start-up time: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up time: matplotlib
 
     nodes = sorted({t["node"] for t in ran})
     origin = min(t["started"] for t in ran)

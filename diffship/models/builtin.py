@@ -327,7 +327,7 @@ def _load_trained(model: BuiltinModel, component: str, module: torch.nn.Module) 
     folder = _weights_dir(model)
     if folder is None:
         return
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # start-up time: safetensors
 
     path = folder / f"{component}.safetensors"
     if not path.is_file():

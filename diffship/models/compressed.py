@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from diffship.errors import DiffshipError
+from diffship.store.cache import scratch_root, store_root
 
 MARKER = "diffship_compressed.json"
 MODULE_FILE = "diffship_unet.pt"
@@ -56,13 +57,13 @@ def write_pipeline(source: Path, dest: Path, component: str, model: nn.Module, s
     elif quantizer is None:
         model.save_pretrained(folder)
     if quantizer == "modelopt":
-        from diffship.compress.qat import STATE_FILE, save_state
+        from diffship.compress.qat import STATE_FILE, save_state  # start-up time: numpy
 
         save_state(model, folder / STATE_FILE)
     elif quantizer == "quanto":
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # start-up time: safetensors
 
-        from diffship.compress.quantize import quanto_map
+        from diffship.compress.quantize import quanto_map  # start-up time: numpy
 
         save_file(model.state_dict(), str(folder / QUANTO_WEIGHTS))
         (folder / QUANTO_MAP).write_text(json.dumps(quanto_map(model)), encoding="utf-8")
@@ -77,8 +78,6 @@ def load_compressed(component_folder: Path, allow_pickle: bool) -> nn.Module:
     meta = json.loads((component_folder / MARKER).read_text(encoding="utf-8"))
     quantizer = meta.get("quantizer")
     if meta["structure"] == "module":
-        from diffship.store.cache import scratch_root, store_root
-
         # A pickle inside diffship's own cache (or its scratch folder) was written by diffship's compress stage.
         where = component_folder.resolve()
         if not allow_pickle and not any(where.is_relative_to(r.resolve()) for r in (store_root(), scratch_root())):
@@ -88,7 +87,7 @@ def load_compressed(component_folder: Path, allow_pickle: bool) -> nn.Module:
                 "yourself, pass --allow-pickle if you trust where it came from.")
         model = torch.load(component_folder / MODULE_FILE, weights_only=False, map_location="cpu")
     else:
-        import diffusers
+        import diffusers  # start-up time: diffusers
 
         # diffusers writes its model class into config.json
         model_class = getattr(diffusers, json.loads((component_folder / "config.json").read_text())["_class_name"])
@@ -97,13 +96,13 @@ def load_compressed(component_folder: Path, allow_pickle: bool) -> nn.Module:
         else:  # the quantizer's own file carries the weights: start from the architecture alone
             model = model_class.from_config(model_class.load_config(component_folder))
     if quantizer == "modelopt":
-        from diffship.compress.qat import STATE_FILE, restore_state
+        from diffship.compress.qat import STATE_FILE, restore_state  # start-up time: numpy
 
         model = restore_state(model, component_folder / STATE_FILE)
     elif quantizer == "quanto":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # start-up time: safetensors
 
-        from diffship.compress.quantize import requanto
+        from diffship.compress.quantize import requanto  # start-up time: numpy
 
         qmap = json.loads((component_folder / QUANTO_MAP).read_text(encoding="utf-8"))
         model = requanto(model, load_file(str(component_folder / QUANTO_WEIGHTS)), qmap)

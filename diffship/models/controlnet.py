@@ -12,7 +12,9 @@ from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.models.families import Denoiser, controlnet_names, detect_family
-from diffship.store.artifacts import read_json
+from diffship.models.variants import link_tree
+from diffship.store import cache
+from diffship.store.artifacts import read_json, staged_dir
 
 REVISION = 1
 
@@ -37,10 +39,6 @@ def check_controlnet(path: Path, denoiser: Denoiser, denoiser_config: dict[str, 
 
 def with_controlnets(folder: Path, locations: list[Path], say: Callable[[str], None] | None = None) -> Path:
     """A cached pipeline folder holding `folder`'s files (linked) and each ControlNet as `controlnet`, `controlnet_1`..."""
-    from diffship.models.variants import link_tree
-    from diffship.store import cache
-    from diffship.store.artifacts import staged_dir
-
     family = detect_family(folder)
     for path in locations:
         check_controlnet(path, family.denoiser, family.denoiser_config(folder))

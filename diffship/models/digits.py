@@ -40,7 +40,7 @@ def prompt_for(digit: int, template: int = 0) -> str:
 
 def digit_images(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1797 handwritten digits as (N, 3, size, size) images in [-1, 1] (white on black) and labels."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # start-up time: sklearn
 
     data = load_digits()
     pixels = torch.from_numpy(data.images.astype(np.float32) / 16.0)[:, None]  # 8x8, 0..1

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from diffship.errors import DiffshipError
+from diffship.models.compressed import is_compressed, load_compressed
 from diffship.models.families import read_model_index
 from diffship.store.artifacts import read_json
 
@@ -23,8 +24,8 @@ TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 def quiet_libraries() -> None:
     """Silence the libraries' own progress bars and load reports: diffship checks and reports loads itself."""
-    import diffusers
-    import transformers
+    import diffusers  # start-up time: diffusers
+    import transformers  # start-up time: transformers
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
@@ -67,7 +68,7 @@ def check_loading_info(info: dict[str, Any], where: str) -> None:
 
 def _diffusers_model(name: str, path: Path) -> type:
     """diffusers' model class `name`, refusing anything that is not one (the name comes from a user's file)."""
-    import diffusers
+    import diffusers  # start-up time: diffusers
 
     cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
@@ -78,7 +79,6 @@ def _diffusers_model(name: str, path: Path) -> type:
 def load_component(folder: Path, component: str, allow_pickle: bool = False) -> torch.nn.Module:
     """Load `component` (the denoiser, vae, text_encoder, text_encoder_2, a ControlNet) in FP32 eval mode, strictly."""
     quiet_libraries()
-    from diffship.models.compressed import is_compressed, load_compressed
 
     if is_compressed(folder / component):  # only a denoiser is ever stored compressed
         return load_compressed(folder / component, allow_pickle)
@@ -100,7 +100,7 @@ def load_folder(path: Path, component: str, class_name: str | None = None, allow
             model, info = cls.from_pretrained(path, output_loading_info=True, use_safetensors=use_safetensors,
                                               torch_dtype=dtype, low_cpu_mem_usage=True)
         else:
-            import transformers
+            import transformers  # start-up time: transformers
 
             if class_name not in TEXT_ENCODER_CLASSES:
                 raise DiffshipError(f"{path} holds a {class_name}; diffship loads CLIP text encoders "

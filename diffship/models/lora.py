@@ -20,6 +20,11 @@ from typing import Any
 import torch
 
 from diffship.errors import DiffshipError
+from diffship.models.families import detect_family
+from diffship.models.loading import load_component
+from diffship.models.variants import link_tree
+from diffship.store import cache
+from diffship.store.artifacts import staged_dir
 
 LORA_RECORD = "diffship_loras.json"  # in a merged folder: what was merged into it
 REVISION = 2  # 2: merged components keep the base's config.json
@@ -92,8 +97,8 @@ def read_lora(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]
     check_file(path, allow_pickle)
     if path.suffix.lower() != ".safetensors":
         return torch.load(path, map_location="cpu", weights_only=True)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError  # start-up time: safetensors
+    from safetensors.torch import load_file  # start-up time: safetensors
 
     try:
         return load_file(str(path))
@@ -194,12 +199,6 @@ def with_loras(folder: Path, specs: list[LoraSpec], allow_pickle: bool = False,
                say: Callable[[str], None] | None = None) -> tuple[Path, list[dict[str, Any]]]:
     """A cached diffusers folder holding `folder`'s pipeline with `specs` merged in order, and what was merged (file
     hashes, scales, layers per component) for the manifest. Components no LoRA touches are linked, not copied."""
-    from diffship.models.families import detect_family
-    from diffship.models.loading import load_component
-    from diffship.models.variants import link_tree
-    from diffship.store import cache
-    from diffship.store.artifacts import staged_dir
-
     say = say or (lambda _: None)
     for spec in specs:  # before any work: a missing file or a refused pickle
         check_file(spec.path, allow_pickle)

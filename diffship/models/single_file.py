@@ -53,12 +53,12 @@ def _shapes(path: Path, allow_pickle: bool) -> dict[str, Any]:
         if not allow_pickle:
             raise DiffshipError(f"{path} is a pickle checkpoint ({suffix}), which can run code when loaded: refused. "
                                 "Use its .safetensors version, or pass --allow-pickle if you trust the file.")
-        import torch
+        import torch  # start-up time: torch
 
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state = state.get("state_dict", state)
         return {k: v for k, v in state.items() if hasattr(v, "shape")}
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open  # start-up time: safetensors
 
     try:
         with safe_open(str(path), "pt") as opened:
@@ -69,7 +69,7 @@ def _shapes(path: Path, allow_pickle: bool) -> dict[str, Any]:
 
 def detect_config(path: Path, allow_pickle: bool = False) -> str:
     """The shipped configuration whose architecture the checkpoint's tensors have."""
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type  # start-up time: diffusers
 
     shapes = _shapes(path, allow_pickle)
     try:
@@ -120,11 +120,11 @@ def convert(path: Path, model_config: str | Path | None = None, allow_pickle: bo
 
 
 def _convert_into(path: Path, config: Path, out: Path) -> None:
-    import diffusers
-    import torch
+    import diffusers  # start-up time: diffusers
+    import torch  # start-up time: torch
 
-    from diffship.models.loading import quiet_libraries
-    from diffship.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
+    from diffship.models.loading import quiet_libraries  # start-up time: torch
+    from diffship.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer  # start-up time: transformers
 
     work = out / ".config"
     shutil.copytree(config, work)

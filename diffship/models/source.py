@@ -103,8 +103,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _from_hub(repo_id: str, allow_pickle: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import snapshot_download  # start-up time: huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError  # start-up time: huggingface_hub
 
     patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:  # a snapshot already in the local hub cache works offline

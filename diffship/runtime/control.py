@@ -30,7 +30,7 @@ def control_images(controls: list[Control], height: int, width: int, vae_scale: 
                    guidance: bool) -> list[np.ndarray]:
     """Each control image as its ControlNet takes it: diffusers' control image processor (RGB, resized to the
     output size, [0, 1], not normalized), one per image generated, doubled for guidance."""
-    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.image_processor import VaeImageProcessor  # start-up time: diffusers
 
     processor = VaeImageProcessor(vae_scale_factor=vae_scale, do_convert_rgb=True, do_normalize=False)
     prepared = []

@@ -21,7 +21,7 @@ from diffship.targets.runner import Runner
 def call_default(pipeline_class: str, argument: str) -> Any:
     """What diffusers' pipeline defaults `argument` to: `strength` is 0.8 for SD img2img and 0.3 for SDXL's; the
     refiner's `aesthetic_score` 6.0 and `negative_aesthetic_score` 2.5."""
-    import diffusers
+    import diffusers  # start-up time: diffusers
 
     return inspect.signature(getattr(diffusers, pipeline_class).__call__).parameters[argument].default
 
@@ -29,7 +29,7 @@ def call_default(pipeline_class: str, argument: str) -> Any:
 def preprocess(image: Any, vae_scale: int) -> torch.Tensor:
     """A PIL image or an HWC / NHWC array in [0, 1] as the VAE takes it: NCHW in [-1, 1], resized down to a multiple
     of the VAE's scale exactly as diffusers' image processor does."""
-    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.image_processor import VaeImageProcessor  # start-up time: diffusers
 
     try:
         return VaeImageProcessor(vae_scale_factor=vae_scale).preprocess(image).to(torch.float32)
@@ -54,8 +54,8 @@ def init_latents(encoder: Runner, image: torch.Tensor, count: int, vae_config: d
                  timestep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The init image's latents, sampled from the encoder's distribution, scaled, repeated for `count` images and
     noised to `timestep`: the latent draw first, then the noise, as diffusers' `prepare_latents`."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    from diffusers.utils.torch_utils import randn_tensor
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # start-up time: diffusers
+    from diffusers.utils.torch_utils import randn_tensor  # start-up time: diffusers
 
     parameters = torch.from_numpy(encoder.run({"sample": image.numpy()})["latent_parameters"])
     latents = DiagonalGaussianDistribution(parameters).sample(generator)

@@ -55,8 +55,8 @@ def prepare(encoder: Runner, image: Any, mask: Any, height: int, width: int, cou
             denoiser_channels: int, generator: torch.Generator) -> tuple[torch.Tensor, Inpainting]:
     """The initial latents and the inpainting inputs, following diffusers' `prepare_latents` and
     `prepare_mask_latents`."""
-    from diffusers.image_processor import VaeImageProcessor
-    from diffusers.utils.torch_utils import randn_tensor
+    from diffusers.image_processor import VaeImageProcessor  # start-up time: diffusers
+    from diffusers.utils.torch_utils import randn_tensor  # start-up time: diffusers
 
     check_sizes(image, mask)
     pixels = VaeImageProcessor(vae_scale_factor=vae_scale).preprocess(image, height=height, width=width)
@@ -91,7 +91,7 @@ def prepare(encoder: Runner, image: Any, mask: Any, height: int, width: int, cou
 
 def _encode(encoder: Runner, pixels: torch.Tensor, generator: torch.Generator, scaling: float) -> torch.Tensor:
     """diffusers' `_encode_vae_image`: a sample of the encoder's distribution, times the scaling factor."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # start-up time: diffusers
 
     parameters = torch.from_numpy(encoder.run({"sample": pixels.numpy()})["latent_parameters"])
     return scaling * DiagonalGaussianDistribution(parameters).sample(generator)

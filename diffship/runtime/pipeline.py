@@ -23,6 +23,7 @@ import torch
 from diffship.errors import DiffshipError
 from diffship.models.families import Family, controlnet_names, family_named
 from diffship.runtime import inpaint
+from diffship.runtime.control import ControlledDenoiser, control_images
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
 from diffship.runtime.schedulers import make_scheduler
 from diffship.store.artifacts import atomic_write_bytes, read_json
@@ -74,8 +75,8 @@ class DeployedPipeline:
 
     def __init__(self, artifacts: ArtifactSet, runners: dict[str, Runner], load_seconds: dict[str, float],
                  changes: dict[str, list[Any]] | None = None):
-        import diffusers
-        import transformers
+        import diffusers  # start-up time: diffusers
+        import transformers  # start-up time: transformers
 
         self.artifacts, self.runners, self.load_seconds = artifacts, runners, load_seconds
         self.changes = changes or {}  # weight changes (a LoRA at run time) for components loaded later
@@ -112,7 +113,7 @@ class DeployedPipeline:
         artifacts = open_artifacts(folder, target, precision, verify)
         changes = None
         if loras:
-            from diffship.runtime.lora import runtime_changes
+            from diffship.runtime.lora import runtime_changes  # start-up time: diffusers
 
             changes = runtime_changes(artifacts, loras)
         return cls.from_artifacts(artifacts, options, changes)
@@ -291,8 +292,6 @@ class DeployedPipeline:
     def _controlled(self, controls: list[Any], task: str, height: int, width: int, n: int, guidance: bool) -> Any:
         """The ControlNets' denoising call for this request, their runners and the denoiser variant loaded on first
         use."""
-        from diffship.runtime.control import ControlledDenoiser, control_images
-
         if not self.controlnets:
             raise DiffshipError(f"{self.artifacts.root} has no ControlNet: build with --controlnet to use control images.")
         if task != "text2img":
@@ -373,7 +372,7 @@ def pipeline_family(artifacts: ArtifactSet) -> Family:
 
 def save_images(images: np.ndarray, out: Path) -> list[Path]:
     """Write uint8 NHWC images as PNG: `out` itself for one image, `out-<i>.png` beside it for several."""
-    from PIL import Image
+    from PIL import Image  # start-up time: PIL
 
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))]
     for image, path in zip(images, paths, strict=True):

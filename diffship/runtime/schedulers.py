@@ -26,14 +26,14 @@ NAMES: dict[str, tuple[str, dict[str, Any]]] = {
 
 def parse_scheduler(text: str) -> tuple[str, dict[str, Any]]:
     """`NAME[:key=value,...]` as the name and its config overrides."""
-    from diffship.recipe import named_settings
+    from diffship.recipe import named_settings  # start-up time: pydantic
 
     return named_settings(text, "--scheduler")
 
 
 def make_scheduler(base: Any, name: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """A scheduler from `base`'s config: `name`'s class (or `base`'s own) with `overrides` applied."""
-    import diffusers
+    import diffusers  # start-up time: diffusers
 
     if name is None and not overrides:
         return base

@@ -7,6 +7,8 @@ a deterministic one is made here, so a build needs nothing but the model.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from diffship.errors import DiffshipError
+from diffship.runtime.control import Control
 
 DEFAULT_STRENGTH = 0.75  # diffusers' defaults differ per pipeline (0.8 SD img2img, 0.3 SDXL's, 0.9999 inpaint)
 
@@ -49,8 +52,6 @@ class TaskInputs:
     def deployed_kwargs(self, task: str) -> dict[str, Any]:
         """The same, as `DeployedPipeline.__call__` takes them."""
         if task == "controlnet":
-            from diffship.runtime.control import Control
-
             return {"controls": [Control(self.control, self.control_scale, *self.control_window)] * self.controlnets}
         kwargs = self.diffusers_kwargs(task)
         if "mask_image" in kwargs:
@@ -60,8 +61,6 @@ class TaskInputs:
 
 def accepted_by(pipe: Any, arguments: dict[str, Any]) -> dict[str, Any]:
     """The `arguments` diffusers' `pipe` takes: img2img pipelines take no height / width (the image sets them)."""
-    import inspect
-
     accepted = inspect.signature(pipe.__call__).parameters
     return {k: v for k, v in arguments.items() if k in accepted}
 
@@ -77,7 +76,7 @@ def validated_tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
 def default_image(height: int, width: int, seed: int = 0) -> Any:
     """A smooth colour field with a few hard edges: structured enough that a VAE encodes it to real latents, and
     the same on every machine."""
-    from PIL import Image
+    from PIL import Image  # start-up time: PIL
 
     rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:height, 0:width] / max(height, width)
@@ -89,7 +88,7 @@ def default_image(height: int, width: int, seed: int = 0) -> Any:
 
 def default_mask(height: int, width: int) -> Any:
     """White (repaint) over the centre half of the image in each direction."""
-    from PIL import Image
+    from PIL import Image  # start-up time: PIL
 
     mask = np.zeros((height, width), dtype=np.uint8)
     mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
@@ -98,7 +97,7 @@ def default_mask(height: int, width: int) -> Any:
 
 def read_image(path: Path, option: str) -> Any:
     """An RGB PIL image from `path`, or a clear error naming the option and the file."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # start-up time: PIL
 
     try:
         with Image.open(path) as opened:
@@ -115,7 +114,7 @@ def task_inputs(height: int, width: int, image: Path | None = None, mask: Path |
                 controlnets: int = 0) -> TaskInputs:
     """The recipe's image, mask and control image (read, resized to the validation size as the pipelines would) or
     the defaults."""
-    from PIL import Image
+    from PIL import Image  # start-up time: PIL
 
     picture = read_image(image, f"{option} image") if image else default_image(height, width)
     cover = read_image(mask, f"{option} mask").convert("L") if mask else default_mask(height, width)
@@ -130,8 +129,6 @@ def task_inputs(height: int, width: int, image: Path | None = None, mask: Path |
 
 def inputs_digest(inputs: TaskInputs) -> str:
     """A content hash of the image and mask, for cache keys (a recipe path can hold another file tomorrow)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for picture in (inputs.image, inputs.mask, *([inputs.control] if inputs.control is not None else [])):
         digest.update(np.asarray(picture).tobytes())

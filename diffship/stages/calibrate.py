@@ -12,7 +12,7 @@ from diffship.recipe import Recipe
 from diffship.runtime.tasks import inputs_digest
 from diffship.store import cache
 from diffship.targets.calibration import CalibrationData, CalibrationFile
-from diffship.validation.baseline import Baseline
+from diffship.validation.baseline import Baseline, task_pipeline
 from diffship.validation.capture import capture
 from diffship.validation.suite import Plan
 
@@ -58,7 +58,6 @@ class Calibration:
         data = capture(self.baseline.get(), s["prompts"], s["samples"], s["steps"], s["height"], s["width"],
                        s["guidance_scale"], task_kwargs=self.plan.task_kwargs())
         if "controlnet" in self.plan.tasks:  # the UNet variant's inputs with the ControlNets' residuals
-            from diffship.validation.baseline import task_pipeline
 
             self.baseline.say("[calibration] and the controlled denoiser's, with the ControlNets' residuals ...")
             controlled = task_pipeline(self.baseline.get(), detect_family(self.baseline.folder), "controlnet",

@@ -12,6 +12,7 @@ from typing import Any
 from diffship.errors import DiffshipError
 from diffship.models.source import ModelSource
 from diffship.recipe import Recipe
+from diffship.stages.compress_run import RECORD_FILE, check_exportable, compress, settings_for
 from diffship.store import cache
 from diffship.store.artifacts import atomic_write_json
 from diffship.store.versions import library_versions
@@ -23,8 +24,6 @@ Say = Callable[[str], None]
 def compress_stage(recipe: Recipe, source: ModelSource, family: str, plan: Plan, force: bool, hits: dict[str, bool],
                     say: Say) -> tuple[ModelSource, dict[str, Any]]:
     """Run the recipe's compression steps (cached), and hand the compressed pipeline to the stages after."""
-    from diffship.stages.compress_run import RECORD_FILE, check_exportable, compress, settings_for
-
     check_exportable(recipe.compress)
     quantized = [f"{t.name}:{p}" for t in recipe.targets for p in t.precisions if p.startswith(("int8", "fp8"))]
     if quantized and any(s.step == "qat" for s in recipe.compress):

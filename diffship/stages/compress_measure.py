@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from diffship.models.families import denoiser_of
+from diffship.validation import quality
 
 
 def weight_stats(module: nn.Module) -> dict[str, int]:
@@ -66,9 +67,8 @@ def denoiser_latency(denoiser: nn.Module, call: dict[str, np.ndarray], repeats: 
 def digits_quality(pipe: Any, seeds: list[int], steps: int, guidance_scale: float, height: int, width: int,
                    say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Prompt accuracy of the pipeline as it stands (with the compressed denoiser), over every digit and seed."""
-    from diffship.runtime.pipeline import initial_latents
-    from diffship.validation import quality
-    from diffship.validation.baseline import run_baseline
+    from diffship.runtime.pipeline import initial_latents  # start-up time: pydantic
+    from diffship.validation.baseline import run_baseline  # start-up time: pydantic
 
     scale = pipe.vae_scale_factor
     channels = getattr(pipe, denoiser_of(pipe).component).config.in_channels

@@ -15,11 +15,18 @@ from typing import Any
 
 import torch
 
-from diffship.compress import prune
+from diffship.compress import prune, quantize
+from diffship.compress.distill import distill, sample_set
+from diffship.compress.precision import cast_pipeline
+from diffship.compress.qat import quantize_int8
 from diffship.compress.steps import TORCH_ONLY, Step
 from diffship.errors import DiffshipError
+from diffship.models.compressed import write_pipeline
 from diffship.models.families import family_named, tasks_of
 from diffship.stages import compress_measure as measure
+from diffship.validation.baseline import load_baseline
+from diffship.validation.capture import capture
+from diffship.validation.quality import quality_task
 
 Say = Callable[[str], None]
 RECORD_FILE = "compress.json"
@@ -42,8 +49,6 @@ class Settings:
 
 def settings_for(recipe: Any, folder: Path, height: int, width: int) -> tuple[Settings, bool]:
     """The compress settings a recipe gives at this resolution, and whether the model's quality is measured."""
-    from diffship.validation.quality import quality_task
-
     q = recipe.validation.quality
     settings = Settings(list(recipe.calibration.prompts), recipe.calibration.steps_for(recipe.validation.steps),
                         height, width, recipe.validation.guidance_scale, list(q.seeds), q.steps, q.guidance_scale)
@@ -67,10 +72,6 @@ def check_exportable(steps: Sequence[Step]) -> None:
 def compress(folder: Path, family: str, steps: Sequence[Step], settings: Settings, dest: Path, checkpoints: Path,
              allow_pickle: bool = False, quality: bool = False, say: Say | None = None) -> dict[str, Any]:
     """Apply `steps` in order to the pipeline in `folder`, write the result to `dest`, return the stage table."""
-    from diffship.models.compressed import write_pipeline
-    from diffship.validation.baseline import load_baseline
-    from diffship.validation.capture import capture
-
     say = say or (lambda _: None)
     if not steps:
         raise DiffshipError("compress needs at least one step.")
@@ -93,8 +94,6 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
                     settings.height, settings.width, settings.guidance_scale, with_vae=False).inputs[component]
     samples = None
     if trains := [s for s in steps if s.step in ("distill", "qat") and s.steps]:
-        from diffship.compress.distill import sample_set
-
         images = max(s.images for s in trains)
         say(f"[compress] generating {images} images with the original as distillation data ...")
         captured = capture(pipe, settings.prompts, images * settings.denoise_steps, settings.denoise_steps,
@@ -132,8 +131,6 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
         if step.step in ("quantize", "qat") and reshaped:
             structure = copy.deepcopy(net())  # the pruned float shape the saved quantizer state is rebuilt on
         if step.step == "precision":
-            from diffship.compress.precision import cast_pipeline
-
             info = cast_pipeline(pipe, step.dtype, step.vae, family_named(family))
         elif step.step == "prune-magnitude":
             info = prune.prune_magnitude(net(), step.sparsity, step.scope)
@@ -144,8 +141,6 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
             info = prune.prune_heads(net(), step.heads)
             reshaped = True
         elif step.step == "distill":
-            from diffship.compress.distill import distill
-
             assert teacher is not None and samples is not None  # made above when a step distills
             info = distill(net(), teacher, samples, step.steps, step.batch, step.lr, checkpoints / f"step{i + 1}",
                            step.checkpoint_every, say=say)
@@ -153,9 +148,6 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
             info = _quantize(pipe, component, step, folder, changed, calls, sensitive.trained_float)
             quantizer = "quanto" if step.library == "quanto" else "bitsandbytes"
         elif step.step == "qat":
-            from diffship.compress.distill import distill
-            from diffship.compress.qat import quantize_int8
-
             info = quantize_int8(net(), calls, sensitive.trained_float)
             quantizer = "modelopt"
             if step.steps:
@@ -185,8 +177,6 @@ def _label(step: Step) -> str:
 
 def _quantize(pipe: Any, component: str, step: Any, folder: Path, changed: bool, calls: list[Any],
               keep_float: tuple[str, ...]) -> dict[str, Any]:
-    from diffship.compress import quantize
-
     if step.library == "quanto":
         if step.weights == "nf4":
             raise DiffshipError("quantize: nf4 is a bitsandbytes format; optimum-quanto offers int8 and int4.")

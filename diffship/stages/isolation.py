@@ -17,6 +17,7 @@ import dataclasses
 import importlib
 import multiprocessing
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,6 @@ def compile_isolated(backend: str, source: Path, precision: str, options: Any, d
 
 
 def _picklable(value: Any) -> bool:
-    import pickle
-
     try:
         pickle.dumps(value)
     except Exception:

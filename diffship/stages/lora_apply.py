@@ -137,7 +137,7 @@ def apply_loras(build: Path, loras: list[LoraSpec], out: Path, wanted: list[dict
     changes, merged = weight_changes(before.folder, after.folder, loras, weighted, recipe.allow_pickle)
     new_recipe = recipe.model_copy(update={"loras": [*recipe.loras, *(LoraRecipe(path=s.path, scale=s.scale)
                                                                          for s in loras)]})
-    from diffship.stages.context import plan_shapes
+    from diffship.stages.context import plan_shapes  # start-up time: onnx
 
     _, plan = plan_shapes(new_recipe, next(iter(specs.values())), after.folder)
     results: dict[str, Any] = {}

@@ -12,12 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
+
 from diffship import __version__
+from diffship.host.cpu import cpu_facts
 from diffship.models.families import prediction_type
 from diffship.models.source import ModelSource
 from diffship.recipe import Recipe
 from diffship.store import cache
 from diffship.store.manifest import MANIFEST_SCHEMA, ArtifactSet
+from diffship.validation.baseline import baseline_device, describe
 from diffship.validation.suite import Plan
 
 REPORT_SCHEMA = 1
@@ -25,8 +30,6 @@ REPORT_SCHEMA = 1
 
 def weights_of(source: ModelSource) -> dict[str, Any]:
     """How the source's weights were read: a variant upcast to the baseline's precision, a converted single file."""
-    from diffship.validation.baseline import baseline_device
-
     precision = str(baseline_device()[1]).removeprefix("torch.").replace("float", "fp")
     said: dict[str, Any] = {}
     if source.variant:
@@ -44,10 +47,6 @@ def weights_of(source: ModelSource) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
-    import psutil
-    import torch
-
-    from diffship.host.cpu import cpu_facts
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": psutil.cpu_count(logical=True), "memory_bytes": psutil.virtual_memory().total, "cpu": cpu_facts()}
@@ -59,8 +58,6 @@ def machine() -> dict[str, Any]:
 def report_data(recipe: Recipe, source: ModelSource, family: str, module_hashes: dict[str, str], plan: Plan,
                  shapes: dict[str, list[int]], entries: dict[str, Any], results: dict[str, Any], hits: dict[str, bool],
                  versions: dict[str, str], passed: bool, seconds: float) -> dict[str, Any]:
-    from diffship.validation.baseline import baseline_device, describe
-
     return {
         "schema": REPORT_SCHEMA,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

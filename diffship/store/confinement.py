@@ -58,8 +58,8 @@ def check_onnx(path: Path) -> None:
     """Every external-data location of an ONNX file resolves inside the file's folder."""
     if not _mentions(path, ONNX_LOCATION_KEY):
         return  # no tensor names a location: nothing to follow (and no need to parse GBs of embedded weights)
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    import onnx  # start-up time: onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data  # start-up time: onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -101,7 +101,7 @@ def check_coreml_package(path: Path) -> None:
 def _coreml_weight_files(spec_path: Path) -> set[str]:
     """Every `fileName` a Core ML spec's blob-file values name (ML programs keep their weights in such files)."""
     try:
-        from coremltools.proto import Model_pb2
+        from coremltools.proto import Model_pb2  # optional: coreml
     except ImportError:  # without coremltools nothing here can read the package's weights either
         return set()
     spec = Model_pb2.Model()

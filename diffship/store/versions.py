@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,11 @@ from diffship import __version__
 
 def library_versions() -> dict[str, str]:
     """Versions of everything an artifact's bytes or numbers depend on."""
-    import diffusers
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
+    import diffusers  # start-up time: diffusers
+    import onnx  # start-up time: onnx
+    import onnxruntime  # start-up time: onnxruntime
+    import torch  # start-up time: torch
+    import transformers  # start-up time: transformers
 
     return {"python": platform.python_version(), "diffship": __version__, "diffship_source": source_fingerprint(),
             "torch": torch.__version__,
@@ -27,8 +28,6 @@ def library_versions() -> dict[str, str]:
 
 def target_library_versions() -> dict[str, str]:
     """Versions of the optional target libraries that are installed (read from their metadata, not imported)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {}
     for name in ("openvino", "nncf", "coremltools", "tensorrt", "nvidia-modelopt"):
         try:

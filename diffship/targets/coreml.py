@@ -20,11 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
+import torch
+from packaging.version import Version
 from pydantic import BeforeValidator, Field, field_validator
 
+from diffship import __version__
 from diffship.errors import DiffshipError
+from diffship.models.components import wrap
 from diffship.models.families import component_names
+from diffship.models.loading import load_component
+from diffship.store import cache
 from diffship.store.artifacts import atomic_write_json, staged_path
+from diffship.store.versions import source_fingerprint
 from diffship.targets import Case, CompileContext
 from diffship.targets.coreml_attention import IMPLEMENTATIONS, use_attention
 from diffship.targets.coreml_convert import compress_weights, convert
@@ -138,11 +145,8 @@ def model_index(family: str, components: list[str]) -> dict[str, Any]:
 
 def torch_support() -> dict[str, Any]:
     """The torch in use against the range coremltools supports: floor, newest tested, and whether it is inside."""
-    import torch
-    from packaging.version import Version
-
     ct = load_coremltools()
-    from coremltools import _deps
+    from coremltools import _deps  # optional: coreml
 
     newest = getattr(_deps, "_TORCH_MAX_VERSION", None)
     current = Version(torch.__version__.split("+")[0])
@@ -195,7 +199,7 @@ def prediction_unavailable() -> str | None:
         return f"Core ML prediction needs macOS; this machine runs {platform.system()}"
     try:
         load_coremltools()
-        import coremltools.libcoremlpython  # noqa: F401  (the native runtime bridge, built only for macOS)
+        import coremltools.libcoremlpython  # noqa: F401  optional: coreml, its native runtime bridge (macOS only)
     except ImportError as exc:
         return f"coremltools' runtime bridge is missing ({exc})"
     return None
@@ -208,8 +212,7 @@ def compile(source: Path, precision: str, options: CoremlOptions | None = None, 
             context: CompileContext | None = None) -> Path:
     """Convert one component from its PyTorch weights into `dest/model.mlpackage` (with coreml.json beside it:
     how it was made, the ONNX export's I/O it must match, and what the package holds); return the package path."""
-    from diffship import __version__
-    from diffship.exporters.onnx import onnx_io
+    from diffship.exporters.onnx import onnx_io  # start-up time: onnx
     options = options or CoremlOptions()
     if precision not in PRECISIONS:
         raise DiffshipError(f"Core ML precision {precision!r} is unknown; choose {', '.join(PRECISIONS)}.")
@@ -263,11 +266,6 @@ def converted_package(context: CompileContext, spec: ComponentSpec, compute: str
     every precision of a build converts it once and compresses that, as Apple's flow does. Returns the cache entry
     holding model.mlpackage, and how long the conversion took, whether it was reused and how many attention layers
     the options changed."""
-    from diffship.models.components import wrap
-    from diffship.models.loading import load_component
-    from diffship.store import cache
-    from diffship.store.versions import source_fingerprint
-
     assert context.model_folder is not None
     entry_key = cache.key(stage="coreml-convert", weights=cache.folder_hash(context.model_folder / spec.module),
                           component=spec.name, outputs=[o.name for o in spec.outputs], compute=compute,

@@ -117,7 +117,7 @@ def use_attention(module: nn.Module, implementation: str) -> int:
     attend = IMPLEMENTATIONS[implementation]
     if attend is None:
         return 0
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import Attention  # start-up time: diffusers
 
     layers = [m for m in module.modules() if isinstance(m, Attention)]
     for layer in layers:

@@ -20,7 +20,7 @@ def convert(wrapper: Any, spec: Any, shape_sets: list[dict[str, tuple[int, ...]]
             support: dict[str, Any]) -> Any:
     """Trace `wrapper` on inputs of the first shape set and convert it to an ML program: inputs and outputs named as
     in the ONNX export, float32 I/O, enumerated shapes where the sets differ. Errors name the op that failed."""
-    import torch
+    import torch  # start-up time: torch
 
     ct = load_coremltools()
     rng = np.random.default_rng(0)
@@ -55,7 +55,7 @@ def _example(t: Any, shape: tuple[int, ...], rng: np.random.Generator, spec: Any
 def compress_weights(mlmodel: Any, precision: str, options: CoremlOptions, spec_ver: int) -> tuple[Any, dict[str, Any]]:
     """8-bit symmetric per-channel linear quantization, or k-means palettization with one look-up table per group
     of output channels (iOS 18+; one per tensor before): the compressed model and what was done."""
-    import coremltools.optimize.coreml as cto
+    import coremltools.optimize.coreml as cto  # optional: coreml
 
     mode = COMPRESSION[precision]
     if mode is None:

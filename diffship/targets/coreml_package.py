@@ -45,7 +45,7 @@ def load_coremltools() -> Any:
     """coremltools, imported without its import-time chatter (native proxies missing off macOS, untested torch),
     which diffship reports itself."""
     logging.getLogger("coremltools").setLevel(logging.ERROR)
-    import coremltools
+    import coremltools  # optional: coreml
 
     return coremltools
 
@@ -88,7 +88,7 @@ def inspect_package(package: Path) -> dict[str, Any]:
     """Read a package's spec (no Core ML runtime needed): I/O with dtypes and shapes, op counts, how its weights are
     stored (dtype of each weight blob), the largest weight still in float, and the size on disk."""
     ct = load_coremltools()
-    from coremltools.proto import MIL_pb2
+    from coremltools.proto import MIL_pb2  # optional: coreml
 
     spec = ct.utils.load_spec(str(package))
     storage: Counter[str] = Counter()

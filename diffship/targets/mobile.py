@@ -23,6 +23,7 @@ import onnx
 from diffship.errors import DiffshipError
 from diffship.store.artifacts import atomic_write_json, read_json
 from diffship.targets import CompileContext, calibration_inputs, mobile_graph, onnx_graph, web
+from diffship.targets.mobile_check import usability
 from diffship.targets.options import TargetOptions
 from diffship.targets.records import Description
 
@@ -63,7 +64,7 @@ def needs_calibration(precision: str) -> bool:
 
 def model_index(family: str, components: list[str]) -> dict[str, Any] | None:
     """The same ONNX pipeline layout as the ONNX Runtime target's."""
-    from diffship.targets import onnxruntime
+    from diffship.targets import onnxruntime  # start-up time: onnxruntime
 
     return onnxruntime.model_index(family, components)
 
@@ -110,7 +111,7 @@ def rewrite(model: onnx.ModelProto, denoiser_config: Path | None) -> dict[str, A
         config = read_json(denoiser_config)
         done["timestep_embedding"] = {"dim": width, "flip_sin_to_cos": config.get("flip_sin_to_cos", True),
                                       "freq_shift": config.get("freq_shift", 0)}
-    from polygraphy.backend.onnx import fold_constants
+    from polygraphy.backend.onnx import fold_constants  # start-up time: polygraphy
 
     folded = fold_constants(model, num_passes=None, fold_shapes=True, error_ok=False, do_shape_inference=True)
     model.CopyFrom(onnx.shape_inference.infer_shapes(folded))
@@ -121,8 +122,8 @@ def rewrite(model: onnx.ModelProto, denoiser_config: Path | None) -> dict[str, A
 
 def host_embedding(timestep: np.ndarray, settings: dict[str, Any]) -> np.ndarray:
     """diffusers' sinusoidal timestep embedding, computed on the host for a graph that takes it as input."""
-    import torch
-    from diffusers.models.embeddings import get_timestep_embedding
+    import torch  # start-up time: torch
+    from diffusers.models.embeddings import get_timestep_embedding  # start-up time: diffusers
 
     return get_timestep_embedding(torch.from_numpy(np.asarray(timestep, np.float32)).reshape(-1), settings["dim"],
                                   settings["flip_sin_to_cos"], settings["freq_shift"]).numpy()
@@ -137,8 +138,8 @@ def _feed(call: dict[str, np.ndarray], rewrites: dict[str, Any]) -> dict[str, np
 
 def _quantize_qnn(path: Path, context: CompileContext, options: MobileOptions, rewrites: dict[str, Any]) -> dict[str, Any]:
     """QDQ in place with onnxruntime's QNN configuration, calibrated on the component's captured inputs."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize  # start-up time: onnxruntime
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config  # start-up time: onnxruntime
 
     calls = [_feed(c, rewrites) for c in calibration_inputs(context, "int8")]
     names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
@@ -162,15 +163,16 @@ def _quantize_qnn(path: Path, context: CompileContext, options: MobileOptions, r
 
 
 def _usability(path: Path) -> dict[str, Any]:
-    from diffship.targets.mobile_check import usability
-
     return usability(path)
 
 
 def _to_ort(onnx_path: Path, dest: Path) -> None:
     """model.ort and required_operators.config through onnxruntime's converter, with runtime optimizations (the
     style its docs ask for when NNAPI or Core ML will take the nodes)."""
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    from onnxruntime.tools.convert_onnx_models_to_ort import (  # start-up time: onnxruntime
+        OptimizationStyle,
+        convert_onnx_models_to_ort,
+    )
 
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         convert_onnx_models_to_ort(onnx_path, Path(tmp), [OptimizationStyle.Runtime])
@@ -192,7 +194,7 @@ class MobileRunner:
     timestep embedding moved to the host gets it computed here, as an app on a phone would."""
 
     def __init__(self, artifact: Path, precision: str):
-        from diffship.targets import onnxruntime
+        from diffship.targets import onnxruntime  # start-up time: onnxruntime
 
         self.record = read_json(artifact.parent / onnx_graph.GRAPH_FILE)
         self.rewrites = self.record.get("rewrites", {})

@@ -21,8 +21,8 @@ GOAL = {"min_node_share": 0.95, "max_partitions": 5}
 
 def usability(model: Path) -> dict[str, Any]:
     """Per provider: nodes, nodes it takes, partitions, unsupported ops, the checker's verdict, and the goal met."""
-    from onnxruntime.tools.mobile_helpers import usability_checker as checker
-    from onnxruntime.tools.onnx_model_utils import optimize_model
+    from onnxruntime.tools.mobile_helpers import usability_checker as checker  # start-up time: onnxruntime
+    from onnxruntime.tools.onnx_model_utils import optimize_model  # start-up time: onnxruntime
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / model.name

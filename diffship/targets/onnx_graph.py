@@ -9,12 +9,15 @@ the fusions, because the fusion patterns match the exporter's shape subgraphs th
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx
+from onnx import helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor, save_external_data, set_external_data, uses_external_data
 
 if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
@@ -81,8 +84,6 @@ def save_prepared(model: onnx.ModelProto, source_dir: Path, path: Path) -> None:
 
     A fresh file rather than a link to the export's: the export's file also holds the weights the passes replaced
     (packed attention, folded constants), which would ship as dead bytes."""
-    from onnx.external_data_helper import load_external_data_for_tensor, save_external_data, set_external_data, uses_external_data
-
     external = [t for t in _tensors(model) if uses_external_data(t)]
     if not external:
         save(model, path, replace=True)
@@ -121,8 +122,8 @@ def fuse(model: onnx.ModelProto, kind: str | None, gpu: bool) -> tuple[onnx.Mode
     provider runs unless `gpu`.
 
     Returns the fused model and the number of fused nodes per fused op type (the ones that applied)."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
+    from onnxruntime.transformers.fusion_options import FusionOptions  # start-up time: onnxruntime
+    from onnxruntime.transformers.optimizer import optimize_model  # start-up time: onnxruntime
 
     if kind is None:
         return model, {}
@@ -156,8 +157,7 @@ def split_self_attention(model: onnx.ModelProto) -> int:
     MultiHeadAttention is CUDA-only). MultiHeadAttention's CPU kernel is faster at long sequences (a 4096-token
     SD 1.5 block: 0.13 s against 0.19 s unfused), and separate projections stay visible to INT8 quantization.
     """
-    import numpy as np
-    from onnx import helper, numpy_helper
+    import numpy as np  # start-up time: numpy
 
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
@@ -197,9 +197,9 @@ def split_self_attention(model: onnx.ModelProto) -> int:
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold constant subgraphs (shape arithmetic, constant casts) until nothing changes."""
-    import onnxruntime as ort
-    from polygraphy.backend.onnx import fold_constants as polygraphy_fold
-    from polygraphy.logger import G_LOGGER
+    import onnxruntime as ort  # start-up time: onnxruntime
+    from polygraphy.backend.onnx import fold_constants as polygraphy_fold  # start-up time: polygraphy
+    from polygraphy.logger import G_LOGGER  # start-up time: polygraphy
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     ort.set_default_logger_severity(3)  # its evaluation sessions warn about every Unsqueeze they cannot remove
@@ -208,7 +208,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def to_fp16(model: onnx.ModelProto, keep_io_types: bool, op_block_list: list[str] | None = None) -> onnx.ModelProto:
     """FP16 weights and compute, except the ops ONNX Runtime's converter keeps in FP32 by default (and `op_block_list`)."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16  # start-up time: onnxruntime
 
     blocked = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(op_block_list or []))
     # Its shape inference serializes the model, which protobuf refuses above 2 GB (a full-size UNet).
@@ -223,7 +223,5 @@ def summary(before: dict[str, int], after: dict[str, int], fused: dict[str, int]
 
 def input_shapes(artifact: Path) -> dict[str, tuple[int, ...]]:
     """The pinned input shapes recorded beside a compiled graph (web and mobile graphs)."""
-    import json
-
     record = json.loads((artifact.parent / GRAPH_FILE).read_text(encoding="utf-8"))
     return {k: tuple(v) for k, v in record["shapes"].items()}

@@ -16,12 +16,15 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from diffship.errors import DiffshipError
 from diffship.store.artifacts import atomic_write_json
 from diffship.targets import CompileContext, onnx_graph
+from diffship.targets import onnxruntime_quantize as quantize
 from diffship.targets.options import Names, VaeOptions, VaePrecision, vae_fp32_reason
 from diffship.targets.records import Description
+from diffship.targets.weight_patch import onnx_replacements, patch_onnx
 
 NAME = "onnxruntime"
 PRECISIONS = ("fp32", "fp16", "int8", "int8-auto")
@@ -146,8 +149,6 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
     out = dest / source.name
     name = context.spec.name
     if precision in INT8:
-        from diffship.targets import onnxruntime_quantize as quantize
-
         large = (source.parent / f"{source.name}_data").is_file()
         if context.spec.is_denoiser or (context.spec.denoises and precision == "int8"):
             with tempfile.TemporaryDirectory(prefix=".prepared-", dir=dest) as tmp:
@@ -162,8 +163,6 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
                 else:
                     record |= quantize.quantize_auto(*settings, lambda path, p: OrtRunner(path, options, p))
         elif context.spec.role == "text_encoder":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
             with quantize.quiet_root_logger():
                 quantize_dynamic(source, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                                  use_external_data_format=large)
@@ -314,15 +313,11 @@ def load(artifact: Path, options: OrtOptions | None = None, precision: str | Non
 
 def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, str]:
     """Write `artifact` (ONNX, external data included) to `dest` with changed weights in place of the old ones."""
-    from diffship.targets.weight_patch import patch_onnx
-
     return patch_onnx(artifact, dest, changes)
 
 
 def load_with_changes(artifact: Path, options: OrtOptions | None, precision: str | None,
                       changes: list[Any]) -> OrtRunner:
     """A Runner whose session takes changed weights as initializer overrides: a LoRA at run time, no new files."""
-    from diffship.targets.weight_patch import onnx_replacements
-
     return OrtRunner(artifact, options or OrtOptions(), precision or "fp32", onnx_replacements(artifact, changes))
 

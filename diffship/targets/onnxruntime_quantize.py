@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
 
 from diffship.errors import DiffshipError
 from diffship.host.memory import release_freed
@@ -38,9 +40,6 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
     in memory (`quantize_static` builds its own); the ranges pass between them through onnxruntime's own
     calibration cache file (`ranges`, by default beside the model).
     """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
-    from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
-
     # One batch item per sample: the ranges are the same, the calibration session needs half the memory.
     samples = [{k: v[i:i + 1] for k, v in call.items()}
                for call in calibration_inputs(context, "int8") for i in range(len(call["sample"]))]
@@ -114,8 +113,6 @@ def _lean_session() -> ort.SessionOptions:
 
 
 def _quantize_static(source: Path, out: Path, excluded: list[str], large: bool, method: Any, ranges: Path) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
     quantize_static(source, out, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=excluded, use_external_data_format=large, calibrate_method=method,

@@ -18,18 +18,26 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import openvino as ov
+from openvino.preprocess import PrePostProcessor
 from pydantic import field_validator
 
 from diffship.errors import DiffshipError, DiskFull
 from diffship.host.memory import release_freed
+from diffship.models.families import family_named
 from diffship.store.artifacts import atomic_write_json, read_json
+from diffship.store.cache import cache_root, unwritable_reason
 from diffship.targets import CompileContext, calibration_inputs
+from diffship.targets.accuracy_gate import probe_inputs
 from diffship.targets.ir_names import stable_names
+from diffship.targets.openvino_auto import quantize_auto
 from diffship.targets.openvino_nncf import compress_matmul_weights as compress_matmul_weights
 from diffship.targets.openvino_nncf import ignored_patterns, quantize_kwargs
 from diffship.targets.openvino_nncf import quantize_calibrated as quantize_calibrated
 from diffship.targets.options import TargetOptions
+from diffship.targets.ov_tokenizers import write_tokenizer_models
+from diffship.targets.ovms import write_graph
 from diffship.targets.records import Description
+from diffship.targets.weight_patch import ir_replacements, patch_ir
 
 NAME = "openvino"
 XML = "openvino_model.xml"
@@ -114,7 +122,7 @@ def check_device(device: str, core: ov.Core | None = None) -> None:
 def compile(source: Path, precision: str, options: OvOptions | None = None, dest: Path | None = None,
             context: CompileContext | None = None) -> Path:
     """Convert one ONNX component to IR in `dest` at `precision`; return the .xml path."""
-    import nncf
+    import nncf  # optional: openvino
 
     options = options or OvOptions()
     if precision not in PRECISIONS:
@@ -148,7 +156,7 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
     elif precision in ("int8-weights", "int8-hybrid", "int8-auto"):
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     elif precision == "int4-weights":
-        from nncf.quantization.advanced_parameters import GroupSizeFallbackMode
+        from nncf.quantization.advanced_parameters import GroupSizeFallbackMode  # optional: openvino
 
         # Layers whose width the group size does not divide get the largest group size that does.
         model = nncf.compress_weights(
@@ -179,8 +187,6 @@ CLIENT_INPUT_TYPES = {"input_ids": ov.Type.i64, "timestep": ov.Type.i64}
 
 def as_clients_feed(model: ov.Model) -> ov.Model:
     """`model` taking `input_ids` and `timestep` as i64 (a Convert to the graph's own type goes in front)."""
-    from openvino.preprocess import PrePostProcessor
-
     ppp = PrePostProcessor(model)
     changed = False
     for port in model.inputs:
@@ -211,10 +217,8 @@ def save_ir(model: ov.Model, xml: Path, compress_to_fp16: bool) -> None:
 
 def _auto(model: ov.Model, context: CompileContext, options: OvOptions) -> tuple[ov.Model, dict[str, Any]]:
     """The UNet through the accuracy-aware search; weight-only INT8 when the search cannot meet the gate."""
-    import nncf
+    import nncf  # optional: openvino
 
-    from diffship.targets.accuracy_gate import probe_inputs
-    from diffship.targets.openvino_auto import quantize_auto
 
     if context.gate is None:
         raise DiffshipError("int8-auto needs the recipe's INT8 gate for the denoiser.")
@@ -241,8 +245,6 @@ def _public_name(port: Any) -> str:
 
 def default_cache_dir() -> Path | None:
     """OpenVINO's compiled-model cache under diffship's cache folder; none when that cannot be written."""
-    from diffship.store.cache import cache_root, unwritable_reason
-
     return cache_root() / "openvino-model-cache" if unwritable_reason() is None else None
 
 
@@ -310,8 +312,6 @@ def load(artifact: Path, options: OvOptions | None = None, precision: str | None
 
 def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, str]:
     """Write the IR `artifact` (.xml + .bin) to `dest` with changed weights over the old constants."""
-    from diffship.targets.weight_patch import patch_ir
-
     return patch_ir(artifact, dest, changes)
 
 
@@ -327,8 +327,6 @@ def _with_constants(model: ov.Model, weights: dict[str, np.ndarray]) -> ov.Model
 
 def load_with_changes(artifact: Path, options: OvOptions | None, precision: str | None, changes: list[Any]) -> OvRunner:
     """A Runner compiled from the IR with changed constants, in memory: a LoRA at run time, no new files."""
-    from diffship.targets.weight_patch import ir_replacements
-
     return OvRunner(artifact, options or OvOptions(), precision, ir_replacements(artifact, changes))
 
 
@@ -336,10 +334,6 @@ def finish_set(set_dir: Path, components: dict[str, Path], precision: str, optio
                say: Any) -> None:
     """OpenVINO tokenizer models beside the set's tokenizers (OpenVINO GenAI tokenizes with them), and OpenVINO Model
     Server's graph.pbtxt with the set's inference precision."""
-    from diffship.models.families import family_named
-    from diffship.targets.ov_tokenizers import write_tokenizer_models
-    from diffship.targets.ovms import write_graph
-
     write_tokenizer_models(set_dir, family_named(family).tokenizers, say)
     inference = inference_precision(precision, options)
     write_graph(set_dir, {"INFERENCE_PRECISION_HINT": inference} if inference else {}, options.device)

@@ -28,7 +28,7 @@ def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], probes: l
 
     calls: captured real steps; probes: validation's random-input parity cases (see `Gate.probes`).
     config: how the runtime compiles the result (its inference precision), so the gate scores what will run."""
-    import nncf
+    import nncf  # optional: openvino
 
     clock = Clock(gate)
     fp32 = ov.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})

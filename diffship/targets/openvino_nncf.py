@@ -22,7 +22,7 @@ def ignored_patterns(parts: tuple[str, ...]) -> tuple[str, ...]:
 def compress_matmul_weights(model: ov.Model, sensitive: tuple[str, ...] = ()) -> tuple[ov.Model, list[str]]:
     """INT8 weights, data-free, for the MatMuls with weights but the `sensitive` ones; return the model and their
     names (optimum-intel's first hybrid step: convolutions are left to calibration)."""
-    import nncf
+    import nncf  # optional: openvino
 
     weighted = weighted_matmuls(model)
     model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=nncf.IgnoredScope(
@@ -34,7 +34,7 @@ def quantize_calibrated(model: ov.Model, calls: list[dict[str, np.ndarray]], opt
                         sensitive: tuple[str, ...] = (), compressed: list[str] | tuple[str, ...] = ()) -> ov.Model:
     """NNCF post-training quantization of `model` on `calls`, the `sensitive` layers kept in float and the
     `compressed` MatMuls (weights already INT8) left out, with SmoothQuant off for them as optimum-intel does."""
-    import nncf
+    import nncf  # optional: openvino
 
     settings = quantize_kwargs(options)
     advanced = settings.pop("advanced_quantization_parameters")
@@ -52,7 +52,7 @@ def quantize_calibrated(model: ov.Model, calls: list[dict[str, np.ndarray]], opt
 @contextlib.contextmanager
 def _nncf_quiet() -> Iterator[None]:
     """NNCF logs one INFO line per operation it leaves unquantized (hundreds with an ignored scope): warnings only."""
-    from nncf.common.logging import nncf_logger
+    from nncf.common.logging import nncf_logger  # optional: openvino
 
     level = nncf_logger.level
     nncf_logger.setLevel(logging.WARNING)
@@ -75,7 +75,7 @@ def weighted_matmuls(model: ov.Model) -> list[str]:
 
 
 def quantize_kwargs(options: OvOptions) -> dict[str, Any]:
-    import nncf
+    import nncf  # optional: openvino
 
     return {"model_type": nncf.ModelType.TRANSFORMER, "preset": nncf.QuantizationPreset(options.preset),
             "advanced_quantization_parameters": nncf.AdvancedQuantizationParameters(

@@ -20,7 +20,7 @@ FILES = ("openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokeniz
 
 def write_tokenizer_models(set_dir: Path, tokenizers: tuple[str, ...], say: Callable[[str], None]) -> None:
     """`openvino_tokenizer.xml` / `openvino_detokenizer.xml` (+ .bin) in each of the set's tokenizer folders."""
-    import openvino_tokenizers
+    import openvino_tokenizers  # optional: openvino
 
     for name in tokenizers:
         folder = set_dir / name
@@ -33,9 +33,9 @@ def write_tokenizer_models(set_dir: Path, tokenizers: tuple[str, ...], say: Call
 
 
 def _convert(tokenizer: Path, staging: Path, info: dict[str, Any]) -> None:
-    import openvino as ov
-    from openvino_tokenizers import convert_tokenizer
-    from transformers import AutoTokenizer
+    import openvino as ov  # optional: openvino
+    from openvino_tokenizers import convert_tokenizer  # optional: openvino
+    from transformers import AutoTokenizer  # start-up time: transformers
 
     encoder, decoder = convert_tokenizer(AutoTokenizer.from_pretrained(tokenizer), with_detokenizer=True)
     ov.save_model(encoder, str(staging / "openvino_tokenizer.xml"))

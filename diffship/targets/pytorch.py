@@ -26,10 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._inductor
 from torch import nn
+from torch._inductor import config as inductor_config
+from torch.export import Dim
 
 from diffship.errors import DiffshipError, DiskFull
 from diffship.models.components import ComponentSpec, TensorSpec, wrap
+from diffship.models.compressed import is_compressed, load_compressed
+from diffship.models.loading import load_component, load_folder
 from diffship.store.artifacts import atomic_write_json, staged_path
 from diffship.targets import Case, CompileContext
 from diffship.targets.pytorch_options import (
@@ -61,8 +66,7 @@ def compile(source: Path, precision: str, options: TorchOptions | None = None, d
             context: CompileContext | None = None) -> Path:
     """Write one component's artifact into `dest`: its weights in the set's type (`weights/`, eager and compiled
     sets) or an AOTInductor package (`model.pt2`), with torch.json beside it saying how it was made."""
-    from diffship.exporters.onnx import onnx_io
-    from diffship.models.loading import load_component
+    from diffship.exporters.onnx import onnx_io  # start-up time: onnx
 
     options = options or TorchOptions()
     v = variant(precision)
@@ -111,8 +115,6 @@ def packaged(spec: ComponentSpec, options: TorchOptions) -> bool:
 def save_weights(module: nn.Module, spec: ComponentSpec, model_folder: Path, dtype: str, dest: Path) -> None:
     """The component's module as `save_pretrained` writes it (safetensors), in `dtype`. A compressed UNet's folder is
     copied as it is: its structure is not the config's, and diffship's loader rebuilds it."""
-    from diffship.models.compressed import is_compressed
-
     if spec.is_denoiser and is_compressed(model_folder / spec.module):
         shutil.copytree(model_folder / spec.module, dest)
         return
@@ -123,8 +125,6 @@ def export_dims(spec: ComponentSpec, context: CompileContext) -> dict[str, Any]:
     """Example inputs' sizes and `torch.export` dynamic shapes for the recipe's ranges: batch, and height / width in
     steps of 8 latent pixels (what the UNet's downsampling needs); static where the recipe fixes the shapes. The
     example avoids sizes of 1, which `torch.export` would specialize."""
-    from torch.export import Dim
-
     unit = spec.vae_scale * 8  # pixels per step of 8 latent pixels
     if context.static_shapes is not None or context.shape_ranges is None:
         shapes = context.static_shapes or {t.name: t.concrete(spec.axis_sizes(1, *context.probe_size)) for t in spec.inputs}
@@ -160,8 +160,6 @@ def export_package(module: nn.Module, spec: ComponentSpec, dtype: str, device: s
                    package: Path, frozen: bool = False) -> dict[str, Any]:
     """`torch.export` the component (FP32 I/O around `dtype` inside) on example inputs and compile it with
     AOTInductor into `package`; return the seconds each took and the shapes it accepts."""
-    import torch._inductor
-
     wrapper = CastIO(wrap(spec, module.to(DTYPES[dtype])), spec, DTYPES[dtype]).to(device).eval()
     ex = dims["example"]
     inputs = spec.sample_inputs(ex["batch"], ex["height"], ex["width"])
@@ -269,8 +267,6 @@ class TorchRunner:
             self.fn = self._load_module()
 
     def _load_package(self) -> Any:
-        import torch._inductor
-
         built_for = self.info["device"]
         if built_for != self.device:
             raise DiffshipError(f"{self.artifact} was compiled for {built_for}; this run uses {self.device}. Rebuild the "
@@ -287,9 +283,6 @@ class TorchRunner:
             raise
 
     def _load_module(self) -> Any:
-        from diffship.models.compressed import is_compressed, load_compressed
-        from diffship.models.loading import load_folder
-
         weights = self.artifact
         if self.spec.is_denoiser and is_compressed(weights):
             module = load_compressed(weights, False)
@@ -303,7 +296,7 @@ class TorchRunner:
         wrapper = CastIO(wrap(self.spec, module), self.spec, self.dtype).eval()
         offload = self.options.offload
         if offload == "sequential":
-            from accelerate import cpu_offload
+            from accelerate import cpu_offload  # start-up time: accelerate
 
             cpu_offload(module, execution_device=torch.device("cuda"))
         elif offload == "none":
@@ -337,7 +330,6 @@ class TorchRunner:
             else contextlib.nullcontext()
         frozen = contextlib.nullcontext()
         if self.frozen:  # read by Inductor when it compiles (first call at each shape)
-            from torch._inductor import config as inductor_config
 
             frozen = inductor_config.patch(freezing=True)
         with torch.inference_mode(), autocast, frozen:

@@ -9,14 +9,13 @@ import torch
 from torch import nn
 
 from diffship.models.components import ComponentSpec
+from diffship.targets.options import vae_fp32_reason
 from diffship.targets.pytorch_options import FP32_INPUTS, TorchOptions, variant
 
 
 def effective_dtype(precision: str, spec: ComponentSpec, options: TorchOptions) -> tuple[str, str | None]:
     """The type component `spec` keeps its weights in for `precision` (FP32 under autocast), and why a component
     leaves the set's precision when it does (SDXL's VAE: no FP16, not even under autocast)."""
-    from diffship.targets.options import vae_fp32_reason
-
     v = variant(precision)
     if v.dtype == "fp16" and (reason := vae_fp32_reason(spec, options.vae_precision)):
         return "fp32", reason
@@ -31,7 +30,7 @@ def apply_options(module: nn.Module, spec: ComponentSpec, options: TorchOptions)
             module.set_attention_slice(options.attention_slice)
             applied["attention"] = f"sliced ({options.attention_slice})"
         else:
-            from diffusers.models.attention_processor import AttnProcessor2_0
+            from diffusers.models.attention_processor import AttnProcessor2_0  # start-up time: diffusers
 
             module.set_attn_processor(AttnProcessor2_0())
             applied["attention"] = "sdpa"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from diffship.compress.distill import run_calls
 from diffship.compress.qat import kept_float, modelopt_quantization, plain_attention
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec, wrap
@@ -42,9 +43,8 @@ def quant_config(mode: str, alpha: float, keep_float: tuple[str, ...] = ()) -> d
 
 def _percentile_conv_inputs(denoiser: nn.Module, calls: list[dict[str, np.ndarray]], percentile: float) -> int:
     """Re-calibrate every quantized convolution input to the `percentile` of its absolute values; the count."""
-    from modelopt.torch.quantization.calib import HistogramCalibrator
+    from modelopt.torch.quantization.calib import HistogramCalibrator  # optional: tensorrt
 
-    from diffship.compress.distill import run_calls
 
     quantizers = [m.input_quantizer for m in denoiser.modules()
                   if isinstance(m, nn.Conv2d) and getattr(m, "input_quantizer", None) is not None
@@ -67,8 +67,6 @@ def quantize_unet(denoiser: nn.Module, calls: list[dict[str, np.ndarray]], mode:
                   percentile: float = 99.99, *, keep_float: tuple[str, ...]) -> dict[str, Any]:
     """Insert and calibrate `mode` quantizers in the denoiser `denoiser` (FP32, on the CPU or a GPU) in place, the layers
     named by `keep_float` left in float; what was done."""
-    from diffship.compress.distill import run_calls
-
     if not calls:
         raise DiffshipError("Quantizing the denoiser needs calibration calls; none were captured.")
     if not 0.0 < percentile <= 100.0:
@@ -93,6 +91,6 @@ def quantize_unet(denoiser: nn.Module, calls: list[dict[str, np.ndarray]], mode:
 
 def export_qdq(denoiser: nn.Module, spec: ComponentSpec, dest: Path, opset: int = 17) -> Path:
     """Export the quantized `denoiser` as QDQ ONNX into `dest`; the model.onnx path."""
-    from diffship.exporters.onnx import export_component
+    from diffship.exporters.onnx import export_component  # start-up time: onnx
 
     return export_component(spec, wrap(spec, denoiser), dest, opset, {"diffship.quantized": "modelopt"})

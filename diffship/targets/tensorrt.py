@@ -23,11 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from onnx import numpy_helper
 
 from diffship.errors import DiffshipError
+from diffship.models.loading import load_component
 from diffship.store.artifacts import atomic_write_bytes, atomic_write_json
-from diffship.targets import CompileContext, calibration_inputs, onnx_graph
+from diffship.store.cache import cache_root, unwritable_reason
+from diffship.targets import CompileContext, calibration_inputs, onnx_graph, qdq_unet
+from diffship.targets.accuracy_gate import probe_inputs
 from diffship.targets.records import Description, read_record
+from diffship.targets.tensorrt_auto import search_unet
 from diffship.targets.tensorrt_onnx import computes_in as computes_in
 from diffship.targets.tensorrt_onnx import prepare_onnx as prepare_onnx
 from diffship.targets.tensorrt_options import (
@@ -53,6 +59,7 @@ from diffship.targets.tensorrt_options import needs_calibration as needs_calibra
 from diffship.targets.tensorrt_options import parse_options as parse_options
 from diffship.targets.tensorrt_options import preflight as preflight
 from diffship.targets.tensorrt_options import writes_artifacts as writes_artifacts
+from diffship.targets.weight_patch import onnx_replacements, patch_onnx
 
 # What a farm task of each stage needs besides CPU and memory: an engine is built and timed on the GPU kind it will
 # run on (the build's [builds.farm] accelerator_type).
@@ -64,8 +71,6 @@ STAGE_RESOURCES = {"compile": "accelerator", "validate": "accelerator"}
 
 def default_timing_cache(env: dict[str, str]) -> Path:
     """One timing cache per GPU model and TensorRT version in diffship's cache (timings are only valid there)."""
-    from diffship.store.cache import cache_root
-
     slug = "-".join(env[k] for k in ("gpu", "compute_capability", "tensorrt", "cuda"))
     return cache_root() / "tensorrt-timing" / ("".join(c if c.isalnum() or c in ".-" else "_" for c in slug) + ".cache")
 
@@ -76,7 +81,6 @@ def timing_cache_path(options: TrtOptions, env: dict[str, str]) -> Path | None:
         return None
     if options.timing_cache:
         return Path(options.timing_cache)
-    from diffship.store.cache import unwritable_reason
 
     return default_timing_cache(env) if unwritable_reason() is None else None
 
@@ -163,9 +167,6 @@ def _quantized_unet(folder: Path, mode: str, options: TrtOptions, context: Compi
                     auto: bool = False) -> tuple[Path, dict[str, Any]]:
     """Model Optimizer's QDQ UNet, calibrated on the captured calls (on the GPU), exported from the CPU; with `auto`,
     the layers kept in float are chosen by int8-auto's search on the real steps instead of by name."""
-    from diffship.models.loading import load_component
-    from diffship.targets import qdq_unet
-
     if context.calibration is None or context.model_folder is None:
         raise DiffshipError(f"TensorRT {mode} needs the denoiser's calibration inputs and its PyTorch weights.")
     calls = calibration_inputs(context, mode)
@@ -173,9 +174,6 @@ def _quantized_unet(folder: Path, mode: str, options: TrtOptions, context: Compi
     denoiser = denoiser.to(cuda_device(options.device))
     settings = (mode, options.smoothquant_alpha, options.conv_percentile)
     if auto:
-        from diffship.targets.accuracy_gate import probe_inputs
-        from diffship.targets.tensorrt_auto import search_unet
-
         if context.gate is None:
             raise DiffshipError("int8-auto needs the recipe's INT8 gate for the denoiser.")
         info = search_unet(denoiser, calls, probe_inputs(context.spec, context.gate), context.gate,
@@ -198,8 +196,6 @@ class TrtRunner:
     """A Runner over one TensorRT engine: numpy in and out, torch CUDA tensors in between."""
 
     def __init__(self, plan: Path, options: TrtOptions, precision: str | None = None):
-        import torch
-
         self.info = read_engine_info(plan)
         check_compatible(self.info["environment"], environment(options), plan)
         trt = load_tensorrt()
@@ -228,15 +224,11 @@ class TrtRunner:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Infer on named arrays; float outputs come back as float32 numpy."""
-        import torch
-
         outputs = self.run_torch({n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in inputs.items()})
         return {n: (t.float() if t.is_floating_point() else t).cpu().numpy() for n, t in outputs.items()}
 
     def run_torch(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Infer on named torch tensors (any device); outputs are CUDA tensors the caller owns."""
-        import torch
-
         if set(inputs) != set(self.input_names):
             raise DiffshipError(f"{self.plan} takes inputs {list(self.input_names)}, got {sorted(inputs)}.")
         for name, tensor in inputs.items():
@@ -254,8 +246,6 @@ class TrtRunner:
         return outputs
 
     def _bind(self, feed: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
         for name, tensor in feed.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
@@ -268,8 +258,6 @@ class TrtRunner:
     def _replay(self, feed: dict[str, Any]) -> dict[str, Any]:
         """Static engines: copy into fixed buffers and replay the captured graph (captured on the first call).
         Runs on the Runner's stream; the caller synchronizes."""
-        import torch
-
         if self.graph is None:
             self.buffers = {n: t.clone() for n, t in feed.items()}
             self.outputs = self._bind(self.buffers)
@@ -306,8 +294,6 @@ class TrtRunner:
 
 
 def _torch_dtype(trt_dtype: Any) -> Any:
-    import torch
-
     table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
              "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
     name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
@@ -324,8 +310,6 @@ def load(artifact: Path, options: TrtOptions | None = None, precision: str | Non
 def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, str]:
     """Refit the engine `artifact` with changed weights into `dest`: the weights are found by value in the ONNX the
     engine was parsed from (kept by `refit = true`), patched there, and handed to TensorRT's Refitter by name."""
-    from diffship.targets.weight_patch import onnx_replacements, patch_onnx
-
     weights = artifact.parent / REFIT_WEIGHTS
     if not weights.is_file():
         raise DiffshipError(f"{artifact} was not built refittable (no {REFIT_WEIGHTS} beside it): rebuild with --lora, "
@@ -343,8 +327,6 @@ def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, s
     # Weights fused with a changed one must be given again, unchanged, from the graph the engine was built from.
     missing = [n for n in refitter.get_missing_weights() if n not in values]
     if missing:
-        from onnx import numpy_helper
-
         graph = {t.name: t for t in onnx_graph.load(weights).graph.initializer}
         for name in missing:
             refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(numpy_helper.to_array(graph[name]))))

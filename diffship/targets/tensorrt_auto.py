@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffship.compress.distill import predict
 from diffship.targets.accuracy_gate import Clock, Gate, worst
 from diffship.targets.int8_search import SQNR_CALLS, Site, search, sqnr_db
 
@@ -23,8 +24,6 @@ Say = Callable[[str], None]
 
 
 def _outputs(denoiser: nn.Module, calls: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    from diffship.compress.distill import predict
-
     device = next(denoiser.parameters()).device
     with torch.no_grad():
         return [predict(denoiser, {k: torch.from_numpy(v).to(device) for k, v in c.items()}).float().cpu().numpy()

@@ -27,7 +27,7 @@ def computes_in(spec: ComponentSpec, precision: str, options: TrtOptions) -> tup
 def prepare_onnx(source: Path, out: Path, compute: str) -> dict[str, Any]:
     """The ONNX TensorRT parses: constants folded (polygraphy), dead nodes removed and sorted (onnx-graphsurgeon),
     and converted to FP16 when the component computes in FP16 or around INT8 / FP8 quantizers."""
-    import onnx_graphsurgeon as gs
+    import onnx_graphsurgeon as gs  # start-up time: onnx_graphsurgeon
 
     model = onnx_graph.load(source)
     before = onnx_graph.op_counts(model)

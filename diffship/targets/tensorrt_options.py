@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from pydantic import Field
 
 from diffship.errors import DiffshipError
@@ -97,7 +98,7 @@ def model_index(family: str, components: list[str]) -> dict[str, Any]:
 def load_tensorrt() -> Any:
     """The tensorrt module, or a DiffshipError that says what to install."""
     try:
-        import tensorrt
+        import tensorrt  # optional: tensorrt
     except ModuleNotFoundError as exc:
         raise DiffshipError(f"The TensorRT target needs the 'tensorrt' package ({exc}): {INSTALL}.") from None
     except ImportError as exc:  # the bindings wheel alone imports without its libraries and fails here
@@ -106,8 +107,6 @@ def load_tensorrt() -> Any:
 
 
 def cuda_device(device: int) -> Any:
-    import torch
-
     if not torch.cuda.is_available():
         raise DiffshipError("TensorRT engines build and run on an NVIDIA GPU, and PyTorch sees no CUDA device here "
                             "(torch.cuda.is_available() is False).")
@@ -118,8 +117,6 @@ def cuda_device(device: int) -> Any:
 
 def environment(options: TrtOptions | None = None) -> dict[str, str]:
     """What an engine built here is tied to: GPU model, compute capability, TensorRT and CUDA versions."""
-    import torch
-
     options = options or TrtOptions()
     trt = load_tensorrt()
     device = cuda_device(options.device)

@@ -22,6 +22,9 @@ from diffship.store.artifacts import atomic_write_json, read_json
 from diffship.targets import Case, CompileContext, onnx_graph
 from diffship.targets.options import Names, VaeOptions, VaePrecision, vae_fp32_reason
 from diffship.targets.records import Description
+from diffship.targets.webapp.bundle import check_family as app_runs
+from diffship.targets.webapp.bundle import runtime_folder, write_app
+from diffship.targets.webapp.run import run_app
 
 NAME = "web"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -66,7 +69,7 @@ def needs_calibration(precision: str) -> bool:
 
 def model_index(family: str, components: list[str]) -> dict[str, Any] | None:
     """The folder's model_index.json: the same ONNX pipeline layout as the ONNX Runtime target's."""
-    from diffship.targets import onnxruntime
+    from diffship.targets import onnxruntime  # start-up time: onnxruntime
 
     return onnxruntime.model_index(family, components)
 
@@ -120,7 +123,7 @@ def compile(source: Path, precision: str = "fp32", options: WebOptions | None = 
     record: dict[str, Any] = {"precision": precision}
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=dest) as tmp:
         if precision == "int8":
-            from diffship.targets import onnxruntime
+            from diffship.targets import onnxruntime  # start-up time: onnxruntime
 
             # ONNX Runtime's own INT8 (static QDQ UNet, dynamic text encoders, VAE kept), on the unfused export.
             source = onnxruntime.compile(source, "int8", onnxruntime.OrtOptions(optimize=False), Path(tmp), context)
@@ -157,7 +160,7 @@ def _int8_kept(spec: Any) -> str | None:
 def pin(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
     """Fix every input's dimensions (onnxruntime's own tool, as its mobile docs do) and the outputs' where shape
     inference can tell them."""
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed  # start-up time: onnxruntime
 
     for name, shape in shapes.items():
         make_input_shape_fixed(model.graph, name, list(shape))
@@ -174,7 +177,7 @@ def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any
 def load(artifact: Path, options: WebOptions | None = None, precision: str | None = None) -> Any:
     """The browser's graph on ONNX Runtime's CPU provider: the same file, so the same numbers as WASM's kernels give
     within float rounding; FP16 is checked for parity, not timed (the CPU has no FP16 kernels)."""
-    from diffship.targets import onnxruntime
+    from diffship.targets import onnxruntime  # start-up time: onnxruntime
 
     runner = onnxruntime.OrtRunner(artifact, onnxruntime.OrtOptions(providers=("CPUExecutionProvider",)),
                                    precision or "fp32")
@@ -202,16 +205,12 @@ class WebRunner:
 def preflight(precisions: list[str], options: WebOptions) -> None:
     """Before any work: the app's runtime files are where they are copied from."""
     if options.app:
-        from diffship.targets.webapp.bundle import runtime_folder
-
         runtime_folder()
 
 
 def check_family(family: str, options: WebOptions) -> None:
     """Once the model is known, before any work: the app runs this family's pipeline."""
     if options.app:
-        from diffship.targets.webapp.bundle import check_family as app_runs
-
         app_runs(family)
 
 
@@ -219,8 +218,6 @@ def finish_set(set_dir: Path, components: dict[str, Path], precision: str, optio
                say: Any) -> None:
     """The static web app beside the graphs (see diffship/targets/webapp/bundle.py)."""
     if options.app:
-        from diffship.targets.webapp.bundle import write_app
-
         write_app(set_dir, components, precision, family, say)
 
 
@@ -230,6 +227,5 @@ def app_run(artifacts: Any, sample: Any, latents: Any, options: WebOptions,
     set carries no app. Validation judges its image (validation/app.py)."""
     if not options.app:
         return None
-    from diffship.targets.webapp.run import run_app
 
     return run_app(artifacts.pipeline, artifacts.precision, sample, latents, say)

@@ -64,7 +64,7 @@ class Change:
 
 def _dtype(name: str) -> np.dtype:
     if name == "bfloat16":
-        import ml_dtypes
+        import ml_dtypes  # start-up time: ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
@@ -75,7 +75,7 @@ def _casts(values: np.ndarray, dtype: np.dtype) -> list[tuple[str, np.ndarray]]:
     Runtime's converter, which keeps tiny values at the smallest subnormal instead of flushing them to zero."""
     forms = [("cast", values.astype(dtype))]
     if dtype == np.float16:
-        from onnxruntime.transformers.float16 import convert_np_to_float16
+        from onnxruntime.transformers.float16 import convert_np_to_float16  # start-up time: onnxruntime
 
         forms.append(("ort-fp16", convert_np_to_float16(values)))
     return forms
@@ -137,9 +137,9 @@ def new_bytes(change: Change, where: Stored, transposed: bool, cast: str) -> byt
 
 def onnx_stored(path: Path) -> tuple[object, list[Stored]]:
     """An ONNX model (weights not loaded) and its float initializers."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-    from onnx.helper import tensor_dtype_to_np_dtype
+    import onnx  # start-up time: onnx
+    from onnx.external_data_helper import uses_external_data  # start-up time: onnx
+    from onnx.helper import tensor_dtype_to_np_dtype  # start-up time: onnx
 
     model = onnx.load(str(path), load_external_data=False)
     stored = []
@@ -200,8 +200,8 @@ def _write_at(path: Path, patches: list[tuple[int, bytes]]) -> None:
 def patch_onnx(source: Path, dest: Path, changes: list[Change]) -> dict[str, str]:
     """Copy the ONNX model at `source` (and its external data) to `dest` with `changes` written over the old
     weights; the initializer each change landed in."""
-    import onnx
-    from onnx import numpy_helper
+    import onnx  # start-up time: onnx
+    from onnx import numpy_helper  # start-up time: onnx
 
     model, stored = onnx_stored(source)
     inline = {t.name: t for t in model.graph.initializer}
@@ -249,7 +249,7 @@ def patch_ir(source: Path, dest: Path, changes: list[Change]) -> dict[str, str]:
 
 def onnx_replacements(source: Path, changes: list[Change]) -> dict[str, np.ndarray]:
     """Initializer name -> its new value, for engines refitted by name (TensorRT) or sessions given overrides."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # start-up time: onnx
 
     model, stored = onnx_stored(source)
     inline = {t.name: t for t in model.graph.initializer}

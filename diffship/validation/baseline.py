@@ -17,7 +17,7 @@ import torch
 
 from diffship.host.memory import release_freed
 from diffship.models.components import ComponentSpec, wrap
-from diffship.models.families import Family, detect_family, tasks_of
+from diffship.models.families import Family, controlnets_in, detect_family, tasks_of
 from diffship.models.loading import load_component
 from diffship.runtime.pipeline import Generation
 from diffship.runtime.schedulers import make_scheduler
@@ -66,8 +66,8 @@ def load_baseline(folder: Path, allow_pickle: bool = False, device: str | None =
                   dtype: torch.dtype | None = None, task: str | None = None) -> Any:
     """diffusers' pipeline for `task` (the family's first by default) over the model in `folder`, every module loaded
     strictly."""
-    import diffusers
-    import transformers
+    import diffusers  # start-up time: diffusers
+    import transformers  # start-up time: transformers
 
     default_device, default_dtype = baseline_device()
     device, dtype = device or default_device, dtype or default_dtype
@@ -88,11 +88,9 @@ def load_baseline(folder: Path, allow_pickle: bool = False, device: str | None =
 def task_pipeline(pipe: Any, family: Family, task: str, folder: Path | None = None, allow_pickle: bool = False) -> Any:
     """The family's diffusers pipeline for `task`, sharing `pipe`'s modules (diffusers' `from_pipe`); the
     "controlnet" task adds the ControlNets of `folder` (several as diffusers' MultiControlNetModel)."""
-    import diffusers
+    import diffusers  # start-up time: diffusers
 
     if task == "controlnet":
-        from diffship.models.families import controlnets_in
-
         nets = [load_component(folder, name, allow_pickle).to(pipe.device, pipe.dtype) for name in controlnets_in(folder)]
         other = getattr(diffusers, family.controlnet_pipeline).from_pipe(
             pipe, controlnet=nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets))

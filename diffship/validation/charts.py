@@ -10,7 +10,7 @@ import numpy as np
 
 def png(fig: Any) -> bytes:
     """`fig` drawn as PNG, then closed (pyplot keeps every open figure alive)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up time: matplotlib
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -20,10 +20,10 @@ def png(fig: Any) -> bytes:
 
 def image_grid(key: str, pairs: list[dict[str, Any]], baseline_name: str) -> bytes:
     """PNG: one row per sample, columns baseline | target | stretched difference, captioned with the metrics."""
-    import matplotlib
+    import matplotlib  # start-up time: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up time: matplotlib
 
     rows = len(pairs)
     fig, axes = plt.subplots(rows, 3, figsize=(10, 2.7 * rows + 0.2), squeeze=False)
@@ -51,10 +51,10 @@ def latency_chart(report: dict[str, Any]) -> bytes | None:
     measured = {k: r["latency"] for k, r in report["sets"].items() if r.get("latency")}
     if not measured:
         return None
-    import matplotlib
+    import matplotlib  # start-up time: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up time: matplotlib
 
     # One panel per artifact set, stacked, so a build with many precisions stays readable.
     fig, axes = plt.subplots(len(measured), 1, figsize=(9, 4.2 * len(measured)), squeeze=False)

@@ -111,7 +111,7 @@ def peak_rss_during(call: Callable[[], Any]) -> int | None:
 
 def peak_gpu_during(call: Callable[[], Any]) -> int | None:
     """CUDA memory `call` allocates at its peak above what was allocated before it; None without a GPU."""
-    import torch
+    import torch  # start-up time: torch
 
     if not torch.cuda.is_available():
         return None
@@ -125,6 +125,6 @@ def peak_gpu_during(call: Callable[[], Any]) -> int | None:
 
 def peak_gpu_bytes() -> int | None:
     """Peak CUDA memory allocated by torch in this process, None without a GPU."""
-    import torch
+    import torch  # start-up time: torch
 
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None

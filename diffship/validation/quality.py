@@ -42,9 +42,9 @@ def _hidden(model: Any, pixels: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=1)
 def digit_classifier() -> DigitClassifier:
     """Train the digit classifier once per process (80/20 split, seed 0)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.neural_network import MLPClassifier
+    from sklearn.datasets import load_digits  # start-up time: sklearn
+    from sklearn.model_selection import train_test_split  # start-up time: sklearn
+    from sklearn.neural_network import MLPClassifier  # start-up time: sklearn
 
     data = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(data.data, data.target, test_size=0.2, random_state=0,
@@ -56,7 +56,7 @@ def digit_classifier() -> DigitClassifier:
 
 def frechet_distance(mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarray, cov_b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + Tr(A + B - 2 sqrt(A B)), as FID computes it."""
-    from scipy import linalg
+    from scipy import linalg  # start-up time: scipy
 
     # ReLU features include dead units, so the covariances are singular; a small ridge keeps sqrtm stable.
     ridge = 1e-6 * np.eye(len(cov_a))

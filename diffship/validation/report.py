@@ -11,6 +11,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from diffship.compress.table import stage_chart, stage_table
 from diffship.host.cpu import describe
 from diffship.store.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
 from diffship.validation.charts import image_grid, latency_chart
@@ -211,8 +212,6 @@ def all_tables(report: dict[str, Any]) -> list[Table]:
     tables = [summary_table(report), ("ONNX export (opset " + str(report["recipe"]["export"]["opset"]) + ")",
                                       ["component", "size", "export"], export)]
     if "compress" in report:
-        from diffship.compress.table import stage_table
-
         tables.insert(1, stage_table(report["compress"]))
     for key, r in report["sets"].items():
         tables += set_tables(key, r)
@@ -314,8 +313,6 @@ def write_report(report: dict[str, Any], pairs: dict[str, list[dict[str, Any]]],
     if chart := frontier_chart(report):
         pictures["speed-quality frontier"] = chart
     if "compress" in report:
-        from diffship.compress.table import stage_chart
-
         pictures["compression"] = stage_chart(report["compress"])
     files = {}
     for name, data in pictures.items():

@@ -62,11 +62,15 @@ class Denoiser:
         return f"controlled_{self.component}"
 
     def in_channels(self, config: dict[str, Any]) -> int:
-        return int(config.get("in_channels", 4))
+        """Its input channels (as the config gives them: a mistyped config fails where the model is built, which
+        names the file)."""
+        channels: int = config.get("in_channels", 4)
+        return channels
 
     def native_size(self, config: dict[str, Any], vae_scale: int) -> int:
         """The image side (pixels) its pipeline was trained at: the latent sample size times the VAE's scale."""
-        return int(config.get("sample_size") or self.default_sample_size) * vae_scale
+        side: int = config.get("sample_size", self.default_sample_size) * vae_scale
+        return side
 
 
 @dataclass(frozen=True)

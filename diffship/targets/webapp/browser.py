@@ -50,7 +50,7 @@ def find_browser() -> tuple[str, str] | None:
 def browser_unavailable() -> str | None:
     """Why the page cannot be run here, or None."""
     try:
-        import selenium  # noqa: F401
+        import selenium  # noqa: F401  optional: web
     except ImportError:
         return "selenium is not installed (pip install 'diffship[web]')"
     if find_browser() is None:
@@ -96,10 +96,10 @@ def run_page(folder: Path, params: dict[str, Any], webgpu: bool = False, timeout
     finish; the page's result, whatever it was (a failure on the page is a PageRun with state "error")."""
     if reason := browser_unavailable():
         raise DiffshipError(f"Cannot run the web page: {reason}.")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium import webdriver  # optional: web
+    from selenium.webdriver.chrome.service import Service  # optional: web
+    from selenium.webdriver.common.by import By  # optional: web
+    from selenium.webdriver.support.ui import WebDriverWait  # optional: web
 
     browser, driver_path = find_browser()  # type: ignore[misc]
     options = webdriver.ChromeOptions()

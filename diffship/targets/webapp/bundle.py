@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffship.errors import DiffshipError
+from diffship.models.families import family_named
 from diffship.store.artifacts import atomic_write_json, read_json
 
 APP = Path(__file__).parent / "app"
@@ -60,8 +61,6 @@ def write_app(set_dir: Path, components: dict[str, Path], precision: str, family
 
 def check_family(family_name: str) -> None:
     """Refuse a family whose conditioning the app does not make (SDXL's second text encoder and time ids)."""
-    from diffship.models.families import family_named
-
     family = family_named(family_name)
     if family.time_ids or len(family.text_encoders) != 1:
         raise DiffshipError(f"The web app runs SD 1.x / 2.x pipelines (one CLIP text encoder); {family.short}'s "
@@ -71,8 +70,7 @@ def check_family(family_name: str) -> None:
 
 def app_config(set_dir: Path, components: dict[str, Path], precision: str, family_name: str) -> dict[str, Any]:
     """What the page needs to know: the graphs and their pinned shapes, the tokenizer, scheduler and VAE settings."""
-    from diffship.models.families import family_named
-    from diffship.targets.onnx_graph import input_shapes, weight_bytes
+    from diffship.targets.onnx_graph import input_shapes, weight_bytes  # start-up time: onnx
 
     check_family(family_name)
     family = family_named(family_name)
@@ -109,7 +107,7 @@ def app_config(set_dir: Path, components: dict[str, Path], precision: str, famil
 def tokenizer_config(folder: Path) -> dict[str, Any]:
     """tokenizer.json for tokenizers.js (written from the slow tokenizer's files when the folder lacks one), with the
     padding diffusers applies: `padding="max_length"` to the model's length with the tokenizer's pad token."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # start-up time: transformers
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
     if not (folder / "tokenizer.json").is_file():

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from diffship.targets.webapp.browser import browser_unavailable, run_page
+
 CHECK_FOLDER = "_diffship_check"
 
 
@@ -23,8 +25,6 @@ def run_app(set_dir: Path, precision: str, sample: Any, latents: np.ndarray, say
             timeout: float = 900.0) -> tuple[dict[str, Any], np.ndarray | None]:
     """Run the page for `sample` from `latents`; what happened (`ran`, backend, timings, or why it did not run and
     whether that is a failure: `passed` False) and the image it drew, if it drew one."""
-    from diffship.targets.webapp.browser import browser_unavailable, run_page
-
     label = f"[web {precision}]"
     if reason := browser_unavailable():
         say(f"{label} in-browser check not run: {reason}")
@@ -48,7 +48,7 @@ def run_app(set_dir: Path, precision: str, sample: Any, latents: np.ndarray, say
                    "console": page.console[-20:]}
         say(f"{label} in-browser check {'not run' if cannot else 'FAILED'}: {result['reason']}")
         return result, None
-    from PIL import Image
+    from PIL import Image  # start-up time: PIL
 
     step_ms = page.timings.get("step_ms", [])
     result |= {"step_ms": step_ms, "mean_step_ms": float(np.mean(step_ms[1:] or step_ms)) if step_ms else None,
