@@ -18,8 +18,9 @@ import onnx
 from diffship.host.cpu import describe
 from diffship.models.components import component_specs
 from diffship.store.manifest import read_manifest
-from diffship.targets import mobile, onnx_graph, web
+from diffship.targets import mobile, onnx_graph
 from diffship.targets.mobile_check import usability
+from diffship.targets.pinned import pin
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.export) as tmp:
         for label, rewrite in variants:
             model = onnx.load(str(source))
-            web.pin(model, shapes)
+            pin(model, shapes)
             if rewrite:
                 mobile.rewrite(model, source.parent / "config.json")
             path = Path(tmp) / label.split(",")[0].replace(" ", "-").replace("'", "") / "model.onnx"

@@ -22,9 +22,10 @@ import onnx
 
 from diffship.errors import DiffshipError
 from diffship.store.artifacts import atomic_write_json, read_json
-from diffship.targets import CompileContext, calibration_inputs, mobile_graph, onnx_graph, web
+from diffship.targets import CompileContext, calibration_inputs, mobile_graph, onnx_graph
 from diffship.targets.mobile_check import usability
 from diffship.targets.options import TargetOptions
+from diffship.targets.pinned import pin, pinned_case, pinned_shapes
 from diffship.targets.records import Description
 
 NAME = "mobile"
@@ -63,10 +64,8 @@ def needs_calibration(precision: str) -> bool:
 
 
 def model_index(family: str, components: list[str]) -> dict[str, Any] | None:
-    """The same ONNX pipeline layout as the ONNX Runtime target's."""
-    from diffship.targets import onnxruntime  # start-up time: onnxruntime
-
-    return onnxruntime.model_index(family, components)
+    """None: the export's own model_index.json, the ONNX pipeline layout the ONNX Runtime target keeps too."""
+    return None
 
 
 def compile(source: Path, precision: str = "fp32", options: MobileOptions | None = None, dest: Path | None = None,
@@ -84,8 +83,8 @@ def compile(source: Path, precision: str = "fp32", options: MobileOptions | None
         raise DiffshipError(f"{spec.name} is {size / 1e9:.2f} GB, over 2 GB: the ORT format, like protobuf, cannot hold "
                             "it; phones need a smaller model (a distilled or pruned one, `diffship compress`).")
     model = onnx.load(str(source))
-    shapes = web.pinned_shapes(context)
-    web.pin(model, shapes)
+    shapes = pinned_shapes(context)
+    pin(model, shapes)
     record: dict[str, Any] = {"precision": precision, "shapes": {k: list(v) for k, v in shapes.items()}}
     if options.rewrite:
         record["rewrites"] = rewrite(model, source.parent / "config.json" if spec.is_denoiser else None)
@@ -186,7 +185,7 @@ def _to_ort(onnx_path: Path, dest: Path) -> None:
 
 def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
     """The one shape each model was built for."""
-    return web.parity_cases(spec, artifact, cases)
+    return pinned_case(spec, artifact, cases)
 
 
 class MobileRunner:
@@ -194,12 +193,11 @@ class MobileRunner:
     timestep embedding moved to the host gets it computed here, as an app on a phone would."""
 
     def __init__(self, artifact: Path, precision: str):
-        from diffship.targets import onnxruntime  # start-up time: onnxruntime
+        from diffship.targets.ort_session import OrtOptions, OrtRunner  # start-up time: onnxruntime
 
         self.record = read_json(artifact.parent / onnx_graph.GRAPH_FILE)
         self.rewrites = self.record.get("rewrites", {})
-        self.runner = onnxruntime.OrtRunner(artifact, onnxruntime.OrtOptions(providers=("CPUExecutionProvider",)),
-                                            "fp32")
+        self.runner = OrtRunner(artifact, OrtOptions(providers=("CPUExecutionProvider",)), "fp32")
         self.precision, self.output_names = precision, self.runner.output_names
         names = self.runner.input_names
         self.input_names = tuple("timestep" if n == mobile_graph.EMBEDDING_INPUT else n for n in names)

@@ -19,8 +19,9 @@ import onnx
 from diffship.errors import DiffshipError
 from diffship.exporters import precise_norms
 from diffship.store.artifacts import atomic_write_json, read_json
-from diffship.targets import Case, CompileContext, onnx_graph
+from diffship.targets import CompileContext, onnx_graph
 from diffship.targets.options import Names, VaeOptions, VaePrecision, vae_fp32_reason
+from diffship.targets.pinned import pin, pinned_case, pinned_shapes
 from diffship.targets.records import Description
 from diffship.targets.webapp.bundle import check_family as app_runs
 from diffship.targets.webapp.bundle import runtime_folder, write_app
@@ -68,22 +69,8 @@ def needs_calibration(precision: str) -> bool:
 
 
 def model_index(family: str, components: list[str]) -> dict[str, Any] | None:
-    """The folder's model_index.json: the same ONNX pipeline layout as the ONNX Runtime target's."""
-    from diffship.targets import onnxruntime  # start-up time: onnxruntime
-
-    return onnxruntime.model_index(family, components)
-
-
-def pinned_shapes(context: CompileContext) -> dict[str, tuple[int, ...]]:
-    """The input shapes the browser graph is built for: the recipe's when it pins them, else one image (both halves
-    of guidance for the denoiser) at the validation's resolution."""
-    if context.static_shapes:
-        return context.static_shapes
-    height, width = context.opt_size or context.probe_size
-    batch = (context.shape_ranges or {"batch": [1]})["batch"][0]
-    spec = context.spec
-    sizes = spec.axis_sizes(spec.batch_for(batch, context.guided), height, width)
-    return {t.name: t.concrete(sizes) for t in spec.inputs}
+    """None: the export's own model_index.json, the ONNX pipeline layout the ONNX Runtime target keeps too."""
+    return None
 
 
 def check_size(name: str, precision: str, files: dict[str, int]) -> None:
@@ -157,30 +144,17 @@ def _int8_kept(spec: Any) -> str | None:
     return "VAE activations lose too much in INT8" if spec.role.startswith("vae") else None
 
 
-def pin(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Fix every input's dimensions (onnxruntime's own tool, as its mobile docs do) and the outputs' where shape
-    inference can tell them."""
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed  # start-up time: onnxruntime
-
-    for name, shape in shapes.items():
-        make_input_shape_fixed(model.graph, name, list(shape))
-    if onnx_graph.small_enough_to_measure(model) and model.ByteSize() < onnx_graph.TWO_GB:
-        fix_output_shapes(model)
-
-
 def parity_cases(spec: Any, artifact: Path, cases: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The one case a graph was built for: its batch and the image size its first input stands for."""
-    shape = onnx_graph.input_shapes(artifact)[spec.inputs[0].name]
-    return (Case(shape[0], *(spec.image_size(shape) or (cases[0].height, cases[0].width))),)
+    """The one case a graph was built for."""
+    return pinned_case(spec, artifact, cases)
 
 
 def load(artifact: Path, options: WebOptions | None = None, precision: str | None = None) -> Any:
     """The browser's graph on ONNX Runtime's CPU provider: the same file, so the same numbers as WASM's kernels give
     within float rounding; FP16 is checked for parity, not timed (the CPU has no FP16 kernels)."""
-    from diffship.targets import onnxruntime  # start-up time: onnxruntime
+    from diffship.targets.ort_session import OrtOptions, OrtRunner  # start-up time: onnxruntime
 
-    runner = onnxruntime.OrtRunner(artifact, onnxruntime.OrtOptions(providers=("CPUExecutionProvider",)),
-                                   precision or "fp32")
+    runner = OrtRunner(artifact, OrtOptions(providers=("CPUExecutionProvider",)), precision or "fp32")
     return WebRunner(runner, precision or "fp32")
 
 
