@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffship.compress.quantize import bitsandbytes_unet
+from diffship.compress.quantize import bitsandbytes_denoiser
 from diffship.models.components import component_specs
 from diffship.models.loading import load_component
 from diffship.models.source import resolve
@@ -52,7 +52,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     for weights in ("int8", "nf4"):
         try:
-            unet, _ = bitsandbytes_unet(folder, weights)
+            unet, _ = bitsandbytes_denoiser(folder, "unet", weights)
         except Exception as exc:  # report and go on: one missing kernel should not hide the other rows
             print(f"bitsandbytes {weights}: {type(exc).__name__}: {exc}")
             continue
