@@ -13,6 +13,7 @@ from conftest import Lazy
 from safetensors.torch import load_file, save_file
 
 from diffship.models.builtin import BUILTINS, write_builtin
+from diffship.models.families.unet import UNET
 from diffship.recipe import parse_recipe
 from diffship.stages.build import build
 from diffship.targets.accuracy_gate import Clock, Gate
@@ -151,12 +152,15 @@ def test_a_search_out_of_time_keeps_its_best_passing_candidate_or_falls_back():
 
 
 def test_recipe_sensitive_layers_are_tried_first_then_by_sqnr():
+    """The denoiser's declared `searched_first` layers lead the ranking; without a declaration SQNR alone ranks."""
     sites = [Site("a", ("/unet/down/attn/MatMul",), 10.0), Site("b", ("/unet/conv_in/Conv",), 40.0),
              Site("c", ("/unet/mid/Conv",), 15.0)]
     gate = Gate(0.99, 0.15, time_limit_s=600)
-    kept, _ = search(sites, lambda kept: (1.0 if len(kept) >= 2 else 0.9, 1.0, 0.01), gate, Clock(gate), 0.02,
-                     lambda _: None)
+    two = lambda kept: (1.0 if len(kept) >= 2 else 0.9, 1.0, 0.01)  # noqa: E731
+    kept, _ = search(sites, two, gate, Clock(gate), 0.02, lambda _: None, UNET.sensitive.searched_first)
     assert [s.name for s in kept] == ["b", "a"]
+    kept, _ = search(sites, two, gate, Clock(gate), 0.02, lambda _: None)
+    assert [s.name for s in kept] == ["a", "c"]
 
 
 def test_a_candidate_must_also_hold_validations_random_input_parity():
@@ -176,7 +180,7 @@ def test_a_site_with_no_measured_noise_is_tried_early_and_the_record_stays_stric
              Site("c", ("/unet/conv_in/Conv",), 40.0), Site("d", ("/unet/mid/Conv",), 30.0)]
     gate = Gate(0.99, 0.15, time_limit_s=600)
     needs_b = lambda kept: (1.0 if "b" in {s.name for s in kept} else 0.5, 1.0, 0.01)  # noqa: E731
-    kept, record = search(sites, needs_b, gate, Clock(gate), 0.02, lambda _: None)
+    kept, record = search(sites, needs_b, gate, Clock(gate), 0.02, lambda _: None, UNET.sensitive.searched_first)
     assert [s.name for s in kept] == ["c", "b"]
     json.dumps(record, allow_nan=False)
     assert record["kept_in_float"][1]["sqnr_db"] is None and "no quantization noise" in record["kept_in_float"][1]["why"]

@@ -310,7 +310,7 @@ def test_fp8_unet_exports_tensorrt_fp8_quantizers(sd, tmp_path: Path):
                                   keep_float=KEEP)
     assert info["mode"] == "fp8"
     path = qdq_unet.export_qdq(unet, spec, tmp_path / "fp8")
-    tensorrt.prepare_onnx(path, tmp_path / "prepared" / "model.onnx", "fp8", keep_float=KEEP)
+    tensorrt.prepare_onnx(path, tmp_path / "prepared" / "model.onnx", "fp8")
     nodes = onnx.load(str(tmp_path / "prepared" / "model.onnx")).graph.node
     fp8 = [n for n in nodes if n.op_type == "TRT_FP8QuantizeLinear"]
     assert len(fp8) > 50 and {n.domain for n in fp8} == {"trt"}

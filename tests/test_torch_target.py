@@ -317,7 +317,7 @@ def test_an_unknown_compile_mode_fails_the_build_before_any_work(tmp_path: Path)
                       'options = { compile_mode = "turbo" }\n')
     done = runner.invoke(app, ["build", str(recipe), "-o", str(tmp_path / "out")])
     assert done.exit_code == 2
-    assert "Unknown compile_mode 'turbo'; choose default, reduce-overhead, max-autotune" in done.output
+    assert "Unknown PyTorch compile_mode 'turbo'; choose default, reduce-overhead, max-autotune" in done.output
     assert not (tmp_path / "out").exists()
 
 
