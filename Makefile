@@ -37,13 +37,18 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest --durations=15
 
-# ruff, the layers contract (pyproject's [tool.importlinter]), no import cycle between modules, and mypy on the target
-# protocol and the stages
+# ruff, the layers contract (pyproject's [tool.importlinter]), no import cycle between modules and every late import
+# with its reason, mypy on the target protocol and the stages, and the guards that no module outside
+# models/families names a family or the UNet
 lint: setup
 	$(BIN)/ruff check diffship tests benchmarks scripts
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/check_import_cycles.py
 	$(BIN)/mypy diffship/targets/base.py diffship/stages
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_structure.py \
+		tests/test_families.py::test_no_module_outside_the_families_names_a_family \
+		tests/test_families.py::test_no_module_outside_the_families_names_the_unet \
+		tests/test_families.py::test_the_unet_guard_catches_each_way_of_naming_it
 
 bench-export: setup
 	$(BIN)/python benchmarks/export_unet.py
