@@ -90,7 +90,7 @@ class DeployedPipeline:
             raise DiffshipError(f"Unknown scheduler {scheduler_config['_class_name']!r} in {folder / 'scheduler'}.")
         self.scheduler = scheduler_class.from_config(scheduler_config)
         self.denoiser = self.family.denoiser
-        self.denoiser_config = read_json(folder / self.denoiser.component / "config.json")
+        self.denoiser_config = self.family.denoiser_config(folder)
         self.vae_config = read_json(folder / "vae_decoder" / "config.json")
         self.force_zeros = bool(read_json(folder / "model_index.json").get("force_zeros_for_empty_prompt", False))
         self.vae_scale = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)

@@ -81,7 +81,8 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
     device = "cuda" if torch.cuda.is_available() else "cpu"
     say(f"[compress] loading {folder.name} (PyTorch FP32, {device}) ...")
     pipe = load_baseline(folder, allow_pickle, device, torch.float32)
-    component, sensitive = family_named(family).denoiser.component, family_named(family).denoiser.sensitive
+    denoiser = family_named(family).denoiser
+    component, sensitive = denoiser.component, denoiser.sensitive
 
     def net() -> Any:  # the denoiser as it stands (bitsandbytes replaces the module)
         return getattr(pipe, component)

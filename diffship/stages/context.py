@@ -14,7 +14,7 @@ from typing import Any
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import select_specs
 from diffship.models.components import ComponentSpec, component_specs
-from diffship.models.families import Family, component_config, controlnets_in, detect_family, tasks_of
+from diffship.models.families import Family, controlnets_in, detect_family, family_named, tasks_of
 from diffship.models.lora import LoraSpec
 from diffship.models.source import ModelSource, resolve
 from diffship.recipe import Recipe
@@ -59,7 +59,7 @@ def shapes_fixed(shapes: dict[str, list[int]]) -> bool:
 def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict[str, list[int]], Plan]:
     """The shape ranges to record, and the resolution and parity cases validation uses (model defaults filled in)."""
     multiple = spec.vae_scale * spec.latent_multiple
-    native = spec.denoiser.native_size(component_config(folder, spec.denoiser.component), spec.vae_scale)
+    native = spec.denoiser.native_size(family_named(spec.family).denoiser_config(folder), spec.vae_scale)
     shapes: dict[str, list[int]] = {"batch": list(recipe.shapes.batch)}
     for side in ("height", "width"):
         low, high = getattr(recipe.shapes, side) or (multiple, 2 * native)

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
 
 VaePrecision = Literal["auto", "fp16", "fp32"]
-VAE_PRECISIONS: tuple[str, ...] = get_args(VaePrecision)
 OLD_VAE_NAME = "fp16_vae"  # ONNX Runtime's and the web target's name for `vae_precision` before one name served all
 
 
@@ -134,15 +133,20 @@ def _range(field: Any) -> str:
     return f"{BOUNDS.get(kind, kind)} {limit:g}"
 
 
+def _leaves(annotation: Any) -> list[Any]:
+    """An annotation's alternatives through unions and Optional: `bool`, `int`, a `Literal[...]`..."""
+    if annotation is type(None):
+        return []
+    if get_origin(annotation) is Literal or not get_args(annotation):
+        return [annotation]
+    return [leaf for alternative in get_args(annotation) for leaf in _leaves(alternative)]
+
+
 def _allowed(annotation: Any) -> list[str]:
     """What values of `annotation` look like, for a message: true, false, 'auto', a whole number..."""
-    if annotation is bool:
-        return ["true", "false"]
-    if get_origin(annotation) is Literal:
-        return [repr(a) for a in get_args(annotation)]
-    if annotation in (int, float, str):
-        return [{int: "a whole number", float: "a number", str: "text"}[annotation]]
-    return [part for a in get_args(annotation) if a is not type(None) for part in _allowed(a)]
+    words = {bool: ["true", "false"], int: ["a whole number"], float: ["a number"], str: ["text"]}
+    return [part for leaf in _leaves(annotation)
+            for part in ([repr(c) for c in get_args(leaf)] if get_origin(leaf) is Literal else words.get(leaf, []))]
 
 
 def _either(parts: list[str]) -> str:
@@ -150,13 +154,5 @@ def _either(parts: list[str]) -> str:
 
 
 def _choices(annotation: Any) -> tuple[Any, ...]:
-    """The literal choices an annotation allows (through Optional and Annotated)."""
-    found: list[Any] = []
-    stack = [annotation]
-    while stack:
-        annotation = stack.pop()
-        if get_origin(annotation) is Literal:
-            found += get_args(annotation)
-        else:
-            stack += [a for a in get_args(annotation) if a is not type(None)]
-    return tuple(found)
+    """The literal choices an annotation allows (through Optional and unions)."""
+    return tuple(c for leaf in _leaves(annotation) if get_origin(leaf) is Literal for c in get_args(leaf))

@@ -169,9 +169,10 @@ class WebRunner:
         return self.runner.run(inputs)
 
     def describe(self) -> Description:
+        described = self.runner.describe()
         skipped = "FP16 graphs are for WebGPU; the CPU has no FP16 kernels: parity only" if self.precision == "fp16" \
-            else self.runner.describe().latency_skipped
-        return replace(self.runner.describe(), target=NAME, latency_skipped=skipped,
+            else described.latency_skipped
+        return replace(described, target=NAME, latency_skipped=skipped,
                        summary=f"onnxruntime-web graph ({self.precision}), checked on ONNX Runtime CPU; the browser "
                                "test runs it in Chromium")
 
