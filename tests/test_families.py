@@ -4,6 +4,7 @@ pipeline feeds its UNet, and no module outside `models/families` naming a family
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -12,9 +13,11 @@ import pytest
 import torch
 
 import diffship
+from diffship.errors import DiffshipError
 from diffship.models.builtin import BUILTINS, builtin_folder
 from diffship.models.components import component_specs
-from diffship.models.families import FAMILIES, component_config, detect_family
+from diffship.models.families import FAMILIES, component_config, denoiser_of, detect_family
+from diffship.models.loading import load_folder
 from diffship.validation.baseline import load_baseline
 
 TINY = ["tiny-sd", "tiny-sd2", "tiny-sdxl", "tiny-sdxl-refiner"]
@@ -133,3 +136,19 @@ def test_the_unet_guard_catches_each_way_of_naming_it():
     caught = sorted(value for _, value in _code_names(code) if UNET_NAME.search(value))
     assert caught == ["UNet2DConditionModel", "controlled_unet", "unet", "unet", "unet/config.json"]
     assert not [v for _, v in _code_names(ast.parse('p = ("lora_unet_", "unet.", "denoiser")')) if UNET_NAME.search(v)]
+
+
+def test_a_pipeline_no_family_runs_and_a_config_naming_no_diffusers_model_are_refused(tmp_path: Path):
+    class StableCascadePipeline:  # a diffusers pipeline class no family declares
+        pass
+
+    with pytest.raises(DiffshipError, match="knows no family that runs a StableCascadePipeline"):
+        denoiser_of(StableCascadePipeline())
+    folder = builtin_folder("tiny-sd")
+    for name in ("PNDMScheduler", "os"):  # a diffusers class that is no model, and not a diffusers name at all
+        bad = tmp_path / name / "unet"
+        bad.mkdir(parents=True)
+        config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        (bad / "config.json").write_text(json.dumps({**config, "_class_name": name}), encoding="utf-8")
+        with pytest.raises(DiffshipError, match=f"names '{name}', which is not a diffusers model class"):
+            load_folder(bad, "unet")
