@@ -34,11 +34,11 @@ def test_sd2_builtin_predicts_v_and_sdxl_builtin_has_added_conditioning():
 
 def test_full_size_builtins_have_the_real_shapes():
     # Checked from the declarations (building them takes GBs: benchmarks/ does that).
-    assert BUILTINS["sd15-arch"].unet["block_out_channels"] == [320, 640, 1280, 1280]
+    assert BUILTINS["sd15-arch"].denoiser["block_out_channels"] == [320, 640, 1280, 1280]
     assert BUILTINS["sd15-arch"].text_encoders[0]["hidden_size"] == 768
     xl = BUILTINS["sdxl-arch"]
-    assert xl.unet["transformer_layers_per_block"] == [1, 2, 10]
-    assert xl.unet["projection_class_embeddings_input_dim"] == 6 * 256 + 1280
+    assert xl.denoiser["transformer_layers_per_block"] == [1, 2, 10]
+    assert xl.denoiser["projection_class_embeddings_input_dim"] == 6 * 256 + 1280
     assert xl.text_encoders[1]["num_hidden_layers"] == 32
 
 

@@ -42,7 +42,7 @@ def export_component(spec: ComponentSpec, wrapper: nn.Module, folder: Path, opse
     dynamic_axes = {t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)}
     with tempfile.TemporaryDirectory(prefix=".export-", dir=folder) as raw_dir:
         raw = Path(raw_dir) / MODEL_FILE
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), spec.export_patches():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(
                 wrapper, args, str(raw), input_names=[t.name for t in spec.inputs],

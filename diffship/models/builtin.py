@@ -19,21 +19,29 @@ from typing import Any
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import AutoencoderKL
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from diffship.errors import DiffshipError
 from diffship.models.builtin_configs import (
     CLIP_IDS,
     CLIP_L,
+    FLOW_MATCH,
+    FLUX_FLOW_MATCH,
     OPENCLIP_BIGG,
     SD_SCHEDULER,
     SD_VAE,
+    TINY_FLUX_TRANSFORMER,
+    TINY_SD3_TRANSFORMER,
     TINY_SD_UNET,
     TINY_SDXL_UNET,
+    TINY_T5,
     TINY_VAE,
+    TINY_VAE_16,
 )
 from diffship.models.digits import DIGITS_TEXT_ENCODER, DIGITS_UNET, DIGITS_VAE, TRAIN_SCHEDULER
+from diffship.models.families import family_named
+from diffship.models.t5_tokenizer import build_t5_tokenizer, save_t5_tokenizer
 from diffship.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
 from diffship.store import cache
 from diffship.store.artifacts import staged_dir
@@ -50,9 +58,10 @@ class BuiltinModel:
     description: str
     family: str  # a name in diffship.models.families.FAMILIES
     pipeline_class: str
-    unet: dict[str, Any]
+    denoiser: dict[str, Any]  # the config of the family's denoiser (a UNet's, a transformer's)
     vae: dict[str, Any]
-    text_encoders: tuple[dict[str, Any], ...]  # CLIPTextConfig kwargs; the SDXL second one has a projection
+    # CLIPTextConfig kwargs (the SDXL second one has a projection), or T5Config kwargs under "kind": "t5"
+    text_encoders: tuple[dict[str, Any], ...]
     pad_tokens: tuple[str, ...]
     scheduler_class: str
     scheduler: dict[str, Any]
@@ -63,6 +72,10 @@ class BuiltinModel:
     weights: str | None = None
     # The pipeline folder of each text encoder (and its tokenizer); an SDXL refiner has only the second.
     text_encoder_folders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+    denoiser_class: str = "UNet2DConditionModel"
+    # The native image side in latent pixels, for a denoiser whose config cannot say it (Flux's has no sample_size;
+    # FluxPipeline draws 1024 px by default, which a tiny model does not need): written into its config.json.
+    native_latent_side: int | None = None
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -73,7 +86,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             description="SD 1.x architecture trained on scikit-learn's handwritten digits: real, recognisable images",
             family="sd1",
             pipeline_class="StableDiffusionPipeline",
-            unet=DIGITS_UNET,
+            denoiser=DIGITS_UNET,
             vae=DIGITS_VAE,
             text_encoders=(DIGITS_TEXT_ENCODER,),
             pad_tokens=("<|endoftext|>",),
@@ -88,7 +101,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             description="SD 1.x architecture (CLIP ViT-L style text encoder, epsilon), tiny random weights",
             family="sd1",
             pipeline_class="StableDiffusionPipeline",
-            unet=TINY_SD_UNET,
+            denoiser=TINY_SD_UNET,
             vae=TINY_VAE,
             text_encoders=({**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                             "num_attention_heads": 4, "hidden_act": "quick_gelu", "projection_dim": 32},),
@@ -104,7 +117,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             family="sd2",
             pipeline_class="StableDiffusionPipeline",
             # SD 2.x differs from 1.x by per-level head counts and linear projections in the transformers
-            unet={**TINY_SD_UNET, "attention_head_dim": [2, 4, 4], "use_linear_projection": True},
+            denoiser={**TINY_SD_UNET, "attention_head_dim": [2, 4, 4], "use_linear_projection": True},
             vae=TINY_VAE,
             text_encoders=({**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                             "num_attention_heads": 4, "hidden_act": "gelu", "projection_dim": 32},),
@@ -119,7 +132,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             description="SDXL architecture (two text encoders, text_embeds + time_ids), tiny random weights",
             family="sdxl",
             pipeline_class="StableDiffusionXLPipeline",
-            unet=TINY_SDXL_UNET,
+            denoiser=TINY_SDXL_UNET,
             vae={**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
             text_encoders=(
                 {**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -140,7 +153,7 @@ BUILTINS: dict[str, BuiltinModel] = {
                         "weights",
             family="sdxl-refiner",
             pipeline_class="StableDiffusionXLImg2ImgPipeline",
-            unet={
+            denoiser={
                 **TINY_SDXL_UNET,
                 "cross_attention_dim": 32,  # the second encoder's width alone
                 # 5 time ids (sizes, crop, aesthetic score) x addition_time_embed_dim + the projection (32)
@@ -166,7 +179,7 @@ BUILTINS: dict[str, BuiltinModel] = {
                         "tiny random weights",
             family="sd1",
             pipeline_class="StableDiffusionInpaintPipeline",
-            unet={**TINY_SD_UNET, "in_channels": 9},
+            denoiser={**TINY_SD_UNET, "in_channels": 9},
             vae=TINY_VAE,
             text_encoders=({**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                             "num_attention_heads": 4, "hidden_act": "quick_gelu", "projection_dim": 32},),
@@ -177,11 +190,55 @@ BUILTINS: dict[str, BuiltinModel] = {
             approx_size="18 MB",
         ),
         BuiltinModel(
+            name="tiny-sd3",
+            description="SD3.5-medium architecture (MMDiT with dual attention and RMS qk-norm; CLIP-L, CLIP-G and T5; "
+                        "flow matching; 16-channel VAE), tiny random weights",
+            family="sd3",
+            pipeline_class="StableDiffusion3Pipeline",
+            denoiser=TINY_SD3_TRANSFORMER,
+            denoiser_class="SD3Transformer2DModel",
+            vae={**TINY_VAE_16, "shift_factor": 0.0609, "scaling_factor": 1.5035},
+            text_encoders=(
+                {**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "hidden_act": "quick_gelu", "projection_dim": 32, "with_projection": True},
+                {**CLIP_IDS, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
+                 "num_attention_heads": 4, "hidden_act": "gelu", "projection_dim": 48, "with_projection": True},
+                {**TINY_T5, "d_model": 96, "d_ff": 128, "max_length": 256},
+            ),
+            pad_tokens=("<|endoftext|>", "!", "<pad>"),
+            text_encoder_folders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+            scheduler_class="FlowMatchEulerDiscreteScheduler",
+            scheduler=FLOW_MATCH,
+            seed=16,
+            approx_size="4 MB",
+        ),
+        BuiltinModel(
+            name="tiny-flux",
+            description="Flux.1-dev architecture (double- and single-stream blocks, RoPE, embedded guidance; CLIP-L "
+                        "pooled + T5; packed 16-channel latents), tiny random weights",
+            family="flux",
+            pipeline_class="FluxPipeline",
+            denoiser=TINY_FLUX_TRANSFORMER,
+            denoiser_class="FluxTransformer2DModel",
+            native_latent_side=8,
+            vae={**TINY_VAE_16, "shift_factor": 0.1159, "scaling_factor": 0.3611},
+            text_encoders=(
+                {**CLIP_IDS, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "hidden_act": "quick_gelu", "projection_dim": 32},
+                {**TINY_T5, "d_model": 64, "d_ff": 96, "max_length": 512},
+            ),
+            pad_tokens=("<|endoftext|>", "<pad>"),
+            scheduler_class="FlowMatchEulerDiscreteScheduler",
+            scheduler=FLUX_FLOW_MATCH,
+            seed=17,
+            approx_size="3 MB",
+        ),
+        BuiltinModel(
             name="sd15-arch",
             description="Stable Diffusion 1.5 shapes exactly (860M UNet), random weights; for benchmarks",
             family="sd1",
             pipeline_class="StableDiffusionPipeline",
-            unet={
+            denoiser={
                 "sample_size": 64,
                 "in_channels": 4,
                 "out_channels": 4,
@@ -206,7 +263,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             description="SDXL base 1.0 shapes exactly (2.6B UNet, CLIP-L + OpenCLIP bigG), random weights; benchmarks",
             family="sdxl",
             pipeline_class="StableDiffusionXLPipeline",
-            unet={
+            denoiser={
                 "sample_size": 128,
                 "in_channels": 4,
                 "out_channels": 4,
@@ -261,15 +318,16 @@ def builtin_folder(name: str) -> Path:
 
 def write_builtin(model: BuiltinModel, folder: Path) -> None:
     """Write `model` as a diffusers pipeline folder, one component at a time to keep memory low."""
+    denoiser_folder = family_named(model.family).denoiser.component
     index: dict[str, Any] = {
         "_class_name": model.pipeline_class,
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", model.scheduler_class],
-        "unet": ["diffusers", "UNet2DConditionModel"],
+        denoiser_folder: ["diffusers", model.denoiser_class],
         "vae": ["diffusers", "AutoencoderKL"],
         **model.extra_index,
     }
-    if "XL" not in model.pipeline_class:
+    if model.family in ("sd1", "sd2"):
         index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     else:
         index |= {"image_encoder": [None, None], "feature_extractor": [None, None]}
@@ -278,21 +336,32 @@ def write_builtin(model: BuiltinModel, folder: Path) -> None:
     for i, (te_config, pad, te_folder) in enumerate(zip(model.text_encoders, model.pad_tokens, folders, strict=True)):
         suffix = te_folder.removeprefix("text_encoder")
         config = dict(te_config)
-        with_projection = config.pop("with_projection", False)
-        cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
         torch.manual_seed(model.seed * 100 + i)
-        encoder = cls(CLIPTextConfig(pad_token_id=1, **config))
+        if config.pop("kind", "clip") == "t5":
+            tokenizer = build_t5_tokenizer(config.pop("max_length"))
+            encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
+                                              decoder_start_token_id=0, **config))
+            save_t5_tokenizer(tokenizer, folder / f"tokenizer{suffix}")
+            index[f"tokenizer{suffix}"] = ["transformers", "T5TokenizerFast"]
+        else:
+            cls = CLIPTextModelWithProjection if config.pop("with_projection", False) else CLIPTextModel
+            encoder = cls(CLIPTextConfig(pad_token_id=1, **config))
+            save_clip_tokenizer(build_clip_tokenizer(pad_token=pad), folder / f"tokenizer{suffix}")
+            index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
         _load_trained(model, f"text_encoder{suffix}", encoder)
         encoder.save_pretrained(folder / f"text_encoder{suffix}", safe_serialization=True)
+        index[f"text_encoder{suffix}"] = ["transformers", type(encoder).__name__]
         del encoder
-        save_clip_tokenizer(build_clip_tokenizer(pad_token=pad), folder / f"tokenizer{suffix}")
-        index[f"text_encoder{suffix}"] = ["transformers", cls.__name__]
-        index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
     torch.manual_seed(model.seed * 100 + 10)
-    unet = UNet2DConditionModel(**model.unet)
-    _load_trained(model, "unet", unet)
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
-    del unet
+    denoiser = getattr(diffusers, model.denoiser_class)(**model.denoiser)
+    _load_trained(model, denoiser_folder, denoiser)
+    denoiser.save_pretrained(folder / denoiser_folder, safe_serialization=True)
+    del denoiser
+    if model.native_latent_side is not None:
+        path = folder / denoiser_folder / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps({**config, "sample_size": model.native_latent_side}, indent=2) + "\n",
+                        encoding="utf-8")
     gc.collect()
     torch.manual_seed(model.seed * 100 + 20)
     vae = AutoencoderKL(**model.vae, **_trained_config(model, "vae"))

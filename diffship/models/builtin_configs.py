@@ -84,3 +84,31 @@ CLIP_L = {**CLIP_IDS, "hidden_size": 768, "intermediate_size": 3072, "num_hidden
 
 OPENCLIP_BIGG = {**CLIP_IDS, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
                  "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280, "with_projection": True}
+
+
+# The diffusion transformers' 16-channel VAE (SD3 and Flux.1 share its form, not its latent statistics): no quant
+# convolutions, a shift before the scaling.
+TINY_VAE_16 = {**TINY_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+
+# T5 v1.1 (gated GELU, relative attention buckets), as SD3's and Flux's T5-XXL, tiny; vocab_size is the tokenizer's.
+TINY_T5 = {"kind": "t5", "d_kv": 16, "num_layers": 2, "num_heads": 4, "feed_forward_proj": "gated-gelu",
+           "relative_attention_num_buckets": 8, "relative_attention_max_distance": 32, "dense_act_fn": "gelu_new",
+           "is_gated_act": True}
+
+FLOW_MATCH = {"num_train_timesteps": 1000, "shift": 3.0}
+# Flux.1-dev's: the shift grows with the image's token count between these anchors
+FLUX_FLOW_MATCH = {**FLOW_MATCH, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                   "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+# SD3.5-medium's form, tiny: MMDiT with a dual-attention first layer and RMS qk-norm; CLIP-L (32) and CLIP-G (48)
+# pooled side by side (80), their states padded to T5's width (96) and joined along the sequence.
+TINY_SD3_TRANSFORMER = {"sample_size": 8, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
+                        "attention_head_dim": 8, "num_attention_heads": 4, "joint_attention_dim": 96,
+                        "caption_projection_dim": 32, "pooled_projection_dim": 80, "pos_embed_max_size": 32,
+                        "qk_norm": "rms_norm", "dual_attention_layers": [0]}
+
+# Flux.1-dev's form, tiny: one double-stream and two single-stream blocks, RoPE over (4, 6, 6) of the 16-wide
+# heads, the embedded guidance; 64 input channels = 16 latent channels x a 2x2 patch.
+TINY_FLUX_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 2,
+                         "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 64,
+                         "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]}

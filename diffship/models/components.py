@@ -8,8 +8,10 @@ these declarations, so a component is described once. Names follow optimum's ONN
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +89,8 @@ class ComponentSpec:
         # the down-sampled sides of a denoiser's residuals (ControlNet outputs), latent pixels / 2, 4, 8
         sizes |= {f"{side}_{f}": value // f for side, value in (("height", latent_h), ("width", latent_w))
                   for f in (2, 4, 8)}
+        # a packed denoiser's tokens: one per latent_multiple x latent_multiple latent patch (Flux's 2x2)
+        sizes["image_tokens"] = (latent_h // self.latent_multiple) * (latent_w // self.latent_multiple)
         return sizes
 
     def sample_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -97,14 +101,22 @@ class ComponentSpec:
 
     def image_size(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
         """The image (height, width) in pixels that a first input of `shape` stands for; None for text."""
-        if self.role == "text_encoder":
+        axes = self.inputs[0].shape
+        if self.role == "text_encoder" or "height" not in axes:  # text, or packed latents (Flux): no image sides
             return None
         scale = 1 if self.role == "vae_encoder" else self.vae_scale  # the encoder's input is the image itself
-        return shape[2] * scale, shape[3] * scale
+        return shape[axes.index("height")] * scale, shape[axes.index("width")] * scale
 
     def batch_for(self, batch: int, guided: bool) -> int:
-        """The batch one call sees for `batch` images: the denoising loop runs both halves of guidance at once."""
-        return batch * (2 if guided and self.in_denoising_loop else 1)
+        """The batch one call sees for `batch` images: the denoising loop runs both halves of guidance at once (not
+        where guidance is an input of the denoiser, Flux's)."""
+        doubles = guided and self.in_denoising_loop and self.denoiser.guidance_doubles_batch
+        return batch * (2 if doubles else 1)
+
+    def export_patches(self) -> AbstractContextManager[Any]:
+        """What exporting this component needs patched in the libraries' code (its denoiser's declaration)."""
+        patches = self.denoiser.export_patches if self.in_denoising_loop else None
+        return patches() if patches else nullcontext()
 
     def named_in(self, names: tuple[str, ...] | list[str]) -> bool:
         """Whether an option's component list names this one: by its name, or the denoiser by its role."""
@@ -125,8 +137,19 @@ def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, spe
         for row, end in enumerate(ends):
             ids[row, 0], ids[row, end:] = spec.vocab_size - 2, spec.vocab_size - 1
         return ids.astype(t.dtype)
+    if t.name == "timestep" and spec.denoiser.timestep_scale != 1000:  # a fraction of the schedule (Flux's t / 1000)
+        return rng.uniform(0, spec.denoiser.timestep_scale, size=shape).astype(t.dtype)
     if t.name == "timestep":  # whole steps, as schedulers give them and as i64 timesteps (optimum, GenAI) carry
         return rng.integers(0, 1000, size=shape).astype(t.dtype)
+    if t.name == "img_ids":  # (0, row, column) of each packed latent patch, as diffusers' Flux pipelines make them
+        sizes = spec.axis_sizes(1, height, width)
+        rows, columns = sizes["height"] // spec.latent_multiple, sizes["width"] // spec.latent_multiple
+        grid = np.stack(np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij"), axis=-1).reshape(-1, 2)
+        return np.concatenate([np.zeros((len(grid), 1)), grid], axis=1).astype(t.dtype)
+    if t.name == "txt_ids":  # zeros: text tokens carry no position in Flux's RoPE
+        return np.zeros(shape, dtype=t.dtype)
+    if t.name == "guidance":  # the embedded guidance scale, in the range users give it
+        return rng.uniform(1.0, 5.0, size=shape).astype(t.dtype)
     if t.name == "time_ids":  # as the family's pipeline builds them for this size
         return np.tile(np.array(family_named(spec.family).time_id_values(height, width), dtype=t.dtype), (shape[0], 1))
     if t.name == "sample" and spec.role == "vae_encoder":  # an image in [-1, 1]
@@ -148,10 +171,16 @@ def component_specs(folder: Path, family: Family | None = None) -> list[Componen
     latent = vae.get("latent_channels", 4)
     specs = []
     penultimate = family.hidden_state == "penultimate_hidden_state"
-    for name in family.text_encoders:
+    for name in family.encoders_in(folder):
         te = component_config(folder, name)
+        if te.get("model_type") == "t5":  # SD3's and Flux's T5 encoder: its last hidden state alone
+            states = TensorSpec("last_hidden_state", "float32", ("batch", "sequence", te["d_model"]))
+            specs.append(ComponentSpec(name, name, (TensorSpec("input_ids", "int32", ("batch", "sequence")),),
+                                       (states,), scale, vocab_size=te["vocab_size"], role="text_encoder",
+                                       family=family.name, latent_multiple=denoiser.latent_multiple))
+            continue
         hidden = te["hidden_size"]
-        projected = name == family.pooled_from
+        projected = name == family.pooled_from or name in family.projected
         pooled = TensorSpec("text_embeds" if projected else "pooler_output", "float32",
                             ("batch", te.get("projection_dim", hidden) if projected else hidden))
         states = ("batch", "sequence", hidden)

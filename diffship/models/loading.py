@@ -19,7 +19,7 @@ from diffship.store.artifacts import read_json
 
 SAFE_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 
 
 def quiet_libraries() -> None:
@@ -103,7 +103,7 @@ def load_folder(path: Path, component: str, class_name: str | None = None, allow
             import transformers  # start-up time: transformers
 
             if class_name not in TEXT_ENCODER_CLASSES:
-                raise DiffshipError(f"{path} holds a {class_name}; diffship loads CLIP text encoders "
+                raise DiffshipError(f"{path} holds a {class_name}; diffship loads CLIP and T5 text encoders "
                                     f"({', '.join(TEXT_ENCODER_CLASSES)}).")
             cls = getattr(transformers, class_name)
             model, info = cls.from_pretrained(path, output_loading_info=True, use_safetensors=use_safetensors,

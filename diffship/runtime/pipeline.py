@@ -13,7 +13,6 @@ import inspect
 import io
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ import torch
 
 from diffship.errors import DiffshipError
 from diffship.models.families import Family, controlnet_names, family_named
-from diffship.runtime import inpaint
+from diffship.runtime import diffusers_loop, inpaint
 from diffship.runtime.control import ControlledDenoiser, control_images
+from diffship.runtime.generation import Generation, truncation_warnings
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
 from diffship.runtime.schedulers import make_scheduler
 from diffship.store.artifacts import atomic_write_bytes, read_json
@@ -32,30 +32,6 @@ from diffship.targets import get_target
 from diffship.targets.runner import Runner
 
 DECODER, ENCODER = "vae_decoder", "vae_encoder"
-
-
-@dataclass
-class Generation:
-    """The images (uint8, NHWC), the final latents, and where the time went."""
-
-    images: np.ndarray
-    latents: np.ndarray
-    timings: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-
-def truncation_warnings(tokenizer: Any, texts: list[str]) -> list[str]:
-    """What the text encoder will not read of each text: like diffusers, prompts are cut at the tokenizer's length
-    (77 for CLIP) with a warning, not refused."""
-    limit = tokenizer.model_max_length
-    notes = []
-    for text in dict.fromkeys(texts):
-        ids = tokenizer(text, truncation=False, verbose=False).input_ids
-        if len(ids) > limit:
-            removed = tokenizer.decode(ids[limit - 1:-1])
-            notes.append(f"a prompt of {len(ids)} tokens was cut to the {limit} the text encoder reads, as diffusers does; "
-                         f"cut off: {removed[:60]!r}{'...' if len(removed) > 60 else ''}")
-    return notes
 
 
 def initial_latents(seed: int, batch: int, channels: int, latent_height: int, latent_width: int) -> torch.Tensor:
@@ -82,8 +58,10 @@ class DeployedPipeline:
         self.changes = changes or {}  # weight changes (a LoRA at run time) for components loaded later
         folder = artifacts.pipeline
         self.family = pipeline_family(artifacts)
-        self.tokenizers = [getattr(transformers, kind).from_pretrained(folder / name)
-                           for name, kind in zip(self.family.tokenizers, self.family.tokenizer_classes, strict=True)]
+        self.tokenizer_of = {name: getattr(transformers, kind).from_pretrained(folder / name)
+                             for name, kind in zip(self.family.tokenizers, self.family.tokenizer_classes, strict=True)
+                             if (folder / name).is_dir()}  # an optional encoder left out has no tokenizer either
+        self.tokenizers = list(self.tokenizer_of.values())
         scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
         scheduler_class = getattr(diffusers, scheduler_config["_class_name"], None)
         if scheduler_class is None:
@@ -124,7 +102,8 @@ class DeployedPipeline:
         """Load one Runner per component the pipeline needs, timing each load (with the build's options by default);
         components with weight `changes` (a LoRA at run time, `runtime.lora`) load with them."""
         family = pipeline_family(artifacts)
-        needed = [*family.text_encoders, family.denoiser.component, DECODER]
+        encoders = [e for e in family.text_encoders if e not in family.optional_encoders or e in artifacts.components]
+        needed = [*encoders, family.denoiser.component, DECODER]
         missing = [c for c in needed if c not in artifacts.components]
         if missing:
             raise DiffshipError(f"{artifacts.root} cannot generate images: it has no {', '.join(missing)} artifact.")
@@ -198,7 +177,8 @@ class DeployedPipeline:
                  latents: torch.Tensor | None = None,
                  on_step: Callable[[int, int], None] | None = None, image: Any = None, mask: Any = None,
                  strength: float | None = None, aesthetic_score: float | None = None,
-                 negative_aesthetic_score: float | None = None, controls: list[Any] | None = None) -> Generation:
+                 negative_aesthetic_score: float | None = None, controls: list[Any] | None = None,
+                 max_sequence_length: int | None = None) -> Generation:
         """Generate `batch` images per prompt: from noise; from `image` (img2img); or repainting the white part of
         `mask` over `image` (inpaint). `strength` defaults to diffusers' for the task; `latents` (before
         init_noise_sigma) replace text-to-image's seeded draw."""
@@ -210,6 +190,10 @@ class DeployedPipeline:
         if negatives is not None and len(negatives) != len(prompts):
             raise DiffshipError(f"{len(negatives)} negative prompts for {len(prompts)} prompts.")
         task = self._task(image, mask, latents)
+        if self.family.loop == "diffusers":  # SD3, Flux: diffusers' pipeline class over the runners
+            return diffusers_loop.generate(self, task, prompts, negatives, height, width, steps, guidance_scale, seed,
+                                           batch, latents, on_step, image, mask, strength, controls,
+                                           max_sequence_length)
         pixels = preprocess(as_array(image), self.vae_scale) if task == "img2img" else None
         native_h, native_w = self.native_resolution if pixels is None else tuple(pixels.shape[-2:])
         height, width = height or native_h, width or native_w

@@ -6,7 +6,6 @@ so the report never leaves the reader guessing what the artifacts were compared 
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,8 @@ from diffship.host.memory import release_freed
 from diffship.models.components import ComponentSpec, wrap
 from diffship.models.families import Family, controlnets_in, detect_family, tasks_of
 from diffship.models.loading import load_component
-from diffship.runtime.pipeline import Generation
+from diffship.runtime.diffusers_loop import pipeline_latents, pipeline_of
+from diffship.runtime.generation import Generation
 from diffship.runtime.schedulers import make_scheduler
 from diffship.runtime.tasks import TaskInputs, accepted_by
 from diffship.store.artifacts import read_json
@@ -104,23 +104,6 @@ def task_pipeline(pipe: Any, family: Family, task: str, folder: Path | None = No
     return other
 
 
-# Pipeline arguments diffship never uses: no safety checker, no watermark, no IP-Adapter image encoder.
-UNUSED = {"safety_checker": None, "feature_extractor": None, "image_encoder": None, "requires_safety_checker": False,
-          "add_watermarker": False}
-
-
-def pipeline_of(pipeline_class: type, modules: dict[str, Any], index: dict[str, Any]) -> Any:
-    """An instance of `pipeline_class` over the loaded modules: absent optional modules None (an SDXL refiner has
-    no first text encoder), and the flags model_index.json records (`force_zeros_for_empty_prompt`,
-    `requires_aesthetics_score`) as the folder's pipeline was saved with them."""
-    accepted = inspect.signature(pipeline_class.__init__).parameters
-    kwargs = {name: modules.get(name) for name in accepted
-              if name in modules or name.startswith(("text_encoder", "tokenizer"))}
-    kwargs |= {k: v for k, v in index.items() if k in accepted and not k.startswith("_") and not isinstance(v, list)}
-    kwargs |= {k: v for k, v in UNUSED.items() if k in accepted}
-    return pipeline_class(**kwargs)
-
-
 def run_baseline(pipe: Any, prompt: str, negative_prompt: str | None, height: int, width: int, steps: int,
                  guidance_scale: float, seed: int, latents: torch.Tensor | None, batch: int = 1, task: str = "text2img",
                  inputs: TaskInputs | None = None) -> Generation:
@@ -138,7 +121,7 @@ def run_baseline(pipe: Any, prompt: str, negative_prompt: str | None, height: in
     if inputs is not None and task == "controlnet":
         arguments |= inputs.diffusers_kwargs(task)
     if task in ("text2img", "controlnet") and latents is not None:
-        arguments["latents"] = latents.to(pipe.device, pipe.dtype)
+        arguments["latents"] = pipeline_latents(pipe, latents.to(pipe.device, pipe.dtype))
     elif inputs is not None:
         arguments |= inputs.diffusers_kwargs(task)
     arguments = accepted_by(pipe, arguments)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from diffship.models.families import denoiser_of
+from diffship.runtime.diffusers_loop import decoder_latents
 from diffship.runtime.tasks import accepted_by
 from diffship.targets.calibration import CalibrationData, check_calibration
 
@@ -41,12 +42,12 @@ def capture(pipe: Any, prompts: list[str], samples: int | None, steps: int, heig
         inputs, residuals = denoiser.call_inputs(args, kwargs)
         controlled.append(bool(residuals))
         call = inputs | residuals
-        call["timestep"] = torch.as_tensor(call["timestep"]).float().reshape(-1).expand(call["sample"].shape[0])
+        batch = next(iter(call.values())).shape[0]  # the latents come first
+        call["timestep"] = torch.as_tensor(call["timestep"]).float().reshape(-1).expand(batch)
         denoiser_calls.append({k: v.detach().float().cpu().numpy().copy() for k, v in call.items()})
 
     handle = getattr(pipe, denoiser.component).register_forward_pre_hook(record, with_kwargs=True)
     decoder, encoder, ids = [], [], {}
-    scaling = pipe.vae.config.scaling_factor
     try:
         for g in range(generations):
             prompt = prompts[g % len(prompts)]
@@ -54,7 +55,7 @@ def capture(pipe: Any, prompts: list[str], samples: int | None, steps: int, heig
                 latents = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                                generator=torch.Generator("cpu").manual_seed(seed + g), output_type="latent",
                                **task_kwargs).images
-                unscaled = latents / scaling
+                unscaled = decoder_latents(pipe, latents, height, width)
                 decoder.append({"latent_sample": unscaled.float().cpu().numpy()})
                 if with_vae:
                     image = pipe.vae.decode(unscaled, return_dict=False)[0]

@@ -22,11 +22,14 @@ from diffship.models.families.base import (
     prediction_type,
     read_model_index,
 )
+from diffship.models.families.flux import FLUX
 from diffship.models.families.sd import SD1, SD2
+from diffship.models.families.sd3 import SD3
 from diffship.models.families.sdxl import REFINER, SDXL
 
-# Most specific first: a refiner is an SDXL folder without the first text encoder; SD 2.x is SD with OpenCLIP.
-FAMILIES: dict[str, Family] = {f.name: f for f in (REFINER, SDXL, SD2, SD1)}
+# Most specific first: the transformers' folders also name a text_encoder_2; a refiner is an SDXL folder without the
+# first text encoder; SD 2.x is SD with OpenCLIP.
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD3, FLUX, REFINER, SDXL, SD2, SD1)}
 
 __all__ = [
     "FAMILIES",
@@ -80,8 +83,8 @@ def detect_family(folder: Path) -> Family:
     if family is None:
         supported = sorted(set().union(*(f.declared_by for f in FAMILIES.values())))
         raise DiffshipError(f"{folder} holds a `{index.get('_class_name', '')}`; diffship supports Stable Diffusion "
-                            f"1.x, 2.x and XL pipelines ({', '.join(supported)}).")
-    for name in (family.denoiser.component, "vae", *family.text_encoders):
+                            f"1.x, 2.x, XL and 3 / 3.5 and Flux.1 pipelines ({', '.join(supported)}).")
+    for name in (family.denoiser.component, "vae", *family.encoders_in(folder)):
         component_config(folder, name)
     return family
 

@@ -9,6 +9,7 @@ baseline, capture, validation and targets read these fields; none names a family
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -55,6 +56,11 @@ class Denoiser:
     wrap_controlnet: Callable[[Any, tuple[str, ...]], Any] | None = field(default=None, repr=False)
     controlnet_class: str | None = None  # the diffusers class of its ControlNets
     controlnet_fits: tuple[str, ...] = ()  # config keys a ControlNet must share with it
+    timestep_scale: float = 1000.0  # its timesteps run over [0, this] (Flux's pipeline passes t / 1000)
+    packed_latents: bool = False  # takes the latents as tokens of 2x2 patches (Flux): images need no 4-D latents
+    guidance_doubles_batch: bool = True  # classifier-free guidance runs both halves in one call (not Flux's embedded)
+    # What its export needs patched (numerically the same ops in forms the TorchScript exporter writes at opset 17)
+    export_patches: Callable[[], AbstractContextManager[Any]] | None = field(default=None, repr=False)
 
     @property
     def controlled(self) -> str:
@@ -92,6 +98,11 @@ class Family:
     time_ids: int = 0  # SDXL micro-conditioning values per sample (6: sizes and crop; 5: the refiner's aesthetics)
     vae_overflows_fp16: bool = False  # its VAE's activations exceed FP16's range (SDXL): kept FP32 under "auto"
     controlnet_pipeline: str | None = None  # the diffusers pipeline that runs its ControlNets (the "controlnet" task)
+    projected: tuple[str, ...] = ()  # text encoders besides `pooled_from` whose projected pooled output it reads (SD3)
+    optional_encoders: tuple[str, ...] = ()  # text encoders a folder may leave out (SD3's T5), as diffusers allows
+    # Whose denoising loop runs the deployed pipeline: diffship's own (the UNet families: ControlNets, the web app's
+    # port) or diffusers' pipeline class over runner-backed modules (flow matching, packed latents, position ids).
+    loop: Literal["diffship", "diffusers"] = "diffship"
 
     @property
     def aesthetic_conditioning(self) -> bool:
@@ -101,6 +112,12 @@ class Family:
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.pipelines)
+
+    def encoders_in(self, folder: Path) -> tuple[str, ...]:
+        """Its text encoders the folder has: all but the optional ones it leaves out (model_index.json [null, null])."""
+        index = read_model_index(folder)
+        return tuple(name for name in self.text_encoders
+                     if name not in self.optional_encoders or has_component(index, name))
 
     def denoiser_config(self, folder: Path) -> dict[str, Any]:
         """config.json of the folder's denoiser."""
