@@ -11,6 +11,7 @@ process, and the built-ins' weights are hashed into cache keys. A real model's f
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -50,5 +51,14 @@ def build_t5_tokenizer(max_length: int = 256) -> T5TokenizerFast:
 
 
 def save_t5_tokenizer(tokenizer: T5TokenizerFast, folder: Path) -> None:
-    """Save in transformers' format (tokenizer.json and its config), what diffusers' pipelines load."""
+    """Save in transformers' format (tokenizer.json and its config), what diffusers' pipelines load, readable by
+    transformers 4 as well (the clients' environments): transformers 5 writes `extra_special_tokens` as a list,
+    which 4 reads as a mapping, and names the class `T5Tokenizer`, which in 4 is the SentencePiece one needing a
+    spiece.model this folder has no need for."""
     tokenizer.save_pretrained(folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if not config.get("extra_special_tokens"):
+        config.pop("extra_special_tokens", None)
+    config["tokenizer_class"] = "T5TokenizerFast"
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
