@@ -43,11 +43,12 @@ class Client:
 
 # The `_class_name`s OpenVINO GenAI 2026.4's pipelines accept (text2image_pipeline.cpp, image2image_pipeline.cpp,
 # inpainting_pipeline.cpp), for the families diffship builds. An inpainting model is found by its UNet's channels.
+TRANSFORMERS = ("StableDiffusion3Pipeline", "FluxPipeline")
 GENAI_ACCEPTS = {
-    "text2img": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
-    "img2img": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+    "text2img": ("StableDiffusionPipeline", "StableDiffusionXLPipeline", *TRANSFORMERS),
+    "img2img": ("StableDiffusionPipeline", "StableDiffusionXLPipeline", *TRANSFORMERS),
     "inpaint": ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionInpaintPipeline",
-                "StableDiffusionXLInpaintPipeline"),
+                "StableDiffusionXLInpaintPipeline", *TRANSFORMERS),
 }
 
 

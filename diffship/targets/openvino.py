@@ -130,6 +130,7 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
     if dest is None or context is None:
         raise DiffshipError("OpenVINO compile needs an output folder and the component it converts.")
     model = ov.convert_model(str(source))
+    own_input_names(model, [t.name for t in context.spec.inputs])
     if options.static_shapes and context.static_shapes:
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in context.static_shapes.items()})
     denoiser = context.spec.is_denoiser
@@ -162,7 +163,8 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         model = nncf.compress_weights(
             model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=options.int4_group_size,
             advanced_parameters=nncf.AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
-    model = as_clients_feed(model)
+    model = as_clients_feed(model, whole_timesteps=not context.spec.in_denoising_loop
+                            or context.spec.denoiser.whole_timesteps)
     # Where OpenVINO keeps a model's runtime options. The CPU plugin of 2026.4 applies only its KV-cache and
     # dynamic-quantization keys from there (Config::applyRtInfo), so clients pass this hint themselves
     # (docs/deploy.md); it is recorded here so the IR says what it was validated in.
@@ -185,12 +187,25 @@ def inference_precision(precision: str | None, options: OvOptions | None = None)
 CLIENT_INPUT_TYPES = {"input_ids": ov.Type.i64, "timestep": ov.Type.i64}
 
 
-def as_clients_feed(model: ov.Model) -> ov.Model:
-    """`model` taking `input_ids` and `timestep` as i64 (a Convert to the graph's own type goes in front)."""
+def own_input_names(model: ov.Model, names: list[str]) -> None:
+    """Each input tensor named by its spec name alone. Where the graph's first op on an input was a no-op Cast
+    (Flux's `timestep.to(dtype)`), OpenVINO folds it and the input also carries the Cast's output name, which
+    `get_any_name()` may return: optimum-intel reshapes the transformer by that name and fails on it."""
+    for port in model.inputs:
+        own = [n for n in names if n in port.get_names()]
+        if own and port.get_names() != {own[0]}:
+            port.get_tensor().set_names({own[0]})
+
+
+def as_clients_feed(model: ov.Model, whole_timesteps: bool = True) -> ov.Model:
+    """`model` taking `input_ids` and `timestep` as i64 (a Convert to the graph's own type goes in front); a
+    flow-matching denoiser's timestep stays float (its steps are fractions, and clients feed them so)."""
     ppp = PrePostProcessor(model)
     changed = False
     for port in model.inputs:
         wanted = CLIENT_INPUT_TYPES.get(port.get_any_name())
+        if port.get_any_name() == "timestep" and not whole_timesteps:
+            continue
         if wanted is not None and port.get_element_type() != wanted:
             ppp.input(port.get_any_name()).tensor().set_element_type(wanted)
             changed = True

@@ -58,6 +58,9 @@ class Denoiser:
     controlnet_fits: tuple[str, ...] = ()  # config keys a ControlNet must share with it
     timestep_scale: float = 1000.0  # its timesteps run over [0, this] (Flux's pipeline passes t / 1000)
     packed_latents: bool = False  # takes the latents as tokens of 2x2 patches (Flux): images need no 4-D latents
+    # its schedulers step through whole timesteps, which clients (OpenVINO GenAI) feed as i64; flow matching's are
+    # fractions of 1000
+    whole_timesteps: bool = True
     guidance_doubles_batch: bool = True  # classifier-free guidance runs both halves in one call (not Flux's embedded)
     # What its export needs patched (numerically the same ops in forms the TorchScript exporter writes at opset 17)
     export_patches: Callable[[], AbstractContextManager[Any]] | None = field(default=None, repr=False)

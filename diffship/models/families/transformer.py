@@ -83,6 +83,7 @@ SD3_TRANSFORMER = Denoiser(
     latent_multiple=2,  # its 2x2 patches
     default_sample_size=128,
     onnx_model_type="mmdit",
+    whole_timesteps=False,
     export_patches=_export_patches,
 )
 
@@ -97,6 +98,7 @@ FLUX_TRANSFORMER = Denoiser(
     default_sample_size=128,  # FluxPipeline's default_sample_size: 1024 pixels
     onnx_model_type="mmdit",
     timestep_scale=1.0,  # the pipeline passes t / 1000
+    whole_timesteps=False,
     packed_latents=True,
     guidance_doubles_batch=False,  # guidance is an input (dev), not a second batch half
     export_patches=_export_patches,
