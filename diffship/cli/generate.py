@@ -26,7 +26,8 @@ def generate(
     steps: Annotated[int | None, typer.Option(
         help="Denoising steps (default: the build's validated steps when its recipe named a scheduler, else 20).")] = None,
     guidance_scale: Annotated[float | None, typer.Option(
-        "--guidance-scale", "-g", help="Classifier-free guidance (default: the build's validated one, else 7.5).")] = None,
+        "--guidance-scale", "-g", help="Classifier-free guidance; Flux: the guidance its transformer embeds (default: the "
+        "build's validated one, else diffusers' for the family, 7.5 for SD 1.x / 2.x / XL).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial latents (same as diffusers' CPU generator).")] = 0,
     batch: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
     height: Annotated[int | None, typer.Option(help="Pixels (default: the model's native size).")] = None,
@@ -52,8 +53,12 @@ def generate(
         help="Conditioning scale per control image (repeat; default 1.0 each, as diffusers).")] = None,
     control_start: Annotated[float, typer.Option(help="Fraction of the steps before the ControlNets act.")] = 0.0,
     control_end: Annotated[float, typer.Option(help="Fraction of the steps after which they stop.")] = 1.0,
+    max_sequence_length: Annotated[int | None, typer.Option(
+        help="SD3 / Flux: the T5 tokens the prompt is padded or cut to, 1 to 512 (default: diffusers' 256 SD3, "
+             "512 Flux).")] = None,
 ) -> None:
     """Generate images with a folder of deployed artifacts (hashes checked against its manifest first)."""
+    from diffship.runtime.img2img import call_default  # start-up time: torch
     from diffship.runtime.pipeline import DeployedPipeline, save_images  # start-up time: torch
     from diffship.runtime.tasks import read_image  # start-up time: numpy
     from diffship.store.manifest import read_manifest  # start-up time: pydantic
@@ -74,7 +79,9 @@ def generate(
     elif validated:
         pipe.use_scheduler(validated["scheduler"], validated.get("scheduler_config"))
     steps = steps if steps is not None else validated.get("steps", 20)
-    guidance_scale = guidance_scale if guidance_scale is not None else validated.get("guidance_scale", 7.5)
+    if guidance_scale is None:
+        guidance_scale = validated.get("guidance_scale", 7.5 if pipe.family.loop == "diffship" else call_default(
+            pipe.family.pipelines[pipe.tasks[0]], "guidance_scale"))
     if (aesthetic_score is not None or negative_aesthetic_score is not None) and not pipe.family.aesthetic_conditioning:
         raise DiffshipError(f"--aesthetic-score conditions the SDXL refiner; this is a {pipe.family.title} model.")
     controls = _controls(control_image, control_scale, control_start, control_end)
@@ -91,7 +98,8 @@ def generate(
         result = pipe(prompt, negative_prompt, height if img2img else h, width if img2img else w, steps, guidance_scale,
                       seed, batch, on_step=lambda i, n: progress.update(task, completed=i, total=n), image=init,
                       mask=masked, strength=strength, aesthetic_score=aesthetic_score,
-                      negative_aesthetic_score=negative_aesthetic_score, controls=controls)
+                      negative_aesthetic_score=negative_aesthetic_score, controls=controls,
+                      max_sequence_length=max_sequence_length)
     h, w = result.images.shape[1:3]
     paths = save_images(result.images, out_file)
     for warning in result.warnings:

@@ -25,8 +25,8 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput, Transformer2D
 
 from diffship.errors import DiffshipError
 from diffship.models.families import Denoiser, denoiser_of
+from diffship.models.loading import quiet_libraries
 from diffship.runtime.generation import Generation, truncation_warnings
-from diffship.runtime.img2img import as_array
 from diffship.runtime.tasks import accepted_by
 from diffship.store.artifacts import read_json
 from diffship.targets.runner import Runner
@@ -174,6 +174,7 @@ def task_pipeline(deployed: DeployedPipeline, task: str, clock: Clock) -> Any:
     component = family.denoiser.component
     modules[component] = DenoiserStand(runners[component], deployed.denoiser_config, family.denoiser, clock)
     modules["vae"] = VaeStand(runners["vae_decoder"], runners.get("vae_encoder"), deployed.vae_config, clock)
+    quiet_libraries()  # importing a pipeline class imports transformers' image processors, which warn
     pipe = pipeline_of(getattr(diffusers, family.pipelines[task]), modules, read_json(folder / "model_index.json"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -190,13 +191,15 @@ def generate(deployed: DeployedPipeline, task: str, prompts: list[str], negative
         raise DiffshipError(f"diffship builds no ControlNets for {deployed.family.short} yet; generate without "
                             "control images.")
     if image is not None and (height is None or width is None):
-        rows, columns = as_array(image).shape[-3:-1]
+        rows, columns = np.asarray(image).shape[-3:-1] if isinstance(image, np.ndarray) else image.size[::-1]
         height, width = height or rows // deployed.vae_scale * deployed.vae_scale, \
             width or columns // deployed.vae_scale * deployed.vae_scale
     height, width = height or deployed.native_resolution[0], width or deployed.native_resolution[1]
     deployed.check_request(len(prompts) * batch, height, width)
     if steps < 1:
         raise DiffshipError(f"Number of steps must be at least 1, got {steps}.")
+    if max_sequence_length is not None and not 1 <= max_sequence_length <= 512:  # diffusers' pipelines refuse > 512
+        raise DiffshipError(f"--max-sequence-length must be 1 to 512 T5 tokens, got {max_sequence_length}.")
     task_kwargs = {k: v for k, v in (("image", image), ("mask_image", mask), ("strength", strength)) if v is not None}
     clock = Clock()
     pipe = task_pipeline(deployed, task, clock)

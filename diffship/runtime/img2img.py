@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from diffship.errors import DiffshipError
+from diffship.models.loading import quiet_libraries
 from diffship.targets.runner import Runner
 
 
@@ -23,6 +24,7 @@ def call_default(pipeline_class: str, argument: str) -> Any:
     refiner's `aesthetic_score` 6.0 and `negative_aesthetic_score` 2.5."""
     import diffusers  # start-up time: diffusers
 
+    quiet_libraries()  # a pipeline class imports transformers' image processors, which warn without torchvision
     return inspect.signature(getattr(diffusers, pipeline_class).__call__).parameters[argument].default
 
 

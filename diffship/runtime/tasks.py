@@ -65,10 +65,11 @@ def accepted_by(pipe: Any, arguments: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in arguments.items() if k in accepted}
 
 
-def validated_tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
+def validated_tasks(tasks: tuple[str, ...], every: bool = False) -> tuple[str, ...]:
     """The tasks a build checks: text2img and img2img where the model does them; inpaint for a model that only
-    inpaints (any model with a 4-channel denoiser can blend-inpaint, which is img2img's arithmetic plus a mask)."""
-    if tasks == ("inpaint",):
+    inpaints (any model with a 4-channel denoiser can blend-inpaint, which is img2img's arithmetic plus a mask in
+    diffship's loop). `every`: all of them, for a family whose loop is diffusers' own pipeline class per task."""
+    if tasks == ("inpaint",) or every:
         return tasks
     return tuple(t for t in tasks if t != "inpaint")
 

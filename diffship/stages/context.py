@@ -91,7 +91,7 @@ def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict
                          control_scale=v.control_scale, control_window=(v.control_start, v.control_end),
                          controlnets=len(controlnets_in(folder)))
     return shapes, Plan(height, width, cases, v, recipe.threshold("fp32"), denoiser_cases,
-                        validated_tasks(tasks_of(folder)), inputs)
+                        validated_tasks(tasks_of(folder), every=family_named(spec.family).loop == "diffusers"), inputs)
 
 
 @dataclass
