@@ -113,6 +113,13 @@ class ComponentSpec:
         doubles = guided and self.in_denoising_loop and self.denoiser.guidance_doubles_batch
         return batch * (2 if doubles else 1)
 
+    def rows(self, call: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """One call's inputs split into single-row calls: inputs with a batch axis sliced, the others (Flux's
+        position ids) whole in each."""
+        batched = {t.name for t in self.inputs if t.shape and t.shape[0] == "batch"}
+        count = len(next(v for k, v in call.items() if k in batched))
+        return [{k: v[i:i + 1] if k in batched else v for k, v in call.items()} for i in range(count)]
+
     def export_patches(self) -> AbstractContextManager[Any]:
         """What exporting this component needs patched in the libraries' code (its denoiser's declaration)."""
         patches = self.denoiser.export_patches if self.in_denoising_loop else None

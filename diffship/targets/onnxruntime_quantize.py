@@ -41,8 +41,7 @@ def quantize_unet(source: Path, out: Path, context: CompileContext, method_name:
     calibration cache file (`ranges`, by default beside the model).
     """
     # One batch item per sample: the ranges are the same, the calibration session needs half the memory.
-    samples = [{k: v[i:i + 1] for k, v in call.items()}
-               for call in calibration_inputs(context, "int8") for i in range(len(call["sample"]))]
+    samples = [row for call in calibration_inputs(context, "int8") for row in context.spec.rows(call)]
 
     class Reader(CalibrationDataReader):
         def __init__(self, chunk: list[dict[str, Any]]) -> None:
