@@ -109,9 +109,18 @@ class CoreMLAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def reproducible(layer: Any) -> bool:
+    """Whether `CoreMLAttnProcessor` computes what the layer's own processor does: diffusers' plain self- / cross-
+    attention without q / k norms. SD3's joint attention (text and image tokens attended together, RMS qk-norm) is
+    not, nor Flux's (RoPE, its own attention class): they keep their own processors."""
+    return (type(layer.processor).__name__ in ("AttnProcessor2_0", "AttnProcessor") and layer.spatial_norm is None
+            and layer.norm_q is None and layer.norm_k is None and getattr(layer, "add_q_proj", None) is None)
+
+
 def use_attention(module: nn.Module, implementation: str) -> int:
-    """Put every diffusers `Attention` in `module` on `implementation`; the number of layers changed (0 for
-    'sdpa', and for modules without diffusers attention, such as the text encoders)."""
+    """Put every diffusers `Attention` in `module` that it can reproduce on `implementation`; the number of layers
+    changed (0 for 'sdpa', for modules without diffusers attention such as the text encoders, and for the
+    transformers' joint attention, which keeps the model's own)."""
     if implementation not in IMPLEMENTATIONS:
         raise DiffshipError(f"Unknown Core ML attention {implementation!r}; choose {', '.join(IMPLEMENTATIONS)}.")
     attend = IMPLEMENTATIONS[implementation]
@@ -119,7 +128,7 @@ def use_attention(module: nn.Module, implementation: str) -> int:
         return 0
     from diffusers.models.attention_processor import Attention  # start-up time: diffusers
 
-    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    layers = [m for m in module.modules() if isinstance(m, Attention) and reproducible(m)]
     for layer in layers:
         layer.set_processor(CoreMLAttnProcessor(attend))
     return len(layers)

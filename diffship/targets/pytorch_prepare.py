@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec
 from diffship.targets.options import vae_fp32_reason
 from diffship.targets.pytorch_options import FP32_INPUTS, TorchOptions, variant
@@ -26,14 +27,20 @@ def apply_options(module: nn.Module, spec: ComponentSpec, options: TorchOptions)
     """Set attention, memory format and VAE slicing / tiling on a loaded diffusers module; return what was set."""
     applied: dict[str, Any] = {}
     if spec.is_denoiser:
+        own = {type(p).__name__ for p in getattr(module, "attn_processors", {}).values()}
         if options.attention == "slicing":
+            if not hasattr(module, "set_attention_slice"):
+                raise DiffshipError(f"The {spec.denoiser.title} has no attention slicing; use the torch option "
+                                    "attention = 'sdpa'.")
             module.set_attention_slice(options.attention_slice)
             applied["attention"] = f"sliced ({options.attention_slice})"
-        else:
+        elif own <= {"AttnProcessor", "AttnProcessor2_0"}:
             from diffusers.models.attention_processor import AttnProcessor2_0  # start-up time: diffusers
 
             module.set_attn_processor(AttnProcessor2_0())
             applied["attention"] = "sdpa"
+        else:  # the transformers' joint attention processors already call scaled_dot_product_attention
+            applied["attention"] = f"sdpa ({', '.join(sorted(own))})"
     if spec.role != "text_encoder" and options.channels_last:
         module.to(memory_format=torch.channels_last)
         applied["channels_last"] = True
