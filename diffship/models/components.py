@@ -19,6 +19,7 @@ from torch import nn
 
 from diffship.errors import DiffshipError
 from diffship.models.families import (
+    MAX_T5_TOKENS,
     Denoiser,
     Family,
     Role,
@@ -49,11 +50,19 @@ class ComponentSpec:
     role: Role = "text_encoder"  # what the pipeline uses it for; code asks the role, never the name
     family: str = ""  # the family that declared it (how its conditioning inputs are made)
     latent_multiple: int = 8  # the denoiser's: every image side is a multiple of vae_scale x this
+    # its text tokens (the "sequence" axis) as the pipeline feeds them by default, and at most
+    sequence: int = 77
+    max_sequence: int = 77
 
     @property
     def denoiser(self) -> Denoiser:
         """The denoiser of the family that declared this component (how its pipeline's denoiser is wrapped, fed)."""
         return family_named(self.family).denoiser
+
+    @property
+    def min_sequence(self) -> int:
+        """Its fewest text tokens: one T5 token where T5 feeds it (max_sequence_length = 1), else its fixed length."""
+        return self.max_sequence - MAX_T5_TOKENS + 1 if self.max_sequence > self.sequence else self.sequence
 
     @property
     def is_denoiser(self) -> bool:
@@ -75,8 +84,10 @@ class ComponentSpec:
         variant and the ControlNets."""
         return self.role in ("denoiser", "controlled_denoiser", "controlnet")
 
-    def axis_sizes(self, batch: int, height: int, width: int, sequence: int = 77) -> dict[str, int]:
-        """Sizes of the named axes for an image of height x width pixels."""
+    def axis_sizes(self, batch: int, height: int, width: int, sequence: int | None = None) -> dict[str, int]:
+        """Sizes of the named axes for an image of height x width pixels (and `sequence` text tokens, by default
+        what the pipeline feeds)."""
+        sequence = self.sequence if sequence is None else sequence
         multiple = self.vae_scale * self.latent_multiple
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise DiffshipError(f"Resolution {height}x{width} must be positive multiples of {multiple} pixels.")
@@ -184,7 +195,8 @@ def component_specs(folder: Path, family: Family | None = None) -> list[Componen
             states = TensorSpec("last_hidden_state", "float32", ("batch", "sequence", te["d_model"]))
             specs.append(ComponentSpec(name, name, (TensorSpec("input_ids", "int32", ("batch", "sequence")),),
                                        (states,), scale, vocab_size=te["vocab_size"], role="text_encoder",
-                                       family=family.name, latent_multiple=denoiser.latent_multiple))
+                                       family=family.name, latent_multiple=denoiser.latent_multiple,
+                                       sequence=family.t5_tokens, max_sequence=MAX_T5_TOKENS))
             continue
         hidden = te["hidden_size"]
         projected = name == family.pooled_from or name in family.projected
@@ -206,8 +218,9 @@ def component_specs(folder: Path, family: Family | None = None) -> list[Componen
                                    tuple(outputs), scale, vocab_size=te.get("vocab_size", 49408),
                                    role="text_encoder", family=family.name, latent_multiple=denoiser.latent_multiple))
     inputs, outputs = denoiser.inputs(config, family), denoiser.outputs(config)
+    text = dict(zip(("sequence", "max_sequence"), family.denoiser_sequence, strict=True))
     on_latents = {"vae_scale": scale, "latent_axes": True, "family": family.name,
-                  "latent_multiple": denoiser.latent_multiple}  # its height/width axes are latent pixels
+                  "latent_multiple": denoiser.latent_multiple, **text}  # its height/width axes are latent pixels
     specs.append(ComponentSpec(denoiser.component, denoiser.component, inputs, outputs, role="denoiser", **on_latents))
     if denoiser.residuals and (controlnets := controlnets_in(folder)):
         residuals = denoiser.residuals(config)

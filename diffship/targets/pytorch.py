@@ -123,9 +123,10 @@ def save_weights(module: nn.Module, spec: ComponentSpec, model_folder: Path, dty
 
 def export_dims(spec: ComponentSpec, context: CompileContext) -> dict[str, Any]:
     """Example inputs' sizes and `torch.export` dynamic shapes for the recipe's ranges: batch, and height / width in
-    steps of 8 latent pixels (what the UNet's downsampling needs); static where the recipe fixes the shapes. The
-    example avoids sizes of 1, which `torch.export` would specialize."""
-    unit = spec.vae_scale * 8  # pixels per step of 8 latent pixels
+    steps of the denoiser's latent multiple (the UNet's 8 for its downsampling, a transformer's 2x2 patch); static
+    where the recipe fixes the shapes. The example avoids sizes of 1, which `torch.export` would specialize."""
+    step = spec.latent_multiple
+    unit = spec.vae_scale * step  # pixels per step
     if context.static_shapes is not None or context.shape_ranges is None:
         shapes = context.static_shapes or {t.name: t.concrete(spec.axis_sizes(1, *context.probe_size)) for t in spec.inputs}
         first = shapes[spec.inputs[0].name]
@@ -135,12 +136,17 @@ def export_dims(spec: ComponentSpec, context: CompileContext) -> dict[str, Any]:
     batch_low, batch_high = ranges["batch"]
     batch_high = spec.batch_for(batch_high, context.guided)
     steps = {side: (ranges[side][0] // unit, ranges[side][1] // unit) for side in ("height", "width")}
+    tokens = [spec.axis_sizes(1, ranges["height"][i], ranges["width"][i])["image_tokens"] for i in (0, 1)]
     dims = {"batch": Dim("batch", min=batch_low, max=batch_high) if batch_high > batch_low else None,
-            **{side: Dim(side, min=low, max=high) if high > low else None for side, (low, high) in steps.items()}}
+            **{side: Dim(side, min=low, max=high) if high > low else None for side, (low, high) in steps.items()},
+            # a packed denoiser's image tokens (Flux), and a T5-fed component's text tokens: free sizes of their own
+            "image_tokens": Dim("image_tokens", min=tokens[0], max=tokens[1]) if tokens[1] > tokens[0] else None,
+            "sequence": Dim("sequence", min=max(2, spec.min_sequence), max=spec.max_sequence)
+            if spec.max_sequence > spec.sequence else None}
     example = {"batch": min(max(2, batch_low), batch_high),
                **{side: unit * min(max(2, low), high) for side, (low, high) in steps.items()}}
-    per_pixel = {"height": 8 if spec.latent_axes else unit, "latent_height": 8,
-                 "width": 8 if spec.latent_axes else unit, "latent_width": 8}
+    per_pixel = {"height": step if spec.latent_axes else unit, "latent_height": step,
+                 "width": step if spec.latent_axes else unit, "latent_width": step}
     dynamic: dict[str, dict[int, Any] | None] = {}
     for t in spec.inputs:
         axes: dict[int, Any] = {}
@@ -150,6 +156,8 @@ def export_dims(spec: ComponentSpec, context: CompileContext) -> dict[str, Any]:
                 axes[i] = dims["batch"]
             elif side in ("height", "width") and dims[side] is not None:
                 axes[i] = per_pixel[axis] * dims[side]
+            elif axis in ("image_tokens", "sequence") and dims[axis] is not None:
+                axes[i] = dims[axis]
         dynamic[t.name] = axes or None
     ranges_out = {"batch": [batch_low, batch_high],
                   **{side: [low * unit, high * unit] for side, (low, high) in steps.items()}}

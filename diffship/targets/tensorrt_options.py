@@ -168,8 +168,9 @@ def profile_shapes(spec: ComponentSpec, ranges: dict[str, list[int]], opt_size: 
     opt_b = opt_batch or b_low
     if not b_low <= opt_b <= b_high:
         raise DiffshipError(f"TensorRT opt_batch {opt_b} is outside shapes.batch [{b_low}, {b_high}].")
-    low = spec.axis_sizes(b_low, h_low, w_low)
-    high = spec.axis_sizes(spec.batch_for(b_high, True), h_high, w_high)  # guided or not, the engine takes both
+    # text tokens from one T5 token to T5's 512 where T5 feeds the component (SD3, Flux), else CLIP's fixed 77
+    low = spec.axis_sizes(b_low, h_low, w_low, spec.min_sequence)
+    high = spec.axis_sizes(spec.batch_for(b_high, True), h_high, w_high, spec.max_sequence)
     opt = spec.axis_sizes(spec.batch_for(opt_b, guided), *opt_size)
     return {t.name: (t.concrete(low), t.concrete(opt), t.concrete(high)) for t in spec.inputs}
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.models.families.base import (
+    MAX_T5_TOKENS,
     Denoiser,
     Family,
     Role,
@@ -33,6 +34,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (SD3, FLUX, REFINER, SDXL, SD2
 
 __all__ = [
     "FAMILIES",
+    "MAX_T5_TOKENS",
     "Denoiser",
     "Family",
     "Role",

@@ -20,6 +20,7 @@ from diffship.store.artifacts import read_json
 if TYPE_CHECKING:
     from diffship.models.specs import TensorSpec
 
+MAX_T5_TOKENS = 512  # the longest max_sequence_length SD3's and Flux's pipelines take
 Role = Literal["text_encoder", "denoiser", "vae_encoder", "vae_decoder", "controlnet", "controlled_denoiser"]
 Task = Literal["text2img", "img2img", "inpaint", "controlnet"]
 
@@ -103,9 +104,17 @@ class Family:
     controlnet_pipeline: str | None = None  # the diffusers pipeline that runs its ControlNets (the "controlnet" task)
     projected: tuple[str, ...] = ()  # text encoders besides `pooled_from` whose projected pooled output it reads (SD3)
     optional_encoders: tuple[str, ...] = ()  # text encoders a folder may leave out (SD3's T5), as diffusers allows
+    t5_tokens: int = 0  # T5's tokens at the pipeline's default max_sequence_length (0: no T5)
+    clip_tokens: int = 77  # CLIP's tokens in the denoiser's text sequence (Flux reads only CLIP's pooled output)
     # Whose denoising loop runs the deployed pipeline: diffship's own (the UNet families: ControlNets, the web app's
     # port) or diffusers' pipeline class over runner-backed modules (flow matching, packed latents, position ids).
     loop: Literal["diffship", "diffusers"] = "diffship"
+
+    @property
+    def denoiser_sequence(self) -> tuple[int, int]:
+        """The denoiser's text tokens at the pipeline's default, and at most (T5's 512, which diffusers' pipelines
+        allow at most)."""
+        return self.clip_tokens + self.t5_tokens, self.clip_tokens + (MAX_T5_TOKENS if self.t5_tokens else 0)
 
     @property
     def aesthetic_conditioning(self) -> bool:

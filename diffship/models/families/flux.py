@@ -23,4 +23,4 @@ def _is_flux(folder: Path, index: dict[str, Any]) -> bool:
 FLUX = Family(
     "flux", "Flux.1", "Flux", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), PIPELINES,
     DECLARED_BY, matches=_is_flux, denoiser=FLUX_TRANSFORMER, tokenizer_classes=("CLIPTokenizer", "T5TokenizerFast"),
-    loop="diffusers")
+    t5_tokens=512, clip_tokens=0, loop="diffusers")
