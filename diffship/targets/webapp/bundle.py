@@ -62,6 +62,10 @@ def write_app(set_dir: Path, components: dict[str, Path], precision: str, family
 def check_family(family_name: str) -> None:
     """Refuse a family whose conditioning the app does not make (SDXL's second text encoder and time ids)."""
     family = family_named(family_name)
+    if family.loop == "diffusers":
+        raise DiffshipError(f"The web app's JavaScript port runs diffship's UNet loop; {family.short}'s (flow matching, "
+                            "T5 and its tokenizer, a transformer denoiser) is diffusers' pipeline class, which the "
+                            "page does not have. Set the web target's option app = false to build the graphs alone.")
     if family.time_ids or len(family.text_encoders) != 1:
         raise DiffshipError(f"The web app runs SD 1.x / 2.x pipelines (one CLIP text encoder); {family.short}'s "
                             "conditioning is not in it yet. Set the web target's option app = false to build the "

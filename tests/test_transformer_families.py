@@ -1,0 +1,179 @@
+"""SD3 / SD3.5 and Flux.1: the diffusion transformers build, run diffusers' own pipeline class over the artifacts,
+and draw diffusers' image for every task; their INT8 sets pass their gates and the clients load them as built.
+
+Both built-ins and two models no test was fitted to (an SD3 of 3.0's form without T5, a Flux.1-schnell) go through
+the default recipe's stages: export, compile, parity on real denoising steps, images per task, latency.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffship.cli.main import app
+from diffship.clients import NAMES
+from diffship.runtime.pipeline import DeployedPipeline, initial_latents
+from diffship.runtime.tasks import default_image, default_mask
+from diffship.validation.e2e import compare_images
+from tests.conftest import TINY_VALIDATION
+
+FAMILIES = {"tiny-sd3": ("onnxruntime:fp32,openvino:int8-hybrid", "StableDiffusion3Pipeline"),
+            "tiny-flux": ("onnxruntime:fp32,openvino:int8-auto", "FluxPipeline")}
+WITH_CLIENTS = {**TINY_VALIDATION, "clients": list(NAMES)}
+TASKS = ["text2img", "img2img", "inpaint"]
+FP32_MIN_PSNR = 35.0  # the issue's bar: identical, or at least this
+
+
+@pytest.fixture(scope="module")
+def dit(tiny_build):
+    """dit(model) -> the module's build of a built-in transformer model: ONNX Runtime FP32 and one OpenVINO INT8
+    set, every client drawing its first image."""
+    return lambda model: tiny_build(model, FAMILIES[model][0], validation=WITH_CLIENTS)
+
+
+def _sets(build) -> dict:
+    return build.report["sets"]
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_onnxruntime_fp32_draws_diffusers_image_for_every_task(dit, model: str):
+    build = dit(model)
+    fp32 = _sets(build)["onnxruntime-fp32"]
+    assert fp32["passed"] and fp32["denoiser"] == "transformer"
+    e2e = fp32["e2e"]
+    assert list(e2e["tasks"]) == TASKS
+    for sample in e2e["samples"]:
+        assert sample["identical"] or sample["psnr_db"] >= FP32_MIN_PSNR, sample
+    # The exported T5 (and every other component) matches PyTorch's at two batches and sizes (dynamic axes)
+    components = fp32["parity"]["components"]
+    t5 = next(name for name in components if (build.out / "onnx" / name / "config.json").is_file()
+              and json.loads((build.out / "onnx" / name / "config.json").read_text()).get("model_type") == "t5")
+    for name, result in components.items():
+        assert len(result["cases"]) == 2, name
+        cosines = [o["cosine"] for case in result["cases"] for o in case["outputs"].values()]
+        assert min(cosines) >= (0.9999 if name == t5 else 0.999), (name, cosines)
+    assert fp32["parity"]["denoiser_steps"]["min_cosine"] >= 0.9999
+    assert (build.out / "report" / "images" / "grid-onnxruntime-fp32.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_the_image_check_can_fail(dit, model: str):
+    """Another seed, and img2img beside text2img, sit far below the FP32 bar: identical images are not an accident
+    of a model that draws the same picture whatever it is given."""
+    deployed = DeployedPipeline.load(dit(model).out, "onnxruntime", "fp32")
+    latents = [initial_latents(seed, 1, 16, 8, 8) for seed in (0, 1)]
+    first, other = (deployed("a red bicycle", None, 64, 64, 3, 4.0, seed, latents=x).images[0]
+                    for seed, x in zip((0, 1), latents, strict=True))
+    img2img = deployed("a red bicycle", None, None, None, 3, 4.0, 0, image=default_image(64, 64)).images[0]
+    inpaint = deployed("a red bicycle", None, None, None, 3, 4.0, 0, image=default_image(64, 64),
+                       mask=default_mask(64, 64)).images[0]
+    for candidate in (other, img2img, inpaint):
+        assert compare_images(first, candidate)["psnr_db"] < FP32_MIN_PSNR - 10
+    assert compare_images(img2img, inpaint)["psnr_db"] < FP32_MIN_PSNR - 10
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_openvino_int8_passes_its_gates_and_every_client_draws_the_sets(dit, model: str):
+    build = dit(model)
+    assert build.passed, {k: s["passed"] for k, s in _sets(build).items()}
+    key = next(k for k in _sets(build) if k.startswith("openvino-int8"))
+    int8 = _sets(build)[key]
+    # quantized for real: the images moved off FP32's, within the INT8 gates
+    assert not any(s["identical"] for s in int8["e2e"]["samples"])
+    assert int8["parity"]["denoiser_steps"]["passed"]
+    for key, result in _sets(build).items():
+        rows = {r["client"]: r for r in result["clients"]["rows"]}
+        expected = {"genai", "optimum-intel"} if key.startswith("openvino") else {"optimum-onnx"}
+        for name in expected:
+            assert rows[name]["status"] == "pass", (key, name, rows[name].get("error") or rows[name].get("reason"))
+        if key == "onnxruntime-fp32":
+            assert rows["optimum-onnx"]["identical"] or rows["optimum-onnx"]["psnr_db"] >= 45
+    rows = {r["client"]: r for r in int8["clients"]["rows"]}
+    assert rows["genai"]["pipeline"] == "Text2ImagePipeline"
+    assert rows["optimum-intel"]["pipeline"] == "OV" + FAMILIES[model][1]
+
+
+def _sd3_form_of_3_0(folder: Path) -> None:
+    """SD3.0's transformer form (no dual attention, no qk-norm; other widths and depth than the built-in's), and
+    no T5: model_index.json lists text_encoder_3 / tokenizer_3 as absent, as users save it to spare memory."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(5)
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3,
+                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=96,
+                          caption_projection_dim=32, pooled_projection_dim=80, pos_embed_max_size=24
+                          ).save_pretrained(folder / "transformer")
+    index = json.loads((folder / "model_index.json").read_text())
+    index |= {"text_encoder_3": [None, None], "tokenizer_3": [None, None]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    for name in ("text_encoder_3", "tokenizer_3"):
+        for path in sorted((folder / name).iterdir()):
+            path.unlink()
+        (folder / name).rmdir()
+
+
+def _flux_schnell(folder: Path) -> None:
+    """Flux.1-schnell's form: no guidance embedding, other RoPE axes and depth, a fixed shift of 1."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(6)
+    FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=1, attention_head_dim=16,
+                           num_attention_heads=3, joint_attention_dim=64, pooled_projection_dim=32,
+                           guidance_embeds=False, axes_dims_rope=(2, 6, 8)).save_pretrained(folder / "transformer")
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, "sample_size": 8}))
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    (scheduler).write_text(json.dumps({**json.loads(scheduler.read_text()), "use_dynamic_shifting": False,
+                                       "shift": 1.0}))
+
+
+@pytest.mark.parametrize(("model", "change"), [("tiny-sd3", _sd3_form_of_3_0), ("tiny-flux", _flux_schnell)])
+def test_a_model_the_tests_never_saw_builds_and_draws_diffusers_image(tiny_build, model_copy, model: str, change):
+    folder = model_copy(model)
+    change(folder)
+    build = tiny_build(str(folder), "onnxruntime:fp32")
+    fp32 = _sets(build)["onnxruntime-fp32"]
+    assert build.passed, fp32["parity"]["passed"]
+    assert list(fp32["e2e"]["tasks"]) == TASKS
+    assert all(s["identical"] or s["psnr_db"] >= FP32_MIN_PSNR for s in fp32["e2e"]["samples"])
+    exported = sorted(p.name for p in (build.out / "onnx").iterdir() if p.is_dir())
+    inputs = json.loads((build.out / "manifest.json").read_text())["artifacts"]["onnxruntime-fp32"]["components"]
+    names = [i["name"] for i in inputs["transformer"]["inputs"]]
+    if model == "tiny-sd3":
+        assert "text_encoder_3" not in exported  # diffusers feeds zeros for T5's part; so does the deployed pipeline
+    else:
+        assert "guidance" not in names and names[:2] == ["hidden_states", "timestep"]
+
+
+def test_generate_takes_flux_embedded_guidance_and_t5_length(dit, tmp_path: Path):
+    out = dit("tiny-flux").out
+    runner = CliRunner()
+    images = {}
+    for name, args in {"default": [], "guided": ["-g", "6.0"], "short": ["--max-sequence-length", "16"]}.items():
+        path = tmp_path / f"{name}.png"
+        result = runner.invoke(app, ["generate", str(out), "-p", "a red bicycle", "-o", str(path), "--steps", "3",
+                                     "--backend", "onnxruntime", *args])
+        assert result.exit_code == 0, result.output
+        from PIL import Image
+
+        images[name] = np.asarray(Image.open(path))
+    # the embedded guidance and T5's padding length both reach the transformer (a tiny random model still moves)
+    assert compare_images(images["default"], images["guided"])["max_abs_diff"] > 0
+    assert compare_images(images["default"], images["short"])["max_abs_diff"] > 0
+    refused = runner.invoke(app, ["generate", str(out), "-p", "x", "-o", str(tmp_path / "x.png"),
+                                  "--max-sequence-length", "600"])
+    assert refused.exit_code == 2 and "1 to 512" in refused.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_web_app_refuses_a_transformer_before_any_export(tmp_path: Path, model_cache: Path):
+    result = CliRunner().invoke(app, ["build", "--model", "tiny-flux", "--targets", "web", "--out",
+                                      str(tmp_path / "web")])
+    assert result.exit_code == 2, result.output
+    assert "Flux" in result.output and "app = false" in result.output
+    assert not (tmp_path / "web").exists()
