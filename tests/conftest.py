@@ -98,7 +98,7 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> C
     def get(model: str = "tiny-sd", targets: str = "onnxruntime:fp32", **changes: Any):
         key = repr((model, targets, sorted(changes.items())))
         if key not in done:
-            out = tmp_path_factory.mktemp("tiny-build") / model
+            out = tmp_path_factory.mktemp("tiny-build") / Path(model).name  # a built-in's name or a folder's
             done[key] = build(tiny_recipe(model, targets, **changes), out)
         return done[key]
 
