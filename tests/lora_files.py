@@ -50,3 +50,41 @@ def peft_lora(folder: Path, out: Path, rank: int = 4, seed: int = 1) -> Path:
             tensors |= {f"{written}.lora_A.weight": down, f"{written}.lora_B.weight": up}
     save_file(tensors, str(out))
     return out
+
+
+def flux_kohya_lora(folder: Path, out: Path, rank: int = 4, alpha: float = 2.0, seed: int = 2,
+                    linear1: bool = True) -> Path:
+    """Flux in kohya's sd-scripts layout, over BFL's original blocks: fused qkv (double blocks) and linear1 (single
+    blocks: q, k, v and the MLP's input) projections that diffusers splits into its own modules. Without `linear1`,
+    diffusers' own converter reads it too (it hard-codes Flux.1's full-size linear1 widths)."""
+    import json
+
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    mlp = 4 * dim  # Flux's mlp_ratio
+    g = torch.Generator().manual_seed(seed)
+    shapes = {}
+    for i in range(config["num_layers"]):
+        shapes |= {f"double_blocks_{i}_img_attn_qkv": (dim, 3 * dim), f"double_blocks_{i}_txt_attn_proj": (dim, dim),
+                   f"double_blocks_{i}_img_mlp_0": (dim, mlp)}
+    for i in range(config["num_single_layers"]):
+        shapes |= {f"single_blocks_{i}_linear2": (dim + mlp, dim)}
+        if linear1:
+            shapes[f"single_blocks_{i}_linear1"] = (dim, 3 * dim + mlp)
+    tensors = {}
+    for name, (inputs, outputs) in shapes.items():
+        tensors |= {f"lora_unet_{name}.lora_down.weight": torch.randn(rank, inputs, generator=g) * 0.2,
+                    f"lora_unet_{name}.lora_up.weight": torch.randn(outputs, rank, generator=g) * 0.2,
+                    f"lora_unet_{name}.alpha": torch.tensor(alpha)}
+    save_file(tensors, str(out))
+    return out
+
+
+def transformer_peft_lora(folder: Path, out: Path, rank: int = 4, seed: int = 3) -> Path:
+    """diffusers / PEFT layout for a transformer denoiser (SD3, Flux): transformer.<module>.lora_A / lora_B."""
+    tensors = {}
+    for name, down, up in _pairs(folder, "transformer", ("attn.to_q", "attn.to_v", "attn.add_k_proj", "ff.net.2"),
+                                 False, rank, seed):
+        tensors |= {f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up}
+    save_file(tensors, str(out))
+    return out

@@ -140,7 +140,9 @@ def finish_pipeline_folder(source: ModelSource, root: Path, specs: list[Componen
                            entries: dict[str, Any]) -> dict[str, Any]:
     """Add tokenizers, scheduler, model_index.json and manifest.json beside the exported components."""
     family = detect_family(source.folder)
-    _copy_pipeline_files(source.folder, root, family.tokenizers)
+    present = family.encoders_in(source.folder)  # an SD3 folder may leave T5 out, and its tokenizer with it
+    tokenizers = tuple(t for e, t in zip(family.text_encoders, family.tokenizers, strict=True) if e in present)
+    _copy_pipeline_files(source.folder, root, tokenizers)
     _write_model_index(source.folder, root, family.name, {s.module for s in specs}, family.tokenizers)
     manifest = _manifest(source, family.name, prediction_type(source.folder), opset, entries, root)
     atomic_write_json(root / MANIFEST_NAME, manifest)
@@ -161,9 +163,11 @@ def _write_bpe_files(folder: Path) -> None:
     tokenizer.json only, and the clients' transformers 4 builds CLIPTokenizer from those two files."""
     if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
         return
-    from tokenizers import Tokenizer  # start-up time: tokenizers
+    from tokenizers import Tokenizer, models  # start-up time: tokenizers
 
-    Tokenizer.from_file(str(folder / "tokenizer.json")).model.save(str(folder))  # a BPE model writes both files
+    model = Tokenizer.from_file(str(folder / "tokenizer.json")).model
+    if isinstance(model, models.BPE):  # CLIP's; T5's Unigram tokenizer.json is what transformers 4 reads as it is
+        model.save(str(folder))  # a BPE model writes both files
 
 
 def _write_model_index(src: Path, dst: Path, family: str, modules: set[str], tokenizers: tuple[str, ...]) -> None:
@@ -175,6 +179,9 @@ def _write_model_index(src: Path, dst: Path, family: str, modules: set[str], tok
                            "_diffusers_version": diffusers.__version__}
     for name in sorted(modules):  # a ControlNet diffship attached has no entry in the source's index
         if index.get(name):
+            new[name] = index[name]
+    for name in family_named(family).optional_encoders:  # left out as the source says: [null, null]
+        if name in index and name not in new:
             new[name] = index[name]
     for name in (*tokenizers, "scheduler"):
         new[name] = index.get(name)

@@ -33,8 +33,33 @@ DENOISER = "denoiser"  # stands for the family's denoiser component, whatever it
 # file prefix -> the pipeline component it patches (kohya underscore names, diffusers / PEFT dotted names); both
 # layouts write the denoiser's keys under the UNet's name
 PREFIXES = (("lora_unet_", DENOISER), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-            ("lora_te_", "text_encoder"), ("unet.", DENOISER), ("text_encoder_2.", "text_encoder_2"),
+            ("lora_te_", "text_encoder"), ("unet.", DENOISER), ("transformer.", DENOISER),
+            ("lora_transformer_", DENOISER), ("diffusion_model.", DENOISER), ("text_encoder_2.", "text_encoder_2"),
             ("text_encoder.", "text_encoder"))
+# Flux's original (BFL) module names, as kohya's sd-scripts and BFL / ComfyUI files write them -> diffusers' modules;
+# a fused projection (qkv, the single blocks' linear1) becomes several, its LoRA's up matrix split by their output
+# widths. diffusers' own converter (`_convert_kohya_flux_lora_to_diffusers`) does the same renames but hard-codes
+# Flux.1's full-size widths (3072 / 12288) and block counts (19 / 38), so a model of any other size would not load.
+BFL_BLOCKS = {
+    r"double_blocks[._](\d+)[._]": ("transformer_blocks.{}.", {
+        "img_attn_proj": ("attn.to_out.0",), "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+        "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
+        "txt_attn_proj": ("attn.to_add_out",), "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",),
+        "txt_mod_lin": ("norm1_context.linear",)}),
+    r"single_blocks[._](\d+)[._]": ("single_transformer_blocks.{}.", {
+        "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
+        "modulation_lin": ("norm.linear",)}),
+    r"": ("", {
+        "img_in": ("x_embedder",), "txt_in": ("context_embedder",),
+        "time_in_in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+        "time_in_out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+        "vector_in_in_layer": ("time_text_embed.text_embedder.linear_1",),
+        "vector_in_out_layer": ("time_text_embed.text_embedder.linear_2",),
+        "guidance_in_in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+        "guidance_in_out_layer": ("time_text_embed.guidance_embedder.linear_2",),
+        "final_layer_linear": ("proj_out",), "final_layer_adaLN_modulation_1": ("norm_out.linear",)}),
+}
 # tensor suffix -> which matrix it is
 PARTS = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
          (".lora_B.weight", "up"), (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
@@ -146,6 +171,28 @@ def module_index(model: torch.nn.Module) -> dict[str, str]:
     return index
 
 
+def bfl_modules(written: str) -> tuple[str, ...]:
+    """diffusers' module names for a Flux module in BFL's naming (dotted or kohya's underscores); () for any other."""
+    for block, (template, parts) in BFL_BLOCKS.items():
+        found = re.fullmatch(block + r"(.+)", written)
+        if found is None:
+            continue
+        number, part = (found.group(1), found.group(2)) if template else ("", found.group(1))
+        targets = parts.get(part.replace(".", "_"))
+        if targets:
+            return tuple(template.format(number) + t for t in targets)
+    return ()
+
+
+def split_layer(layer: LoraLayer, widths: list[int]) -> list[LoraLayer]:
+    """A fused projection's LoRA as one per projection: the same down (A) and alpha, the up (B) rows cut by the
+    projections' output widths (diffusers' conversion of BFL's qkv and linear1 does the same)."""
+    if sum(widths) != layer.up.shape[0]:
+        raise DiffshipError(f"LoRA layer {layer.keys[0]}: its update has {layer.up.shape[0]} rows, the modules it "
+                            f"stands for {sum(widths)} ({' + '.join(map(str, widths))}).")
+    return [LoraLayer(layer.down, up, layer.alpha, layer.keys) for up in torch.split(layer.up, widths)]
+
+
 def _resolve(written: str, index: dict[str, str]) -> str | None:
     if written in index:
         return index[written]
@@ -166,10 +213,14 @@ def lora_targets(modules: dict[str, torch.nn.Module], spec: LoraSpec, denoiser: 
     missing, targets = [], []
     for (component, written), layer in layers.items():
         name = _resolve(written, indexes[component]) if component in indexes else None
-        if name is None:
-            missing.append(f"{component}:{written}")
-        else:
+        fused = [indexes[component].get(m) for m in bfl_modules(written)] if name is None and component in indexes else []
+        if name is not None:
             targets.append((component, name, layer))
+        elif fused and None not in fused:
+            widths = [modules[component].get_submodule(m).weight.shape[0] for m in fused]
+            targets += [(component, m, part) for m, part in zip(fused, split_layer(layer, widths), strict=True)]
+        else:
+            missing.append(f"{component}:{written}")
     if missing:
         matched = "none" if not targets else f"{len(targets)} of {len(layers)}"
         raise DiffshipError(f"LoRA {spec.path} does not fit this pipeline: {matched} of its layers match; no module for "
