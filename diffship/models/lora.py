@@ -262,7 +262,7 @@ def with_loras(folder: Path, specs: list[LoraSpec], allow_pickle: bool = False,
     if (merged / "model_index.json").is_file():
         return merged, _record(merged)
     family = detect_family(folder)
-    names = [family.denoiser.component, *family.text_encoders]
+    names = [family.denoiser.component, *family.encoders_in(folder)]
     modules = {name: load_component(folder, name, allow_pickle) for name in names}
     for spec, entry in zip(specs, record, strict=True):
         say(f"Merging LoRA {spec.path.name} at scale {spec.scale:g} ...")

@@ -38,7 +38,7 @@ def _split(name: str) -> tuple[str, str | None]:
 def weight_components(folder: Path) -> list[str]:
     """The model folders diffship loads from the pipeline: its family's denoiser, the VAE and the text encoders."""
     family = detect_family(folder)
-    return [family.denoiser.component, "vae", *family.text_encoders]
+    return [family.denoiser.component, "vae", *family.encoders_in(folder)]
 
 
 def variants_in(folder: Path) -> dict[str, tuple[set[str], bool]]:

@@ -161,7 +161,8 @@ def prepare(recipe: Recipe, force: bool, say: Say, installed: bool = True) -> Co
     versions = library_versions()
     say(f"Hashing {source.spec} ({family.title}) ...")
     module_hashes = {m: cache.folder_hash(source.folder / m)
-                     for m in sorted({s.module for s in specs} | set(family.tokenizers) | {"scheduler"})}
+                     for m in sorted({s.module for s in specs} | {t for t, _ in family.tokenizers_in(source.folder)}
+                                     | {"scheduler"})}
     baseline = Baseline(source.folder, recipe.allow_pickle, say, recipe.validation.scheduler,
                         recipe.validation.scheduler_config)
     calibration = Calibration(recipe, plan, baseline, module_hashes, versions, force, hits)

@@ -74,8 +74,8 @@ def load_baseline(folder: Path, allow_pickle: bool = False, device: str | None =
     family = detect_family(folder)
     task = task or tasks_of(folder)[0]
     modules: dict[str, Any] = {name: load_component(folder, name, allow_pickle)
-                               for name in (family.denoiser.component, "vae", *family.text_encoders)}
-    for name, kind in zip(family.tokenizers, family.tokenizer_classes, strict=True):
+                               for name in (family.denoiser.component, "vae", *family.encoders_in(folder))}
+    for name, kind in family.tokenizers_in(folder):
         modules[name] = getattr(transformers, kind).from_pretrained(folder / name)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     modules["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)

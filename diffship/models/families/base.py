@@ -131,6 +131,12 @@ class Family:
         return tuple(name for name in self.text_encoders
                      if name not in self.optional_encoders or has_component(index, name))
 
+    def tokenizers_in(self, folder: Path) -> tuple[tuple[str, str], ...]:
+        """(tokenizer folder, transformers class) of each text encoder the folder has."""
+        present = self.encoders_in(folder)
+        return tuple((t, kind) for e, t, kind in zip(self.text_encoders, self.tokenizers, self.tokenizer_classes,
+                                                     strict=True) if e in present)
+
     def denoiser_config(self, folder: Path) -> dict[str, Any]:
         """config.json of the folder's denoiser."""
         return component_config(folder, self.denoiser.component)
