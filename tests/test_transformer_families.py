@@ -177,3 +177,66 @@ def test_web_app_refuses_a_transformer_before_any_export(tmp_path: Path, model_c
     assert result.exit_code == 2, result.output
     assert "Flux" in result.output and "app = false" in result.output
     assert not (tmp_path / "web").exists()
+
+
+# --- LoRA: diffusers / PEFT transformer.* files and Flux's BFL blocks in kohya's layout ------------------------
+
+
+def test_a_flux_lora_merges_as_diffusers_and_peft_fuse_it(tmp_path: Path, model_cache: Path):
+    """Both layouts land on the modules diffusers' own loader patches, with the same values (the kohya file without
+    the single blocks' linear1, whose widths diffusers' converter hard-codes at Flux.1's full size)."""
+    pytest.importorskip("peft", reason="peft (the dev extra) is the reference for the merge")
+    import diffusers
+    from lora_files import flux_kohya_lora, transformer_peft_lora
+
+    from diffship.models.builtin import builtin_folder
+    from diffship.models.loading import load_component
+    from diffship.models.lora import LoraSpec, merge
+
+    folder = builtin_folder("tiny-flux")
+    files = [flux_kohya_lora(folder, tmp_path / "kohya.safetensors", linear1=False),
+             transformer_peft_lora(folder, tmp_path / "peft.safetensors")]
+    base = load_component(folder, "transformer").state_dict()
+    for path in files:
+        ours = {"transformer": load_component(folder, "transformer")}
+        assert merge(ours, LoraSpec(path, 0.8), "transformer")["transformer"] >= 7
+        pipe = diffusers.FluxPipeline.from_pretrained(folder)
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora(lora_scale=0.8)
+        pipe.unload_lora_weights()
+        theirs, merged = pipe.transformer.state_dict(), ours["transformer"].state_dict()
+        assert all(torch.equal(theirs[k], merged[k]) for k in merged), path.name
+        assert sum(not torch.equal(base[k], merged[k]) for k in merged) >= 7, path.name
+
+
+@pytest.fixture(scope="module")
+def flux_lora(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    """A kohya Flux LoRA over every kind of BFL block, linear1 (q, k, v and the MLP's input fused) included."""
+    from lora_files import flux_kohya_lora
+
+    from diffship.models.builtin import builtin_folder
+
+    return flux_kohya_lora(builtin_folder("tiny-flux"), tmp_path_factory.mktemp("lora") / "flux-kohya.safetensors")
+
+
+def test_a_flux_lora_build_and_lora_apply_draw_the_merged_pipelines_image(dit, tiny_build, flux_lora: Path,
+                                                                        tmp_path: Path):
+    built = tiny_build("tiny-flux", "onnxruntime:fp32", loras=[{"path": str(flux_lora), "scale": 0.8}])
+    # validated against diffusers' pipeline over the merged weights: the same image
+    fp32 = _sets(built)["onnxruntime-fp32"]
+    assert built.passed and all(s["identical"] or s["psnr_db"] >= FP32_MIN_PSNR for s in fp32["e2e"]["samples"])
+    base = dit("tiny-flux")
+    latents = initial_latents(0, 1, 16, 8, 8)
+    images = [DeployedPipeline.load(out, "onnxruntime", "fp32")("a red bicycle", None, 64, 64, 3, 4.0, 0,
+                                                                latents=latents).images[0]
+              for out in (base.out, built.out)]
+    assert compare_images(*images)["psnr_db"] < FP32_MIN_PSNR - 10  # the LoRA changes the image
+    # lora apply patches the base build's FP32 graph into the LoRA build's, byte for byte
+    result = CliRunner().invoke(app, ["lora", "apply", str(base.out), "--lora", f"{flux_lora}:0.8", "--targets",
+                                      "onnxruntime", "--out", str(tmp_path / "swapped")])
+    assert result.exit_code == 0, result.output
+    swapped = json.loads((tmp_path / "swapped" / "manifest.json").read_text())["artifacts"]["onnxruntime-fp32"]
+    rebuilt = json.loads((built.out / "manifest.json").read_text())["artifacts"]["onnxruntime-fp32"]
+    for side in (swapped, rebuilt):
+        side["files"] = {f["path"]: f["sha256"] for f in side["components"]["transformer"]["files"]}
+    assert swapped["files"] == rebuilt["files"]
