@@ -53,7 +53,7 @@ def peft_lora(folder: Path, out: Path, rank: int = 4, seed: int = 1) -> Path:
 
 
 def flux_kohya_lora(folder: Path, out: Path, rank: int = 4, alpha: float = 2.0, seed: int = 2,
-                    linear1: bool = True) -> Path:
+                    linear1: bool = True, magnitude: float = 0.2) -> Path:
     """Flux in kohya's sd-scripts layout, over BFL's original blocks: fused qkv (double blocks) and linear1 (single
     blocks: q, k, v and the MLP's input) projections that diffusers splits into its own modules. Without `linear1`,
     diffusers' own converter reads it too (it hard-codes Flux.1's full-size linear1 widths)."""
@@ -73,8 +73,8 @@ def flux_kohya_lora(folder: Path, out: Path, rank: int = 4, alpha: float = 2.0, 
             shapes[f"single_blocks_{i}_linear1"] = (dim, 3 * dim + mlp)
     tensors = {}
     for name, (inputs, outputs) in shapes.items():
-        tensors |= {f"lora_unet_{name}.lora_down.weight": torch.randn(rank, inputs, generator=g) * 0.2,
-                    f"lora_unet_{name}.lora_up.weight": torch.randn(outputs, rank, generator=g) * 0.2,
+        tensors |= {f"lora_unet_{name}.lora_down.weight": torch.randn(rank, inputs, generator=g) * magnitude,
+                    f"lora_unet_{name}.lora_up.weight": torch.randn(outputs, rank, generator=g) * magnitude,
                     f"lora_unet_{name}.alpha": torch.tensor(alpha)}
     save_file(tensors, str(out))
     return out
