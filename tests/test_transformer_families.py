@@ -242,3 +242,46 @@ def test_a_flux_lora_build_and_lora_apply_draw_the_merged_pipelines_image(dit, t
     for side in (swapped, rebuilt):
         side["files"] = {f["path"]: f["sha256"] for f in side["components"]["transformer"]["files"]}
     assert swapped["files"] == rebuilt["files"]
+
+
+# --- single files: a Flux transformer in BFL's layout over a diffusers folder of its family --------------------
+
+
+def test_a_flux_single_file_with_model_config_exports_the_folders_weights(exported, tmp_path: Path):
+    from bfl_checkpoint import write_bfl_checkpoint
+    from test_single_file import _initializer_digest
+
+    from diffship.models.builtin import builtin_folder
+    from diffship.models.loading import load_component
+
+    folder = builtin_folder("tiny-flux")
+    checkpoint = write_bfl_checkpoint(load_component(folder, "transformer"), tmp_path / "tiny-flux.safetensors")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["export", "--model", str(checkpoint), "--out", str(tmp_path / "none")])
+    assert refused.exit_code == 2 and "Flux.1 transformer checkpoint" in refused.output and "--model-config" in \
+        refused.output
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "--model", str(checkpoint), "--model-config", str(folder), "--out", str(out),
+                                 "-c", "transformer"])
+    assert result.exit_code == 0, result.output
+    assert _initializer_digest(out / "transformer" / "model.onnx") == \
+        _initializer_digest(exported("tiny-flux") / "transformer" / "model.onnx")
+
+
+def test_the_bfl_conversion_is_diffusers_own_at_flux_1_widths():
+    """At Flux.1's widths (inner 3072, which diffusers' converter assumes), one double and one single block: the
+    same tensors as diffusers' `convert_flux_transformer_checkpoint_to_diffusers`."""
+    from bfl_checkpoint import bfl_state
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from diffship.models.flux_checkpoint import to_diffusers
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+                                   joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+                                   axes_dims_rope=(16, 56, 56))
+    state = bfl_state(model)
+    theirs, ours = convert_flux_transformer_checkpoint_to_diffusers(dict(state)), to_diffusers(state, model)
+    assert sorted(theirs) == sorted(ours) == sorted(model.state_dict())
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours)

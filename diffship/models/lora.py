@@ -21,6 +21,7 @@ import torch
 
 from diffship.errors import DiffshipError
 from diffship.models.families import detect_family
+from diffship.models.flux_checkpoint import bfl_modules
 from diffship.models.loading import load_component
 from diffship.models.variants import link_tree
 from diffship.store import cache
@@ -36,30 +37,6 @@ PREFIXES = (("lora_unet_", DENOISER), ("lora_te1_", "text_encoder"), ("lora_te2_
             ("lora_te_", "text_encoder"), ("unet.", DENOISER), ("transformer.", DENOISER),
             ("lora_transformer_", DENOISER), ("diffusion_model.", DENOISER), ("text_encoder_2.", "text_encoder_2"),
             ("text_encoder.", "text_encoder"))
-# Flux's original (BFL) module names, as kohya's sd-scripts and BFL / ComfyUI files write them -> diffusers' modules;
-# a fused projection (qkv, the single blocks' linear1) becomes several, its LoRA's up matrix split by their output
-# widths. diffusers' own converter (`_convert_kohya_flux_lora_to_diffusers`) does the same renames but hard-codes
-# Flux.1's full-size widths (3072 / 12288) and block counts (19 / 38), so a model of any other size would not load.
-BFL_BLOCKS = {
-    r"double_blocks[._](\d+)[._]": ("transformer_blocks.{}.", {
-        "img_attn_proj": ("attn.to_out.0",), "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-        "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
-        "txt_attn_proj": ("attn.to_add_out",), "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-        "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",),
-        "txt_mod_lin": ("norm1_context.linear",)}),
-    r"single_blocks[._](\d+)[._]": ("single_transformer_blocks.{}.", {
-        "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
-        "modulation_lin": ("norm.linear",)}),
-    r"": ("", {
-        "img_in": ("x_embedder",), "txt_in": ("context_embedder",),
-        "time_in_in_layer": ("time_text_embed.timestep_embedder.linear_1",),
-        "time_in_out_layer": ("time_text_embed.timestep_embedder.linear_2",),
-        "vector_in_in_layer": ("time_text_embed.text_embedder.linear_1",),
-        "vector_in_out_layer": ("time_text_embed.text_embedder.linear_2",),
-        "guidance_in_in_layer": ("time_text_embed.guidance_embedder.linear_1",),
-        "guidance_in_out_layer": ("time_text_embed.guidance_embedder.linear_2",),
-        "final_layer_linear": ("proj_out",), "final_layer_adaLN_modulation_1": ("norm_out.linear",)}),
-}
 # tensor suffix -> which matrix it is
 PARTS = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
          (".lora_B.weight", "up"), (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
@@ -169,19 +146,6 @@ def module_index(model: torch.nn.Module) -> dict[str, str]:
             index[written] = name
             index[written.replace(".", "_")] = name
     return index
-
-
-def bfl_modules(written: str) -> tuple[str, ...]:
-    """diffusers' module names for a Flux module in BFL's naming (dotted or kohya's underscores); () for any other."""
-    for block, (template, parts) in BFL_BLOCKS.items():
-        found = re.fullmatch(block + r"(.+)", written)
-        if found is None:
-            continue
-        number, part = (found.group(1), found.group(2)) if template else ("", found.group(1))
-        targets = parts.get(part.replace(".", "_"))
-        if targets:
-            return tuple(template.format(number) + t for t in targets)
-    return ()
 
 
 def split_layer(layer: LoraLayer, widths: list[int]) -> list[LoraLayer]:

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from diffship.errors import DiffshipError
+from diffship.models.families import detect_family, read_model_index
 from diffship.store import cache
 from diffship.store.artifacts import read_json, staged_dir
 
@@ -24,6 +25,8 @@ SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DECLARATION = "diffship.json"  # in each shipped configuration: the diffusers model type it is for, tokenizer pads
 REVISION = 1  # bump when conversion changes, so cached conversions are redone
+# diffusers model types of transformer checkpoints, which hold the transformer (and at most the VAE), not the encoders
+TRANSFORMER_FILES = ("sd3", "sd35", "flux")
 
 
 def is_checkpoint_file(path: Path) -> bool:
@@ -76,6 +79,12 @@ def detect_config(path: Path, allow_pickle: bool = False) -> str:
         model_type = infer_diffusers_model_type(shapes)
     except (KeyError, IndexError, AttributeError):
         model_type = None
+    if model_type and model_type.startswith(TRANSFORMER_FILES):
+        raise DiffshipError(
+            f"{path} is a {'Flux.1' if model_type.startswith('flux') else 'SD3 / SD3.5'} transformer checkpoint "
+            f"(diffusers reads it as `{model_type}`): its text encoders (T5 among them, whose SentencePiece vocabulary "
+            "diffship cannot make offline) are not in the file. Give --model-config a diffusers folder of that "
+            "family with their weights; the file's transformer replaces the folder's.")
     known = by_model_type()
     if model_type not in known or "model.diffusion_model.input_blocks.0.0.weight" not in shapes:
         raise DiffshipError(
@@ -104,6 +113,8 @@ def convert(path: Path, model_config: str | Path | None = None, allow_pickle: bo
     """The diffusers folder of checkpoint `path`, converted once and kept in the cache."""
     say = say or (lambda _: None)
     path = path.expanduser().resolve()
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        _shapes(path, allow_pickle)  # refuses it, saying why
     config = config_folder(model_config, path, allow_pickle)
     key = cache.key(stage="single-file", file=cache.file_hashes([path])[0], config=cache.folder_hash(config), revision=REVISION)
     folder = cache.cache_root() / "models" / f"single-file-{key[:16]}"
@@ -126,6 +137,9 @@ def _convert_into(path: Path, config: Path, out: Path) -> None:
     from diffship.models.loading import quiet_libraries  # start-up time: torch
     from diffship.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer  # start-up time: transformers
 
+    if detect_family(config).loop == "diffusers":
+        _convert_transformer_file(path, config, out)
+        return
     work = out / ".config"
     shutil.copytree(config, work)
     declared = read_json(work / DECLARATION) if (work / DECLARATION).is_file() else {}
@@ -153,3 +167,59 @@ def _convert_into(path: Path, config: Path, out: Path) -> None:
         if name.startswith("tokenizer") and (work / name).is_dir() and not (out / name).exists():
             shutil.copytree(work / name, out / name)
     shutil.rmtree(work)
+
+
+def _convert_transformer_file(path: Path, config: Path, out: Path) -> None:
+    """An SD3 / Flux transformer checkpoint over a diffusers folder of its family: the file's transformer (and VAE,
+    where the file has one) replaces the folder's, every other component is the folder's. Flux's BFL layout is
+    converted by `flux_checkpoint` (diffusers' converter is fixed to Flux.1's widths), SD3's by diffusers'
+    `from_single_file`; either is loaded strictly against the folder's configuration."""
+    import diffusers  # start-up time: diffusers
+    import torch  # start-up time: torch
+
+    from diffship.models.loading import check_loading_info, quiet_libraries  # start-up time: torch
+    from diffship.models.variants import link_tree  # start-up time: torch
+
+    family = detect_family(config)
+    unweighted = [name for name, entry in read_model_index(config).items()
+                  if isinstance(entry, list) and entry[1] and name not in (family.denoiser.component, "scheduler")
+                  and not name.startswith("tokenizer") and not any((config / name).glob("*.safetensors"))]
+    if unweighted:
+        raise DiffshipError(f"--model-config {config} has no weights for {', '.join(unweighted)}, which {path.name} "
+                            f"does not hold: give a diffusers {family.short} folder with them (the file's transformer "
+                            "replaces the folder's).")
+    quiet_libraries()
+    component = family.denoiser.component
+    cls = getattr(diffusers, read_json(config / component / "config.json")["_class_name"])
+    shapes = _shapes(path, allow_pickle=True)  # pickles were refused before this, unless allowed
+    from diffship.models.flux_checkpoint import is_flux_checkpoint, to_diffusers  # start-up time: torch
+
+    if is_flux_checkpoint(shapes):
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(config / component))
+        state = to_diffusers(_tensors(path), model)
+        info = model.load_state_dict(state, strict=False, assign=True)
+        left = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+        check_loading_info({"missing_keys": sorted({*info.missing_keys, *left}),
+                            "unexpected_keys": info.unexpected_keys}, str(path))
+    else:
+        try:
+            model = cls.from_single_file(str(path), config=str(config), subfolder=component, local_files_only=True,
+                                         torch_dtype=torch.float32)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise DiffshipError(f"diffusers could not read {family.short}'s transformer from {path}: {exc}") from None
+    link_tree(config, out, skip={component, "diffship_builtin.json"})
+    model.to(torch.float32).save_pretrained(out / component, safe_serialization=True)
+    (out / component / "config.json").unlink()  # the folder's configuration, byte for byte
+    shutil.copyfile(config / component / "config.json", out / component / "config.json")
+
+
+def _tensors(path: Path) -> dict[str, Any]:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        import torch  # start-up time: torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state.get("state_dict", state)
+    from safetensors.torch import load_file  # start-up time: safetensors
+
+    return load_file(str(path))
