@@ -71,3 +71,53 @@ def bfl_state(model: torch.nn.Module, prefix: str = "model.diffusion_model.") ->
 def write_bfl_checkpoint(model: torch.nn.Module, path: Path) -> Path:
     save_file(bfl_state(model), str(path))
     return path
+
+
+SD3_TOP = {"pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+           "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2", "context_embedder": "context_embedder",
+           "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+           "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear",
+           "norm_out.linear": "final_layer.adaLN_modulation.1"}
+SD3_BLOCK = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+             "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+             "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+             "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+             "attn2.to_out.0": "x_block.attn2.proj", "norm1.linear": "x_block.adaLN_modulation.1",
+             "norm1_context.linear": "context_block.adaLN_modulation.1", "ff.net.0.proj": "x_block.mlp.fc1",
+             "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",
+             "ff_context.net.2": "context_block.mlp.fc2"}
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def sd3_state(model: torch.nn.Module, prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
+    """An SD3Transformer2DModel's weights under SD3's original (MMDiT) names, diffusers'
+    `convert_sd3_transformer_checkpoint_to_diffusers` read backwards: fused qkv, `ln_q` / `ln_k`, the last block's
+    context norm and the final norm in (shift, scale) order."""
+    sd = model.state_dict()
+    last = model.config.num_layers - 1
+    out = {"pos_embed": sd.pop("pos_embed.pos_embed")}
+    for i in range(model.config.num_layers):
+        d = f"transformer_blocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"joint_blocks.{i}.x_block.attn.qkv.{leaf}"] = torch.cat([sd.pop(f"{d}attn.to_{x}.{leaf}") for x in "qkv"])
+            out[f"joint_blocks.{i}.context_block.attn.qkv.{leaf}"] = torch.cat(
+                [sd.pop(f"{d}attn.add_{x}_proj.{leaf}") for x in "qkv"])
+            if f"{d}attn2.to_q.{leaf}" in sd:
+                out[f"joint_blocks.{i}.x_block.attn2.qkv.{leaf}"] = torch.cat(
+                    [sd.pop(f"{d}attn2.to_{x}.{leaf}") for x in "qkv"])
+        for ours, theirs in SD3_BLOCK.items():
+            for leaf in ("weight", "bias"):
+                if f"{d}{ours}.{leaf}" in sd:
+                    tensor = sd.pop(f"{d}{ours}.{leaf}")
+                    out[f"joint_blocks.{i}.{theirs}.{leaf}"] = _swap_halves(tensor) if (
+                        i == last and ours == "norm1_context.linear") else tensor
+    for ours, theirs in SD3_TOP.items():
+        for leaf in ("weight", "bias"):
+            tensor = sd.pop(f"{ours}.{leaf}")
+            out[f"{theirs}.{leaf}"] = _swap_halves(tensor) if ours == "norm_out.linear" else tensor
+    assert not sd, f"diffusers weights left unwritten: {sorted(sd)[:5]}"
+    return {prefix + k: v.contiguous() for k, v in out.items()}

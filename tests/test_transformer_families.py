@@ -285,3 +285,25 @@ def test_the_bfl_conversion_is_diffusers_own_at_flux_1_widths():
     theirs, ours = convert_flux_transformer_checkpoint_to_diffusers(dict(state)), to_diffusers(state, model)
     assert sorted(theirs) == sorted(ours) == sorted(model.state_dict())
     assert all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+
+def test_an_sd3_single_file_with_model_config_converts_to_the_folders_weights(tmp_path: Path, model_cache: Path):
+    """SD3's original (MMDiT) layout, dual attention and RMS qk-norm included, through diffusers' own converter."""
+    from bfl_checkpoint import sd3_state
+    from safetensors.torch import save_file
+
+    from diffship.errors import DiffshipError
+    from diffship.models.builtin import builtin_folder
+    from diffship.models.loading import load_component
+    from diffship.models.source import resolve
+
+    folder = builtin_folder("tiny-sd3")
+    model = load_component(folder, "transformer")
+    checkpoint = tmp_path / "tiny-sd3.safetensors"
+    save_file(sd3_state(model), str(checkpoint))
+    with pytest.raises(DiffshipError, match="SD3 / SD3.5 transformer checkpoint"):
+        resolve(str(checkpoint))
+    source = resolve(str(checkpoint), model_config=str(folder))
+    converted, original = load_component(source.folder, "transformer").state_dict(), model.state_dict()
+    assert sorted(converted) == sorted(original) and all(torch.equal(converted[k], original[k]) for k in original)
+    assert (source.folder / "text_encoder_3").is_dir() and source.kind == "single-file"

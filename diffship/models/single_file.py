@@ -79,6 +79,9 @@ def detect_config(path: Path, allow_pickle: bool = False) -> str:
         model_type = infer_diffusers_model_type(shapes)
     except (KeyError, IndexError, AttributeError):
         model_type = None
+    # diffusers tells SD3 by Stability's full widths; any MMDiT's joint blocks (a tiny one's too) say it
+    if any(".joint_blocks.0.x_block." in f".{k}" for k in shapes):
+        model_type = model_type if model_type and model_type.startswith("sd3") else "sd3"
     if model_type and model_type.startswith(TRANSFORMER_FILES):
         raise DiffshipError(
             f"{path} is a {'Flux.1' if model_type.startswith('flux') else 'SD3 / SD3.5'} transformer checkpoint "
