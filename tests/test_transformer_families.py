@@ -307,3 +307,46 @@ def test_an_sd3_single_file_with_model_config_converts_to_the_folders_weights(tm
     converted, original = load_component(source.folder, "transformer").state_dict(), model.state_dict()
     assert sorted(converted) == sorted(original) and all(torch.equal(converted[k], original[k]) for k in original)
     assert (source.folder / "text_encoder_3").is_dir() and source.kind == "single-file"
+
+
+def test_tensorrt_profiles_span_the_transformers_token_axes(model_cache: Path):
+    """TensorRT's code path (not runnable here): engine profiles from the transformers' axes, T5 sequences from one
+    token to 512, Flux's packed image tokens from the smallest to the largest image of the recipe's range."""
+    from diffship.models.builtin import builtin_folder
+    from diffship.models.components import component_specs
+    from diffship.targets import tensorrt
+
+    ranges = {"batch": [1, 2], "height": [64, 128], "width": [64, 128]}
+    flux = {s.name: s for s in component_specs(builtin_folder("tiny-flux"))}
+    low, opt, high = zip(*tensorrt.profile_shapes(flux["transformer"], ranges, (64, 64), guided=True).values(),
+                         strict=True)
+    names = [t.name for t in flux["transformer"].inputs]
+    hidden, ids, text = names.index("hidden_states"), names.index("img_ids"), names.index("encoder_hidden_states")
+    # guidance is an input of Flux: the batch is never doubled; 64 px = 4 x 4 packed tokens, 128 px = 8 x 8
+    assert (low[hidden], opt[hidden], high[hidden]) == ((1, 16, 64), (1, 16, 64), (2, 64, 64))
+    assert (low[ids], high[ids]) == ((16, 3), (64, 3))
+    assert (low[text][1], opt[text][1], high[text][1]) == (1, 512, 512)
+    sd3 = {s.name: s for s in component_specs(builtin_folder("tiny-sd3"))}
+    profile = tensorrt.profile_shapes(sd3["transformer"], ranges, (64, 64), guided=True)
+    assert [shape[1] for shape in profile["encoder_hidden_states"]] == [78, 333, 589]  # 77 CLIP + 1 / 256 / 512 T5
+    assert [shape[0] for shape in profile["hidden_states"]] == [1, 2, 4]  # SD3 guides with a second batch half
+    t5 = tensorrt.profile_shapes(sd3["text_encoder_3"], ranges, (64, 64), guided=True)
+    assert [shape[1] for shape in t5["input_ids"]] == [1, 256, 512]
+
+
+SLOW_TARGETS = {"tiny-sd3": "onnxruntime:int8+int8-auto,openvino:fp32+bf16+int8-weights+int8-auto,torch:fp32,coreml,"
+                            "mobile",
+                "tiny-flux": "onnxruntime:fp16+int8,openvino:bf16+int8-hybrid,torch:fp32-aoti,coreml,mobile"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", list(SLOW_TARGETS))
+def test_every_cpu_target_builds_and_passes_the_transformers(tiny_build, model: str):
+    build = tiny_build(model, SLOW_TARGETS[model])
+    assert build.passed, {k: s["passed"] for k, s in _sets(build).items()}
+    for key, result in _sets(build).items():
+        if key.startswith("coreml"):  # converted and spec-checked only off macOS
+            assert result["spec"]["passed"] and "not_run" in result
+        else:
+            assert list(result["e2e"]["tasks"]) == TASKS, key
+            assert result["parity"]["denoiser_steps"]["passed"], key
