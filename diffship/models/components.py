@@ -50,7 +50,8 @@ class ComponentSpec:
     role: Role = "text_encoder"  # what the pipeline uses it for; code asks the role, never the name
     family: str = ""  # the family that declared it (how its conditioning inputs are made)
     latent_multiple: int = 8  # the denoiser's: every image side is a multiple of vae_scale x this
-    # its text tokens (the "sequence" axis) as the pipeline feeds them by default, and at most
+    # its text tokens (the "sequence" axis): fewest, as the pipeline feeds them by default, most
+    min_sequence: int = 77
     sequence: int = 77
     max_sequence: int = 77
 
@@ -58,11 +59,6 @@ class ComponentSpec:
     def denoiser(self) -> Denoiser:
         """The denoiser of the family that declared this component (how its pipeline's denoiser is wrapped, fed)."""
         return family_named(self.family).denoiser
-
-    @property
-    def min_sequence(self) -> int:
-        """Its fewest text tokens: one T5 token where T5 feeds it (max_sequence_length = 1), else its fixed length."""
-        return self.max_sequence - MAX_T5_TOKENS + 1 if self.max_sequence > self.sequence else self.sequence
 
     @property
     def is_denoiser(self) -> bool:
@@ -196,7 +192,7 @@ def component_specs(folder: Path, family: Family | None = None) -> list[Componen
             specs.append(ComponentSpec(name, name, (TensorSpec("input_ids", "int32", ("batch", "sequence")),),
                                        (states,), scale, vocab_size=te["vocab_size"], role="text_encoder",
                                        family=family.name, latent_multiple=denoiser.latent_multiple,
-                                       sequence=family.t5_tokens, max_sequence=MAX_T5_TOKENS))
+                                       min_sequence=1, sequence=family.t5_tokens, max_sequence=MAX_T5_TOKENS))
             continue
         hidden = te["hidden_size"]
         projected = name == family.pooled_from or name in family.projected
@@ -218,7 +214,7 @@ def component_specs(folder: Path, family: Family | None = None) -> list[Componen
                                    tuple(outputs), scale, vocab_size=te.get("vocab_size", 49408),
                                    role="text_encoder", family=family.name, latent_multiple=denoiser.latent_multiple))
     inputs, outputs = denoiser.inputs(config, family), denoiser.outputs(config)
-    text = dict(zip(("sequence", "max_sequence"), family.denoiser_sequence, strict=True))
+    text = dict(zip(("min_sequence", "sequence", "max_sequence"), family.denoiser_sequence, strict=True))
     on_latents = {"vae_scale": scale, "latent_axes": True, "family": family.name,
                   "latent_multiple": denoiser.latent_multiple, **text}  # its height/width axes are latent pixels
     specs.append(ComponentSpec(denoiser.component, denoiser.component, inputs, outputs, role="denoiser", **on_latents))

@@ -142,7 +142,7 @@ def export_dims(spec: ComponentSpec, context: CompileContext) -> dict[str, Any]:
             # a packed denoiser's image tokens (Flux), and a T5-fed component's text tokens: free sizes of their own
             "image_tokens": Dim("image_tokens", min=tokens[0], max=tokens[1]) if tokens[1] > tokens[0] else None,
             "sequence": Dim("sequence", min=max(2, spec.min_sequence), max=spec.max_sequence)
-            if spec.max_sequence > spec.sequence else None}
+            if spec.max_sequence > spec.min_sequence else None}
     example = {"batch": min(max(2, batch_low), batch_high),
                **{side: unit * min(max(2, low), high) for side, (low, high) in steps.items()}}
     per_pixel = {"height": step if spec.latent_axes else unit, "latent_height": step,

@@ -111,10 +111,12 @@ class Family:
     loop: Literal["diffship", "diffusers"] = "diffship"
 
     @property
-    def denoiser_sequence(self) -> tuple[int, int]:
-        """The denoiser's text tokens at the pipeline's default, and at most (T5's 512, which diffusers' pipelines
-        allow at most)."""
-        return self.clip_tokens + self.t5_tokens, self.clip_tokens + (MAX_T5_TOKENS if self.t5_tokens else 0)
+    def denoiser_sequence(self) -> tuple[int, int, int]:
+        """The denoiser's text tokens at least (one T5 token), at the pipeline's default, and at most (T5's 512,
+        which diffusers' pipelines allow at most); CLIP's fixed 77 without T5."""
+        if not self.t5_tokens:
+            return self.clip_tokens, self.clip_tokens, self.clip_tokens
+        return self.clip_tokens + 1, self.clip_tokens + self.t5_tokens, self.clip_tokens + MAX_T5_TOKENS
 
     @property
     def aesthetic_conditioning(self) -> bool:
