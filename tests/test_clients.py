@@ -82,7 +82,7 @@ def test_every_client_loads_each_set_as_built_and_draws_diffusers_image(shipped,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd2", "tiny-sd-inpaint", "tiny-sdxl-refiner"])
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd2", "tiny-sd-inpaint", "tiny-sdxl-refiner", "tiny-sd3", "tiny-flux"])
 def test_every_family_and_task_loads_in_its_clients(shipped, model: str):
     build = shipped(model)
     if model != "tiny-sdxl-refiner":
