@@ -182,9 +182,11 @@ def test_web_app_refuses_a_transformer_before_any_export(tmp_path: Path, model_c
 # --- LoRA: diffusers / PEFT transformer.* files and Flux's BFL blocks in kohya's layout ------------------------
 
 
-def test_a_flux_lora_merges_as_diffusers_and_peft_fuse_it(tmp_path: Path, model_cache: Path):
-    """Both layouts land on the modules diffusers' own loader patches, with the same values (the kohya file without
-    the single blocks' linear1, whose widths diffusers' converter hard-codes at Flux.1's full size)."""
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_a_transformer_lora_merges_as_diffusers_and_peft_fuse_it(tmp_path: Path, model_cache: Path, model: str):
+    """Every layout lands on the modules diffusers' own loader patches, with the same values: PEFT files for both
+    families, Flux's kohya file too (without the single blocks' linear1, whose widths diffusers' converter hard-codes
+    at Flux.1's full size)."""
     pytest.importorskip("peft", reason="peft (the dev extra) is the reference for the merge")
     import diffusers
     from lora_files import flux_kohya_lora, transformer_peft_lora
@@ -193,14 +195,15 @@ def test_a_flux_lora_merges_as_diffusers_and_peft_fuse_it(tmp_path: Path, model_
     from diffship.models.loading import load_component
     from diffship.models.lora import LoraSpec, merge
 
-    folder = builtin_folder("tiny-flux")
-    files = [flux_kohya_lora(folder, tmp_path / "kohya.safetensors", linear1=False),
-             transformer_peft_lora(folder, tmp_path / "peft.safetensors")]
+    folder = builtin_folder(model)
+    files = [transformer_peft_lora(folder, tmp_path / "peft.safetensors")]
+    if model == "tiny-flux":
+        files.append(flux_kohya_lora(folder, tmp_path / "kohya.safetensors", linear1=False))
     base = load_component(folder, "transformer").state_dict()
     for path in files:
         ours = {"transformer": load_component(folder, "transformer")}
         assert merge(ours, LoraSpec(path, 0.8), "transformer")["transformer"] >= 7
-        pipe = diffusers.FluxPipeline.from_pretrained(folder)
+        pipe = getattr(diffusers, FAMILIES[model][1]).from_pretrained(folder)
         pipe.load_lora_weights(str(path))
         pipe.fuse_lora(lora_scale=0.8)
         pipe.unload_lora_weights()

@@ -210,7 +210,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             scheduler_class="FlowMatchEulerDiscreteScheduler",
             scheduler=FLOW_MATCH,
             seed=16,
-            approx_size="4 MB",
+            approx_size="28 MB",
         ),
         BuiltinModel(
             name="tiny-flux",
@@ -231,7 +231,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             scheduler_class="FlowMatchEulerDiscreteScheduler",
             scheduler=FLUX_FLOW_MATCH,
             seed=17,
-            approx_size="3 MB",
+            approx_size="13 MB",
         ),
         BuiltinModel(
             name="sd15-arch",
