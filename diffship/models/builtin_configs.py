@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 CLIP_IDS = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407}
 
 
@@ -112,3 +115,31 @@ TINY_SD3_TRANSFORMER = {"sample_size": 8, "patch_size": 2, "in_channels": 16, "o
 TINY_FLUX_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 2,
                          "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 64,
                          "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A built-in model: its diffusers pipeline class, component configs, scheduler and seed."""
+
+    name: str
+    description: str
+    family: str  # a name in diffship.models.families.FAMILIES
+    pipeline_class: str
+    denoiser: dict[str, Any]  # the config of the family's denoiser (a UNet's, a transformer's)
+    vae: dict[str, Any]
+    # CLIPTextConfig kwargs (the SDXL second one has a projection), or T5Config kwargs under "kind": "t5"
+    text_encoders: tuple[dict[str, Any], ...]
+    pad_tokens: tuple[str, ...]
+    scheduler_class: str
+    scheduler: dict[str, Any]
+    seed: int = 0
+    approx_size: str = ""
+    extra_index: dict[str, Any] = field(default_factory=dict)
+    # Package folder with trained `<component>.safetensors` (FP16, loaded as FP32) instead of seeded random weights.
+    weights: str | None = None
+    # The pipeline folder of each text encoder (and its tokenizer); an SDXL refiner has only the second.
+    text_encoder_folders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+    denoiser_class: str = "UNet2DConditionModel"
+    # The native image side in latent pixels, for a denoiser whose config cannot say it (Flux's has no sample_size;
+    # FluxPipeline draws 1024 px by default, which a tiny model does not need): written into its config.json.
+    native_latent_side: int | None = None

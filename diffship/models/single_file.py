@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from diffship.errors import DiffshipError
-from diffship.models.families import detect_family, read_model_index
+from diffship.models.families import FAMILIES, detect_family, read_model_index
 from diffship.store import cache
 from diffship.store.artifacts import read_json, staged_dir
 
@@ -25,8 +25,6 @@ SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DECLARATION = "diffship.json"  # in each shipped configuration: the diffusers model type it is for, tokenizer pads
 REVISION = 1  # bump when conversion changes, so cached conversions are redone
-# diffusers model types of transformer checkpoints, which hold the transformer (and at most the VAE), not the encoders
-TRANSFORMER_FILES = ("sd3", "sd35", "flux")
 
 
 def is_checkpoint_file(path: Path) -> bool:
@@ -79,15 +77,16 @@ def detect_config(path: Path, allow_pickle: bool = False) -> str:
         model_type = infer_diffusers_model_type(shapes)
     except (KeyError, IndexError, AttributeError):
         model_type = None
-    # diffusers tells SD3 by Stability's full widths; any MMDiT's joint blocks (a tiny one's too) say it
-    if any(".joint_blocks.0.x_block." in f".{k}" for k in shapes):
-        model_type = model_type if model_type and model_type.startswith("sd3") else "sd3"
-    if model_type and model_type.startswith(TRANSFORMER_FILES):
+    # a transformer-only file (SD3, Flux): which family's, by diffusers' name for it or the family's own marks
+    family = next((f for f in FAMILIES.values() if model_type in f.checkpoint_types
+                   or any(mark in f".{k}" for mark in f.checkpoint_marks for k in shapes)), None)
+    if family is not None:
         raise DiffshipError(
-            f"{path} is a {'Flux.1' if model_type.startswith('flux') else 'SD3 / SD3.5'} transformer checkpoint "
-            f"(diffusers reads it as `{model_type}`): its text encoders (T5 among them, whose SentencePiece vocabulary "
-            "diffship cannot make offline) are not in the file. Give --model-config a diffusers folder of that "
-            "family with their weights; the file's transformer replaces the folder's.")
+            f"{path} is a {family.short} transformer checkpoint"
+            + (f" (diffusers reads it as `{model_type}`)" if model_type in family.checkpoint_types else "")
+            + ": its text encoders (T5 among them, whose SentencePiece vocabulary diffship cannot make offline) are "
+            f"not in the file. Give --model-config a diffusers {family.short} folder with their weights; the file's "
+            "transformer replaces the folder's.")
     known = by_model_type()
     if model_type not in known or "model.diffusion_model.input_blocks.0.0.weight" not in shapes:
         raise DiffshipError(

@@ -104,6 +104,10 @@ class Family:
     controlnet_pipeline: str | None = None  # the diffusers pipeline that runs its ControlNets (the "controlnet" task)
     projected: tuple[str, ...] = ()  # text encoders besides `pooled_from` whose projected pooled output it reads (SD3)
     optional_encoders: tuple[str, ...] = ()  # text encoders a folder may leave out (SD3's T5), as diffusers allows
+    # transformer-only single files of this family: diffusers' names for them (`infer_diffusers_model_type`) and
+    # tensor-name fragments that tell them at any width (diffusers tells some by their full-size widths only)
+    checkpoint_types: tuple[str, ...] = ()
+    checkpoint_marks: tuple[str, ...] = ()
     t5_tokens: int = 0  # T5's tokens at the pipeline's default max_sequence_length (0: no T5)
     clip_tokens: int = 77  # CLIP's tokens in the denoiser's text sequence (Flux reads only CLIP's pooled output)
     # Whose denoising loop runs the deployed pipeline: diffship's own (the UNet families: ControlNets, the web app's

@@ -23,4 +23,6 @@ def _is_flux(folder: Path, index: dict[str, Any]) -> bool:
 FLUX = Family(
     "flux", "Flux.1", "Flux", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), PIPELINES,
     DECLARED_BY, matches=_is_flux, denoiser=FLUX_TRANSFORMER, tokenizer_classes=("CLIPTokenizer", "T5TokenizerFast"),
-    t5_tokens=512, clip_tokens=0, loop="diffusers")
+    t5_tokens=512, clip_tokens=0, loop="diffusers",
+    checkpoint_types=("flux-dev", "flux-schnell", "flux-fill", "flux-depth"),
+    checkpoint_marks=(".double_blocks.0.img_attn.",))

@@ -34,4 +34,5 @@ SD3 = Family(
     ("tokenizer", "tokenizer_2", "tokenizer_3"), PIPELINES, DECLARED_BY, matches=_is_sd3, denoiser=SD3_TRANSFORMER,
     tokenizer_classes=("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast"),
     hidden_state="penultimate_hidden_state", projected=("text_encoder", "text_encoder_2"),
-    optional_encoders=("text_encoder_3",), t5_tokens=256, loop="diffusers")
+    optional_encoders=("text_encoder_3",), t5_tokens=256, loop="diffusers",
+    checkpoint_types=("sd3", "sd35_large", "sd35_medium"), checkpoint_marks=(".joint_blocks.0.x_block.",))
