@@ -9,6 +9,7 @@ the fusions, because the fusion patterns match the exporter's shape subgraphs th
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 from collections import Counter
@@ -132,13 +133,14 @@ def fuse(model: onnx.ModelProto, kind: str | None, gpu: bool) -> tuple[onnx.Mode
         for name in GPU_ONLY_FUSIONS:
             setattr(options, name, False)
     # The optimizer warns that the producer is not "pytorch" and logs every fusion; our own step lines say enough.
-    quiet = [logging.getLogger(n) for n in ("onnxruntime.transformers", "onnx_model", "fusion_base")]
+    quiet = [logging.getLogger(n) for n in ("onnxruntime.transformers", "onnx_model", "fusion_base", "onnx_model_mmdit")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.ERROR)
-    try:
-        optimized = optimize_model(model, model_type=kind, optimization_options=options, opt_level=0,
-                                   use_gpu=gpu)
+    try:  # the transformers' (mmdit) fusions draw a tqdm bar on stderr
+        with contextlib.redirect_stderr(io.StringIO()):
+            optimized = optimize_model(model, model_type=kind, optimization_options=options, opt_level=0,
+                                       use_gpu=gpu)
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
