@@ -171,12 +171,16 @@ def test_generate_takes_flux_embedded_guidance_and_t5_length(dit, tmp_path: Path
     assert not (tmp_path / "x.png").exists()
 
 
-def test_web_app_refuses_a_transformer_before_any_export(tmp_path: Path, model_cache: Path):
-    result = CliRunner().invoke(app, ["build", "--model", "tiny-flux", "--targets", "web", "--out",
-                                      str(tmp_path / "web")])
+@pytest.mark.parametrize(("args", "says"), [
+    (["build", "--model", "tiny-flux", "--targets", "web"], ["Flux", "app = false"]),
+    (["compress", "--model", "tiny-sd3", "--step", "prune-magnitude:sparsity=0.5"], ["SD3", "not supported yet"]),
+])
+def test_what_the_transformers_do_not_have_yet_is_refused_before_any_work(tmp_path: Path, model_cache: Path,
+                                                                         args: list[str], says: list[str]):
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
-    assert "Flux" in result.output and "app = false" in result.output
-    assert not (tmp_path / "web").exists()
+    assert all(s in result.output for s in says), result.output
+    assert not (tmp_path / "out").exists()
 
 
 # --- LoRA: diffusers / PEFT transformer.* files and Flux's BFL blocks in kohya's layout ------------------------

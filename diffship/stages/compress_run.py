@@ -78,6 +78,10 @@ def compress(folder: Path, family: str, steps: Sequence[Step], settings: Setting
     if (tasks := tasks_of(folder))[0] != "text2img":
         raise DiffshipError(f"compress measures and distills on text-to-image generations; this model does "
                             f"{' and '.join(tasks)} only. Build it without compress steps.")
+    if (declared := family_named(family)).loop == "diffusers":
+        raise DiffshipError(f"compress steps (pruning, distillation, QAT, quanto, casts) drive diffship's UNet loop; "
+                            f"the {declared.short} transformer is not supported yet. Build it without compress steps: "
+                            "its targets' int8 / int8-auto precisions quantize it.")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     say(f"[compress] loading {folder.name} (PyTorch FP32, {device}) ...")
     pipe = load_baseline(folder, allow_pickle, device, torch.float32)
