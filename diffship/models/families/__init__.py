@@ -87,7 +87,9 @@ def detect_family(folder: Path) -> Family:
         raise DiffshipError(f"{folder} holds a `{index.get('_class_name', '')}`; diffship supports Stable Diffusion "
                             f"1.x, 2.x, XL and 3 / 3.5 and Flux.1 pipelines ({', '.join(supported)}).")
     for name in (family.denoiser.component, "vae", *family.encoders_in(folder)):
-        component_config(folder, name)
+        if not (folder / name / "config.json").is_file():
+            raise DiffshipError(f"{folder} is declared a {family.title} pipeline folder but is missing the `{name}` component "
+                                f"({name}/config.json not found), which a {family.short} pipeline needs.")
     return family
 
 
