@@ -53,10 +53,12 @@ def peft_lora(folder: Path, out: Path, rank: int = 4, seed: int = 1) -> Path:
 
 
 def flux_kohya_lora(folder: Path, out: Path, rank: int = 4, alpha: float = 2.0, seed: int = 2,
-                    linear1: bool = True, magnitude: float = 0.2) -> Path:
+                    diffusers_reads: bool = False, magnitude: float = 0.2) -> Path:
     """Flux in kohya's sd-scripts layout, over BFL's original blocks: fused qkv (double blocks) and linear1 (single
-    blocks: q, k, v and the MLP's input) projections that diffusers splits into its own modules. Without `linear1`,
-    diffusers' own converter reads it too (it hard-codes Flux.1's full-size linear1 widths)."""
+    blocks: q, k, v and the MLP's input) projections that diffusers splits into its own modules, and the final norm's
+    modulation in BFL's (shift, scale) order. `diffusers_reads`: only what diffusers' converter reads as kohya meant
+    (it hard-codes Flux.1's linear1 widths, and its final-layer keys lack the `transformer.` prefix, so it drops
+    them)."""
     import json
 
     config = json.loads((folder / "transformer" / "config.json").read_text())
@@ -69,8 +71,10 @@ def flux_kohya_lora(folder: Path, out: Path, rank: int = 4, alpha: float = 2.0, 
                    f"double_blocks_{i}_img_mlp_0": (dim, mlp)}
     for i in range(config["num_single_layers"]):
         shapes |= {f"single_blocks_{i}_linear2": (dim + mlp, dim)}
-        if linear1:
+        if not diffusers_reads:
             shapes[f"single_blocks_{i}_linear1"] = (dim, 3 * dim + mlp)
+    if not diffusers_reads:
+        shapes["final_layer_adaLN_modulation_1"] = (dim, 2 * dim)
     tensors = {}
     for name, (inputs, outputs) in shapes.items():
         tensors |= {f"lora_unet_{name}.lora_down.weight": torch.randn(rank, inputs, generator=g) * magnitude,

@@ -189,8 +189,8 @@ def test_what_the_transformers_do_not_have_yet_is_refused_before_any_work(tmp_pa
 @pytest.mark.parametrize("model", list(FAMILIES))
 def test_a_transformer_lora_merges_as_diffusers_and_peft_fuse_it(tmp_path: Path, model_cache: Path, model: str):
     """Every layout lands on the modules diffusers' own loader patches, with the same values: PEFT files for both
-    families, Flux's kohya file too (without the single blocks' linear1, whose widths diffusers' converter hard-codes
-    at Flux.1's full size)."""
+    families, Flux's kohya file too (without what diffusers' converter cannot read: the single blocks' linear1, whose
+    widths it hard-codes at Flux.1's full size, and the final layer, which it drops; the next test covers those)."""
     pytest.importorskip("peft", reason="peft (the dev extra) is the reference for the merge")
     import diffusers
     from lora_files import flux_kohya_lora, transformer_peft_lora
@@ -202,7 +202,7 @@ def test_a_transformer_lora_merges_as_diffusers_and_peft_fuse_it(tmp_path: Path,
     folder = builtin_folder(model)
     files = [transformer_peft_lora(folder, tmp_path / "peft.safetensors")]
     if model == "tiny-flux":
-        files.append(flux_kohya_lora(folder, tmp_path / "kohya.safetensors", linear1=False))
+        files.append(flux_kohya_lora(folder, tmp_path / "kohya.safetensors", diffusers_reads=True))
     base = load_component(folder, "transformer").state_dict()
     for path in files:
         ours = {"transformer": load_component(folder, "transformer")}
@@ -214,6 +214,43 @@ def test_a_transformer_lora_merges_as_diffusers_and_peft_fuse_it(tmp_path: Path,
         theirs, merged = pipe.transformer.state_dict(), ours["transformer"].state_dict()
         assert all(torch.equal(theirs[k], merged[k]) for k in merged), path.name
         assert sum(not torch.equal(base[k], merged[k]) for k in merged) >= 7, path.name
+
+
+def test_a_kohya_flux_lora_merged_in_bfl_layout_then_converted_equals_diffship_merge(tmp_path: Path,
+                                                                                    model_cache: Path):
+    """Every BFL block kind, linear1 and the final norm's (shift, scale) modulation included: adding the LoRA to the
+    BFL-layout weights and converting them (the checkpoint path, equal to diffusers' own at Flux.1's widths) gives
+    what diffship's merge of the LoRA into diffusers' modules gives."""
+    import re
+
+    from bfl_checkpoint import bfl_state
+    from lora_files import flux_kohya_lora
+    from safetensors.torch import load_file
+
+    from diffship.models.builtin import builtin_folder
+    from diffship.models.flux_checkpoint import to_diffusers
+    from diffship.models.loading import load_component
+    from diffship.models.lora import LoraSpec, merge
+
+    folder = builtin_folder("tiny-flux")
+    path = flux_kohya_lora(folder, tmp_path / "kohya.safetensors", magnitude=0.6)
+    model = load_component(folder, "transformer")
+    bfl = bfl_state(model, prefix="")
+    lora = load_file(str(path))
+    for key in [k for k in lora if k.endswith(".lora_down.weight")]:
+        name = key.removeprefix("lora_unet_").removesuffix(".lora_down.weight")
+        module = re.sub(r"^(double|single)_blocks_(\d+)_", r"\1_blocks.\2.", name)
+        module = re.sub(r"_(attn)_(qkv|proj)$", r"_\1.\2", module).replace("img_mlp_0", "img_mlp.0")
+        module = module.replace("final_layer_adaLN_modulation_1", "final_layer.adaLN_modulation.1")
+        down, up = lora[key], lora[key.replace("lora_down", "lora_up")]
+        factor = 0.8 * float(lora[key.replace("lora_down.weight", "alpha")]) / down.shape[0]
+        bfl[f"{module}.weight"] = bfl[f"{module}.weight"] + factor * (up @ down)
+    converted = to_diffusers(bfl, model)
+    ours = {"transformer": load_component(folder, "transformer")}
+    assert merge(ours, LoraSpec(path, 0.8), "transformer")["transformer"] == 14
+    merged = ours["transformer"].state_dict()
+    assert all(torch.allclose(converted[k], merged[k], atol=1e-6) for k in merged)
+    assert not torch.equal(merged["norm_out.linear.weight"], model.state_dict()["norm_out.linear.weight"])
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,18 @@ def bfl_modules(written: str) -> tuple[str, ...]:
     return ()
 
 
+def swaps_halves(written: str) -> bool:
+    """Whether BFL's module computes (shift, scale) where diffusers' computes (scale, shift): the final norm's
+    modulation, in a checkpoint and in a LoRA's up matrix alike."""
+    return written.replace(".", "_").endswith("final_layer_adaLN_modulation_1")
+
+
+def in_diffusers_order(rows: torch.Tensor) -> torch.Tensor:
+    """A (shift, scale) row stack as diffusers' (scale, shift)."""
+    shift, scale = rows.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
 def to_diffusers(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A BFL-layout Flux state dict as `model`'s (a FluxTransformer2DModel of the checkpoint's config, on any
     device) state dict: renamed, fused projections split by the widths of `model`'s modules, the final norm's
@@ -75,9 +87,8 @@ def to_diffusers(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict
         if not targets:
             converted[key] = tensor
             continue
-        if module == "final_layer.adaLN_modulation.1":
-            shift, scale = tensor.chunk(2, dim=0)
-            tensor = torch.cat([scale, shift], dim=0)
+        if swaps_halves(module):
+            tensor = in_diffusers_order(tensor)
         widths = [model.get_submodule(t).weight.shape[0] for t in targets]
         for target, part in zip(targets, torch.split(tensor, widths), strict=True):
             converted[f"{target}.{leaf}"] = part.contiguous()

@@ -21,7 +21,7 @@ import torch
 
 from diffship.errors import DiffshipError
 from diffship.models.families import detect_family
-from diffship.models.flux_checkpoint import bfl_modules
+from diffship.models.flux_checkpoint import bfl_modules, in_diffusers_order, swaps_halves
 from diffship.models.loading import load_component
 from diffship.models.variants import link_tree
 from diffship.store import cache
@@ -181,6 +181,8 @@ def lora_targets(modules: dict[str, torch.nn.Module], spec: LoraSpec, denoiser: 
         if name is not None:
             targets.append((component, name, layer))
         elif fused and None not in fused:
+            if swaps_halves(written):  # diffusers' converter swaps the up matrix's halves the same way
+                layer = LoraLayer(layer.down, in_diffusers_order(layer.up), layer.alpha, layer.keys)
             widths = [modules[component].get_submodule(m).weight.shape[0] for m in fused]
             targets += [(component, m, part) for m, part in zip(fused, split_layer(layer, widths), strict=True)]
         else:

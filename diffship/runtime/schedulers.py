@@ -31,6 +31,9 @@ def parse_scheduler(text: str) -> tuple[str, dict[str, Any]]:
     return named_settings(text, "--scheduler")
 
 
+FLOW_MATCHING = "FlowMatch"  # diffusers' flow-matching schedulers' class names start so
+
+
 def make_scheduler(base: Any, name: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """A scheduler from `base`'s config: `name`'s class (or `base`'s own) with `overrides` applied."""
     import diffusers  # start-up time: diffusers
@@ -42,6 +45,12 @@ def make_scheduler(base: Any, name: str | None = None, overrides: dict[str, Any]
     if cls is None or not class_name.endswith("Scheduler"):
         raise DiffshipError(f"Unknown scheduler {name!r}: use one of {', '.join(NAMES)} or a diffusers scheduler class "
                             "name (e.g. DPMSolverMultistepScheduler).")
+    flow = type(base).__name__.startswith(FLOW_MATCHING)
+    if flow != class_name.startswith(FLOW_MATCHING):  # diffusers names its flow-matching samplers so
+        raise DiffshipError(
+            f"{class_name} cannot sample this model: its own {type(base).__name__} is "
+            + ("a flow-matching sampler (SD3, Flux), which only another FlowMatch scheduler replaces."
+               if flow else f"a noise-prediction sampler; {class_name} is for flow-matching models (SD3, Flux)."))
     # Overrides go in as keywords: merged into the config instead, diffusers would drop any of them the folder's JSON
     # left out (from_config discards the keys listed in `_use_default_values`), so `dpm++2m-karras` on a folder
     # without `use_karras_sigmas` would silently run without Karras sigmas.
