@@ -247,7 +247,8 @@ def test_a_kohya_flux_lora_merged_in_bfl_layout_then_converted_equals_diffship_m
         bfl[f"{module}.weight"] = bfl[f"{module}.weight"] + factor * (up @ down)
     converted = to_diffusers(bfl, model)
     ours = {"transformer": load_component(folder, "transformer")}
-    assert merge(ours, LoraSpec(path, 0.8), "transformer")["transformer"] == 14
+    # 3 + 1 + 1 in the double block, 4 + 1 in each of the two single blocks, the final norm
+    assert merge(ours, LoraSpec(path, 0.8), "transformer")["transformer"] == 16
     merged = ours["transformer"].state_dict()
     assert all(torch.allclose(converted[k], merged[k], atol=1e-6) for k in merged)
     assert not torch.equal(merged["norm_out.linear.weight"], model.state_dict()["norm_out.linear.weight"])
