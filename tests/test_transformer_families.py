@@ -167,7 +167,7 @@ def test_generate_takes_flux_embedded_guidance_and_t5_length(dit, tmp_path: Path
     assert compare_images(images["default"], images["short"])["max_abs_diff"] > 0
     refused = runner.invoke(app, ["generate", str(out), "-p", "x", "-o", str(tmp_path / "x.png"),
                                   "--max-sequence-length", "600"])
-    assert refused.exit_code == 2 and "1 to 512" in refused.output
+    assert refused.exit_code == 2 and "2 to 512" in refused.output
     assert not (tmp_path / "x.png").exists()
 
 

@@ -54,7 +54,7 @@ def generate(
     control_start: Annotated[float, typer.Option(help="Fraction of the steps before the ControlNets act.")] = 0.0,
     control_end: Annotated[float, typer.Option(help="Fraction of the steps after which they stop.")] = 1.0,
     max_sequence_length: Annotated[int | None, typer.Option(
-        help="SD3 / Flux: the T5 tokens the prompt is padded or cut to, 1 to 512 (default: diffusers' 256 SD3, "
+        help="SD3 / Flux: the T5 tokens the prompt is padded or cut to, 2 to 512 (default: diffusers' 256 SD3, "
              "512 Flux).")] = None,
 ) -> None:
     """Generate images with a folder of deployed artifacts (hashes checked against its manifest first)."""
@@ -79,9 +79,11 @@ def generate(
     elif validated:
         pipe.use_scheduler(validated["scheduler"], validated.get("scheduler_config"))
     steps = steps if steps is not None else validated.get("steps", 20)
-    if guidance_scale is None:
-        guidance_scale = validated.get("guidance_scale", 7.5 if pipe.family.loop == "diffship" else call_default(
-            pipe.family.pipelines[pipe.tasks[0]], "guidance_scale"))
+    if guidance_scale is None and "guidance_scale" in validated:
+        guidance_scale = validated["guidance_scale"]
+    elif guidance_scale is None:  # diffship's loop has always used 7.5; the transformers take diffusers' own default
+        guidance_scale = 7.5 if pipe.family.loop == "diffship" else call_default(pipe.family.pipelines[pipe.tasks[0]],
+                                                                                 "guidance_scale")
     if (aesthetic_score is not None or negative_aesthetic_score is not None) and not pipe.family.aesthetic_conditioning:
         raise DiffshipError(f"--aesthetic-score conditions the SDXL refiner; this is a {pipe.family.title} model.")
     controls = _controls(control_image, control_scale, control_start, control_end)

@@ -55,15 +55,16 @@ def write_builtin(model: BuiltinModel, folder: Path) -> None:
             encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
                                               decoder_start_token_id=0, **config))
             save_t5_tokenizer(tokenizer, folder / f"tokenizer{suffix}")
-            index[f"tokenizer{suffix}"] = ["transformers", "T5TokenizerFast"]
         else:
             cls = CLIPTextModelWithProjection if config.pop("with_projection", False) else CLIPTextModel
             encoder = cls(CLIPTextConfig(pad_token_id=1, **config))
             save_clip_tokenizer(build_clip_tokenizer(pad_token=pad), folder / f"tokenizer{suffix}")
-            index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
         _load_trained(model, f"text_encoder{suffix}", encoder)
         encoder.save_pretrained(folder / f"text_encoder{suffix}", safe_serialization=True)
+        # model_index.json lists each encoder before its tokenizer, as the UNet built-ins always have
         index[f"text_encoder{suffix}"] = ["transformers", type(encoder).__name__]
+        index[f"tokenizer{suffix}"] = ["transformers", "T5TokenizerFast" if isinstance(encoder, T5EncoderModel)
+                                       else "CLIPTokenizer"]
         del encoder
     torch.manual_seed(model.seed * 100 + 10)
     denoiser = getattr(diffusers, model.denoiser_class)(**model.denoiser)

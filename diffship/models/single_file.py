@@ -84,9 +84,9 @@ def detect_config(path: Path, allow_pickle: bool = False) -> str:
         raise DiffshipError(
             f"{path} is a {family.short} transformer checkpoint"
             + (f" (diffusers reads it as `{model_type}`)" if model_type in family.checkpoint_types else "")
-            + ": its text encoders (T5 among them, whose SentencePiece vocabulary diffship cannot make offline) are "
-            f"not in the file. Give --model-config a diffusers {family.short} folder with their weights; the file's "
-            "transformer replaces the folder's.")
+            + f": diffship takes its transformer over a diffusers {family.short} folder, which brings the text "
+            "encoders, their tokenizers (T5's SentencePiece vocabulary cannot be made offline) and the VAE. Give that "
+            "folder with --model-config; the file's transformer replaces the folder's.")
     known = by_model_type()
     if model_type not in known or "model.diffusion_model.input_blocks.0.0.weight" not in shapes:
         raise DiffshipError(
@@ -172,10 +172,11 @@ def _convert_into(path: Path, config: Path, out: Path) -> None:
 
 
 def _convert_transformer_file(path: Path, config: Path, out: Path) -> None:
-    """An SD3 / Flux transformer checkpoint over a diffusers folder of its family: the file's transformer (and VAE,
-    where the file has one) replaces the folder's, every other component is the folder's. Flux's BFL layout is
-    converted by `flux_checkpoint` (diffusers' converter is fixed to Flux.1's widths), SD3's by diffusers'
-    `from_single_file`; either is loaded strictly against the folder's configuration."""
+    """An SD3 / Flux transformer checkpoint over a diffusers folder of its family: the file's transformer replaces
+    the folder's, every other component is the folder's (a file that also holds the encoders or the VAE gives only
+    its transformer). Flux's BFL layout is converted by `flux_checkpoint` (diffusers' converter is fixed to
+    Flux.1's widths), SD3's by diffusers' `from_single_file`; either is loaded strictly against the folder's
+    configuration."""
     import diffusers  # start-up time: diffusers
     import torch  # start-up time: torch
 
@@ -199,8 +200,12 @@ def _convert_transformer_file(path: Path, config: Path, out: Path) -> None:
     if is_flux_checkpoint(shapes):
         with torch.device("meta"):
             model = cls.from_config(cls.load_config(config / component))
-        state = to_diffusers(_tensors(path), model)
-        info = model.load_state_dict(state, strict=False, assign=True)
+        try:  # another width or depth than the folder's: a split, a module or a shape that does not fit
+            state = to_diffusers(_tensors(path), model)
+            info = model.load_state_dict(state, strict=False, assign=True)
+        except (RuntimeError, AttributeError, ValueError) as exc:
+            raise DiffshipError(f"{path.name} is not a transformer of {config}'s configuration: "
+                                f"{' '.join(str(exc).split())[:300]}") from None
         left = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
         check_loading_info({"missing_keys": sorted({*info.missing_keys, *left}),
                             "unexpected_keys": info.unexpected_keys}, str(path))

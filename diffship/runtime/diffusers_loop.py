@@ -24,7 +24,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_outputs import AutoencoderKLOutput, Transformer2DModelOutput
 
 from diffship.errors import DiffshipError
-from diffship.models.families import Denoiser, denoiser_of
+from diffship.models.families import MAX_T5_TOKENS, Denoiser, denoiser_of
 from diffship.models.loading import quiet_libraries
 from diffship.runtime.generation import Generation, truncation_warnings
 from diffship.runtime.tasks import accepted_by
@@ -112,6 +112,8 @@ class EncoderOutput:
 
 
 class TextEncoderStand(Stand):
+    """A text encoder: input ids in, its outputs as transformers' model returns them (`EncoderOutput`)."""
+
     def __init__(self, runner: Runner, config: dict[str, Any], clock: Clock):
         super().__init__(config, clock)
         self.runner = runner
@@ -124,6 +126,8 @@ class TextEncoderStand(Stand):
 
 
 class DenoiserStand(Stand):
+    """The transformer: diffusers' keyword call in, the prediction out (`return_dict` as diffusers asks)."""
+
     def __init__(self, runner: Runner, config: dict[str, Any], denoiser: Denoiser, clock: Clock):
         super().__init__(config, clock)
         self.runner, self.denoiser = runner, denoiser
@@ -143,6 +147,8 @@ class DenoiserStand(Stand):
 
 
 class VaeStand(Stand):
+    """The VAE: `encode` to diffusers' latent distribution, `decode` to the image, over the two exported halves."""
+
     def __init__(self, decoder: Runner, encoder: Runner | None, config: dict[str, Any], clock: Clock):
         super().__init__(config, clock)
         self.decoder, self.encoder = decoder, encoder
@@ -185,21 +191,21 @@ def generate(deployed: DeployedPipeline, task: str, prompts: list[str], negative
              latents: torch.Tensor | None, on_step: Callable[[int, int], None] | None, image: Any, mask: Any,
              strength: float | None, controls: list[Any] | None, max_sequence_length: int | None) -> Generation:
     """One call of diffusers' pipeline for `task` over the artifacts, timed as the runtime's own loop is (text
-    encoders, each denoiser call, decode, total). Images are generated at the init image's size (rounded down to
-    the VAE's scale) unless given, as diffusers does."""
+    encoders, each denoiser call, decode, total). Images are the model's native size unless given, an init image
+    resized to it, as these families' diffusers pipelines do (the UNet loop draws at the init image's size)."""
+    family = deployed.family
     if controls:
-        raise DiffshipError(f"diffship builds no ControlNets for {deployed.family.short} yet; generate without "
-                            "control images.")
-    if image is not None and (height is None or width is None):
-        rows, columns = np.asarray(image).shape[-3:-1] if isinstance(image, np.ndarray) else image.size[::-1]
-        height, width = height or rows // deployed.vae_scale * deployed.vae_scale, \
-            width or columns // deployed.vae_scale * deployed.vae_scale
+        raise DiffshipError(f"diffship builds no ControlNets for {family.short} yet; generate without control images.")
+    if negatives and not family.negative_prompts:
+        raise DiffshipError(f"{family.title} has no classifier-free guidance here (its guidance is embedded in the "
+                            "transformer): a negative prompt would be ignored, so it is refused.")
     height, width = height or deployed.native_resolution[0], width or deployed.native_resolution[1]
     deployed.check_request(len(prompts) * batch, height, width)
     if steps < 1:
         raise DiffshipError(f"Number of steps must be at least 1, got {steps}.")
-    if max_sequence_length is not None and not 1 <= max_sequence_length <= 512:  # diffusers' pipelines refuse > 512
-        raise DiffshipError(f"--max-sequence-length must be 1 to 512 T5 tokens, got {max_sequence_length}.")
+    # diffusers' pipelines refuse more than 512; one token is all AOTInductor's dynamic sequence does not take
+    if max_sequence_length is not None and not 2 <= max_sequence_length <= MAX_T5_TOKENS:
+        raise DiffshipError(f"--max-sequence-length must be 2 to {MAX_T5_TOKENS} T5 tokens, got {max_sequence_length}.")
     task_kwargs = {k: v for k, v in (("image", image), ("mask_image", mask), ("strength", strength)) if v is not None}
     clock = Clock()
     pipe = task_pipeline(deployed, task, clock)
@@ -223,4 +229,8 @@ def generate(deployed: DeployedPipeline, task: str, prompts: list[str], negative
     total = time.perf_counter() - started
     images = (np.asarray(out.images, dtype=np.float32) * 255).round().astype(np.uint8)  # as numpy_to_pil does
     timings = {"steps": clock.steps, "text_encode": clock.text, "decode": clock.decode, "total": total}
-    return Generation(images, np.empty(0), timings, truncation_warnings(deployed.tokenizers[0], prompts + (negatives or [])))
+    texts = prompts + (negatives or [])
+    warnings = [w for name, kind in family.tokenizers_in(deployed.artifacts.pipeline)
+                for w in truncation_warnings(deployed.tokenizer_of[name], texts,
+                                             (max_sequence_length or family.t5_tokens) if kind.startswith("T5") else None)]
+    return Generation(images, np.empty(0), timings, warnings)

@@ -18,10 +18,10 @@ class Generation:
     warnings: list[str] = field(default_factory=list)
 
 
-def truncation_warnings(tokenizer: Any, texts: list[str]) -> list[str]:
+def truncation_warnings(tokenizer: Any, texts: list[str], limit: int | None = None) -> list[str]:
     """What the text encoder will not read of each text: like diffusers, prompts are cut at the tokenizer's length
-    (77 for CLIP) with a warning, not refused."""
-    limit = tokenizer.model_max_length
+    (77 for CLIP; `limit`, the pipeline's max_sequence_length, for T5) with a warning, not refused."""
+    limit = limit or tokenizer.model_max_length
     notes = []
     for text in dict.fromkeys(texts):
         ids = tokenizer(text, truncation=False, verbose=False).input_ids

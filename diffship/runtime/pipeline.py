@@ -191,8 +191,8 @@ class DeployedPipeline:
             raise DiffshipError(f"{len(negatives)} negative prompts for {len(prompts)} prompts.")
         task = self._task(image, mask, latents)
         if max_sequence_length is not None and self.family.loop != "diffusers":
-            raise DiffshipError(f"--max-sequence-length sets the T5 tokens of SD3 and Flux; a {self.family.title} model "
-                                "has no T5 (its CLIP reads 77 tokens).")
+            raise DiffshipError(f"--max-sequence-length sets how many tokens T5 reads; a {self.family.title} model has "
+                                "no T5 (its CLIP reads 77 tokens).")
         if self.family.loop == "diffusers":  # SD3, Flux: diffusers' pipeline class over the runners
             return diffusers_loop.generate(self, task, prompts, negatives, height, width, steps, guidance_scale, seed,
                                            batch, latents, on_step, image, mask, strength, controls,

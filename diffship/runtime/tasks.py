@@ -60,7 +60,8 @@ class TaskInputs:
 
 
 def accepted_by(pipe: Any, arguments: dict[str, Any]) -> dict[str, Any]:
-    """The `arguments` diffusers' `pipe` takes: img2img pipelines take no height / width (the image sets them)."""
+    """The `arguments` diffusers' `pipe` takes (SD / SDXL img2img pipelines take no height / width: the image sets
+    them)."""
     accepted = inspect.signature(pipe.__call__).parameters
     return {k: v for k, v in arguments.items() if k in accepted}
 

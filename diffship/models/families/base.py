@@ -108,6 +108,7 @@ class Family:
     # tensor-name fragments that tell them at any width (diffusers tells some by their full-size widths only)
     checkpoint_types: tuple[str, ...] = ()
     checkpoint_marks: tuple[str, ...] = ()
+    negative_prompts: bool = True  # Flux's embedded guidance has no negative half: a negative prompt does nothing
     t5_tokens: int = 0  # T5's tokens at the pipeline's default max_sequence_length (0: no T5)
     clip_tokens: int = 77  # CLIP's tokens in the denoiser's text sequence (Flux reads only CLIP's pooled output)
     # Whose denoising loop runs the deployed pipeline: diffship's own (the UNet families: ControlNets, the web app's

@@ -11,18 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from diffship.models.families.base import Family
-from diffship.models.families.transformer import SD3_TRANSFORMER
-from diffship.store.artifacts import read_json
+from diffship.models.families.transformer import SD3_TRANSFORMER, transformer_class
 
 PIPELINES = {"text2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline",
              "inpaint": "StableDiffusion3InpaintPipeline"}
 DECLARED_BY = frozenset({*PIPELINES.values(), "OVStableDiffusion3Pipeline", "ORTStableDiffusion3Pipeline"})
-
-
-def transformer_class(folder: Path) -> str | None:
-    """The `_class_name` the folder's transformer config declares, if it has one."""
-    path = folder / "transformer" / "config.json"
-    return read_json(path).get("_class_name") if path.is_file() else None
 
 
 def _is_sd3(folder: Path, index: dict[str, Any]) -> bool:

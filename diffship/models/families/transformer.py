@@ -7,15 +7,23 @@ Torch-free, so detection and the CLI stay light; the wrappers and the export pat
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffship.models.families.base import Denoiser, SensitiveLayers
 from diffship.models.specs import TensorSpec
+from diffship.store.artifacts import read_json
 
 if TYPE_CHECKING:
     from diffship.models.families.base import Family
 
 COMPONENT = "transformer"
+
+
+def transformer_class(folder: Path) -> str | None:
+    """The `_class_name` the folder's transformer config declares, if it has one (detection)."""
+    path = folder / COMPONENT / "config.json"
+    return read_json(path).get("_class_name") if path.is_file() else None
 
 
 def sd3_inputs(config: dict[str, Any], family: Family) -> tuple[TensorSpec, ...]:
