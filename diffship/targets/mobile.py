@@ -87,7 +87,8 @@ def compile(source: Path, precision: str = "fp32", options: MobileOptions | None
     pin(model, shapes)
     record: dict[str, Any] = {"precision": precision, "shapes": {k: list(v) for k, v in shapes.items()}}
     if options.rewrite:
-        record["rewrites"] = rewrite(model, source.parent / "config.json" if spec.is_denoiser else None)
+        host = spec.is_denoiser and spec.denoiser.host_embedding
+        record["rewrites"] = rewrite(model, source.parent / "config.json" if host else None)
     dest.mkdir(parents=True, exist_ok=True)
     onnx_path = dest / "model.onnx"
     onnx.save(model, str(onnx_path))

@@ -62,6 +62,9 @@ class Denoiser:
     # its schedulers step through whole timesteps, which clients (OpenVINO GenAI) feed as i64; flow matching's are
     # fractions of 1000
     whole_timesteps: bool = True
+    # its graph embeds the raw timestep as diffusers' `get_timestep_embedding` with its config's flip / shift, so the
+    # mobile target may compute that on the host (the UNet's; Flux scales t by 1000 and embeds its guidance alike)
+    host_embedding: bool = False
     guidance_doubles_batch: bool = True  # classifier-free guidance runs both halves in one call (not Flux's embedded)
     # What its export needs patched (numerically the same ops in forms the TorchScript exporter writes at opset 17)
     export_patches: Callable[[], AbstractContextManager[Any]] | None = field(default=None, repr=False)

@@ -89,6 +89,7 @@ UNET = Denoiser(
     latent_multiple=8,  # SD's three UNet downsamplings
     default_sample_size=64,
     onnx_model_type="unet",
+    host_embedding=True,
     residuals=residual_specs, wrap_controlled=_wrap("ControlledUNet"), wrap_controlnet=_wrap("ControlNet"),
     controlnet_class="ControlNetModel",
     controlnet_fits=("cross_attention_dim", "block_out_channels", "layers_per_block", "in_channels"))
