@@ -140,9 +140,8 @@ def finish_pipeline_folder(source: ModelSource, root: Path, specs: list[Componen
                            entries: dict[str, Any]) -> dict[str, Any]:
     """Add tokenizers, scheduler, model_index.json and manifest.json beside the exported components."""
     family = detect_family(source.folder)
-    present = family.encoders_in(source.folder)  # an SD3 folder may leave T5 out, and its tokenizer with it
-    tokenizers = tuple(t for e, t in zip(family.text_encoders, family.tokenizers, strict=True) if e in present)
-    _copy_pipeline_files(source.folder, root, tokenizers)
+    # an SD3 folder may leave T5 out, and its tokenizer with it
+    _copy_pipeline_files(source.folder, root, tuple(t for t, _ in family.tokenizers_in(source.folder)))
     _write_model_index(source.folder, root, family.name, {s.module for s in specs}, family.tokenizers)
     manifest = _manifest(source, family.name, prediction_type(source.folder), opset, entries, root)
     atomic_write_json(root / MANIFEST_NAME, manifest)

@@ -26,7 +26,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput, Transformer2D
 from diffship.errors import DiffshipError
 from diffship.models.families import MAX_T5_TOKENS, Denoiser, denoiser_of
 from diffship.models.loading import quiet_libraries
-from diffship.runtime.generation import Generation, truncation_warnings
+from diffship.runtime.generation import Generation, truncation_warnings, uint8_images
 from diffship.runtime.tasks import accepted_by
 from diffship.store.artifacts import read_json
 from diffship.targets.runner import Runner
@@ -66,6 +66,16 @@ def decoder_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
     config = pipe.vae.config
     return latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+
+
+def denoiser_call(denoiser: Denoiser, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One call diffusers makes to the denoiser as its named inputs (the timestep as one float per batch row, as the
+    exported graphs take it) and the ControlNet residuals it was given: what the stand runs and capture records."""
+    inputs, residuals = denoiser.call_inputs(args, kwargs)
+    batch = next(iter(inputs.values())).shape[0]  # the latents come first
+    inputs["timestep"] = torch.as_tensor(inputs["timestep"]).float().reshape(-1).expand(batch)
+    return inputs, residuals
 
 
 @dataclass
@@ -137,9 +147,7 @@ class DenoiserStand(Stand):
 
     def __call__(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
         started = time.perf_counter()
-        inputs, _ = self.denoiser.call_inputs(args, kwargs)
-        batch = next(iter(inputs.values())).shape[0]
-        inputs["timestep"] = torch.as_tensor(inputs["timestep"]).reshape(-1).expand(batch)
+        inputs, _ = denoiser_call(self.denoiser, args, kwargs)
         feed = {k: np.ascontiguousarray(v.detach().float().numpy()) for k, v in inputs.items()}
         out = torch.from_numpy(self.runner.run(feed)["out_sample"])
         self.clock.steps.append(time.perf_counter() - started)
@@ -227,10 +235,9 @@ def generate(deployed: DeployedPipeline, task: str, prompts: list[str], negative
     with torch.inference_mode():
         out = pipe(prompt=prompts, negative_prompt=negatives, **accepted_by(pipe, arguments))
     total = time.perf_counter() - started
-    images = (np.asarray(out.images, dtype=np.float32) * 255).round().astype(np.uint8)  # as numpy_to_pil does
     timings = {"steps": clock.steps, "text_encode": clock.text, "decode": clock.decode, "total": total}
     texts = prompts + (negatives or [])
     warnings = [w for name, kind in family.tokenizers_in(deployed.artifacts.pipeline)
                 for w in truncation_warnings(deployed.tokenizer_of[name], texts,
                                              (max_sequence_length or family.t5_tokens) if kind.startswith("T5") else None)]
-    return Generation(images, np.empty(0), timings, warnings)
+    return Generation(uint8_images(out.images), np.empty(0), timings, warnings)

@@ -18,6 +18,11 @@ class Generation:
     warnings: list[str] = field(default_factory=list)
 
 
+def uint8_images(images: np.ndarray) -> np.ndarray:
+    """Images in [0, 1] as uint8, rounded as diffusers' `numpy_to_pil` does (both loops' and the baseline's)."""
+    return (np.asarray(images, dtype=np.float32) * 255).round().astype(np.uint8)
+
+
 def truncation_warnings(tokenizer: Any, texts: list[str], limit: int | None = None) -> list[str]:
     """What the text encoder will not read of each text: like diffusers, prompts are cut at the tokenizer's length
     (77 for CLIP; `limit`, the pipeline's max_sequence_length, for T5) with a warning, not refused."""

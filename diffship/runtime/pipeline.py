@@ -23,7 +23,7 @@ from diffship.errors import DiffshipError
 from diffship.models.families import Family, controlnet_names, family_named
 from diffship.runtime import diffusers_loop, inpaint
 from diffship.runtime.control import ControlledDenoiser, control_images
-from diffship.runtime.generation import Generation, truncation_warnings
+from diffship.runtime.generation import Generation, truncation_warnings, uint8_images
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
 from diffship.runtime.schedulers import make_scheduler
 from diffship.store.artifacts import atomic_write_bytes, read_json
@@ -43,7 +43,7 @@ def initial_latents(seed: int, batch: int, channels: int, latent_height: int, la
 def to_uint8(decoded: np.ndarray) -> np.ndarray:
     """VAE output in [-1, 1], NCHW -> uint8 NHWC, exactly as diffusers' image processor and numpy_to_pil do."""
     images = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-    return (images * 255).round().astype(np.uint8)
+    return uint8_images(images)
 
 
 class DeployedPipeline:
@@ -58,9 +58,9 @@ class DeployedPipeline:
         self.changes = changes or {}  # weight changes (a LoRA at run time) for components loaded later
         folder = artifacts.pipeline
         self.family = pipeline_family(artifacts)
+        # an optional encoder left out (SD3's T5) has no tokenizer either
         self.tokenizer_of = {name: getattr(transformers, kind).from_pretrained(folder / name)
-                             for name, kind in zip(self.family.tokenizers, self.family.tokenizer_classes, strict=True)
-                             if (folder / name).is_dir()}  # an optional encoder left out has no tokenizer either
+                             for name, kind in self.family.tokenizers_in(folder)}
         self.tokenizers = list(self.tokenizer_of.values())
         scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
         scheduler_class = getattr(diffusers, scheduler_config["_class_name"], None)
@@ -102,8 +102,7 @@ class DeployedPipeline:
         """Load one Runner per component the pipeline needs, timing each load (with the build's options by default);
         components with weight `changes` (a LoRA at run time, `runtime.lora`) load with them."""
         family = pipeline_family(artifacts)
-        encoders = [e for e in family.text_encoders if e not in family.optional_encoders or e in artifacts.components]
-        needed = [*encoders, family.denoiser.component, DECODER]
+        needed = [*family.encoders_in(artifacts.pipeline), family.denoiser.component, DECODER]
         missing = [c for c in needed if c not in artifacts.components]
         if missing:
             raise DiffshipError(f"{artifacts.root} cannot generate images: it has no {', '.join(missing)} artifact.")

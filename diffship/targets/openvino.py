@@ -349,6 +349,6 @@ def finish_set(set_dir: Path, components: dict[str, Path], precision: str, optio
                say: Any) -> None:
     """OpenVINO tokenizer models beside the set's tokenizers (OpenVINO GenAI tokenizes with them), and OpenVINO Model
     Server's graph.pbtxt with the set's inference precision."""
-    write_tokenizer_models(set_dir, tuple(t for t in family_named(family).tokenizers if (set_dir / t).is_dir()), say)
+    write_tokenizer_models(set_dir, tuple(t for t, _ in family_named(family).tokenizers_in(set_dir)), say)
     inference = inference_precision(precision, options)
     write_graph(set_dir, {"INFERENCE_PRECISION_HINT": inference} if inference else {}, options.device)

@@ -19,7 +19,7 @@ from diffship.models.components import ComponentSpec, wrap
 from diffship.models.families import Family, controlnets_in, detect_family, tasks_of
 from diffship.models.loading import load_component
 from diffship.runtime.diffusers_loop import pipeline_latents, pipeline_of
-from diffship.runtime.generation import Generation
+from diffship.runtime.generation import Generation, uint8_images
 from diffship.runtime.schedulers import make_scheduler
 from diffship.runtime.tasks import TaskInputs, accepted_by
 from diffship.store.artifacts import read_json
@@ -132,7 +132,7 @@ def run_baseline(pipe: Any, prompt: str, negative_prompt: str | None, height: in
                    num_images_per_prompt=batch, generator=generator, output_type="np", callback_on_step_end=on_step_end,
                    **arguments)
     total = time.perf_counter() - started
-    images = (np.asarray(out.images, dtype=np.float32) * 255).round().astype(np.uint8)  # as numpy_to_pil does
+    images = uint8_images(out.images)
     steps_s = [float(s) for s in np.diff(marks)]  # the first step's start is not observable from a callback
     return Generation(images, np.empty(0), {"steps": steps_s, "total": total})
 

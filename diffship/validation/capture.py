@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from diffship.models.families import denoiser_of
-from diffship.runtime.diffusers_loop import decoder_latents
+from diffship.runtime.diffusers_loop import decoder_latents, denoiser_call
 from diffship.runtime.tasks import accepted_by
 from diffship.targets.calibration import CalibrationData, check_calibration
 
@@ -39,11 +39,9 @@ def capture(pipe: Any, prompts: list[str], samples: int | None, steps: int, heig
 
     def record(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Under ControlNets the denoiser also takes their residuals: its controlled variant is calibrated on them.
-        inputs, residuals = denoiser.call_inputs(args, kwargs)
+        inputs, residuals = denoiser_call(denoiser, args, kwargs)
         controlled.append(bool(residuals))
         call = inputs | residuals
-        batch = next(iter(call.values())).shape[0]  # the latents come first
-        call["timestep"] = torch.as_tensor(call["timestep"]).float().reshape(-1).expand(batch)
         denoiser_calls.append({k: v.detach().float().cpu().numpy().copy() for k, v in call.items()})
 
     handle = getattr(pipe, denoiser.component).register_forward_pre_hook(record, with_kwargs=True)
