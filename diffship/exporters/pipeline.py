@@ -155,6 +155,20 @@ def _copy_pipeline_files(src: Path, dst: Path, tokenizers: tuple[str, ...]) -> N
         shutil.copytree(src / name, dst / name)
         if name != "scheduler":
             _write_bpe_files(dst / name)
+    _drop_default_time_shift(dst / "scheduler" / "scheduler_config.json")
+
+
+def _drop_default_time_shift(path: Path) -> None:
+    """Leave out `time_shift_type` where it is diffusers' default ("exponential", the formula exp(mu) / (exp(mu) +
+    1/t - 1)): OpenVINO GenAI 2026.3+ reads "exponential" as Flux.2's step-dependent mu instead (its
+    flow_match_euler_discrete.cpp), so a Flux.1 folder saved by today's diffusers draws another schedule there (mu
+    1.95 against 0.46 at 64x64, 3 steps). Without the key both read Flux.1's schedule, as in the hub's folders."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("time_shift_type") == "exponential":
+        del config["time_shift_type"]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _write_bpe_files(folder: Path) -> None:
