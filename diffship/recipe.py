@@ -42,9 +42,11 @@ class TargetRecipe(_Strict):
 
 
 class ExportRecipe(_Strict):
-    """How components become ONNX."""
+    """How components become ONNX. `streamed` traces a component without its weights and writes them from its
+    safetensors one tensor at a time (true, false, or "auto": where a one-pass export would not fit in memory)."""
 
     opset: int = Field(17, ge=14, le=20)
+    streamed: bool | Literal["auto"] = "auto"
 
 
 class CompileRecipe(_Strict):

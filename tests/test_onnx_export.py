@@ -12,7 +12,7 @@ from onnx.external_data_helper import convert_model_to_external_data
 
 from diffship.errors import DiffshipError
 from diffship.exporters.onnx import DATA_FILE, _gather_external_data, export_component, opset_of
-from diffship.exporters.pipeline import export_pipeline
+from diffship.exporters.pipeline import ModuleLoader, choose_streamed, export_one, export_pipeline
 from diffship.models.builtin import builtin_folder
 from diffship.models.components import component_specs, run_torch, wrap
 from diffship.models.loading import load_component
@@ -148,3 +148,49 @@ def test_torch_and_runner_share_the_same_named_io(exported):
     inputs = spec.sample_inputs(1, 64, 64)
     expected = run_torch(wrap(spec, load_component(builtin_folder("tiny-sd"), "vae")), spec, inputs)
     assert runner.input_names == ("sample",) and set(runner.run(inputs)) == set(expected) == {"latent_parameters"}
+
+
+def _session_outputs(path: Path, spec, seed: int) -> list[np.ndarray]:
+    inputs = spec.sample_inputs(batch=1, height=spec.vae_scale * 8, width=spec.vae_scale * 8, seed=seed)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {t.name: inputs[t.name] for t in spec.inputs})
+
+
+def test_a_streamed_export_computes_what_the_one_pass_export_does(tmp_path: Path):
+    """Traced weightless, its weights written from the folder one tensor at a time (issue 45's path for T5-XXL and
+    12B transformers), each tiny-sd3 component (CLIP-L / G, T5 with its tied embeddings, the MMDiT, the VAE's
+    rewritten norms) gives the one-pass export's outputs bit for bit; its Linear weights are stored transposed as
+    constant folding stores them, so no Transpose of a weight is left to run."""
+    source = resolve("tiny-sd3")
+    for spec in component_specs(source.folder):
+        one_pass, streamed = tmp_path / f"{spec.name}-one", tmp_path / f"{spec.name}-streamed"
+        export_one(source, spec, one_pass, 17, ModuleLoader(source.folder, False))
+        export_one(source, spec, streamed, 17, ModuleLoader(source.folder, False), streamed=True)
+        for a, b in zip(_session_outputs(one_pass / "model.onnx", spec, 3),
+                        _session_outputs(streamed / "model.onnx", spec, 3), strict=True):
+            assert np.array_equal(a, b), spec.name
+        graph = onnx.load(str(streamed / "model.onnx"), load_external_data=False).graph
+        assert [i.name for i in graph.input] == [t.name for t in spec.inputs]
+        weights = {i.name for i in graph.initializer}
+        assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights], spec.name
+        assert (streamed / DATA_FILE).stat().st_size > 0.9 * sum(
+            p.stat().st_size for p in (source.folder / spec.module).glob("*.safetensors"))
+    # the same trace with another seed's inputs differs: equal outputs above are the weights', not a constant's
+    spec = next(s for s in component_specs(source.folder) if s.role == "denoiser")
+    a, b = (_session_outputs(tmp_path / f"{spec.name}-streamed" / "model.onnx", spec, seed)[0] for seed in (3, 4))
+    assert not np.allclose(a, b)
+
+
+def test_a_streamed_export_refuses_a_folder_missing_a_weight(model_copy, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    folder = model_copy("tiny-sd3")
+    path = next((folder / "transformer").glob("*.safetensors"))
+    state = load_file(str(path))
+    del state["proj_out.weight"]
+    save_file(state, str(path))
+    spec = next(s for s in component_specs(folder) if s.name == "transformer")
+    with pytest.raises(DiffshipError, match="found no weights in its folder for .*proj_out.weight"):
+        export_one(resolve(str(folder)), spec, tmp_path / "out", 17, ModuleLoader(folder, False), streamed=True)
+    assert not choose_streamed("auto", folder, "transformer")  # a tiny model exports in one pass unless told
+    assert choose_streamed(True, folder, "transformer")

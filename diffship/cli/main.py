@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -135,6 +136,18 @@ def models(
     out.print(table)
 
 
+class Streamed(StrEnum):
+    """`diffship export --streamed`: the recipe's `[export] streamed` on the command line."""
+
+    auto = "auto"
+    true = "true"
+    false = "false"
+
+    @property
+    def setting(self) -> bool | str:
+        return "auto" if self is Streamed.auto else self is Streamed.true
+
+
 @app.command()
 def export(
     model: Annotated[str, typer.Option("--model", "-m",
@@ -143,6 +156,9 @@ def export(
     components: Annotated[list[str] | None, typer.Option("--components", "-c",
                                                          help="Export only these (repeat or comma-separate).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    streamed: Annotated[Streamed, typer.Option(
+        help="Trace weightless and write the weights one tensor at a time (auto: where a one-pass export would not "
+             "fit in memory).")] = Streamed.auto,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier diffship output in --out.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow weights in pickle files (.bin).")] = False,
     model_config: ModelConfigOption = None,
@@ -161,7 +177,7 @@ def export(
     console.print(f"Exporting [bold]{model}[/] to {out_dir} (ONNX opset {opset})")
     # Through the cache builds use: a model exported or built before is copied from there, not exported again.
     manifest = export_pipeline(source, out_dir, wanted, opset, overwrite, allow_pickle, _step_printer("export"),
-                               versions=library_versions())
+                               versions=library_versions(), streamed=streamed.setting)
     total = sum(f["bytes"] for c in manifest["components"].values() for f in c["files"])
     out.print(f"Exported {len(manifest['components'])} component(s), {human_bytes(total)}, to {out_dir}")
 

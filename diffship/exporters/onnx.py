@@ -20,6 +20,7 @@ from torch import nn
 from diffship import __version__
 from diffship.errors import DiffshipError
 from diffship.exporters import precise_norms
+from diffship.exporters.streamed import StreamedWeights, attach_weights
 from diffship.models.components import ComponentSpec
 
 MODEL_FILE = "model.onnx"
@@ -30,8 +31,10 @@ ALIGNMENT = 1 << 16  # external tensors start on 64 KiB boundaries so ONNX Runti
 
 
 def export_component(spec: ComponentSpec, wrapper: nn.Module, folder: Path, opset: int = DEFAULT_OPSET,
-                     metadata: dict[str, str] | None = None) -> Path:
-    """Export `wrapper` to folder/model.onnx (+ model.onnx_data when the weights exceed protobuf's 2 GB)."""
+                     metadata: dict[str, str] | None = None, streamed: StreamedWeights | None = None) -> Path:
+    """Export `wrapper` to folder/model.onnx (+ model.onnx_data when the weights exceed protobuf's 2 GB). With
+    `streamed`, `wrapper` is weightless (models/weightless.py): traced without its parameters, whose values are then
+    written into model.onnx_data one tensor at a time (exporters/streamed.py)."""
     if opset not in SUPPORTED_OPSETS:
         raise DiffshipError(f"Opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}.")
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,7 +50,8 @@ def export_component(spec: ComponentSpec, wrapper: nn.Module, folder: Path, opse
             torch.onnx.export(
                 wrapper, args, str(raw), input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs], dynamic_axes=dynamic_axes,
-                opset_version=opset, do_constant_folding=True, dynamo=False,
+                opset_version=opset, do_constant_folding=streamed is None, export_params=streamed is None,
+                dynamo=False,
             )
         model = onnx.load(str(raw), load_external_data=False)
         _check_opset(model, opset)
@@ -56,7 +60,12 @@ def export_component(spec: ComponentSpec, wrapper: nn.Module, folder: Path, opse
         if spec.norms_at_image_resolution and opset >= precise_norms.FIRST_OPSET:
             precise_norms.instance_norms_as_layer_norms(model)
         final = folder / MODEL_FILE
-        if any(uses_external_data(t) for t in _get_all_tensors(model)):
+        if streamed is not None:
+            attach_weights(model, streamed.keys, streamed.read, folder / DATA_FILE, ALIGNMENT, _point_to)
+            if unknown := [v.name for v in model.graph.input if v.name not in {t.name for t in spec.inputs}]:
+                raise DiffshipError(f"A streamed export of {spec.name} found no weights in its folder for "
+                                    f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}.")
+        elif any(uses_external_data(t) for t in _get_all_tensors(model)):
             _gather_external_data(model, Path(raw_dir), folder / DATA_FILE)
         _save_proto(model, final)
     onnx.checker.check_model(str(final))

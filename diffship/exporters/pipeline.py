@@ -20,16 +20,20 @@ from typing import Any
 
 import diffusers
 import onnx
+import psutil
 import torch
 import transformers
 
 from diffship import __version__
 from diffship.errors import DiffshipError
 from diffship.exporters.onnx import DEFAULT_OPSET, export_component, onnx_io
+from diffship.exporters.streamed import StreamedWeights
 from diffship.models.components import ComponentSpec, component_specs, wrap
+from diffship.models.compressed import is_compressed
 from diffship.models.families import detect_family, family_named, prediction_type, read_model_index, tasks_of
 from diffship.models.loading import load_component
 from diffship.models.source import ModelSource
+from diffship.models.weightless import WeightFiles, parameter_keys, weightless_component
 from diffship.store import cache
 from diffship.store.artifacts import (
     MANIFEST_NAME,
@@ -44,6 +48,7 @@ from diffship.store.manifest import MANIFEST_SCHEMA
 StepCallback = Callable[[str, str, dict[str, Any]], None]
 # The library versions an export's bytes depend on (keys of store.versions.library_versions).
 EXPORT_VERSIONS = ("diffship", "diffship_source", "torch", "onnx", "diffusers", "transformers")
+ONE_PASS_PEAK = 1.5
 
 def select_specs(folder: Path, components: list[str] | None) -> list[ComponentSpec]:
     """The specs to export: all of the pipeline's, or the named ones (unknown names are an error)."""
@@ -72,17 +77,40 @@ class ModuleLoader:
         return self.loaded[module]
 
 
-def export_one(source: ModelSource, spec: ComponentSpec, dest: Path, opset: int, modules: ModuleLoader) -> None:
-    """Export one component into `dest` (model.onnx, external data if any, and its config.json)."""
+def choose_streamed(setting: bool | str, folder: Path, module: str) -> bool:
+    """Whether to export `module` streamed: the recipe's `streamed`, or for "auto" whether a one-pass export (about
+    1.5 times the FP32 weights at its peak: 13.94 GiB for sdxl-arch's 9.58 GiB UNet, docs/performance.md) would
+    outgrow 80 % of this machine's memory. Only safetensors weights stream."""
+    if setting != "auto":
+        return bool(setting)
+    if is_compressed(folder / module) or not any((folder / module).glob("*.safetensors")):
+        return False
+    return ONE_PASS_PEAK * WeightFiles.of(folder / module).fp32_bytes() > 0.8 * psutil.virtual_memory().total
+
+
+def export_one(source: ModelSource, spec: ComponentSpec, dest: Path, opset: int, modules: ModuleLoader,
+               streamed: bool = False) -> None:
+    """Export one component into `dest` (model.onnx, external data if any, and its config.json); `streamed` traces
+    it weightless and writes its weights from the folder one tensor at a time."""
     # No model name in the file: exports are cached by the component's weights, which models (and a LoRA build and
     # its base) share; the manifest says which model a set came from.
-    export_component(spec, wrap(spec, modules(spec.module)), dest, opset, metadata={"diffship.version": __version__})
+    metadata = {"diffship.version": __version__}
+    if streamed:
+        modules.loaded.clear()
+        module = weightless_component(source.folder, spec.module)
+        wrapper = wrap(spec, module)
+        files = WeightFiles.of(source.folder / spec.module)
+        weights = StreamedWeights(parameter_keys(wrapper, module, set(files.files)), files.tensor)
+        export_component(spec, wrapper, dest, opset, metadata, weights)
+    else:
+        export_component(spec, wrap(spec, modules(spec.module)), dest, opset, metadata)
     shutil.copy2(source.folder / spec.module / "config.json", dest / "config.json")
 
 
 def cached_export(source: ModelSource, spec: ComponentSpec, family: str, weights: str, opset: int,
                   versions: dict[str, str], modules: ModuleLoader, dest: Path | None, force: bool = False,
-                  say: Callable[[str], None] | None = None, on_export: Callable[[], None] | None = None) -> cache.Cached:
+                  say: Callable[[str], None] | None = None, on_export: Callable[[], None] | None = None,
+                  streamed: bool = False) -> cache.Cached:
     """One component's export through the cache (keyed by its module's content hash `weights`, the opset and the
     versions its bytes depend on), copied into `dest` unless None; `on_export` is called when it has to be made."""
 
@@ -90,11 +118,12 @@ def cached_export(source: ModelSource, spec: ComponentSpec, family: str, weights
         if on_export is not None:
             on_export()
         began = time.perf_counter()
-        export_one(source, spec, staging, opset, modules)
-        info |= {"component": spec.name, "seconds": round(time.perf_counter() - began, 2)}
+        export_one(source, spec, staging, opset, modules, streamed)
+        info |= {"component": spec.name, "seconds": round(time.perf_counter() - began, 2), "streamed": streamed}
 
+    # a streamed export computes the same but its graph keeps what constant folding would fold: its own entry
     entry_key = cache.key(stage="export", component=spec.name, family=family, weights=weights, opset=opset,
-                          **{k: versions[k] for k in EXPORT_VERSIONS})
+                          **({"streamed": True} if streamed else {}), **{k: versions[k] for k in EXPORT_VERSIONS})
     return cache.cached_step("export", entry_key, f"{spec.name} export", produce, force=force, say=say, copy_to=dest)
 
 
@@ -105,7 +134,8 @@ def component_entry(root: Path, folder: Path, seconds: float) -> dict[str, Any]:
 
 def export_pipeline(source: ModelSource, out: Path, components: list[str] | None = None, opset: int = DEFAULT_OPSET,
                     overwrite: bool = False, allow_pickle: bool = False, on_step: StepCallback | None = None,
-                    versions: dict[str, str] | None = None, force: bool = False) -> dict[str, Any]:
+                    versions: dict[str, str] | None = None, force: bool = False,
+                    streamed: bool | str = "auto") -> dict[str, Any]:
     """Export `source` into `out` and return the manifest written there. With `versions` (library_versions()) each
     component goes through the cache a build's exports share, so a model built or exported before is copied, not
     exported again (`force` exports anyway); without them every component is exported here (what a benchmark times)."""
@@ -120,12 +150,14 @@ def export_pipeline(source: ModelSource, out: Path, components: list[str] | None
         for i, spec in enumerate(specs):
             step(spec.name, "start", {"index": i + 1, "total": len(specs)})
             started = time.perf_counter()
+            stream = choose_streamed(streamed, source.folder, spec.module)
             if versions is None:
-                export_one(source, spec, tmp / spec.name, opset, modules)
+                export_one(source, spec, tmp / spec.name, opset, modules, stream)
                 cached = False
             else:
                 weights = cache.folder_hash(source.folder / spec.module)
-                done = cached_export(source, spec, family, weights, opset, versions, modules, tmp / spec.name, force)
+                done = cached_export(source, spec, family, weights, opset, versions, modules, tmp / spec.name, force,
+                                     streamed=stream)
                 cached = done.hit
             seconds = done.info["seconds"] if cached else time.perf_counter() - started
             entries[spec.name] = component_entry(tmp, tmp / spec.name, seconds)

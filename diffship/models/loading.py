@@ -66,7 +66,7 @@ def check_loading_info(info: dict[str, Any], where: str) -> None:
         )
 
 
-def _diffusers_model(name: str, path: Path) -> type:
+def diffusers_model_class(name: str, path: Path) -> type:
     """diffusers' model class `name`, refusing anything that is not one (the name comes from a user's file)."""
     import diffusers  # start-up time: diffusers
 
@@ -96,7 +96,7 @@ def load_folder(path: Path, component: str, class_name: str | None = None, allow
     use_safetensors = None if allow_pickle else True
     try:
         if diffusers_class := read_json(path / "config.json").get("_class_name"):  # diffusers writes it in each
-            cls = _diffusers_model(diffusers_class, path)
+            cls = diffusers_model_class(diffusers_class, path)
             model, info = cls.from_pretrained(path, output_loading_info=True, use_safetensors=use_safetensors,
                                               torch_dtype=dtype, low_cpu_mem_usage=True)
         else:

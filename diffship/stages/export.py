@@ -7,7 +7,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from diffship.exporters.pipeline import ModuleLoader, cached_export, component_entry
+from diffship.exporters.pipeline import ModuleLoader, cached_export, choose_streamed, component_entry
 from diffship.models.components import ComponentSpec
 from diffship.stages.context import Context
 
@@ -21,9 +21,11 @@ def export_stage(c: Context, specs: list[ComponentSpec], export_dir: Path | None
     entries: dict[str, Any] = {}
     for i, spec in enumerate(specs):
         prefix = f"[export {i + 1}/{len(specs)}] {spec.name}"
+        streamed = choose_streamed(c.recipe.export.streamed, c.source.folder, spec.module)
         done = cached_export(c.source, spec, c.family, c.module_hashes[spec.module], opset, c.versions, modules,
                              export_dir / spec.name if export_dir else None, c.force, say,
-                             on_export=functools.partial(say, f"{prefix}: exporting ..."))
+                             on_export=functools.partial(say, f"{prefix}: exporting{' streamed' if streamed else ''}"
+                                                              " ..."), streamed=streamed)
         c.hits[f"export:{spec.name}"] = done.hit
         if export_dir is not None:
             entries[spec.name] = component_entry(export_dir, export_dir / spec.name, done.info["seconds"])
