@@ -42,6 +42,70 @@ def test_full_size_builtins_have_the_real_shapes():
     assert xl.text_encoders[1]["num_hidden_layers"] == 32
 
 
+def test_full_size_transformer_builtins_have_their_parameter_counts():
+    """Counted on `meta` (no memory): SD3.5-medium's MMDiT 2.24B, FLUX.1-schnell's 11.89B (dev's 11.90B less the
+    guidance embedder), T5-XXL's encoder 4.76B (its embeddings counted once)."""
+    import diffusers
+    from accelerate import init_empty_weights
+    from transformers import T5Config, T5EncoderModel
+
+    counts = {}
+    for name in ("sd35m-arch", "flux-arch"):
+        model = BUILTINS[name]
+        with init_empty_weights():
+            counts[name] = sum(p.numel() for p in getattr(diffusers, model.denoiser_class)(**model.denoiser).parameters())
+    assert 2.2e9 < counts["sd35m-arch"] < 2.3e9 and 11.85e9 < counts["flux-arch"] < 11.9e9
+    t5 = {k: v for k, v in BUILTINS["flux-arch"].text_encoders[1].items() if k not in ("kind", "max_length")}
+    with init_empty_weights():
+        encoder = T5EncoderModel(T5Config(**t5))
+    assert 4.76e9 < sum(p.numel() for p in encoder.parameters()) - encoder.shared.weight.numel() < 4.77e9
+
+
+def test_a_builtin_stored_in_bf16_is_written_layer_by_layer_and_loads_as_written(tmp_path: Path, monkeypatch):
+    """How sd35m-arch and flux-arch are written (never whole in memory), forced on tiny-sd3 with 64 KiB shards:
+    diffusers' and transformers' sharded layout, every weight loads strictly, the libraries' own init (finite,
+    norms at one), and a streamed export of it computes what the one-pass export does."""
+    import dataclasses
+
+    import torch
+
+    from diffship.models import builtin_stream
+    from diffship.models.loading import load_component
+
+    monkeypatch.setattr(builtin_stream, "SHARD_BYTES", 64 * 1024)
+    folder = tmp_path / "tiny-sd3-bf16"
+    folder.mkdir()
+    write_builtin(dataclasses.replace(BUILTINS["tiny-sd3"], dtype="bfloat16"), folder)
+    index = json.loads((folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    assert (folder / "text_encoder_3" / "model.safetensors.index.json").is_file()
+    for component in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"):
+        state = load_component(folder, component).state_dict()
+        assert all(torch.isfinite(t).all() for t in state.values()), component
+        for key, tensor in state.items():
+            if tensor.is_floating_point():  # written in BF16: exactly representable
+                assert torch.equal(tensor, tensor.to(torch.bfloat16).float()), key
+    transformer = load_component(folder, "transformer")
+    assert torch.equal(transformer.transformer_blocks[0].attn.norm_q.weight, torch.ones(8))
+    assert transformer.transformer_blocks[0].attn.to_q.weight.std() > 0.01
+    # BF16 shards through the streamed export: the one-pass export's outputs (FP32 upcasts, exact both ways)
+    import onnxruntime as ort
+
+    from diffship.exporters.pipeline import ModuleLoader, export_one
+    from diffship.models.components import component_specs
+    from diffship.models.source import resolve
+
+    source = resolve(str(folder))
+    for spec in (s for s in component_specs(folder) if s.module in ("transformer", "text_encoder_3")):
+        outputs = []
+        for streamed in (False, True):
+            export_one(source, spec, tmp_path / f"{spec.name}-{streamed}", 17, ModuleLoader(folder, False), streamed)
+            inputs = spec.sample_inputs(batch=1, height=64, width=64, seed=1)
+            session = ort.InferenceSession(str(tmp_path / f"{spec.name}-{streamed}" / "model.onnx"))
+            outputs.append(session.run(None, {t.name: inputs[t.name] for t in spec.inputs}))
+        assert all(np.array_equal(a, b) for a, b in zip(*outputs, strict=True)), spec.name
+
+
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
 def test_diffusers_loads_builtin_as_a_pipeline_and_generates(name: str):
     import diffusers

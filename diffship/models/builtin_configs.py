@@ -116,6 +116,20 @@ TINY_FLUX_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 1, "n
                          "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 64,
                          "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]}
 
+# The full-size forms (hub configs of stabilityai/stable-diffusion-3.5-medium and black-forest-labs/FLUX.1-schnell)
+T5_XXL = {"kind": "t5", "vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_layers": 24,
+          "num_heads": 64, "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True,
+          "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128}
+SD3_VAE = {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False, "sample_size": 1024}
+SD35M_TRANSFORMER = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+                     "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                     "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+                     "qk_norm": "rms_norm", "dual_attention_layers": list(range(13))}
+FLUX_SCHNELL_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                            "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                            "pooled_projection_dim": 768, "guidance_embeds": False, "axes_dims_rope": [16, 56, 56]}
+FLUX_SCHNELL_FLOW_MATCH = {**FLUX_FLOW_MATCH, "shift": 1.0, "use_dynamic_shifting": False}
+
 
 @dataclass(frozen=True)
 class BuiltinModel:
@@ -143,3 +157,6 @@ class BuiltinModel:
     # The native image side in latent pixels, for a denoiser whose config cannot say it (Flux's has no sample_size;
     # FluxPipeline draws 1024 px by default, which a tiny model does not need): written into its config.json.
     native_latent_side: int | None = None
+    # Full-size models too large to hold twice: every component written layer by layer in this dtype
+    # ("bfloat16", as the hub ships them; loaded as FP32 like any variant), never whole in memory.
+    dtype: str | None = None

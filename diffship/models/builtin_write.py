@@ -8,6 +8,7 @@ import gc
 import hashlib
 import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from diffship.errors import DiffshipError
 from diffship.models.builtin_configs import BuiltinModel
+from diffship.models.builtin_stream import save_streamed
 from diffship.models.families import family_named
 from diffship.models.loading import quiet_libraries
 from diffship.models.t5_tokenizer import build_t5_tokenizer, save_t5_tokenizer
@@ -49,39 +51,31 @@ def write_builtin(model: BuiltinModel, folder: Path) -> None:
     for i, (te_config, pad, te_folder) in enumerate(zip(model.text_encoders, model.pad_tokens, folders, strict=True)):
         suffix = te_folder.removeprefix("text_encoder")
         config = dict(te_config)
-        torch.manual_seed(model.seed * 100 + i)
         if config.pop("kind", "clip") == "t5":
             tokenizer = build_t5_tokenizer(config.pop("max_length"))
-            encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
-                                              decoder_start_token_id=0, **config))
+            # a full-size T5 keeps T5-XXL's 32128-row embedding; the offline vocabulary uses its first rows
+            t5 = T5Config(**{"vocab_size": len(tokenizer), "pad_token_id": 0, "eos_token_id": 1,
+                             "decoder_start_token_id": 0, **config})
+            cls, make = T5EncoderModel, functools.partial(T5EncoderModel, t5)
             save_t5_tokenizer(tokenizer, folder / f"tokenizer{suffix}")
         else:
             cls = CLIPTextModelWithProjection if config.pop("with_projection", False) else CLIPTextModel
-            encoder = cls(CLIPTextConfig(pad_token_id=1, **config))
+            make = functools.partial(cls, CLIPTextConfig(pad_token_id=1, **config))
             save_clip_tokenizer(build_clip_tokenizer(pad_token=pad), folder / f"tokenizer{suffix}")
-        _load_trained(model, f"text_encoder{suffix}", encoder)
-        encoder.save_pretrained(folder / f"text_encoder{suffix}", safe_serialization=True)
+        _save(model, make, folder / f"text_encoder{suffix}", model.seed * 100 + i, f"text_encoder{suffix}")
         # model_index.json lists each encoder before its tokenizer, as the UNet built-ins always have
-        index[f"text_encoder{suffix}"] = ["transformers", type(encoder).__name__]
-        index[f"tokenizer{suffix}"] = ["transformers", "T5TokenizerFast" if isinstance(encoder, T5EncoderModel)
+        index[f"text_encoder{suffix}"] = ["transformers", cls.__name__]
+        index[f"tokenizer{suffix}"] = ["transformers", "T5TokenizerFast" if cls is T5EncoderModel
                                        else "CLIPTokenizer"]
-        del encoder
-    torch.manual_seed(model.seed * 100 + 10)
-    denoiser = getattr(diffusers, model.denoiser_class)(**model.denoiser)
-    _load_trained(model, denoiser_folder, denoiser)
-    denoiser.save_pretrained(folder / denoiser_folder, safe_serialization=True)
-    del denoiser
+    _save(model, functools.partial(getattr(diffusers, model.denoiser_class), **model.denoiser),
+          folder / denoiser_folder, model.seed * 100 + 10, denoiser_folder)
     if model.native_latent_side is not None:
         path = folder / denoiser_folder / "config.json"
         config = json.loads(path.read_text(encoding="utf-8"))
         path.write_text(json.dumps({**config, "sample_size": model.native_latent_side}, indent=2) + "\n",
                         encoding="utf-8")
-    gc.collect()
-    torch.manual_seed(model.seed * 100 + 20)
-    vae = AutoencoderKL(**model.vae, **_trained_config(model, "vae"))
-    _load_trained(model, "vae", vae)
-    vae.save_pretrained(folder / "vae", safe_serialization=True)
-    del vae
+    _save(model, functools.partial(AutoencoderKL, **model.vae, **_trained_config(model, "vae")), folder / "vae",
+          model.seed * 100 + 20, "vae")
 
     scheduler = getattr(diffusers, model.scheduler_class).from_config(model.scheduler)
     scheduler.save_pretrained(folder / "scheduler")
@@ -92,6 +86,31 @@ def write_builtin(model: BuiltinModel, folder: Path) -> None:
                     "transformers": transformers.__version__, "diffusers": diffusers.__version__}, indent=2) + "\n",
         encoding="utf-8",
     )
+
+
+def _save(model: BuiltinModel, make: Callable[[], torch.nn.Module], path: Path, seed: int, component: str) -> None:
+    """Build one component with `make` and write it to `path`: whole (seeded, or the committed trained weights), or
+    for a model stored in `model.dtype` layer by layer, never whole in memory (builtin_stream.py)."""
+    if model.dtype is None:
+        torch.manual_seed(seed)
+        module = make()
+        _load_trained(model, component, module)
+        module.save_pretrained(path, safe_serialization=True)
+        del module
+        gc.collect()
+        return
+    from accelerate import init_empty_weights  # start-up time: accelerate
+
+    with init_empty_weights(include_buffers=False):
+        module = make()
+    path.mkdir(parents=True)
+    if isinstance(module, diffusers.ModelMixin):
+        module.save_config(path)
+        weights_name = "diffusion_pytorch_model.safetensors"
+    else:
+        module.config.save_pretrained(path)
+        weights_name = "model.safetensors"
+    save_streamed(module, path, weights_name, seed, getattr(torch, model.dtype))
 
 
 def _weights_dir(model: BuiltinModel) -> Path | None:

@@ -114,9 +114,7 @@ def parameter_keys(wrapper: nn.Module, module: nn.Module, available: set[str]) -
             full = f"{owner_name}.{name}" if owner_name else name
             if full not in aliases.setdefault(id(param), []):
                 aliases[id(param)].append(full)
-    # tensors transformers ties only when it loads weights (target -> source: T5's encoder embeddings -> `shared`)
-    tied = getattr(module, "_tied_weights_keys", None)
-    tied = tied if isinstance(tied, dict) and getattr(module.config, "tie_word_embeddings", False) else {}
+    tied = tied_targets(module)
     keys: dict[str, str] = {}
     for name, tensor in wrapper.state_dict(keep_vars=True).items():
         names = aliases.get(id(tensor), [])
@@ -124,3 +122,11 @@ def parameter_keys(wrapper: nn.Module, module: nn.Module, available: set[str]) -
         if found:
             keys[name] = found[0]
     return keys
+
+
+def tied_targets(module: nn.Module) -> dict[str, str]:
+    """Tensors transformers ties only when it loads weights, target -> source (T5's encoder embeddings -> `shared`):
+    its files hold the source alone."""
+    tied = getattr(module, "_tied_weights_keys", None)
+    config = getattr(module, "config", None)
+    return dict(tied) if isinstance(tied, dict) and getattr(config, "tie_word_embeddings", False) else {}
