@@ -50,3 +50,44 @@ def test_the_blocks_are_the_outermost_module_lists_items():
     names = [name for name, _ in repeated_blocks(module)]
     assert names == ["down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.0", "up_blocks.1", "up_blocks.2",
                      "mid_block.attentions.0", "mid_block.resnets.0", "mid_block.resnets.1"]
+
+
+def test_per_block_parity_finds_the_block_where_the_graph_departs(model_copy, tmp_path):
+    """tiny-flux's transformer exported, then one weight of its last single block changed in the folder the PyTorch
+    chain reads: the blocks before it match the graph's tensors at their boundaries (ONNX Runtime and OpenVINO, by
+    the export's node scopes), that block is the first to fail, and so does the final output."""
+    import openvino
+
+    from diffship.exporters.pipeline import ModuleLoader, export_one
+    from diffship.targets import get_target
+    from diffship.validation.blocks import block_parity, boundary_tensors
+
+    folder = model_copy("tiny-flux")
+    spec = next(s for s in component_specs(folder) if s.module == "transformer")
+    export_one(resolve(str(folder)), spec, tmp_path / "onnx", 17, ModuleLoader(folder, False))
+    onnx_path = tmp_path / "onnx" / "model.onnx"
+    (tmp_path / "ov").mkdir()
+    openvino.save_model(openvino.convert_model(str(onnx_path)), str(tmp_path / "ov" / "model.xml"), compress_to_fp16=False)
+    inputs = spec.sample_inputs(1, 64, 64, seed=5)
+    blocks = ["transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1"]
+    taps = boundary_tensors(onnx_path, blocks)
+    assert all(taps[b] for b in blocks)
+    names = [t for ts in taps.values() for t in ts]
+    runners = {"onnxruntime": get_target("onnxruntime").load_tapped(onnx_path, None, "fp32", names),
+               "openvino": get_target("openvino").load_tapped(tmp_path / "ov" / "model.xml", None, "fp32", names)}
+    for target, runner in runners.items():
+        result = block_parity(StreamedComponent(folder, "transformer"), spec, runner, taps, inputs, 0.9999)
+        assert result["passed"] and [r["block"] for r in result["blocks"]] == blocks, (target, result)
+        assert result["min_cosine"] > 0.99999
+
+    from safetensors.torch import load_file, save_file
+
+    path = next((folder / "transformer").glob("*.safetensors"))
+    state = load_file(str(path))
+    state["single_transformer_blocks.1.proj_out.weight"] *= -1
+    save_file(state, str(path))
+    for target, runner in runners.items():
+        result = block_parity(StreamedComponent(folder, "transformer"), spec, runner, taps, inputs, 0.9999)
+        assert not result["passed"] and result["first_failing_block"] == "single_transformer_blocks.1", target
+        assert [r["status"] for r in result["blocks"]] == ["pass", "pass", "fail"], target
+        assert result["final"]["out_sample"]["cosine"] < 0.9999, target

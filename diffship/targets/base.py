@@ -42,6 +42,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "app_run": ("artifacts", "sample", "latents", "options", "say"),  # its app's image of a sample (validation judges)
     "patch_weights": ("artifact", "dest", "changes"),  # a copy with new weights (LoRA), no recompiling
     "load_with_changes": ("artifact", "options", "precision", "changes"),  # new weights patched in as it loads
+    "load_tapped": ("artifact", "options", "precision", "taps"),  # also returns these inner tensors (ONNX names)
 }
 
 
@@ -167,6 +168,17 @@ class Target:
         if not (hook := self._hook("load_with_changes")):
             raise NotImplementedError(f"{self.name} cannot take new weights as it loads")
         return hook(artifact, options, precision, changes)
+
+    @property
+    def can_tap(self) -> bool:
+        return self._hook("load_tapped") is not None
+
+    def load_tapped(self, artifact: Path, options: Any, precision: str | None, taps: list[str]) -> Any:
+        """A Runner whose outputs also hold the graph's inner tensors named `taps` (the export's ONNX names): a block's
+        outputs, for per-block parity."""
+        if not (hook := self._hook("load_tapped")):
+            raise NotImplementedError(f"{self.name} cannot return a graph's inner tensors")
+        return hook(artifact, options, precision, taps)
 
 
 def conformance(module: ModuleType) -> list[str]:

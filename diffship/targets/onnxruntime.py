@@ -171,6 +171,11 @@ def load(artifact: Path, options: OrtOptions | None = None, precision: str | Non
     return OrtRunner(artifact, options or OrtOptions(), precision or "fp32")
 
 
+def load_tapped(artifact: Path, options: OrtOptions | None, precision: str | None, taps: list[str]) -> OrtRunner:
+    """A Runner that also returns the graph's tensors named `taps`."""
+    return OrtRunner(artifact, options or OrtOptions(), precision or "fp32", taps=tuple(taps))
+
+
 def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, str]:
     """Write `artifact` (ONNX, external data included) to `dest` with changed weights in place of the old ones."""
     return patch_onnx(artifact, dest, changes)

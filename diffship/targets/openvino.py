@@ -267,7 +267,7 @@ class OvRunner:
     """A Runner over an OpenVINO compiled model (one infer request, reused)."""
 
     def __init__(self, path: Path, options: OvOptions, precision: str | None = None,
-                 weights: dict[str, np.ndarray] | None = None):
+                 weights: dict[str, np.ndarray] | None = None, taps: tuple[str, ...] = ()):
         if not path.is_file():
             raise DiffshipError(f"No OpenVINO IR at {path}.")
         if not path.with_suffix(".bin").is_file():
@@ -283,9 +283,11 @@ class OvRunner:
             cache.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(cache)
         model: Any = str(path)
-        if weights:
-            model = _with_constants(core.read_model(str(path)), weights)
-            config.pop("CACHE_DIR", None)  # a compiled blob cached for the file's weights must not serve these
+        if weights or taps:
+            model = _with_constants(core.read_model(str(path)), weights or {})
+            if taps:  # inner tensors as outputs, found by the ONNX names the conversion kept
+                model.add_outputs(list(taps))
+            config.pop("CACHE_DIR", None)  # a compiled blob cached for the file's graph must not serve these
         try:
             self.compiled = core.compile_model(model, options.device, config)
         except RuntimeError as exc:
@@ -293,7 +295,8 @@ class OvRunner:
         self.request = self.compiled.create_infer_request()
         self.path, self.options, self.precision = path, options, precision
         self.input_names = tuple(_public_name(i) for i in self.compiled.inputs)
-        self.output_names = tuple(_public_name(o) for o in self.compiled.outputs)
+        self.output_names = tuple(next((n for n in sorted(o.get_names()) if n in taps), None) or _public_name(o)
+                                  for o in self.compiled.outputs)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Infer on named arrays; outputs are copies (the request's own buffers are reused by the next call)."""
@@ -323,6 +326,11 @@ def _search_of(path: Path) -> dict[str, Any] | None:
 def load(artifact: Path, options: OvOptions | None = None, precision: str | None = None) -> OvRunner:
     """A Runner for an IR .xml."""
     return OvRunner(artifact, options or OvOptions(), precision)
+
+
+def load_tapped(artifact: Path, options: OvOptions | None, precision: str | None, taps: list[str]) -> OvRunner:
+    """A Runner that also returns the graph's tensors named `taps`."""
+    return OvRunner(artifact, options or OvOptions(), precision, taps=tuple(taps))
 
 
 def patch_weights(artifact: Path, dest: Path, changes: list[Any]) -> dict[str, str]:

@@ -102,7 +102,7 @@ class OrtRunner:
     """A Runner over an onnxruntime.InferenceSession, FP32 arrays in and out whatever the model's I/O types."""
 
     def __init__(self, path: Path, options: OrtOptions, precision: str = "fp32",
-                 weights: dict[str, np.ndarray] | None = None):
+                 weights: dict[str, np.ndarray] | None = None, taps: tuple[str, ...] = ()):
         requested = providers(options)
         session_options = _session_options(options)
         # Initializers given to the session replace the file's (a LoRA at run time); ONNX Runtime reads them from
@@ -116,7 +116,12 @@ class OrtRunner:
                 # onnxruntime 1.32's NCHWc layout pass re-lays Conv filters from the file's initializer, not the
                 # override (found here: a LoRA's convolution updates were lost at level "all", kept without it).
                 disabled.append("NchwcTransformer")
-            self.session = ort.InferenceSession(str(path), session_options, providers=list(requested),
+            model: str | bytes = str(path)
+            if taps:  # the graph (without its weights) with inner tensors as outputs; weights read from its folder
+                model = _tapped(path, taps)
+                session_options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                         str(path.parent))
+            self.session = ort.InferenceSession(model, session_options, providers=list(requested),
                                                 disabled_optimizers=disabled)
         except Exception as exc:  # onnxruntime raises its own untyped errors for a bad file
             raise DiffshipError(f"ONNX Runtime could not load {path}: {exc}") from exc
@@ -158,3 +163,12 @@ class OrtRunner:
                      "graph_optimization": self.options.graph_optimization,
                      "threads": {"intra_op": self.options.intra_op_threads, "inter_op": self.options.inter_op_threads},
                      "disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS) if self.precision in INT8 else []})
+
+
+def _tapped(path: Path, taps: tuple[str, ...]) -> bytes:
+    import onnx  # start-up time: onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in taps if name not in known)
+    return model.SerializeToString()
