@@ -33,6 +33,7 @@ from diffship.targets.openvino_auto import quantize_auto
 from diffship.targets.openvino_nncf import compress_matmul_weights as compress_matmul_weights
 from diffship.targets.openvino_nncf import ignored_patterns, quantize_kwargs
 from diffship.targets.openvino_nncf import quantize_calibrated as quantize_calibrated
+from diffship.targets.openvino_streamed import NotStreamable, compressed_model
 from diffship.targets.options import TargetOptions
 from diffship.targets.ov_tokenizers import write_tokenizer_models
 from diffship.targets.ovms import write_graph
@@ -74,6 +75,9 @@ class OvOptions(TargetOptions):
     # reducers keep tensors alive and break the CPU plugin's fusions: on sdxl-arch at 1024x1024 with w8, "all" holds
     # 20.8 GiB, "convolutions" 12.0 (docs/performance.md).
     activations: Literal["all", "convolutions"] = "all"
+    # int8-weights / int4-weights weight by weight from the export's data file (true, false, or "auto": where the
+    # converter's copy of the FP32 weights would not fit), never holding them whole: a 12B transformer's path
+    streamed: bool | Literal["auto"] = "auto"
 
     @field_validator("performance_hint")
     @classmethod
@@ -129,7 +133,17 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         raise DiffshipError(f"OpenVINO precision {precision!r} is unknown; choose {', '.join(PRECISIONS)}.")
     if dest is None or context is None:
         raise DiffshipError("OpenVINO compile needs an output folder and the component it converts.")
-    model = ov.convert_model(str(source))
+    model, streamed = None, precision in WEIGHT_ONLY and streams(source, options)
+    if streamed:  # weight by weight, never the FP32 weights whole (openvino_streamed.py)
+        compress = weight_only_settings(precision, options)
+        try:
+            model = compressed_model(source, compress, {"mode": nncf.CompressWeightsMode.INT8_ASYM})
+        except NotStreamable:
+            if options.streamed is True:
+                raise
+            streamed = False  # "auto": a graph of other layers (a VAE's convolutions) is converted whole
+    if model is None:
+        model = ov.convert_model(str(source))
     own_input_names(model, [t.name for t in context.spec.inputs])
     if options.static_shapes and context.static_shapes:
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in context.static_shapes.items()})
@@ -154,15 +168,8 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
             # Nothing maps the converted IR now: its 4 bytes per weight go before calibration adds the final IR.
             shutil.rmtree(dest / "scratch-converted", ignore_errors=True)
         model = quantize_calibrated(model, calls, options, sensitive, compressed)
-    elif precision in ("int8-weights", "int8-hybrid", "int8-auto"):
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    elif precision == "int4-weights":
-        from nncf.quantization.advanced_parameters import GroupSizeFallbackMode  # optional: openvino
-
-        # Layers whose width the group size does not divide get the largest group size that does.
-        model = nncf.compress_weights(
-            model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=options.int4_group_size,
-            advanced_parameters=nncf.AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
+    elif precision in ("int8-weights", "int8-hybrid", "int8-auto", "int4-weights") and not streamed:
+        model = nncf.compress_weights(model, **weight_only_settings(precision, options))
     model = as_clients_feed(model, whole_timesteps=not context.spec.in_denoising_loop
                             or context.spec.denoiser.whole_timesteps)
     # Where OpenVINO keeps a model's runtime options. The CPU plugin of 2026.4 applies only its KV-cache and
@@ -175,6 +182,36 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
     for scratch in dest.glob("scratch-*"):  # _through_disk's IRs, not part of the artifact
         shutil.rmtree(scratch, ignore_errors=True)
     return xml
+
+
+WEIGHT_ONLY = ("int8-weights", "int4-weights")
+# OpenVINO's ONNX converter holds up to 1.9x the FP32 weights (measured on sdxl-arch's UNet, issue 23)
+CONVERTER_PEAK = 1.9
+
+
+def weight_only_settings(precision: str, options: OvOptions) -> dict[str, Any]:
+    """nncf.compress_weights' arguments for a precision's weight-only compression."""
+    import nncf  # optional: openvino
+
+    if precision != "int4-weights":
+        return {"mode": nncf.CompressWeightsMode.INT8_ASYM}
+    from nncf.quantization.advanced_parameters import GroupSizeFallbackMode  # optional: openvino
+
+    # Layers whose width the group size does not divide get the largest group size that does.
+    return {"mode": nncf.CompressWeightsMode.INT4_SYM, "group_size": options.int4_group_size,
+            "advanced_parameters": nncf.AdvancedCompressionParameters(
+                group_size_fallback_mode=GroupSizeFallbackMode.ADJUST)}
+
+
+def streams(source: Path, options: OvOptions) -> bool:
+    """Whether a weight-only compile goes weight by weight: the options' `streamed`, or for "auto" whether the
+    converter's copy of the FP32 weights would outgrow 80 % of this machine's memory."""
+    if options.streamed != "auto":
+        return bool(options.streamed)
+    import psutil  # start-up time: psutil
+
+    data = sum(p.stat().st_size for p in source.parent.glob("*.onnx_data"))
+    return CONVERTER_PEAK * data > 0.8 * psutil.virtual_memory().total
 
 
 def inference_precision(precision: str | None, options: OvOptions | None = None) -> str | None:

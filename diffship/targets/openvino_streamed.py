@@ -1,0 +1,145 @@
+"""OpenVINO's weight-only precisions (int8-weights, int4-weights) for a component whose FP32 weights do not fit in
+memory: the ONNX graph is converted with its external weights as inputs, then each weight is read alone from the
+export's data file, compressed by NNCF on a one-layer model as its layer reads it, and spliced in.
+
+OpenVINO's ONNX converter holds up to 1.9x the FP32 weights (openvino.py), 90 GB for a 12B transformer; here the peak
+is the compressed weights (12 GB INT8, 6.5 GB INT4) and one FP32 tensor. NNCF compresses each weight on its own in
+data-free weight-only modes, so this gives its whole-model result exactly, its policy included: in INT4 the
+embeddings and the last layer keep the INT8 backup (tests/test_openvino_streamed.py compares both).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import openvino as ov
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from diffship.errors import DiffshipError
+
+# the layers NNCF's weight-only modes compress, and which input of each is the weight; every other constant (a bias,
+# a norm's scale) stays as it is, and a convolution's weight (which NNCF would compress too) is not handled here
+WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}
+NOT_HANDLED = ("Convolution", "GroupConvolution", "ConvolutionBackpropData")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one external weight lies: file, offset, length, element type and shape."""
+
+    path: Path
+    offset: int
+    length: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def read(self) -> np.ndarray:
+        count = int(np.prod(self.shape)) if self.shape else 1
+        return np.fromfile(self.path, self.dtype, count, offset=self.offset).reshape(self.shape)
+
+
+def external_weights(onnx_path: Path) -> tuple[onnx.ModelProto, dict[str, StoredTensor]]:
+    """The graph with each external initializer turned into an input of its name, and where each one's data is."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    stored: dict[str, StoredTensor] = {}
+    kept = []
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            kept.append(tensor)
+            continue
+        info = ExternalDataInfo(tensor)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        stored[tensor.name] = StoredTensor(onnx_path.parent / info.location, info.offset or 0, info.length or 0,
+                                           dtype, tuple(tensor.dims))
+        model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model, stored
+
+
+def compressed_model(onnx_path: Path, compress: dict[str, Any], backup: dict[str, Any]) -> ov.Model:
+    """The component's IR with every external weight compressed as NNCF's `compress_weights(**compress)` would on the
+    whole model; `backup` is how it compresses the embeddings and the last layer where `compress` spares them."""
+    import nncf  # optional: openvino
+
+    proto, stored = external_weights(onnx_path)
+    with tempfile.TemporaryDirectory(prefix=".weightless-", dir=onnx_path.parent.parent) as scratch:
+        weightless = Path(scratch) / "model.onnx"
+        weightless.write_bytes(proto.SerializeToString())
+        model = ov.convert_model(str(weightless))
+    parameters = {p.get_friendly_name(): p for p in model.get_parameters() if p.get_friendly_name() in stored}
+    readers = {name: _weight_reader(p) for name, p in parameters.items()}
+    if unknown := [name for name, reader in readers.items() if reader is None]:
+        raise NotStreamable(f"weights read by layers NNCF does not compress one by one: {', '.join(unknown[:3])}")
+    spared = _spared(model, readers, compress)
+    nncf.set_log_level(40)  # one progress table per layer otherwise
+    for name, parameter in parameters.items():
+        targets = list(parameter.output(0).get_target_inputs())
+        value = stored[name].read()
+        if readers[name] == "constant":
+            weight = ov.op.Constant(value).output(0)
+        else:
+            weight = _compressed(value.astype(np.float32, copy=False), targets[0].get_node(),
+                                 backup if name in spared else compress)
+        for target in targets:
+            target.replace_source_output(weight)
+        model.remove_parameter(parameter)
+        del value
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+class NotStreamable(DiffshipError):
+    """A graph this path cannot compress weight by weight (the caller compiles it whole)."""
+
+
+def _weight_reader(parameter: ov.Node) -> str | None:
+    """"MatMul" or "Gather" for a weight NNCF compresses (every reader of that one kind, reading it as its weight),
+    "constant" for one it leaves alone, None for one this path cannot reproduce."""
+    targets = list(parameter.output(0).get_target_inputs())
+    kinds = {(t.get_node().get_type_name(), t.get_index()) for t in targets}
+    weights = {kind for kind in kinds if WEIGHT_INPUT.get(kind[0]) == kind[1]}
+    if any(kind[0] in NOT_HANDLED for kind in kinds) or (weights and len(kinds) > 1):
+        return None
+    return weights.pop()[0] if weights else "constant"
+
+
+def _spared(model: ov.Model, readers: dict[str, str | None], compress: dict[str, Any]) -> set[str]:
+    """The weights NNCF gives the backup mode unless `all_layers`: embeddings and the last weighted MatMul."""
+    import nncf  # optional: openvino
+
+    if compress.get("all_layers") or compress["mode"] not in (nncf.CompressWeightsMode.INT4_SYM,
+                                                             nncf.CompressWeightsMode.INT4_ASYM):
+        return set()
+    matmuls = [op.input(1).get_source_output().get_node().get_friendly_name()
+               for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    weighted = [name for name in matmuls if readers.get(name) == "MatMul"]
+    return {name for name, kind in readers.items() if kind == "Gather"} | set(weighted[-1:])
+
+
+def _compressed(value: np.ndarray, reader: ov.Node, settings: dict[str, Any]) -> ov.Output:
+    """NNCF's compressed form of `value` as `reader` reads it, made on a model of that one layer."""
+    import nncf  # optional: openvino
+
+    kind = reader.get_type_name()
+    if kind == "MatMul":
+        rank = reader.get_input_partial_shape(0).rank.get_length()
+        x = ov.opset13.parameter(ov.PartialShape([-1] * rank), ov.Type.f32)
+        attributes = reader.get_attributes()
+        layer = ov.opset13.matmul(x, ov.op.Constant(value), attributes["transpose_a"], attributes["transpose_b"])
+        weight_input = 1
+    else:  # Gather: an embedding table
+        x = ov.opset13.parameter(ov.PartialShape([-1, -1]), ov.Type.i64)
+        axis = reader.input(2).get_source_output().get_node().get_data()
+        layer = ov.opset13.gather(ov.op.Constant(value), x, ov.op.Constant(np.asarray(axis)))
+        weight_input = 0
+    four_bits = settings["mode"] in (nncf.CompressWeightsMode.INT4_SYM, nncf.CompressWeightsMode.INT4_ASYM)
+    # the one layer would be the model's "last" one: NNCF is told it is not spared (`_spared` decided that)
+    one = nncf.compress_weights(ov.Model([layer.output(0)], [x]), **settings, **({"all_layers": True} if four_bits else {}))
+    compressed = next(op for op in one.get_ordered_ops() if op.get_type_name() == kind)
+    return compressed.input(weight_input).get_source_output()
