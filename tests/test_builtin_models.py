@@ -88,7 +88,7 @@ def test_a_builtin_stored_in_bf16_is_written_layer_by_layer_and_loads_as_written
     transformer = load_component(folder, "transformer")
     assert torch.equal(transformer.transformer_blocks[0].attn.norm_q.weight, torch.ones(8))
     assert transformer.transformer_blocks[0].attn.to_q.weight.std() > 0.01
-    # BF16 shards through the streamed export: the one-pass export's outputs (FP32 upcasts, exact both ways)
+    # BF16 shards through the streamed export, kept in BF16 with a Cast each: the one-pass export's outputs
     import onnxruntime as ort
 
     from diffship.exporters.pipeline import ModuleLoader, export_one
@@ -99,11 +99,17 @@ def test_a_builtin_stored_in_bf16_is_written_layer_by_layer_and_loads_as_written
     for spec in (s for s in component_specs(folder) if s.module in ("transformer", "text_encoder_3")):
         outputs = []
         for streamed in (False, True):
-            export_one(source, spec, tmp_path / f"{spec.name}-{streamed}", 17, ModuleLoader(folder, False), streamed)
+            export_one(source, spec, tmp_path / f"{spec.name}-{streamed}", 17, ModuleLoader(folder, False), streamed,
+                       stored_weights=streamed)
             inputs = spec.sample_inputs(batch=1, height=64, width=64, seed=1)
             session = ort.InferenceSession(str(tmp_path / f"{spec.name}-{streamed}" / "model.onnx"))
             outputs.append(session.run(None, {t.name: inputs[t.name] for t in spec.inputs}))
         assert all(np.array_equal(a, b) for a, b in zip(*outputs, strict=True)), spec.name
+        import onnx
+
+        graph = onnx.load(str(tmp_path / f"{spec.name}-True" / "model.onnx"), load_external_data=False).graph
+        kept = [t for t in graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16]
+        assert len(kept) > 10 and all(t.name.endswith(".stored") for t in kept)
 
 
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])

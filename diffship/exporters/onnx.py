@@ -61,7 +61,7 @@ def export_component(spec: ComponentSpec, wrapper: nn.Module, folder: Path, opse
             precise_norms.instance_norms_as_layer_norms(model)
         final = folder / MODEL_FILE
         if streamed is not None:
-            attach_weights(model, streamed.keys, streamed.read, folder / DATA_FILE, ALIGNMENT, _point_to)
+            attach_weights(model, streamed, folder / DATA_FILE, ALIGNMENT, _point_to)
             if unknown := [v.name for v in model.graph.input if v.name not in {t.name for t in spec.inputs}]:
                 raise DiffshipError(f"A streamed export of {spec.name} found no weights in its folder for "
                                     f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}.")

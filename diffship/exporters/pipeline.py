@@ -89,9 +89,10 @@ def choose_streamed(setting: bool | str, folder: Path, module: str) -> bool:
 
 
 def export_one(source: ModelSource, spec: ComponentSpec, dest: Path, opset: int, modules: ModuleLoader,
-               streamed: bool = False) -> None:
+               streamed: bool = False, stored_weights: bool = False) -> None:
     """Export one component into `dest` (model.onnx, external data if any, and its config.json); `streamed` traces
-    it weightless and writes its weights from the folder one tensor at a time."""
+    it weightless and writes its weights from the folder one tensor at a time, `stored_weights` in the 16-bit type
+    they are stored in (a Cast to FP32 after each)."""
     # No model name in the file: exports are cached by the component's weights, which models (and a LoRA build and
     # its base) share; the manifest says which model a set came from.
     metadata = {"diffship.version": __version__}
@@ -100,7 +101,7 @@ def export_one(source: ModelSource, spec: ComponentSpec, dest: Path, opset: int,
         module = weightless_component(source.folder, spec.module)
         wrapper = wrap(spec, module)
         files = WeightFiles.of(source.folder / spec.module)
-        weights = StreamedWeights(parameter_keys(wrapper, module, set(files.files)), files.tensor)
+        weights = StreamedWeights(parameter_keys(wrapper, module, set(files.files)), files.stored, stored_weights)
         export_component(spec, wrapper, dest, opset, metadata, weights)
     else:
         export_component(spec, wrap(spec, modules(spec.module)), dest, opset, metadata)
@@ -110,7 +111,7 @@ def export_one(source: ModelSource, spec: ComponentSpec, dest: Path, opset: int,
 def cached_export(source: ModelSource, spec: ComponentSpec, family: str, weights: str, opset: int,
                   versions: dict[str, str], modules: ModuleLoader, dest: Path | None, force: bool = False,
                   say: Callable[[str], None] | None = None, on_export: Callable[[], None] | None = None,
-                  streamed: bool = False) -> cache.Cached:
+                  streamed: bool = False, stored_weights: bool = False) -> cache.Cached:
     """One component's export through the cache (keyed by its module's content hash `weights`, the opset and the
     versions its bytes depend on), copied into `dest` unless None; `on_export` is called when it has to be made."""
 
@@ -118,12 +119,13 @@ def cached_export(source: ModelSource, spec: ComponentSpec, family: str, weights
         if on_export is not None:
             on_export()
         began = time.perf_counter()
-        export_one(source, spec, staging, opset, modules, streamed)
+        export_one(source, spec, staging, opset, modules, streamed, stored_weights)
         info |= {"component": spec.name, "seconds": round(time.perf_counter() - began, 2), "streamed": streamed}
 
     # a streamed export computes the same but its graph keeps what constant folding would fold: its own entry
     entry_key = cache.key(stage="export", component=spec.name, family=family, weights=weights, opset=opset,
-                          **({"streamed": True} if streamed else {}), **{k: versions[k] for k in EXPORT_VERSIONS})
+                          **({"streamed": True, "stored_weights": stored_weights} if streamed else {}),
+                          **{k: versions[k] for k in EXPORT_VERSIONS})
     return cache.cached_step("export", entry_key, f"{spec.name} export", produce, force=force, say=say, copy_to=dest)
 
 

@@ -76,11 +76,15 @@ class WeightFiles:
 
     def tensor(self, key: str) -> torch.Tensor:
         """One tensor, read alone, floating point in FP32 (as the one-pass export loads every weight)."""
+        tensor = self.stored(key)
+        return tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+
+    def stored(self, key: str) -> torch.Tensor:
+        """One tensor, read alone, in the dtype it is stored in."""
         from safetensors import safe_open  # start-up time: safetensors
 
         with safe_open(str(self.files[key]), framework="pt") as f:
-            tensor = f.get_tensor(key)
-        return tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+            return f.get_tensor(key)
 
     def fp32_bytes(self) -> int:
         """What the component's weights take in FP32."""

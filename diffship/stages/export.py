@@ -25,7 +25,8 @@ def export_stage(c: Context, specs: list[ComponentSpec], export_dir: Path | None
         done = cached_export(c.source, spec, c.family, c.module_hashes[spec.module], opset, c.versions, modules,
                              export_dir / spec.name if export_dir else None, c.force, say,
                              on_export=functools.partial(say, f"{prefix}: exporting{' streamed' if streamed else ''}"
-                                                              " ..."), streamed=streamed)
+                                                              " ..."), streamed=streamed,
+                             stored_weights=c.recipe.export.stored_weights)
         c.hits[f"export:{spec.name}"] = done.hit
         if export_dir is not None:
             entries[spec.name] = component_entry(export_dir, export_dir / spec.name, done.info["seconds"])

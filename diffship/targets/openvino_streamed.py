@@ -24,8 +24,8 @@ from diffship.errors import DiffshipError
 
 # the layers NNCF's weight-only modes compress, and which input of each is the weight; every other constant (a bias,
 # a norm's scale) stays as it is, and a convolution's weight (which NNCF would compress too) is not handled here
-WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}
-NOT_HANDLED = ("Convolution", "GroupConvolution", "ConvolutionBackpropData")
+WEIGHT_INPUT = {"MatMul": 1, "Gather": 0, "Convolution": 1}
+NOT_HANDLED = ("GroupConvolution", "ConvolutionBackpropData")
 
 
 @dataclass(frozen=True)
@@ -73,14 +73,19 @@ def compressed_model(onnx_path: Path, compress: dict[str, Any], backup: dict[str
         weightless.write_bytes(proto.SerializeToString())
         model = ov.convert_model(str(weightless))
     parameters = {p.get_friendly_name(): p for p in model.get_parameters() if p.get_friendly_name() in stored}
-    readers = {name: _weight_reader(p) for name, p in parameters.items()}
+    # a weight the export kept in 16 bits reaches its layer through a Convert to f32: the layer reads that
+    outputs = {name: _upcast(p) for name, p in parameters.items()}
+    readers = {name: _weight_reader(out) for name, out in outputs.items()}
     if unknown := [name for name, reader in readers.items() if reader is None]:
         raise NotStreamable(f"weights read by layers NNCF does not compress one by one: {', '.join(unknown[:3])}")
-    spared = _spared(model, readers, compress)
+    spared = _spared(model, {outputs[name].get_node().get_friendly_name(): name for name in outputs}, readers,
+                     compress)
     nncf.set_log_level(40)  # one progress table per layer otherwise
     for name, parameter in parameters.items():
-        targets = list(parameter.output(0).get_target_inputs())
+        targets = list(outputs[name].get_target_inputs())
         value = stored[name].read()
+        if value.dtype.itemsize == 2 and value.dtype.kind != "i":  # BF16 / FP16 as stored: its exact FP32 value
+            value = value.astype(np.float32)
         if readers[name] == "constant":
             weight = ov.op.Constant(value).output(0)
         else:
@@ -98,10 +103,18 @@ class NotStreamable(DiffshipError):
     """A graph this path cannot compress weight by weight (the caller compiles it whole)."""
 
 
-def _weight_reader(parameter: ov.Node) -> str | None:
+def _upcast(parameter: ov.Node) -> ov.Output:
+    """The output layers read a weight from: the parameter's, or its only reader's where that is a Convert."""
+    targets = list(parameter.output(0).get_target_inputs())
+    if len(targets) == 1 and (node := targets[0].get_node()).get_type_name() == "Convert":
+        return node.output(0)
+    return parameter.output(0)
+
+
+def _weight_reader(weight: ov.Output) -> str | None:
     """"MatMul" or "Gather" for a weight NNCF compresses (every reader of that one kind, reading it as its weight),
     "constant" for one it leaves alone, None for one this path cannot reproduce."""
-    targets = list(parameter.output(0).get_target_inputs())
+    targets = list(weight.get_target_inputs())
     kinds = {(t.get_node().get_type_name(), t.get_index()) for t in targets}
     weights = {kind for kind in kinds if WEIGHT_INPUT.get(kind[0]) == kind[1]}
     if any(kind[0] in NOT_HANDLED for kind in kinds) or (weights and len(kinds) > 1):
@@ -109,16 +122,18 @@ def _weight_reader(parameter: ov.Node) -> str | None:
     return weights.pop()[0] if weights else "constant"
 
 
-def _spared(model: ov.Model, readers: dict[str, str | None], compress: dict[str, Any]) -> set[str]:
-    """The weights NNCF gives the backup mode unless `all_layers`: embeddings and the last weighted MatMul."""
+def _spared(model: ov.Model, weight_of: dict[str, str], readers: dict[str, str | None],
+            compress: dict[str, Any]) -> set[str]:
+    """The weights NNCF gives the backup mode unless `all_layers`: embeddings and the last weighted MatMul.
+    `weight_of` names the weight behind each node layers read weights from (a parameter, or its Convert)."""
     import nncf  # optional: openvino
 
     if compress.get("all_layers") or compress["mode"] not in (nncf.CompressWeightsMode.INT4_SYM,
                                                              nncf.CompressWeightsMode.INT4_ASYM):
         return set()
-    matmuls = [op.input(1).get_source_output().get_node().get_friendly_name()
+    matmuls = [weight_of.get(op.input(1).get_source_output().get_node().get_friendly_name())
                for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
-    weighted = [name for name in matmuls if readers.get(name) == "MatMul"]
+    weighted = [name for name in matmuls if name is not None and readers.get(name) == "MatMul"]
     return {name for name, kind in readers.items() if kind == "Gather"} | set(weighted[-1:])
 
 
@@ -132,6 +147,13 @@ def _compressed(value: np.ndarray, reader: ov.Node, settings: dict[str, Any]) ->
         x = ov.opset13.parameter(ov.PartialShape([-1] * rank), ov.Type.f32)
         attributes = reader.get_attributes()
         layer = ov.opset13.matmul(x, ov.op.Constant(value), attributes["transpose_a"], attributes["transpose_b"])
+        weight_input = 1
+    elif kind == "Convolution":  # a patch embedding
+        x = ov.opset13.parameter(ov.PartialShape([-1] * reader.get_input_partial_shape(0).rank.get_length()),
+                                 ov.Type.f32)
+        a = reader.get_attributes()
+        layer = ov.opset13.convolution(x, ov.op.Constant(value), a["strides"], a["pads_begin"], a["pads_end"],
+                                       a["dilations"], a["auto_pad"].upper())
         weight_input = 1
     else:  # Gather: an embedding table
         x = ov.opset13.parameter(ov.PartialShape([-1, -1]), ov.Type.i64)
