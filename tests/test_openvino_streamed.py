@@ -60,7 +60,7 @@ def test_weight_only_compression_weight_by_weight_is_nncf_s_whole_model_result(t
     f32 = target.parse_options({"inference_precision": "f32", "cache_dir": ""})
     for precision in ("int8-weights", "int4-weights"):
         xmls = {streamed: target.compile(tmp_path / ("streamed" if streamed else "one-pass") / "model.onnx", precision,
-                                         target.parse_options({"streamed": streamed, "int4_group_size": 16}),
+                                         target.parse_options({"streamed": streamed, "int4_group_size": 16 if stored else 128}),
                                          tmp_path / f"{precision}-{streamed}", CompileContext(spec))
                 for streamed in (False, True)}
         kinds = [_compressed_kinds(xmls[s]) for s in (False, True)]

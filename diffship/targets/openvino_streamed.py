@@ -86,17 +86,38 @@ def compressed_model(onnx_path: Path, compress: dict[str, Any], backup: dict[str
         value = stored[name].read()
         if value.dtype.itemsize == 2 and value.dtype.kind != "i":  # BF16 / FP16 as stored: its exact FP32 value
             value = value.astype(np.float32)
+        settings = backup if name in spared else compress
         if readers[name] == "constant":
             weight = ov.op.Constant(value).output(0)
+        elif readers[name] == "MatMul" and value.ndim == 2 and not _attribute(targets, "transpose_b"):
+            # laid out [out, in] with transpose_b, as the converter lays out a constant weight: NNCF then groups
+            # along the last axis, and the CPU plugin compiles the result (a [1, in, out] INT4 weight it does not)
+            value = np.ascontiguousarray(value.T)
+            weight = _compressed(value.astype(np.float32, copy=False), targets[0].get_node(), settings, True)
+            for target in targets:
+                _transposed_b(target.get_node(), weight)
+            targets = []
         else:
-            weight = _compressed(value.astype(np.float32, copy=False), targets[0].get_node(),
-                                 backup if name in spared else compress)
+            weight = _compressed(value.astype(np.float32, copy=False), targets[0].get_node(), settings)
         for target in targets:
             target.replace_source_output(weight)
         model.remove_parameter(parameter)
         del value
     model.validate_nodes_and_infer_types()
     return model
+
+
+def _attribute(targets: list[ov.Input], name: str) -> bool:
+    return bool(targets[0].get_node().get_attributes()[name])
+
+
+def _transposed_b(reader: ov.Node, weight: ov.Output) -> None:
+    """Put a MatMul reading `weight` ([out, in]) transposed in place of `reader`, its name and output names kept."""
+    new = ov.opset13.matmul(reader.input(0).get_source_output(), weight, reader.get_attributes()["transpose_a"], True)
+    new.set_friendly_name(reader.get_friendly_name())
+    names = reader.output(0).get_names()
+    reader.output(0).replace(new.output(0))
+    new.output(0).get_tensor().set_names(names)
 
 
 class NotStreamable(DiffshipError):
@@ -137,8 +158,10 @@ def _spared(model: ov.Model, weight_of: dict[str, str], readers: dict[str, str |
     return {name for name, kind in readers.items() if kind == "Gather"} | set(weighted[-1:])
 
 
-def _compressed(value: np.ndarray, reader: ov.Node, settings: dict[str, Any]) -> ov.Output:
-    """NNCF's compressed form of `value` as `reader` reads it, made on a model of that one layer."""
+def _compressed(value: np.ndarray, reader: ov.Node, settings: dict[str, Any], transpose_b: bool | None = None
+                ) -> ov.Output:
+    """NNCF's compressed form of `value` as `reader` reads it (a MatMul's with `transpose_b` if given), made on a
+    model of that one layer."""
     import nncf  # optional: openvino
 
     kind = reader.get_type_name()
@@ -146,7 +169,8 @@ def _compressed(value: np.ndarray, reader: ov.Node, settings: dict[str, Any]) ->
         rank = reader.get_input_partial_shape(0).rank.get_length()
         x = ov.opset13.parameter(ov.PartialShape([-1] * rank), ov.Type.f32)
         attributes = reader.get_attributes()
-        layer = ov.opset13.matmul(x, ov.op.Constant(value), attributes["transpose_a"], attributes["transpose_b"])
+        layer = ov.opset13.matmul(x, ov.op.Constant(value), attributes["transpose_a"],
+                                  attributes["transpose_b"] if transpose_b is None else transpose_b)
         weight_input = 1
     elif kind == "Convolution":  # a patch embedding
         x = ov.opset13.parameter(ov.PartialShape([-1] * reader.get_input_partial_shape(0).rank.get_length()),

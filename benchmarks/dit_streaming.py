@@ -1,0 +1,160 @@
+"""A full-size diffusion transformer through the streaming paths, each stage in a child process of its own, with its
+wall time and the peak resident memory of its whole process tree (sampled every 0.25 s): issue 45's figures.
+
+    python benchmarks/dit_streaming.py --model flux-arch --work /path/with/70GB [--size 512] [--stages ...]
+
+Stages (each skipped when its output is already in --work, so a run that stops resumes):
+  write      the built-in, layer by layer in BF16 (flux-arch: T5-XXL shortened to one layer with --short-t5, so the
+             transformer's stages fit this machine's disk; the transformer and its inputs are exact)
+  export     the transformer to ONNX, streamed, weights kept in BF16 behind Casts
+  int8 int4  OpenVINO int8-weights / int4-weights, weight by weight
+  blocks     per-block parity of each compiled transformer against the PyTorch chain run one block at a time
+             (`validation/blocks.py`), on sample inputs at --size
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import psutil
+from build_matrix import tree_rss
+
+HERE = Path(__file__).resolve().parent
+STAGES = ("write", "export", "int8", "int4", "blocks")
+
+CHILD = r"""
+import json, sys, time, dataclasses
+from pathlib import Path
+stage, model_name, work, size, short_t5 = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+folder = work / "model"
+started = time.perf_counter()
+result = {}
+if stage == "write":
+    from diffship.models.builtin import BUILTINS
+    from diffship.models.builtin_write import write_builtin
+    model = BUILTINS[model_name]
+    if short_t5:
+        encoders = tuple({**c, "num_layers": 1} if c.get("kind") == "t5" else c for c in model.text_encoders)
+        model = dataclasses.replace(model, text_encoders=encoders)
+    folder.mkdir(parents=True)
+    write_builtin(model, folder)
+elif stage == "export":
+    from diffship.exporters.pipeline import ModuleLoader, export_one
+    from diffship.models.components import component_specs
+    from diffship.models.source import resolve
+    spec = next(s for s in component_specs(folder) if s.is_denoiser)
+    export_one(resolve(str(folder)), spec, work / "onnx", 17, ModuleLoader(folder, False), streamed=True,
+               stored_weights=True)
+elif stage in ("int8", "int4"):
+    from diffship.models.components import component_specs
+    from diffship.targets import CompileContext, get_target
+    spec = next(s for s in component_specs(folder) if s.is_denoiser)
+    target = get_target("openvino")
+    precision = {"int8": "int8-weights", "int4": "int4-weights"}[stage]
+    target.compile(work / "onnx" / "model.onnx", precision, target.parse_options({"streamed": True}),
+                   work / stage, CompileContext(spec))
+elif stage == "blocks":
+    from diffship.models.components import component_specs
+    from diffship.models.streamed_module import StreamedComponent
+    from diffship.targets import get_target
+    from diffship.validation.blocks import block_parity, boundary_tensors
+    spec = next(s for s in component_specs(folder) if s.is_denoiser)
+    reference = StreamedComponent(folder, spec.module)
+    taps = boundary_tensors(work / "onnx" / "model.onnx", [name for name, _ in reference.blocks])
+    inputs = spec.sample_inputs(1, size, size, seed=0)
+    target = get_target("openvino")
+    for precision in ("int8", "int4"):
+        if not (work / precision / "openvino_model.xml").is_file():
+            continue
+        runner = target.load_tapped(work / precision / "openvino_model.xml", target.parse_options({"cache_dir": ""}),
+                                    f"{precision}-weights", [t for names in taps.values() for t in names])
+        began = time.perf_counter()
+        result[precision] = block_parity(reference, spec, runner, taps, inputs, 0.99)
+        result[precision]["seconds"] = round(time.perf_counter() - began, 1)
+        del runner
+result["seconds"] = round(time.perf_counter() - started, 1)
+print("RESULT " + json.dumps(result, default=float))
+"""
+
+
+def run_stage(stage: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, "-c", CHILD, stage, args.model, str(args.work), str(args.size), str(int(args.short_t5))]
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc, peak, done = psutil.Process(child.pid), {"bytes": 0}, threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            peak["bytes"] = max(peak["bytes"], tree_rss(proc))
+
+    threading.Thread(target=sample, daemon=True).start()
+    result: dict = {}
+    assert child.stdout is not None
+    for line in child.stdout:
+        if line.startswith("RESULT "):
+            result = json.loads(line[7:])
+        elif args.verbose:
+            print("   ", line, end="", flush=True)
+    child.wait()
+    done.set()
+    if child.returncode:
+        sys.exit(f"stage {stage} failed (exit {child.returncode})")
+    return {"stage": stage, "wall_seconds": round(time.perf_counter() - started, 1), "peak_tree_rss": peak["bytes"],
+            "disk_bytes": _size(args.work / {"write": "model", "export": "onnx"}.get(stage, stage)), **result}
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def done(stage: str, work: Path) -> bool:
+    marker = {"write": work / "model" / "model_index.json", "export": work / "onnx" / "model.onnx",
+              "int8": work / "int8" / "openvino_model.xml", "int4": work / "int4" / "openvino_model.xml"}
+    return stage in marker and marker[stage].is_file()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="flux-arch", help="a built-in (tiny-flux for a smoke run)")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--short-t5", action="store_true", help="T5-XXL with one layer (the transformer exact)")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    from diffship.host.cpu import describe
+
+    results = []
+    for stage in args.stages:
+        if done(stage, args.work):
+            print(f"{stage}: already in {args.work}, skipped", flush=True)
+            continue
+        print(f"{stage} ...", flush=True)
+        results.append(run_stage(stage, args))
+        r = results[-1]
+        print(f"{stage}: {r['wall_seconds']:.0f} s, tree peak {r['peak_tree_rss'] / 2**30:.2f} GiB, "
+              f"on disk {r['disk_bytes'] / 1e9:.1f} GB", flush=True)
+        for precision in ("int8", "int4"):
+            if precision in r:
+                p = r[precision]
+                print(f"  {precision}: min block cosine {p['min_cosine']:.6f}, first failing "
+                      f"{p['first_failing_block']}, final cosine "
+                      f"{min(f['cosine'] for f in p['final'].values()):.6f} ({p['seconds']:.0f} s)")
+    print(f"\n{args.model} at {args.size}x{args.size}, {describe()}, {psutil.cpu_count()} CPUs, "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {date.today()}")
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r
+                                         for r in results], indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
