@@ -151,6 +151,9 @@ class ValidationRecipe(_Strict):
     # The PyTorch baseline beside each artifact set (false), or recorded once and freed before the sets load, with
     # latency timed in blocks (true: a full-size SDXL on 24 GiB); "auto" stages when both would not fit in memory.
     staged: bool | Literal["auto"] = "auto"
+    # The baseline's modules too large to hold (T5-XXL, a 12B transformer) run block by block, each block's weights
+    # read from the model's safetensors as it is called (true, false, or "auto": above half of the memory)
+    streamed_reference: bool | Literal["auto"] = "auto"
     # Where the sets ship: each named client loads the sets of its target and draws the first sample there
     # (diffship/clients); [] leaves the step out.
     clients: list[str] = Field(default_factory=lambda: list(CLIENT_NAMES))

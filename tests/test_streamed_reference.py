@@ -91,3 +91,21 @@ def test_per_block_parity_finds_the_block_where_the_graph_departs(model_copy, tm
         assert not result["passed"] and result["first_failing_block"] == "single_transformer_blocks.1", target
         assert [r["status"] for r in result["blocks"]] == ["pass", "pass", "fail"], target
         assert result["final"]["out_sample"]["cosine"] < 0.9999, target
+
+
+def test_a_baseline_whose_modules_run_block_by_block_draws_the_same_image():
+    """[validation] streamed_reference: the diffusers pipeline over streamed modules (T5-XXL's and a 12B
+    transformer's way on 24 GiB, forced here on tiny-flux) draws the image of the pipeline loaded whole."""
+    from diffship.models.streamed_module import streams_reference
+    from diffship.validation.baseline import load_baseline, run_baseline
+
+    folder = resolve("tiny-flux").folder
+    assert not streams_reference("auto", folder, "transformer") and streams_reference(True, folder, "transformer")
+    images = []
+    for streamed in (False, True):
+        pipe = load_baseline(folder, streamed=streamed)
+        assert (pipe.transformer.transformer_blocks[0].attn.to_q.weight.untyped_storage().nbytes() <= 4) == streamed
+        images.append(run_baseline(pipe, "a red bicycle", None, 64, 64, 3, 3.5, 0, None).images[0])
+    assert np.array_equal(images[0], images[1])
+    other = run_baseline(load_baseline(folder), "a red bicycle", None, 64, 64, 3, 3.5, 1, None).images[0]
+    assert not np.array_equal(images[0], other)

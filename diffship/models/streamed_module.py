@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffship.models.compressed import is_compressed
+from diffship.models.loading import load_component
 from diffship.models.weightless import WeightFiles, parameter_keys, weightless_component
+
+# A reference component runs block by block when its FP32 weights exceed this share of the machine's memory: T5-XXL
+# (19 GB) and a 12B transformer (48 GB) on 24 GiB, not SDXL's UNet (10.3 GB) or SD3.5-medium's MMDiT (9 GB).
+STREAMED_SHARE = 0.5
 
 
 def repeated_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -96,3 +102,27 @@ def _detached(output: Any) -> Any:
     if isinstance(output, tuple | list):
         return type(output)(_detached(o) for o in output)
     return output
+
+
+def streams_reference(setting: bool | str, folder: Path, component: str) -> bool:
+    """Whether the PyTorch reference of `component` runs block by block: the recipe's `[validation]
+    streamed_reference`, or for "auto" whether its FP32 weights exceed STREAMED_SHARE of memory. Only safetensors
+    weights of a component with repeated blocks stream."""
+    path = folder / component
+    if setting is False or is_compressed(path) or not any(path.glob("*.safetensors")):
+        return False
+    if setting == "auto":
+        import psutil  # start-up time: psutil
+
+        return WeightFiles.of(path).fp32_bytes() > STREAMED_SHARE * psutil.virtual_memory().total
+    return True
+
+
+def reference_component(folder: Path, component: str, allow_pickle: bool, setting: bool | str = "auto") -> nn.Module:
+    """The PyTorch module of `component` for the baseline: loaded whole, or streamed block by block (its weights read
+    at each call) when `streams_reference` says so."""
+    if streams_reference(setting, folder, component):
+        streamed = StreamedComponent(folder, component)
+        if streamed.blocks:
+            return streamed.module
+    return load_component(folder, component, allow_pickle)

@@ -164,7 +164,7 @@ def prepare(recipe: Recipe, force: bool, say: Say, installed: bool = True) -> Co
                      for m in sorted({s.module for s in specs} | {t for t, _ in family.tokenizers_in(source.folder)}
                                      | {"scheduler"})}
     baseline = Baseline(source.folder, recipe.allow_pickle, say, recipe.validation.scheduler,
-                        recipe.validation.scheduler_config)
+                        recipe.validation.scheduler_config, recipe.validation.streamed_reference)
     calibration = Calibration(recipe, plan, baseline, module_hashes, versions, force, hits)
     return Context(recipe, source, family.name, family.title, specs, shapes, plan, module_hashes, versions, baseline,
                    calibration, compressed, hits, force, say)

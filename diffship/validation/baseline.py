@@ -6,6 +6,7 @@ so the report never leaves the reader guessing what the artifacts were compared 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from diffship.host.memory import release_freed
 from diffship.models.components import ComponentSpec, wrap
 from diffship.models.families import Family, controlnets_in, detect_family, tasks_of
 from diffship.models.loading import load_component
+from diffship.models.streamed_module import reference_component
 from diffship.runtime.diffusers_loop import pipeline_latents, pipeline_of
 from diffship.runtime.generation import Generation, uint8_images
 from diffship.runtime.schedulers import make_scheduler
@@ -29,15 +31,16 @@ class Baseline:
     """The PyTorch pipeline of a build, loaded on first use and dropped when a memory-hungry stage needs the room."""
 
     def __init__(self, folder: Path, allow_pickle: bool, say: Callable[[str], None], scheduler: str | None = None,
-                 scheduler_config: dict[str, Any] | None = None):
+                 scheduler_config: dict[str, Any] | None = None, streamed: bool | str = "auto"):
         self.folder, self.allow_pickle, self.say, self.pipe = folder, allow_pickle, say, None
         self.scheduler = (scheduler, scheduler_config or {})
+        self.streamed = streamed
 
     def get(self) -> Any:
         if self.pipe is None:
             device, dtype = baseline_device()
             self.say(f"Loading the PyTorch baseline ({device}, {str(dtype).removeprefix('torch.')}) ...")
-            self.pipe = load_baseline(self.folder, self.allow_pickle, device, dtype)
+            self.pipe = load_baseline(self.folder, self.allow_pickle, device, dtype, streamed=self.streamed)
             self.pipe.scheduler = make_scheduler(self.pipe.scheduler, *self.scheduler)
         return self.pipe
 
@@ -63,9 +66,9 @@ def describe(device: str, dtype: torch.dtype) -> dict[str, str]:
 
 
 def load_baseline(folder: Path, allow_pickle: bool = False, device: str | None = None,
-                  dtype: torch.dtype | None = None, task: str | None = None) -> Any:
+                  dtype: torch.dtype | None = None, task: str | None = None, streamed: bool | str = False) -> Any:
     """diffusers' pipeline for `task` (the family's first by default) over the model in `folder`, every module loaded
-    strictly."""
+    strictly; with `streamed`, a module too large to hold runs block by block (models/streamed_module.py)."""
     import diffusers  # start-up time: diffusers
     import transformers  # start-up time: transformers
 
@@ -73,7 +76,8 @@ def load_baseline(folder: Path, allow_pickle: bool = False, device: str | None =
     device, dtype = device or default_device, dtype or default_dtype
     family = detect_family(folder)
     task = task or tasks_of(folder)[0]
-    modules: dict[str, Any] = {name: load_component(folder, name, allow_pickle)
+    load = load_component if device == "cuda" else functools.partial(reference_component, setting=streamed)
+    modules: dict[str, Any] = {name: load(folder, name, allow_pickle)
                                for name in (family.denoiser.component, "vae", *family.encoders_in(folder))}
     for name, kind in family.tokenizers_in(folder):
         modules[name] = getattr(transformers, kind).from_pretrained(folder / name)
