@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from diffship.errors import DiffshipError
@@ -25,6 +26,7 @@ from diffship.runtime import diffusers_loop, inpaint
 from diffship.runtime.control import ControlledDenoiser, control_images
 from diffship.runtime.generation import Generation, truncation_warnings, uint8_images
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
+from diffship.runtime.lazy_runners import HELD_SHARE, artifact_bytes, lazy_runners
 from diffship.runtime.schedulers import make_scheduler
 from diffship.store.artifacts import atomic_write_bytes, read_json
 from diffship.store.manifest import ArtifactSet, open_artifacts
@@ -98,9 +100,11 @@ class DeployedPipeline:
 
     @classmethod
     def from_artifacts(cls, artifacts: ArtifactSet, options: Any = None,
-                       changes: dict[str, list[Any]] | None = None) -> DeployedPipeline:
+                       changes: dict[str, list[Any]] | None = None, held_bytes: int | None = None) -> DeployedPipeline:
         """Load one Runner per component the pipeline needs, timing each load (with the build's options by default);
-        components with weight `changes` (a LoRA at run time, `runtime.lora`) load with them."""
+        components with weight `changes` (a LoRA at run time, `runtime.lora`) load with them. Components whose files
+        exceed `held_bytes` together (default: HELD_SHARE of memory) load when first called, one large one at a
+        time (`runtime/lazy_runners.py`)."""
         family = pipeline_family(artifacts)
         needed = [*family.encoders_in(artifacts.pipeline), family.denoiser.component, DECODER]
         missing = [c for c in needed if c not in artifacts.components]
@@ -109,14 +113,23 @@ class DeployedPipeline:
         backend = get_target(artifacts.target)
         if options is None and artifacts.options:
             options = backend.parse_options(artifacts.options)
-        runners, seconds = {}, {}
-        for name in [*needed, *([ENCODER] if ENCODER in artifacts.components else [])]:
-            started = time.perf_counter()
+        names = [*needed, *([ENCODER] if ENCODER in artifacts.components else [])]
+
+        def loader(name: str) -> Callable[[], Any]:
             if changes and name in changes:
-                runners[name] = backend.load_with_changes(artifacts.components[name], options, artifacts.precision,
-                                                          changes[name])
-            else:
-                runners[name] = backend.load(artifacts.components[name], options, artifacts.precision)
+                return lambda: backend.load_with_changes(artifacts.components[name], options, artifacts.precision,
+                                                         changes[name])
+            return lambda: backend.load(artifacts.components[name], options, artifacts.precision)
+
+        seconds: dict[str, float] = {}
+        sizes = {name: artifact_bytes(artifacts.components[name]) for name in names}
+        budget = held_bytes if held_bytes is not None else int(HELD_SHARE * psutil.virtual_memory().total)
+        if sum(sizes.values()) > budget:
+            return cls(artifacts, lazy_runners({n: loader(n) for n in names}, sizes, budget, seconds), seconds, changes)
+        runners = {}
+        for name in names:
+            started = time.perf_counter()
+            runners[name] = loader(name)()
             seconds[name] = time.perf_counter() - started
         return cls(artifacts, runners, seconds, changes)
 

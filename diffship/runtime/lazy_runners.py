@@ -1,0 +1,86 @@
+"""Runners loaded when first called and released to make room: a deployed set whose components do not fit in memory
+together (SD3.5-medium's FP32 set: T5-XXL's 17.7 GiB session beside an 8.4 GiB transformer) draws an image with one
+large component loaded at a time, the text encoders for the prompt, then the transformer for the steps.
+
+Each load is timed into the pipeline's `load_seconds`; a component loaded again after a release is timed again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from diffship.host.memory import release_freed
+
+# Components are held together while their files stay under this share of the machine's memory (a session holds
+# about its files' size: ONNX Runtime's FP32 T5-XXL 17.7 GiB for 19 GB of weights).
+HELD_SHARE = 0.6
+
+
+def artifact_bytes(artifact: Path) -> int:
+    """The bytes of a component's artifact folder (model file, external data, IR weights)."""
+    return sum(p.stat().st_size for p in artifact.parent.iterdir() if p.is_file())
+
+
+class RunnerPool:
+    """Which lazy runners are loaded; makes room for one by releasing the least recently used others."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.loaded: list[LazyRunner] = []
+
+    def admit(self, runner: LazyRunner) -> None:
+        while self.loaded and sum(r.size for r in self.loaded) + runner.size > self.budget:
+            self.loaded.pop(0).release()
+        self.loaded.append(runner)
+
+    def touch(self, runner: LazyRunner) -> None:
+        self.loaded.remove(runner)
+        self.loaded.append(runner)
+
+
+class LazyRunner:
+    """A Runner that loads on first use (run, or any attribute a Runner has) and can be released."""
+
+    def __init__(self, name: str, load: Callable[[], Any], size: int, pool: RunnerPool,
+                 load_seconds: dict[str, float]):
+        self.name, self._load, self.size, self._pool, self._seconds = name, load, size, pool, load_seconds
+        self._runner: Any = None
+        self._description: Any = None
+
+    @property
+    def runner(self) -> Any:
+        if self._runner is None:
+            self._pool.admit(self)
+            started = time.perf_counter()
+            self._runner = self._load()
+            self._seconds[self.name] = self._seconds.get(self.name, 0.0) + time.perf_counter() - started
+            self._description = self._runner.describe()
+        else:
+            self._pool.touch(self)
+        return self._runner
+
+    def describe(self) -> Any:
+        """What the runner said of itself when it last loaded (no load just to ask)."""
+        return self._description if self._description is not None else self.runner.describe()
+
+    def release(self) -> None:
+        self._runner = None
+        release_freed()
+
+    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return self.runner.run(inputs)
+
+    def __getattr__(self, name: str) -> Any:  # input_names, describe, a backend's own attributes
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.runner, name)
+
+
+def lazy_runners(loads: dict[str, Callable[[], Any]], sizes: dict[str, int], budget: int,
+                 load_seconds: dict[str, float]) -> dict[str, LazyRunner]:
+    """One LazyRunner per component over one pool of `budget` bytes."""
+    pool = RunnerPool(budget)
+    return {name: LazyRunner(name, load, sizes[name], pool, load_seconds) for name, load in loads.items()}
