@@ -249,6 +249,9 @@ class Recipe(_Strict):
     int8_auto: Int8AutoRecipe = Field(default_factory=Int8AutoRecipe)
     compress: list[Step] = Field(default_factory=list)
     allow_pickle: bool = False
+    # the memory the build may use, in GiB (default: what the machine has available as it starts); a stage estimated
+    # to need more is refused before any work (stages/preflight.py)
+    memory_gib: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

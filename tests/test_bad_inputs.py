@@ -218,3 +218,26 @@ def test_manifest_reading_raises_nothing_but_diffship_errors(real_manifest, tmp_
         pass
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_build_a_stage_of_which_would_not_fit_in_memory_is_refused_before_any_work(tmp_path: Path,
+                                                                                     fast_recipe: Path):
+    """Each stage's peak is estimated from the weights before anything runs (stages/preflight.py): over the memory
+    the build may use (the recipe's memory_gib here, the machine's available memory by default) it exits 2 naming
+    the stage and its estimate, and writes nothing."""
+    from diffship.recipe import Recipe
+    from diffship.stages.context import prepare
+    from diffship.stages.preflight import GIB, needs
+
+    recipe = tmp_path / "small.toml"
+    recipe.write_text(fast_recipe.read_text() + "\nmemory_gib = 0.5\n")
+    out = tmp_path / "out"
+    refused(["build", str(recipe), "--out", str(out)], "Not enough memory: the ")
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    # the estimates: every stage of a tiny model needs the process's 1 GiB and little more, so the default (the
+    # machine's available memory) builds it
+    estimates = needs(prepare(Recipe(model="tiny-sd", targets=[{"name": "openvino", "precisions": ["int8-weights"]}]),
+                              False, lambda _: None))
+    assert {n.stage for n in estimates} >= {"export of unet", "openvino int8-weights compile of unet",
+                                            "PyTorch baseline"}
+    assert all(GIB <= n.bytes < 1.2 * GIB for n in estimates), estimates

@@ -19,6 +19,7 @@ from diffship.recipe import Recipe
 from diffship.stages.compile import compile_stage
 from diffship.stages.context import Say, check_targets, prepare
 from diffship.stages.export import EXPORT_FOLDER, export_stage
+from diffship.stages.preflight import check_memory
 from diffship.stages.provenance import build_manifest, report_data
 from diffship.stages.unit import Unit
 from diffship.stages.validate import validate_stage
@@ -51,6 +52,7 @@ def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None
     out = out.resolve()
     prepare_output_dir(out, overwrite=True)
     c = prepare(recipe, force, say)
+    check_memory(c)
     with staged_dir(out) as tmp:
         export_dir = tmp / EXPORT_FOLDER
         entries = export_stage(c, c.specs, export_dir)

@@ -1,0 +1,95 @@
+"""Before a build starts any work: whether each stage fits in the memory the build may use, estimated from the
+component's FP32 weights with the factors measured at full size, so a machine too small for a stage says so (exit 2,
+nothing written) instead of being killed half-way through it.
+
+The factors are peaks measured on 24 GiB (docs/performance.md): a one-pass export holds about 1.5x the weights
+(sdxl-arch's UNet: 13.94 GiB for 9.58), OpenVINO's converter and ONNX Runtime's INT8 quantization about 1.9x (15.0 /
+18.2 GiB); the streamed paths hold one tensor or block beside what they keep (weight-only IRs hold their compressed
+weights). A stage whose peak is not known (other targets) is not estimated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from diffship.errors import DiffshipError
+from diffship.exporters.pipeline import ONE_PASS_PEAK, choose_streamed
+from diffship.models.streamed_module import streams_reference
+from diffship.models.weightless import WeightFiles
+from diffship.stages.context import Context
+from diffship.targets import get_target
+
+GIB = 2**30
+PROCESS = 1 * GIB  # the interpreter, the libraries and the build's own state
+CONVERTER_PEAK = 1.9  # OpenVINO's ONNX converter (15.0 GiB for sdxl-arch's 9.58 GiB UNet... its 1.9x at worst)
+QUANTIZER_PEAK = 1.9  # ONNX Runtime's INT8 quantization (18.2 GiB for the same UNet, with its calibration)
+KEPT = {"int8-weights": 0.25, "int4-weights": 0.15}  # what a weight-only IR keeps of the FP32 weights
+
+
+@dataclass(frozen=True)
+class Need:
+    """One stage's estimated peak, and how it was estimated."""
+
+    stage: str
+    bytes: int
+    how: str
+
+
+def weight_bytes(folder: Path) -> int:
+    """A component's weights in FP32 (safetensors headers; other files by their size)."""
+    if any(folder.glob("*.safetensors")):
+        return WeightFiles.of(folder).fp32_bytes()
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def needs(c: Context) -> list[Need]:
+    """The estimated peak of each stage the recipe will run that has a measured factor."""
+    recipe, folder = c.recipe, c.source.folder
+    weights = {s.module: weight_bytes(folder / s.module) for s in c.specs}
+    found: list[Need] = []
+    for spec in c.specs:
+        w = weights[spec.module]
+        if choose_streamed(recipe.export.streamed, folder, spec.module):
+            found.append(Need(f"export of {spec.name}", PROCESS + w // 8, "streamed: one tensor at a time"))
+        else:
+            found.append(Need(f"export of {spec.name}", PROCESS + int(ONE_PASS_PEAK * w),
+                              f"one pass: {ONE_PASS_PEAK}x its {w / GIB:.1f} GiB of FP32 weights"))
+    for target in recipe.targets:
+        backend = get_target(target.name)
+        options = backend.parse_options(target.options)
+        for precision in target.precisions:
+            for spec in c.specs:
+                w = weights[spec.module]
+                label = f"{target.name} {precision} compile of {spec.name}"
+                if target.name == "openvino" and precision in KEPT and getattr(options, "streamed", False) is not False:
+                    found.append(Need(label, PROCESS + int(KEPT[precision] * w), "weight by weight: the compressed "
+                                      "weights it keeps"))
+                elif target.name == "openvino":
+                    found.append(Need(label, PROCESS + int(CONVERTER_PEAK * w), f"the converter's {CONVERTER_PEAK}x"))
+                elif target.name == "onnxruntime" and precision.startswith("int8"):
+                    found.append(Need(label, PROCESS + int(QUANTIZER_PEAK * w), f"quantization's {QUANTIZER_PEAK}x"))
+    modules = {s.module for s in c.specs}
+    held = sorted(m for m in modules if not streams_reference(recipe.validation.streamed_reference, folder, m))
+    streamed = sorted(modules - set(held))
+    found.append(Need("PyTorch baseline", PROCESS + sum(weights[m] for m in held),
+                      f"{', '.join(held)} held whole" + (f", {', '.join(streamed)} block by block" if streamed else "")))
+    return found
+
+
+def check_memory(c: Context) -> None:
+    """Refuse the build, before any stage runs, when one would need more memory than it may use: the recipe's
+    `memory_gib`, else what this machine has available now."""
+    limit = int(c.recipe.memory_gib * GIB) if c.recipe.memory_gib else psutil.virtual_memory().available
+    where = (f"the recipe's memory_gib = {c.recipe.memory_gib:g}" if c.recipe.memory_gib
+             else f"{limit / GIB:.1f} GiB available on this machine")
+    over = [n for n in needs(c) if n.bytes > limit]
+    if over:
+        worst = max(over, key=lambda n: n.bytes)
+        raise DiffshipError(
+            f"Not enough memory: the {worst.stage} needs about {worst.bytes / GIB:.1f} GiB ({worst.how}), over "
+            f"{where}" + (f"; {len(over) - 1} more stage(s) too" if len(over) > 1 else "") + ". Nothing was built. "
+            "Full-size transformers stream their weights ([export] streamed, [validation] streamed_reference, "
+            "OpenVINO int8-weights / int4-weights with streamed), or build on a larger machine.")
