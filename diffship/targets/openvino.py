@@ -133,9 +133,12 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         raise DiffshipError(f"OpenVINO precision {precision!r} is unknown; choose {', '.join(PRECISIONS)}.")
     if dest is None or context is None:
         raise DiffshipError("OpenVINO compile needs an output folder and the component it converts.")
-    model, streamed = None, precision in WEIGHT_ONLY and streams(source, options)
-    if streamed:  # weight by weight, never the FP32 weights whole (openvino_streamed.py)
-        compress = weight_only_settings(precision, options)
+    # weight-only INT8 (int8-hybrid's text encoders and VAE too), INT4, or FP16-stored weights: weight by weight,
+    # never the FP32 weights whole (openvino_streamed.py)
+    weight_only = precision in WEIGHT_ONLY or (precision == "int8-hybrid" and not context.spec.denoises)
+    model, streamed = None, (weight_only or precision in ("fp16", "bf16")) and streams(source, options)
+    if streamed:
+        compress = weight_only_settings(precision, options) if weight_only else None
         try:
             model = compressed_model(source, compress, {"mode": nncf.CompressWeightsMode.INT8_ASYM})
         except NotStreamable:
@@ -168,7 +171,7 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
             # Nothing maps the converted IR now: its 4 bytes per weight go before calibration adds the final IR.
             shutil.rmtree(dest / "scratch-converted", ignore_errors=True)
         model = quantize_calibrated(model, calls, options, sensitive, compressed)
-    elif precision in ("int8-weights", "int8-hybrid", "int8-auto", "int4-weights") and not streamed:
+    elif precision in ("int8-weights", "int8-hybrid", "int8-auto", "int4-weights") and not (streamed and weight_only):
         model = nncf.compress_weights(model, **weight_only_settings(precision, options))
     model = as_clients_feed(model, whole_timesteps=not context.spec.in_denoising_loop
                             or context.spec.denoiser.whole_timesteps)
@@ -190,7 +193,7 @@ CONVERTER_PEAK = 1.9
 
 
 def weight_only_settings(precision: str, options: OvOptions) -> dict[str, Any]:
-    """nncf.compress_weights' arguments for a precision's weight-only compression."""
+    """nncf.compress_weights' arguments for a precision's weight-only compression (INT8 unless int4-weights)."""
     import nncf  # optional: openvino
 
     if precision != "int4-weights":

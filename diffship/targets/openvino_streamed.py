@@ -62,9 +62,11 @@ def external_weights(onnx_path: Path) -> tuple[onnx.ModelProto, dict[str, Stored
     return model, stored
 
 
-def compressed_model(onnx_path: Path, compress: dict[str, Any], backup: dict[str, Any]) -> ov.Model:
+def compressed_model(onnx_path: Path, compress: dict[str, Any] | None, backup: dict[str, Any]) -> ov.Model:
     """The component's IR with every external weight compressed as NNCF's `compress_weights(**compress)` would on the
-    whole model; `backup` is how it compresses the embeddings and the last layer where `compress` spares them."""
+    whole model; `backup` is how it compresses the embeddings and the last layer where `compress` spares them. With
+    `compress` None, every weight is stored in FP16 as `save_model(compress_to_fp16=True)` stores it (the fp16 and
+    bf16 IRs), each made by that very pass on a model of the one constant."""
     import nncf  # optional: openvino
 
     proto, stored = external_weights(onnx_path)
@@ -78,8 +80,8 @@ def compressed_model(onnx_path: Path, compress: dict[str, Any], backup: dict[str
     readers = {name: _weight_reader(out) for name, out in outputs.items()}
     if unknown := [name for name, reader in readers.items() if reader is None]:
         raise NotStreamable(f"weights read by layers NNCF does not compress one by one: {', '.join(unknown[:3])}")
-    spared = _spared(model, {outputs[name].get_node().get_friendly_name(): name for name in outputs}, readers,
-                     compress)
+    spared = set() if compress is None else _spared(
+        model, {outputs[name].get_node().get_friendly_name(): name for name in outputs}, readers, compress)
     nncf.set_log_level(40)  # one progress table per layer otherwise
     for name, parameter in parameters.items():
         targets = list(outputs[name].get_target_inputs())
@@ -87,7 +89,9 @@ def compressed_model(onnx_path: Path, compress: dict[str, Any], backup: dict[str
         if value.dtype.itemsize == 2 and value.dtype.kind != "i":  # BF16 / FP16 as stored: its exact FP32 value
             value = value.astype(np.float32)
         settings = backup if name in spared else compress
-        if readers[name] == "constant":
+        if settings is None:  # FP16 storage
+            weight = _half(value) if value.dtype == np.float32 else ov.op.Constant(value).output(0)
+        elif readers[name] == "constant":
             weight = ov.op.Constant(value).output(0)
         elif readers[name] == "MatMul" and value.ndim == 2 and not _attribute(targets, "transpose_b"):
             # laid out [out, in] with transpose_b, as the converter lays out a constant weight: NNCF then groups
@@ -105,6 +109,25 @@ def compressed_model(onnx_path: Path, compress: dict[str, Any], backup: dict[str
         del value
     model.validate_nodes_and_infer_types()
     return model
+
+
+def _half(value: np.ndarray) -> ov.Output:
+    """`value` as `save_model(compress_to_fp16=True)` stores it: an FP16 constant and a Convert marked as
+    decompression, which the CPU plugin keeps compressed. The mark cannot be set from Python, so the pass itself
+    makes it, on a model of this one constant written and read back."""
+    with tempfile.TemporaryDirectory(prefix=".fp16-") as scratch:
+        xml = Path(scratch) / "one.xml"
+        ov.save_model(ov.Model([ov.opset13.result(ov.op.Constant(value))], []), str(xml), compress_to_fp16=True)
+        one = ov.Core().read_model(str(xml))
+        # the constant's bytes live in the .bin, which goes with the folder: bring them into memory first
+        result = one.get_results()[0].input(0).get_source_output()
+        node = result.get_node()
+        if node.get_type_name() == "Convert":
+            half = ov.op.Constant(node.input(0).get_source_output().get_node().get_data().copy())
+            node.input(0).replace_source_output(half.output(0))
+        else:  # kept in FP32 by the pass (out of FP16's range)
+            result = ov.op.Constant(node.get_data().copy()).output(0)
+    return result
 
 
 def _attribute(targets: list[ov.Input], name: str) -> bool:
