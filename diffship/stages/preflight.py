@@ -26,7 +26,8 @@ GIB = 2**30
 PROCESS = 1 * GIB  # the interpreter, the libraries and the build's own state
 CONVERTER_PEAK = 1.9  # OpenVINO's ONNX converter (15.0 GiB for sdxl-arch's 9.58 GiB UNet... its 1.9x at worst)
 QUANTIZER_PEAK = 1.9  # ONNX Runtime's INT8 quantization (18.2 GiB for the same UNet, with its calibration)
-KEPT = {"int8-weights": 0.25, "int4-weights": 0.15}  # what a weight-only IR keeps of the FP32 weights
+# what an IR made weight by weight keeps of the FP32 weights (openvino_streamed.py)
+KEPT = {"int8-weights": 0.25, "int4-weights": 0.15, "fp16": 0.5, "bf16": 0.5}
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ def needs(c: Context) -> list[Need]:
             for spec in c.specs:
                 w = weights[spec.module]
                 label = f"{target.name} {precision} compile of {spec.name}"
-                if target.name == "openvino" and precision in KEPT and getattr(options, "streamed", False) is not False:
-                    found.append(Need(label, PROCESS + int(KEPT[precision] * w), "weight by weight: the compressed "
-                                      "weights it keeps"))
+                kept = KEPT.get("int8-weights" if precision == "int8-hybrid" and not spec.denoises else precision)
+                if target.name == "openvino" and kept and getattr(options, "streamed", False) is not False:
+                    found.append(Need(label, PROCESS + int(kept * w), "weight by weight: what the IR keeps"))
                 elif target.name == "openvino":
                     found.append(Need(label, PROCESS + int(CONVERTER_PEAK * w), f"the converter's {CONVERTER_PEAK}x"))
                 elif target.name == "onnxruntime" and precision.startswith("int8"):
