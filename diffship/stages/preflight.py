@@ -70,6 +70,9 @@ def needs(c: Context) -> list[Need]:
                     found.append(Need(label, PROCESS + int(kept * w), "weight by weight: what the IR keeps"))
                 elif target.name == "openvino":
                     found.append(Need(label, PROCESS + int(CONVERTER_PEAK * w), f"the converter's {CONVERTER_PEAK}x"))
+                elif (target.name == "onnxruntime" and precision.startswith("int8") and spec.role == "text_encoder"
+                      and getattr(options, "streamed", False) is not False):
+                    found.append(Need(label, PROCESS + w // 8, "one MatMul at a time"))
                 elif target.name == "onnxruntime" and precision.startswith("int8"):
                     found.append(Need(label, PROCESS + int(QUANTIZER_PEAK * w), f"quantization's {QUANTIZER_PEAK}x"))
     modules = {s.module for s in c.specs}

@@ -11,12 +11,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+import psutil
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from diffship.errors import DiffshipError
 from diffship.store.artifacts import atomic_write_json
 from diffship.targets import CompileContext, onnx_graph
 from diffship.targets import onnxruntime_quantize as quantize
+from diffship.targets.onnxruntime_streamed import quantize_dynamic_streamed
 from diffship.targets.options import vae_fp32_reason
 from diffship.targets.ort_session import GPU_PROVIDERS as GPU_PROVIDERS
 from diffship.targets.ort_session import INT8 as INT8
@@ -96,10 +98,13 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
                 else:
                     record |= quantize.quantize_auto(*settings, lambda path, p: OrtRunner(path, options, p))
         elif context.spec.role == "text_encoder":
-            with quantize.quiet_root_logger():
-                quantize_dynamic(source, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                                 use_external_data_format=large)
             record = {"quantization": "dynamic INT8 MatMul weights, activations quantized per call"}
+            with quantize.quiet_root_logger():
+                if _streams(source, options):  # T5-XXL: one MatMul at a time (onnxruntime_streamed.py)
+                    record |= quantize_dynamic_streamed(source, out)
+                else:
+                    quantize_dynamic(source, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                                     use_external_data_format=large)
         else:
             _link_export(source, dest)
             record = {"kept": "fp32", "reason": "VAE activations lose too much in INT8" if context.spec.role.startswith(
@@ -108,6 +113,18 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
         record = _prepare(source, out, name, precision, options, context)
     atomic_write_json(dest / onnx_graph.GRAPH_FILE, {"precision": precision, **record})
     return out
+
+
+# onnxruntime's quantize_dynamic holds the FP32 weights and writes a second model beside them (about 1.9x)
+QUANTIZER_PEAK = 1.9
+
+
+def _streams(source: Path, options: OrtOptions) -> bool:
+    """The options' `streamed`, or for "auto" whether quantizing the model whole would outgrow 80 % of memory."""
+    if options.streamed != "auto":
+        return bool(options.streamed)
+    data = sum(p.stat().st_size for p in source.parent.glob("*.onnx_data"))
+    return QUANTIZER_PEAK * data > 0.8 * psutil.virtual_memory().total
 
 
 def _link_export(source: Path, dest: Path) -> None:

@@ -11,36 +11,21 @@ embeddings and the last layer keep the INT8 backup (tests/test_openvino_streamed
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import openvino as ov
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnx.external_data_helper import uses_external_data
 
 from diffship.errors import DiffshipError
+from diffship.targets.onnx_weights import StoredTensor, stored_tensor
 
 # the layers NNCF's weight-only modes compress, and which input of each is the weight; every other constant (a bias,
 # a norm's scale) stays as it is, and a convolution's weight (which NNCF would compress too) is not handled here
 WEIGHT_INPUT = {"MatMul": 1, "Gather": 0, "Convolution": 1}
 NOT_HANDLED = ("GroupConvolution", "ConvolutionBackpropData")
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one external weight lies: file, offset, length, element type and shape."""
-
-    path: Path
-    offset: int
-    length: int
-    dtype: np.dtype
-    shape: tuple[int, ...]
-
-    def read(self) -> np.ndarray:
-        count = int(np.prod(self.shape)) if self.shape else 1
-        return np.fromfile(self.path, self.dtype, count, offset=self.offset).reshape(self.shape)
 
 
 def external_weights(onnx_path: Path) -> tuple[onnx.ModelProto, dict[str, StoredTensor]]:
@@ -52,10 +37,7 @@ def external_weights(onnx_path: Path) -> tuple[onnx.ModelProto, dict[str, Stored
         if not uses_external_data(tensor):
             kept.append(tensor)
             continue
-        info = ExternalDataInfo(tensor)
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        stored[tensor.name] = StoredTensor(onnx_path.parent / info.location, info.offset or 0, info.length or 0,
-                                           dtype, tuple(tensor.dims))
+        stored[tensor.name] = stored_tensor(tensor, onnx_path.parent)
         model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)

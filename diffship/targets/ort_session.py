@@ -48,6 +48,7 @@ class OrtOptions(VaeOptions):
     output is not finite falls back to FP32.
     fp16_op_block_list: op types kept in FP32 besides ONNX Runtime's defaults.
     calibration_method / calib_max_intermediate_outputs: the denoiser's INT8 calibration.
+    streamed: int8's text encoders quantized one MatMul at a time (targets/onnxruntime_streamed.py).
     cpu_mem_arena: ONNX Runtime's CPU memory arena. Off, a session's activation memory is freed after each run
     instead of kept and grown: sd15-arch's FP32 UNet at 512x512, batch 2, held 5.63 GiB after two runs with it and
     3.48 without, at the same speed (issue 23; the 24 GiB recipes turn it off).
@@ -65,6 +66,9 @@ class OrtOptions(VaeOptions):
     vae_precision: VaePrecision = "auto"
     fp16_op_block_list: Names = ()
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # int8's text encoders quantized one MatMul at a time from the export's data file (true, false, or "auto": where
+    # quantizing the model whole would not fit, T5-XXL's 19 GB)
+    streamed: bool | Literal["auto"] = "auto"
     # Reduce calibration statistics every this many samples (0: at the end), bounding what is held in memory.
     calib_max_intermediate_outputs: int = 0
     cpu_mem_arena: bool = True

@@ -1,0 +1,42 @@
+"""ONNX Runtime's dynamic INT8 of a text encoder one MatMul at a time (issue 45: T5-XXL's 19 GB): each MatMul
+quantized by quantize_dynamic on a model of that one MatMul and spliced in, its weight read alone from the export's
+data file, computes what quantize_dynamic on the whole one-pass export does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from diffship.exporters.pipeline import ModuleLoader, export_one
+from diffship.models.components import component_specs
+from diffship.models.source import resolve
+from diffship.targets import CompileContext, get_target
+
+
+def test_t5_quantized_one_matmul_at_a_time_is_quantize_dynamic_s_result(tmp_path: Path):
+    source = resolve("tiny-sd3")
+    spec = next(s for s in component_specs(source.folder) if s.module == "text_encoder_3")
+    export_one(source, spec, tmp_path / "one-pass", 17, ModuleLoader(source.folder, False))
+    export_one(source, spec, tmp_path / "streamed", 17, ModuleLoader(source.folder, False), streamed=True)
+    (tmp_path / "whole").mkdir()
+    quantize_dynamic(tmp_path / "one-pass" / "model.onnx", tmp_path / "whole" / "model.onnx",
+                     op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    target = get_target("onnxruntime")
+    xml = target.compile(tmp_path / "streamed" / "model.onnx", "int8", target.parse_options({"streamed": True}),
+                         tmp_path / "int8", CompileContext(spec))
+    graph = onnx.load(str(xml), load_external_data=False).graph
+    integer = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    whole = onnx.load(str(tmp_path / "whole" / "model.onnx")).graph
+    assert len(integer) == len([n for n in whole.node if n.op_type == "MatMulInteger"]) > 4
+    weights = {t.name for t in graph.initializer}
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # every weight quantized
+    inputs = spec.sample_inputs(1, 64, 64, seed=2)
+    feed = {t.name: inputs[t.name] for t in spec.inputs}
+    runs = [ort.InferenceSession(str(path)).run(None, feed)
+            for path in (tmp_path / "whole" / "model.onnx", xml, tmp_path / "one-pass" / "model.onnx")]
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(runs[0], runs[2], strict=True))  # INT8 for real: not the FP32 numbers
