@@ -152,7 +152,7 @@ class ValidationRecipe(_Strict):
     # latency timed in blocks (true: a full-size SDXL on 24 GiB); "auto" stages when both would not fit in memory.
     staged: bool | Literal["auto"] = "auto"
     # The baseline's modules too large to hold (T5-XXL, a 12B transformer) run block by block, each block's weights
-    # read from the model's safetensors as it is called (true, false, or "auto": above half of the memory)
+    # read from the model's safetensors as it is called (true, false, or "auto": above 60 % of the memory budget)
     streamed_reference: bool | Literal["auto"] = "auto"
     # Where the sets ship: each named client loads the sets of its target and draws the first sample there
     # (diffship/clients); [] leaves the step out.

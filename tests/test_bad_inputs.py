@@ -227,17 +227,21 @@ def test_a_build_a_stage_of_which_would_not_fit_in_memory_is_refused_before_any_
     the stage and its estimate, and writes nothing."""
     from diffship.recipe import Recipe
     from diffship.stages.context import prepare
-    from diffship.stages.preflight import GIB, needs
+    from diffship.stages.preflight import GIB, check_memory, needs
 
     recipe = tmp_path / "small.toml"
     recipe.write_text(fast_recipe.read_text() + "\nmemory_gib = 0.5\n")
     out = tmp_path / "out"
     refused(["build", str(recipe), "--out", str(out)], "Not enough memory: the ")
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
-    # the estimates: every stage of a tiny model needs the process's 1 GiB and little more, so the default (the
-    # machine's available memory) builds it
-    estimates = needs(prepare(Recipe(model="tiny-sd", targets=[{"name": "openvino", "precisions": ["int8-weights"]}]),
-                              False, lambda _: None))
+    # the estimates decide: a limit a MiB under the largest one refuses that stage by name, a MiB over it builds
+    recipe_of = lambda gib: Recipe(model="tiny-sd", memory_gib=gib,  # noqa: E731
+                                   targets=[{"name": "openvino", "precisions": ["int8-weights"]}])
+    estimates = needs(prepare(recipe_of(None), False, lambda _: None))
     assert {n.stage for n in estimates} >= {"export of unet", "openvino int8-weights compile of unet",
                                             "PyTorch baseline"}
     assert all(GIB <= n.bytes < 1.2 * GIB for n in estimates), estimates
+    largest = max(estimates, key=lambda n: n.bytes)
+    with pytest.raises(DiffshipError, match=f"the {largest.stage} needs about"):
+        check_memory(prepare(recipe_of((largest.bytes - 2**20) / GIB), False, lambda _: None))
+    check_memory(prepare(recipe_of((largest.bytes + 2**20) / GIB), False, lambda _: None))

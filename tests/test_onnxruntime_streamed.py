@@ -40,3 +40,30 @@ def test_t5_quantized_one_matmul_at_a_time_is_quantize_dynamic_s_result(tmp_path
             for path in (tmp_path / "whole" / "model.onnx", xml, tmp_path / "one-pass" / "model.onnx")]
     assert all(np.array_equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(runs[0], runs[2], strict=True))  # INT8 for real: not the FP32 numbers
+
+
+def test_weights_kept_in_bf16_are_quantized_by_default_as_the_fp32_export_s_are(tmp_path: Path):
+    """quantize_dynamic itself passes weights read through a Cast by (constant weights only): "auto" sends such an
+    export one MatMul at a time, which quantizes them as quantize_dynamic does the FP32 export's."""
+    import dataclasses
+
+    from diffship.models.builtin import BUILTINS, write_builtin
+
+    folder = tmp_path / "tiny-sd3-bf16"
+    folder.mkdir()
+    write_builtin(dataclasses.replace(BUILTINS["tiny-sd3"], dtype="bfloat16"), folder)
+    source = resolve(str(folder))
+    spec = next(s for s in component_specs(folder) if s.module == "text_encoder_3")
+    export_one(source, spec, tmp_path / "one-pass", 17, ModuleLoader(folder, False))
+    export_one(source, spec, tmp_path / "stored", 17, ModuleLoader(folder, False), streamed=True, stored_weights=True)
+    (tmp_path / "whole").mkdir()
+    quantize_dynamic(tmp_path / "one-pass" / "model.onnx", tmp_path / "whole" / "model.onnx",
+                     op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    target = get_target("onnxruntime")
+    xml = target.compile(tmp_path / "stored" / "model.onnx", "int8", target.parse_options({}), tmp_path / "int8",
+                         CompileContext(spec))
+    assert sum(n.op_type == "MatMulInteger" for n in onnx.load(str(xml), load_external_data=False).graph.node) > 4
+    inputs = spec.sample_inputs(1, 64, 64, seed=2)
+    feed = {t.name: inputs[t.name] for t in spec.inputs}
+    runs = [ort.InferenceSession(str(path)).run(None, feed) for path in (tmp_path / "whole" / "model.onnx", xml)]
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))

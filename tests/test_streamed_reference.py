@@ -109,3 +109,21 @@ def test_a_baseline_whose_modules_run_block_by_block_draws_the_same_image():
     assert np.array_equal(images[0], images[1])
     other = run_baseline(load_baseline(folder), "a red bicycle", None, 64, 64, 3, 3.5, 1, None).images[0]
     assert not np.array_equal(images[0], other)
+
+
+def test_per_block_parity_taps_nested_blocks(tmp_path):
+    """T5's layers sit under `encoder.block`: their scopes in the export are `/encoder/block.N/`."""
+    from diffship.exporters.pipeline import ModuleLoader, export_one
+    from diffship.targets import get_target
+    from diffship.validation.blocks import block_parity, boundary_tensors
+
+    source = resolve("tiny-sd3")
+    spec = next(s for s in component_specs(source.folder) if s.module == "text_encoder_3")
+    export_one(source, spec, tmp_path / "onnx", 17, ModuleLoader(source.folder, False))
+    reference = StreamedComponent(source.folder, "text_encoder_3")
+    taps = boundary_tensors(tmp_path / "onnx" / "model.onnx", [name for name, _ in reference.blocks])
+    assert all(taps.values()), taps
+    runner = get_target("onnxruntime").load_tapped(tmp_path / "onnx" / "model.onnx", None, "fp32",
+                                                   [t for names in taps.values() for t in names])
+    result = block_parity(reference, spec, runner, taps, spec.sample_inputs(1, 64, 64, seed=3), 0.9999)
+    assert result["passed"] and [r["status"] for r in result["blocks"]] == ["pass", "pass"], result

@@ -20,7 +20,6 @@ from typing import Any
 
 import diffusers
 import onnx
-import psutil
 import torch
 import transformers
 
@@ -28,6 +27,7 @@ from diffship import __version__
 from diffship.errors import DiffshipError
 from diffship.exporters.onnx import DEFAULT_OPSET, export_component, onnx_io
 from diffship.exporters.streamed import StreamedWeights
+from diffship.host.memory import budget
 from diffship.models.components import ComponentSpec, component_specs, wrap
 from diffship.models.compressed import is_compressed
 from diffship.models.families import detect_family, family_named, prediction_type, read_model_index, tasks_of
@@ -80,12 +80,12 @@ class ModuleLoader:
 def choose_streamed(setting: bool | str, folder: Path, module: str) -> bool:
     """Whether to export `module` streamed: the recipe's `streamed`, or for "auto" whether a one-pass export (about
     1.5 times the FP32 weights at its peak: 13.94 GiB for sdxl-arch's 9.58 GiB UNet, docs/performance.md) would
-    outgrow 80 % of this machine's memory. Only safetensors weights stream."""
+    outgrow the memory budget (`host.memory.budget`). Only safetensors weights stream."""
     if setting != "auto":
         return bool(setting)
     if is_compressed(folder / module) or not any((folder / module).glob("*.safetensors")):
         return False
-    return ONE_PASS_PEAK * WeightFiles.of(folder / module).fp32_bytes() > 0.8 * psutil.virtual_memory().total
+    return ONE_PASS_PEAK * WeightFiles.of(folder / module).fp32_bytes() > budget()
 
 
 def export_one(source: ModelSource, spec: ComponentSpec, dest: Path, opset: int, modules: ModuleLoader,

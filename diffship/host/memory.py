@@ -1,11 +1,46 @@
-"""Giving freed memory back to the system, so that the next stage's peak is its own and not the last one's too."""
+"""Giving freed memory back to the system, so that the next stage's peak is its own and not the last one's too; and
+the memory a build may use, which every "auto" choice between holding weights whole and streaming them asks."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
+import os
 import sys
+from collections.abc import Iterator
+
+import psutil
+
+# The environment carries the recipe's limit into the compile children a build spawns.
+LIMIT_VARIABLE = "DIFFSHIP_MEMORY_GIB"
+GIB = 2**30
+
+
+def budget() -> int:
+    """The memory a stage may plan on, in bytes: the recipe's `memory_gib` while its build runs, else 80 % of this
+    machine's memory."""
+    if limit := os.environ.get(LIMIT_VARIABLE):
+        return int(float(limit) * GIB)
+    return int(0.8 * psutil.virtual_memory().total)
+
+
+@contextlib.contextmanager
+def memory_limit(gib: float | None) -> Iterator[None]:
+    """`budget()` is `gib` inside (unchanged when None), for this process and the children it starts."""
+    if gib is None:
+        yield
+        return
+    before = os.environ.get(LIMIT_VARIABLE)
+    os.environ[LIMIT_VARIABLE] = str(gib)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LIMIT_VARIABLE, None)
+        else:
+            os.environ[LIMIT_VARIABLE] = before
 
 
 def release_freed() -> None:

@@ -16,13 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffship.host.memory import budget
 from diffship.models.compressed import is_compressed
 from diffship.models.loading import load_component
 from diffship.models.weightless import WeightFiles, parameter_keys, weightless_component
 
-# A reference component runs block by block when its FP32 weights exceed this share of the machine's memory: T5-XXL
-# (19 GB) and a 12B transformer (48 GB) on 24 GiB, not SDXL's UNet (10.3 GB) or SD3.5-medium's MMDiT (9 GB).
-STREAMED_SHARE = 0.5
+# A reference component runs block by block when its FP32 weights exceed this share of the memory budget (80 % of
+# the machine's by default): T5-XXL (19 GB) and a 12B transformer (48 GB) on 24 GiB, not SDXL's UNet (10.3 GB) or
+# SD3.5-medium's MMDiT (9 GB).
+STREAMED_SHARE = 0.6
 
 
 def repeated_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -112,17 +114,13 @@ def streams_reference(setting: bool | str, folder: Path, component: str) -> bool
     if setting is False or is_compressed(path) or not any(path.glob("*.safetensors")):
         return False
     if setting == "auto":
-        import psutil  # start-up time: psutil
-
-        return WeightFiles.of(path).fp32_bytes() > STREAMED_SHARE * psutil.virtual_memory().total
+        return WeightFiles.of(path).fp32_bytes() > STREAMED_SHARE * budget()
     return True
 
 
 def reference_component(folder: Path, component: str, allow_pickle: bool, setting: bool | str = "auto") -> nn.Module:
     """The PyTorch module of `component` for the baseline: loaded whole, or streamed block by block (its weights read
     at each call) when `streams_reference` says so."""
-    if streams_reference(setting, folder, component):
-        streamed = StreamedComponent(folder, component)
-        if streamed.blocks:
-            return streamed.module
+    if streams_reference(setting, folder, component) and repeated_blocks(weightless_component(folder, component)):
+        return StreamedComponent(folder, component).module
     return load_component(folder, component, allow_pickle)

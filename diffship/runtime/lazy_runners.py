@@ -14,9 +14,9 @@ from typing import Any
 
 from diffship.host.memory import release_freed
 
-# Components are held together while their files stay under this share of the machine's memory (a session holds
-# about its files' size: ONNX Runtime's FP32 T5-XXL 17.7 GiB for 19 GB of weights).
-HELD_SHARE = 0.6
+# Components are held together while their files stay under this share of the memory budget (80 % of the machine's
+# by default; a session holds about its files' size: ONNX Runtime's FP32 T5-XXL 17.7 GiB for 19 GB of weights).
+HELD_SHARE = 0.75
 
 
 def artifact_bytes(artifact: Path) -> int:
@@ -31,10 +31,10 @@ class RunnerPool:
         self.budget = budget
         self.loaded: list[LazyRunner] = []
 
-    def admit(self, runner: LazyRunner) -> None:
+    def make_room(self, runner: LazyRunner) -> None:
+        """Release the least recently used until `runner` fits beside the rest (or nothing else is held)."""
         while self.loaded and sum(r.size for r in self.loaded) + runner.size > self.budget:
             self.loaded.pop(0).release()
-        self.loaded.append(runner)
 
     def touch(self, runner: LazyRunner) -> None:
         self.loaded.remove(runner)
@@ -53,17 +53,18 @@ class LazyRunner:
     @property
     def runner(self) -> Any:
         if self._runner is None:
-            self._pool.admit(self)
+            self._pool.make_room(self)
             started = time.perf_counter()
-            self._runner = self._load()
+            self._runner = self._load()  # a load that fails leaves the pool as it was
             self._seconds[self.name] = self._seconds.get(self.name, 0.0) + time.perf_counter() - started
             self._description = self._runner.describe()
+            self._pool.loaded.append(self)
         else:
             self._pool.touch(self)
         return self._runner
 
     def describe(self) -> Any:
-        """What the runner said of itself when it last loaded (no load just to ask)."""
+        """What the runner said of itself when it last loaded; one never loaded is loaded to say it."""
         return self._description if self._description is not None else self.runner.describe()
 
     def release(self) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 
 from diffship.errors import DiffshipError
+from diffship.host.memory import budget as memory_budget
 from diffship.models.families import Family, controlnet_names, family_named
 from diffship.runtime import diffusers_loop, inpaint
 from diffship.runtime.control import ControlledDenoiser, control_images
@@ -103,7 +103,7 @@ class DeployedPipeline:
                        changes: dict[str, list[Any]] | None = None, held_bytes: int | None = None) -> DeployedPipeline:
         """Load one Runner per component the pipeline needs, timing each load (with the build's options by default);
         components with weight `changes` (a LoRA at run time, `runtime.lora`) load with them. Components whose files
-        exceed `held_bytes` together (default: HELD_SHARE of memory) load when first called, one large one at a
+        exceed `held_bytes` together (default: HELD_SHARE of the memory budget) load when first called, one large one at a
         time (`runtime/lazy_runners.py`)."""
         family = pipeline_family(artifacts)
         needed = [*family.encoders_in(artifacts.pipeline), family.denoiser.component, DECODER]
@@ -123,7 +123,7 @@ class DeployedPipeline:
 
         seconds: dict[str, float] = {}
         sizes = {name: artifact_bytes(artifacts.components[name]) for name in names}
-        budget = held_bytes if held_bytes is not None else int(HELD_SHARE * psutil.virtual_memory().total)
+        budget = held_bytes if held_bytes is not None else int(HELD_SHARE * memory_budget())
         if sum(sizes.values()) > budget:
             return cls(artifacts, lazy_runners({n: loader(n) for n in names}, sizes, budget, seconds), seconds, changes)
         runners = {}

@@ -15,6 +15,7 @@ from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import finish_pipeline_folder
+from diffship.host.memory import memory_limit
 from diffship.recipe import Recipe
 from diffship.stages.compile import compile_stage
 from diffship.stages.context import Say, check_targets, prepare
@@ -42,7 +43,13 @@ class BuildResult:
 
 
 def build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None) -> BuildResult:
-    """Build, validate and report every target of `recipe` into `out`."""
+    """Build, validate and report every target of `recipe` into `out` (within the recipe's `memory_gib`, which every
+    stage's choice between holding weights whole and streaming them plans on)."""
+    with memory_limit(recipe.memory_gib):
+        return _build(recipe, out, force, say)
+
+
+def _build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = None) -> BuildResult:
     say = say or (lambda _: None)
     started = time.perf_counter()
     check_targets(recipe)
@@ -86,6 +93,11 @@ def run_unit(recipe: Recipe, unit: Unit, force: bool = False, say: Say | None = 
         raise DiffshipError(f"The recipe has no target {unit.target!r}.")
     installed = unit.stage in ("compile", "validate")
     check_targets(narrowed, installed)
+    with memory_limit(recipe.memory_gib):
+        return _run_unit(narrowed, unit, force, say, installed)
+
+
+def _run_unit(narrowed: Recipe, unit: Unit, force: bool, say: Say, installed: bool) -> bool:
     c = prepare(narrowed, force, say, installed)
     if unit.stage == "calibrate":
         c.calibration()

@@ -1,6 +1,7 @@
-"""Before a build starts any work: whether each stage fits in the memory the build may use, estimated from the
-component's FP32 weights with the factors measured at full size, so a machine too small for a stage says so (exit 2,
-nothing written) instead of being killed half-way through it.
+"""Before a build exports, compiles or validates anything (the model is resolved first): whether each stage fits in
+the memory the build may use, estimated from the component's FP32 weights with the factors measured at full size, so
+a machine too small for a stage says so (exit 2, nothing written) instead of being killed half-way through it. Each
+estimate follows the stage's own "auto" choice between holding the weights whole and streaming them.
 
 The factors are peaks measured on 24 GiB (docs/performance.md): a one-pass export holds about 1.5x the weights
 (sdxl-arch's UNet: 13.94 GiB for 9.58), OpenVINO's converter and ONNX Runtime's INT8 quantization about 1.9x (15.0 /
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -61,26 +63,43 @@ def needs(c: Context) -> list[Need]:
     for target in recipe.targets:
         backend = get_target(target.name)
         options = backend.parse_options(target.options)
+        # the compile's own "auto" choice, asked with the weights before the export exists
+        streams = getattr(backend.module, "streams_bytes", lambda weights, options: False)
         for precision in target.precisions:
             for spec in c.specs:
-                w = weights[spec.module]
-                label = f"{target.name} {precision} compile of {spec.name}"
-                kept = KEPT.get("int8-weights" if precision == "int8-hybrid" and not spec.denoises else precision)
-                if target.name == "openvino" and kept and getattr(options, "streamed", False) is not False:
-                    found.append(Need(label, PROCESS + int(kept * w), "weight by weight: what the IR keeps"))
-                elif target.name == "openvino":
-                    found.append(Need(label, PROCESS + int(CONVERTER_PEAK * w), f"the converter's {CONVERTER_PEAK}x"))
-                elif (target.name == "onnxruntime" and precision.startswith("int8") and spec.role == "text_encoder"
-                      and getattr(options, "streamed", False) is not False):
-                    found.append(Need(label, PROCESS + w // 8, "one MatMul at a time"))
-                elif target.name == "onnxruntime" and precision.startswith("int8"):
-                    found.append(Need(label, PROCESS + int(QUANTIZER_PEAK * w), f"quantization's {QUANTIZER_PEAK}x"))
+                if (need := _compile_need(target.name, precision, spec, weights[spec.module],
+                                          streams(weights[spec.module], options), _stored(c, spec.module))):
+                    found.append(Need(f"{target.name} {precision} compile of {spec.name}", *need))
     modules = {s.module for s in c.specs}
     held = sorted(m for m in modules if not streams_reference(recipe.validation.streamed_reference, folder, m))
     streamed = sorted(modules - set(held))
     found.append(Need("PyTorch baseline", PROCESS + sum(weights[m] for m in held),
                       f"{', '.join(held)} held whole" + (f", {', '.join(streamed)} block by block" if streamed else "")))
     return found
+
+
+def _stored(c: Context, module: str) -> bool:
+    """Whether the export keeps the module's 16-bit weights behind Casts (ONNX Runtime's INT8 then streams)."""
+    return c.recipe.export.stored_weights and choose_streamed(c.recipe.export.streamed, c.source.folder, module)
+
+
+def _compile_need(target: str, precision: str, spec: Any, w: int, streams: bool, stored: bool
+                  ) -> tuple[int, str] | None:
+    """One compile's estimated peak and how it was estimated, where its target has a measured factor."""
+    if target == "openvino":
+        kept = KEPT.get("int8-weights" if precision == "int8-hybrid" and not spec.denoises else precision)
+        if kept and streams:
+            return PROCESS + int(kept * w), "weight by weight: what the IR keeps"
+        return PROCESS + int(CONVERTER_PEAK * w), f"the converter's {CONVERTER_PEAK}x its FP32 weights"
+    if target == "onnxruntime" and precision.startswith("int8"):
+        if spec.role == "text_encoder" and (streams or stored):
+            return PROCESS + w // 8, "one MatMul at a time"
+        if spec.role == "text_encoder" or spec.denoises:
+            return PROCESS + int(QUANTIZER_PEAK * w), f"quantization's {QUANTIZER_PEAK}x its FP32 weights"
+        return None  # a VAE kept in FP32: a link to the export
+    if target == "onnxruntime" and precision == "fp16":
+        return PROCESS + int(1.5 * w), "the FP32 graph and its FP16 copy (1.5x, an estimate not measured)"
+    return None
 
 
 def check_memory(c: Context) -> None:

@@ -30,3 +30,25 @@ def stored_tensor(tensor: onnx.TensorProto, folder: Path) -> StoredTensor:
     info = ExternalDataInfo(tensor)
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
     return StoredTensor(folder / info.location, info.offset or 0, info.length or 0, dtype, tuple(tensor.dims))
+
+
+SIXTEEN_BITS = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16)
+
+
+def fp32_bytes(onnx_path: Path) -> int:
+    """The model's floating-point weights counted in FP32 (what a whole-model tool holds once it has upcast them),
+    read from the graph alone."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_type in (onnx.TensorProto.FLOAT, *SIXTEEN_BITS):
+            total += 4 * int(np.prod(tensor.dims)) if tensor.dims else 4
+    return total
+
+
+def weights_behind_casts(onnx_path: Path) -> bool:
+    """Whether some weights are 16-bit initializers read through a Cast (a streamed export's `stored_weights`): tools
+    that quantize only constant weights (onnxruntime's `quantize_dynamic`) pass them by."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    sixteen = {t.name for t in model.graph.initializer if t.data_type in SIXTEEN_BITS}
+    return any(n.op_type == "Cast" and n.input[0] in sixteen for n in model.graph.node)

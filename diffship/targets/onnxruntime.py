@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 import onnx
-import psutil
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from diffship.errors import DiffshipError
+from diffship.host.memory import budget
 from diffship.store.artifacts import atomic_write_json
 from diffship.targets import CompileContext, onnx_graph
 from diffship.targets import onnxruntime_quantize as quantize
+from diffship.targets.onnx_weights import fp32_bytes, weights_behind_casts
 from diffship.targets.onnxruntime_streamed import quantize_dynamic_streamed
 from diffship.targets.options import vae_fp32_reason
 from diffship.targets.ort_session import GPU_PROVIDERS as GPU_PROVIDERS
@@ -120,11 +121,18 @@ QUANTIZER_PEAK = 1.9
 
 
 def _streams(source: Path, options: OrtOptions) -> bool:
-    """The options' `streamed`, or for "auto" whether quantizing the model whole would outgrow 80 % of memory."""
+    """The options' `streamed`, or for "auto": weights kept in 16 bits behind Casts (which `quantize_dynamic` would
+    leave in float), or quantizing the model whole would outgrow the memory budget."""
     if options.streamed != "auto":
         return bool(options.streamed)
-    data = sum(p.stat().st_size for p in source.parent.glob("*.onnx_data"))
-    return QUANTIZER_PEAK * data > 0.8 * psutil.virtual_memory().total
+    return weights_behind_casts(source) or streams_bytes(fp32_bytes(source), options)
+
+
+def streams_bytes(weights: int, options: OrtOptions) -> bool:
+    """For `weights` bytes of FP32 weights: whether int8's text encoder goes one MatMul at a time."""
+    if options.streamed != "auto":
+        return bool(options.streamed)
+    return QUANTIZER_PEAK * weights > budget()
 
 
 def _link_export(source: Path, dest: Path) -> None:

@@ -3,9 +3,11 @@
 `quantize_dynamic` itself on a model of that one MatMul, and its nodes and INT8 weight spliced in, the weight read
 alone from the export's data file (FP32, or 16-bit behind a Cast as a streamed export stores it).
 
-The result computes what the whole-model quantization does (tests/test_onnxruntime_streamed.py): the weights'
-quantization is per MatMul; an activation several MatMuls read is quantized once per MatMul instead of once (the
-same numbers, a few more small nodes).
+The result computes what `quantize_dynamic` on the whole FP32 export does (tests/test_onnxruntime_streamed.py): the
+weights' quantization is per MatMul; an activation several MatMuls read is quantized once per MatMul instead of once
+(the same numbers, a few more small nodes). On a streamed export with 16-bit weights behind Casts, `quantize_dynamic`
+itself would leave those MatMuls in float (it quantizes constant weights only): here they are quantized as the FP32
+export's are.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def quantize_dynamic_streamed(source: Path, out: Path) -> dict[str, Any]:
                                                                                       else [])]
         return None
 
+    outputs = {o.name for o in graph.output}
     nodes: list[onnx.NodeProto] = []
     added: list[TensorProto] = []
     dropped: set[str] = set()
@@ -68,9 +71,14 @@ def quantize_dynamic_streamed(source: Path, out: Path) -> dict[str, Any]:
             quantized += 1
         dropped_casts = {casts[name].output[0] for name in dropped if name in casts}
         kept_nodes = [n for n in nodes if not (n.op_type == "Cast" and n.output[0] in dropped_casts)]
+        # a weight several quantized MatMuls read has no reader left either: not copied
+        read = {name for n in kept_nodes for name in n.input}
+        kept_nodes = [n for n in kept_nodes if not (n.op_type == "Cast" and n.input[0] in initializers
+                                                     and n.output[0] not in read and n.output[0] not in outputs)]
+        read = {name for n in kept_nodes for name in n.input} | outputs
         kept = []
         for tensor in graph.initializer:  # the rest, copied tensor by tensor
-            if tensor.name in dropped:
+            if tensor.name in dropped or tensor.name not in read:
                 continue
             kept.append(_written(numpy_helper.from_array(_value(tensor, source), tensor.name), data, data_path.name)
                         if uses_external_data(tensor) else tensor)

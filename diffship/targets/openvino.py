@@ -22,13 +22,14 @@ from openvino.preprocess import PrePostProcessor
 from pydantic import field_validator
 
 from diffship.errors import DiffshipError, DiskFull
-from diffship.host.memory import release_freed
+from diffship.host.memory import budget, release_freed
 from diffship.models.families import family_named
 from diffship.store.artifacts import atomic_write_json, read_json
 from diffship.store.cache import cache_root, unwritable_reason
 from diffship.targets import CompileContext, calibration_inputs
 from diffship.targets.accuracy_gate import probe_inputs
 from diffship.targets.ir_names import stable_names
+from diffship.targets.onnx_weights import fp32_bytes
 from diffship.targets.openvino_auto import quantize_auto
 from diffship.targets.openvino_nncf import compress_matmul_weights as compress_matmul_weights
 from diffship.targets.openvino_nncf import ignored_patterns, quantize_kwargs
@@ -207,14 +208,16 @@ def weight_only_settings(precision: str, options: OvOptions) -> dict[str, Any]:
 
 
 def streams(source: Path, options: OvOptions) -> bool:
-    """Whether a weight-only compile goes weight by weight: the options' `streamed`, or for "auto" whether the
-    converter's copy of the FP32 weights would outgrow 80 % of this machine's memory."""
+    """Whether a compile that can go weight by weight does: the options' `streamed`, or for "auto" whether the
+    converter's copy of the weights (in FP32, as it upcasts them) would outgrow the memory budget."""
+    return streams_bytes(fp32_bytes(source), options)
+
+
+def streams_bytes(weights: int, options: OvOptions) -> bool:
+    """`streams` for `weights` bytes of FP32 weights (what the preflight asks before the export exists)."""
     if options.streamed != "auto":
         return bool(options.streamed)
-    import psutil  # start-up time: psutil
-
-    data = sum(p.stat().st_size for p in source.parent.glob("*.onnx_data"))
-    return CONVERTER_PEAK * data > 0.8 * psutil.virtual_memory().total
+    return CONVERTER_PEAK * weights > budget()
 
 
 def inference_precision(precision: str | None, options: OvOptions | None = None) -> str | None:

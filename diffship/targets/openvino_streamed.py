@@ -1,6 +1,7 @@
-"""OpenVINO's weight-only precisions (int8-weights, int4-weights) for a component whose FP32 weights do not fit in
-memory: the ONNX graph is converted with its external weights as inputs, then each weight is read alone from the
-export's data file, compressed by NNCF on a one-layer model as its layer reads it, and spliced in.
+"""OpenVINO's weight-only precisions (int8-weights, int4-weights, int8-hybrid's weight-only components) and its
+FP16-stored IRs (fp16, bf16) for a component whose FP32 weights do not fit in memory: the ONNX graph is converted with
+its external weights as inputs, then each weight is read alone from the export's data file, compressed by NNCF on a
+one-layer model as its layer reads it (or stored in FP16 by OpenVINO's own pass), and spliced in.
 
 OpenVINO's ONNX converter holds up to 1.9x the FP32 weights (openvino.py), 90 GB for a 12B transformer; here the peak
 is the compressed weights (12 GB INT8, 6.5 GB INT4) and one FP32 tensor. NNCF compresses each weight on its own in
@@ -23,7 +24,7 @@ from diffship.errors import DiffshipError
 from diffship.targets.onnx_weights import StoredTensor, stored_tensor
 
 # the layers NNCF's weight-only modes compress, and which input of each is the weight; every other constant (a bias,
-# a norm's scale) stays as it is, and a convolution's weight (which NNCF would compress too) is not handled here
+# a norm's scale) stays as it is; a grouped or transposed convolution's weight is not reproduced here
 WEIGHT_INPUT = {"MatMul": 1, "Gather": 0, "Convolution": 1}
 NOT_HANDLED = ("GroupConvolution", "ConvolutionBackpropData")
 

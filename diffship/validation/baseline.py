@@ -174,4 +174,4 @@ def reference_module(pipe: Any, spec: ComponentSpec, folder: Path, allow_pickle:
     """The FP32 CPU wrapper component parity is measured against (the baseline's own when it is FP32 on the CPU)."""
     if pipe.device.type == "cpu" and pipe.dtype == torch.float32 and hasattr(pipe, spec.module):
         return wrap(spec, getattr(pipe, spec.module))
-    return wrap(spec, load_component(folder, spec.module, allow_pickle))
+    return wrap(spec, reference_component(folder, spec.module, allow_pickle))

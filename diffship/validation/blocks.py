@@ -25,9 +25,9 @@ def boundary_tensors(onnx_path: Path, blocks: list[str]) -> dict[str, list[str]]
     """For each block, the tensors its nodes make that nodes outside it (or the graph's outputs) read: its outputs
     in the exported graph. A block the export left no scope for (inlined away) has none."""
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    markers = {block: scope_marker(block) for block in blocks}
     scope_of: dict[str, str] = {}
-    for block in blocks:
-        marker = f"/{block}/"
+    for block, marker in markers.items():
         for node in graph.node:
             if marker in node.name:
                 for name in node.output:
@@ -37,12 +37,20 @@ def boundary_tensors(onnx_path: Path, blocks: list[str]) -> dict[str, list[str]]
     for node in graph.node:
         for name in node.input:
             block = scope_of.get(name)
-            if block is not None and f"/{block}/" not in node.name and name not in read_outside[block]:
+            if block is not None and markers[block] not in node.name and name not in read_outside[block]:
                 read_outside[block].append(name)
     for name in graph_outputs:
         if (block := scope_of.get(name)) is not None and name not in read_outside[block]:
             read_outside[block].append(name)
     return read_outside
+
+
+def scope_marker(block: str) -> str:
+    """The piece of an exported node's name that says it belongs to `block`: torch's TorchScript exporter names a
+    node by its module path with `/` between modules and `.` before a list index (`encoder.block.0` ->
+    `/encoder/block.0/`)."""
+    parent, _, index = block.rpartition(".")
+    return "/" + "/".join(parent.split(".")) + f".{index}/" if parent else f"/{block}/"
 
 
 def block_parity(reference: StreamedComponent, spec: ComponentSpec, runner: Any, taps: dict[str, list[str]],

@@ -20,8 +20,8 @@ import torch
 from diffship import __version__
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec, component_specs, run_torch, wrap
-from diffship.models.loading import load_component
 from diffship.models.source import resolve
+from diffship.models.streamed_module import reference_component
 from diffship.recipe import Recipe, Threshold
 from diffship.store.artifacts import atomic_write_json
 from diffship.store.manifest import open_artifacts, read_manifest
@@ -144,7 +144,7 @@ def validate_folder(folder: Path, target: str | None = None, components: list[st
     for i, spec in enumerate(specs):
         step(spec.name, "start", {"index": i + 1, "total": len(specs)})
         if spec.module not in loaded:
-            loaded = {spec.module: load_component(model_folder, spec.module, allow_pickle)}
+            loaded = {spec.module: reference_component(model_folder, spec.module, allow_pickle)}
             gc.collect()
         runner = backend.load(artifacts.components[spec.name], options, artifacts.precision)
         report["target"] = runner.describe().record()
