@@ -33,7 +33,7 @@ from diffship.models.compressed import is_compressed
 from diffship.models.families import detect_family, family_named, prediction_type, read_model_index, tasks_of
 from diffship.models.loading import load_component
 from diffship.models.source import ModelSource
-from diffship.models.weightless import WeightFiles, parameter_keys, weightless_component
+from diffship.models.weightless import WeightFiles, fp32_bytes_or_none, parameter_keys, weightless_component
 from diffship.store import cache
 from diffship.store.artifacts import (
     MANIFEST_NAME,
@@ -85,7 +85,8 @@ def choose_streamed(setting: bool | str, folder: Path, module: str) -> bool:
         return bool(setting)
     if is_compressed(folder / module) or not any((folder / module).glob("*.safetensors")):
         return False
-    return ONE_PASS_PEAK * WeightFiles.of(folder / module).fp32_bytes() > budget()
+    weights = fp32_bytes_or_none(folder / module)
+    return weights is not None and ONE_PASS_PEAK * weights > budget()
 
 
 def export_one(source: ModelSource, spec: ComponentSpec, dest: Path, opset: int, modules: ModuleLoader,

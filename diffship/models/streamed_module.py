@@ -19,7 +19,7 @@ from torch import nn
 from diffship.host.memory import budget
 from diffship.models.compressed import is_compressed
 from diffship.models.loading import load_component
-from diffship.models.weightless import WeightFiles, parameter_keys, weightless_component
+from diffship.models.weightless import WeightFiles, fp32_bytes_or_none, parameter_keys, weightless_component
 
 # A reference component runs block by block when its FP32 weights exceed this share of the memory budget (80 % of
 # the machine's by default): T5-XXL (19 GB) and a 12B transformer (48 GB) on 24 GiB, not SDXL's UNet (10.3 GB) or
@@ -114,7 +114,8 @@ def streams_reference(setting: bool | str, folder: Path, component: str) -> bool
     if setting is False or is_compressed(path) or not any(path.glob("*.safetensors")):
         return False
     if setting == "auto":
-        return WeightFiles.of(path).fp32_bytes() > STREAMED_SHARE * budget()
+        weights = fp32_bytes_or_none(path)
+        return weights is not None and weights > STREAMED_SHARE * budget()
     return True
 
 

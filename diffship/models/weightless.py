@@ -99,11 +99,25 @@ class WeightFiles:
 
 
 def _header(file: Path) -> dict[str, dict]:
-    with file.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+    try:
+        with file.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as exc:
+        raise DiffshipError(f"{file} is not a readable safetensors file ({exc}).") from exc
+    if not isinstance(header, dict):
+        raise DiffshipError(f"{file} is not a readable safetensors file (its header is not a table).")
     header.pop("__metadata__", None)
     return header
+
+
+def fp32_bytes_or_none(path: Path) -> int | None:
+    """A component folder's weights in FP32, or None where its safetensors cannot be read (a damaged folder: the
+    stage that loads it says what is wrong)."""
+    try:
+        return WeightFiles.of(path).fp32_bytes()
+    except DiffshipError:
+        return None
 
 
 def parameter_keys(wrapper: nn.Module, module: nn.Module, available: set[str]) -> dict[str, str]:

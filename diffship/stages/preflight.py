@@ -20,7 +20,7 @@ import psutil
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import ONE_PASS_PEAK, choose_streamed
 from diffship.models.streamed_module import streams_reference
-from diffship.models.weightless import WeightFiles
+from diffship.models.weightless import fp32_bytes_or_none
 from diffship.stages.context import Context
 from diffship.targets import get_target
 
@@ -43,8 +43,8 @@ class Need:
 
 def weight_bytes(folder: Path) -> int:
     """A component's weights in FP32 (safetensors headers; other files by their size)."""
-    if any(folder.glob("*.safetensors")):
-        return WeightFiles.of(folder).fp32_bytes()
+    if any(folder.glob("*.safetensors")) and (weights := fp32_bytes_or_none(folder)) is not None:
+        return weights
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
