@@ -102,6 +102,8 @@ def _header(file: Path) -> dict[str, dict]:
     try:
         with file.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= file.stat().st_size - 8:  # a damaged file's first bytes read as any length
+                raise ValueError(f"its header length {size} does not fit in the file")
             header = json.loads(f.read(size))
     except (OSError, ValueError) as exc:
         raise DiffshipError(f"{file} is not a readable safetensors file ({exc}).") from exc
