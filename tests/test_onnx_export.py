@@ -156,13 +156,17 @@ def _session_outputs(path: Path, spec, seed: int) -> list[np.ndarray]:
         None, {t.name: inputs[t.name] for t in spec.inputs})
 
 
-def test_a_streamed_export_computes_what_the_one_pass_export_does(tmp_path: Path):
+@pytest.mark.parametrize("kept", [("text_encoder_3", "transformer", "vae_decoder"),
+                                  pytest.param(("text_encoder", "text_encoder_2", "vae_encoder"), marks=pytest.mark.slow)])
+def test_a_streamed_export_computes_what_the_one_pass_export_does(tmp_path: Path, kept: tuple[str, ...]):
     """Traced weightless, its weights written from the folder one tensor at a time (issue 45's path for T5-XXL and
-    12B transformers), each tiny-sd3 component (CLIP-L / G, T5 with its tied embeddings, the MMDiT, the VAE's
-    rewritten norms) gives the one-pass export's outputs bit for bit; its Linear weights are stored transposed as
-    constant folding stores them, so no Transpose of a weight is left to run."""
+    12B transformers), each tiny-sd3 component (T5 with its tied embeddings, the MMDiT, the VAE's rewritten norms;
+    the CLIPs and the VAE encoder in the slow tier) gives the one-pass export's outputs bit for bit; its Linear
+    weights are stored transposed as constant folding stores them, so no Transpose of a weight is left to run."""
     source = resolve("tiny-sd3")
     for spec in component_specs(source.folder):
+        if spec.name not in kept:
+            continue
         one_pass, streamed = tmp_path / f"{spec.name}-one", tmp_path / f"{spec.name}-streamed"
         export_one(source, spec, one_pass, 17, ModuleLoader(source.folder, False))
         export_one(source, spec, streamed, 17, ModuleLoader(source.folder, False), streamed=True)
@@ -176,6 +180,8 @@ def test_a_streamed_export_computes_what_the_one_pass_export_does(tmp_path: Path
         assert (streamed / DATA_FILE).stat().st_size > 0.9 * sum(
             p.stat().st_size for p in (source.folder / spec.module).glob("*.safetensors"))
     # the same trace with another seed's inputs differs: equal outputs above are the weights', not a constant's
+    if "transformer" not in kept:
+        return
     spec = next(s for s in component_specs(source.folder) if s.role == "denoiser")
     a, b = (_session_outputs(tmp_path / f"{spec.name}-streamed" / "model.onnx", spec, seed)[0] for seed in (3, 4))
     assert not np.allclose(a, b)

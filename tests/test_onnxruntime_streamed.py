@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from diffship.exporters.pipeline import ModuleLoader, export_one
@@ -42,6 +43,7 @@ def test_t5_quantized_one_matmul_at_a_time_is_quantize_dynamic_s_result(tmp_path
     assert not all(np.array_equal(a, b) for a, b in zip(runs[0], runs[2], strict=True))  # INT8 for real: not the FP32 numbers
 
 
+@pytest.mark.slow
 def test_weights_kept_in_bf16_are_quantized_by_default_as_the_fp32_export_s_are(tmp_path: Path):
     """quantize_dynamic itself passes weights read through a Cast by (constant weights only): "auto" sends such an
     export one MatMul at a time, which quantizes them as quantize_dynamic does the FP32 export's."""

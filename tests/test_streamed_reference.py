@@ -111,6 +111,7 @@ def test_a_baseline_whose_modules_run_block_by_block_draws_the_same_image():
     assert not np.array_equal(images[0], other)
 
 
+@pytest.mark.slow
 def test_per_block_parity_taps_nested_blocks(tmp_path):
     """T5's layers sit under `encoder.block`: their scopes in the export are `/encoder/block.N/`."""
     from diffship.exporters.pipeline import ModuleLoader, export_one
