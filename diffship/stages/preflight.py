@@ -26,8 +26,6 @@ from diffship.targets import get_target
 
 GIB = 2**30
 PROCESS = 1 * GIB  # the interpreter, the libraries and the build's own state
-CONVERTER_PEAK = 1.9  # OpenVINO's ONNX converter (15.0 GiB for sdxl-arch's 9.58 GiB UNet... its 1.9x at worst)
-QUANTIZER_PEAK = 1.9  # ONNX Runtime's INT8 quantization (18.2 GiB for the same UNet, with its calibration)
 # what an IR made weight by weight keeps of the FP32 weights (openvino_streamed.py)
 KEPT = {"int8-weights": 0.25, "int4-weights": 0.15, "fp16": 0.5, "bf16": 0.5}
 
@@ -65,9 +63,10 @@ def needs(c: Context) -> list[Need]:
         options = backend.parse_options(target.options)
         # the compile's own "auto" choice, asked with the weights before the export exists
         streams = getattr(backend.module, "streams_bytes", lambda weights, options: False)
+        peak = getattr(backend.module, "WHOLE_MODEL_PEAK", 0.0)  # its whole-model compile, as the target declares it
         for precision in target.precisions:
             for spec in c.specs:
-                if (need := _compile_need(target.name, precision, spec, weights[spec.module],
+                if (need := _compile_need(target.name, precision, spec, weights[spec.module], peak,
                                           streams(weights[spec.module], options), _stored(c, spec.module))):
                     found.append(Need(f"{target.name} {precision} compile of {spec.name}", *need))
     modules = {s.module for s in c.specs}
@@ -83,19 +82,19 @@ def _stored(c: Context, module: str) -> bool:
     return c.recipe.export.stored_weights and choose_streamed(c.recipe.export.streamed, c.source.folder, module)
 
 
-def _compile_need(target: str, precision: str, spec: Any, w: int, streams: bool, stored: bool
+def _compile_need(target: str, precision: str, spec: Any, w: int, peak: float, streams: bool, stored: bool
                   ) -> tuple[int, str] | None:
     """One compile's estimated peak and how it was estimated, where its target has a measured factor."""
     if target == "openvino":
         kept = KEPT.get("int8-weights" if precision == "int8-hybrid" and not spec.denoises else precision)
         if kept and streams:
             return PROCESS + int(kept * w), "weight by weight: what the IR keeps"
-        return PROCESS + int(CONVERTER_PEAK * w), f"the converter's {CONVERTER_PEAK}x its FP32 weights"
+        return PROCESS + int(peak * w), f"the converter's {peak}x its FP32 weights"
     if target == "onnxruntime" and precision.startswith("int8"):
         if spec.role == "text_encoder" and (streams or stored):
             return PROCESS + w // 8, "one MatMul at a time"
         if spec.role == "text_encoder" or spec.denoises:
-            return PROCESS + int(QUANTIZER_PEAK * w), f"quantization's {QUANTIZER_PEAK}x its FP32 weights"
+            return PROCESS + int(peak * w), f"quantization's {peak}x its FP32 weights"
         return None  # a VAE kept in FP32: a link to the export
     if target == "onnxruntime" and precision == "fp16":
         return PROCESS + int(1.5 * w), "the FP32 graph and its FP16 copy (1.5x, an estimate not measured)"

@@ -117,7 +117,7 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
 
 
 # onnxruntime's quantize_dynamic holds the FP32 weights and writes a second model beside them (about 1.9x)
-QUANTIZER_PEAK = 1.9
+WHOLE_MODEL_PEAK = 1.9
 
 
 def _streams(source: Path, options: OrtOptions) -> bool:
@@ -132,7 +132,7 @@ def streams_bytes(weights: int, options: OrtOptions) -> bool:
     """For `weights` bytes of FP32 weights: whether int8's text encoder goes one MatMul at a time."""
     if options.streamed != "auto":
         return bool(options.streamed)
-    return QUANTIZER_PEAK * weights > budget()
+    return WHOLE_MODEL_PEAK * weights > budget()
 
 
 def _link_export(source: Path, dest: Path) -> None:

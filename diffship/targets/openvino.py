@@ -190,7 +190,7 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
 
 WEIGHT_ONLY = ("int8-weights", "int4-weights")
 # OpenVINO's ONNX converter holds up to 1.9x the FP32 weights (measured on sdxl-arch's UNet, issue 23)
-CONVERTER_PEAK = 1.9
+WHOLE_MODEL_PEAK = 1.9
 
 
 def weight_only_settings(precision: str, options: OvOptions) -> dict[str, Any]:
@@ -217,7 +217,7 @@ def streams_bytes(weights: int, options: OvOptions) -> bool:
     """`streams` for `weights` bytes of FP32 weights (what the preflight asks before the export exists)."""
     if options.streamed != "auto":
         return bool(options.streamed)
-    return CONVERTER_PEAK * weights > budget()
+    return WHOLE_MODEL_PEAK * weights > budget()
 
 
 def inference_precision(precision: str | None, options: OvOptions | None = None) -> str | None:
