@@ -10,12 +10,14 @@ Stages (each skipped when its output is already in --work, so a run that stops r
   int8 int4  OpenVINO int8-weights / int4-weights, weight by weight
   blocks     per-block parity of each compiled transformer against the PyTorch chain run one block at a time
              (`validation/blocks.py`), on sample inputs at --size
+  generate   one image at --size, 4 steps, through each compiled transformer (the text encoders and the decoder
+             exported and stored INT8 weight-only beside it), diffusers' FluxPipeline over the runners as `diffship
+             generate` runs a set; random weights, so the picture is noise: what it shows is that the set runs whole
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -28,7 +30,7 @@ import psutil
 from build_matrix import tree_rss
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("write", "export", "int8", "int4", "blocks")
+STAGES = ("write", "export", "int8", "int4", "blocks", "generate")
 
 CHILD = r"""
 import json, sys, time, dataclasses
@@ -80,6 +82,52 @@ elif stage == "blocks":
         result[precision] = block_parity(reference, spec, runner, taps, inputs, 0.99)
         result[precision]["seconds"] = round(time.perf_counter() - began, 1)
         del runner
+elif stage == "generate":
+    import shutil
+    import numpy as np
+    from PIL import Image
+    from diffship.exporters.pipeline import ModuleLoader, export_one, finish_pipeline_folder
+    from diffship.models.components import component_specs
+    from diffship.models.source import resolve
+    from diffship.runtime.pipeline import DeployedPipeline
+    from diffship.store.manifest import ArtifactSet
+    from diffship.targets import CompileContext, get_target
+    from diffship.validation.e2e import compare_images
+    source, target, root = resolve(str(folder)), get_target("openvino"), work / "pipeline"
+    specs = [s for s in component_specs(folder) if s.name != "vae_encoder"]
+    small = [s for s in specs if not s.is_denoiser]
+    denoiser = next(s for s in specs if s.is_denoiser)
+    if not (root / "model_index.json").is_file():
+        modules = ModuleLoader(folder, False)
+        for spec in small:  # the text encoders and the decoder: exported and stored INT8 weight-only, as a set would
+            export_one(source, spec, root / spec.name, 17, modules)
+            target.compile(root / spec.name / "model.onnx", "int8-weights", target.parse_options({}),
+                           work / "small" / spec.name, CompileContext(spec))
+        modules.loaded.clear()
+        (root / denoiser.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(folder / denoiser.module / "config.json", root / denoiser.name / "config.json")
+        finish_pipeline_folder(source, root, specs, 17, {})
+    images = {}
+    for precision in ("int8", "int4"):
+        if not (work / precision / "openvino_model.xml").is_file():
+            continue
+        components = {s.name: work / "small" / s.name / "openvino_model.xml" for s in small}
+        components[denoiser.name] = work / precision / "openvino_model.xml"
+        artifacts = ArtifactSet(root, root, "openvino", f"{precision}-weights", components, None, "unvalidated",
+                                None, "flux")
+        began = time.perf_counter()
+        pipe = DeployedPipeline.from_artifacts(artifacts)
+        loaded = time.perf_counter() - began
+        generation = pipe("a photograph of an astronaut riding a horse", height=size, width=size, steps=4,
+                          guidance_scale=0.0, seed=0)
+        images[precision] = generation.images[0]
+        Image.fromarray(images[precision]).save(work / f"generate-{precision}.png")
+        result[precision] = {"load_seconds": round(loaded, 1), "image_seconds": round(generation.timings["total"], 1),
+                             "step_seconds": [round(t, 1) for t in generation.timings["steps"]],
+                             "std": float(np.asarray(images[precision], dtype=np.float32).std())}
+        del pipe, generation
+    if len(images) == 2:
+        result["int4_vs_int8"] = compare_images(images["int8"], images["int4"])
 result["seconds"] = round(time.perf_counter() - started, 1)
 print("RESULT " + json.dumps(result, default=float))
 """
@@ -107,8 +155,9 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
     done.set()
     if child.returncode:
         sys.exit(f"stage {stage} failed (exit {child.returncode})")
+    output = {"write": "model", "export": "onnx", "generate": "pipeline"}.get(stage, stage)
     return {"stage": stage, "wall_seconds": round(time.perf_counter() - started, 1), "peak_tree_rss": peak["bytes"],
-            "disk_bytes": _size(args.work / {"write": "model", "export": "onnx"}.get(stage, stage)), **result}
+            "disk_bytes": _size(args.work / output), **result}
 
 
 def _size(path: Path) -> int:
@@ -146,14 +195,22 @@ def main() -> None:
         for precision in ("int8", "int4"):
             if precision in r:
                 p = r[precision]
-                print(f"  {precision}: min block cosine {p['min_cosine']:.6f}, first failing "
-                      f"{p['first_failing_block']}, final cosine "
-                      f"{min(f['cosine'] for f in p['final'].values()):.6f} ({p['seconds']:.0f} s)")
+                if "min_cosine" in p:
+                    print(f"  {precision}: min block cosine {p['min_cosine']:.6f}, first failing "
+                          f"{p['first_failing_block']}, final cosine "
+                          f"{min(f['cosine'] for f in p['final'].values()):.6f} ({p['seconds']:.0f} s)")
+                else:
+                    print(f"  {precision}: image {p['image_seconds']:.0f} s (steps {p['step_seconds']}), "
+                          f"loaded in {p['load_seconds']:.0f} s")
+        if "int4_vs_int8" in r:
+            print(f"  int4 against int8: PSNR {r['int4_vs_int8']['psnr_db']} dB, SSIM {r['int4_vs_int8']['ssim']:.3f}")
     print(f"\n{args.model} at {args.size}x{args.size}, {describe()}, {psutil.cpu_count()} CPUs, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {date.today()}")
-    if args.json:
-        args.json.write_text(json.dumps([dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r
-                                         for r in results], indent=2, default=float))
+    if args.json:  # a resumed run adds its stages to those already recorded
+        recorded = json.loads(args.json.read_text()) if args.json.is_file() else []
+        ran = {r["stage"] for r in results}
+        args.json.write_text(json.dumps([r for r in recorded if r["stage"] not in ran] + results, indent=2,
+                                        default=float))
 
 
 if __name__ == "__main__":

@@ -38,9 +38,10 @@ def export_component(spec: ComponentSpec, wrapper: nn.Module, folder: Path, opse
     if opset not in SUPPORTED_OPSETS:
         raise DiffshipError(f"Opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}.")
     folder.mkdir(parents=True, exist_ok=True)
-    # Trace at batch 2 and a small resolution: a batch of 1 could be specialised away, and the
-    # axes are dynamic anyway (parity checks other batches and resolutions).
-    trace = spec.sample_inputs(batch=2, height=spec.vae_scale * 8, width=spec.vae_scale * 8)
+    # Trace at batch 2, a small resolution and few text tokens where their axis is dynamic: a batch of 1 could be
+    # specialised away, and the axes are dynamic anyway (parity checks other batches, resolutions and lengths).
+    trace = spec.sample_inputs(batch=2, height=spec.vae_scale * 8, width=spec.vae_scale * 8,
+                               sequence=spec.trace_sequence)
     args = tuple(torch.from_numpy(trace[t.name]) for t in spec.inputs)
     dynamic_axes = {t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)}
     with tempfile.TemporaryDirectory(prefix=".export-", dir=folder) as raw_dir:

@@ -32,6 +32,8 @@ from diffship.models.specs import Dim, TensorSpec
 
 __all__ = ["CLIENT_OUTPUTS", "ComponentSpec", "Dim", "TensorSpec", "component_specs", "run_torch", "wrap"]
 
+TRACE_TOKENS = 16  # the variable text tokens an export traces with (`ComponentSpec.trace_sequence`)
+
 # Outputs a component has for the clients' layout only (optimum, GenAI); diffship's pipeline never reads them.
 CLIENT_OUTPUTS = "hidden_states."
 
@@ -100,9 +102,20 @@ class ComponentSpec:
         sizes["image_tokens"] = (latent_h // self.latent_multiple) * (latent_w // self.latent_multiple)
         return sizes
 
-    def sample_inputs(self, batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Valid inputs for this component at the given batch and image resolution, deterministic in `seed`."""
-        sizes = self.axis_sizes(batch, height, width)
+    @property
+    def trace_sequence(self) -> int:
+        """The text tokens an export traces with: what the pipeline feeds where the axis is fixed (CLIP's 77), else
+        a few (the axis is dynamic, and a trace runs the whole model at its size: 512 of T5's tokens through Flux.1's
+        12B transformer is 25 TFLOP before a byte is written)."""
+        if self.min_sequence == self.max_sequence:
+            return self.sequence
+        return min(self.sequence, self.min_sequence - 1 + TRACE_TOKENS)  # SD3's 77 CLIP tokens + 16 of T5's
+
+    def sample_inputs(self, batch: int, height: int, width: int, seed: int = 0,
+                      sequence: int | None = None) -> dict[str, np.ndarray]:
+        """Valid inputs for this component at the given batch and image resolution (and `sequence` text tokens, by
+        default what the pipeline feeds), deterministic in `seed`."""
+        sizes = self.axis_sizes(batch, height, width, sequence)
         rng = np.random.default_rng(seed)
         return {t.name: _sample(t, t.concrete(sizes), rng, self, height, width) for t in self.inputs}
 
