@@ -102,6 +102,25 @@ def _session_options(options: OrtOptions) -> ort.SessionOptions:
     return session_options
 
 
+# A share of the memory budget beyond which a session keeps 16-bit stored weights as they are (`keeps_stored`)
+STORED_SHARE = 0.5
+EXTERNAL_GRAPH_BYTES = 1 << 26  # a graph whose weights are all external is a few MB
+
+
+def keeps_stored(path: Path) -> bool:
+    """Whether a session of `path` keeps its 16-bit weights behind their Casts, cast on each call, instead of letting
+    constant folding upcast them all at load (a streamed export's `stored_weights`): where their FP32 form would take
+    STORED_SHARE of the memory budget. T5-XXL is 9.5 GB stored and 19 GB folded; a call then casts each weight as it
+    runs (a text encoder runs once per image, so the time is small beside the memory)."""
+    from diffship.host.memory import budget  # start-up time: psutil, only for graphs with weights behind Casts
+    from diffship.targets.onnx_weights import fp32_bytes, weights_behind_casts  # start-up time: onnx
+
+    # only a streamed export keeps weights behind Casts, and its weights are external: a larger file holds its own
+    if path.suffix != ".onnx" or path.stat().st_size > EXTERNAL_GRAPH_BYTES:
+        return False
+    return weights_behind_casts(path) and fp32_bytes(path) > STORED_SHARE * budget()
+
+
 class OrtRunner:
     """A Runner over an onnxruntime.InferenceSession, FP32 arrays in and out whatever the model's I/O types."""
 
@@ -116,6 +135,9 @@ class OrtRunner:
             session_options.add_initializer(name, value)
         try:
             disabled = list(INT8_DISABLED_OPTIMIZERS) if precision in INT8 else []
+            self.kept_stored = precision not in INT8 and keeps_stored(path)
+            if self.kept_stored:
+                disabled.append("ConstantFolding")
             if self._weights:
                 # onnxruntime 1.32's NCHWc layout pass re-lays Conv filters from the file's initializer, not the
                 # override (found here: a LoRA's convolution updates were lost at level "all", kept without it).
@@ -166,7 +188,10 @@ class OrtRunner:
             details={"onnxruntime": ort.__version__, "providers": providers,
                      "graph_optimization": self.options.graph_optimization,
                      "threads": {"intra_op": self.options.intra_op_threads, "inter_op": self.options.inter_op_threads},
-                     "disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS) if self.precision in INT8 else []})
+                     "disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS) if self.precision in INT8 else
+                                            ["ConstantFolding"] if self.kept_stored else [],
+                     **({"weights": "kept in 16 bits behind their Casts (cast per call): in FP32 they would take "
+                                    f"{STORED_SHARE:.0%} of the memory budget or more"} if self.kept_stored else {})})
 
 
 def _tapped(path: Path, taps: tuple[str, ...]) -> bytes:
