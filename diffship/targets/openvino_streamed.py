@@ -11,7 +11,9 @@ embeddings and the last layer keep the INT8 backup (tests/test_openvino_streamed
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,32 @@ def compressed_model(onnx_path: Path, compress: dict[str, Any] | None, backup: d
     spared = set() if compress is None else _spared(
         model, {outputs[name].get_node().get_friendly_name(): name for name in outputs}, readers, compress)
     nncf.set_log_level(40)  # one progress table per layer otherwise
+    with _one_telemetry_session():
+        _compress_each(model, parameters, outputs, readers, stored, spared, compress, backup)
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+@contextlib.contextmanager
+def _one_telemetry_session() -> Iterator[None]:
+    """NNCF sends a telemetry event per `compress_weights` call, each from a forked process that may wait 3 s
+    (openvino_telemetry's GA4 backend): one call per weight made tiny-flux's INT8 3.5x slower (26 s against 7 s) and
+    forked a multi-GB process hundreds of times (each fork counted again in a process tree's resident memory). The
+    per-weight calls of one compile send nothing; a whole-model compile sends NNCF's one event as before."""
+    from nncf.telemetry import decorator  # start-up time: nncf
+    from nncf.telemetry.wrapper import NNCFTelemetryStub
+
+    sender = decorator.telemetry
+    decorator.telemetry = NNCFTelemetryStub()
+    try:
+        yield
+    finally:
+        decorator.telemetry = sender
+
+
+def _compress_each(model: ov.Model, parameters: dict[str, Any], outputs: dict[str, ov.Output],
+                   readers: dict[str, str | None], stored: dict[str, Any], spared: set[str],
+                   compress: dict[str, Any] | None, backup: dict[str, Any]) -> None:
     for name, parameter in parameters.items():
         targets = list(outputs[name].get_target_inputs())
         value = stored[name].read()
@@ -90,8 +118,6 @@ def compressed_model(onnx_path: Path, compress: dict[str, Any] | None, backup: d
             target.replace_source_output(weight)
         model.remove_parameter(parameter)
         del value
-    model.validate_nodes_and_infer_types()
-    return model
 
 
 def _half(value: np.ndarray) -> ov.Output:
