@@ -60,7 +60,7 @@ def test_per_block_parity_finds_the_block_where_the_graph_departs(model_copy, tm
 
     from diffship.exporters.pipeline import ModuleLoader, export_one
     from diffship.targets import get_target
-    from diffship.validation.blocks import block_parity, boundary_tensors
+    from diffship.validation.blocks import block_parity, boundary_tensors, reference_chain
 
     folder = model_copy("tiny-flux")
     spec = next(s for s in component_specs(folder) if s.module == "transformer")
@@ -75,8 +75,9 @@ def test_per_block_parity_finds_the_block_where_the_graph_departs(model_copy, tm
     names = [t for ts in taps.values() for t in ts]
     runners = {"onnxruntime": get_target("onnxruntime").load_tapped(onnx_path, None, "fp32", names),
                "openvino": get_target("openvino").load_tapped(tmp_path / "ov" / "model.xml", None, "fp32", names)}
+    chain = reference_chain(StreamedComponent(folder, "transformer"), spec, inputs)
     for target, runner in runners.items():
-        result = block_parity(StreamedComponent(folder, "transformer"), spec, runner, taps, inputs, 0.9999)
+        result = block_parity(chain, runner, taps, 0.9999)
         assert result["passed"] and [r["block"] for r in result["blocks"]] == blocks, (target, result)
         assert result["min_cosine"] > 0.99999
 
@@ -86,8 +87,9 @@ def test_per_block_parity_finds_the_block_where_the_graph_departs(model_copy, tm
     state = load_file(str(path))
     state["single_transformer_blocks.1.proj_out.weight"] *= -1
     save_file(state, str(path))
+    chain = reference_chain(StreamedComponent(folder, "transformer"), spec, inputs)
     for target, runner in runners.items():
-        result = block_parity(StreamedComponent(folder, "transformer"), spec, runner, taps, inputs, 0.9999)
+        result = block_parity(chain, runner, taps, 0.9999)
         assert not result["passed"] and result["first_failing_block"] == "single_transformer_blocks.1", target
         assert [r["status"] for r in result["blocks"]] == ["pass", "pass", "fail"], target
         assert result["final"]["out_sample"]["cosine"] < 0.9999, target
@@ -116,7 +118,7 @@ def test_per_block_parity_taps_nested_blocks(tmp_path):
     """T5's layers sit under `encoder.block`: their scopes in the export are `/encoder/block.N/`."""
     from diffship.exporters.pipeline import ModuleLoader, export_one
     from diffship.targets import get_target
-    from diffship.validation.blocks import block_parity, boundary_tensors
+    from diffship.validation.blocks import block_parity, boundary_tensors, reference_chain
 
     source = resolve("tiny-sd3")
     spec = next(s for s in component_specs(source.folder) if s.module == "text_encoder_3")
@@ -126,5 +128,5 @@ def test_per_block_parity_taps_nested_blocks(tmp_path):
     assert all(taps.values()), taps
     runner = get_target("onnxruntime").load_tapped(tmp_path / "onnx" / "model.onnx", None, "fp32",
                                                    [t for names in taps.values() for t in names])
-    result = block_parity(reference, spec, runner, taps, spec.sample_inputs(1, 64, 64, seed=3), 0.9999)
+    result = block_parity(reference_chain(reference, spec, spec.sample_inputs(1, 64, 64, seed=3)), runner, taps, 0.9999)
     assert result["passed"] and [r["status"] for r in result["blocks"]] == ["pass", "pass"], result

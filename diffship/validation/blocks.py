@@ -9,6 +9,7 @@ The first block that drifts is where an export or a compression went wrong.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,12 @@ def boundary_tensors(onnx_path: Path, blocks: list[str]) -> dict[str, list[str]]
     graph_outputs = {o.name for o in graph.output}
     for node in graph.node:
         for name in node.input:
-            block = scope_of.get(name)
-            if block is not None and markers[block] not in node.name and name not in read_outside[block]:
-                read_outside[block].append(name)
+            owner = scope_of.get(name)
+            if owner is not None and markers[owner] not in node.name and name not in read_outside[owner]:
+                read_outside[owner].append(name)
     for name in graph_outputs:
-        if (block := scope_of.get(name)) is not None and name not in read_outside[block]:
-            read_outside[block].append(name)
+        if (owner := scope_of.get(name)) is not None and name not in read_outside[owner]:
+            read_outside[owner].append(name)
     return read_outside
 
 
@@ -53,15 +54,30 @@ def scope_marker(block: str) -> str:
     return "/" + "/".join(parent.split(".")) + f".{index}/" if parent else f"/{block}/"
 
 
-def block_parity(reference: StreamedComponent, spec: ComponentSpec, runner: Any, taps: dict[str, list[str]],
-                 inputs: dict[str, np.ndarray], min_cosine: float) -> dict[str, Any]:
-    """Run the PyTorch chain and the tapped graph on `inputs`; per block, each PyTorch output against the graph's
-    boundary tensor of its shape that matches it best (cosine, relative L2), then the final outputs."""
+@dataclass(frozen=True)
+class Chain:
+    """The PyTorch chain's outputs on one input: each block's (as the block returned them) and the component's."""
+
+    inputs: dict[str, np.ndarray]
+    blocks: dict[str, Any]
+    final: dict[str, np.ndarray]
+
+
+def reference_chain(reference: StreamedComponent, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> Chain:
+    """Run the PyTorch chain once on `inputs`, keeping each block's outputs: computed before any graph is loaded, so
+    the reference's blocks and a deployed 12 GB graph are never in memory together, and shared by every graph
+    compared with it."""
     with reference.block_outputs() as outputs:
-        expected = run_torch(wrap(spec, reference.module), spec, inputs)
-    got = runner.run(inputs)
-    rows = []
-    for block, output in outputs.items():
+        final = run_torch(wrap(spec, reference.module), spec, inputs)
+    return Chain(inputs, dict(outputs), final)
+
+
+def block_parity(chain: Chain, runner: Any, taps: dict[str, list[str]], min_cosine: float) -> dict[str, Any]:
+    """Run the tapped graph on the chain's inputs; per block, each PyTorch output against the graph's boundary tensor
+    of its shape that matches it best (cosine, relative L2), then the final outputs."""
+    got = runner.run(chain.inputs)
+    rows: list[dict[str, Any]] = []
+    for block, output in chain.blocks.items():
         tensors = [t for t in (output if isinstance(output, tuple | list) else (output,)) if isinstance(t, torch.Tensor)]
         candidates = [got[name] for name in taps.get(block, []) if name in got]
         if not candidates:
@@ -81,7 +97,7 @@ def block_parity(reference: StreamedComponent, spec: ComponentSpec, runner: Any,
             continue
         rows.append({"block": block, "status": "pass" if worst["cosine"] >= min_cosine else "fail",
                      "cosine": worst["cosine"], "rel_l2": worst["rel_l2"]})
-    final = {name: compare_outputs(expected[name], got[name]) for name in expected}
+    final = {name: compare_outputs(chain.final[name], got[name]) for name in chain.final}
     compared = [r for r in rows if "cosine" in r]
     first_off = next((r["block"] for r in compared if r["status"] == "fail"), None)
     return {"blocks": rows, "final": final, "min_cosine": min(r["cosine"] for r in compared) if compared else None,
