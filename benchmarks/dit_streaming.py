@@ -18,7 +18,9 @@ Stages (each skipped when its output is already in --work, so a run that stops r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -85,6 +87,7 @@ elif stage == "blocks":
         result[precision]["seconds"] = round(time.perf_counter() - began, 1)
         del runner
 elif stage == "generate":
+    import gc
     import shutil
     import numpy as np
     from PIL import Image
@@ -129,6 +132,7 @@ elif stage == "generate":
                              "step_seconds": [round(t, 1) for t in generation.timings["steps"]],
                              "std": float(np.asarray(images[precision], dtype=np.float32).std())}
         del pipe, generation
+        gc.collect()  # the pipeline's stand-ins and runners refer to each other: freed only by a collection
     if len(images) == 2:
         result["int4_vs_int8"] = compare_images(images["int8"], images["int4"])
 result["seconds"] = round(time.perf_counter() - started, 1)
@@ -138,13 +142,18 @@ print("RESULT " + json.dumps(result, default=float))
 
 def run_stage(stage: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, "-c", CHILD, stage, args.model, str(args.work), str(args.size), str(int(args.short_t5))]
+    group = memory_cgroup(args.cgroup_gib) if args.cgroup_gib else None
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    proc, peak, done = psutil.Process(child.pid), {"bytes": 0}, threading.Event()
+    # the child enters the cgroup before it runs anything, so all it and its children charge counts
+    enter = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                             preexec_fn=enter)
+    proc, peak, done = psutil.Process(child.pid), {"bytes": 0, "anon": 0}, threading.Event()
 
     def sample() -> None:
         while not done.wait(0.25):
             peak["bytes"] = max(peak["bytes"], tree_rss(proc))
+            peak["anon"] = max(peak["anon"], tree_anon(proc))
 
     threading.Thread(target=sample, daemon=True).start()
     result: dict = {}
@@ -156,11 +165,41 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
             print("   ", line, end="", flush=True)
     child.wait()
     done.set()
+    limits = {}
+    if group is not None:
+        limits = {"cgroup_limit": int((group / "memory.limit_in_bytes").read_text()),
+                  "cgroup_peak": int((group / "memory.max_usage_in_bytes").read_text()),
+                  "cgroup_reclaims": int((group / "memory.failcnt").read_text())}
+        group.rmdir()
     if child.returncode:
-        sys.exit(f"stage {stage} failed (exit {child.returncode})")
+        killed = " (killed: out of memory in the cgroup?)" if child.returncode in (-9, 137) else ""
+        sys.exit(f"stage {stage} failed (exit {child.returncode}){killed}")
     output = {"write": "model", "export": "onnx", "generate": "pipeline"}.get(stage, stage)
     return {"stage": stage, "wall_seconds": round(time.perf_counter() - started, 1), "peak_tree_rss": peak["bytes"],
-            "disk_bytes": _size(args.work / output), **result}
+            "peak_tree_anon": peak["anon"], **limits, "disk_bytes": _size(args.work / output), **result}
+
+
+def memory_cgroup(gib: float) -> Path:
+    """A cgroup (v1 memory controller) limited to `gib`: a stage that needs more than that is killed, one that fits
+    runs with the kernel reclaiming its page cache and clean mapped files at the limit, as on a machine of that size."""
+    root = Path("/sys/fs/cgroup/memory")
+    if not (root / "memory.limit_in_bytes").is_file():
+        sys.exit("--cgroup-gib needs the cgroup v1 memory controller at /sys/fs/cgroup/memory (and root)")
+    group = root / f"diffship-bench-{os.getpid()}"
+    group.mkdir(exist_ok=True)
+    (group / "memory.limit_in_bytes").write_text(str(int(gib * 2**30)))
+    return group
+
+
+def tree_anon(process: psutil.Process) -> int:
+    """Anonymous resident memory of the tree (RssAnon): what the processes hold besides mapped files and page cache,
+    which the kernel can drop and read again."""
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(OSError, psutil.Error):
+            status = Path(f"/proc/{p.pid}/status").read_text()
+            total += 1024 * next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), 0)
+    return total
 
 
 def plot_blocks(result: dict, path: Path) -> Path:
@@ -204,6 +243,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--cgroup-gib", type=float, help="run each stage in a memory cgroup of this size (root)")
     args = parser.parse_args()
     from diffship.host.cpu import describe
 
@@ -215,8 +255,11 @@ def main() -> None:
         print(f"{stage} ...", flush=True)
         results.append(run_stage(stage, args))
         r = results[-1]
-        print(f"{stage}: {r['wall_seconds']:.0f} s, tree peak {r['peak_tree_rss'] / 2**30:.2f} GiB, "
-              f"on disk {r['disk_bytes'] / 1e9:.1f} GB", flush=True)
+        limited = (f", cgroup peak {r['cgroup_peak'] / 2**30:.2f} of {r['cgroup_limit'] / 2**30:.0f} GiB "
+                   f"(limit reached {r['cgroup_reclaims']} times)" if "cgroup_peak" in r else "")
+        print(f"{stage}: {r['wall_seconds']:.0f} s, tree peak {r['peak_tree_rss'] / 2**30:.2f} GiB "
+              f"(anonymous {r['peak_tree_anon'] / 2**30:.2f}){limited}, on disk {r['disk_bytes'] / 1e9:.1f} GB",
+              flush=True)
         for precision in ("int8", "int4"):
             if precision in r:
                 p = r[precision]
