@@ -215,7 +215,7 @@ def plot_blocks(result: dict, path: Path) -> Path:
         axes.plot(range(len(rows)), [row["cosine"] for row in rows], marker=".", label=f"{precision}-weights")
     axes.set_xlabel("block (the transformer's outermost ModuleList items, in call order)")
     axes.set_ylabel("cosine against PyTorch FP32")
-    axes.set_title("per-block parity, each block fed the PyTorch chain's real inputs")
+    axes.set_title("per-block parity: the compiled graph at each block boundary against the PyTorch chain")
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
