@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-all lint bench-export bench-build bench-matrix bench-sdxl bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
+.PHONY: setup demo test test-all lint bench-export bench-build bench-matrix bench-sdxl bench-flux bench-sd35m bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
 
 $(BIN)/.installed: pyproject.toml web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,23 @@ bench-matrix: setup
 bench-sdxl: setup
 	$(BIN)/python benchmarks/build_matrix.py --recipe benchmarks/recipes/sdxl-24gib.toml \
 		--group onnxruntime:fp32+int8,openvino:bf16+int8-hybrid --out out/bench-sdxl --json out/bench-sdxl/figures.json
+
+# Issue 45: flux-arch's 12B transformer through export, OpenVINO INT8 / INT4, per-block parity and an image, each stage
+# in a 20 GiB memory cgroup (about 67 GB of disk); sd35m-arch (SD3.5-medium's shapes, T5-XXL) as one `diffship build`
+# within 20 GiB (about 64 GB of unique files). On ext4 the cache and the output go on a copy-on-write XFS volume in a
+# sparse file (BENCH_VOLUME, made and mounted by benchmarks/reflink_volume.sh; needs root): the sparse file takes what
+# is written, so one of the two at a time on a disk with 73 GB free.
+BENCH_VOLUME ?= /work/bench-volume
+bench-flux: setup
+	sh benchmarks/reflink_volume.sh $(BENCH_VOLUME).img $(BENCH_VOLUME)
+	DIFFSHIP_MEMORY_GIB=20 $(BIN)/python benchmarks/dit_streaming.py --model flux-arch --short-t5 --size 512 \
+		--cgroup-gib 20 --work $(BENCH_VOLUME)/flux --json $(BENCH_VOLUME)/flux.json
+
+bench-sd35m: setup
+	sh benchmarks/reflink_volume.sh $(BENCH_VOLUME).img $(BENCH_VOLUME)
+	$(BIN)/python benchmarks/build_matrix.py --recipe benchmarks/recipes/sd35m-20gib.toml \
+		--group onnxruntime:fp32+int8,openvino:bf16+int8-hybrid --cache $(BENCH_VOLUME)/cache \
+		--out $(BENCH_VOLUME)/sd35m --json $(BENCH_VOLUME)/sd35m.json
 
 bench-onnxruntime: setup
 	$(BIN)/python benchmarks/onnxruntime_unet.py
