@@ -80,7 +80,7 @@ bench-sd35m: setup
 	sh benchmarks/reflink_volume.sh $(BENCH_VOLUME).img $(BENCH_VOLUME)
 	$(BIN)/python benchmarks/build_matrix.py --recipe benchmarks/recipes/sd35m-20gib.toml \
 		--group onnxruntime:fp32+int8,openvino:bf16+int8-hybrid --cache $(BENCH_VOLUME)/cache \
-		--out $(BENCH_VOLUME)/sd35m --json $(BENCH_VOLUME)/sd35m.json
+		--out $(BENCH_VOLUME)/sd35m --json $(BENCH_VOLUME)/sd35m.json --cgroup-gib 20
 
 bench-onnxruntime: setup
 	$(BIN)/python benchmarks/onnxruntime_unet.py

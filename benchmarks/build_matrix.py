@@ -60,11 +60,47 @@ def tree_rss(process: psutil.Process) -> int:
     return total
 
 
-def run_group(recipe: Path, group: str, out: Path, env: dict[str, str]) -> dict:
+def memory_cgroup(gib: float) -> Path:
+    """A cgroup (v1 memory controller) limited to `gib`: a stage that needs more than that is killed, one that fits
+    runs with the kernel reclaiming its page cache and clean mapped files at the limit, as on a machine of that size."""
+    root = Path("/sys/fs/cgroup/memory")
+    if not (root / "memory.limit_in_bytes").is_file():
+        sys.exit("--cgroup-gib needs the cgroup v1 memory controller at /sys/fs/cgroup/memory (and root)")
+    group = root / f"diffship-bench-{os.getpid()}"
+    group.mkdir(exist_ok=True)
+    (group / "memory.limit_in_bytes").write_text(str(int(gib * 2**30)))
+    return group
+
+
+def cgroup_figures(group: Path) -> dict:
+    """The cgroup's limit, its peak charge (page cache included) and how often it hit the limit; then removes it."""
+    figures = {"cgroup_limit": int((group / "memory.limit_in_bytes").read_text()),
+               "cgroup_peak": int((group / "memory.max_usage_in_bytes").read_text()),
+               "cgroup_reclaims": int((group / "memory.failcnt").read_text())}
+    group.rmdir()
+    return figures
+
+
+def tree_anon(process: psutil.Process) -> int:
+    """Anonymous resident memory of the tree (RssAnon): what the processes hold besides mapped files and page cache,
+    which the kernel can drop and read again."""
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(OSError, psutil.Error):
+            status = Path(f"/proc/{p.pid}/status").read_text()
+            total += 1024 * next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), 0)
+    return total
+
+
+def run_group(recipe: Path, group: str, out: Path, env: dict[str, str], cgroup_gib: float | None = None) -> dict:
     command = [sys.executable, "-m", "diffship.cli", "build", str(recipe), "--targets", group, "--out", str(out)]
     print(f"\n$ diffship build {recipe} --targets {group} --out {out}", flush=True)
+    limit = memory_cgroup(cgroup_gib) if cgroup_gib else None
     started = time.perf_counter()
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    # the build enters the cgroup before it runs anything: it and every child it starts are charged there
+    enter = (lambda: (limit / "cgroup.procs").write_text(str(os.getpid()))) if limit else None
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                             preexec_fn=enter)
     proc = psutil.Process(child.pid)
     stages: dict[str, dict[str, float]] = {}
     current = {"name": "start (imports, resolving the model)", "since": started}
@@ -106,6 +142,7 @@ def run_group(recipe: Path, group: str, out: Path, env: dict[str, str]) -> dict:
                              "unet_real_steps_min_cosine": trajectory}
     return {"group": group, "exit_code": child.returncode, "wall_seconds": round(wall, 1),
             "peak_tree_rss_bytes": peak["bytes"], "ru_maxrss_bytes": usage.ru_maxrss * 1024,
+            **(cgroup_figures(limit) if limit is not None else {}),
             "stages": {k: {"seconds": round(v["seconds"], 1), "peak_bytes": v["peak_bytes"]} for k, v in stages.items()},
             "sets": verdicts}
 
@@ -117,18 +154,22 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="DIFFSHIP_CACHE for the builds (default: the usual one).")
     parser.add_argument("--group", action="append", help=f"--targets of one build (repeatable; default: {GROUPS}).")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    parser.add_argument("--cgroup-gib", type=float, help="Run each build in a memory cgroup of this size (root).")
     args = parser.parse_args()
     env = {**os.environ, **({"DIFFSHIP_CACHE": str(args.cache)} if args.cache else {})}
     results = []
     for group in args.group or GROUPS:
         out = args.out / group.split(":")[0]
-        results.append(run_group(args.recipe, group, out, env))
+        results.append(run_group(args.recipe, group, out, env, args.cgroup_gib))
     gib = 2**30
     print(f"\n{args.recipe.name}, {cpu_name()}, {psutil.cpu_count()} CPUs, "
           f"{psutil.virtual_memory().total / gib:.0f} GiB, {date.today()}")
     for r in results:
         print(f"\n$ diffship build --targets {r['group']}: exit {r['exit_code']}, {r['wall_seconds']:.0f} s, peak "
               f"{r['peak_tree_rss_bytes'] / gib:.2f} GiB (process tree; largest process {r['ru_maxrss_bytes'] / gib:.2f} GiB)")
+        if "cgroup_peak" in r:
+            print(f"  inside a {r['cgroup_limit'] / gib:.0f} GiB memory cgroup: its peak charge {r['cgroup_peak'] / gib:.2f} GiB "
+                  f"(page cache included), the limit reached {r['cgroup_reclaims']} times")
         for key, v in r["sets"].items():
             cos = v["unet_real_steps_min_cosine"]
             psnr = v["min_psnr_db"]

@@ -18,7 +18,6 @@ Stages (each skipped when its output is already in --work, so a run that stops r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ from datetime import date
 from pathlib import Path
 
 import psutil
-from build_matrix import tree_rss
+from build_matrix import cgroup_figures, memory_cgroup, tree_anon, tree_rss
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("write", "export", "int8", "int4", "blocks", "generate")
@@ -165,41 +164,13 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
             print("   ", line, end="", flush=True)
     child.wait()
     done.set()
-    limits = {}
-    if group is not None:
-        limits = {"cgroup_limit": int((group / "memory.limit_in_bytes").read_text()),
-                  "cgroup_peak": int((group / "memory.max_usage_in_bytes").read_text()),
-                  "cgroup_reclaims": int((group / "memory.failcnt").read_text())}
-        group.rmdir()
+    limits = cgroup_figures(group) if group is not None else {}
     if child.returncode:
         killed = " (killed: out of memory in the cgroup?)" if child.returncode in (-9, 137) else ""
         sys.exit(f"stage {stage} failed (exit {child.returncode}){killed}")
     output = {"write": "model", "export": "onnx", "generate": "pipeline"}.get(stage, stage)
     return {"stage": stage, "wall_seconds": round(time.perf_counter() - started, 1), "peak_tree_rss": peak["bytes"],
             "peak_tree_anon": peak["anon"], **limits, "disk_bytes": _size(args.work / output), **result}
-
-
-def memory_cgroup(gib: float) -> Path:
-    """A cgroup (v1 memory controller) limited to `gib`: a stage that needs more than that is killed, one that fits
-    runs with the kernel reclaiming its page cache and clean mapped files at the limit, as on a machine of that size."""
-    root = Path("/sys/fs/cgroup/memory")
-    if not (root / "memory.limit_in_bytes").is_file():
-        sys.exit("--cgroup-gib needs the cgroup v1 memory controller at /sys/fs/cgroup/memory (and root)")
-    group = root / f"diffship-bench-{os.getpid()}"
-    group.mkdir(exist_ok=True)
-    (group / "memory.limit_in_bytes").write_text(str(int(gib * 2**30)))
-    return group
-
-
-def tree_anon(process: psutil.Process) -> int:
-    """Anonymous resident memory of the tree (RssAnon): what the processes hold besides mapped files and page cache,
-    which the kernel can drop and read again."""
-    total = 0
-    for p in [process, *process.children(recursive=True)]:
-        with contextlib.suppress(OSError, psutil.Error):
-            status = Path(f"/proc/{p.pid}/status").read_text()
-            total += 1024 * next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), 0)
-    return total
 
 
 def plot_blocks(result: dict, path: Path) -> Path:
