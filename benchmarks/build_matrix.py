@@ -52,32 +52,48 @@ def cpu_name() -> str:
     return describe()
 
 
+def _tree(process: psutil.Process) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):  # the child may be gone (reaped) by the time it is sampled
+        return [process, *process.children(recursive=True)]
+    return []
+
+
 def tree_rss(process: psutil.Process) -> int:
     total = 0
-    for p in [process, *process.children(recursive=True)]:
+    for p in _tree(process):
         with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
     return total
 
 
 def memory_cgroup(gib: float) -> Path:
-    """A cgroup (v1 memory controller) limited to `gib`: a stage that needs more than that is killed, one that fits
-    runs with the kernel reclaiming its page cache and clean mapped files at the limit, as on a machine of that size."""
+    """A cgroup (v1 memory controller) limited to `gib`, swap included where the kernel accounts it: a stage that
+    needs more than that is killed, one that fits runs with the kernel reclaiming its page cache and clean mapped files
+    at the limit, as on a machine of that size."""
     root = Path("/sys/fs/cgroup/memory")
-    if not (root / "memory.limit_in_bytes").is_file():
-        sys.exit("--cgroup-gib needs the cgroup v1 memory controller at /sys/fs/cgroup/memory (and root)")
+    if not (root / "memory.limit_in_bytes").is_file() or not os.access(root, os.W_OK):
+        sys.exit("--cgroup-gib needs the cgroup v1 memory controller at /sys/fs/cgroup/memory, writable (root)")
+    if psutil.swap_memory().total and not (root / "memory.memsw.limit_in_bytes").is_file():
+        sys.exit("--cgroup-gib: this machine has swap the cgroup cannot limit; a stage over the limit would swap, "
+                 "not fail")
     group = root / f"diffship-bench-{os.getpid()}"
     group.mkdir(exist_ok=True)
-    (group / "memory.limit_in_bytes").write_text(str(int(gib * 2**30)))
+    limit = str(int(gib * 2**30))
+    (group / "memory.limit_in_bytes").write_text(limit)
+    if (group / "memory.memsw.limit_in_bytes").is_file():
+        with contextlib.suppress(OSError):  # memory + swap: no swapping past the limit either
+            (group / "memory.memsw.limit_in_bytes").write_text(limit)
     return group
 
 
 def cgroup_figures(group: Path) -> dict:
-    """The cgroup's limit, its peak charge (page cache included) and how often it hit the limit; then removes it."""
+    """The cgroup's limit, its peak charge (page cache included) and how many times the charge hit the limit (each
+    a reclaim); then the group is removed (left in place if a process of it outlived the stage)."""
     figures = {"cgroup_limit": int((group / "memory.limit_in_bytes").read_text()),
                "cgroup_peak": int((group / "memory.max_usage_in_bytes").read_text()),
-               "cgroup_reclaims": int((group / "memory.failcnt").read_text())}
-    group.rmdir()
+               "cgroup_limit_hits": int((group / "memory.failcnt").read_text())}
+    with contextlib.suppress(OSError):
+        group.rmdir()
     return figures
 
 
@@ -85,7 +101,7 @@ def tree_anon(process: psutil.Process) -> int:
     """Anonymous resident memory of the tree (RssAnon): what the processes hold besides mapped files and page cache,
     which the kernel can drop and read again."""
     total = 0
-    for p in [process, *process.children(recursive=True)]:
+    for p in _tree(process):
         with contextlib.suppress(OSError, psutil.Error):
             status = Path(f"/proc/{p.pid}/status").read_text()
             total += 1024 * next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), 0)
@@ -169,7 +185,7 @@ def main() -> None:
               f"{r['peak_tree_rss_bytes'] / gib:.2f} GiB (process tree; largest process {r['ru_maxrss_bytes'] / gib:.2f} GiB)")
         if "cgroup_peak" in r:
             print(f"  inside a {r['cgroup_limit'] / gib:.0f} GiB memory cgroup: its peak charge {r['cgroup_peak'] / gib:.2f} GiB "
-                  f"(page cache included), the limit reached {r['cgroup_reclaims']} times")
+                  f"(page cache included), the limit hit {r['cgroup_limit_hits']} times")
         for key, v in r["sets"].items():
             cos = v["unet_real_steps_min_cosine"]
             psnr = v["min_psnr_db"]

@@ -46,6 +46,13 @@ def fp32_bytes(onnx_path: Path) -> int:
     return total
 
 
+def upcast_bytes(onnx_path: Path) -> int:
+    """The FP32 bytes of the 16-bit initializers read through a Cast: what constant folding upcasts at load."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    cast = {n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    return sum(4 * int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in SIXTEEN_BITS and t.name in cast)
+
+
 def weights_behind_casts(onnx_path: Path) -> bool:
     """Whether some weights are 16-bit initializers read through a Cast (a streamed export's `stored_weights`): tools
     that quantize only constant weights (onnxruntime's `quantize_dynamic`) pass them by."""

@@ -77,7 +77,7 @@ def compressed_model(onnx_path: Path, compress: dict[str, Any] | None, backup: d
 @contextlib.contextmanager
 def _one_telemetry_session() -> Iterator[None]:
     """NNCF sends a telemetry event per `compress_weights` call, each from a forked process that may wait 3 s
-    (openvino_telemetry's GA4 backend): one call per weight made tiny-flux's INT8 3.5x slower (26 s against 7 s) and
+    (openvino_telemetry's GA4 backend): one call per weight made tiny-flux's INT8 2.9x slower (26 s against 9 s) and
     forked a multi-GB process hundreds of times (each fork counted again in a process tree's resident memory). The
     per-weight calls of one compile send nothing; a whole-model compile sends NNCF's one event as before."""
     from nncf.telemetry import decorator  # start-up time: nncf

@@ -112,13 +112,16 @@ def keeps_stored(path: Path) -> bool:
     constant folding upcast them all at load (a streamed export's `stored_weights`): where their FP32 form would take
     STORED_SHARE of the memory budget. T5-XXL is 9.5 GB stored and 19 GB folded; a call then casts each weight as it
     runs (a text encoder runs once per image, so the time is small beside the memory)."""
-    from diffship.host.memory import budget  # start-up time: psutil, only for graphs with weights behind Casts
-    from diffship.targets.onnx_weights import fp32_bytes, weights_behind_casts  # start-up time: onnx
+    from diffship.host.memory import budget  # start-up time: psutil, only for graphs with external weights
+    from diffship.targets.onnx_weights import upcast_bytes  # start-up time: onnx
 
-    # only a streamed export keeps weights behind Casts, and its weights are external: a larger file holds its own
+    # only a streamed export keeps weights behind Casts, and its weights are external: a larger file holds its own;
+    # upcast, they take at most twice the external data, so a small model is not even parsed
     if path.suffix != ".onnx" or path.stat().st_size > EXTERNAL_GRAPH_BYTES:
         return False
-    return weights_behind_casts(path) and fp32_bytes(path) > STORED_SHARE * budget()
+    external = sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(f"{path.name}_data"))
+    limit = STORED_SHARE * budget()
+    return 2 * external > limit and upcast_bytes(path) > limit
 
 
 class OrtRunner:
@@ -135,7 +138,7 @@ class OrtRunner:
             session_options.add_initializer(name, value)
         try:
             disabled = list(INT8_DISABLED_OPTIMIZERS) if precision in INT8 else []
-            self.kept_stored = precision not in INT8 and keeps_stored(path)
+            self.kept_stored = precision == "fp32" and keeps_stored(path)
             if self.kept_stored:
                 disabled.append("ConstantFolding")
             if self._weights:
