@@ -81,7 +81,7 @@ def _one_telemetry_session() -> Iterator[None]:
     forked a multi-GB process hundreds of times (each fork counted again in a process tree's resident memory). The
     per-weight calls of one compile send nothing; a whole-model compile sends NNCF's one event as before."""
     from nncf.telemetry import decorator  # start-up time: nncf
-    from nncf.telemetry.wrapper import NNCFTelemetryStub
+    from nncf.telemetry.wrapper import NNCFTelemetryStub  # start-up time: nncf
 
     sender = decorator.telemetry
     decorator.telemetry = NNCFTelemetryStub()
