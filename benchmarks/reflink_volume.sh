@@ -6,7 +6,8 @@
 #
 #     sudo sh benchmarks/reflink_volume.sh IMAGE MOUNT [SIZE]     (SIZE: a truncate size, default 200G)
 #
-# Needs xfsprogs (mkfs.xfs) and loop devices; run it again after a reboot to mount the same image.
+# Needs xfsprogs (mkfs.xfs) and loop devices; run it again after a reboot to mount the same image. Files deleted in
+# the volume give their blocks back to the disk after `fstrim MOUNT` (the loop device punches holes in the image).
 set -eu
 image=$1
 mount=$2
