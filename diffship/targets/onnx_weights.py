@@ -56,6 +56,4 @@ def upcast_bytes(onnx_path: Path) -> int:
 def weights_behind_casts(onnx_path: Path) -> bool:
     """Whether some weights are 16-bit initializers read through a Cast (a streamed export's `stored_weights`): tools
     that quantize only constant weights (onnxruntime's `quantize_dynamic`) pass them by."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    sixteen = {t.name for t in model.graph.initializer if t.data_type in SIXTEEN_BITS}
-    return any(n.op_type == "Cast" and n.input[0] in sixteen for n in model.graph.node)
+    return upcast_bytes(onnx_path) > 0
