@@ -98,3 +98,32 @@ def test_a_session_keeps_16_bit_weights_stored_where_fp32_would_crowd_the_budget
     assert kept.kept_stored and kept.describe().details["disabled_optimizers"] == ["ConstantFolding"]
     a, b = folded.run(feed)["last_hidden_state"], kept.run(feed)["last_hidden_state"]
     assert np.allclose(a, b, atol=1e-5) and np.abs(a).max() > 0.1
+
+
+def test_stored_weights_upcast_one_at_a_time_compute_what_the_stored_graph_does(tmp_path: Path):
+    """Static INT8 folds and quantizes the graph whole: from a stored-weights export it would hold the BF16 weights and
+    their FP32 form at once (sd35m-arch's transformer: killed at 20 GiB). Written as FP32 initializers one tensor at a
+    time first, the graph has no Cast left on a weight and computes what the stored graph computes."""
+    import dataclasses
+
+    from diffship.models.builtin import BUILTINS, write_builtin
+    from diffship.targets.onnx_weights import fp32_bytes, upcast_bytes, upcast_stored
+
+    folder = tmp_path / "tiny-sd3-bf16"
+    folder.mkdir()
+    write_builtin(dataclasses.replace(BUILTINS["tiny-sd3"], dtype="bfloat16"), folder)
+    spec = next(s for s in component_specs(folder) if s.is_denoiser)
+    export_one(resolve(str(folder)), spec, tmp_path / "stored", 17, ModuleLoader(folder, False), streamed=True,
+               stored_weights=True)
+    stored = tmp_path / "stored" / "model.onnx"
+    (tmp_path / "fp32").mkdir()
+    upcast = upcast_stored(stored, tmp_path / "fp32" / "model.onnx")
+    assert upcast_bytes(stored) > 0 and upcast_bytes(upcast) == 0
+    graph = onnx.load(str(upcast), load_external_data=False).graph
+    assert not any(t.data_type == onnx.TensorProto.BFLOAT16 for t in graph.initializer)
+    assert upcast_bytes(stored) <= (tmp_path / "fp32" / "model.onnx_data").stat().st_size <= fp32_bytes(stored)
+    feed = spec.sample_inputs(2, 64, 64, seed=3)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graphs as written
+    a, b = (ort.InferenceSession(str(p), options).run(None, feed)[0] for p in (stored, upcast))
+    assert np.array_equal(a, b) and np.abs(a).max() > 0.1

@@ -57,3 +57,49 @@ def weights_behind_casts(onnx_path: Path) -> bool:
     """Whether some weights are 16-bit initializers read through a Cast (a streamed export's `stored_weights`): tools
     that quantize only constant weights (onnxruntime's `quantize_dynamic`) pass them by."""
     return upcast_bytes(onnx_path) > 0
+
+
+def upcast_stored(source: Path, dest: Path) -> Path:
+    """`source` with each 16-bit weight read through a Cast to FP32 written as an FP32 initializer instead (the Cast
+    gone: what constant folding makes of it), every external weight copied into dest's data file one tensor at a
+    time, so no tool that folds the graph whole (polygraphy, ONNX Runtime's quantizer) holds both forms at once."""
+    model = onnx.load(str(source), load_external_data=False)
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    upcast = {}  # Cast output -> the 16-bit initializer it reads
+    for node in graph.node:
+        stored = initializers.get(node.input[0]) if node.op_type == "Cast" else None
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if stored is not None and stored.data_type in SIXTEEN_BITS and to == onnx.TensorProto.FLOAT:
+            upcast[node.output[0]] = stored
+    data = dest.parent / f"{dest.name}_data"
+    kept = [t for t in graph.initializer if not (t.data_type in SIXTEEN_BITS and readers.get(t.name, 0) == sum(
+        1 for s in upcast.values() if s.name == t.name))]
+    written = []
+    with data.open("wb") as out:
+        for name, tensor in [(t.name, t) for t in kept] + list(upcast.items()):
+            inline = tensor.data_location != onnx.TensorProto.EXTERNAL
+            if inline and name not in upcast:  # small constants stay in the graph, where the passes read them
+                written.append(tensor)
+                continue
+            values = onnx.numpy_helper.to_array(tensor) if inline else stored_tensor(tensor, source.parent).read()
+            if name in upcast:
+                values = values.astype(np.float32)
+            offset = out.tell()
+            out.write(np.ascontiguousarray(values).tobytes())
+            fresh = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype),
+                                     dims=values.shape, data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", data.name), ("offset", offset), ("length", out.tell() - offset)):
+                fresh.external_data.add(key=key, value=str(value))
+            written.append(fresh)
+    del graph.initializer[:]
+    graph.initializer.extend(written)
+    nodes = [n for n in graph.node if not (n.op_type == "Cast" and n.output[0] in upcast)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(dest))
+    return dest

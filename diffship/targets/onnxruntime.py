@@ -18,7 +18,7 @@ from diffship.host.memory import budget
 from diffship.store.artifacts import atomic_write_json
 from diffship.targets import CompileContext, onnx_graph
 from diffship.targets import onnxruntime_quantize as quantize
-from diffship.targets.onnx_weights import fp32_bytes, weights_behind_casts
+from diffship.targets.onnx_weights import fp32_bytes, upcast_stored, weights_behind_casts
 from diffship.targets.onnxruntime_streamed import quantize_dynamic_streamed
 from diffship.targets.options import vae_fp32_reason
 from diffship.targets.ort_session import GPU_PROVIDERS as GPU_PROVIDERS
@@ -89,9 +89,13 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
         if context.spec.is_denoiser or (context.spec.denoises and precision == "int8"):
             with tempfile.TemporaryDirectory(prefix=".prepared-", dir=dest) as tmp:
                 record = {}
+                if weights_behind_casts(source):  # folding would hold the 16-bit and the FP32 weights at once
+                    (Path(tmp) / "upcast").mkdir()
+                    source, large = upcast_stored(source, Path(tmp) / "upcast" / source.name), True
+                    record["stored_weights"] = "16-bit weights written as FP32 initializers one at a time first"
                 if prepares_graph(options, precision):
                     prepared = Path(tmp) / source.name
-                    record = _prepare(source, prepared, name, "int8", options, context)
+                    record |= _prepare(source, prepared, name, "int8", options, context)
                     source, large = prepared, (Path(tmp) / f"{source.name}_data").is_file()
                 settings = (source, out, context, options.calibration_method, options.calib_max_intermediate_outputs, large)
                 if precision == "int8":
