@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffship.accelerations import Accelerations
 from diffship.clients import NAMES as CLIENT_NAMES
 from diffship.compress.steps import Step
 from diffship.errors import DiffshipError
@@ -195,6 +196,17 @@ DEFAULT_THRESHOLDS = {
 }
 
 
+class BudgetRecipe(_Strict):
+    """The quality an accelerated image must keep (`[budget]`): its PSNR and SSIM against the FP32 baseline's image of
+    the same seed, and for models with a quality check (digits-sd) how far its prompt accuracy may fall below
+    PyTorch's. Sets without accelerations keep their precision's parity gates; the budget judges the approximate ones
+    and picks the build's `recommended` set."""
+
+    min_psnr: float = 30.0
+    min_ssim: float = Field(0.9, ge=-1, le=1)
+    max_accuracy_drop: float = Field(2.0, ge=0, le=100)
+
+
 class CalibrationRecipe(_Strict):
     """Inputs for INT8 calibration, distillation and QAT: prompts run through the PyTorch pipeline, capturing the
     UNet's inputs (in turn: INT8 calibration takes as many generations as `samples` needs, distillation many)."""
@@ -248,6 +260,9 @@ class Recipe(_Strict):
     calibration: CalibrationRecipe = Field(default_factory=CalibrationRecipe)
     int8_auto: Int8AutoRecipe = Field(default_factory=Int8AutoRecipe)
     compress: list[Step] = Field(default_factory=list)
+    # pipeline accelerations measured on every set (each alone and all together), judged by `budget`
+    accelerations: Accelerations = Field(default_factory=Accelerations)
+    budget: BudgetRecipe = Field(default_factory=BudgetRecipe)
     allow_pickle: bool = False
     # the memory the build may use, in GiB (default: what the machine has available as it starts); a stage estimated
     # to need more is refused before any work (stages/preflight.py)
@@ -274,6 +289,15 @@ class Recipe(_Strict):
                 if key in table:
                     return table[key]
         raise DiffshipError(f"No threshold for precision {precision!r}: add [thresholds.{precision}] to the recipe.")
+
+
+def with_budget(recipe: Recipe, settings: dict[str, Any]) -> Recipe:
+    """`recipe` with `settings` (`--budget`) replacing those keys of its budget."""
+    try:
+        budget = BudgetRecipe.model_validate({**recipe.budget.model_dump(), **settings})
+    except ValidationError as exc:
+        raise _explain(exc, "--budget") from None
+    return recipe.model_copy(update={"budget": budget})
 
 
 def _explain(exc: ValidationError, where: str) -> DiffshipError:
@@ -338,22 +362,6 @@ def recipe_from_data(data: dict[str, Any], base: Path | None, where: str,
         if value is not None:
             data[key] = value
     return parse_recipe(data, where)
-
-
-def named_settings(text: str, option: str) -> tuple[str, dict[str, Any]]:
-    """`name:key=value,key=value` from the command line (`--step`, `--scheduler`) as the name and its settings, the
-    values read as TOML scalars (numbers, booleans; anything else stays a string)."""
-    name, _, rest = text.partition(":")
-    settings: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DiffshipError(f"{option} {text!r}: expected key=value after the name, got {item!r}.")
-        try:
-            settings[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            settings[key.strip()] = value.strip()
-    return name.strip(), settings
 
 
 def _with_recipe_options(chosen: list[dict[str, Any]], recipe_targets: list[Any]) -> list[dict[str, Any]]:

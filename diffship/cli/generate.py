@@ -56,6 +56,9 @@ def generate(
     max_sequence_length: Annotated[int | None, typer.Option(
         help="SD3 / Flux: the T5 tokens the prompt is padded or cut to, 2 to 512 (default: diffusers' 256 SD3, "
              "512 Flux).")] = None,
+    accelerate: Annotated[list[str] | None, typer.Option(
+        help="Accelerations, NAME:key=value,... (deep-cache:interval=3,depth=1; guidance:until=0.5), repeat to combine, "
+             "or none (default: the build's recommended ones, on its recommended set).")] = None,
 ) -> None:
     """Generate images with a folder of deployed artifacts (hashes checked against its manifest first)."""
     from diffship.runtime.img2img import call_default  # start-up time: torch
@@ -65,15 +68,18 @@ def generate(
 
     if out_file.suffix.lower() != ".png":
         raise DiffshipError(f"--out {out_file} must be a .png file.")
+    manifest = read_manifest(folder)
+    backend, precision, accelerations = _accelerations(manifest, backend, precision, accelerate)
     started = time.perf_counter()
     pipe = DeployedPipeline.load(folder, backend, precision, loras=lora_specs(lora))
+    pipe.load_accelerations(accelerations)
     if lora:
         console.print(f"Loaded with {len(lora)} LoRA(s) merged into the weights in {time.perf_counter() - started:.1f} s")
     if pipe.artifacts.status == "failed":
         console.print(f"[yellow]warning:[/] these {pipe.artifacts.target} {pipe.artifacts.precision} artifacts "
                       "FAILED validation in their build; see the report before shipping them.")
     # A build validated with a named scheduler (a few-step LoRA's LCM at 4 steps) samples that way unless told otherwise.
-    validated = read_manifest(folder).generation or {}
+    validated = manifest.generation or {}
     if scheduler:
         pipe.use_scheduler(*parse_scheduler(scheduler))
     elif validated:
@@ -101,7 +107,7 @@ def generate(
                       seed, batch, on_step=lambda i, n: progress.update(task, completed=i, total=n), image=init,
                       mask=masked, strength=strength, aesthetic_score=aesthetic_score,
                       negative_aesthetic_score=negative_aesthetic_score, controls=controls,
-                      max_sequence_length=max_sequence_length)
+                      max_sequence_length=max_sequence_length, accelerations=accelerations)
     h, w = result.images.shape[1:3]
     paths = save_images(result.images, out_file)
     for warning in result.warnings:
@@ -109,8 +115,28 @@ def generate(
     t = result.timings
     steps_ms = 1000 * sum(t["steps"]) / max(len(t["steps"]), 1)
     out.print(f"Wrote {', '.join(map(str, paths))} ({pipe.artifacts.target} {pipe.artifacts.precision}, {h}x{w}, "
-              f"{type(pipe.scheduler).__name__}): "
+              f"{type(pipe.scheduler).__name__}{', ' + accelerations.label if accelerations.active else ''}): "
               f"{t['total']:.2f} s total, {steps_ms:.1f} ms per step")
+
+
+def _accelerations(manifest: Any, backend: str | None, precision: str | None,
+                   values: list[str] | None) -> tuple[str | None, str | None, Any]:
+    """The set and accelerations to generate with: `--accelerate` where given; else the build's recommended
+    accelerations when the set asked for is its recommended one (or none was asked for, which picks it)."""
+    from diffship.accelerations import Accelerations, parse_accelerations  # start-up time: pydantic
+
+    if values:
+        return backend, precision, parse_accelerations(values)
+    best = manifest.recommended
+    chosen = manifest.artifacts.get(best["set"]) if best else None
+    if chosen is None or (backend or chosen.target) != chosen.target or (precision or chosen.precision) != chosen.precision:
+        return backend, precision, Accelerations()
+    accelerations = Accelerations.model_validate(best["accelerations"])
+    if accelerations.active:
+        console.print(f"Using the build's recommended {chosen.target} {chosen.precision} set with {accelerations.label} "
+                      f"({best['pipeline_speedup']:.2f}x PyTorch FP32 within its quality budget; --accelerate none "
+                      "to turn them off)")
+    return chosen.target, chosen.precision, accelerations
 
 
 def _controls(images: list[Path] | None, scales: list[float] | None, start: float, end: float) -> list[Any] | None:

@@ -26,6 +26,7 @@ from diffship.cli.shared import console, human_bytes, lora_specs, names, out, sh
 from diffship.compress.table import stage_chart, stage_table
 from diffship.errors import DiffshipError
 from diffship.models.families import detect_family, prediction_type
+from diffship.named_settings import named_settings
 from diffship.store import cache
 from diffship.store.artifacts import atomic_write_json, atomic_write_text, prepare_output_dir, staged_dir
 
@@ -231,15 +232,26 @@ def build(
     variant: VariantOption = None,
     lora: LoraOption = None,
     controlnet: ControlnetOption = None,
+    accelerate: Annotated[list[str] | None, typer.Option(
+        help="Accelerations to measure on every set (replaces the recipe's [accelerations]): "
+             "deep-cache:interval=3,depth=1, guidance:until=0.5; repeat to combine, or none.")] = None,
+    budget: Annotated[str | None, typer.Option(
+        help="The quality an accelerated image must keep, over the recipe's [budget]: "
+             "min_psnr=30,min_ssim=0.9,max_accuracy_drop=2.")] = None,
 ) -> None:
     """Export, compile and validate a pipeline for every target; write artifacts, manifest.json and a report."""
-    from diffship.recipe import load_recipe, targets_from_cli  # start-up time: pydantic
+    from diffship.accelerations import parse_accelerations  # start-up time: pydantic
+    from diffship.recipe import load_recipe, targets_from_cli, with_budget  # start-up time: pydantic
 
     wanted = names(targets)
     recipe = load_recipe(recipe_file, {"model": model, "targets": targets_from_cli(wanted) if wanted else None,
                                        "allow_pickle": True if allow_pickle else None, "model_config": model_config,
                                        "variant": variant, "loras": _lora_recipes(lora),
-                                       "controlnets": controlnet})
+                                       "controlnets": controlnet,
+                                       "accelerations": parse_accelerations(accelerate).model_dump(exclude_none=True)
+                                       if accelerate else None})
+    if budget is not None:
+        recipe = with_budget(recipe, named_settings(f"budget:{budget}", "--budget")[1])
     from diffship.stages.build import build as run_build  # start-up time: after the recipe (torch, diffusers: 7 s)
     out_path = out_dir or Path("out") / Path(recipe.model.rstrip("/")).name
     console.print(f"Building [bold]{escape(recipe.model)}[/] into {escape(str(out_path))}")
@@ -265,8 +277,6 @@ def _lora_recipes(values: list[str] | None) -> list[dict[str, Any]] | None:
 
 def _parse_step(text: str) -> dict[str, Any]:
     """`prune-channels:ratio=0.3,round_to=8` as a step dict."""
-    from diffship.recipe import named_settings  # start-up time: pydantic
-
     name, settings = named_settings(text, "--step")
     return {"step": name, **settings}
 

@@ -30,7 +30,8 @@ from diffship.models.families import (
 )
 from diffship.models.specs import Dim, TensorSpec
 
-__all__ = ["CLIENT_OUTPUTS", "ComponentSpec", "Dim", "TensorSpec", "component_specs", "run_torch", "wrap"]
+__all__ = ["CLIENT_OUTPUTS", "ComponentSpec", "Dim", "TensorSpec", "cache_specs", "component_specs", "run_torch",
+           "wrap"]
 
 TRACE_TOKENS = 16  # the variable text tokens an export traces with (`ComponentSpec.trace_sequence`)
 
@@ -56,6 +57,7 @@ class ComponentSpec:
     min_sequence: int = 77
     sequence: int = 77
     max_sequence: int = 77
+    cache_depth: int = 0  # deep-feature caching's graphs: how many outer block pairs a shallow step runs
 
     @property
     def denoiser(self) -> Denoiser:
@@ -69,7 +71,7 @@ class ComponentSpec:
     @property
     def denoises(self) -> bool:
         """The denoiser, plain or taking ControlNet residuals: what INT8 calibrates on its captured real inputs."""
-        return self.role in ("denoiser", "controlled_denoiser")
+        return self.role in ("denoiser", "controlled_denoiser", "caching_denoiser", "shallow_denoiser")
 
     @property
     def norms_at_image_resolution(self) -> bool:
@@ -80,7 +82,7 @@ class ComponentSpec:
     def in_denoising_loop(self) -> bool:
         """Runs once per step on the latents, both guidance halves at once: the denoiser, its ControlNet-residual
         variant and the ControlNets."""
-        return self.role in ("denoiser", "controlled_denoiser", "controlnet")
+        return self.role in ("denoiser", "controlled_denoiser", "controlnet", "caching_denoiser", "shallow_denoiser")
 
     def axis_sizes(self, batch: int, height: int, width: int, sequence: int | None = None) -> dict[str, int]:
         """Sizes of the named axes for an image of height x width pixels (and `sequence` text tokens, by default
@@ -301,6 +303,26 @@ class VaeDecoder(nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+def cache_specs(denoiser: ComponentSpec, folder: Path, depth: int) -> list[ComponentSpec]:
+    """Deep-feature caching's two graphs of `denoiser` (its spec) at `depth`: the whole denoiser also returning the
+    features, and its outer blocks taking them (`families/unet_cache.py`); an error where its structure has none."""
+    declared = denoiser.denoiser
+    if declared.cache_features is None:
+        raise DiffshipError(f"Deep-feature caching is not available for the {declared.title}: it needs a denoiser "
+                            "whose outer blocks wrap its deep ones (a UNet).")
+    features = declared.cache_features(family_named(denoiser.family).denoiser_config(folder), depth)
+    return [replace(denoiser, name=declared.caching(depth), outputs=(*denoiser.outputs, features),
+                    role="caching_denoiser", cache_depth=depth),
+            replace(denoiser, name=declared.shallow(depth), inputs=(*denoiser.inputs, features),
+                    role="shallow_denoiser", cache_depth=depth)]
+
+
+def _caching_side(side: str) -> Callable[[nn.Module, ComponentSpec], nn.Module]:
+    def build(module: nn.Module, spec: ComponentSpec) -> nn.Module:
+        return getattr(spec.denoiser, side)(module, tuple(t.name for t in spec.inputs), spec.cache_depth)
+    return build
+
+
 def _denoiser_side(side: str) -> Callable[[nn.Module, ComponentSpec], nn.Module]:
     """The wrapper the spec's denoiser declares for `side` (its own, its ControlNets', its controlled variant)."""
     def build(module: nn.Module, spec: ComponentSpec) -> nn.Module:
@@ -319,6 +341,8 @@ WRAPPERS: dict[str, Callable[[nn.Module, ComponentSpec], nn.Module]] = {
     "denoiser": _denoiser_side("wrap"),
     "controlnet": _denoiser_side("wrap_controlnet"),
     "controlled_denoiser": _denoiser_side("wrap_controlled"),
+    "caching_denoiser": _caching_side("wrap_caching"),
+    "shallow_denoiser": _caching_side("wrap_shallow"),
 }
 
 

@@ -29,7 +29,9 @@ class Inpainting:
     concatenated: bool  # a 9-channel denoiser takes mask and masked image latents as input channels
 
     def denoiser_input(self, model_input: torch.Tensor) -> torch.Tensor:
-        return torch.cat([model_input, self.mask, self.masked_latents], dim=1) if self.concatenated else model_input
+        rows = model_input.shape[0]  # the text half alone where guidance was truncated: the halves' rows are equal
+        return torch.cat([model_input, self.mask[-rows:], self.masked_latents[-rows:]], dim=1) \
+            if self.concatenated else model_input
 
     def after_step(self, latents: torch.Tensor, i: int, timesteps: torch.Tensor, scheduler: Any) -> torch.Tensor:
         """A 4-channel denoiser: the region outside the mask is the init image, noised to the next timestep."""

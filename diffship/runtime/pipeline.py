@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffship.accelerations import Accelerations, step_plan
 from diffship.errors import DiffshipError
 from diffship.host.memory import budget as memory_budget
 from diffship.models.families import Family, controlnet_names, family_named
 from diffship.runtime import diffusers_loop, inpaint
+from diffship.runtime.accelerated import DenoiserCalls, cache_graphs
 from diffship.runtime.control import ControlledDenoiser, control_images
 from diffship.runtime.generation import Generation, truncation_warnings, uint8_images
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
@@ -190,10 +192,10 @@ class DeployedPipeline:
                  on_step: Callable[[int, int], None] | None = None, image: Any = None, mask: Any = None,
                  strength: float | None = None, aesthetic_score: float | None = None,
                  negative_aesthetic_score: float | None = None, controls: list[Any] | None = None,
-                 max_sequence_length: int | None = None) -> Generation:
+                 max_sequence_length: int | None = None, accelerations: Accelerations | None = None) -> Generation:
         """Generate `batch` images per prompt: from noise; from `image` (img2img); or repainting the white part of
         `mask` over `image` (inpaint). `strength` defaults to diffusers' for the task; `latents` (before
-        init_noise_sigma) replace text-to-image's seeded draw."""
+        init_noise_sigma) replace text-to-image's seeded draw; `accelerations` change the denoising loop."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise DiffshipError("No prompt given.")
@@ -206,6 +208,9 @@ class DeployedPipeline:
             raise DiffshipError(f"--max-sequence-length sets how many tokens T5 reads; a {self.family.title} model has "
                                 "no T5 (its CLIP reads 77 tokens).")
         if self.family.loop == "diffusers":  # SD3, Flux: diffusers' pipeline class over the runners
+            if accelerations is not None and accelerations.active:
+                raise DiffshipError(f"Accelerations ({accelerations.label}) run in diffship's own denoising loop; a "
+                                    f"{self.family.title} model runs diffusers' (--accelerate none).")
             return diffusers_loop.generate(self, task, prompts, negatives, height, width, steps, guidance_scale, seed,
                                            batch, latents, on_step, image, mask, strength, controls,
                                            max_sequence_length)
@@ -255,18 +260,18 @@ class DeployedPipeline:
             latents = latents.to(torch.float32) * self.scheduler.init_noise_sigma
             timesteps = self.scheduler.timesteps
         extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in self.step_takes}
-        denoiser = self.runners[self.denoiser.component]
         controlled = self._controlled(controls, task, height, width, n, guidance) if controls else None
+        plan = step_plan(len(timesteps), accelerations, guidance)
+        calls = DenoiserCalls(self.runner, self.denoiser.component, conditioning, guidance, accelerations,
+                              cache_graphs(self.artifacts, self.denoiser, accelerations), controlled)
         for i, t in enumerate(timesteps):
             step_started = time.perf_counter()
-            model_input = torch.cat([latents] * 2) if guidance else latents
+            model_input = torch.cat([latents] * 2) if plan[i].guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             if inpainting is not None:
                 model_input = inpainting.denoiser_input(model_input)
-            feed = {"sample": model_input.numpy(), "timestep": np.full(model_input.shape[0], float(t), np.float32),
-                    **conditioning}
-            noise = torch.from_numpy(controlled.run(feed, i, len(timesteps)) if controlled else denoiser.run(feed)["out_sample"])
-            if guidance:
+            noise = torch.from_numpy(calls(plan[i], i, len(timesteps), model_input.numpy(), float(t)))
+            if plan[i].guided:
                 uncond, text = noise.chunk(2)
                 noise = uncond + guidance_scale * (text - uncond)
             latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
@@ -283,6 +288,26 @@ class DeployedPipeline:
         timings["total"] = time.perf_counter() - started
         return Generation(images, latents.numpy(), timings, warnings)
 
+    def load_accelerations(self, accelerations: Accelerations | None) -> None:
+        """Load the graphs `accelerations` run now, so that no image's time includes their load."""
+        for name in cache_graphs(self.artifacts, self.denoiser, accelerations).values():
+            self.runner(name)
+
+    def runner(self, name: str) -> Runner:
+        """The runner of component `name`, loaded on first use (with the build's options and any weight changes)."""
+        if name not in self.runners:
+            if name not in self.artifacts.components:
+                raise DiffshipError(f"{self.artifacts.root} has no {name} artifact.")
+            backend = get_target(self.artifacts.target)
+            options = backend.parse_options(self.artifacts.options) if self.artifacts.options else None
+            started = time.perf_counter()
+            artifact = self.artifacts.components[name]
+            self.runners[name] = backend.load_with_changes(artifact, options, self.artifacts.precision,
+                                                           self.changes[name]) if name in self.changes else \
+                backend.load(artifact, options, self.artifacts.precision)
+            self.load_seconds[name] = time.perf_counter() - started
+        return self.runners[name]
+
     @property
     def controlnets(self) -> list[str]:
         """The ControlNet components of these artifacts, in the build's order."""
@@ -295,16 +320,8 @@ class DeployedPipeline:
             raise DiffshipError(f"{self.artifacts.root} has no ControlNet: build with --controlnet to use control images.")
         if task != "text2img":
             raise DiffshipError("Control images condition text-to-image generation; not with --image / --mask.")
-        backend = get_target(self.artifacts.target)
-        options = backend.parse_options(self.artifacts.options) if self.artifacts.options else None
         for name in [*self.controlnets, self.denoiser.controlled]:
-            if name not in self.runners:
-                started = time.perf_counter()
-                artifact = self.artifacts.components[name]
-                self.runners[name] = backend.load_with_changes(artifact, options, self.artifacts.precision,
-                                                               self.changes[name]) if name in self.changes else \
-                    backend.load(artifact, options, self.artifacts.precision)
-                self.load_seconds[name] = time.perf_counter() - started
+            self.runner(name)
         images = control_images(controls, height, width, self.vae_scale, n, guidance)
         residuals = self.denoiser.residuals(self.denoiser_config) if self.denoiser.residuals else ()
         return ControlledDenoiser([self.runners[c] for c in self.controlnets], self.runners[self.denoiser.controlled],

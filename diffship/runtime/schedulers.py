@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffship.errors import DiffshipError
+from diffship.named_settings import named_settings
 
 # common name -> (diffusers class, config overrides)
 NAMES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -26,8 +27,6 @@ NAMES: dict[str, tuple[str, dict[str, Any]]] = {
 
 def parse_scheduler(text: str) -> tuple[str, dict[str, Any]]:
     """`NAME[:key=value,...]` as the name and its config overrides."""
-    from diffship.recipe import named_settings  # start-up time: pydantic
-
     return named_settings(text, "--scheduler")
 
 

@@ -7,12 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffship.models.components import cache_specs, component_specs, run_torch
 from diffship.models.families import detect_family
 from diffship.recipe import Recipe
 from diffship.runtime.tasks import inputs_digest
 from diffship.store import cache
 from diffship.targets.calibration import CalibrationData, CalibrationFile
-from diffship.validation.baseline import Baseline, task_pipeline
+from diffship.validation.baseline import Baseline, reference_module, task_pipeline
 from diffship.validation.capture import capture
 from diffship.validation.suite import Plan
 
@@ -27,6 +28,8 @@ class Calibration:
             "prompts": c.prompts, "samples": c.samples, "steps": c.steps_for(recipe.validation.steps),
             "height": plan.height, "width": plan.width, "guidance_scale": plan.validation.guidance_scale,
             "task": plan.tasks[0], "scheduler": [recipe.validation.scheduler, recipe.validation.scheduler_config]}
+        if recipe.accelerations.deep_cache is not None:  # its graphs' inputs too, the shallow one's features with them
+            self.settings["deep_cache_depth"] = recipe.accelerations.deep_cache.depth
         self.key = cache.key(stage="calibration", weights=module_hashes, **self.settings, versions=versions,
                              task_inputs=inputs_digest(plan.inputs) if plan.inputs is not None and (
                                  plan.task_kwargs() or "controlnet" in plan.tasks) else None)
@@ -66,7 +69,24 @@ class Calibration:
                            s["guidance_scale"], with_vae=False, task_kwargs=self.plan.task_kwargs("controlnet"))
             controlled_name = detect_family(self.baseline.folder).denoiser.controlled
             data.inputs[controlled_name] = more.inputs[controlled_name]
+        if depth := s.get("deep_cache_depth"):
+            self.baseline.say("[calibration] and deep-feature caching's graphs', their features computed on each call")
+            data.inputs |= cache_inputs(self.baseline.get(), self.baseline.folder, data.inputs, depth,
+                                         self.baseline.allow_pickle)
         data.save(staging / "inputs.npz")
         info |= {**data.info, "task": s["task"], "seconds": round(time.perf_counter() - began, 1)}
         self.baseline.say(f"[calibration] captured in {info['seconds']:.0f} s")
         self.baseline.release()  # quantization that follows needs the memory more than the baseline does
+
+
+def cache_inputs(pipe: Any, folder: Path, captured: dict[str, list[dict[str, Any]]],
+                 depth: int, allow_pickle: bool) -> dict[str, list[dict[str, Any]]]:
+    """Calibration inputs of deep-feature caching's graphs from the denoiser's captured calls: the caching graph takes
+    the same inputs, the shallow one those and the deep features the caching graph computes on each call."""
+    spec = next(s for s in component_specs(folder) if s.is_denoiser)
+    caching, shallow = cache_specs(spec, folder, depth)
+    calls = captured[spec.name]
+    reference = reference_module(pipe, caching, folder, allow_pickle)
+    features = [run_torch(reference, caching, call)["cached_features"] for call in calls]
+    return {caching.name: calls, shallow.name: [call | {"cached_features": f} for call, f in zip(calls, features,
+                                                                                                  strict=True)]}

@@ -13,7 +13,7 @@ from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import select_specs
-from diffship.models.components import ComponentSpec, component_specs
+from diffship.models.components import ComponentSpec, cache_specs, component_specs
 from diffship.models.families import Family, controlnets_in, detect_family, family_named, tasks_of
 from diffship.models.lora import LoraSpec
 from diffship.models.source import ModelSource, resolve
@@ -91,7 +91,8 @@ def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict
                          control_scale=v.control_scale, control_window=(v.control_start, v.control_end),
                          controlnets=len(controlnets_in(folder)))
     return shapes, Plan(height, width, cases, v, recipe.threshold("fp32"), denoiser_cases,
-                        validated_tasks(tasks_of(folder), every=family_named(spec.family).loop == "diffusers"), inputs)
+                        validated_tasks(tasks_of(folder), every=family_named(spec.family).loop == "diffusers"), inputs,
+                        recipe.accelerations, recipe.budget)
 
 
 @dataclass
@@ -143,6 +144,8 @@ def outline(recipe: Recipe, say: Say | None = None, installed: bool = True) -> O
         raise DiffshipError(
             f"A build validates images end to end, so it needs {', '.join(needed)}; the recipe leaves out "
             f"{', '.join(missing)}. To export and check single components use `diffship export -c` and `diffship validate`.")
+    if (cache := recipe.accelerations.deep_cache) is not None:  # deep-feature caching's two graphs, built as components
+        specs = [*specs, *cache_specs(next(s for s in specs if s.is_denoiser), source.folder, cache.depth)]
     shapes, plan = plan_shapes(recipe, specs[0], source.folder)
     if any(get_target(t.name, installed).needs_calibration(p) for t in recipe.targets for p in t.precisions):
         check_calibration(recipe.calibration.prompts, recipe.calibration.samples)

@@ -23,6 +23,7 @@ from diffship.recipe import Recipe
 from diffship.store import cache
 from diffship.store.manifest import MANIFEST_SCHEMA, ArtifactSet
 from diffship.validation.baseline import baseline_device, describe
+from diffship.validation.recommend import recommended
 from diffship.validation.suite import Plan
 
 REPORT_SCHEMA = 1
@@ -114,6 +115,7 @@ def build_manifest(recipe: Recipe, source: ModelSource, family: str, module_hash
         "cache": {k: "hit" if v else "miss" for k, v in hits.items()},
         "report": report_files,
         **({"generation": generation} if (generation := generation_defaults(recipe)) else {}),
+        **({"recommended": best} if (best := recommended(results)) else {}),
         "passed": passed,
     }
 

@@ -78,6 +78,7 @@ class Manifest(_Record):
     pipeline_files: list[FileRecord] = Field(default_factory=list)
     recipe: _Recipe | None = None
     generation: dict[str, Any] | None = None  # the sampling validation used, when the recipe named a scheduler
+    recommended: dict[str, Any] | None = None  # the fastest set and accelerations within the build's quality budget
 
     def sets(self) -> dict[str, SetRecord]:
         """The artifact sets, by key (`onnxruntime-fp32`); an export folder is one ONNX Runtime FP32 set."""

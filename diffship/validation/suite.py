@@ -7,22 +7,23 @@ recorded once and freed before the sets load (`reference`: staged validation, fo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffship.accelerations import Accelerations
 from diffship.host.memory import release_freed
 from diffship.models.components import ComponentSpec, run_torch
 from diffship.models.families import denoiser_of
 from diffship.models.streamed_module import reference_component
-from diffship.recipe import Threshold, ValidationRecipe
+from diffship.recipe import BudgetRecipe, Threshold, ValidationRecipe
 from diffship.runtime.lazy_runners import LazyRunner
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents, pipeline_family
 from diffship.runtime.schedulers import describe_scheduler
 from diffship.runtime.tasks import TaskInputs
 from diffship.store.manifest import ArtifactSet
 from diffship.targets import get_target
-from diffship.validation import latency, quality
+from diffship.validation import accelerated, latency, quality
 from diffship.validation.app import app_check
 from diffship.validation.baseline import baseline_device, component_call, module_call, reference_module, run_baseline
 from diffship.validation.capture import capture
@@ -47,6 +48,8 @@ class Plan:
     denoiser_cases: tuple[Case, ...] | None = None  # when shapes are fixed, the UNet's batch is doubled under guidance
     tasks: tuple[str, ...] = ("text2img",)  # what the model is for, its main task first (`validated_tasks`)
     inputs: TaskInputs | None = None  # the init image, mask and strength of img2img and inpaint
+    accelerations: Accelerations = field(default_factory=Accelerations)  # measured on every set, each combination
+    budget: BudgetRecipe = field(default_factory=BudgetRecipe)  # what an accelerated image must keep
 
     def task_kwargs(self, task: str | None = None) -> dict[str, Any]:
         """diffusers' arguments for `task` (the main task by default) beyond the prompt."""
@@ -170,6 +173,12 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
             f"{result['quality']['drop_points']:+.1f} points down, limit {q.max_drop_points}; floor "
             f"{q.min_prompt_accuracy})")
 
+    if plan.accelerations.active and pairs:
+        say(f"[{label}] accelerations: {len(plan.accelerations.combinations()) - 1} combination(s) of "
+            f"{plan.accelerations.label}, each image against the baseline's, judged by the budget")
+        result["accelerations"] = accelerated.measure(
+            deployed, samples, [p["baseline"] for p in pairs[:len(samples)]], reference, plan,
+            quality_baseline, say)
     skipped = sorted({str(d["latency_skipped"]) for d in result["runtime"].values() if d.get("latency_skipped")})
     if v.latency.enabled and skipped:
         result["latency_skipped"] = "; ".join(skipped)
@@ -205,6 +214,8 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
     result["passed"] = (result["parity"]["passed"] and e2e["passed"] and result.get("quality", {}).get("passed", True)
                         and result.get("spec", {}).get("passed", True) and result.get("app", {}).get("passed", True)
                         and result.get("clients", {}).get("passed", True))
+    if "accelerations" in result:  # the set's own loop is the exact row, judged by its gates
+        accelerated.judge_exact(result["accelerations"], result["passed"], e2e)
     deployed = None
     release_freed()
     return result, pairs

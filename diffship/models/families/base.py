@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from diffship.models.specs import TensorSpec
 
 MAX_T5_TOKENS = 512  # the longest max_sequence_length SD3's and Flux's pipelines take
-Role = Literal["text_encoder", "denoiser", "vae_encoder", "vae_decoder", "controlnet", "controlled_denoiser"]
+Role = Literal["text_encoder", "denoiser", "vae_encoder", "vae_decoder", "controlnet", "controlled_denoiser",
+               "caching_denoiser", "shallow_denoiser"]
 Task = Literal["text2img", "img2img", "inpaint", "controlnet"]
 
 
@@ -56,6 +57,11 @@ class Denoiser:
     wrap_controlled: Callable[[Any, tuple[str, ...]], Any] | None = field(default=None, repr=False)
     wrap_controlnet: Callable[[Any, tuple[str, ...]], Any] | None = field(default=None, repr=False)
     controlnet_class: str | None = None  # the diffusers class of its ControlNets
+    # Deep-feature caching, where its structure allows it: the features a shallow step reuses at a depth, (config,
+    # depth) -> their spec, and the wrappers (module, input names, depth) of the caching and the shallow graph.
+    cache_features: Callable[[dict[str, Any], int], TensorSpec] | None = field(default=None, repr=False)
+    wrap_caching: Callable[[Any, tuple[str, ...], int], Any] | None = field(default=None, repr=False)
+    wrap_shallow: Callable[[Any, tuple[str, ...], int], Any] | None = field(default=None, repr=False)
     controlnet_fits: tuple[str, ...] = ()  # config keys a ControlNet must share with it
     timestep_scale: float = 1000.0  # its timesteps run over [0, this] (Flux's pipeline passes t / 1000)
     packed_latents: bool = False  # takes the latents as tokens of 2x2 patches (Flux): images need no 4-D latents
@@ -73,6 +79,14 @@ class Denoiser:
     def controlled(self) -> str:
         """The component name of its variant taking ControlNet residuals."""
         return f"controlled_{self.component}"
+
+    def caching(self, depth: int) -> str:
+        """The component name of its graph that also returns the deep features cached at `depth`."""
+        return f"caching_{self.component}_d{depth}"
+
+    def shallow(self, depth: int) -> str:
+        """The component name of its graph that runs the outer `depth` blocks on cached deep features."""
+        return f"shallow_{self.component}_d{depth}"
 
     def in_channels(self, config: dict[str, Any]) -> int:
         """Its input channels (as the config gives them: a mistyped config fails where the model is built, which

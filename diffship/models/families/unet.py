@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from diffship.errors import DiffshipError
 from diffship.models.families.base import Denoiser, SensitiveLayers
 from diffship.models.specs import TensorSpec
 
@@ -69,6 +70,25 @@ def call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str
     return call, {("mid_block" if i == len(residuals) - 1 else f"down_block_{i}"): r for i, r in enumerate(residuals)}
 
 
+def cache_features(config: dict[str, Any], depth: int) -> TensorSpec:
+    """The deep features a shallow step reuses at `depth` (1: the outermost block pair alone is run again): the output
+    of up block -(depth + 1), at the resolution of down block depth - 1 (`unet_cache`)."""
+    blocks = len(config["block_out_channels"])
+    if not 1 <= depth < blocks:
+        raise DiffshipError(f"deep_cache depth {depth} must be 1 to {blocks - 1} for this UNet ({blocks} blocks).")
+    factor = 2 ** (depth - 1)
+    sides = ("height", "width") if factor == 1 else (f"height_{factor}", f"width_{factor}")
+    return TensorSpec("cached_features", "float32", ("batch", config["block_out_channels"][depth], *sides))
+
+
+def _wrap_cache(name: str) -> Any:
+    def wrap(module: Any, inputs: tuple[str, ...], depth: int) -> Any:
+        from diffship.models.families import unet_cache  # start-up time: torch
+
+        return getattr(unet_cache, name)(module, "time_ids" in inputs, depth)
+    return wrap
+
+
 def _wrap(name: str) -> Any:
     def wrap(module: Any, inputs: tuple[str, ...]) -> Any:
         from diffship.models.families import unet_modules  # start-up time: torch
@@ -92,4 +112,5 @@ UNET = Denoiser(
     host_embedding=True,
     residuals=residual_specs, wrap_controlled=_wrap("ControlledUNet"), wrap_controlnet=_wrap("ControlNet"),
     controlnet_class="ControlNetModel",
-    controlnet_fits=("cross_attention_dim", "block_out_channels", "layers_per_block", "in_channels"))
+    controlnet_fits=("cross_attention_dim", "block_out_channels", "layers_per_block", "in_channels"),
+    cache_features=cache_features, wrap_caching=_wrap_cache("CachingUNet"), wrap_shallow=_wrap_cache("ShallowUNet"))
