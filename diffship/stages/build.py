@@ -26,6 +26,7 @@ from diffship.stages.unit import Unit
 from diffship.stages.validate import validate_stage
 from diffship.store import cache
 from diffship.store.artifacts import MANIFEST_NAME, atomic_write_json, prepare_output_dir, staged_dir
+from diffship.validation.recommend import recommended
 from diffship.validation.report import write_report
 
 REPORT_FOLDER = "report"
@@ -73,6 +74,8 @@ def _build(recipe: Recipe, out: Path, force: bool = False, say: Say | None = Non
                              c.hits, c.versions, passed, time.perf_counter() - started)
         if c.compressed is not None:
             report["compress"] = c.compressed
+        if best := recommended(results):
+            report["recommended"] = best
         say("Writing the report ...")
         written = write_report(report, pairs, tmp / REPORT_FOLDER)
         manifest = build_manifest(recipe, c.source, c.family, c.module_hashes, c.versions, c.shapes, sets, results,

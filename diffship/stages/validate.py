@@ -24,6 +24,7 @@ from diffship.stages.context import Context
 from diffship.store import cache
 from diffship.store.manifest import ArtifactSet
 from diffship.targets import get_target
+from diffship.validation.accelerated import judge
 from diffship.validation.baseline import Baseline, baseline_device
 from diffship.validation.quality import quality_task
 from diffship.validation.recorded_store import load_record, save_record
@@ -135,6 +136,8 @@ def validate_stage(c: Context, sets: dict[str, tuple[ArtifactSet, Any, dict[str,
             stage="validate", artifacts={n: [f["sha256"] for f in e["files"]] for n, e in recorded["components"].items()},
             pipeline=[f["sha256"] for f in recorded["pipeline_files"]], options=repr(options),
             validation=recipe.validation.model_dump(mode="json"), threshold=set_plan.threshold.model_dump(),
+            # what the accelerations' rows measured; not the budget, which judges them after (judge, below)
+            accelerations=recipe.accelerations.model_dump(mode="json"),
             clients=installed_versions(recipe.validation.clients), **compared)
         done = cache.cached_step("validate", entry_key, f"{set_key} validation",
                                  functools.partial(_validate_into, runs, artifact_set, options, set_plan, not_run),
@@ -144,6 +147,8 @@ def validate_stage(c: Context, sets: dict[str, tuple[ArtifactSet, Any, dict[str,
             pairs[set_key] = [{"baseline": images["baseline"][i], "target": images["target"][i], **sample}
                               for i, sample in enumerate([*result.get("e2e", {}).get("samples", []),
                                                           *result.get("extra_pairs", [])])]
+        if "accelerations" in result:  # judged by this build's budget, measured now or by an earlier build
+            judge(result["accelerations"], recipe.budget, result["passed"], result["e2e"])
         c.hits[f"validate:{set_key}"] = done.hit
         if done.hit:
             say(f"[validate {set_key}] cached (no work): results of {done.info['created']}")

@@ -14,6 +14,7 @@ from typing import Any
 from diffship.compress.table import stage_chart, stage_table
 from diffship.host.cpu import describe
 from diffship.store.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+from diffship.validation import image_time
 from diffship.validation.charts import image_grid, latency_chart
 from diffship.validation.frontier import chart as frontier_chart
 from diffship.validation.frontier import kept_tables
@@ -211,6 +212,8 @@ def all_tables(report: dict[str, Any]) -> list[Table]:
     export = [[c, _mib(e["bytes"]), "cached" if e["cached"] else f"{e['seconds']:.1f} s"] for c, e in report["export"].items()]
     tables = [summary_table(report), ("ONNX export (opset " + str(report["recipe"]["export"]["opset"]) + ")",
                                       ["component", "size", "export"], export)]
+    if headline := image_time.table(report):  # the whole image first: what a user waits for
+        tables.insert(1, headline)
     if "compress" in report:
         tables.insert(1, stage_table(report["compress"]))
     for key, r in report["sets"].items():
@@ -308,6 +311,8 @@ def write_report(report: dict[str, Any], pairs: dict[str, list[dict[str, Any]]],
             name = f"images: {key}" + (f" {task}" if task != tasks[0] else "")
             pictures[name] = image_grid(f"{key} {task}", [p for p in set_pairs if p.get("task", "text2img") == task],
                                         baseline)
+    if chart := image_time.chart(report):
+        pictures["whole-image speed and quality"] = chart
     if chart := latency_chart(report):
         pictures["latency"] = chart
     if chart := frontier_chart(report):
