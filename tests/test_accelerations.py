@@ -1,0 +1,151 @@
+"""Pipeline accelerations (issue 46): deep-feature caching's two graphs compute the UNet, each acceleration changes the
+image by a measured amount, the budget picks the recommended row, and generate draws with it by default."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffship.accelerations import Accelerations, DeepCache, GuidanceTruncation, parse_accelerations, step_plan
+from diffship.cli.main import app
+from diffship.errors import DiffshipError
+from diffship.models.builtin import builtin_folder
+from diffship.models.components import cache_specs, component_specs, run_torch, wrap
+
+# Two caching steps and eight shallow ones, guidance on the first step only: together they draw the image with about a
+# third of the denoiser's work, so the fastest call of each row ranks them even on a busy host.
+RECIPE = """model = "tiny-sd"
+[shapes]
+batch = [1, 2]
+height = [64, 128]
+width = [64, 128]
+[validation]
+prompts = ["a red bicycle"]
+steps = 10
+guidance_scale = 6.0
+clients = []
+[validation.latency]
+runs = 3
+pipeline_runs = 3
+[accelerations]
+deep_cache = { interval = 5, depth = 1 }
+guidance = { until = 0.1 }
+"""
+
+
+@pytest.mark.parametrize(("model", "depths"), [("tiny-sd", (1, 2)), ("tiny-sdxl", (1,))])
+def test_the_shallow_graph_on_its_own_calls_features_is_the_unet(model: str, depths: tuple[int, ...], model_cache):
+    from diffusers import UNet2DConditionModel
+
+    folder = builtin_folder(model)
+    denoiser = next(s for s in component_specs(folder) if s.is_denoiser)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    call, other = denoiser.sample_inputs(2, 64, 64, seed=0), denoiser.sample_inputs(2, 64, 64, seed=1)
+    expected = run_torch(wrap(denoiser, unet), denoiser, call)["out_sample"]
+    for depth in depths:
+        caching, shallow = cache_specs(denoiser, folder, depth)
+        full = run_torch(wrap(caching, unet), caching, call)
+        assert np.array_equal(full["out_sample"], expected)
+        same = run_torch(wrap(shallow, unet), shallow, call | {"cached_features": full["cached_features"]})
+        assert np.array_equal(same["out_sample"], expected)
+        # another call's features (an earlier step's, as a shallow step reuses them) change the output
+        stale = run_torch(wrap(caching, unet), caching, other)["cached_features"]
+        changed = run_torch(wrap(shallow, unet), shallow, call | {"cached_features": stale})["out_sample"]
+        assert np.abs(changed - expected).max() > 1e-2
+
+
+def test_the_step_plan_caches_every_interval_and_truncates_guidance():
+    plan = step_plan(10, Accelerations(deep_cache=DeepCache(interval=3), guidance=GuidanceTruncation(until=0.25)), True)
+    assert [s.graph for s in plan] == ["caching", "shallow", "shallow"] * 3 + ["caching"]
+    assert [s.guided for s in plan] == [True] * 3 + [False] * 7
+    assert all(not s.guided for s in step_plan(4, Accelerations(), False))
+    assert parse_accelerations(["deep-cache:interval=4,depth=2", "guidance:until=0.5"]).label == \
+        "deep-cache:interval=4,depth=2+guidance:until=0.5"
+    assert not parse_accelerations(["none"]).active
+    with pytest.raises(DiffshipError, match="unknown acceleration 'tome'"):
+        parse_accelerations(["tome:ratio=0.5"])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, model_cache) -> Path:
+    folder = tmp_path_factory.mktemp("accelerated")
+    (folder / "recipe.toml").write_text(RECIPE)
+    out = folder / "out"
+    said = CliRunner().invoke(app, ["build", str(folder / "recipe.toml"), "--targets", "onnxruntime:fp32",
+                                    "--out", str(out)])
+    assert said.exit_code == 0, said.output
+    return out
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _rows(out: Path) -> list[dict]:
+    return json.loads((out / "report" / "report.json").read_text())["sets"]["onnxruntime-fp32"]["accelerations"]["rows"]
+
+
+def test_each_acceleration_changes_the_image_by_a_measured_amount(built: Path):
+    report = json.loads((built / "report" / "report.json").read_text())
+    result = report["sets"]["onnxruntime-fp32"]
+    # both graphs built, exported and checked like any component
+    assert {"caching_unet_d1", "shallow_unet_d1"} <= set(_manifest(built)["artifacts"]["onnxruntime-fp32"]["components"])
+    assert result["parity"]["components"]["shallow_unet_d1"]["passed"]
+    rows = {r["accelerations"]: r for r in _rows(built)}
+    assert list(rows) == ["none", "deep-cache:interval=5,depth=1", "guidance:until=0.1",
+                          "deep-cache:interval=5,depth=1+guidance:until=0.1"]
+    exact = rows["none"]["min_psnr_db"]
+    assert exact is None or exact > 60  # the FP32 set's own loop draws the baseline's image, to float noise
+    for label, row in rows.items():
+        assert row["image_time"]["runs"] == 3 and row["speedup"] > 0
+        if label != "none":  # approximate: a PSNR a budget can fail, under what FP32 export noise gives (identical)
+            assert row["approximate"] and row["min_psnr_db"] is not None and row["min_psnr_db"] < 60, row
+            assert row["within_budget"] == (row["min_psnr_db"] >= 30 and row["min_ssim"] >= 0.9)
+    assert "Whole image against PyTorch FP32" in (built / "report" / "report.md").read_text()
+
+
+def test_the_budget_picks_the_fastest_row_within_it_and_another_when_tightened(built: Path, tmp_path: Path):
+    loose = _manifest(built)["recommended"]
+    eligible = [r for r in _rows(built) if r["within_budget"]]
+    assert loose["label"] == max(eligible, key=lambda r: r["speedup_fastest"])["accelerations"]
+    assert loose["approximate"], "deep-feature caching and truncated guidance should draw tiny-sd faster"
+    # the same build with a budget no approximate image keeps: measurements read back, judged again
+    said = CliRunner().invoke(app, ["build", str(built.parent / "recipe.toml"), "--targets", "onnxruntime:fp32",
+                                    "--budget", "min_psnr=99", "--out", str(tmp_path / "tight")])
+    assert said.exit_code == 0, said.output
+    tight = _manifest(tmp_path / "tight")["recommended"]
+    assert tight["label"] == "none" and not tight["approximate"]
+    assert not any(r["within_budget"] for r in _rows(tmp_path / "tight") if r["approximate"])
+
+
+def _generate(out: Path, path: Path, *accelerate: str) -> np.ndarray:
+    args = ["generate", str(out), "-p", "a red bicycle", "--steps", "10", "-g", "6", "--height", "64", "--width", "64",
+            "--out", str(path)]
+    said = CliRunner().invoke(app, args + [a for value in accelerate for a in ("--accelerate", value)])
+    assert said.exit_code == 0, said.output
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_generate_draws_with_the_recommended_accelerations_unless_told_otherwise(built: Path, tmp_path: Path):
+    recommended = _manifest(built)["recommended"]["label"]
+    default = _generate(built, tmp_path / "default.png")
+    assert np.array_equal(default, _generate(built, tmp_path / "same.png", *recommended.split("+")))
+    assert not np.array_equal(default, _generate(built, tmp_path / "none.png", "none"))
+
+
+def test_accelerations_a_build_cannot_run_are_refused(built: Path, tmp_path: Path, model_cache):
+    said = CliRunner().invoke(app, ["generate", str(built), "-p", "x", "--accelerate", "deep-cache:depth=2",
+                                    "--out", str(tmp_path / "o.png")])
+    assert said.exit_code == 2 and "no deep-cache graphs at depth 2" in said.output, said.output
+    said = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--accelerate", "deep-cache:depth=3",
+                                    "--out", str(tmp_path / "b")])
+    assert said.exit_code == 2 and "depth 3 must be 1 to 2" in said.output, said.output
+    said = CliRunner().invoke(app, ["build", "--model", "tiny-sd3", "--accelerate", "deep-cache", "--out",
+                                    str(tmp_path / "c")])
+    assert said.exit_code == 2 and "not available for the" in said.output, said.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
