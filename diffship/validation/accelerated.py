@@ -62,8 +62,8 @@ def measure(deployed: DeployedPipeline, samples: list[Sample], baseline_images: 
         row["image_time"] = timing["sets"][row["accelerations"]]
         row["speedup"] = timing["speedups"][row["accelerations"]]
         row["speedup_fastest"] = timing["speedups_fastest"][row["accelerations"]]
-    return {"budget": budget.model_dump(), "baseline_image_time": timing["baseline"], "timing": timing["method"],
-            "rows": rows}
+    return {"budget": budget.model_dump(), "baseline_image_time": timing["baseline"],
+            "bf16_image_time": timing["bf16"], "timing": timing["method"], "rows": rows}
 
 
 def within(row: dict[str, Any], budget: Any) -> bool:
@@ -90,19 +90,22 @@ def image_times(deployed: DeployedPipeline, s: Sample, reference: Any, plan: Any
     lat = plan.validation.latency
     latents, _ = sample_arguments(s, deployed, plan.inputs)
     calls: dict[str, Callable[[], Any]] = {}
-    if not reference.staged:
-        calls["PyTorch FP32"] = lambda: reference.generation(s, latents)  # a live reference runs the pipeline
+    if not reference.staged:  # a live reference runs the pipeline each time; a BF16 copy of it beside
+        calls["PyTorch FP32"] = lambda: reference.generation(s, latents)
+        calls["PyTorch BF16"] = lambda: reference.bf16_generation(s, latents)
     for combo in combos:
         calls[combo.label] = lambda a=combo: generate(deployed, s, plan, a)
     runs = max(lat.pipeline_runs, 2)
     times = latency.interleaved(calls, min(lat.warmup, 1), runs)
     baseline = latency.summarize(times.pop("PyTorch FP32")) if "PyTorch FP32" in times else latency.summarize(
         [t["total"] for t in reference.pipeline_timings])
+    bf16 = latency.summarize(times.pop("PyTorch BF16")) if "PyTorch BF16" in times else None
     sets = {label: latency.summarize(t) for label, t in times.items()}
     say(f"      whole image ({s.steps} steps), p50 / fastest: PyTorch FP32 {baseline['p50_s']:.2f} / "
-        f"{baseline['min_s']:.2f} s; " + "; ".join(f"{k} {v['p50_s']:.2f} / {v['min_s']:.2f} s" for k, v in sets.items()))
-    return {"method": "recorded baseline" if reference.staged else "interleaved", "baseline": baseline, "sets": sets,
-            "speedups": {k: baseline["p50_s"] / v["p50_s"] for k, v in sets.items()},
+        f"{baseline['min_s']:.2f} s; " + (f"PyTorch BF16 {bf16['p50_s']:.2f} / {bf16['min_s']:.2f} s; " if bf16 else "")
+        + "; ".join(f"{k} {v['p50_s']:.2f} / {v['min_s']:.2f} s" for k, v in sets.items()))
+    return {"method": "recorded baseline" if reference.staged else "interleaved", "baseline": baseline, "bf16": bf16,
+            "sets": sets, "speedups": {k: baseline["p50_s"] / v["p50_s"] for k, v in sets.items()},
             "speedups_fastest": {k: baseline["min_s"] / v["min_s"] for k, v in sets.items()}}
 
 

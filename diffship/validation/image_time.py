@@ -21,6 +21,15 @@ def table(report: dict[str, Any]) -> Table | None:
     best = report.get("recommended") or {}
     budget = next(r["accelerations"]["budget"] for r in report["sets"].values() if "accelerations" in r)
     lines = []
+    for key, result in report["sets"].items():  # each set's run timed PyTorch itself too: FP32, and BF16 beside it
+        table_of = result.get("accelerations") or {}
+        fp32, bf16 = table_of.get("baseline_image_time"), table_of.get("bf16_image_time")
+        if fp32:
+            lines.append([key, "PyTorch FP32 eager (the baseline)", "-", "-", "-", "-",
+                          f"{fp32['p50_s']:.2f} / {fp32['min_s']:.2f} s", "1.00x / 1.00x", "-", ""])
+        if fp32 and bf16:
+            lines.append([key, "PyTorch BF16 (no export)", "-", "-", "-", "-", f"{bf16['p50_s']:.2f} / {bf16['min_s']:.2f} s",
+                          f"{fp32['p50_s'] / bf16['p50_s']:.2f}x / {fp32['min_s'] / bf16['min_s']:.2f}x", "-", ""])
     for row in rows:
         t = row["image_time"]
         quality = row.get("quality")
@@ -37,8 +46,8 @@ def table(report: dict[str, Any]) -> Table | None:
 
 
 def chart(report: dict[str, Any]) -> bytes | None:
-    """PNG: whole-image speedup (fastest calls, which rank the rows) against the worst image's PSNR for every row, the budget's PSNR as a line, exact
-    rows filled, approximate ones hollow, the recommended one ringed."""
+    """PNG: whole-image speedup (fastest calls, which rank the rows) against the worst image's PSNR for every row,
+    the budget's PSNR as a line, exact rows filled, approximate ones hollow, the recommended one ringed."""
     rows = candidates(report["sets"])
     if not rows:
         return None

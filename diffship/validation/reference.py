@@ -8,12 +8,14 @@ of together, which is what lets a full-size SDXL build validate on a 24 GiB mach
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
+import torch
 
 from diffship.models.components import ComponentSpec, run_torch
 from diffship.models.families import detect_family
@@ -37,6 +39,7 @@ class LiveReference:
     def __init__(self, pipe: Any, folder: Path, plan: Any, allow_pickle: bool = False):
         self.pipe, self.folder, self.plan, self.allow_pickle = pipe, folder, plan, allow_pickle
         self._pipes: dict[str, Any] = {}
+        self._bf16: dict[str, Any] = {}
 
     def outputs(self, spec: ComponentSpec, case: Case, seed: int) -> dict[str, np.ndarray]:
         """The FP32 module's outputs on the seeded inputs parity uses for `case`."""
@@ -45,10 +48,23 @@ class LiveReference:
 
     def generation(self, s: Sample, latents: Any) -> Generation:
         """The baseline's image for one end-to-end sample, from the given initial latents."""
-        if s.task not in self._pipes:
-            self._pipes[s.task] = task_pipeline(self.pipe, detect_family(self.folder), s.task, self.folder,
-                                                self.allow_pickle)
-        return run_baseline(self._pipes[s.task], s.prompt, s.negative_prompt, s.height, s.width, s.steps,
+        return run_baseline(self._task_pipe(s.task), s.prompt, s.negative_prompt, s.height, s.width, s.steps,
+                            s.guidance_scale, s.seed, latents, task=s.task, inputs=self.plan.inputs)
+
+
+    def _task_pipe(self, task: str) -> Any:
+        if task not in self._pipes:
+            self._pipes[task] = task_pipeline(self.pipe, detect_family(self.folder), task, self.folder, self.allow_pickle)
+        return self._pipes[task]
+
+    def bf16_generation(self, s: Sample, latents: Any) -> Generation:
+        """The sample through a BF16 copy of the task's pipeline (the whole-image headline's second baseline: what
+        PyTorch gives with no export at all), made on first use."""
+        if s.task not in self._bf16:
+            fp32 = self._task_pipe(s.task)
+            self._bf16[s.task] = type(fp32)(**{k: copy.deepcopy(v).to(torch.bfloat16) if isinstance(v, torch.nn.Module)
+                                              else v for k, v in fp32.components.items()})
+        return run_baseline(self._bf16[s.task], s.prompt, s.negative_prompt, s.height, s.width, s.steps,
                             s.guidance_scale, s.seed, latents, task=s.task, inputs=self.plan.inputs)
 
 
