@@ -5,6 +5,8 @@ validated like a precision (its images against the FP32 baseline's, judged by th
   the steps between run only its outer `depth` block pairs on them (two exported graphs, `families/unet_cache.py`).
 - `guidance` truncation: classifier-free guidance for the first `until` fraction of the steps only, then the text
   half alone (batch 1 instead of 2), as diffusers' guidance-interval callbacks do.
+- `vae_decoder`: a smaller decoder folder (diffusers' `AutoencoderTiny`, TAESD; or another `AutoencoderKL`), exported and
+  validated as the component `tiny_vae_decoder`, decoding the final latents instead of the pipeline's VAE.
 
 Plain data (pydantic, as the recipe is): the recipe's `[accelerations]`, `--accelerate` on the command line, the
 manifest's `recommended` and the runtime's per-step plan all read these.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,6 +47,7 @@ class Accelerations(_Strict):
 
     deep_cache: DeepCache | None = None
     guidance: GuidanceTruncation | None = None
+    vae_decoder: Path | None = None
 
     @property
     def active(self) -> bool:
@@ -56,8 +60,8 @@ class Accelerations(_Strict):
         for flag, name in NAMES.items():
             value = getattr(self, name)
             if value is not None:
-                settings = ",".join(f"{k}={v}" for k, v in value.model_dump().items())
-                parts.append(f"{flag}:{settings}")
+                fields = value.model_dump() if isinstance(value, BaseModel) else {"path": value}
+                parts.append(f"{flag}:" + ",".join(f"{k}={v}" for k, v in fields.items()))
         return "+".join(parts) or "none"
 
     def alone(self) -> list[Accelerations]:
@@ -72,7 +76,7 @@ class Accelerations(_Strict):
 
 
 # command-line name -> field
-NAMES = {"deep-cache": "deep_cache", "guidance": "guidance"}
+NAMES = {"deep-cache": "deep_cache", "guidance": "guidance", "vae-decoder": "vae_decoder"}
 
 
 def parse_accelerations(values: list[str]) -> Accelerations:
@@ -87,6 +91,11 @@ def parse_accelerations(values: list[str]) -> Accelerations:
                                 f"{', '.join(NAMES)} (or none).")
         if NAMES[name] in fields:
             raise DiffshipError(f"--accelerate names {name} twice.")
+        if name == "vae-decoder":  # a folder, not settings
+            if set(settings) != {"path"}:
+                raise DiffshipError(f"--accelerate {value!r}: give the decoder's folder as vae-decoder:path=DIR.")
+            fields[NAMES[name]] = str(settings["path"])
+            continue
         fields[NAMES[name]] = settings
     try:
         return Accelerations.model_validate(fields)

@@ -353,6 +353,9 @@ def recipe_from_data(data: dict[str, Any], base: Path | None, where: str,
     if base is not None and isinstance(data.get("controlnets"), list):
         data["controlnets"] = [str(base / c) if isinstance(c, str) and (base / c).is_dir() else c
                                for c in data["controlnets"]]
+    accelerations = data.get("accelerations")
+    if base is not None and isinstance(accelerations, dict) and isinstance(accelerations.get("vae_decoder"), str):
+        data["accelerations"] = {**accelerations, "vae_decoder": str(base / accelerations["vae_decoder"])}
     if base is not None and isinstance(data.get("model_config"), str) and (base / data["model_config"]).is_dir():
         data["model_config"] = str(base / data["model_config"])
     overrides = dict(overrides or {})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -35,6 +36,7 @@ pipeline_runs = 3
 [accelerations]
 deep_cache = { interval = 5, depth = 1 }
 guidance = { until = 0.1 }
+vae_decoder = "taesd"
 """
 
 
@@ -71,10 +73,21 @@ def test_the_step_plan_caches_every_interval_and_truncates_guidance():
         parse_accelerations(["tome:ratio=0.5"])
 
 
+def tiny_decoder(folder: Path) -> Path:
+    """A random-weight AutoencoderTiny (TAESD's class) that decodes tiny-sd's latents: 4 channels, 8x upscaling."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                    num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory, model_cache) -> Path:
     folder = tmp_path_factory.mktemp("accelerated")
     (folder / "recipe.toml").write_text(RECIPE)
+    tiny_decoder(folder / "taesd")
     out = folder / "out"
     said = CliRunner().invoke(app, ["build", str(folder / "recipe.toml"), "--targets", "onnxruntime:fp32",
                                     "--out", str(out)])
@@ -97,8 +110,12 @@ def test_each_acceleration_changes_the_image_by_a_measured_amount(built: Path):
     assert {"caching_unet_d1", "shallow_unet_d1"} <= set(_manifest(built)["artifacts"]["onnxruntime-fp32"]["components"])
     assert result["parity"]["components"]["shallow_unet_d1"]["passed"]
     rows = {r["accelerations"]: r for r in _rows(built)}
-    assert list(rows) == ["none", "deep-cache:interval=5,depth=1", "guidance:until=0.1",
-                          "deep-cache:interval=5,depth=1+guidance:until=0.1"]
+    decoder = f"vae-decoder:path={built.parent / 'taesd'}"
+    assert list(rows) == ["none", "deep-cache:interval=5,depth=1", "guidance:until=0.1", decoder,
+                          f"deep-cache:interval=5,depth=1+guidance:until=0.1+{decoder}"]
+    # a random tiny decoder draws another image altogether: far outside the budget, never recommended
+    assert result["parity"]["components"]["tiny_vae_decoder"]["passed"]
+    assert rows[decoder]["min_psnr_db"] < 20 and not rows[decoder]["within_budget"]
     exact = rows["none"]["min_psnr_db"]
     assert exact is None or exact > 60  # the FP32 set's own loop draws the baseline's image, to float noise
     for label, row in rows.items():

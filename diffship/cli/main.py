@@ -248,7 +248,7 @@ def build(
                                        "allow_pickle": True if allow_pickle else None, "model_config": model_config,
                                        "variant": variant, "loras": _lora_recipes(lora),
                                        "controlnets": controlnet,
-                                       "accelerations": parse_accelerations(accelerate).model_dump(exclude_none=True)
+                                       "accelerations": parse_accelerations(accelerate).model_dump(mode="json", exclude_none=True)
                                        if accelerate else None})
     if budget is not None:
         recipe = with_budget(recipe, named_settings(f"budget:{budget}", "--budget")[1])

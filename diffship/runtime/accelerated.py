@@ -10,7 +10,9 @@ import numpy as np
 
 from diffship.accelerations import Accelerations, Step
 from diffship.errors import DiffshipError
+from diffship.models.decoder_folder import COMPONENT
 from diffship.models.families import Denoiser
+from diffship.store.artifacts import read_json
 from diffship.store.manifest import ArtifactSet
 from diffship.targets.runner import Runner
 
@@ -64,3 +66,16 @@ def cache_graphs(artifacts: ArtifactSet, denoiser: Denoiser, accelerations: Acce
             + (f"it was built with {', '.join(built)}." if built else
                "build with [accelerations] deep_cache = { depth = N } in the recipe."))
     return graphs
+
+
+def decoder_for(artifacts: ArtifactSet, accelerations: Accelerations | None) -> tuple[str, dict[str, Any]] | None:
+    """The smaller decoder's component and its VAE config (how its latents are scaled) where `accelerations` name
+    one, checked to be in the build; None otherwise."""
+    if accelerations is None or accelerations.vae_decoder is None:
+        return None
+    if COMPONENT not in artifacts.components:
+        raise DiffshipError(f"{artifacts.root} has no {COMPONENT} artifact: build with [accelerations] vae_decoder = "
+                            "PATH in the recipe.")
+    in_pipeline = artifacts.pipeline / COMPONENT / "config.json"
+    return COMPONENT, read_json(in_pipeline if in_pipeline.is_file() else artifacts.components[COMPONENT].parent
+                                / "config.json")

@@ -24,7 +24,7 @@ from diffship.errors import DiffshipError
 from diffship.host.memory import budget as memory_budget
 from diffship.models.families import Family, controlnet_names, family_named
 from diffship.runtime import diffusers_loop, inpaint
-from diffship.runtime.accelerated import DenoiserCalls, cache_graphs
+from diffship.runtime.accelerated import DenoiserCalls, cache_graphs, decoder_for
 from diffship.runtime.control import ControlledDenoiser, control_images
 from diffship.runtime.generation import Generation, truncation_warnings, uint8_images
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
@@ -282,7 +282,8 @@ class DeployedPipeline:
                 on_step(i + 1, len(timesteps))
 
         decode_started = time.perf_counter()
-        decoded = self.runners[DECODER].run({"latent_sample": self._unscale(latents).numpy()})["sample"]
+        decoder, vae_config = decoder_for(self.artifacts, accelerations) or (DECODER, self.vae_config)
+        decoded = self.runner(decoder).run({"latent_sample": self._unscale(latents, vae_config).numpy()})["sample"]
         images = to_uint8(decoded)
         timings["decode"] = time.perf_counter() - decode_started
         timings["total"] = time.perf_counter() - started
@@ -292,6 +293,8 @@ class DeployedPipeline:
         """Load the graphs `accelerations` run now, so that no image's time includes their load."""
         for name in cache_graphs(self.artifacts, self.denoiser, accelerations).values():
             self.runner(name)
+        if decoder := decoder_for(self.artifacts, accelerations):
+            self.runner(decoder[0])
 
     def runner(self, name: str) -> Runner:
         """The runner of component `name`, loaded on first use (with the build's options and any weight changes)."""
@@ -368,8 +371,7 @@ class DeployedPipeline:
         negative = self.family.time_id_values(height, width, scores[1])
         return np.array(([negative] * n if guidance else []) + [positive] * n, dtype=np.float32)
 
-    def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
-        config = self.vae_config
+    def _unscale(self, latents: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
         scaling = config.get("scaling_factor", 0.18215)
         if config.get("latents_mean") is not None and config.get("latents_std") is not None:
             mean = torch.tensor(config["latents_mean"]).view(1, -1, 1, 1)

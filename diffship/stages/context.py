@@ -7,13 +7,14 @@ Bad input fails in `outline`, before any stage runs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import select_specs
 from diffship.models.components import ComponentSpec, cache_specs, component_specs
+from diffship.models.decoder_folder import decoder_spec, with_decoder
 from diffship.models.families import Family, controlnets_in, detect_family, family_named, tasks_of
 from diffship.models.lora import LoraSpec
 from diffship.models.source import ModelSource, resolve
@@ -134,6 +135,8 @@ def outline(recipe: Recipe, say: Say | None = None, installed: bool = True) -> O
     source = resolve(recipe.model, allow_pickle=recipe.allow_pickle, model_config=recipe.checkpoint_config, say=say,
                      variant=recipe.variant, loras=[LoraSpec(x.path, x.scale) for x in recipe.loras],
                      controlnets=recipe.controlnets)
+    if recipe.accelerations.vae_decoder is not None:  # the smaller decoder, one more module of the folder
+        source = replace(source, folder=with_decoder(source.folder, recipe.accelerations.vae_decoder, say))
     family = detect_family(source.folder)
     for target in recipe.targets:  # what a target cannot make for this family, said before any work
         backend = get_target(target.name, installed)
@@ -146,6 +149,8 @@ def outline(recipe: Recipe, say: Say | None = None, installed: bool = True) -> O
             f"{', '.join(missing)}. To export and check single components use `diffship export -c` and `diffship validate`.")
     if (cache := recipe.accelerations.deep_cache) is not None:  # deep-feature caching's two graphs, built as components
         specs = [*specs, *cache_specs(next(s for s in specs if s.is_denoiser), source.folder, cache.depth)]
+    if recipe.accelerations.vae_decoder is not None:
+        specs = [*specs, decoder_spec(next(s for s in specs if s.role == "vae_decoder"))]
     shapes, plan = plan_shapes(recipe, specs[0], source.folder)
     if any(get_target(t.name, installed).needs_calibration(p) for t in recipe.targets for p in t.precisions):
         check_calibration(recipe.calibration.prompts, recipe.calibration.samples)

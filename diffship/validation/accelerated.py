@@ -37,7 +37,7 @@ def measure(deployed: DeployedPipeline, samples: list[Sample], baseline_images: 
     rows: list[dict[str, Any]] = []
     for combo in combos:
         deployed.load_accelerations(combo)
-        row: dict[str, Any] = {"accelerations": combo.label, "settings": combo.model_dump(exclude_none=True),
+        row: dict[str, Any] = {"accelerations": combo.label, "settings": combo.model_dump(mode="json", exclude_none=True),
                                "approximate": combo.active}
         if combo.active:
             images = []
