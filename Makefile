@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-all lint bench-export bench-build bench-matrix bench-sdxl bench-flux bench-sd35m bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
+.PHONY: setup demo test test-all lint bench-export bench-build bench-matrix bench-sdxl bench-flux bench-sd35m bench-image bench-onnxruntime bench-compress bench-tensorrt bench-coreml bench-torch clean
 
 $(BIN)/.installed: pyproject.toml web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,13 @@ bench-sd35m: setup
 	$(BIN)/python benchmarks/build_matrix.py --recipe benchmarks/recipes/sd35m-20gib.toml \
 		--group onnxruntime:fp32+int8,openvino:bf16+int8-hybrid --cache $(BENCH_VOLUME)/cache \
 		--out $(BENCH_VOLUME)/sd35m --json $(BENCH_VOLUME)/sd35m.json --cgroup-gib 20
+
+# Issue 46: the fastest whole image within the budget: sd15-arch at 512x512, 20 steps, built with accelerations, then
+# its recommended row timed against PyTorch FP32 eager and BF16 in one run; digits-sd's prompt accuracy under the same.
+bench-image: setup
+	$(BIN)/diffship build benchmarks/recipes/sd15-accelerated.toml --out out/bench-image
+	$(BIN)/python benchmarks/image_speed.py out/bench-image --all --json out/bench-image/speed.json
+	$(BIN)/diffship build benchmarks/recipes/digits-accelerated.toml --out out/bench-image-digits
 
 bench-onnxruntime: setup
 	$(BIN)/python benchmarks/onnxruntime_unet.py
