@@ -74,6 +74,12 @@ class ComponentSpec:
         return self.role in ("denoiser", "controlled_denoiser", "caching_denoiser", "shallow_denoiser")
 
     @property
+    def deep_cache_graph(self) -> bool:
+        """One of deep-feature caching's graphs: an int8-auto set gives it its target's fixed INT8 recipe, calibrated
+        like the denoiser, rather than a search of its own."""
+        return self.role in ("caching_denoiser", "shallow_denoiser")
+
+    @property
     def norms_at_image_resolution(self) -> bool:
         """Its GroupNorms run on image-sized groups (the VAE), where float summation loses FP32 accuracy."""
         return self.role in ("vae_encoder", "vae_decoder")

@@ -86,7 +86,7 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
     name = context.spec.name
     if precision in INT8:
         large = (source.parent / f"{source.name}_data").is_file()
-        if context.spec.is_denoiser or (context.spec.denoises and precision == "int8"):
+        if context.spec.is_denoiser or (context.spec.denoises and (precision == "int8" or context.spec.deep_cache_graph)):
             with tempfile.TemporaryDirectory(prefix=".prepared-", dir=dest) as tmp:
                 record = {}
                 if weights_behind_casts(source):  # folding would hold the 16-bit and the FP32 weights at once
@@ -98,7 +98,7 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
                     record |= _prepare(source, prepared, name, "int8", options, context)
                     source, large = prepared, (Path(tmp) / f"{source.name}_data").is_file()
                 settings = (source, out, context, options.calibration_method, options.calib_max_intermediate_outputs, large)
-                if precision == "int8":
+                if precision == "int8" or not context.spec.is_denoiser:
                     record |= quantize.quantize_unet(*settings)
                 else:
                     record |= quantize.quantize_auto(*settings, lambda path, p: OrtRunner(path, options, p))

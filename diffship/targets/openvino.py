@@ -152,14 +152,16 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
     if options.static_shapes and context.static_shapes:
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in context.static_shapes.items()})
     denoiser = context.spec.is_denoiser
-    quantize = precision == "int8-full" or (precision == "int8-hybrid" and context.spec.denoises)
+    # int8-auto's deep-cache graphs: int8-hybrid's recipe (the search is the denoiser's own)
+    hybrid = precision == "int8-hybrid" or (precision == "int8-auto" and context.spec.deep_cache_graph)
+    quantize = precision == "int8-full" or (hybrid and context.spec.denoises)
     if precision == "int8-auto" and denoiser:
         model, search = _auto(model, context, options)
         dest.mkdir(parents=True, exist_ok=True)
         atomic_write_json(dest / SEARCH_FILE, search)
     elif quantize:
         calls = calibration_inputs(context, precision)
-        kept = context.spec.denoiser.sensitive.kept_float if precision == "int8-hybrid" else ()
+        kept = context.spec.denoiser.sensitive.kept_float if hybrid else ()
         sensitive, compressed = ignored_patterns(kept), []
         if precision == "int8-hybrid" and options.matmuls == "w8":
             # Each step reads the last one's IR back and frees its input: the converter holds up to 1.9x the FP32
