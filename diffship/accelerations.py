@@ -2,7 +2,8 @@
 validated like a precision (its images against the FP32 baseline's, judged by the recipe's quality budget).
 
 - `deep_cache` (DeepCache, Ma et al. 2023): every `interval`-th step runs the whole UNet and keeps its deep features;
-  the steps between run only its outer `depth` block pairs on them (two exported graphs, `families/unet_cache.py`).
+  the steps between run only its outer layers on them, down to skip connection `depth` (two exported graphs,
+  `families/unet_cache.py`).
 - `guidance` truncation: classifier-free guidance for the first `until` fraction of the steps only, then the text
   half alone (batch 1 instead of 2), as diffusers' guidance-interval callbacks do.
 - `vae_decoder`: a smaller decoder folder (diffusers' `AutoencoderTiny`, TAESD; or another `AutoencoderKL`), exported and
@@ -30,10 +31,11 @@ class _Strict(BaseModel):
 
 
 class DeepCache(_Strict):
-    """Run the whole denoiser every `interval` steps; between them only its outer `depth` block pairs."""
+    """Run the whole denoiser every `interval` steps; between them only its outer layers: conv_in, the down layers
+    that make its first `depth` skip connections, the up layers that take them back (1: DeepCache's shallowest)."""
 
     interval: int = Field(3, ge=2, le=50)
-    depth: int = Field(1, ge=1, le=8)
+    depth: int = Field(1, ge=1, le=50)
 
 
 class GuidanceTruncation(_Strict):

@@ -197,14 +197,16 @@ DEFAULT_THRESHOLDS = {
 
 
 class BudgetRecipe(_Strict):
-    """The quality an accelerated image must keep (`[budget]`): its PSNR and SSIM against the FP32 baseline's image of
-    the same seed, and for models with a quality check (digits-sd) how far its prompt accuracy may fall below
-    PyTorch's. Sets without accelerations keep their precision's parity gates; the budget judges the approximate ones
-    and picks the build's `recommended` set."""
+    """The quality a recommended image must keep (`[budget]`): an accelerated one its PSNR and SSIM against the FP32
+    baseline's image of the same seed and, for models with a quality check (digits-sd), how far its prompt accuracy
+    may fall below PyTorch's; a set's own loop its precision's gates and, where given, a real-step cosine. The build's
+    verdict stays its sets' gates; the budget picks `recommended`."""
 
     min_psnr: float = 30.0
     min_ssim: float = Field(0.9, ge=-1, le=1)
     max_accuracy_drop: float = Field(2.0, ge=0, le=100)
+    # an exact set's denoiser on the baseline's real steps (cosine), beyond its precision's gate; None: the gate alone
+    min_step_cosine: float | None = Field(None, ge=-1, le=1)
 
 
 class CalibrationRecipe(_Strict):

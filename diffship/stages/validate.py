@@ -148,7 +148,7 @@ def validate_stage(c: Context, sets: dict[str, tuple[ArtifactSet, Any, dict[str,
                               for i, sample in enumerate([*result.get("e2e", {}).get("samples", []),
                                                           *result.get("extra_pairs", [])])]
         if "accelerations" in result:  # judged by this build's budget, measured now or by an earlier build
-            judge(result["accelerations"], recipe.budget, result["passed"], result["e2e"])
+            judge(result["accelerations"], recipe.budget, result)
         c.hits[f"validate:{set_key}"] = done.hit
         if done.hit:
             say(f"[validate {set_key}] cached (no work): results of {done.info['created']}")

@@ -72,15 +72,20 @@ def within(row: dict[str, Any], budget: Any) -> bool:
     return images and ("quality" not in row or row["quality"]["drop_points"] <= budget.max_accuracy_drop)
 
 
-def judge(table: dict[str, Any], budget: Any, passed: bool, e2e: dict[str, Any]) -> None:
+def judge(table: dict[str, Any], budget: Any, result: dict[str, Any]) -> None:
     """Judge every row of a set's table by `budget` (a build that changed only its budget judges its cached
-    measurements again); the unaccelerated row carries the set's verdict on its gates and its end-to-end figures."""
+    measurements again). The unaccelerated row carries the set's verdict on its gates, its end-to-end figures and,
+    where the budget names one, the real-step cosine its denoiser must keep."""
     table["budget"] = budget.model_dump()
+    steps = (result.get("parity") or {}).get("denoiser_steps")
+    cosine_ok = budget.min_step_cosine is None or (steps is not None and steps["min_cosine"] >= budget.min_step_cosine)
     for row in table["rows"]:
         if row["approximate"]:
             row["within_budget"] = within(row, budget)
         else:
-            row |= {"within_budget": passed, "min_psnr_db": e2e.get("min_psnr_db"), "min_ssim": e2e.get("min_ssim")}
+            e2e = result["e2e"]
+            row |= {"within_budget": result["passed"] and cosine_ok, "min_psnr_db": e2e.get("min_psnr_db"),
+                    "min_ssim": e2e.get("min_ssim"), "step_cosine": steps["min_cosine"] if steps else None}
 
 
 def image_times(deployed: DeployedPipeline, s: Sample, reference: Any, plan: Any, combos: list[Accelerations],

@@ -215,7 +215,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
                         and result.get("spec", {}).get("passed", True) and result.get("app", {}).get("passed", True)
                         and result.get("clients", {}).get("passed", True))
     if "accelerations" in result:  # the set's own loop is the exact row, judged by its gates
-        accelerated.judge(result["accelerations"], plan.budget, result["passed"], e2e)
+        accelerated.judge(result["accelerations"], plan.budget, result)
     deployed = None
     release_freed()
     return result, pairs

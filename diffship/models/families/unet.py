@@ -71,14 +71,24 @@ def call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str
 
 
 def cache_features(config: dict[str, Any], depth: int) -> TensorSpec:
-    """The deep features a shallow step reuses at `depth` (1: the outermost block pair alone is run again): the output
-    of up block -(depth + 1), at the resolution of down block depth - 1 (`unet_cache`)."""
-    blocks = len(config["block_out_channels"])
-    if not 1 <= depth < blocks:
-        raise DiffshipError(f"deep_cache depth {depth} must be 1 to {blocks - 1} for this UNet ({blocks} blocks).")
-    factor = 2 ** (depth - 1)
-    sides = ("height", "width") if factor == 1 else (f"height_{factor}", f"width_{factor}")
-    return TensorSpec("cached_features", "float32", ("batch", config["block_out_channels"][depth], *sides))
+    """The hidden state a shallow step reuses at `depth` (`unet_cache`): the one entering the up layer that takes skip
+    connection r_depth. At a block's first layer that is the block before it's output (after its upsampler), else
+    the block's own width; its resolution is the block's."""
+    channels = list(config["block_out_channels"])
+    layers = config.get("layers_per_block", 2)
+    per_block = [(layers[-1 - i] if isinstance(layers, list) else layers) + 1 for i in range(len(channels))]
+    if not 1 <= depth <= sum(per_block) - 1:
+        raise DiffshipError(f"deep_cache depth {depth} must be 1 to {sum(per_block) - 1} for this UNet (its skip "
+                            "connections after conv_in).")
+    cut = sum(per_block) - 1 - depth  # the up layer that takes r_depth, counted over the whole up path
+    for i, count in enumerate(per_block):
+        if cut < count:
+            width = (channels[-1] if i == 0 else channels[-i]) if cut == 0 else channels[-1 - i]
+            factor = 2 ** (len(channels) - 1 - i)
+            sides = ("height", "width") if factor == 1 else (f"height_{factor}", f"width_{factor}")
+            return TensorSpec("cached_features", "float32", ("batch", width, *sides))
+        cut -= count
+    raise AssertionError("unreachable: the cut is within the up path")
 
 
 def _wrap_cache(name: str) -> Any:

@@ -1,20 +1,22 @@
 """Deep-feature caching (DeepCache, Ma et al. 2023) over diffusers' UNet2DConditionModel, as two exportable graphs.
 
-A UNet's outer blocks see the latents at full resolution and change quickly from step to step; its deep blocks change
-slowly. The *caching* graph is the whole UNet with one more output, the hidden state entering the last `depth` up
-blocks; the *shallow* graph runs only the outer part (conv_in, the first `depth` down blocks, the last `depth` up
-blocks, conv_out) and takes that hidden state, computed at an earlier step, as an input. Both follow
-`UNet2DConditionModel.forward` for the inputs a diffusion pipeline gives it (no ControlNet residuals, adapters, GLIGEN
-or masks), through the model's own embedding helpers, so they compute what the model computes: the shallow graph fed
-the caching graph's features of the same call returns the UNet's output.
+A UNet's outer layers see the latents at full resolution and change quickly from step to step; its deep ones change
+slowly. Its down path leaves skip connections r0 (conv_in's output), r1, r2, ... (each down layer's output, each
+downsampler's), which its up path takes back in reverse. At `depth` d the *shallow* graph runs conv_in and the down
+layers up to r_d, then the up layers that take r_d ... r0 (the last d + 1 of them), starting from the hidden state that
+enters the first of those, computed at an earlier step; the *caching* graph is the whole UNet, also returning that
+hidden state. Depth 1 is DeepCache's shallowest branch (SD 1.5: one ResNet + attention down, two up); the last up
+block's whole (SD 1.5) is depth 2.
 
-DeepCache's own code patches the UNet's forward at run time; diffship exports the two halves instead, so any target
-runs them.
+Both run the UNet layer by layer as diffusers' blocks do (`CrossAttnDownBlock2D`, `UpBlock2D`, ...: ResNet, then
+attention; skip connections concatenated before each up ResNet; down- and upsamplers), through the model's own
+embedding helpers, for the inputs a diffusion pipeline gives it (no ControlNet residuals, adapters, GLIGEN, FreeU or
+masks): the shallow graph fed the caching graph's features of the same call returns the UNet's output exactly
+(tests/test_accelerations.py). DeepCache's own code patches the UNet's forward at run time; diffship exports the two
+halves instead, so any target runs them.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -32,32 +34,51 @@ def _embed(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, encode
     return emb, states
 
 
-def _down(unet: nn.Module, blocks: Any, sample: torch.Tensor, emb: torch.Tensor,
-          states: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    residuals = (sample,)
-    for block in blocks:
-        if getattr(block, "has_cross_attention", False):
-            sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=states)
-        else:
-            sample, res = block(hidden_states=sample, temb=emb)
-        residuals += res
-    return sample, residuals
+def _layer(block: nn.Module, j: int, hidden: torch.Tensor, emb: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """Layer j of a block: its ResNet, then its attention where it has one."""
+    hidden = block.resnets[j](hidden, emb)
+    attentions = getattr(block, "attentions", None)
+    if attentions is not None:
+        hidden = attentions[j](hidden, encoder_hidden_states=states, return_dict=False)[0]
+    return hidden
 
 
-def _up(blocks: Any, sample: torch.Tensor, residuals: tuple[torch.Tensor, ...], emb: torch.Tensor,
-        states: torch.Tensor, upsample_sizes: bool, last: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Run up `blocks`, each taking its skip connections from the end of `residuals`; `last`: the final one of these
-    is the UNet's final up block (no upsampler size to forward)."""
-    for i, block in enumerate(blocks):
-        take = len(block.resnets)
-        res, residuals = residuals[-take:], residuals[:-take]
-        size = residuals[-1].shape[2:] if upsample_sizes and not (last and i == len(blocks) - 1) else None
-        if getattr(block, "has_cross_attention", False):
-            sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=states,
-                           upsample_size=size)
-        else:
-            sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, upsample_size=size)
-    return sample, residuals
+def _down(unet: nn.Module, sample: torch.Tensor, emb: torch.Tensor, states: torch.Tensor,
+          until: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """conv_in and the down path, layer by layer: the last hidden state and the skip connections r0, r1, ...
+    (stopping once r_until is made)."""
+    hidden = unet.conv_in(sample)
+    residuals = [hidden]
+    for block in unet.down_blocks:
+        for j in range(len(block.resnets)):
+            if until is not None and len(residuals) > until:
+                return hidden, residuals
+            hidden = _layer(block, j, hidden, emb, states)
+            residuals.append(hidden)
+        for downsampler in block.downsamplers or ():
+            if until is not None and len(residuals) > until:
+                return hidden, residuals
+            hidden = downsampler(hidden)
+            residuals.append(hidden)
+    return hidden, residuals
+
+
+def _up(unet: nn.Module, hidden: torch.Tensor, residuals: list[torch.Tensor], emb: torch.Tensor, states: torch.Tensor,
+        sizes: bool, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Up layers `start` (counted over the whole up path) to `stop` (exclusive), each concatenating the last skip
+    connection left in `residuals` before its ResNet, each block's upsampler after its last layer."""
+    k = 0
+    for block in unet.up_blocks:
+        for j in range(len(block.resnets)):
+            if start <= k and (stop is None or k < stop):
+                hidden = _layer(block, j, torch.cat([hidden, residuals.pop()], dim=1), emb, states)
+            k += 1
+        if start < k and (stop is None or k <= stop) and block.upsamplers is not None:
+            # the UNet forwards the next skip connection's size where a side does not divide evenly
+            size = residuals[-1].shape[2:] if sizes and residuals else None
+            for upsampler in block.upsamplers:
+                hidden = upsampler(hidden, size)
+    return hidden
 
 
 def _out(unet: nn.Module, sample: torch.Tensor) -> torch.Tensor:
@@ -67,16 +88,19 @@ def _out(unet: nn.Module, sample: torch.Tensor) -> torch.Tensor:
 
 
 def _upsample_sizes(unet: nn.Module, sample: torch.Tensor) -> bool:
-    # the UNet forwards its skip connections' sizes to the upsamplers where a side is not a multiple of its factor
     factor = 2 ** unet.num_upsamplers
     return any(side % factor != 0 for side in sample.shape[-2:])
 
 
+def _up_layers(unet: nn.Module) -> int:
+    return sum(len(block.resnets) for block in unet.up_blocks)
+
+
 def check_depth(unet: nn.Module, depth: int) -> None:
-    """A depth the UNet has: at least one outer block pair, fewer than all its up blocks."""
-    if not 1 <= depth < len(unet.up_blocks):
-        raise ValueError(f"deep-cache depth {depth} must be 1 to {len(unet.up_blocks) - 1} for this UNet "
-                         f"({len(unet.up_blocks)} up blocks)")
+    """A depth the UNet has: at least one skip connection after conv_in, never the mid block."""
+    deepest = _up_layers(unet) - 1
+    if not 1 <= depth <= deepest:
+        raise ValueError(f"deep-cache depth {depth} must be 1 to {deepest} for this UNet")
 
 
 class CachingUNet(nn.Module):
@@ -95,19 +119,19 @@ class CachingUNet(nn.Module):
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         sizes = _upsample_sizes(unet, sample)
         emb, states = _embed(unet, sample, timestep, encoder_hidden_states, added)
-        hidden, residuals = _down(unet, unet.down_blocks, unet.conv_in(sample), emb, states)
+        hidden, residuals = _down(unet, sample, emb, states)
         if unet.mid_block is not None:
             hidden = unet.mid_block(hidden, emb, encoder_hidden_states=states) \
                 if getattr(unet.mid_block, "has_cross_attention", False) else unet.mid_block(hidden, emb)
-        deep, shallow = unet.up_blocks[:-self.depth], unet.up_blocks[-self.depth:]
-        features, residuals = _up(deep, hidden, residuals, emb, states, sizes, last=False)
-        out, _ = _up(shallow, features, residuals, emb, states, sizes, last=True)
+        cut = _up_layers(unet) - 1 - self.depth  # the up layer that takes r_depth
+        features = _up(unet, hidden, residuals, emb, states, sizes, stop=cut)
+        out = _up(unet, features, residuals, emb, states, sizes, start=cut)
         return _out(unet, out), features.clone()  # a copy: ONNX needs each graph output to be its own value
 
 
 class ShallowUNet(nn.Module):
-    """The UNet's outer `depth` blocks on cached deep features: (sample, timestep, encoder_hidden_states[,
-    text_embeds, time_ids], cached_features) -> out_sample."""
+    """The UNet's outer layers on cached deep features: (sample, timestep, encoder_hidden_states[, text_embeds,
+    time_ids], cached_features) -> out_sample."""
 
     def __init__(self, unet: nn.Module, conditioned: bool, depth: int):
         super().__init__()
@@ -118,12 +142,8 @@ class ShallowUNet(nn.Module):
                 *rest: torch.Tensor) -> torch.Tensor:
         unet = self.unet
         added = {"text_embeds": rest[0], "time_ids": rest[1]} if self.conditioned else None
-        features = rest[-1]
         sizes = _upsample_sizes(unet, sample)
         emb, states = _embed(unet, sample, timestep, encoder_hidden_states, added)
-        # the outer down blocks' skip connections: exactly those the last `depth` up blocks take (their last
-        # downsampler's output feeds a deep block and is left out of the graph as dead code)
-        taken = sum(len(block.resnets) for block in unet.up_blocks[-self.depth:])
-        _, residuals = _down(unet, unet.down_blocks[:self.depth], unet.conv_in(sample), emb, states)
-        out, _ = _up(unet.up_blocks[-self.depth:], features, residuals[:taken], emb, states, sizes, last=True)
+        _, residuals = _down(unet, sample, emb, states, until=self.depth)
+        out = _up(unet, rest[-1], residuals, emb, states, sizes, start=_up_layers(unet) - 1 - self.depth)
         return _out(unet, out)
