@@ -190,4 +190,7 @@ def test_accelerations_a_build_cannot_run_are_refused(built: Path, tmp_path: Pat
     said = CliRunner().invoke(app, ["build", "--model", "tiny-sd3", "--accelerate", "deep-cache", "--out",
                                     str(tmp_path / "c")])
     assert said.exit_code == 2 and "not available for the" in said.output, said.output
-    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    said = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--accelerate",
+                                    f"vae-decoder:path={builtin_folder('tiny-sd') / 'unet'}", "--out", str(tmp_path / "d")])
+    assert said.exit_code == 2 and "holds a 'UNet2DConditionModel'" in said.output, said.output
+    assert not any((tmp_path / name).exists() for name in "bcd")
