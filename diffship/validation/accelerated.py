@@ -57,6 +57,12 @@ def measure(deployed: DeployedPipeline, samples: list[Sample], baseline_images: 
                 + (f", prompt accuracy {row['quality']['prompt_accuracy']:.3f}" if "quality" in row else "")
                 + f" -> {'within' if row['within_budget'] else 'OUTSIDE'} the budget")
         rows.append(row)
+    timed = plan.validation.latency.enabled and (not reference.staged or reference.pipeline_timings)
+    if not timed:  # latency off: the rows' quality is measured, nothing is timed (and nothing recommended)
+        say("      not timed: latency is off in this recipe, so no row can be recommended")
+        return {"budget": budget.model_dump(), "baseline_image_time": None, "bf16_image_time": None,
+                "timing": None, "rows": [row | {"image_time": None, "speedup": None, "speedup_fastest": None}
+                                         for row in rows]}
     timing = image_times(deployed, samples[0], reference, plan, combos, say)
     for row in rows:
         row["image_time"] = timing["sets"][row["accelerations"]]

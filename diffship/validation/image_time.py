@@ -33,11 +33,12 @@ def table(report: dict[str, Any]) -> Table | None:
     for row in rows:
         t = row["image_time"]
         quality = row.get("quality")
+        timed = (f"{t['p50_s']:.2f} / {t['min_s']:.2f} s", f"{row['speedup']:.2f}x / {row['speedup_fastest']:.2f}x") \
+            if t else ("not timed", "-")
         chosen = row["set"] == best.get("set") and row["accelerations"] == best.get("label")
         lines.append([row["set"], row["accelerations"], "approximate" if row["approximate"] else "exact (gates)",
                       _db(row.get("min_psnr_db")), _ssim(row.get("min_ssim")),
-                      f"{quality['prompt_accuracy']:.3f}" if quality else "-",
-                      f"{t['p50_s']:.2f} / {t['min_s']:.2f} s", f"{row['speedup']:.2f}x / {row['speedup_fastest']:.2f}x",
+                      f"{quality['prompt_accuracy']:.3f}" if quality else "-", *timed,
                       "pass" if row["eligible"] else "FAIL", "recommended" if chosen else ""])
     return (f"Whole image against PyTorch FP32 (p50 / fastest call; budget: PSNR >= {budget['min_psnr']} dB, "
             f"SSIM >= {budget['min_ssim']}, prompt accuracy within {budget['max_accuracy_drop']} points)",
@@ -48,7 +49,7 @@ def table(report: dict[str, Any]) -> Table | None:
 def chart(report: dict[str, Any]) -> bytes | None:
     """PNG: whole-image speedup (fastest calls, which rank the rows) against the worst image's PSNR for every row,
     the budget's PSNR as a line, exact rows filled, approximate ones hollow, the recommended one ringed."""
-    rows = candidates(report["sets"])
+    rows = [r for r in candidates(report["sets"]) if r["speedup_fastest"]]
     if not rows:
         return None
     import matplotlib  # start-up time: matplotlib
