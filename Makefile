@@ -71,6 +71,8 @@ bench-sdxl: setup
 # sparse file (BENCH_VOLUME, made and mounted by benchmarks/reflink_volume.sh; needs root): the sparse file takes what
 # is written, so one of the two at a time on a disk with 73 GB free.
 BENCH_VOLUME ?= /work/bench-volume
+# a commit to run the full-size transformer builds on (benchmarks/pinned.sh: a resumed build needs the code that began it)
+PIN ?=
 bench-flux: setup
 	sh benchmarks/reflink_volume.sh $(BENCH_VOLUME).img $(BENCH_VOLUME)
 	DIFFSHIP_MEMORY_GIB=20 $(BIN)/python benchmarks/dit_streaming.py --model flux-arch --short-t5 --size 512 \
@@ -78,7 +80,8 @@ bench-flux: setup
 
 bench-sd35m: setup
 	sh benchmarks/reflink_volume.sh $(BENCH_VOLUME).img $(BENCH_VOLUME)
-	$(BIN)/python benchmarks/build_matrix.py --recipe benchmarks/recipes/sd35m-20gib.toml \
+	$(if $(PIN),sh benchmarks/pinned.sh $(PIN)) $(abspath $(BIN))/python benchmarks/build_matrix.py \
+		--recipe benchmarks/recipes/sd35m-20gib.toml \
 		--group onnxruntime:fp32+int8,openvino:bf16+int8-hybrid --cache $(BENCH_VOLUME)/cache \
 		--out $(BENCH_VOLUME)/sd35m --json $(BENCH_VOLUME)/sd35m.json --cgroup-gib 20
 
