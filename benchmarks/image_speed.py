@@ -55,7 +55,9 @@ def main() -> None:
     rows = rows_to_time(args.build, args.all)
     baseline = Baseline(folder, False, print, v.get("scheduler"), v.get("scheduler_config") or {})
     reference = LiveReference(baseline.get(), folder, SimpleNamespace(inputs=None))  # text-to-image: no task inputs
-    pipes = {key: DeployedPipeline.load(args.build, *key.split("-", 1)) for key in dict.fromkeys(k for k, _, _ in rows)}
+    sets = manifest["artifacts"]
+    pipes = {key: DeployedPipeline.load(args.build, sets[key]["target"], sets[key]["precision"])
+             for key in dict.fromkeys(k for k, _, _ in rows)}
     first = next(iter(pipes.values()))
     height, width = v.get("height") or first.native_resolution[0], v.get("width") or first.native_resolution[1]
     s = Sample(v["prompts"][0], v["seeds"][0], v.get("negative_prompt"), height, width, v["steps"], v["guidance_scale"])
@@ -102,7 +104,8 @@ def main() -> None:
 
 
 def split(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """The medians of a side's text encoding, denoising steps and decode (diffusers' side: the steps it reports)."""
+    """The medians of a side's text encoding, denoising steps and decode (diffusers' side: the steps its callback
+    sees, which leave out the first)."""
     import numpy as np
 
     keys = [k for k in ("text_encode", "decode") if all(k in r for r in runs)]

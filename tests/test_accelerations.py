@@ -180,6 +180,28 @@ def test_generate_draws_with_the_recommended_accelerations_unless_told_otherwise
     assert not np.array_equal(default, _generate(built, tmp_path / "none.png", "none"))
 
 
+def test_a_lora_at_run_time_reaches_the_deep_cache_graphs(built: Path, tmp_path: Path):
+    """The recommended accelerations run the caching and shallow graphs, not the UNet: a LoRA given to generate must
+    patch them as it patches the UNet, or the steps would draw the base model."""
+    from lora_files import kohya_lora
+
+    from diffship.models.lora import LoraSpec
+    from diffship.runtime.lora import runtime_changes
+    from diffship.store.manifest import open_artifacts
+
+    lora = kohya_lora(builtin_folder("tiny-sd"), tmp_path / "lora.safetensors")
+    changes = runtime_changes(open_artifacts(built, "onnxruntime", "fp32"), [LoraSpec(lora, 1.0)])
+    assert {"unet", "caching_unet_d1", "shallow_unet_d1"} <= set(changes)
+    # the shallow graph holds the outer layers' weights only: the changes that have a weight there to land on
+    assert 0 < len(changes["shallow_unet_d1"]) < len(changes["caching_unet_d1"]) == len(changes["unet"])
+    plain = _generate(built, tmp_path / "plain.png")
+    said = CliRunner().invoke(app, ["generate", str(built), "-p", "a red bicycle", "--steps", "10", "-g", "6",
+                                    "--height", "64", "--width", "64", "--lora", str(lora), "--out",
+                                    str(tmp_path / "lora.png")])
+    assert said.exit_code == 0, said.output
+    assert not np.array_equal(plain, np.asarray(Image.open(tmp_path / "lora.png").convert("RGB")))
+
+
 def test_accelerations_a_build_cannot_run_are_refused(built: Path, tmp_path: Path, model_cache):
     said = CliRunner().invoke(app, ["generate", str(built), "-p", "x", "--accelerate", "deep-cache:depth=2",
                                     "--out", str(tmp_path / "o.png")])
@@ -189,8 +211,12 @@ def test_accelerations_a_build_cannot_run_are_refused(built: Path, tmp_path: Pat
     assert said.exit_code == 2 and "depth 9 must be 1 to 5" in said.output, said.output
     said = CliRunner().invoke(app, ["build", "--model", "tiny-sd3", "--accelerate", "deep-cache", "--out",
                                     str(tmp_path / "c")])
-    assert said.exit_code == 2 and "not available for the" in said.output, said.output
+    assert said.exit_code == 2 and "runs diffusers' (not yet accelerated)" in said.output, said.output
     said = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--accelerate",
                                     f"vae-decoder:path={builtin_folder('tiny-sd') / 'unet'}", "--out", str(tmp_path / "d")])
     assert said.exit_code == 2 and "holds a 'UNet2DConditionModel'" in said.output, said.output
-    assert not any((tmp_path / name).exists() for name in "bcd")
+    fixed = tmp_path / "fixed.toml"
+    fixed.write_text('[shapes]\nbatch = [1, 1]\nheight = [64, 64]\nwidth = [64, 64]\n[accelerations]\nguidance = {}\n')
+    said = CliRunner().invoke(app, ["build", str(fixed), "--model", "tiny-sd", "--out", str(tmp_path / "e")])
+    assert said.exit_code == 2 and "[shapes] pins its batch to both halves" in said.output, said.output
+    assert not any((tmp_path / name).exists() for name in "bcde")

@@ -121,21 +121,28 @@ def generate(
 
 def _accelerations(manifest: Any, backend: str | None, precision: str | None,
                    values: list[str] | None) -> tuple[str | None, str | None, Any]:
-    """The set and accelerations to generate with: `--accelerate` where given; else the build's recommended
-    accelerations when the set asked for is its recommended one (or none was asked for, which picks it)."""
+    """The set and accelerations to generate with: with no set asked for, the build's recommended one (or the first
+    where it has none); `--accelerate` where given, else the recommended accelerations when the set is the
+    recommended one."""
+    from pydantic import ValidationError  # start-up time: pydantic
+
     from diffship.accelerations import Accelerations, parse_accelerations  # start-up time: pydantic
 
-    if values:
-        return backend, precision, parse_accelerations(values)
     best = manifest.recommended
     chosen = manifest.artifacts.get(best["set"]) if best else None
     if chosen is None or (backend or chosen.target) != chosen.target or (precision or chosen.precision) != chosen.precision:
-        return backend, precision, Accelerations()
-    accelerations = Accelerations.model_validate(best["accelerations"])
-    if accelerations.active:
-        console.print(f"Using the build's recommended {chosen.target} {chosen.precision} set with {accelerations.label} "
-                      f"({best['pipeline_speedup']:.2f}x PyTorch FP32 within its quality budget; --accelerate none "
-                      "to turn them off)")
+        return backend, precision, parse_accelerations(values or [])
+    if values:
+        return chosen.target, chosen.precision, parse_accelerations(values)
+    try:
+        accelerations = Accelerations.model_validate(best["accelerations"])
+    except ValidationError as exc:
+        raise DiffshipError(f"The manifest's recommended accelerations cannot be read ({exc.errors()[0]['msg']}): "
+                            "generate with --accelerate.") from None
+    console.print(f"Using the build's recommended {chosen.target} {chosen.precision} set"
+                  + (f" with {accelerations.label}" if accelerations.active else "")
+                  + f" ({best['pipeline_speedup']:.2f}x PyTorch FP32 within its quality budget"
+                  + ("; --accelerate none to turn them off)" if accelerations.active else ")"))
     return chosen.target, chosen.precision, accelerations
 
 

@@ -31,7 +31,7 @@ from diffship.models.families import (
 from diffship.models.specs import Dim, TensorSpec
 
 __all__ = ["CLIENT_OUTPUTS", "ComponentSpec", "Dim", "TensorSpec", "cache_specs", "component_specs", "run_torch",
-           "wrap"]
+           "with_cache_specs", "wrap"]
 
 TRACE_TOKENS = 16  # the variable text tokens an export traces with (`ComponentSpec.trace_sequence`)
 
@@ -321,6 +321,28 @@ def cache_specs(denoiser: ComponentSpec, folder: Path, depth: int) -> list[Compo
                     role="caching_denoiser", cache_depth=depth),
             replace(denoiser, name=declared.shallow(depth), inputs=(*denoiser.inputs, features),
                     role="shallow_denoiser", cache_depth=depth)]
+
+
+def with_cache_specs(specs: list[ComponentSpec], folder: Path, accelerations: Any) -> list[ComponentSpec]:
+    """`specs` and, where `accelerations` cache deep features, the denoiser's two graphs for it."""
+    cache = accelerations.deep_cache
+    if cache is None:
+        return specs
+    return [*specs, *cache_specs(next(s for s in specs if s.is_denoiser), folder, cache.depth)]
+
+
+def modules_used(spec: ComponentSpec, module: nn.Module) -> set[str]:
+    """Names (in `module`) of the submodules `spec`'s wrapper runs, found by running it once at its smallest size:
+    a graph of part of a module (deep-feature caching's shallow one) holds only their weights."""
+    ran: set[nn.Module] = set()
+    hooks = [m.register_forward_hook(lambda mod, *_: ran.add(mod)) for m in module.modules()]
+    side = spec.vae_scale * spec.latent_multiple
+    try:
+        run_torch(wrap(spec, module), spec, spec.sample_inputs(1, side, side))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name for name, m in module.named_modules() if m in ran}
 
 
 def _caching_side(side: str) -> Callable[[nn.Module, ComponentSpec], nn.Module]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from diffship.errors import DiffshipError
-from diffship.models.components import component_specs
+from diffship.models.components import component_specs, modules_used, with_cache_specs
 from diffship.models.families import detect_family
 from diffship.models.loading import load_component
 from diffship.models.lora import LoraSpec, lora_targets, merge
@@ -33,8 +33,10 @@ def runtime_changes(artifacts: ArtifactSet, loras: list[LoraSpec],
         raise DiffshipError(f"No LoRA at run time for {artifacts.target} {artifacts.precision}: {reason}.")
     recipe = Recipe.model_validate(read_json(artifacts.root / MANIFEST_NAME)["recipe"])
     folder = recipe_source(recipe, [], say).folder
-    weighted = ("denoiser", "controlled_denoiser", "text_encoder")  # what LoRAs patch (never the VAE or ControlNets)
-    specs = [s for s in component_specs(folder) if s.name in artifacts.components and s.role in weighted]
+    # what LoRAs patch (never the VAE or ControlNets): the denoiser's graphs, deep-feature caching's two included
+    weighted = ("denoiser", "controlled_denoiser", "caching_denoiser", "shallow_denoiser", "text_encoder")
+    specs = [s for s in with_cache_specs(component_specs(folder), folder, recipe.accelerations)
+             if s.name in artifacts.components and s.role in weighted]
     modules = {s.module: load_component(folder, s.module, recipe.allow_pickle) for s in specs}
     denoiser = detect_family(folder).denoiser.component
     before: dict[tuple[str, str], object] = {}
@@ -44,8 +46,11 @@ def runtime_changes(artifacts: ArtifactSet, loras: list[LoraSpec],
         merge(modules, spec, denoiser, recipe.allow_pickle)
     by_component: dict[str, list[Change]] = {}
     for s in specs:
+        # a graph of part of the denoiser (the shallow deep-cache one) holds only the weights it runs
+        used = modules_used(s, modules[s.module]) if s.role == "shallow_denoiser" else None
         changed = [Change(f"{s.module}:{name}", old, modules[s.module].get_submodule(name).weight.detach().numpy())
-                   for (module, name), old in sorted(before.items()) if module == s.module]
+                   for (module, name), old in sorted(before.items())
+                   if module == s.module and (used is None or name in used)]
         if changed:
             by_component[s.name] = changed
     return by_component

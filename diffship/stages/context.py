@@ -13,7 +13,7 @@ from typing import Any
 
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import select_specs
-from diffship.models.components import ComponentSpec, cache_specs, component_specs
+from diffship.models.components import ComponentSpec, component_specs, with_cache_specs
 from diffship.models.decoder_folder import decoder_spec, with_decoder
 from diffship.models.families import Family, controlnets_in, detect_family, family_named, tasks_of
 from diffship.models.lora import LoraSpec
@@ -96,6 +96,33 @@ def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict
                         recipe.accelerations, recipe.budget)
 
 
+def shapes_fixed_in(recipe: Recipe) -> bool:
+    """Whether the recipe's [shapes] pin batch, height and width to one value each."""
+    sides = (recipe.shapes.batch, recipe.shapes.height, recipe.shapes.width)
+    return all(side is not None and side[0] == side[1] for side in sides)
+
+
+def check_accelerations(recipe: Recipe, family: Family, fixed: bool) -> None:
+    """What the recipe's accelerations cannot run with, said before any work: a family whose loop is diffusers' (the
+    steps are diffusers' own), ControlNets (their loop is not accelerated), and truncated guidance on a denoiser built
+    for the guided batch only (fixed shapes, or a target that pins them)."""
+    a = recipe.accelerations
+    if not a.active:
+        return
+    if family.loop == "diffusers":
+        raise DiffshipError(f"Accelerations ({a.label}) run in diffship's own denoising loop; a {family.title} model "
+                            "runs diffusers' (not yet accelerated).")
+    if recipe.controlnets:
+        raise DiffshipError(f"Accelerations ({a.label}) do not combine with ControlNets yet: build without one or the "
+                            "other.")
+    pinned = [t.name for t in recipe.targets if get_target(t.name, False).PINNED_SHAPES]
+    if a.guidance is not None and (fixed or pinned):
+        where = f"the target(s) {', '.join(pinned)} pin" if pinned else "[shapes] pins"
+        raise DiffshipError(f"Truncated guidance runs the denoiser on the text half alone (batch 1 per image), but "
+                            f"{where} its batch to both halves: drop `guidance` from [accelerations]"
+                            + ("" if pinned else ", or let [shapes] batch range over 1 to 2") + ".")
+
+
 @dataclass
 class Context:
     """What every stage of one build reads: the resolved (and compressed) model, its components, shapes and plan, the
@@ -147,8 +174,8 @@ def outline(recipe: Recipe, say: Say | None = None, installed: bool = True) -> O
         raise DiffshipError(
             f"A build validates images end to end, so it needs {', '.join(needed)}; the recipe leaves out "
             f"{', '.join(missing)}. To export and check single components use `diffship export -c` and `diffship validate`.")
-    if (cache := recipe.accelerations.deep_cache) is not None:  # deep-feature caching's two graphs, built as components
-        specs = [*specs, *cache_specs(next(s for s in specs if s.is_denoiser), source.folder, cache.depth)]
+    check_accelerations(recipe, family, shapes_fixed_in(recipe))
+    specs = with_cache_specs(specs, source.folder, recipe.accelerations)  # deep-feature caching's graphs: components
     if recipe.accelerations.vae_decoder is not None:
         specs = [*specs, decoder_spec(next(s for s in specs if s.role == "vae_decoder"))]
     shapes, plan = plan_shapes(recipe, specs[0], source.folder)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from diffship.errors import DiffshipError
-from diffship.models.components import ComponentSpec, component_specs, wrap
+from diffship.models.components import ComponentSpec, component_specs, modules_used, with_cache_specs, wrap
 from diffship.models.families import detect_family
 from diffship.models.loading import load_component
 from diffship.models.lora import LoraSpec, check_file, lora_targets
@@ -131,7 +131,7 @@ def apply_loras(build: Path, loras: list[LoraSpec], out: Path, wanted: list[dict
     prepare_output_dir(out, overwrite=False)
 
     before, after = recipe_source(recipe, [], say), recipe_source(recipe, loras, say)
-    specs = {s.name: s for s in component_specs(after.folder)}
+    specs = {s.name: s for s in with_cache_specs(component_specs(after.folder), after.folder, recipe.accelerations)}
     weighted = [m for m in dict.fromkeys(s.module for s in specs.values() if s.role in ("denoiser", "text_encoder"))]
     say(f"Finding the weights {len(loras)} LoRA(s) change ...")
     changes, merged = weight_changes(before.folder, after.folder, loras, weighted, recipe.allow_pickle)
@@ -153,9 +153,13 @@ def apply_loras(build: Path, loras: list[LoraSpec], out: Path, wanted: list[dict
             for component, component_record in record.components.items():
                 module = specs[component].module if component in specs else component
                 if module in changes:
-                    say(f"[patch {key}] {component}: {len(changes[module])} weights")
+                    wanted_changes = changes[module]
+                    if component in specs and specs[component].role == "shallow_denoiser":  # holds part of the UNet
+                        used = modules_used(specs[component], merged[module])
+                        wanted_changes = [c for c in wanted_changes if c.name.split(":", 1)[1] in used]
+                    say(f"[patch {key}] {component}: {len(wanted_changes)} weights")
                     landed = backend.patch_weights(build / component_record.path, tmp / component_record.path,
-                                                   changes[module])
+                                                   wanted_changes)
                     patched[component] = len(landed)
                 _copy_files(build, tmp, [f.path for f in component_record.files])
                 if module in changes:
@@ -226,6 +230,7 @@ def _manifest(raw: dict[str, Any], after: ModelSource, recipe: Recipe, records: 
     modules = {m: cache.folder_hash(after.folder / m) for m in raw["source"].get("modules", {})}
     source = {k: v for k, v in raw["source"].items() if k not in ("loras", "weights", "variant")}
     source |= {"folder": str(after.folder), "modules": modules, "sha256": cache.key(**modules), **weights_of(after)}
+    raw = {k: v for k, v in raw.items() if k != "recommended"}  # measured on the weights before the LoRA
     return {**raw, "created": report["created"], "source": source, "recipe": recipe.model_dump(mode="json"),
             "artifacts": records, "cache": {},
             "lora_apply": {"from": report["from"], "loras": report["loras"], "seconds": report["seconds"],

@@ -27,6 +27,7 @@ DECLARATIONS: dict[str, Any] = {
     "PATCH_REFUSAL": "this target cannot patch weights in place: rebuild with --lora",
     "STAGE_RESOURCES": {},  # stage -> the farm's custom resource it needs ("accelerator", "macos")
     "CLIENT_OUTPUTS_KEPT": True,  # whether its sets keep outputs only the clients read (optimum's layout)
+    "PINNED_SHAPES": False,  # whether its denoiser serves only the guided batch it was built for (no batch 1 after)
 }
 # Optional hooks: the parameters each takes (checked against the module's) and what the default does.
 HOOKS: dict[str, tuple[str, ...]] = {
@@ -105,6 +106,10 @@ class Target:
     @property
     def STAGE_RESOURCES(self) -> dict[str, str]:
         return dict(self._declared("STAGE_RESOURCES"))
+
+    @property
+    def PINNED_SHAPES(self) -> bool:
+        return bool(self._declared("PINNED_SHAPES"))
 
     @property
     def CLIENT_OUTPUTS_KEPT(self) -> bool:

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
 
 NAME = "coreml"
+PINNED_SHAPES = True  # the denoiser at the guided batch of each shape it was built for
 PATCH_REFUSAL = ("Core ML packages keep their weights in the package's own weight blob, converted (and often "
                  "compressed) by coremltools, which offers no in-place update of converted weights: rebuild with --lora")
 PRECISIONS = tuple(COMPRESSION)

@@ -32,6 +32,7 @@ NAME = "mobile"
 PRECISIONS = ("fp32", "int8")
 MODEL = "model.ort"
 OPERATORS = "required_operators.config"
+PINNED_SHAPES = True  # the denoiser at the guided batch of each shape it was built for
 PATCH_REFUSAL = "ORT-format models are written whole: rebuild with --lora"
 
 

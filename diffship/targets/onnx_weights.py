@@ -59,6 +59,13 @@ def weights_behind_casts(onnx_path: Path) -> bool:
     return upcast_bytes(onnx_path) > 0
 
 
+def as_float32(values: np.ndarray, data_type: int) -> np.ndarray:
+    """16-bit values as FP32; BF16 by its bits, which every onnx reads the same way (older ones as uint16)."""
+    if data_type == onnx.TensorProto.BFLOAT16:
+        return (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32)
+
+
 def upcast_stored(source: Path, dest: Path) -> Path:
     """`source` with each 16-bit weight read through a Cast to FP32 written as an FP32 initializer instead (the Cast
     gone: what constant folding makes of it), every external weight copied into dest's data file one tensor at a
@@ -88,11 +95,11 @@ def upcast_stored(source: Path, dest: Path) -> Path:
                 continue
             values = onnx.numpy_helper.to_array(tensor) if inline else stored_tensor(tensor, source.parent).read()
             if name in upcast:
-                values = values.astype(np.float32)
+                values = as_float32(values, tensor.data_type)
             offset = out.tell()
             out.write(np.ascontiguousarray(values).tobytes())
-            fresh = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype),
-                                     dims=values.shape, data_location=onnx.TensorProto.EXTERNAL)
+            fresh = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT if name in upcast else tensor.data_type,
+                                     dims=tensor.dims, data_location=onnx.TensorProto.EXTERNAL)
             for key, value in (("location", data.name), ("offset", offset), ("length", out.tell() - offset)):
                 fresh.external_data.add(key=key, value=str(value))
             written.append(fresh)

@@ -34,6 +34,7 @@ FILE_LIMIT = 2**31 - 1
 # wasm32's address space: a session's weights and activations live in it.
 WASM_LIMIT = 4 * 2**30
 BYTES_PER_WEIGHT = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}
+PINNED_SHAPES = True  # the denoiser at the guided batch of each shape it was built for
 PATCH_REFUSAL = "web graphs have pinned shapes and a bundled app: rebuild with --lora"
 
 

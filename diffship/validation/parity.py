@@ -18,12 +18,14 @@ import numpy as np
 import torch
 
 from diffship import __version__
+from diffship.accelerations import Accelerations
 from diffship.errors import DiffshipError
-from diffship.models.components import ComponentSpec, component_specs, run_torch, wrap
+from diffship.models.components import ComponentSpec, component_specs, run_torch, with_cache_specs, wrap
+from diffship.models.decoder_folder import MODULE, decoder_spec
 from diffship.models.source import resolve
 from diffship.models.streamed_module import reference_component
 from diffship.recipe import Recipe, Threshold
-from diffship.store.artifacts import atomic_write_json
+from diffship.store.artifacts import MANIFEST_NAME, atomic_write_json, read_json
 from diffship.store.manifest import open_artifacts, read_manifest
 from diffship.targets import Case, get_target
 from diffship.targets.runner import Runner
@@ -127,7 +129,10 @@ def validate_folder(folder: Path, target: str | None = None, components: list[st
     missing = [c for c in wanted if c not in exported]
     if missing:
         raise DiffshipError(f"{folder} has no {', '.join(missing)} artifact (it has {', '.join(exported)}).")
-    specs = [s for s in component_specs(model_folder) if s.name in wanted]
+    built_with = (read_json(folder / MANIFEST_NAME).get("recipe") or {}).get("accelerations") or {}
+    specs = [s for s in accelerated_specs(model_folder, Accelerations.model_validate(built_with)) if s.name in wanted]
+    if unknown := [c for c in wanted if c not in {s.name for s in specs}]:
+        raise DiffshipError(f"No PyTorch module to check {', '.join(unknown)} against in {model_folder}.")
     backend = get_target(artifacts.target)
     options = backend.parse_options(artifacts.options) if artifacts.options else None  # run it as the build did
     report: dict[str, Any] = {
@@ -156,3 +161,12 @@ def validate_folder(folder: Path, target: str | None = None, components: list[st
     report["passed"] = all(c["passed"] for c in report["components"].values())
     atomic_write_json(folder / PARITY_FILE, report)
     return report
+
+
+def accelerated_specs(model_folder: Path, accelerations: Accelerations) -> list[ComponentSpec]:
+    """The model's components and those the build's accelerations added (deep-feature caching's graphs, a smaller
+    decoder, whose module the recorded folder holds)."""
+    specs = with_cache_specs(component_specs(model_folder), model_folder, accelerations)
+    if accelerations.vae_decoder is not None and (model_folder / MODULE).is_dir():
+        specs.append(decoder_spec(next(s for s in specs if s.role == "vae_decoder")))
+    return specs

@@ -61,9 +61,9 @@ class LiveReference:
         """The sample through a BF16 copy of the task's pipeline (the whole-image headline's second baseline: what
         PyTorch gives with no export at all), made on first use."""
         if s.task not in self._bf16:
-            fp32 = self._task_pipe(s.task)
-            self._bf16[s.task] = type(fp32)(**{k: copy.deepcopy(v).to(torch.bfloat16) if isinstance(v, torch.nn.Module)
-                                              else v for k, v in fp32.components.items()})
+            # the whole pipeline copied, so its registered options (SDXL's force_zeros, the refiner's aesthetic score)
+            # stay; the copy lives as long as this reference, one set's validation
+            self._bf16[s.task] = copy.deepcopy(self._task_pipe(s.task)).to(torch.bfloat16)
         return run_baseline(self._bf16[s.task], s.prompt, s.negative_prompt, s.height, s.width, s.steps,
                             s.guidance_scale, s.seed, latents, task=s.task, inputs=self.plan.inputs)
 
