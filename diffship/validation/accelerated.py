@@ -92,6 +92,8 @@ def judge(table: dict[str, Any], budget: Any, result: dict[str, Any]) -> None:
             e2e = result["e2e"]
             row |= {"within_budget": result["passed"] and cosine_ok, "min_psnr_db": e2e.get("min_psnr_db"),
                     "min_ssim": e2e.get("min_ssim"), "step_cosine": steps["min_cosine"] if steps else None}
+            if "quality" in result:  # the set's own prompt accuracy, for the table beside the accelerated rows'
+                row["quality"] = {k: result["quality"][k] for k in ("prompt_accuracy", "drop_points")}
 
 
 def image_times(deployed: DeployedPipeline, s: Sample, reference: Any, plan: Any, combos: list[Accelerations],
