@@ -96,12 +96,6 @@ def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict
                         recipe.accelerations, recipe.budget)
 
 
-def shapes_fixed_in(recipe: Recipe) -> bool:
-    """Whether the recipe's [shapes] pin batch, height and width to one value each."""
-    sides = (recipe.shapes.batch, recipe.shapes.height, recipe.shapes.width)
-    return all(side is not None and side[0] == side[1] for side in sides)
-
-
 def check_accelerations(recipe: Recipe, family: Family, fixed: bool) -> None:
     """What the recipe's accelerations cannot run with, said before any work: a family whose loop is diffusers' (the
     steps are diffusers' own), ControlNets (their loop is not accelerated), and truncated guidance on a denoiser built
@@ -174,11 +168,11 @@ def outline(recipe: Recipe, say: Say | None = None, installed: bool = True) -> O
         raise DiffshipError(
             f"A build validates images end to end, so it needs {', '.join(needed)}; the recipe leaves out "
             f"{', '.join(missing)}. To export and check single components use `diffship export -c` and `diffship validate`.")
-    check_accelerations(recipe, family, shapes_fixed_in(recipe))
+    shapes, plan = plan_shapes(recipe, specs[0], source.folder)
+    check_accelerations(recipe, family, shapes_fixed(shapes))
     specs = with_cache_specs(specs, source.folder, recipe.accelerations)  # deep-feature caching's graphs: components
     if recipe.accelerations.vae_decoder is not None:
         specs = [*specs, decoder_spec(next(s for s in specs if s.role == "vae_decoder"))]
-    shapes, plan = plan_shapes(recipe, specs[0], source.folder)
     if any(get_target(t.name, installed).needs_calibration(p) for t in recipe.targets for p in t.precisions):
         check_calibration(recipe.calibration.prompts, recipe.calibration.samples)
     return Outline(source, family, specs, shapes, plan)
