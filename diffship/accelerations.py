@@ -15,12 +15,13 @@ manifest's `recommended` and the runtime's per-step plan all read these.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffship.errors import DiffshipError
 from diffship.named_settings import named_settings
@@ -66,23 +67,67 @@ class Accelerations(_Strict):
                 parts.append(f"{flag}:" + ",".join(f"{k}={v}" for k, v in fields.items()))
         return "+".join(parts) or "none"
 
-    def alone(self) -> list[Accelerations]:
-        """Each acceleration set here on its own, in declaration order."""
-        return [Accelerations(**{name: value}) for name in NAMES.values()
-                if (value := getattr(self, name)) is not None]
-
-    def combinations(self) -> list[Accelerations]:
-        """What a build measures for each set: the model's own loop, each acceleration alone, and all together."""
-        each = self.alone()
-        return [Accelerations(), *each, *([self] if len(each) > 1 else [])]
-
 
 # command-line name -> field
 NAMES = {"deep-cache": "deep_cache", "guidance": "guidance", "vae-decoder": "vae_decoder"}
 
 
-def parse_accelerations(values: list[str]) -> Accelerations:
-    """`--accelerate deep-cache:interval=3,depth=1 --accelerate guidance:until=0.5` (or `none`) as Accelerations."""
+class AccelerationGrid(_Strict):
+    """What a build measures (the recipe's `[accelerations]`): `deep_cache` and `guidance` each one setting or a list
+    of them (`deep_cache = [{ interval = 2 }, { interval = 3 }]`), so one build draws the speed / quality frontier
+    across them. Every setting runs alone, and each pairing of one setting per acceleration runs all together."""
+
+    deep_cache: tuple[DeepCache, ...] = ()
+    guidance: tuple[GuidanceTruncation, ...] = ()
+    vae_decoder: Path | None = None
+
+    @field_validator("deep_cache", "guidance", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any) -> Any:
+        return [] if value is None else value if isinstance(value, list | tuple) else [value]
+
+    @model_validator(mode="after")
+    def _one_depth(self) -> AccelerationGrid:
+        # each depth is two more exported graphs, calibrated on its own features: one per build
+        if len({c.depth for c in self.deep_cache}) > 1:
+            raise ValueError("deep_cache settings must share one depth (its two graphs are built once); "
+                             "list several intervals instead")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return bool(self.deep_cache or self.guidance or self.vae_decoder)
+
+    @property
+    def cache_depth(self) -> int | None:
+        """The depth deep-feature caching's graphs are built for (None: not asked for)."""
+        return self.deep_cache[0].depth if self.deep_cache else None
+
+    @property
+    def label(self) -> str:
+        """Every combination's label but the model's own loop, `; `-separated (`none` when nothing is asked)."""
+        return "; ".join(c.label for c in self.combinations()[1:]) or "none"
+
+    def combinations(self) -> list[Accelerations]:
+        """What a build measures for each set: the model's own loop, each setting alone (in declaration order), and
+        every pairing of one setting per acceleration where more than one acceleration is asked for."""
+        options = [[(name, v) for v in values] for name, values in (
+            ("deep_cache", self.deep_cache), ("guidance", self.guidance),
+            ("vae_decoder", (self.vae_decoder,) if self.vae_decoder is not None else ())) if values]
+        alone = [Accelerations(**{name: value}) for choices in options for name, value in choices]
+        together = [Accelerations(**dict(pick)) for pick in itertools.product(*options)] if len(options) > 1 else []
+        return [Accelerations(), *alone, *together]
+
+    def only(self, what: str) -> Accelerations:
+        """The one combination asked for (`what` names the command refusing several)."""
+        if len(self.deep_cache) > 1 or len(self.guidance) > 1:
+            raise DiffshipError(f"{what} draws with one combination of accelerations: name each one once.")
+        return self.combinations()[-1]
+
+
+def parse_accelerations(values: list[str]) -> AccelerationGrid:
+    """`--accelerate deep-cache:interval=3,depth=1 --accelerate guidance:until=0.5` (or `none`) as what to measure;
+    `deep-cache` and `guidance` may repeat, each repeat one more setting."""
     fields: dict[str, Any] = {}
     for value in values:
         name, settings = named_settings(value, "--accelerate")
@@ -91,16 +136,16 @@ def parse_accelerations(values: list[str]) -> Accelerations:
         if name not in NAMES:
             raise DiffshipError(f"--accelerate {value!r}: unknown acceleration {name!r}; choose from "
                                 f"{', '.join(NAMES)} (or none).")
-        if NAMES[name] in fields:
-            raise DiffshipError(f"--accelerate names {name} twice.")
         if name == "vae-decoder":  # a folder, not settings
+            if NAMES[name] in fields:
+                raise DiffshipError(f"--accelerate names {name} twice.")
             if set(settings) != {"path"}:
                 raise DiffshipError(f"--accelerate {value!r}: give the decoder's folder as vae-decoder:path=DIR.")
             fields[NAMES[name]] = str(settings["path"])
             continue
-        fields[NAMES[name]] = settings
+        fields.setdefault(NAMES[name], []).append(settings)
     try:
-        return Accelerations.model_validate(fields)
+        return AccelerationGrid.model_validate(fields)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise DiffshipError(f"--accelerate: {problems}") from None

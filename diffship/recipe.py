@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from diffship.accelerations import Accelerations
+from diffship.accelerations import AccelerationGrid
 from diffship.clients import NAMES as CLIENT_NAMES
 from diffship.compress.steps import Step
 from diffship.errors import DiffshipError
@@ -263,7 +263,7 @@ class Recipe(_Strict):
     int8_auto: Int8AutoRecipe = Field(default_factory=Int8AutoRecipe)
     compress: list[Step] = Field(default_factory=list)
     # pipeline accelerations measured on every set (each alone and all together), judged by `budget`
-    accelerations: Accelerations = Field(default_factory=Accelerations)
+    accelerations: AccelerationGrid = Field(default_factory=AccelerationGrid)
     budget: BudgetRecipe = Field(default_factory=BudgetRecipe)
     allow_pickle: bool = False
     # the memory the build may use, in GiB (default: what the machine has available as it starts); a stage estimated

@@ -18,8 +18,9 @@ from diffship.errors import DiffshipError
 from diffship.models.builtin import builtin_folder
 from diffship.models.components import cache_specs, component_specs, run_torch, wrap
 
-# Two caching steps and eight shallow ones, guidance on the first step only: together they draw the image with about a
-# third of the denoiser's work; the fastest of five calls per row ranks them (a busy host's slow spells stretch medians).
+# Two caching steps and eight shallow ones (interval 5), guidance on the first step only: together they draw the image
+# with about a third of the denoiser's work; interval 2 is a second point of the frontier. The fastest of five calls per
+# row ranks them (a busy host's slow spells stretch medians).
 RECIPE = """model = "tiny-sd"
 [shapes]
 batch = [1, 2]
@@ -34,7 +35,7 @@ clients = []
 runs = 2
 pipeline_runs = 5
 [accelerations]
-deep_cache = { interval = 5, depth = 1 }
+deep_cache = [{ interval = 5, depth = 1 }, { interval = 2, depth = 1 }]
 guidance = { until = 0.1 }
 vae_decoder = "taesd"
 """
@@ -92,8 +93,18 @@ def test_the_step_plan_caches_every_interval_and_truncates_guidance():
     assert [s.guided for s in plan] == [True] * 3 + [False] * 7
     assert all(not s.guided for s in step_plan(4, Accelerations(), False))
     assert parse_accelerations(["deep-cache:interval=4,depth=2", "guidance:until=0.5"]).label == \
-        "deep-cache:interval=4,depth=2+guidance:until=0.5"
+        "deep-cache:interval=4,depth=2; guidance:until=0.5; deep-cache:interval=4,depth=2+guidance:until=0.5"
     assert not parse_accelerations(["none"]).active
+    # a repeated acceleration is one more setting to measure: alone, and with each setting of the others
+    grid = parse_accelerations(["deep-cache:interval=2", "deep-cache:interval=3", "guidance:until=0.5"])
+    assert [c.label for c in grid.combinations()] == [
+        "none", "deep-cache:interval=2,depth=1", "deep-cache:interval=3,depth=1", "guidance:until=0.5",
+        "deep-cache:interval=2,depth=1+guidance:until=0.5", "deep-cache:interval=3,depth=1+guidance:until=0.5"]
+    assert grid.cache_depth == 1
+    with pytest.raises(DiffshipError, match="draws with one combination"):
+        grid.only("generate")
+    with pytest.raises(DiffshipError, match="share one depth"):
+        parse_accelerations(["deep-cache:depth=1", "deep-cache:depth=2"])
     with pytest.raises(DiffshipError, match="unknown acceleration 'tome'"):
         parse_accelerations(["tome:ratio=0.5"])
 
@@ -136,8 +147,9 @@ def test_each_acceleration_changes_the_image_by_a_measured_amount(built: Path):
     assert result["parity"]["components"]["shallow_unet_d1"]["passed"]
     rows = {r["accelerations"]: r for r in _rows(built)}
     decoder = f"vae-decoder:path={built.parent / 'taesd'}"
-    assert list(rows) == ["none", "deep-cache:interval=5,depth=1", "guidance:until=0.1", decoder,
-                          f"deep-cache:interval=5,depth=1+guidance:until=0.1+{decoder}"]
+    assert list(rows) == ["none", "deep-cache:interval=5,depth=1", "deep-cache:interval=2,depth=1", "guidance:until=0.1",
+                          decoder, f"deep-cache:interval=5,depth=1+guidance:until=0.1+{decoder}",
+                          f"deep-cache:interval=2,depth=1+guidance:until=0.1+{decoder}"]
     # a random tiny decoder draws another image altogether: far outside the budget, never recommended
     assert result["parity"]["components"]["tiny_vae_decoder"]["passed"]
     assert rows[decoder]["min_psnr_db"] < 20 and not rows[decoder]["within_budget"]
@@ -148,6 +160,8 @@ def test_each_acceleration_changes_the_image_by_a_measured_amount(built: Path):
         if label != "none":  # approximate: a PSNR a budget can fail, under what FP32 export noise gives (identical)
             assert row["approximate"] and row["min_psnr_db"] is not None and row["min_psnr_db"] < 60, row
             assert row["within_budget"] == (row["min_psnr_db"] >= 30 and row["min_ssim"] >= 0.9)
+    # caching more often keeps more of the image: the settings are points of a frontier, not one number twice
+    assert rows["deep-cache:interval=2,depth=1"]["min_psnr_db"] > rows["deep-cache:interval=5,depth=1"]["min_psnr_db"]
     assert "Whole image against PyTorch FP32" in (built / "report" / "report.md").read_text()
 
 

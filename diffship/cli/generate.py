@@ -131,9 +131,9 @@ def _accelerations(manifest: Any, backend: str | None, precision: str | None,
     best = manifest.recommended
     chosen = manifest.artifacts.get(best["set"]) if best else None
     if chosen is None or (backend or chosen.target) != chosen.target or (precision or chosen.precision) != chosen.precision:
-        return backend, precision, parse_accelerations(values or [])
+        return backend, precision, parse_accelerations(values or []).only("generate")
     if values:
-        return chosen.target, chosen.precision, parse_accelerations(values)
+        return chosen.target, chosen.precision, parse_accelerations(values).only("generate")
     try:
         accelerations = Accelerations.model_validate(best["accelerations"])
     except ValidationError as exc:

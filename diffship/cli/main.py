@@ -234,7 +234,8 @@ def build(
     controlnet: ControlnetOption = None,
     accelerate: Annotated[list[str] | None, typer.Option(
         help="Accelerations to measure on every set (replaces the recipe's [accelerations]): "
-             "deep-cache:interval=3,depth=1, guidance:until=0.5; repeat to combine, or none.")] = None,
+             "deep-cache:interval=3,depth=1, guidance:until=0.5; repeat to combine, repeat one to measure each "
+             "setting (deep-cache:interval=2 --accelerate deep-cache:interval=3), or none.")] = None,
     budget: Annotated[str | None, typer.Option(
         help="The quality an accelerated image must keep, over the recipe's [budget]: "
              "min_psnr=30,min_ssim=0.9,max_accuracy_drop=2.")] = None,

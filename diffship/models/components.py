@@ -323,12 +323,11 @@ def cache_specs(denoiser: ComponentSpec, folder: Path, depth: int) -> list[Compo
                     role="shallow_denoiser", cache_depth=depth)]
 
 
-def with_cache_specs(specs: list[ComponentSpec], folder: Path, accelerations: Any) -> list[ComponentSpec]:
-    """`specs` and, where `accelerations` cache deep features, the denoiser's two graphs for it."""
-    cache = accelerations.deep_cache
-    if cache is None:
+def with_cache_specs(specs: list[ComponentSpec], folder: Path, depth: int | None) -> list[ComponentSpec]:
+    """`specs` and, where deep features are cached down to skip connection `depth`, the denoiser's two graphs for it."""
+    if depth is None:
         return specs
-    return [*specs, *cache_specs(next(s for s in specs if s.is_denoiser), folder, cache.depth)]
+    return [*specs, *cache_specs(next(s for s in specs if s.is_denoiser), folder, depth)]
 
 
 def modules_used(spec: ComponentSpec, module: nn.Module) -> set[str]:

@@ -35,7 +35,7 @@ def runtime_changes(artifacts: ArtifactSet, loras: list[LoraSpec],
     folder = recipe_source(recipe, [], say).folder
     # what LoRAs patch (never the VAE or ControlNets): the denoiser's graphs, deep-feature caching's two included
     weighted = ("denoiser", "controlled_denoiser", "caching_denoiser", "shallow_denoiser", "text_encoder")
-    specs = [s for s in with_cache_specs(component_specs(folder), folder, recipe.accelerations)
+    specs = [s for s in with_cache_specs(component_specs(folder), folder, recipe.accelerations.cache_depth)
              if s.name in artifacts.components and s.role in weighted]
     modules = {s.module: load_component(folder, s.module, recipe.allow_pickle) for s in specs}
     denoiser = detect_family(folder).denoiser.component

@@ -28,8 +28,8 @@ class Calibration:
             "prompts": c.prompts, "samples": c.samples, "steps": c.steps_for(recipe.validation.steps),
             "height": plan.height, "width": plan.width, "guidance_scale": plan.validation.guidance_scale,
             "task": plan.tasks[0], "scheduler": [recipe.validation.scheduler, recipe.validation.scheduler_config]}
-        if recipe.accelerations.deep_cache is not None:  # its graphs' inputs too, the shallow one's features with them
-            self.settings["deep_cache_depth"] = recipe.accelerations.deep_cache.depth
+        if depth := recipe.accelerations.cache_depth:  # its graphs' inputs too, the shallow one's features with them
+            self.settings["deep_cache_depth"] = depth
         self.key = cache.key(stage="calibration", weights=module_hashes, **self.settings, versions=versions,
                              task_inputs=inputs_digest(plan.inputs) if plan.inputs is not None and (
                                  plan.task_kwargs() or "controlnet" in plan.tasks) else None)

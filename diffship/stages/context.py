@@ -110,7 +110,7 @@ def check_accelerations(recipe: Recipe, family: Family, fixed: bool) -> None:
         raise DiffshipError(f"Accelerations ({a.label}) do not combine with ControlNets yet: build without one or the "
                             "other.")
     pinned = [t.name for t in recipe.targets if get_target(t.name, False).PINNED_SHAPES]
-    if a.guidance is not None and (fixed or pinned):
+    if a.guidance and (fixed or pinned):
         where = f"the target(s) {', '.join(pinned)} pin" if pinned else "[shapes] pins"
         raise DiffshipError(f"Truncated guidance runs the denoiser on the text half alone (batch 1 per image), but "
                             f"{where} its batch to both halves: drop `guidance` from [accelerations]"
@@ -170,7 +170,7 @@ def outline(recipe: Recipe, say: Say | None = None, installed: bool = True) -> O
             f"{', '.join(missing)}. To export and check single components use `diffship export -c` and `diffship validate`.")
     shapes, plan = plan_shapes(recipe, specs[0], source.folder)
     check_accelerations(recipe, family, shapes_fixed(shapes))
-    specs = with_cache_specs(specs, source.folder, recipe.accelerations)  # deep-feature caching's graphs: components
+    specs = with_cache_specs(specs, source.folder, recipe.accelerations.cache_depth)  # deep-feature caching's graphs: components
     if recipe.accelerations.vae_decoder is not None:
         specs = [*specs, decoder_spec(next(s for s in specs if s.role == "vae_decoder"))]
     if any(get_target(t.name, installed).needs_calibration(p) for t in recipe.targets for p in t.precisions):

@@ -131,7 +131,8 @@ def apply_loras(build: Path, loras: list[LoraSpec], out: Path, wanted: list[dict
     prepare_output_dir(out, overwrite=False)
 
     before, after = recipe_source(recipe, [], say), recipe_source(recipe, loras, say)
-    specs = {s.name: s for s in with_cache_specs(component_specs(after.folder), after.folder, recipe.accelerations)}
+    specs = {s.name: s for s in with_cache_specs(component_specs(after.folder), after.folder,
+                                                        recipe.accelerations.cache_depth)}
     weighted = [m for m in dict.fromkeys(s.module for s in specs.values() if s.role in ("denoiser", "text_encoder"))]
     say(f"Finding the weights {len(loras)} LoRA(s) change ...")
     changes, merged = weight_changes(before.folder, after.folder, loras, weighted, recipe.allow_pickle)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from diffship import __version__
-from diffship.accelerations import Accelerations
+from diffship.accelerations import AccelerationGrid
 from diffship.errors import DiffshipError
 from diffship.models.components import ComponentSpec, component_specs, run_torch, with_cache_specs, wrap
 from diffship.models.decoder_folder import MODULE, decoder_spec
@@ -130,7 +130,7 @@ def validate_folder(folder: Path, target: str | None = None, components: list[st
     if missing:
         raise DiffshipError(f"{folder} has no {', '.join(missing)} artifact (it has {', '.join(exported)}).")
     built_with = (read_json(folder / MANIFEST_NAME).get("recipe") or {}).get("accelerations") or {}
-    specs = [s for s in accelerated_specs(model_folder, Accelerations.model_validate(built_with)) if s.name in wanted]
+    specs = [s for s in accelerated_specs(model_folder, AccelerationGrid.model_validate(built_with)) if s.name in wanted]
     if unknown := [c for c in wanted if c not in {s.name for s in specs}]:
         raise DiffshipError(f"No PyTorch module to check {', '.join(unknown)} against in {model_folder}.")
     backend = get_target(artifacts.target)
@@ -163,10 +163,10 @@ def validate_folder(folder: Path, target: str | None = None, components: list[st
     return report
 
 
-def accelerated_specs(model_folder: Path, accelerations: Accelerations) -> list[ComponentSpec]:
+def accelerated_specs(model_folder: Path, accelerations: AccelerationGrid) -> list[ComponentSpec]:
     """The model's components and those the build's accelerations added (deep-feature caching's graphs, a smaller
     decoder, whose module the recorded folder holds)."""
-    specs = with_cache_specs(component_specs(model_folder), model_folder, accelerations)
+    specs = with_cache_specs(component_specs(model_folder), model_folder, accelerations.cache_depth)
     if accelerations.vae_decoder is not None and (model_folder / MODULE).is_dir():
         specs.append(decoder_spec(next(s for s in specs if s.role == "vae_decoder")))
     return specs

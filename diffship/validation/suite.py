@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffship.accelerations import Accelerations
+from diffship.accelerations import AccelerationGrid
 from diffship.host.memory import release_freed
 from diffship.models.components import ComponentSpec, run_torch
 from diffship.models.families import denoiser_of
@@ -48,7 +48,7 @@ class Plan:
     denoiser_cases: tuple[Case, ...] | None = None  # when shapes are fixed, the UNet's batch is doubled under guidance
     tasks: tuple[str, ...] = ("text2img",)  # what the model is for, its main task first (`validated_tasks`)
     inputs: TaskInputs | None = None  # the init image, mask and strength of img2img and inpaint
-    accelerations: Accelerations = field(default_factory=Accelerations)  # measured on every set, each combination
+    accelerations: AccelerationGrid = field(default_factory=AccelerationGrid)  # measured on every set
     budget: BudgetRecipe = field(default_factory=BudgetRecipe)  # what an accelerated image must keep
 
     def task_kwargs(self, task: str | None = None) -> dict[str, Any]:
@@ -174,8 +174,8 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
             f"{q.min_prompt_accuracy})")
 
     if plan.accelerations.active and pairs:
-        say(f"[{label}] accelerations: {len(plan.accelerations.combinations()) - 1} combination(s) of "
-            f"{plan.accelerations.label}, each image against the baseline's, judged by the budget")
+        say(f"[{label}] accelerations: {len(plan.accelerations.combinations()) - 1} combination(s) "
+            f"({plan.accelerations.label}), each image against the baseline's, judged by the budget")
         result["accelerations"] = accelerated.measure(
             deployed, samples, [p["baseline"] for p in pairs[:len(samples)]], reference, plan,
             quality_baseline, say)
