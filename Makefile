@@ -89,7 +89,7 @@ bench-sd35m: setup
 # its recommended row timed against PyTorch FP32 eager and BF16 in one run; digits-sd's prompt accuracy under the same.
 bench-image: setup
 	$(BIN)/diffship build benchmarks/recipes/sd15-accelerated.toml --out out/bench-image
-	$(BIN)/python benchmarks/image_speed.py out/bench-image --all --json out/bench-image/speed.json
+	$(BIN)/python benchmarks/image_speed.py out/bench-image --json out/bench-image/speed.json
 	$(BIN)/diffship build benchmarks/recipes/digits-accelerated.toml --out out/bench-image-digits
 
 bench-onnxruntime: setup
