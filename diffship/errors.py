@@ -29,8 +29,8 @@ class DiskFull(DiffshipError):
         self.where, self.needed = where, needed
         place = f" while writing {public_path(where)}" if where else ""
         free = _free_bytes(Path(where)) if where else None
-        facts = [f"{_gib(free)} free there" if free is not None else "",
-                 f"it needed {_gib(needed)}" if needed is not None else ""]
+        facts = [f"{size_text(free)} free there" if free is not None else "",
+                 f"it needed {size_text(needed)}" if needed is not None else ""]
         said = "; ".join(f for f in facts if f)
         super().__init__(f"The disk is full: no space left on device{place}{f' ({said})' if said else ''}. Nothing was "
                          "left half-written. Free some space, or write somewhere with more room (--out, DIFFSHIP_CACHE).")
@@ -74,5 +74,6 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def _gib(n: int) -> str:
+def size_text(n: int) -> str:
+    """A byte count as people read it: GiB from one GiB up, MiB below."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffship.cli.main import app
+from diffship.errors import DiffshipError
 from diffship.store.manifest import open_artifacts
 
 runner = CliRunner()
@@ -82,3 +83,19 @@ def test_openvino_writing_into_a_full_disk_says_disk_full_not_an_internal_error(
     with pytest.raises(DiskFull, match="The disk is full: no space left on device while writing"):
         openvino.compile(exported("tiny-sd") / "text_encoder" / "model.onnx", "fp32", openvino.OvOptions(),
                          disk / "ir", CompileContext(spec))
+
+
+def test_an_int8_hybrid_compile_without_room_for_its_scratch_is_refused_before_it_writes(tmpfs, exported):
+    from diffship.models.components import component_specs
+    from diffship.models.source import resolve
+    from diffship.targets import CompileContext, openvino
+
+    # matmuls = "w8" writes the converted FP32 IR and its INT8 copy beside the artifact: about 5.25 bytes a weight
+    unet = exported("tiny-sd") / "unet" / "model.onnx"
+    spec = next(s for s in component_specs(resolve("tiny-sd").folder) if s.name == "unet")
+    weights = sum(p.stat().st_size for p in unet.parent.iterdir()) // 4
+    disk = tmpfs("small", f"{int(3 * weights) // 1024}k")  # room for the artifact (about 1.25 a weight), not the scratch
+    with pytest.raises(DiffshipError, match=r"writes its converted FP32 weights and their INT8 copy beside the artifact "
+                                            r"first: about [\d.]+ MiB, and .* has [\d.]+ MiB free. Nothing was written"):
+        openvino.compile(unet, "int8-hybrid", openvino.OvOptions(matmuls="w8"), disk / "ir", CompileContext(spec))
+    assert list(disk.iterdir()) == []

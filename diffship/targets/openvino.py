@@ -12,6 +12,7 @@ precision sets `INFERENCE_PRECISION_HINT` explicitly and the Runner reports the 
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -21,7 +22,7 @@ import openvino as ov
 from openvino.preprocess import PrePostProcessor
 from pydantic import field_validator
 
-from diffship.errors import DiffshipError, DiskFull
+from diffship.errors import DiffshipError, DiskFull, public_path, size_text
 from diffship.host.memory import budget, release_freed
 from diffship.models.families import family_named
 from diffship.store.artifacts import atomic_write_json, read_json
@@ -160,6 +161,8 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         dest.mkdir(parents=True, exist_ok=True)
         atomic_write_json(dest / SEARCH_FILE, search)
     elif quantize:
+        if precision == "int8-hybrid" and options.matmuls == "w8":
+            check_scratch_disk(model, dest, f"{context.spec.name} {precision}")
         calls = calibration_inputs(context, precision)
         kept = context.spec.denoiser.sensitive.kept_float if hybrid else ()
         sensitive, compressed = ignored_patterns(kept), []
@@ -255,6 +258,25 @@ def as_clients_feed(model: ov.Model, whole_timesteps: bool = True) -> ov.Model:
             ppp.input(port.get_any_name()).tensor().set_element_type(wanted)
             changed = True
     return ppp.build() if changed else model
+
+
+# int8-hybrid w8's scratch beside the artifact, per weight: the converted IR in FP32 (4 bytes, measured on sd35m-arch's
+# transformer: 9.9 GB for 2.47B weights, BF16-stored export included) and its INT8 copy with scales (about 1.25)
+SCRATCH_BYTES_PER_WEIGHT = 5.25
+
+
+def check_scratch_disk(model: ov.Model, dest: Path, what: str) -> None:
+    """Refuse, before anything is written, a compile whose scratch IRs the disk under `dest` has no room for: filling
+    it 90 s in (the 13 GB of a 2.5B transformer) would take the machine's other writers down with it."""
+    weights = sum(math.prod(op.get_output_shape(0)) for op in model.get_ops() if op.get_type_name() == "Constant")
+    need = int(SCRATCH_BYTES_PER_WEIGHT * weights)
+    where = next(p for p in (dest, *dest.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise DiffshipError(f"The {what} compile writes its converted FP32 weights and their INT8 copy beside the "
+                            f"artifact first: about {size_text(need)}, and {public_path(where)} has "
+                            f"{size_text(free)} free. Nothing was written. Free some space, or set DIFFSHIP_CACHE "
+                            "to a disk with more room.")
 
 
 def _through_disk(model: ov.Model, folder: Path) -> ov.Model:
