@@ -183,3 +183,19 @@ def test_genai_says_where_its_sdxl_pipeline_differs_from_diffusers():
     assert GENAI.differs("StableDiffusionXLPipeline", 64, 64) is None
     assert GENAI.differs("StableDiffusionPipeline", 64, 128) is None
     assert OPTIMUM_INTEL.differs("StableDiffusionXLPipeline", 64, 128) is None
+
+
+def test_a_set_too_big_for_the_build_s_memory_is_a_skip_saying_so_not_a_killed_build(built, monkeypatch):
+    from diffship.host.memory import LIMIT_VARIABLE
+    from diffship.store.manifest import open_artifacts
+    from diffship.validation.clients import held_bytes, memory_reason
+
+    # clients load every component at once: sd35m-arch's ONNX Runtime FP32 set (T5-XXL folded back to FP32) was
+    # killed by a 20 GiB cgroup there. The estimate is the weights as the runtime holds them.
+    artifacts = open_artifacts(built("tiny-sd").out, "onnxruntime", "fp32")
+    files = sum(p.stat().st_size for path in artifacts.components.values() for p in path.parent.iterdir())
+    assert 0.9 * files <= held_bytes(artifacts) <= files
+    assert memory_reason(artifacts) is None
+    monkeypatch.setenv(LIMIT_VARIABLE, "0.5")  # a recipe's memory_gib = 0.5, as the build sets it for its stages
+    assert re.match(r"it would load the whole pipeline at once, about 1\.\d\d GiB of weights as its runtime holds "
+                    r"them, over the 512\.0 MiB this build may use", memory_reason(artifacts) or "")

@@ -16,6 +16,8 @@ import numpy as np
 
 from diffship.clients import CLIENTS, missing_reason
 from diffship.clients.environments import run_jobs
+from diffship.errors import size_text
+from diffship.host.memory import budget
 from diffship.models.families import family_named
 from diffship.store.artifacts import read_json
 from diffship.targets.ovms import GRAPH
@@ -47,7 +49,7 @@ def clients_check(artifacts: Any, sample: Sample, baseline: np.ndarray, min_psnr
         for client in clients:
             row: dict[str, Any] = {"client": client.name, "title": client.title}
             reason = (client.refuses(index_class, sample.task) or client.refuses_folder(artifacts.pipeline, denoiser)
-                      or missing_reason(client)
+                      or missing_reason(client) or memory_reason(artifacts)
                       or (f"validation runs the {scheduler} scheduler; clients run the folder's own" if scheduler
                           else None))
             if reason:
@@ -85,6 +87,37 @@ def clients_check(artifacts: Any, sample: Sample, baseline: np.ndarray, min_psnr
             rows.append({"client": "ovms", "title": "OpenVINO Model Server", "status": "skipped", "reason": OVMS})
     return {"threshold": {"min_psnr_db": min_psnr, "min_ssim": min_ssim}, "rows": rows,
             "passed": all(r["status"] in ("pass", "skipped") for r in rows)}, pairs
+
+
+PROCESS = 2**30  # the client's interpreter and libraries, besides the weights
+
+
+def held_bytes(artifacts: Any) -> int:
+    """The weights a client holds when it loads the whole set, as its runtime keeps them: ONNX Runtime folds 16-bit
+    weights an export keeps behind Casts back to FP32 (T5-XXL: 19 GB), OpenVINO keeps an IR's weights as stored."""
+    import onnx  # start-up time: onnx
+
+    total = 0
+    for path in artifacts.components.values():
+        path = Path(path)
+        if path.suffix == ".onnx":
+            for t in onnx.load(str(path), load_external_data=False).graph.initializer:
+                width = 4 if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) else \
+                    onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                total += width * int(np.prod(t.dims))
+        else:  # an IR and its weights (.bin), or another runtime's file
+            total += sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+    return total
+
+
+def memory_reason(artifacts: Any) -> str | None:
+    """Why a client cannot load this set within the build's memory budget (None when it can): clients load every
+    component at once, where diffship's own validation holds one at a time."""
+    need, limit = PROCESS + held_bytes(artifacts), budget()
+    if need <= limit:
+        return None
+    return (f"it would load the whole pipeline at once, about {size_text(need)} of weights as its runtime holds them, "
+            f"over the {size_text(limit)} this build may use (diffship's own validation held one component at a time)")
 
 
 def _job(folder: Path, sample: Sample, inputs: Any, work: Path) -> dict[str, Any]:
