@@ -88,6 +88,7 @@ bench-sd35m: setup
 # Issue 46: the fastest whole image within the budget: sd15-arch at 512x512, 20 steps, built with accelerations, then
 # its recommended row timed against PyTorch FP32 eager and BF16 in one run; digits-sd's prompt accuracy under the same.
 bench-image: setup
+	$(BIN)/python benchmarks/deep_cache_work.py
 	$(BIN)/diffship build benchmarks/recipes/sd15-accelerated.toml --out out/bench-image
 	$(BIN)/python benchmarks/image_speed.py out/bench-image --json out/bench-image/speed.json
 	$(BIN)/diffship build benchmarks/recipes/digits-accelerated.toml --out out/bench-image-digits
