@@ -90,7 +90,7 @@ bench-sd35m: setup
 bench-image: setup
 	$(BIN)/python benchmarks/deep_cache_work.py
 	$(BIN)/diffship build benchmarks/recipes/sd15-accelerated.toml --out out/bench-image
-	$(BIN)/python benchmarks/image_speed.py out/bench-image --json out/bench-image/speed.json
+	$(BIN)/python benchmarks/image_speed.py out/bench-image --runs 3 --json out/bench-image/speed.json
 	$(BIN)/diffship build benchmarks/recipes/digits-accelerated.toml --out out/bench-image-digits
 
 bench-onnxruntime: setup
