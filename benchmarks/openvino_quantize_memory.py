@@ -29,7 +29,8 @@ def quantize(onnx_path: Path, variant: str, size: int, samples: int) -> None:
 
     from diffship.host.memory import release_freed
     from diffship.models.families.unet import UNET
-    from diffship.targets.openvino import OvOptions, _through_disk, compress_matmul_weights, quantize_calibrated
+    from diffship.targets.openvino import OvOptions, compress_matmul_weights, quantize_calibrated
+    from diffship.targets.openvino_ir import through_disk
     from diffship.targets.openvino_nncf import ignored_patterns
 
     UNET_SENSITIVE = ignored_patterns(UNET.sensitive.kept_float)
@@ -55,7 +56,7 @@ def quantize(onnx_path: Path, variant: str, size: int, samples: int) -> None:
         compressed: list[str] = []
         if variant == "w8":  # as `openvino.compile` does it: compressed, saved, read back, the FP32 model freed
             model, compressed = compress_matmul_weights(model, UNET_SENSITIVE)
-            model = _through_disk(model, Path(tmp) / "compressed")
+            model = through_disk(model, Path(tmp) / "compressed")
             release_freed()
         model = quantize_calibrated(model, calls, OvOptions(), UNET_SENSITIVE, compressed)
         ov.save_model(model, str(Path(tmp) / "int8.xml"), compress_to_fp16=True)
