@@ -16,6 +16,7 @@ import psutil
 # The environment carries the recipe's limit into the compile children a build spawns.
 LIMIT_VARIABLE = "DIFFSHIP_MEMORY_GIB"
 GIB = 2**30
+PROCESS = 1 * GIB  # an interpreter and its libraries (and a build's own state), besides the weights a stage holds
 
 
 def budget() -> int:

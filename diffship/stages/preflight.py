@@ -19,13 +19,12 @@ import psutil
 
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import ONE_PASS_PEAK, choose_streamed
+from diffship.host.memory import GIB, PROCESS
 from diffship.models.streamed_module import streams_reference
 from diffship.models.weightless import fp32_bytes_or_none
 from diffship.stages.context import Context
 from diffship.targets import get_target
 
-GIB = 2**30
-PROCESS = 1 * GIB  # the interpreter, the libraries and the build's own state
 # what an IR made weight by weight keeps of the FP32 weights (openvino_streamed.py)
 KEPT = {"int8-weights": 0.25, "int4-weights": 0.15, "fp16": 0.5, "bf16": 0.5}
 

@@ -17,7 +17,7 @@ import numpy as np
 from diffship.clients import CLIENTS, missing_reason
 from diffship.clients.environments import run_jobs
 from diffship.errors import size_text
-from diffship.host.memory import budget
+from diffship.host.memory import PROCESS, budget
 from diffship.models.families import family_named
 from diffship.store.artifacts import read_json
 from diffship.targets.ovms import GRAPH
@@ -46,10 +46,11 @@ def clients_check(artifacts: Any, sample: Sample, baseline: np.ndarray, min_psnr
         denoiser = family_named(artifacts.family).denoiser.component
         job = _job(work / "set", sample, inputs, work) | {"denoiser": denoiser}
         index_class = read_json(artifacts.pipeline / "model_index.json").get("_class_name", "")
+        too_big = memory_reason(artifacts)  # the same set for every client
         for client in clients:
             row: dict[str, Any] = {"client": client.name, "title": client.title}
             reason = (client.refuses(index_class, sample.task) or client.refuses_folder(artifacts.pipeline, denoiser)
-                      or missing_reason(client) or memory_reason(artifacts)
+                      or missing_reason(client) or too_big
                       or (f"validation runs the {scheduler} scheduler; clients run the folder's own" if scheduler
                           else None))
             if reason:
@@ -89,22 +90,16 @@ def clients_check(artifacts: Any, sample: Sample, baseline: np.ndarray, min_psnr
             "passed": all(r["status"] in ("pass", "skipped") for r in rows)}, pairs
 
 
-PROCESS = 2**30  # the client's interpreter and libraries, besides the weights
-
-
 def held_bytes(artifacts: Any) -> int:
-    """The weights a client holds when it loads the whole set, as its runtime keeps them: ONNX Runtime folds 16-bit
-    weights an export keeps behind Casts back to FP32 (T5-XXL: 19 GB), OpenVINO keeps an IR's weights as stored."""
-    import onnx  # start-up time: onnx
+    """The weights a client holds when it loads the whole set, as its runtime keeps them: the files as stored, and
+    for ONNX Runtime the 16-bit weights an export keeps behind Casts folded back to FP32 (T5-XXL: 19 GB)."""
+    from diffship.targets.onnx_graph import weight_bytes  # start-up time: onnx
+    from diffship.targets.onnx_weights import upcast_bytes  # start-up time: onnx
 
     total = 0
-    for path in artifacts.components.values():
-        path = Path(path)
-        if path.suffix == ".onnx":
-            for t in onnx.load(str(path), load_external_data=False).graph.initializer:
-                width = 4 if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) else \
-                    onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-                total += width * int(np.prod(t.dims))
+    for path in map(Path, artifacts.components.values()):
+        if path.suffix == ".onnx":  # upcast_bytes counts them in FP32: 2 bytes each beyond the stored 2
+            total += weight_bytes(path) + upcast_bytes(path) // 2
         else:  # an IR and its weights (.bin), or another runtime's file
             total += sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
     return total
