@@ -133,6 +133,10 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         raise DiffshipError(f"OpenVINO precision {precision!r} is unknown; choose {', '.join(PRECISIONS)}.")
     if dest is None or context is None:
         raise DiffshipError("OpenVINO compile needs an output folder and the component it converts.")
+    # int8-hybrid's quantized MatMuls with INT8 weights alone go through IRs on disk (below): their room, up front
+    through_scratch = precision == "int8-hybrid" and options.matmuls == "w8" and context.spec.denoises
+    if through_scratch:
+        check_scratch_disk(source, dest, f"{context.spec.name} {precision}")
     # weight-only INT8 (int8-hybrid's text encoders and VAE too), INT4, or FP16-stored weights: weight by weight,
     # never the FP32 weights whole (openvino_streamed.py)
     weight_only = precision in WEIGHT_ONLY or (precision == "int8-hybrid" and not context.spec.denoises)
@@ -159,12 +163,10 @@ def compile(source: Path, precision: str, options: OvOptions | None = None, dest
         dest.mkdir(parents=True, exist_ok=True)
         atomic_write_json(dest / SEARCH_FILE, search)
     elif quantize:
-        if precision == "int8-hybrid" and options.matmuls == "w8":
-            check_scratch_disk(model, dest, f"{context.spec.name} {precision}")
         calls = calibration_inputs(context, precision)
         kept = context.spec.denoiser.sensitive.kept_float if hybrid else ()
         sensitive, compressed = ignored_patterns(kept), []
-        if precision == "int8-hybrid" and options.matmuls == "w8":
+        if through_scratch:
             # Each step reads the last one's IR back and frees its input: the converter holds up to 1.9x the FP32
             # weights, and compressing beside it would add the INT8 copies and the writer's buffers on top.
             model = through_disk(model, dest / "scratch-converted")

@@ -3,7 +3,6 @@ scratch IRs (checked for room before they are written)."""
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from openvino.preprocess import PrePostProcessor
 
 from diffship.errors import DiffshipError, DiskFull, public_path, size_text
 from diffship.targets.ir_names import stable_names
+from diffship.targets.onnx_weights import fp32_bytes
 
 # Inputs in the element type OpenVINO GenAI feeds them (it writes its tokenizer's i64 ids and an i64 timestep
 # straight into the request); optimum-intel and diffship's runtime are cast by OpenVINO's Python dispatcher.
@@ -48,11 +48,10 @@ def as_clients_feed(model: ov.Model, whole_timesteps: bool = True) -> ov.Model:
 SCRATCH_BYTES_PER_WEIGHT = 5.25
 
 
-def check_scratch_disk(model: ov.Model, dest: Path, what: str) -> None:
-    """Refuse, before anything is written, a compile whose scratch IRs the disk under `dest` has no room for: filling
-    it 90 s in (the 13 GB of a 2.5B transformer) would take the machine's other writers down with it."""
-    weights = sum(math.prod(op.get_output_shape(0)) for op in model.get_ops() if op.get_type_name() == "Constant")
-    need = int(SCRATCH_BYTES_PER_WEIGHT * weights)
+def check_scratch_disk(source: Path, dest: Path, what: str) -> None:
+    """Refuse, before anything is written, a compile of the ONNX `source` whose scratch IRs the disk under `dest` has
+    no room for: filling it 90 s in (the 13 GB of a 2.5B transformer) would take the machine's other writers down."""
+    need = int(SCRATCH_BYTES_PER_WEIGHT * fp32_bytes(source) / 4)
     where = next(p for p in (dest, *dest.parents) if p.exists())
     free = shutil.disk_usage(where).free
     if free < need:
