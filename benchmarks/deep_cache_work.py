@@ -26,9 +26,9 @@ from diffship.recipe import load_recipe
 HERE = Path(__file__).parent
 
 
-def flops(module: torch.nn.Module, *args: torch.Tensor) -> int:
+def flops(module: torch.nn.Module, *args: torch.Tensor, **kwargs: object) -> int:
     with FlopCounterMode(display=False) as counter:
-        module(*args)
+        module(*args, **kwargs)
     return counter.get_total_flops()
 
 
