@@ -216,6 +216,24 @@ def test_a_lora_at_run_time_reaches_the_deep_cache_graphs(built: Path, tmp_path:
     assert not np.array_equal(plain, np.asarray(Image.open(tmp_path / "lora.png").convert("RGB")))
 
 
+def test_an_acceleration_s_graphs_load_like_the_set_s_own_one_at_a_time_where_it_is_held_so(built: Path):
+    """The deep-cache graphs load when first run, through the same loader as the set's components: in a set held one
+    component at a time (SD3.5-medium's FP32 set), in the same pool, releasing the others, never beside them."""
+    from diffship.runtime.lazy_runners import LazyRunner
+    from diffship.runtime.pipeline import DeployedPipeline
+    from diffship.store.manifest import open_artifacts
+
+    artifacts = open_artifacts(built, "onnxruntime", "fp32")
+    cached = Accelerations(deep_cache=DeepCache(interval=2, depth=1))
+    whole, lazy = (DeployedPipeline.from_artifacts(artifacts, held_bytes=held) for held in (None, 1))
+    images = [p("a red bicycle", None, 64, 64, 6, 6.0, 0, accelerations=cached).images[0] for p in (whole, lazy)]
+    assert np.array_equal(images[0], images[1])
+    assert not isinstance(whole.runners["shallow_unet_d1"], LazyRunner)
+    graphs = [lazy.runners[name] for name in ("caching_unet_d1", "shallow_unet_d1")]
+    assert all(isinstance(g, LazyRunner) and g._pool is lazy.runners["unet"]._pool for g in graphs)
+    assert len(graphs[0]._pool.loaded) == 1 and {"caching_unet_d1", "shallow_unet_d1"} <= set(lazy.load_seconds)
+
+
 def test_accelerations_a_build_cannot_run_are_refused(built: Path, tmp_path: Path, model_cache):
     said = CliRunner().invoke(app, ["generate", str(built), "-p", "x", "--accelerate", "deep-cache:depth=2",
                                     "--out", str(tmp_path / "o.png")])

@@ -1,6 +1,7 @@
-"""Runners loaded when first called and released to make room: a deployed set whose components do not fit in memory
-together (SD3.5-medium's FP32 set: T5-XXL's 17.7 GiB session beside an 8.4 GiB transformer) draws an image with one
-large component loaded at a time, the text encoders for the prompt, then the transformer for the steps.
+"""How a deployed pipeline loads its components' runners, and runners loaded when first called and released to make
+room: a deployed set whose components do not fit in memory together (SD3.5-medium's FP32 set: T5-XXL's 17.7 GiB
+session beside an 8.4 GiB transformer) draws an image with one large component loaded at a time, the text encoders
+for the prompt, then the transformer for the steps.
 
 Each load is timed into the pipeline's `load_seconds`; a component loaded again after a release is timed again.
 """
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from diffship.host.memory import release_freed
+from diffship.store.manifest import ArtifactSet
+from diffship.targets import get_target
 
 # Components are held together while their files stay under this share of the memory budget (80 % of the machine's
 # by default; a session holds about its files' size: ONNX Runtime's FP32 T5-XXL 17.7 GiB for 19 GB of weights).
@@ -80,8 +83,31 @@ class LazyRunner:
         return getattr(self.runner, name)
 
 
-def lazy_runners(loads: dict[str, Callable[[], Any]], sizes: dict[str, int], budget: int,
-                 load_seconds: dict[str, float]) -> dict[str, LazyRunner]:
-    """One LazyRunner per component over one pool of `budget` bytes."""
-    pool = RunnerPool(budget)
-    return {name: LazyRunner(name, load, sizes[name], pool, load_seconds) for name, load in loads.items()}
+class ComponentLoader:
+    """Loads one component's runner of a set: with the set's options and its weight changes (a LoRA at run time), timed
+    into `load_seconds`; as a LazyRunner over `pool` where the set's components do not fit in memory together. The
+    pipeline's first components and the graphs an acceleration adds later load through the same one."""
+
+    def __init__(self, artifacts: ArtifactSet, options: Any, changes: dict[str, list[Any]] | None,
+                 load_seconds: dict[str, float], pool: RunnerPool | None):
+        self.artifacts, self.changes, self.load_seconds, self.pool = artifacts, changes or {}, load_seconds, pool
+        self.backend = get_target(artifacts.target)
+        if options is None and artifacts.options:
+            options = self.backend.parse_options(artifacts.options)
+        self.options = options
+
+    def _loads(self, name: str) -> Callable[[], Any]:
+        artifact, precision = self.artifacts.components[name], self.artifacts.precision
+        if name in self.changes:
+            return lambda: self.backend.load_with_changes(artifact, self.options, precision, self.changes[name])
+        return lambda: self.backend.load(artifact, self.options, precision)
+
+    def __call__(self, name: str) -> Any:
+        """Component `name`'s runner: loaded now, or a LazyRunner that loads when first called."""
+        if self.pool is not None:
+            return LazyRunner(name, self._loads(name), artifact_bytes(self.artifacts.components[name]), self.pool,
+                              self.load_seconds)
+        started = time.perf_counter()
+        runner = self._loads(name)()
+        self.load_seconds[name] = time.perf_counter() - started
+        return runner

@@ -28,11 +28,10 @@ from diffship.runtime.accelerated import DenoiserCalls, cache_graphs, decoder_fo
 from diffship.runtime.control import ControlledDenoiser, control_images
 from diffship.runtime.generation import Generation, truncation_warnings, uint8_images
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
-from diffship.runtime.lazy_runners import HELD_SHARE, artifact_bytes, lazy_runners
+from diffship.runtime.lazy_runners import HELD_SHARE, ComponentLoader, RunnerPool, artifact_bytes
 from diffship.runtime.schedulers import make_scheduler
 from diffship.store.artifacts import atomic_write_bytes, read_json
 from diffship.store.manifest import ArtifactSet, open_artifacts
-from diffship.targets import get_target
 from diffship.targets.runner import Runner
 
 DECODER, ENCODER = "vae_decoder", "vae_encoder"
@@ -54,12 +53,13 @@ class DeployedPipeline:
     """Text-to-image over loaded Runners, with the tokenizers, scheduler and configs from the artifact folder."""
 
     def __init__(self, artifacts: ArtifactSet, runners: dict[str, Runner], load_seconds: dict[str, float],
-                 changes: dict[str, list[Any]] | None = None):
+                 loader: ComponentLoader | None = None):
         import diffusers  # start-up time: diffusers
         import transformers  # start-up time: transformers
 
         self.artifacts, self.runners, self.load_seconds = artifacts, runners, load_seconds
-        self.changes = changes or {}  # weight changes (a LoRA at run time) for components loaded later
+        # how components asked for later (an acceleration's graphs) load: as the first ones did
+        self.loader = loader or ComponentLoader(artifacts, None, None, load_seconds, None)
         folder = artifacts.pipeline
         self.family = pipeline_family(artifacts)
         # an optional encoder left out (SD3's T5) has no tokenizer either
@@ -112,28 +112,12 @@ class DeployedPipeline:
         missing = [c for c in needed if c not in artifacts.components]
         if missing:
             raise DiffshipError(f"{artifacts.root} cannot generate images: it has no {', '.join(missing)} artifact.")
-        backend = get_target(artifacts.target)
-        if options is None and artifacts.options:
-            options = backend.parse_options(artifacts.options)
         names = [*needed, *([ENCODER] if ENCODER in artifacts.components else [])]
-
-        def loader(name: str) -> Callable[[], Any]:
-            if changes and name in changes:
-                return lambda: backend.load_with_changes(artifacts.components[name], options, artifacts.precision,
-                                                         changes[name])
-            return lambda: backend.load(artifacts.components[name], options, artifacts.precision)
-
         seconds: dict[str, float] = {}
-        sizes = {name: artifact_bytes(artifacts.components[name]) for name in names}
         budget = held_bytes if held_bytes is not None else int(HELD_SHARE * memory_budget())
-        if sum(sizes.values()) > budget:
-            return cls(artifacts, lazy_runners({n: loader(n) for n in names}, sizes, budget, seconds), seconds, changes)
-        runners = {}
-        for name in names:
-            started = time.perf_counter()
-            runners[name] = loader(name)()
-            seconds[name] = time.perf_counter() - started
-        return cls(artifacts, runners, seconds, changes)
+        lazy = sum(artifact_bytes(artifacts.components[name]) for name in names) > budget
+        loader = ComponentLoader(artifacts, options, changes, seconds, RunnerPool(budget) if lazy else None)
+        return cls(artifacts, {name: loader(name) for name in names}, seconds, loader)
 
     @property
     def native_resolution(self) -> tuple[int, int]:
@@ -297,18 +281,11 @@ class DeployedPipeline:
             self.runner(decoder[0])
 
     def runner(self, name: str) -> Runner:
-        """The runner of component `name`, loaded on first use (with the build's options and any weight changes)."""
+        """The runner of component `name`, loaded on first use (with the set's options and any weight changes)."""
         if name not in self.runners:
             if name not in self.artifacts.components:
                 raise DiffshipError(f"{self.artifacts.root} has no {name} artifact.")
-            backend = get_target(self.artifacts.target)
-            options = backend.parse_options(self.artifacts.options) if self.artifacts.options else None
-            started = time.perf_counter()
-            artifact = self.artifacts.components[name]
-            self.runners[name] = backend.load_with_changes(artifact, options, self.artifacts.precision,
-                                                           self.changes[name]) if name in self.changes else \
-                backend.load(artifact, options, self.artifacts.precision)
-            self.load_seconds[name] = time.perf_counter() - started
+            self.runners[name] = self.loader(name)
         return self.runners[name]
 
     @property
