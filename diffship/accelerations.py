@@ -164,10 +164,18 @@ def step_plan(steps: int, accelerations: Accelerations | None, guidance: bool) -
     a = accelerations or Accelerations()
     guided_steps = steps if not guidance else (
         max(1, math.ceil(a.guidance.until * steps)) if a.guidance else steps)
-    plan = []
-    for i in range(steps):
-        graph: Literal["denoiser", "caching", "shallow"] = "denoiser"
-        if a.deep_cache is not None:
-            graph = "caching" if i % a.deep_cache.interval == 0 else "shallow"
-        plan.append(Step(guidance and i < guided_steps, graph))
-    return plan
+    return [Step(guidance and i < guided_steps, denoiser_graph(i, a.deep_cache)) for i in range(steps)]
+
+
+def diffusers_loop_refuses(accelerations: Accelerations | AccelerationGrid) -> str | None:
+    """What of `accelerations` runs only in diffship's own loop (SD3 and Flux run diffusers', where a stand-in of the
+    transformer can pick block caching's graphs each call but cannot drop a guidance half or swap the decoder)."""
+    only_ours = [flag for flag in ("guidance", "vae-decoder") if getattr(accelerations, NAMES[flag])]
+    return f"{' and '.join(only_ours)} run{'s' if len(only_ours) == 1 else ''} only" if only_ours else None
+
+
+def denoiser_graph(i: int, deep_cache: DeepCache | None) -> Literal["denoiser", "caching", "shallow"]:
+    """Which denoiser graph step `i` runs: the denoiser's own, or deep-feature caching's on its schedule."""
+    if deep_cache is None:
+        return "denoiser"
+    return "caching" if i % deep_cache.interval == 0 else "shallow"

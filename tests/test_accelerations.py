@@ -63,6 +63,39 @@ def test_the_shallow_graph_on_its_own_calls_features_is_the_unet_at_every_depth(
         assert np.abs(changed - expected).max() > 1e-2
 
 
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_the_shallow_transformer_on_its_own_calls_residual_is_the_transformer_at_every_depth(model: str, model_copy):
+    """Block caching: the shallow graph fed the caching graph's residual of the same call is the transformer, to float
+    rounding (it adds back what the middle blocks added); an earlier call's residual changes its output. tiny-sd3's two
+    blocks leave no middle: five here (two dual-attention ones, as in SD3.5)."""
+    import diffusers
+
+    folder = model_copy(model)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    kind = getattr(diffusers, config["_class_name"])
+    if model == "tiny-sd3":
+        torch.manual_seed(0)
+        kind.from_config({**config, "num_layers": 5, "dual_attention_layers": [0, 1]}).save_pretrained(
+            folder / "transformer")
+    transformer = kind.from_pretrained(folder / "transformer").eval()
+    denoiser = next(s for s in component_specs(folder) if s.is_denoiser)
+    call, other = denoiser.sample_inputs(2, 64, 64, seed=0), denoiser.sample_inputs(2, 64, 64, seed=1)
+    expected = run_torch(wrap(denoiser, transformer), denoiser, call)["out_sample"]
+    depths = {"tiny-flux": [1], "tiny-sd3": [1, 2]}[model]  # Flux: one double-stream block before two single
+    for depth in depths:
+        caching, shallow = cache_specs(denoiser, folder, depth)
+        full = run_torch(wrap(caching, transformer), caching, call)
+        assert np.array_equal(full["out_sample"], expected)
+        assert full["cached_features"].shape == caching.outputs[-1].concrete(caching.axis_sizes(2, 64, 64))
+        same = run_torch(wrap(shallow, transformer), shallow, call | {"cached_features": full["cached_features"]})
+        np.testing.assert_allclose(same["out_sample"], expected, rtol=0, atol=1e-5)
+        stale = run_torch(wrap(caching, transformer), caching, other)["cached_features"]
+        changed = run_torch(wrap(shallow, transformer), shallow, call | {"cached_features": stale})["out_sample"]
+        assert np.abs(changed - expected).max() > 1e-2
+    with pytest.raises(DiffshipError, match=f"depth {depths[-1] + 1} must be 1 to {depths[-1]}"):
+        cache_specs(denoiser, folder, depths[-1] + 1)
+
+
 @pytest.mark.parametrize("model", ["sd15-arch", "sdxl-arch"])
 def test_the_declared_features_are_what_the_full_size_unets_hand_over(model: str):
     """The tiny UNets' blocks are all one width; the full-size ones show the channels and resolutions the features
@@ -234,6 +267,34 @@ def test_an_acceleration_s_graphs_load_like_the_set_s_own_one_at_a_time_where_it
     assert len(graphs[0]._pool.loaded) == 1 and {"caching_unet_d1", "shallow_unet_d1"} <= set(lazy.load_seconds)
 
 
+@pytest.fixture(scope="module")
+def flux_built(tmp_path_factory: pytest.TempPathFactory, model_cache) -> Path:
+    out = tmp_path_factory.mktemp("flux-accelerated") / "out"
+    said = CliRunner().invoke(app, ["build", "--model", "tiny-flux", "--targets", "onnxruntime:fp32", "--accelerate",
+                                    "deep-cache:interval=2,depth=1", "--out", str(out)])
+    assert said.exit_code == 0, said.output
+    return out
+
+
+def test_block_caching_runs_flux_s_steps_in_diffusers_loop_on_the_two_graphs(flux_built: Path, tmp_path: Path):
+    """The transformer families' block caching, end to end with the default recipe: both graphs built and checked,
+    the accelerated row drawn in diffusers' loop with a measured loss (tiny-flux's one middle block: about 60 dB
+    against the exact row's 84+, so a budget can fail it), and generate applying it unless told otherwise."""
+    result = json.loads((flux_built / "report" / "report.json").read_text())["sets"]["onnxruntime-fp32"]
+    assert result["parity"]["components"]["shallow_transformer_d1"]["passed"]
+    rows = {r["accelerations"]: r for r in result["accelerations"]["rows"]}
+    assert list(rows) == ["none", "deep-cache:interval=2,depth=1"]
+    exact = rows["none"]["min_psnr_db"] or float("inf")
+    cached = rows["deep-cache:interval=2,depth=1"]
+    assert cached["approximate"] and cached["min_psnr_db"] < exact - 10, (exact, cached["min_psnr_db"])
+    assert cached["image_time"]["runs"] > 0
+    recommended = _manifest(flux_built)["recommended"]["label"]
+    default = _generate(flux_built, tmp_path / "default.png")
+    assert np.array_equal(default, _generate(flux_built, tmp_path / "same.png", recommended))
+    cached_image = _generate(flux_built, tmp_path / "cached.png", "deep-cache:interval=2,depth=1")
+    assert not np.array_equal(cached_image, _generate(flux_built, tmp_path / "none.png", "none"))
+
+
 def test_accelerations_a_build_cannot_run_are_refused(built: Path, tmp_path: Path, model_cache):
     said = CliRunner().invoke(app, ["generate", str(built), "-p", "x", "--accelerate", "deep-cache:depth=2",
                                     "--out", str(tmp_path / "o.png")])
@@ -243,7 +304,10 @@ def test_accelerations_a_build_cannot_run_are_refused(built: Path, tmp_path: Pat
     assert said.exit_code == 2 and "depth 9 must be 1 to 5" in said.output, said.output
     said = CliRunner().invoke(app, ["build", "--model", "tiny-sd3", "--accelerate", "deep-cache", "--out",
                                     str(tmp_path / "c")])
-    assert said.exit_code == 2 and "runs diffusers' (not yet accelerated)" in said.output, said.output
+    assert said.exit_code == 2 and "needs at least three transformer blocks" in said.output, said.output
+    said = CliRunner().invoke(app, ["build", "--model", "tiny-flux", "--accelerate", "guidance:until=0.5", "--out",
+                                    str(tmp_path / "f")])
+    assert said.exit_code == 2 and "guidance runs only in diffship's own denoising loop" in said.output, said.output
     said = CliRunner().invoke(app, ["build", "--model", "tiny-sd", "--accelerate",
                                     f"vae-decoder:path={builtin_folder('tiny-sd') / 'unet'}", "--out", str(tmp_path / "d")])
     assert said.exit_code == 2 and "holds a 'UNet2DConditionModel'" in said.output, said.output
@@ -251,4 +315,4 @@ def test_accelerations_a_build_cannot_run_are_refused(built: Path, tmp_path: Pat
     fixed.write_text('[shapes]\nbatch = [1, 1]\nheight = [64, 64]\nwidth = [64, 64]\n[accelerations]\nguidance = {}\n')
     said = CliRunner().invoke(app, ["build", str(fixed), "--model", "tiny-sd", "--out", str(tmp_path / "e")])
     assert said.exit_code == 2 and "[shapes] pins its batch to both halves" in said.output, said.output
-    assert not any((tmp_path / name).exists() for name in "bcde")
+    assert not any((tmp_path / name).exists() for name in "bcdef")

@@ -108,6 +108,7 @@ class ComponentSpec:
                   for f in (2, 4, 8)}
         # a packed denoiser's tokens: one per latent_multiple x latent_multiple latent patch (Flux's 2x2)
         sizes["image_tokens"] = (latent_h // self.latent_multiple) * (latent_w // self.latent_multiple)
+        sizes["tokens"] = sequence + sizes["image_tokens"]  # a transformer's text and image tokens together
         return sizes
 
     @property

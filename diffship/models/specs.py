@@ -17,6 +17,9 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name
     shape: tuple[Dim, ...]
+    # whether parity gates this output; a residual (block caching's cached features) is a difference of two large
+    # values, so its relative error says little: it is reported, and judged where it lands (the accelerated images)
+    gated: bool = True
 
     @property
     def dynamic_axes(self) -> dict[int, str]:

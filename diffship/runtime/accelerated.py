@@ -23,12 +23,12 @@ class DenoiserCalls:
     `conditioning` holds both guidance halves (the negative first) when `guided`; a step planned without guidance
     feeds the text half alone, as a batch of the images."""
 
-    def __init__(self, runner: Callable[[str], Runner], denoiser: str, conditioning: dict[str, np.ndarray],
+    def __init__(self, runner: Callable[[str], Runner], denoiser: str, conditioning: dict[str, np.ndarray] | None,
                  guided: bool, accelerations: Accelerations | None, graphs: dict[str, str],
                  controlled: Any = None):
         self.runner, self.denoiser, self.controlled = runner, denoiser, controlled
-        self.conditioning = conditioning
-        self.text_half = {k: v[len(v) // 2:] for k, v in conditioning.items()} if guided else conditioning
+        self.conditioning = conditioning or {}  # none where the loop feeds whole calls (diffusers': `run`)
+        self.text_half = {k: v[len(v) // 2:] for k, v in self.conditioning.items()} if guided else self.conditioning
         self.graphs = graphs  # "caching" / "shallow" -> component names
         self.features: np.ndarray | None = None
         if controlled is not None and accelerations is not None and accelerations.active:
@@ -40,16 +40,20 @@ class DenoiserCalls:
                 **(self.conditioning if step.guided else self.text_half)}
         if self.controlled is not None:
             return np.asarray(self.controlled.run(feed, i, total))
-        if step.graph == "denoiser":
+        return self.run(step.graph, feed)
+
+    def run(self, graph: str, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """`graph`'s prediction for `feed` (the denoiser's inputs), caching or reusing the features as it goes."""
+        if graph == "denoiser":
             return self.runner(self.denoiser).run(feed)["out_sample"]
-        if step.graph == "caching":
+        if graph == "caching":
             out = self.runner(self.graphs["caching"]).run(feed)
             self.features = out["cached_features"]
             return out["out_sample"]
         if self.features is None:
             raise DiffshipError("A shallow step ran before any step cached the deep features.")
         # guidance truncated since the caching step: the text half's features (the batch's last rows)
-        features = self.features[-sample.shape[0]:]
+        features = self.features[-len(next(iter(feed.values()))):]
         return self.runner(self.graphs["shallow"]).run({**feed, "cached_features": features})["out_sample"]
 
 

@@ -23,9 +23,11 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput, Transformer2DModelOutput
 
+from diffship.accelerations import Accelerations, DeepCache, denoiser_graph
 from diffship.errors import DiffshipError
 from diffship.models.families import MAX_T5_TOKENS, Denoiser, denoiser_of
 from diffship.models.loading import quiet_libraries
+from diffship.runtime.accelerated import DenoiserCalls, cache_graphs
 from diffship.runtime.generation import Generation, truncation_warnings, uint8_images
 from diffship.runtime.tasks import accepted_by
 from diffship.store.artifacts import read_json
@@ -136,11 +138,13 @@ class TextEncoderStand(Stand):
 
 
 class DenoiserStand(Stand):
-    """The transformer: diffusers' keyword call in, the prediction out (`return_dict` as diffusers asks)."""
+    """The transformer: diffusers' keyword call in, the prediction out (`return_dict` as diffusers asks); under
+    block caching, the caching or the shallow graph as the schedule says for this call (one call a step)."""
 
-    def __init__(self, runner: Runner, config: dict[str, Any], denoiser: Denoiser, clock: Clock):
+    def __init__(self, calls: DenoiserCalls, config: dict[str, Any], denoiser: Denoiser, clock: Clock,
+                 deep_cache: DeepCache | None = None):
         super().__init__(config, clock)
-        self.runner, self.denoiser = runner, denoiser
+        self.calls, self.denoiser, self.deep_cache = calls, denoiser, deep_cache
 
     def cache_context(self, name: str) -> Any:  # diffusers' step caches (FirstBlockCache ...): none on a graph
         return nullcontext()
@@ -149,7 +153,7 @@ class DenoiserStand(Stand):
         started = time.perf_counter()
         inputs, _ = denoiser_call(self.denoiser, args, kwargs)
         feed = {k: np.ascontiguousarray(v.detach().float().numpy()) for k, v in inputs.items()}
-        out = torch.from_numpy(self.runner.run(feed)["out_sample"])
+        out = torch.from_numpy(self.calls.run(denoiser_graph(len(self.clock.steps), self.deep_cache), feed))
         self.clock.steps.append(time.perf_counter() - started)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
@@ -175,9 +179,9 @@ class VaeStand(Stand):
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
 
-def task_pipeline(deployed: DeployedPipeline, task: str, clock: Clock) -> Any:
+def task_pipeline(deployed: DeployedPipeline, task: str, clock: Clock, accelerations: Accelerations | None = None) -> Any:
     """diffusers' pipeline for `task` over stand-ins of the deployed runners (built per call: it is cheap, and
-    each generation's clock is its own)."""
+    each generation's clock and cached features are its own)."""
     folder, family = deployed.artifacts.pipeline, deployed.family
     runners = deployed.runners
     modules: dict[str, Any] = {"scheduler": deployed.scheduler}
@@ -186,7 +190,10 @@ def task_pipeline(deployed: DeployedPipeline, task: str, clock: Clock) -> Any:
             modules[name] = TextEncoderStand(runners[name], read_json(folder / name / "config.json"), clock)
             modules[tokenizer_name] = deployed.tokenizer_of[tokenizer_name]
     component = family.denoiser.component
-    modules[component] = DenoiserStand(runners[component], deployed.denoiser_config, family.denoiser, clock)
+    calls = DenoiserCalls(deployed.runner, component, None, False, accelerations,
+                          cache_graphs(deployed.artifacts, family.denoiser, accelerations))
+    modules[component] = DenoiserStand(calls, deployed.denoiser_config, family.denoiser, clock,
+                                       accelerations.deep_cache if accelerations else None)
     modules["vae"] = VaeStand(runners["vae_decoder"], runners.get("vae_encoder"), deployed.vae_config, clock)
     quiet_libraries()  # importing a pipeline class imports transformers' image processors, which warn
     pipe = pipeline_of(getattr(diffusers, family.pipelines[task]), modules, read_json(folder / "model_index.json"))
@@ -197,7 +204,8 @@ def task_pipeline(deployed: DeployedPipeline, task: str, clock: Clock) -> Any:
 def generate(deployed: DeployedPipeline, task: str, prompts: list[str], negatives: list[str] | None,
              height: int | None, width: int | None, steps: int, guidance_scale: float, seed: int, batch: int,
              latents: torch.Tensor | None, on_step: Callable[[int, int], None] | None, image: Any, mask: Any,
-             strength: float | None, controls: list[Any] | None, max_sequence_length: int | None) -> Generation:
+             strength: float | None, controls: list[Any] | None, max_sequence_length: int | None,
+             accelerations: Accelerations | None = None) -> Generation:
     """One call of diffusers' pipeline for `task` over the artifacts, timed as the runtime's own loop is (text
     encoders, each denoiser call, decode, total). Images are the model's native size unless given, an init image
     resized to it, as these families' diffusers pipelines do (the UNet loop draws at the init image's size)."""
@@ -216,7 +224,7 @@ def generate(deployed: DeployedPipeline, task: str, prompts: list[str], negative
         raise DiffshipError(f"--max-sequence-length must be 2 to {MAX_T5_TOKENS} T5 tokens, got {max_sequence_length}.")
     task_kwargs = {k: v for k, v in (("image", image), ("mask_image", mask), ("strength", strength)) if v is not None}
     clock = Clock()
-    pipe = task_pipeline(deployed, task, clock)
+    pipe = task_pipeline(deployed, task, clock, accelerations)
 
     def on_step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         if on_step:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffship.accelerations import Accelerations, step_plan
+from diffship.accelerations import Accelerations, diffusers_loop_refuses, step_plan
 from diffship.errors import DiffshipError
 from diffship.host.memory import budget as memory_budget
 from diffship.models.families import Family, controlnet_names, family_named
@@ -192,12 +192,12 @@ class DeployedPipeline:
             raise DiffshipError(f"--max-sequence-length sets how many tokens T5 reads; a {self.family.title} model has "
                                 "no T5 (its CLIP reads 77 tokens).")
         if self.family.loop == "diffusers":  # SD3, Flux: diffusers' pipeline class over the runners
-            if accelerations is not None and accelerations.active:
-                raise DiffshipError(f"Accelerations ({accelerations.label}) run in diffship's own denoising loop; a "
-                                    f"{self.family.title} model runs diffusers' (--accelerate none).")
+            if accelerations is not None and (unfit := diffusers_loop_refuses(accelerations)):
+                raise DiffshipError(f"{unfit} in diffship's own denoising loop; a {self.family.title} model runs "
+                                    "diffusers' (block caching runs there: --accelerate deep-cache, or none).")
             return diffusers_loop.generate(self, task, prompts, negatives, height, width, steps, guidance_scale, seed,
                                            batch, latents, on_step, image, mask, strength, controls,
-                                           max_sequence_length)
+                                           max_sequence_length, accelerations)
         pixels = preprocess(as_array(image), self.vae_scale) if task == "img2img" else None
         native_h, native_w = self.native_resolution if pixels is None else tuple(pixels.shape[-2:])
         height, width = height or native_h, width or native_w

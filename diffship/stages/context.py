@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from diffship.accelerations import diffusers_loop_refuses
 from diffship.errors import DiffshipError
 from diffship.exporters.pipeline import select_specs
 from diffship.models.components import ComponentSpec, component_specs, with_cache_specs
@@ -97,15 +98,16 @@ def plan_shapes(recipe: Recipe, spec: ComponentSpec, folder: Path) -> tuple[dict
 
 
 def check_accelerations(recipe: Recipe, family: Family, fixed: bool) -> None:
-    """What the recipe's accelerations cannot run with, said before any work: a family whose loop is diffusers' (the
-    steps are diffusers' own), ControlNets (their loop is not accelerated), and truncated guidance on a denoiser built
-    for the guided batch only (fixed shapes, or a target that pins them)."""
+    """What the recipe's accelerations cannot run with, said before any work: truncated guidance or a smaller decoder
+    where the loop is diffusers' (SD3, Flux: only block caching runs there), ControlNets (their loop is not
+    accelerated), and truncated guidance on a denoiser built for the guided batch only (fixed shapes, or a target that
+    pins them)."""
     a = recipe.accelerations
     if not a.active:
         return
-    if family.loop == "diffusers":
-        raise DiffshipError(f"Accelerations ({a.label}) run in diffship's own denoising loop; a {family.title} model "
-                            "runs diffusers' (not yet accelerated).")
+    if family.loop == "diffusers" and (unfit := diffusers_loop_refuses(a)):
+        raise DiffshipError(f"Accelerations ({a.label}): {unfit} in diffship's own denoising loop; a {family.title} "
+                            "model runs diffusers', where only block caching (deep_cache) runs.")
     if recipe.controlnets:
         raise DiffshipError(f"Accelerations ({a.label}) do not combine with ControlNets yet: build without one or the "
                             "other.")
