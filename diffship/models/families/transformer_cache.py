@@ -87,7 +87,7 @@ def _blocks(transformer: nn.Module, depth: int, middle: Callable[[list[nn.Module
         yield
     finally:
         for name in names:
-            del transformer.__dict__[name]
+            transformer.__dict__.pop(name, None)
 
 
 class _Cached(nn.Module):
