@@ -288,6 +288,8 @@ def test_block_caching_runs_flux_s_steps_in_diffusers_loop_on_the_two_graphs(flu
     cached = rows["deep-cache:interval=2,depth=1"]
     assert cached["approximate"] and cached["min_psnr_db"] < exact - 10, (exact, cached["min_psnr_db"])
     assert cached["image_time"]["runs"] > 0
+    # optimum-onnx loads the set with its two extra graphs as built and draws the plain loop (where it is installed)
+    assert all(row["status"] in ("pass", "skipped") for row in result["clients"]["rows"]), result["clients"]
     recommended = _manifest(flux_built)["recommended"]["label"]
     default = _generate(flux_built, tmp_path / "default.png")
     assert np.array_equal(default, _generate(flux_built, tmp_path / "same.png", recommended))
