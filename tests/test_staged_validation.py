@@ -52,6 +52,28 @@ def test_staged_latency_is_timed_in_blocks_and_says_so(builds):
     assert staged["baseline_held"].startswith("recorded once") and "baseline_held" not in interleaved
 
 
+def test_a_large_component_s_latency_blocks_each_run_in_a_child_of_its_own(builds, monkeypatch):
+    """At full size one process's blocks stacked what glibc kept of the PyTorch transformer under its ONNX Runtime
+    session (issue 45: killed at 20 GiB); a component of ISOLATE_ABOVE of weights times each block in a child. The
+    tiny UNet is made large by lowering the bar: three children, each side's runs, a speedup; in process by default."""
+    from diffship.store.manifest import open_artifacts
+    from diffship.validation import latency_blocks
+    from diffship.validation.baseline import baseline_device
+
+    build = builds[True]
+    artifacts = open_artifacts(build.out, "onnxruntime", "fp32")
+    folder = resolve("tiny-sd").folder
+    spec = next(s for s in component_specs(folder) if s.name == "unet")
+    block = latency_blocks.Block(spec, spec.sample_inputs(2, 64, 64), folder, False, "auto", *baseline_device(),
+                                 "onnxruntime", artifacts.components["unet"], None, "fp32")
+    times, in_child = latency_blocks.time_blocks(block, 1, 2)
+    assert not in_child and [len(times["baseline"]), len(times["target"])] == [2, 2]
+    monkeypatch.setattr(latency_blocks, "ISOLATE_ABOVE", 0)
+    times, in_child = latency_blocks.time_blocks(block, 1, 2)
+    assert in_child and [len(times["baseline"]), len(times["target"])] == [2, 2]
+    assert all(t > 0 for side in times.values() for t in side)
+
+
 def test_a_later_build_reads_the_recorded_baseline_from_the_cache_and_times_the_pipeline_again(
         builds, tmp_path: Path):
     first = builds[True]

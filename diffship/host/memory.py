@@ -17,6 +17,10 @@ import psutil
 LIMIT_VARIABLE = "DIFFSHIP_MEMORY_GIB"
 GIB = 2**30
 PROCESS = 1 * GIB  # an interpreter and its libraries (and a build's own state), besides the weights a stage holds
+# A component whose weights reach this is compiled, and timed in staged validation, in a child process of its own
+# (`stages/isolation.py`, `validation/latency_blocks.py`): the full-size UNets and transformers, SDXL's second text
+# encoder (2.8 GB), T5-XXL; not the tiny models of the tests.
+ISOLATE_ABOVE = 2 * GIB
 
 
 def budget() -> int:

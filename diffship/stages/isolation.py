@@ -22,14 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from diffship.errors import DiffshipError
-from diffship.host.memory import release_freed
+from diffship.host.memory import ISOLATE_ABOVE, release_freed
 from diffship.stages.calibrate import Calibration
 from diffship.targets import CompileContext
 from diffship.targets.onnx_graph import weight_bytes
-
-# Components whose ONNX weights reach this are compiled in a child under `isolate = "auto"`: the full-size UNets and
-# SDXL's second text encoder (2.8 GB), not the tiny models of the tests.
-ISOLATE_ABOVE = 2 * 2**30
 
 
 def should_isolate(setting: bool | str, source: Path) -> bool:

@@ -9,7 +9,6 @@ baseline's runs are centred on the target's.
 
 from __future__ import annotations
 
-import math
 import resource
 import sys
 import time
@@ -19,8 +18,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import psutil
-
-from diffship.host.memory import release_freed
 
 T = TypeVar("T")
 
@@ -52,30 +49,6 @@ def after_warmup(call: Callable[[], T], warmup: int, runs: int) -> list[T]:
     for _ in range(warmup):
         call()
     return [call() for _ in range(runs)]
-
-
-def blocks(loaders: dict[str, Callable[[], Callable[[], Any]]], warmup: int, runs: int,
-           on_block: Callable[[str, list[float]], None] | None = None) -> dict[str, list[float]]:
-    """Time `loaders["baseline"]` and `loaders["target"]` in blocks ordered baseline, target, baseline: each loader
-    makes its side's call (loading what it needs), which runs `warmup` untimed and then timed runs, and is dropped
-    before the next block loads. The target's block has `runs` timed runs, each baseline block half of them
-    (rounded up)."""
-    times: dict[str, list[float]] = {name: [] for name in loaders}
-    for name, count in (("baseline", math.ceil(runs / 2)), ("target", runs), ("baseline", math.ceil(runs / 2))):
-        call = loaders[name]()
-        for _ in range(warmup):
-            call()
-        block = []
-        for _ in range(count):
-            started = time.perf_counter()
-            call()
-            block.append(time.perf_counter() - started)
-        times[name] += block
-        del call
-        release_freed()
-        if on_block:
-            on_block(name, block)
-    return times
 
 
 def speedup(baseline: dict[str, float], target: dict[str, float]) -> float:

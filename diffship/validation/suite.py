@@ -15,7 +15,6 @@ from diffship.accelerations import AccelerationGrid
 from diffship.host.memory import release_freed
 from diffship.models.components import ComponentSpec, run_torch
 from diffship.models.families import denoiser_of
-from diffship.models.streamed_module import reference_component
 from diffship.recipe import BudgetRecipe, Threshold, ValidationRecipe
 from diffship.runtime.lazy_runners import LazyRunner
 from diffship.runtime.pipeline import DeployedPipeline, initial_latents, pipeline_family
@@ -25,10 +24,11 @@ from diffship.store.manifest import ArtifactSet
 from diffship.targets import get_target
 from diffship.validation import accelerated, latency, quality
 from diffship.validation.app import app_check
-from diffship.validation.baseline import baseline_device, component_call, module_call, reference_module, run_baseline
+from diffship.validation.baseline import baseline_device, component_call, reference_module, run_baseline
 from diffship.validation.capture import capture
 from diffship.validation.clients import clients_check
 from diffship.validation.e2e import Sample, run_e2e, sample_arguments
+from diffship.validation.latency_blocks import Block, time_blocks
 from diffship.validation.option_effects import option_effects
 from diffship.validation.parity import Case, Tolerance, artifact_cases, check_component, compare, within
 from diffship.validation.reference import LiveReference, RecordedReference
@@ -206,8 +206,7 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
         deployed = None
         release_freed()
         result["latency"] = {"method": "blocks", **measure_latency_blocks(
-            artifacts, backend, options, [s for s in specs if s.name in names], source_folder, plan, allow_pickle,
-            say)}
+            artifacts, options, [s for s in specs if s.name in names], source_folder, plan, allow_pickle, say)}
         result["latency"]["pipeline"] = pipeline_summary(samples[0], plan, reference.pipeline_timings, target_runs,
                                                          say)
     result["memory"] |= {"peak_rss_bytes": latency.peak_rss_bytes(), "peak_gpu_bytes": latency.peak_gpu_bytes()}
@@ -306,30 +305,21 @@ def _pipeline_runs(deployed: DeployedPipeline, plan: Plan, sample: Sample) -> li
                                                  **extra).timings, min(lat.warmup, 1), lat.pipeline_runs)
 
 
-def measure_latency_blocks(artifacts: ArtifactSet, backend: Any, options: Any, specs: list[ComponentSpec],
-                           folder: Path, plan: Plan, allow_pickle: bool, say: Say) -> dict[str, Any]:
-    """Per component, the baseline's module and the set's artifact each loaded alone and timed in blocks
-    (`latency.blocks`), so that neither side shares memory with the other (staged validation)."""
+def measure_latency_blocks(artifacts: ArtifactSet, options: Any, specs: list[ComponentSpec], folder: Path,
+                           plan: Plan, allow_pickle: bool, say: Say) -> dict[str, Any]:
+    """Per component, the baseline's module and the set's artifact each loaded alone and timed in blocks, a large
+    component's each in a child process (`validation/latency_blocks.py`: staged validation)."""
     lat = plan.validation.latency
     guided = plan.validation.guidance_scale > 1.0
     device, dtype = baseline_device()
     components: dict[str, Any] = {}
     for spec in specs:
         batch = spec.batch_for(1, guided)
-        inputs = spec.sample_inputs(batch, plan.height, plan.width)
-        path = artifacts.components[spec.name]
-
-        def baseline(s: ComponentSpec = spec, x: dict[str, Any] = inputs) -> Any:
-            # a module too large to hold runs block by block here too, its time then including its weights' reads
-            module = reference_component(folder, s.module, allow_pickle, plan.validation.streamed_reference)
-            return module_call(module.to(device, dtype), s, x, device, dtype)
-
-        def target(p: Path = path, x: dict[str, Any] = inputs) -> Any:
-            runner = backend.load(p, options, artifacts.precision)
-            return lambda: runner.run(x)
-
-        times = latency.blocks({"baseline": baseline, "target": target}, lat.warmup, lat.runs)
-        components[spec.name] = _component_latency(spec.name, batch, times, say)
+        block = Block(spec, spec.sample_inputs(batch, plan.height, plan.width), folder, allow_pickle,
+                      plan.validation.streamed_reference, device, dtype, artifacts.target,
+                      artifacts.components[spec.name], options, artifacts.precision)
+        times, in_child = time_blocks(block, lat.warmup, lat.runs)
+        components[spec.name] = _component_latency(spec.name, batch, times, say) | {"blocks_in_child": in_child}
     return {"components": components}
 
 
