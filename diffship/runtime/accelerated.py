@@ -30,6 +30,7 @@ class DenoiserCalls:
         self.conditioning = conditioning or {}  # none where the loop feeds whole calls (diffusers': `run`)
         self.text_half = {k: v[len(v) // 2:] for k, v in self.conditioning.items()} if guided else self.conditioning
         self.graphs = graphs  # "caching" / "shallow" -> component names
+        self.deep_cache = accelerations.deep_cache if accelerations is not None else None
         self.features: np.ndarray | None = None
         if controlled is not None and accelerations is not None and accelerations.active:
             raise DiffshipError("Accelerations do not combine with control images yet: generate with "

@@ -23,7 +23,7 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput, Transformer2DModelOutput
 
-from diffship.accelerations import Accelerations, DeepCache, denoiser_graph
+from diffship.accelerations import Accelerations, denoiser_graph
 from diffship.errors import DiffshipError
 from diffship.models.families import MAX_T5_TOKENS, Denoiser, denoiser_of
 from diffship.models.loading import quiet_libraries
@@ -141,10 +141,9 @@ class DenoiserStand(Stand):
     """The transformer: diffusers' keyword call in, the prediction out (`return_dict` as diffusers asks); under
     block caching, the caching or the shallow graph as the schedule says for this call (one call a step)."""
 
-    def __init__(self, calls: DenoiserCalls, config: dict[str, Any], denoiser: Denoiser, clock: Clock,
-                 deep_cache: DeepCache | None = None):
+    def __init__(self, calls: DenoiserCalls, config: dict[str, Any], denoiser: Denoiser, clock: Clock):
         super().__init__(config, clock)
-        self.calls, self.denoiser, self.deep_cache = calls, denoiser, deep_cache
+        self.calls, self.denoiser = calls, denoiser
 
     def cache_context(self, name: str) -> Any:  # diffusers' step caches (FirstBlockCache ...): none on a graph
         return nullcontext()
@@ -153,7 +152,7 @@ class DenoiserStand(Stand):
         started = time.perf_counter()
         inputs, _ = denoiser_call(self.denoiser, args, kwargs)
         feed = {k: np.ascontiguousarray(v.detach().float().numpy()) for k, v in inputs.items()}
-        out = torch.from_numpy(self.calls.run(denoiser_graph(len(self.clock.steps), self.deep_cache), feed))
+        out = torch.from_numpy(self.calls.run(denoiser_graph(len(self.clock.steps), self.calls.deep_cache), feed))
         self.clock.steps.append(time.perf_counter() - started)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
@@ -192,8 +191,7 @@ def task_pipeline(deployed: DeployedPipeline, task: str, clock: Clock, accelerat
     component = family.denoiser.component
     calls = DenoiserCalls(deployed.runner, component, None, False, accelerations,
                           cache_graphs(deployed.artifacts, family.denoiser, accelerations))
-    modules[component] = DenoiserStand(calls, deployed.denoiser_config, family.denoiser, clock,
-                                       accelerations.deep_cache if accelerations else None)
+    modules[component] = DenoiserStand(calls, deployed.denoiser_config, family.denoiser, clock)
     modules["vae"] = VaeStand(runners["vae_decoder"], runners.get("vae_encoder"), deployed.vae_config, clock)
     quiet_libraries()  # importing a pipeline class imports transformers' image processors, which warn
     pipe = pipeline_of(getattr(diffusers, family.pipelines[task]), modules, read_json(folder / "model_index.json"))
