@@ -258,7 +258,7 @@ def test_an_acceleration_s_graphs_load_like_the_set_s_own_one_at_a_time_where_it
 
     artifacts = open_artifacts(built, "onnxruntime", "fp32")
     cached = Accelerations(deep_cache=DeepCache(interval=2, depth=1))
-    whole, lazy = (DeployedPipeline.from_artifacts(artifacts, held_bytes=held) for held in (None, 1))
+    whole, lazy = (DeployedPipeline.from_artifacts(artifacts, memory=memory) for memory in (None, 1))
     images = [p("a red bicycle", None, 64, 64, 6, 6.0, 0, accelerations=cached).images[0] for p in (whole, lazy)]
     assert np.array_equal(images[0], images[1])
     assert not isinstance(whole.runners["shallow_unet_d1"], LazyRunner)

@@ -13,18 +13,39 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffship.host.memory import release_freed
+from diffship.host.memory import PROCESS, release_freed
 from diffship.store.manifest import ArtifactSet
 from diffship.targets import get_target
 
-# Components are held together while their files stay under this share of the memory budget (80 % of the machine's
-# by default; a session holds about its files' size: ONNX Runtime's FP32 T5-XXL 17.7 GiB for 19 GB of weights).
+# Components are held together while the process and their weights as the runtime holds them stay under this share of
+# the memory budget (80 % of the machine's by default); the rest is for the largest component's activations and what
+# the allocator keeps. Counting files alone loaded sd35m-arch's OpenVINO BF16 set whole (15.0 GiB of IRs, just under
+# 15 of 20 GiB) and the 1024x1024 VAE decoder's parity was killed beside it (issue 45's tenth start).
 HELD_SHARE = 0.75
 
 
 def artifact_bytes(artifact: Path) -> int:
     """The bytes of a component's artifact folder (model file, external data, IR weights)."""
     return sum(p.stat().st_size for p in artifact.parent.iterdir() if p.is_file())
+
+
+def held_bytes(artifact: Path) -> int:
+    """A component's weights as its runtime holds them once loaded: the files as stored (an IR's weights; OpenVINO's
+    CPU plugin keeps about their size, measured in docs/field-notes.md), and for ONNX Runtime the 16-bit weights an
+    export keeps behind Casts folded back to FP32 (T5-XXL: 19 GB)."""
+    if artifact.suffix != ".onnx":
+        return artifact_bytes(artifact)
+    from diffship.targets.onnx_graph import weight_bytes  # start-up time: onnx
+    from diffship.targets.onnx_weights import upcast_bytes  # start-up time: onnx
+
+    return weight_bytes(artifact) + upcast_bytes(artifact) // 2  # upcast_bytes counts them in FP32: 2 more each
+
+
+def pool_for(components: list[Path], memory: int) -> RunnerPool | None:
+    """None when a set's components fit in `memory` together (the process and their weights as held, within
+    HELD_SHARE of it); else the pool that loads them one large one at a time within that share."""
+    share = int(HELD_SHARE * memory) - PROCESS
+    return None if sum(held_bytes(c) for c in components) <= share else RunnerPool(share)
 
 
 class RunnerPool:
@@ -105,7 +126,7 @@ class ComponentLoader:
     def __call__(self, name: str) -> Any:
         """Component `name`'s runner: loaded now, or a LazyRunner that loads when first called."""
         if self.pool is not None:
-            return LazyRunner(name, self._loads(name), artifact_bytes(self.artifacts.components[name]), self.pool,
+            return LazyRunner(name, self._loads(name), held_bytes(self.artifacts.components[name]), self.pool,
                               self.load_seconds)
         started = time.perf_counter()
         runner = self._loads(name)()

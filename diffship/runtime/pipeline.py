@@ -28,7 +28,7 @@ from diffship.runtime.accelerated import DenoiserCalls, cache_graphs, decoder_fo
 from diffship.runtime.control import ControlledDenoiser, control_images
 from diffship.runtime.generation import Generation, truncation_warnings, uint8_images
 from diffship.runtime.img2img import as_array, call_default, init_latents, preprocess, strength_timesteps
-from diffship.runtime.lazy_runners import HELD_SHARE, ComponentLoader, RunnerPool, artifact_bytes
+from diffship.runtime.lazy_runners import ComponentLoader, pool_for
 from diffship.runtime.schedulers import make_scheduler
 from diffship.store.artifacts import atomic_write_bytes, read_json
 from diffship.store.manifest import ArtifactSet, open_artifacts
@@ -102,11 +102,11 @@ class DeployedPipeline:
 
     @classmethod
     def from_artifacts(cls, artifacts: ArtifactSet, options: Any = None,
-                       changes: dict[str, list[Any]] | None = None, held_bytes: int | None = None) -> DeployedPipeline:
+                       changes: dict[str, list[Any]] | None = None, memory: int | None = None) -> DeployedPipeline:
         """Load one Runner per component the pipeline needs, timing each load (with the build's options by default);
-        components with weight `changes` (a LoRA at run time, `runtime.lora`) load with them. Components whose files
-        exceed `held_bytes` together (default: HELD_SHARE of the memory budget) load when first called, one large one at a
-        time (`runtime/lazy_runners.py`)."""
+        components with weight `changes` (a LoRA at run time, `runtime.lora`) load with them. A set that does not fit
+        in `memory` whole (default: the memory budget; `lazy_runners.loads_whole`) loads each component when first
+        called, one large one at a time (`runtime/lazy_runners.py`)."""
         family = pipeline_family(artifacts)
         needed = [*family.encoders_in(artifacts.pipeline), family.denoiser.component, DECODER]
         missing = [c for c in needed if c not in artifacts.components]
@@ -114,9 +114,9 @@ class DeployedPipeline:
             raise DiffshipError(f"{artifacts.root} cannot generate images: it has no {', '.join(missing)} artifact.")
         names = [*needed, *([ENCODER] if ENCODER in artifacts.components else [])]
         seconds: dict[str, float] = {}
-        budget = held_bytes if held_bytes is not None else int(HELD_SHARE * memory_budget())
-        lazy = sum(artifact_bytes(artifacts.components[name]) for name in names) > budget
-        loader = ComponentLoader(artifacts, options, changes, seconds, RunnerPool(budget) if lazy else None)
+        paths = [artifacts.components[name] for name in names]
+        pool = pool_for(paths, memory_budget() if memory is None else memory)
+        loader = ComponentLoader(artifacts, options, changes, seconds, pool)
         return cls(artifacts, {name: loader(name) for name in names}, seconds, loader)
 
     @property

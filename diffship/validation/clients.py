@@ -19,6 +19,7 @@ from diffship.clients.environments import run_jobs
 from diffship.errors import size_text
 from diffship.host.memory import PROCESS, budget
 from diffship.models.families import family_named
+from diffship.runtime.lazy_runners import held_bytes as component_held_bytes
 from diffship.store.artifacts import read_json
 from diffship.targets.ovms import GRAPH
 from diffship.validation.e2e import Sample, compare_images, passes
@@ -91,18 +92,8 @@ def clients_check(artifacts: Any, sample: Sample, baseline: np.ndarray, min_psnr
 
 
 def held_bytes(artifacts: Any) -> int:
-    """The weights a client holds when it loads the whole set, as its runtime keeps them: the files as stored, and
-    for ONNX Runtime the 16-bit weights an export keeps behind Casts folded back to FP32 (T5-XXL: 19 GB)."""
-    from diffship.targets.onnx_graph import weight_bytes  # start-up time: onnx
-    from diffship.targets.onnx_weights import upcast_bytes  # start-up time: onnx
-
-    total = 0
-    for path in map(Path, artifacts.components.values()):
-        if path.suffix == ".onnx":  # upcast_bytes counts them in FP32: 2 bytes each beyond the stored 2
-            total += weight_bytes(path) + upcast_bytes(path) // 2
-        else:  # an IR and its weights (.bin), or another runtime's file
-            total += sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
-    return total
+    """The weights a client holds when it loads the whole set, as its runtime keeps them (`lazy_runners.held_bytes`)."""
+    return sum(component_held_bytes(Path(path)) for path in artifacts.components.values())
 
 
 def memory_reason(artifacts: Any) -> str | None:
