@@ -272,3 +272,22 @@ def test_int8_hybrid_w8_compiles_through_its_scratch_irs_and_leaves_only_the_art
     quantizers = [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"]
     assert quantizers and all(t.get_node().get_type_name() == "Convolution"
                               for q in quantizers for t in q.output(0).get_target_inputs())
+
+
+def test_a_model_s_activation_buffers_are_released_when_another_runs_and_memory_is_short(ov_build, monkeypatch):
+    from diffship.host.memory import LIMIT_VARIABLE, anonymous_bytes
+
+    # The CPU plugin keeps a compiled model's activation buffers after a call: sd35m-arch's set held whole kept every
+    # component's at once and was killed at 20 GiB (issue 45). The tiny decoder at 1024x1024 keeps hundreds of MB.
+    folder = ov_build.out / "openvino-fp32"
+    decoder, encoder = (target.load(folder / name / "openvino_model.xml") for name in ("vae_decoder", "text_encoder"))
+    latents = {"latent_sample": np.zeros((1, 4, 128, 128), np.float32)}
+    ids = {"input_ids": np.zeros((1, 77), np.int32)}
+    kept = []
+    for limit in ("1000", "0.001"):  # GiB: memory to spare, then short
+        monkeypatch.setenv(LIMIT_VARIABLE, limit)
+        decoder.run(latents)
+        held = anonymous_bytes()
+        encoder.run(ids)
+        kept.append(held - anonymous_bytes())
+    assert kept[0] < 32 * 2**20 < 96 * 2**20 < kept[1], kept  # 160 MB released here

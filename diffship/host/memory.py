@@ -48,6 +48,13 @@ def memory_limit(gib: float | None) -> Iterator[None]:
             os.environ[LIMIT_VARIABLE] = before
 
 
+def anonymous_bytes() -> int:
+    """This process's resident memory less its file-backed pages (an OpenVINO IR's mapped weights, which the kernel
+    can drop and read again): what it holds that only freeing gives back."""
+    info = psutil.Process().memory_info()
+    return info.rss - getattr(info, "shared", 0)
+
+
 def release_freed() -> None:
     """Collect garbage, then ask glibc to return its free pages (`malloc_trim`).
 

@@ -13,6 +13,7 @@ precision sets `INFERENCE_PRECISION_HINT` explicitly and the Runner reports the 
 from __future__ import annotations
 
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -21,7 +22,7 @@ import openvino as ov
 from pydantic import field_validator
 
 from diffship.errors import DiffshipError
-from diffship.host.memory import budget, release_freed
+from diffship.host.memory import anonymous_bytes, budget, release_freed
 from diffship.models.families import family_named
 from diffship.store.artifacts import atomic_write_json, read_json
 from diffship.store.cache import cache_root, unwritable_reason
@@ -263,6 +264,23 @@ def default_cache_dir() -> Path | None:
     return cache_root() / "openvino-model-cache" if unwritable_reason() is None else None
 
 
+# OpenVINO's CPU plugin keeps a compiled model's activation buffers after each call (sd35m-arch at 1024x1024: 2.3 GiB
+# for the VAE decoder, 2.9 GiB beyond its weights for the transformer; benchmarks/runtime_held.py), so a set held whole
+# kept every component's at once and was killed at 20 GiB (issue 45). When another model runs and the process holds
+# more than this share of the memory budget, the last one's are released (`CompiledModel.release_memory`; its repacked
+# weights stay, and its next call allocates them again: about 13 % of the VAE decoder's call at 512x512).
+SCRATCH_SHARE = 0.5
+_last_run: list[weakref.ref[Any]] = []
+
+
+def _release_last(runner: OvRunner) -> None:
+    """Release the activation buffers of the model that ran last, when it is another and memory is short."""
+    last = _last_run[0]() if _last_run else None
+    if last is not None and last is not runner and anonymous_bytes() > SCRATCH_SHARE * budget():
+        last.compiled.release_memory()
+    _last_run[:] = [weakref.ref(runner)]
+
+
 class OvRunner:
     """A Runner over an OpenVINO compiled model (one infer request, reused)."""
 
@@ -303,6 +321,7 @@ class OvRunner:
         if set(inputs) != set(self.input_names):
             raise DiffshipError(f"{self.path} takes inputs {list(self.input_names)}, got {sorted(inputs)}.")
         ports = dict(zip(self.input_names, self.compiled.inputs, strict=True))
+        _release_last(self)
         result = self.request.infer({ports[name]: value for name, value in inputs.items()}, share_outputs=False)
         return {name: np.asarray(result[o]) for name, o in zip(self.output_names, self.compiled.outputs, strict=True)}
 
