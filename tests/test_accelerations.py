@@ -161,6 +161,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, model_cache) -> Path:
     said = CliRunner().invoke(app, ["build", str(folder / "recipe.toml"), "--targets", "onnxruntime:fp32",
                                     "--out", str(out)])
     assert said.exit_code == 0, said.output
+    assert "whole image: round 6/6 done" in said.output  # progress while the rows take turns (1 warm-up + 5 timed)
     return out
 
 

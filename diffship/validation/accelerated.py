@@ -108,8 +108,10 @@ def image_times(deployed: DeployedPipeline, s: Sample, reference: Any, plan: Any
         calls["PyTorch BF16"] = lambda: reference.bf16_generation(s, latents)
     for combo in combos:
         calls[combo.label] = lambda a=combo: generate(deployed, s, plan, a)
-    runs = max(lat.pipeline_runs, 2)
-    times = latency.interleaved(calls, min(lat.warmup, 1), runs)
+    runs, warmup = max(lat.pipeline_runs, 2), min(lat.warmup, 1)
+    say(f"      whole image: {len(calls)} rows taking turns, {warmup} warm-up + {runs} timed round(s)")
+    times = latency.interleaved(calls, warmup, runs,
+                                lambda done, total: say(f"      whole image: round {done}/{total} done"))
     baseline = latency.summarize(times.pop("PyTorch FP32")) if "PyTorch FP32" in times else latency.summarize(
         [t["total"] for t in reference.pipeline_timings])
     bf16 = latency.summarize(times.pop("PyTorch BF16")) if "PyTorch BF16" in times else None

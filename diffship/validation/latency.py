@@ -29,17 +29,23 @@ def summarize(times: list[float]) -> dict[str, float]:
             "mean_s": float(values.mean()), "min_s": float(values.min())}
 
 
-def interleaved(calls: dict[str, Callable[[], Any]], warmup: int, runs: int) -> dict[str, list[float]]:
-    """Time each call `runs` times after `warmup` untimed runs, taking turns between the calls."""
-    for _ in range(warmup):
+def interleaved(calls: dict[str, Callable[[], Any]], warmup: int, runs: int,
+                on_round: Callable[[int, int], None] | None = None) -> dict[str, list[float]]:
+    """Time each call `runs` times after `warmup` untimed runs, taking turns between the calls; `on_round(done,
+    total)` after each round (warm-up rounds included), for progress."""
+    for done in range(warmup):
         for call in calls.values():
             call()
+        if on_round:
+            on_round(done + 1, warmup + runs)
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(runs):
+    for done in range(runs):
         for name, call in calls.items():
             started = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - started)
+        if on_round:
+            on_round(warmup + done + 1, warmup + runs)
     return times
 
 
