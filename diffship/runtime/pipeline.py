@@ -105,7 +105,7 @@ class DeployedPipeline:
                        changes: dict[str, list[Any]] | None = None, memory: int | None = None) -> DeployedPipeline:
         """Load one Runner per component the pipeline needs, timing each load (with the build's options by default);
         components with weight `changes` (a LoRA at run time, `runtime.lora`) load with them. A set that does not fit
-        in `memory` whole (default: the memory budget; `lazy_runners.loads_whole`) loads each component when first
+        in `memory` whole (default: the memory budget; `lazy_runners.pool_for`) loads each component when first
         called, one large one at a time (`runtime/lazy_runners.py`)."""
         family = pipeline_family(artifacts)
         needed = [*family.encoders_in(artifacts.pipeline), family.denoiser.component, DECODER]
