@@ -75,8 +75,8 @@ class ComponentSpec:
 
     @property
     def deep_cache_graph(self) -> bool:
-        """One of deep-feature caching's graphs: an int8-auto set gives it its target's fixed INT8 recipe, calibrated
-        like the denoiser, rather than a search of its own."""
+        """One of deep-feature caching's graphs: calibrated like the denoiser, and searched on its own real steps in
+        an int8-auto set (every output gated, the cached features too)."""
         return self.role in ("caching_denoiser", "shallow_denoiser")
 
     @property

@@ -8,7 +8,7 @@ then checked on a different trajectory (the validation prompt and seed): the sea
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,10 @@ from diffship.errors import DiffshipError
 
 if TYPE_CHECKING:
     from diffship.models.components import ComponentSpec
+
+# A graph's output, or all of them in order: deep-feature caching's graph returns the noise prediction and the
+# features the shallow graph reuses, and validation gates both.
+Outputs = np.ndarray | Sequence[np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -43,15 +47,23 @@ def probe_inputs(spec: ComponentSpec, gate: Gate) -> list[dict[str, np.ndarray]]
     return [spec.sample_inputs(b, h, w, seed=i) for i, (b, h, w) in enumerate(gate.probes)]
 
 
-def worst(run: Callable[[dict[str, np.ndarray]], np.ndarray], calls: list[dict[str, np.ndarray]],
-          references: list[np.ndarray], gate: Gate) -> float:
+def gated_outputs(spec: ComponentSpec) -> list[str]:
+    """The outputs validation gates, which the search must hold too: a caching UNet's features are, a caching
+    transformer's residual is not (it is judged where it lands, in the images)."""
+    return [t.name for t in spec.outputs if t.gated]
+
+
+def worst(run: Callable[[dict[str, np.ndarray]], Outputs], calls: list[dict[str, np.ndarray]],
+          references: list[Outputs], gate: Gate) -> float:
     """The lowest score over `calls` (1.0 when there are none)."""
     return min((score(r, run(c), gate) for c, r in zip(calls, references, strict=True)), default=1.0)
 
 
-def score(expected: np.ndarray, actual: np.ndarray, gate: Gate) -> float:
+def score(expected: Outputs, actual: Outputs, gate: Gate) -> float:
     """One number for both parts of the gate, on the cosine scale: the cosine, or lower when the relative L2 error
-    is the tighter limit (a rel L2 at `max_rel_l2` scores exactly `min_cosine`)."""
+    is the tighter limit (a rel L2 at `max_rel_l2` scores exactly `min_cosine`); the lowest over several outputs."""
+    if not isinstance(expected, np.ndarray):
+        return min(score(e, a, gate) for e, a in zip(expected, actual, strict=True))
     a, b = expected.ravel().astype(np.float64), actual.ravel().astype(np.float64)
     norm = float(np.linalg.norm(a))
     cosine = float(a @ b / max(norm * float(np.linalg.norm(b)), 1e-30))
@@ -79,8 +91,8 @@ class Clock:
         return round(time.perf_counter() - self.started, 1)
 
 
-def evaluate(run: Callable[[dict[str, np.ndarray]], np.ndarray], calls: list[dict[str, np.ndarray]],
-             references: list[np.ndarray], gate: Gate) -> tuple[list[float], float]:
+def evaluate(run: Callable[[dict[str, np.ndarray]], Outputs], calls: list[dict[str, np.ndarray]],
+             references: list[Outputs], gate: Gate) -> tuple[list[float], float]:
     """The score of each real step and the median seconds per UNet call."""
     scores, seconds = [], []
     for call, expected in zip(calls, references, strict=True):

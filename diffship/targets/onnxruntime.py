@@ -98,7 +98,7 @@ def compile(source: Path, precision: str = "fp32", options: OrtOptions | None = 
                     record |= _prepare(source, prepared, name, "int8", options, context)
                     source, large = prepared, (Path(tmp) / f"{source.name}_data").is_file()
                 settings = (source, out, context, options.calibration_method, options.calib_max_intermediate_outputs, large)
-                if precision == "int8" or not context.spec.is_denoiser:
+                if precision == "int8":  # int8-auto: the denoiser and each deep-cache graph searched on its own
                     record |= quantize.quantize_unet(*settings)
                 else:
                     record |= quantize.quantize_auto(*settings, lambda path, p: OrtRunner(path, options, p))

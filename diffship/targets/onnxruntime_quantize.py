@@ -25,7 +25,7 @@ from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, s
 from diffship.errors import DiffshipError
 from diffship.host.memory import release_freed
 from diffship.targets import CompileContext, calibration_inputs, onnx_graph
-from diffship.targets.accuracy_gate import Clock, evaluate, probe_inputs, worst
+from diffship.targets.accuracy_gate import Clock, evaluate, gated_outputs, probe_inputs, worst
 from diffship.targets.int8_search import SQNR_CALLS, Site, search, sqnr_db
 
 QUANTIZED_OPS = ("Conv", "MatMul")
@@ -124,8 +124,9 @@ def _quantize_static(source: Path, out: Path, excluded: list[str], large: bool, 
 
 def quantize_auto(source: Path, out: Path, context: CompileContext, method_name: str, max_outputs: int, large: bool,
                   runner: Callable[[Path, str], Any]) -> dict[str, Any]:
-    """`int8-auto`: the fewest activations in float that meet the gate on the captured real steps; when even all of
-    them in float fail (or the time runs out first), all of them: weight-only INT8. What it did, for the sidecar.
+    """`int8-auto` of the denoiser or a deep-cache graph: the fewest activations in float that meet the gate (on every
+    output) on the captured real steps; when even all of them in float fail (or the time runs out first), all of
+    them: weight-only INT8. What it did, for the sidecar.
 
     runner(path, precision): a Runner made the way the build will load the artifact."""
     if context.gate is None:
@@ -133,11 +134,16 @@ def quantize_auto(source: Path, out: Path, context: CompileContext, method_name:
     gate, say, calls = context.gate, context.say or (lambda _: None), calibration_inputs(context, "int8-auto")
     clock = Clock(gate)
     fp32 = runner(source, "fp32")
-    name = fp32.output_names[0]
-    references = [fp32.run(c)[name] for c in calls]
+    names = gated_outputs(context.spec)  # a deep-cache graph's cached features too
+
+    def outputs(session: Any, call: dict[str, Any]) -> list[Any]:
+        result = session.run(call)
+        return [result[n] for n in names]
+
+    references = [outputs(fp32, c) for c in calls]
     probes = probe_inputs(context.spec, gate)
-    probe_references = [fp32.run(p)[name] for p in probes]
-    _, fp32_seconds = evaluate(lambda c: fp32.run(c)[name], calls, references, gate)
+    probe_references = [outputs(fp32, p) for p in probes]
+    _, fp32_seconds = evaluate(lambda c: outputs(fp32, c), calls, references, gate)
     fp32 = None  # the FP32 session is not needed during the search
     with tempfile.TemporaryDirectory(prefix=".search-", dir=out.parent) as tmp:
         folder = Path(tmp)
@@ -156,8 +162,8 @@ def quantize_auto(source: Path, out: Path, context: CompileContext, method_name:
             path = folder / f"candidate-{len(kept)}.onnx"
             onnx.save_model(_without(model, {s.name for s in kept}), str(path))
             candidate = runner(path, "int8-auto")
-            scores, seconds = evaluate(lambda c: candidate.run(c)[name], calls, references, gate)
-            return min(scores), worst(lambda c: candidate.run(c)[name], probes, probe_references, gate), seconds
+            scores, seconds = evaluate(lambda c: outputs(candidate, c), calls, references, gate)
+            return min(scores), worst(lambda c: outputs(candidate, c), probes, probe_references, gate), seconds
 
         kept, found = search(sites, trial, gate, clock, fp32_seconds, say,
                              context.spec.denoiser.sensitive.searched_first)

@@ -22,9 +22,11 @@ Say = Callable[[str], None]
 
 def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], probes: list[dict[str, np.ndarray]],
                   gate: Gate, quantize_kwargs: dict[str, Any], config: dict[str, Any], say: Say,
-                  suspects: tuple[str, ...] = ()) -> tuple[ov.Model | None, dict[str, Any]]:
-    """The accuracy-aware INT8 denoiser and what the search did; (None, record) when it fell back; `suspects`: the
-    layer-name parts the denoiser declares are searched first.
+                  suspects: tuple[str, ...] = (), gated: list[str] | None = None
+                  ) -> tuple[ov.Model | None, dict[str, Any]]:
+    """The accuracy-aware INT8 denoiser (or one of its deep-cache graphs) and what the search did; (None, record)
+    when it fell back; `suspects`: the layer-name parts the denoiser declares are searched first; `gated`: the
+    outputs scored (all of them by default).
 
     calls: captured real steps; probes: validation's random-input parity cases (see `Gate.probes`).
     config: how the runtime compiles the result (its inference precision), so the gate scores what will run."""
@@ -32,9 +34,15 @@ def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], probes: l
 
     clock = Clock(gate)
     fp32 = ov.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    references = [fp32(c)[0] for c in calls]
-    probe_references = [fp32(p)[0] for p in probes]
-    _, fp32_seconds = evaluate(lambda c: fp32(c)[0], calls, references, gate)
+    names = gated or [o.any_name for o in model.outputs]
+
+    def outputs(compiled: ov.CompiledModel, call: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = compiled(call)
+        return [result[n] for n in names]
+
+    references = [outputs(fp32, c) for c in calls]
+    probe_references = [outputs(fp32, p) for p in probes]
+    _, fp32_seconds = evaluate(lambda c: outputs(fp32, c), calls, references, gate)
     fp32 = None  # the FP32 model is not needed during the search
     settings = dict(quantize_kwargs)
     full = nncf.quantize(model, nncf.Dataset(calls), subset_size=len(calls),
@@ -45,8 +53,8 @@ def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], probes: l
 
     def trial(kept: list[Site]) -> tuple[float, float]:
         compiled = ov.compile_model(_without(full, {s.name for s in kept}), "CPU", config)
-        scores, seconds = evaluate(lambda c: compiled(c)[0], calls, references, gate)
-        return min(scores), worst(lambda c: compiled(c)[0], probes, probe_references, gate), seconds
+        scores, seconds = evaluate(lambda c: outputs(compiled, c), calls, references, gate)
+        return min(scores), worst(lambda c: outputs(compiled, c), probes, probe_references, gate), seconds
 
     kept, record = search(sites, trial, gate, clock, fp32_seconds, say, suspects)
     record["library"] = f"NNCF {nncf.__version__} quantize (full static INT8); OpenVINO {ov.__version__}"
