@@ -101,7 +101,9 @@ def validate_set(artifacts: ArtifactSet, specs: list[ComponentSpec], reference: 
         return spec_only_result(artifacts, backend, structure, not_run, options), []
     rss_before = latency.rss_bytes()
     deployed = DeployedPipeline.from_artifacts(artifacts, options)
-    load_rss = latency.rss_bytes() - rss_before  # weights as the runtime holds them, before any activation memory
+    # What loading adds before any call. Not always the weights as the runtime holds them: OpenVINO's CPU plugin
+    # repacks them at a model's first call (about the IR's size again, docs/field-notes.md); the peak counts that.
+    load_rss = latency.rss_bytes() - rss_before
     deployed.use_scheduler(plan.validation.scheduler, plan.validation.scheduler_config)
     result: dict[str, Any] = {"target": artifacts.target, "precision": artifacts.precision,
                               "denoiser": deployed.denoiser.component,
