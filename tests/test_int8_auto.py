@@ -106,8 +106,10 @@ def test_the_search_was_needed_full_int8_misses_the_gate_on_most_models(builds):
 @pytest.mark.slow
 def test_deep_cache_graphs_are_searched_on_their_own_with_every_output_gated(builds):
     """int8-auto's caching and shallow graphs each meet the gate on their own real steps, the caching graph's cached
-    features too (the fixed int8-hybrid recipe it had before left digits-sd's features at cosine 0.966)."""
+    features too (the fixed int8-hybrid recipe it had before left digits-sd's features at cosine 0.966); the report
+    lists what each kept in float."""
     result = builds["seed-5"]
+    markdown = (result.out / "report" / "report.md").read_text()
     for key in SETS:
         parity = result.report["sets"][key]["parity"]
         for graph in ("caching_unet_d1", "shallow_unet_d1"):
@@ -116,6 +118,7 @@ def test_deep_cache_graphs_are_searched_on_their_own_with_every_output_gated(bui
             # needed: full static INT8 of each graph misses the target (0.972 to 0.984 against 0.991, 2026-12-07)
             assert search["candidates"][0]["score"] < search["gate"]["target"], (key, graph)
             assert parity["components"][graph]["passed"], (key, graph)
+            assert f"## {key} {graph}: layers kept in float" in markdown, (key, graph)
         features = [c["outputs"]["cached_features"] for c in parity["components"]["caching_unet_d1"]["cases"]]
         assert min(f["cosine"] for f in features) >= parity["tolerance"]["min_cosine"], (key, features)
     assert result.passed

@@ -66,18 +66,29 @@ def chart(report: dict[str, Any]) -> bytes | None:
     return png(fig)
 
 
+def _searches(r: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each searched component of a set, the denoiser first (int8-auto searches its deep-cache graphs too)."""
+    runtime = r.get("runtime") or {}
+    names = [r.get("denoiser"), *sorted(n for n in runtime if n != r.get("denoiser"))]
+    return [(n, search) for n in names if (search := (runtime.get(n) or {}).get("search"))]
+
+
 def kept_tables(report: dict[str, Any]) -> list[Table]:
-    """Per set that searched: the layers it kept in float and why, or that it fell back and why."""
+    """Per set and searched component: the layers it kept in float and why, or that it fell back and why."""
     tables = []
     for p in points(report):
-        search = p["search"]
-        if search is None:
-            continue
-        rows = [[k["layer"], k["why"]] for k in search["kept_in_float"]]
-        if search.get("fell_back"):
-            rows = [["(every quantized layer)", f"fell back to weight-only INT8: {search['fell_back']}"]]
-        elif not rows:
-            rows = [["(none)", "full static INT8 met the gate"]]
-        tables.append((f"{p['set']}: layers kept in float ({search['search']}; "
-                       f"{len(search['candidates'])} candidates in {search['seconds']:.0f} s)", ["layer", "why"], rows))
+        r = report["sets"][p["set"]]
+        for component, search in _searches(r):
+            tables.append(_kept_table(p["set"] if component == r.get("denoiser") else f"{p['set']} {component}",
+                                      search))
     return tables
+
+
+def _kept_table(label: str, search: dict[str, Any]) -> Table:
+    rows = [[k["layer"], k["why"]] for k in search["kept_in_float"]]
+    if search.get("fell_back"):
+        rows = [["(every quantized layer)", f"fell back to weight-only INT8: {search['fell_back']}"]]
+    elif not rows:
+        rows = [["(none)", "full static INT8 met the gate"]]
+    return (f"{label}: layers kept in float ({search['search']}; {len(search['candidates'])} candidates in "
+            f"{search['seconds']:.0f} s)", ["layer", "why"], rows)
