@@ -244,7 +244,7 @@ def _auto(model: ov.Model, context: CompileContext, options: OvOptions) -> tuple
     config = {"INFERENCE_PRECISION_HINT": options.inference_precision or INFERENCE_PRECISION["int8-auto"]}
     probes = probe_inputs(context.spec, context.gate)
     quantized, record = quantize_auto(model, calls, probes, context.gate, quantize_kwargs(options), config, say,
-                                     context.spec.denoiser.sensitive.searched_first, gated_outputs(context.spec))
+                                     gated_outputs(context.spec), context.spec.denoiser.sensitive.searched_first)
     if quantized is None:
         say(f"      int8-auto fell back to weight-only INT8: {record['fell_back']}")
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM), record

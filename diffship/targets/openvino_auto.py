@@ -22,11 +22,10 @@ Say = Callable[[str], None]
 
 def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], probes: list[dict[str, np.ndarray]],
                   gate: Gate, quantize_kwargs: dict[str, Any], config: dict[str, Any], say: Say,
-                  suspects: tuple[str, ...] = (), gated: list[str] | None = None
-                  ) -> tuple[ov.Model | None, dict[str, Any]]:
+                  gated: list[str], suspects: tuple[str, ...] = ()) -> tuple[ov.Model | None, dict[str, Any]]:
     """The accuracy-aware INT8 denoiser (or one of its deep-cache graphs) and what the search did; (None, record)
-    when it fell back; `suspects`: the layer-name parts the denoiser declares are searched first; `gated`: the
-    outputs scored (all of them by default).
+    when it fell back; `gated`: the outputs scored (`accuracy_gate.gated_outputs`); `suspects`: the layer-name parts
+    the denoiser declares are searched first.
 
     calls: captured real steps; probes: validation's random-input parity cases (see `Gate.probes`).
     config: how the runtime compiles the result (its inference precision), so the gate scores what will run."""
@@ -34,11 +33,9 @@ def quantize_auto(model: ov.Model, calls: list[dict[str, np.ndarray]], probes: l
 
     clock = Clock(gate)
     fp32 = ov.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    names = gated or [o.any_name for o in model.outputs]
-
     def outputs(compiled: ov.CompiledModel, call: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = compiled(call)
-        return [result[n] for n in names]
+        return [result[n] for n in gated]
 
     references = [outputs(fp32, c) for c in calls]
     probe_references = [outputs(fp32, p) for p in probes]
